@@ -1,0 +1,30 @@
+"""serving: the project's library.
+
+It defines the CondInst network, its one post-processing implementation (automatic and
+box-prompted), checkpoint I/O, image loading and transforms, the ``Segmenter`` API over every
+inference backend (PyTorch, ONNX Runtime, TensorRT), visualisation and the command line.
+``training``, ``export`` and ``app`` build on it; it never imports them.
+"""
+
+from .config import InferenceConfig, ModelConfig
+from .errors import BoxError, CheckpointError, ImageError, InputError, SimError
+from .images import load_image
+from .model import CondInst, CondInstOutputs, build_condinst
+from .prediction import Prediction
+from .segmenter import Segmenter
+
+__all__ = [
+    "BoxError",
+    "CheckpointError",
+    "CondInst",
+    "CondInstOutputs",
+    "ImageError",
+    "InferenceConfig",
+    "InputError",
+    "ModelConfig",
+    "Prediction",
+    "Segmenter",
+    "SimError",
+    "build_condinst",
+    "load_image",
+]

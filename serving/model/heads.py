@@ -1,0 +1,174 @@
+"""FCOS head with the CondInst controller, the mask branch and the dynamic mask head.
+
+Shapes follow SIM_SPEC sections 2.2-2.4. The dynamic 1x1 convolutions are written as batched
+matrix products (``torch.bmm``), which export to ONNX ``MatMul`` and run in TensorRT, instead
+of the authors' grouped convolution with runtime weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import aligned_bilinear
+
+
+class Scale(nn.Module):
+    """A learnable scalar multiplier (FCOS per-level box scale, initialised to 1)."""
+
+    def __init__(self, init: float = 1.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+def _tower(channels: int, num_convs: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(num_convs):
+        conv = nn.Conv2d(channels, channels, 3, padding=1)
+        nn.init.normal_(conv.weight, std=0.01)
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.GroupNorm(min(32, channels), channels), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def _pred_conv(in_ch: int, out_ch: int, bias: float = 0.0) -> nn.Conv2d:
+    conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.constant_(conv.bias, bias)
+    return conv
+
+
+class FCOSHead(nn.Module):
+    """Shared FCOS head over P3-P7 plus the CondInst controller.
+
+    For each level ``l`` with input (B, C_fpn, h_l, w_l) it returns class logits
+    (B, num_classes, h_l, w_l), box regressions (B, 4, h_l, w_l) as (l, t, r, b) distances in
+    units of the level's stride (per-level ``Scale`` then ReLU), centerness logits
+    (B, 1, h_l, w_l) computed on the box tower, and controller outputs (B, num_params, h_l, w_l)
+    also on the box tower.
+    """
+
+    def __init__(self, *, in_channels: int, num_classes: int, num_convs: int, num_params: int,
+                 num_levels: int = 5, prior_prob: float = 0.01) -> None:
+        super().__init__()
+        self.cls_tower = _tower(in_channels, num_convs)
+        self.bbox_tower = _tower(in_channels, num_convs)
+        self.cls_logits = _pred_conv(in_channels, num_classes,
+                                     bias=-math.log((1 - prior_prob) / prior_prob))
+        self.bbox_pred = _pred_conv(in_channels, 4)
+        self.ctrness = _pred_conv(in_channels, 1)
+        self.controller = _pred_conv(in_channels, num_params)
+        self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], ...]:
+        cls, reg, ctr, params = [], [], [], []
+        for level, feat in enumerate(features):
+            cls_feat = self.cls_tower(feat)
+            box_feat = self.bbox_tower(feat)
+            cls.append(self.cls_logits(cls_feat))
+            reg.append(F.relu(self.scales[level](self.bbox_pred(box_feat))))
+            ctr.append(self.ctrness(box_feat))
+            params.append(self.controller(box_feat))
+        return cls, reg, ctr, params
+
+
+class MaskBranch(nn.Module):
+    """Fuses P3-P5 into mask features (B, out_channels, H/8, W/8) (SIM_SPEC 2.3)."""
+
+    def __init__(self, *, in_channels: int, channels: int, num_convs: int,
+                 out_channels: int) -> None:
+        super().__init__()
+
+        def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+            conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.refine = nn.ModuleList(conv_bn_relu(in_channels, channels) for _ in range(3))
+        self.tower = nn.Sequential(*(conv_bn_relu(channels, channels) for _ in range(num_convs)))
+        self.out = nn.Conv2d(channels, out_channels, 1)
+        nn.init.kaiming_uniform_(self.out.weight, a=1)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        x = self.refine[0](features[0])
+        for i in (1, 2):
+            x = x + aligned_bilinear(self.refine[i](features[i]), 2**i)
+        return self.out(self.tower(x))
+
+
+class DynamicMaskHead(nn.Module):
+    """The CondInst dynamic mask head: per-instance 1x1 convolutions with generated weights.
+
+    The parameter vector of each instance is split as ``[w0, w1, ..., w_{n-1}, b0, ..., b_{n-1}]``
+    (all weights first, then all biases; SIM_SPEC 2.4), with ``w0`` of shape
+    (channels, mask_channels + 2) in out-channel-major order.
+    """
+
+    def __init__(self, *, mask_channels: int = 16, channels: int = 8, num_layers: int = 3,
+                 sizes_of_interest: tuple[float, ...] = (64, 128, 256, 512, 1024)) -> None:
+        super().__init__()
+        self.in_channels = mask_channels + 2
+        self.channels = channels
+        self.num_layers = num_layers
+        shapes = [(channels, self.in_channels)]
+        shapes += [(channels, channels)] * (num_layers - 2)
+        shapes += [(1, channels)]
+        self.weight_shapes = shapes
+        self.register_buffer(
+            "sizes_of_interest", torch.tensor(sizes_of_interest, dtype=torch.float32),
+            persistent=False,
+        )
+
+    @property
+    def num_params(self) -> int:
+        return sum(o * i + o for o, i in self.weight_shapes)
+
+    def split_params(self, params: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """(P, num_params) -> weights [(P, out, in)] and biases [(P, out, 1)] per layer."""
+        sizes = [o * i for o, i in self.weight_shapes] + [o for o, _ in self.weight_shapes]
+        chunks = torch.split(params, sizes, dim=1)
+        n = len(self.weight_shapes)
+        weights = [c.reshape(-1, o, i) for c, (o, i) in zip(chunks[:n], self.weight_shapes)]
+        biases = [c.reshape(-1, o, 1) for c, (o, _) in zip(chunks[n:], self.weight_shapes)]
+        return weights, biases
+
+    def forward(self, mask_feats: Tensor, params: Tensor, locations: Tensor, levels: Tensor,
+                image_index: Tensor) -> Tensor:
+        """Mask logits at stride 4.
+
+        Args:
+            mask_feats: (B, D, h, w) mask-branch output at stride 8.
+            params: (P, num_params) controller outputs of P instances.
+            locations: (P, 2) (x, y) input pixels of each instance's FCOS location.
+            levels: (P,) int64 pyramid level index (0 = P3) of each instance.
+            image_index: (P,) int64 image of each instance within the batch.
+
+        Returns:
+            (P, 1, 2h, 2w) mask logits (stride 4).
+        """
+        h, w = mask_feats.shape[-2:]
+        stride = 8
+        ys = torch.arange(h, device=mask_feats.device, dtype=mask_feats.dtype) * stride + 4
+        xs = torch.arange(w, device=mask_feats.device, dtype=mask_feats.dtype) * stride + 4
+        soi = self.sizes_of_interest.to(mask_feats.dtype)[levels]  # (P,)
+        rel_x = (locations[:, 0, None] - xs[None, :]) / soi[:, None]  # (P, w)
+        rel_y = (locations[:, 1, None] - ys[None, :]) / soi[:, None]  # (P, h)
+        rel = torch.stack(
+            (rel_x[:, None, :].expand(-1, h, -1), rel_y[:, :, None].expand(-1, -1, w)), dim=1
+        ).flatten(2)  # (P, 2, h*w)
+        feats = mask_feats.flatten(2)[image_index]  # (P, D, h*w)
+        x = torch.cat((rel, feats), dim=1)  # (P, D+2, h*w)
+        weights, biases = self.split_params(params)
+        for i, (wgt, bias) in enumerate(zip(weights, biases)):
+            x = torch.bmm(wgt, x) + bias
+            if i < len(weights) - 1:
+                x = F.relu(x)
+        logits = x.reshape(-1, 1, h, w)
+        return aligned_bilinear(logits, 2)

@@ -1,0 +1,73 @@
+"""Test-time geometry: shortest-edge resize, padding to multiples of 32, box mapping.
+
+The same functions prepare images for every backend and for training's evaluation, so a model
+sees identical inputs in PyTorch, ONNX Runtime and TensorRT.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SIZE_DIVISIBILITY = 32
+
+
+def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """detectron2's ResizeShortestEdge: shorter side to ``min_size`` unless the longer side
+    would exceed ``max_size``. Returns the new (height, width)."""
+    scale = min_size / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return int(round(height * scale)), int(round(width * scale))
+
+
+def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """(3, H, W) uint8 or float 0-255 -> (3, h, w) float32 0-255, bilinear with antialiasing."""
+    x = image.float()[None]
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x[0].clamp_(0, 255)
+
+
+def pad_batch(images: list[Tensor], divisibility: int = SIZE_DIVISIBILITY) -> tuple[Tensor, Tensor]:
+    """Zero-pad (3, h_i, w_i) images to one (B, 3, H, W) batch, H and W multiples of 32.
+
+    Returns:
+        batch (B, 3, H, W) with the images' dtype, and valid (B, H, W) bool (True on pixels).
+    """
+    hmax = max(int(im.shape[-2]) for im in images)
+    wmax = max(int(im.shape[-1]) for im in images)
+    hp = -(-hmax // divisibility) * divisibility
+    wp = -(-wmax // divisibility) * divisibility
+    batch = images[0].new_zeros((len(images), 3, hp, wp))
+    valid = torch.zeros((len(images), hp, wp), dtype=torch.bool, device=images[0].device)
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[-2], : im.shape[-1]] = im
+        valid[i, : im.shape[-2], : im.shape[-1]] = True
+    return batch, valid
+
+
+def preprocess(images: list[np.ndarray], min_size: int, max_size: int,
+               device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+    """RGB uint8 (H, W, 3) arrays -> padded float batch (B, 3, H, W) in 0-255 (not normalised),
+    valid mask (B, H, W), and the resized (h, w) of each image."""
+    resized, sizes = [], []
+    for img in images:
+        h, w = img.shape[:2]
+        size = resized_shape(h, w, min_size, max_size)
+        tensor = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1)
+        resized.append(resize_image(tensor, size))
+        sizes.append(size)
+    batch, valid = pad_batch(resized)
+    return batch, valid, sizes
+
+
+def scale_boxes(boxes: np.ndarray, from_size: tuple[int, int],
+                to_size: tuple[int, int]) -> np.ndarray:
+    """Map (N, 4) XYXY boxes between two frames of sizes (h, w) (float32 result)."""
+    sy = to_size[0] / from_size[0]
+    sx = to_size[1] / from_size[1]
+    factors = np.array([sx, sy, sx, sy], dtype=np.float32)
+    return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * factors).astype(np.float32)

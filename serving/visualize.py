@@ -1,0 +1,62 @@
+"""Drawing predictions: masks, boxes and labels over the image (used by the CLI and the app)."""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .prediction import Prediction
+
+
+def palette(n: int) -> np.ndarray:
+    """(n, 3) uint8 distinct colours (golden-ratio hue steps, fixed order)."""
+    hues = (np.arange(n) * 0.618033988749895) % 1.0
+    return np.array([[int(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, 1.0)] for h in hues],
+                    dtype=np.uint8).reshape(n, 3)
+
+
+def draw_predictions(image: np.ndarray, pred: Prediction, alpha: float = 0.5,
+                     show_boxes: bool = True, show_labels: bool = True) -> np.ndarray:
+    """Overlay ``pred`` on ``image``.
+
+    Args:
+        image: (H, W, 3) uint8 RGB, the original image the prediction refers to.
+        pred: masks (N, H, W) and boxes in the same frame.
+        alpha: mask opacity.
+
+    Returns:
+        (H, W, 3) uint8 RGB picture.
+    """
+    if image.shape[:2] != pred.image_size and len(pred):
+        raise ValueError(f"image {image.shape[:2]} and prediction {pred.image_size} sizes differ")
+    out = image.astype(np.float32).copy()
+    colors = palette(max(len(pred), 1))
+    for i in range(len(pred)):
+        m = pred.masks[i]
+        out[m] = out[m] * (1 - alpha) + colors[i].astype(np.float32) * alpha
+    canvas = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    names = pred.label_names
+    for i in range(len(pred)):
+        color = tuple(int(c) for c in colors[i])
+        x1, y1, x2, y2 = (float(v) for v in pred.boxes[i])
+        if show_boxes:
+            draw.rectangle([x1, y1, x2, y2], outline=color, width=2)
+        if show_labels:
+            text = f"{names[i]} {pred.scores[i]:.2f}"
+            tx, ty = x1 + 2, max(y1 - 12, 0)
+            bbox = draw.textbbox((tx, ty), text, font=font)
+            draw.rectangle(bbox, fill=(0, 0, 0))
+            draw.text((tx, ty), text, fill=color, font=font)
+    return np.asarray(canvas)
+
+
+def masks_to_label_image(pred: Prediction) -> np.ndarray:
+    """(H, W) uint16 instance-id image: 0 background, i + 1 for instance i (later ones on top)."""
+    out = np.zeros(pred.image_size, dtype=np.uint16)
+    for i in range(len(pred)):
+        out[pred.masks[i]] = i + 1
+    return out
