@@ -57,7 +57,7 @@ def preprocess(images: list[np.ndarray], min_size: int, max_size: int,
     for img in images:
         h, w = img.shape[:2]
         size = resized_shape(h, w, min_size, max_size)
-        tensor = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1)
+        tensor = torch.from_numpy(np.require(img, requirements=["C", "W"])).to(device).permute(2, 0, 1)
         resized.append(resize_image(tensor, size))
         sizes.append(size)
     batch, valid = pad_batch(resized)

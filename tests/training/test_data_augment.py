@@ -1,0 +1,162 @@
+"""Resize/flip geometry, collate padding, and the seeded data loader."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from training.data.augment import (
+    Compose,
+    RandomHorizontalFlip,
+    ResizeShortestEdge,
+    hflip_sample,
+    resize_sample,
+    train_transform,
+)
+from training.data.collate import Batch, build_dataloader, collate, derive_seed
+
+
+def _sample(h: int, w: int, boxes: list[list[float]], masks: bool = False) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(h * 1000 + w)
+    s = {"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
+         "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+         "labels": torch.arange(len(boxes), dtype=torch.int64),
+         "image_id": h, "orig_size": (h, w), "image_size": (h, w)}
+    if masks:
+        m = torch.zeros((len(boxes), h, w), dtype=torch.bool)
+        for k, (x1, y1, x2, y2) in enumerate(boxes):
+            m[k, int(y1):int(y2), int(x1):int(x2)] = True
+        s["masks"] = m
+    return s
+
+
+@pytest.mark.parametrize("hw,short,max_size,expected", [
+    ((480, 640), 800, 1333, (800, 1067)),   # 640 * 800 / 480 = 1066.67
+    ((100, 1000), 800, 1333, (133, 1333)),  # limited by max: 100 * 1333 / 1000 = 133.3
+    ((1000, 100), 800, 1333, (1333, 133)),
+    ((320, 320), 512, 853, (512, 512)),
+    ((375, 500), 600, 1000, (600, 800)),
+])
+def test_resize_sizes_by_hand(hw: tuple[int, int], short: int, max_size: int,
+                              expected: tuple[int, int]) -> None:
+    assert ResizeShortestEdge([short], max_size).output_size(*hw) == expected
+
+
+def test_resize_scales_boxes_exactly_and_masks_nearest() -> None:
+    s = _sample(480, 640, [[10, 20, 30, 40], [0, 0, 640, 480]])
+    out = ResizeShortestEdge([800], 1333)(s)
+    assert out["image"].shape == (3, 800, 1067) and out["image"].dtype == torch.uint8
+    assert out["image_size"] == (800, 1067) and out["orig_size"] == (480, 640)
+    sx, sy = 1067 / 640, 800 / 480
+    expected = torch.tensor([[10 * sx, 20 * sy, 30 * sx, 40 * sy], [0, 0, 1067, 800]])
+    assert torch.allclose(out["boxes"], expected, rtol=0, atol=1e-4)
+    m = _sample(4, 6, [[0, 0, 3, 2]], masks=True)
+    m2 = resize_sample(m, (8, 12))["masks"][0]
+    expected_mask = torch.zeros((8, 12), dtype=torch.bool)
+    expected_mask[:4, :6] = True
+    assert torch.equal(m2, expected_mask)
+
+
+def test_resize_keeps_constant_image_and_identity_size() -> None:
+    s = _sample(30, 40, [[1, 2, 3, 4]])
+    s["image"] = torch.full((3, 30, 40), 77, dtype=torch.uint8)
+    out = resize_sample(s, (45, 60))
+    assert bool((out["image"] == 77).all())
+    same = resize_sample(s, (30, 40))
+    assert same["image"] is s["image"] and same["boxes"] is s["boxes"]
+
+
+def test_random_sizes_are_seeded() -> None:
+    t = ResizeShortestEdge([100, 200, 300], 10_000)
+    a = [t.output_size(50, 50, random.Random(4))[0] for _ in range(3)]
+    rng1, rng2 = random.Random(9), random.Random(9)
+    seq1 = [t.output_size(50, 50, rng1)[0] for _ in range(30)]
+    seq2 = [t.output_size(50, 50, rng2)[0] for _ in range(30)]
+    assert seq1 == seq2 and set(seq1) == {100, 200, 300} and len(set(a)) == 1
+    g = torch.Generator().manual_seed(0)
+    ranged = ResizeShortestEdge([100, 110], 10_000, sample="range")
+    shorts = {ranged.output_size(50, 80, g)[0] for _ in range(50)}
+    assert shorts <= set(range(100, 111)) and len(shorts) > 3
+
+
+def test_flip_maps_boxes_and_masks() -> None:
+    s = _sample(10, 20, [[2, 1, 5, 4], [15, 0, 20, 10]], masks=True)
+    f = hflip_sample(s)
+    assert f["boxes"].tolist() == [[15, 1, 18, 4], [0, 0, 5, 10]]  # x1' = W - x2
+    assert torch.equal(f["image"][:, :, 0], s["image"][:, :, 19])
+    ys, xs = np.nonzero(f["masks"][0].numpy())
+    assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == [15, 1, 18, 4]
+    back = hflip_sample(f)
+    assert torch.equal(back["boxes"], s["boxes"]) and torch.equal(back["image"], s["image"])
+    assert RandomHorizontalFlip(0.0)(s) is s
+    assert RandomHorizontalFlip(1.0)(s)["boxes"].tolist() == f["boxes"].tolist()
+
+
+def test_compose_passes_rng() -> None:
+    t = train_transform([16, 24], 1000, flip_p=0.5)
+    assert isinstance(t, Compose)
+    s = _sample(32, 48, [[0, 0, 8, 8]])
+    first, second = t(s, random.Random(3)), t(s, random.Random(3))
+    assert torch.equal(first["image"], second["image"])
+    assert torch.equal(first["boxes"], second["boxes"])
+
+
+def test_collate_pads_to_32_with_exact_valid_masks() -> None:
+    a = _sample(50, 70, [[1, 1, 10, 10]], masks=True)
+    b = _sample(64, 33, [[0, 0, 5, 5], [3, 3, 30, 60]], masks=True)
+    batch = collate([a, b])
+    assert isinstance(batch, Batch) and len(batch) == 2
+    assert batch.images.shape == (2, 3, 64, 96) and batch.images.dtype == torch.uint8
+    assert batch.valid.shape == (2, 64, 96) and batch.valid.dtype == torch.bool
+    for i, (h, w) in enumerate([(50, 70), (64, 33)]):
+        assert int(batch.valid[i].sum()) == h * w and bool(batch.valid[i, :h, :w].all())
+        assert bool((batch.images[i][:, ~batch.valid[i]] == 0).all())
+        assert batch.masks[i].shape[1:] == (64, 96)
+    assert torch.equal(batch.images[1, :, :64, :33], b["image"])
+    assert batch.image_sizes == [(50, 70), (64, 33)] and batch.image_ids == [50, 64]
+    assert [t.shape for t in batch.boxes] == [(1, 4), (2, 4)]
+    assert batch.masks[1][1].sum() == b["masks"][1].sum()
+    moved = batch.to("cpu")
+    assert torch.equal(moved.images, batch.images)
+    no_masks = collate([_sample(8, 8, [[0, 0, 1, 1]])], size_divisibility=32)
+    assert no_masks.masks is None and no_masks.images.shape == (1, 3, 32, 32)
+
+
+class _RandomSizes(Dataset):
+    """Tiny in-memory dataset with a random-flip/resize transform."""
+
+    def __init__(self) -> None:
+        self.transform = train_transform([16, 20, 24], 64)
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.transform(_sample(20 + i, 30, [[i, 0, 30, 10]]))
+
+
+def _run(loader) -> list[tuple[list[int], list[list[float]]]]:
+    return [(b.image_ids, torch.cat(b.boxes).tolist()) for b in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_is_deterministic_per_seed_and_epoch(workers: int) -> None:
+    def make(seed: int):
+        return build_dataloader(_RandomSizes(), batch_size=4, shuffle=True,
+                                num_workers=workers, seed=seed, drop_last=False)
+
+    a, b = make(5), make(5)
+    epoch0_a, epoch0_b = _run(a), _run(b)
+    assert epoch0_a == epoch0_b
+    assert sorted(i for ids, _ in epoch0_a for i in ids) == list(range(20, 32))
+    epoch1 = _run(a)
+    assert epoch1 != epoch0_a
+    b.set_epoch(1)
+    assert _run(b) == epoch1
+    assert _run(make(6)) != epoch0_a
+    assert derive_seed(5, 0, 0) != derive_seed(5, 1, 0) != derive_seed(5, 0, 1)

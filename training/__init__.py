@@ -1,0 +1,1 @@
+"""training code; imports serving, never imported by it."""

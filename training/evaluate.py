@@ -1,0 +1,102 @@
+"""COCO mask and box AP of a model or checkpoint, through the library's own inference path.
+
+``python -m training.evaluate --checkpoint runs/x/model_final.safetensors --annotations
+val.json --images DIR [--output metrics.json]``. Predictions come from
+:class:`serving.Segmenter` (the same code users run), scores from pycocotools' COCOeval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from serving import InferenceConfig, Segmenter
+from serving.backends.torch_backend import TorchBackend
+from serving.cocoeval import evaluate_coco
+from serving.errors import SimError
+from serving.model import CondInst
+
+from .data.coco import CocoIndex
+
+
+def predict_dataset(segmenter: Segmenter, annotations: str | Path, images: str | Path,
+                    category_ids: Sequence[int] | None = None, max_images: int | None = None,
+                    batch_size: int = 4, progress: bool = True) -> list[dict[str, Any]]:
+    """Automatic-mode COCO results for the images of a COCO annotation file."""
+    index = CocoIndex(annotations)
+    ids = list(index.images)[:max_images]
+    results: list[dict[str, Any]] = []
+    for start in tqdm(range(0, len(ids), batch_size), desc="eval", disable=not progress,
+                      leave=False):
+        chunk = ids[start:start + batch_size]
+        paths = [Path(images) / index.images[i][0] for i in chunk]
+        for image_id, pred in zip(chunk, segmenter.predict_batch(paths, batch_size=batch_size)):
+            results.extend(pred.to_coco(image_id, category_ids))
+    return results
+
+
+def evaluate_model(model: CondInst, class_names: Sequence[str], cfg: InferenceConfig,
+                   annotations: str | Path, images: str | Path,
+                   category_ids: Sequence[int] | None = None,
+                   max_images: int | None = None) -> dict[str, float]:
+    """Mask and box AP (percent) of an in-memory model on a COCO dataset with masks."""
+    device = next(model.parameters()).device
+    segmenter = Segmenter(TorchBackend(model, cfg, device=device), class_names, cfg)
+    results = predict_dataset(segmenter, annotations, images, category_ids, max_images)
+    return _percent(evaluate_coco(_ground_truth(annotations, max_images), results))
+
+
+def _ground_truth(annotations: str | Path, max_images: int | None) -> dict[str, Any] | str:
+    """The annotation file, restricted to its first ``max_images`` images when given."""
+    if max_images is None:
+        return str(annotations)
+    data = json.loads(Path(annotations).read_text())
+    data["images"] = data["images"][:max_images]
+    keep = {img["id"] for img in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    return data
+
+
+def _percent(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: (100.0 * v if v >= 0 else v) for k, v in metrics.items()}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images: str | Path,
+                        device: str = "auto", max_images: int | None = None) -> dict[str, float]:
+    """Mask and box AP (percent) of a checkpoint file."""
+    segmenter = Segmenter.from_checkpoint(checkpoint, device=device)
+    category_ids = segmenter.info.get("extra", {}).get("category_ids")
+    results = predict_dataset(segmenter, annotations, images, category_ids, max_images)
+    return _percent(evaluate_coco(_ground_truth(annotations, max_images), results))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="model .safetensors file")
+    parser.add_argument("--annotations", required=True, help="COCO JSON with masks")
+    parser.add_argument("--images", required=True, help="folder of the images")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--output", help="write the metrics as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        metrics = evaluate_checkpoint(args.checkpoint, args.annotations, args.images,
+                                      args.device, args.max_images)
+    except SimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    text = json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

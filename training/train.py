@@ -1,0 +1,254 @@
+"""The training loop: ``accelerate launch -m training --config configs/<name>.yaml key=value``.
+
+One flat loop on Hugging Face Accelerate (DDP on GPUs or CPU/gloo, bf16/fp16 autocast,
+gradient accumulation), with checkpoints that resume everything: model, EMA teacher,
+prototypes, optimizer, scheduler, iteration counter, RNG and the copy-paste memory bank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from serving.checkpoint import save_checkpoint
+from serving.config import ModelConfig, config_to_dict
+from serving.errors import SimError
+from serving.model import build_condinst
+
+from .config import TrainConfig, load_config, save_config
+from .criterion import bottom_removed_valid, compute_losses, targets_from_batch
+from .data import CocoInstanceDataset
+from .data.loader import build_train_loader
+from .evaluate import evaluate_model
+from .optim import build_optimizer, build_scheduler
+from .run_state import RunState, latest_checkpoint, save_state_atomic
+from .sim_step import SIMState, sim_losses
+
+
+class TrainingError(SimError):
+    """Training cannot continue (NaN/inf loss, bad data)."""
+
+
+def _prepare_data(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """Generate the built-in synthetic dataset when the config asks for it and it is missing."""
+    train_json = Path(cfg.data.train_json)
+    if train_json.is_file() or cfg.data.synthetic_images <= 0:
+        return
+    if accelerator.is_main_process:
+        from .data.synthetic import generate_dataset
+
+        generate_dataset(train_json.parent, cfg.data.synthetic_images, seed=cfg.seed,
+                         size=cfg.data.synthetic_size)
+    accelerator.wait_for_everyone()
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
+    """Run training; returns the final metrics (and paths) as a dict."""
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+        log_with="tensorboard",
+        project_dir=str(out),
+    )
+    set_seed(cfg.seed)
+    _prepare_data(cfg, accelerator)
+    mode = "mask" if cfg.supervision == "mask" else "box"
+    dataset = CocoInstanceDataset(cfg.data.train_json, cfg.data.train_images, mode=mode)
+    if cfg.model.num_classes != dataset.num_classes:
+        cfg.model = ModelConfig(**{**config_to_dict(cfg.model), "num_classes": dataset.num_classes})
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+        accelerator.print(
+            f"data: {len(dataset)} images, {dataset.num_classes} classes "
+            f"({dataset.num_skipped_images} images without boxes skipped)"
+        )
+    model = build_condinst(cfg.model)
+    sim = SIMState(model, cfg, accelerator.device) if cfg.supervision == "box" and \
+        cfg.sim.enabled else None
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = RunState()
+    accelerator.register_for_checkpointing(state)
+    if sim is not None:
+        for obj in sim.checkpoint_objects():
+            accelerator.register_for_checkpointing(obj)
+    if resume:
+        path = latest_checkpoint(out) if resume == "auto" else Path(resume)
+        if path is None:
+            accelerator.print("resume: no checkpoint found, starting from scratch")
+        else:
+            accelerator.load_state(str(path))
+            accelerator.print(f"resumed from {path} at step {state.step}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("tb", config=_flat_scalars(config_to_dict(cfg)))
+    unwrapped = accelerator.unwrap_model(model)
+    loader = build_train_loader(dataset, cfg, accelerator.process_index,
+                                accelerator.num_processes)
+    bar = tqdm(total=cfg.optim.max_iter, initial=state.step, desc="train",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    reduce_mean = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 \
+        else (lambda t: t)
+    t_last, n_images = time.perf_counter(), 0
+    metrics: dict[str, Any] = {}
+    model.train()
+    while state.step < cfg.optim.max_iter:
+        for batch in loader.iterate(state):
+            batch = batch.to(accelerator.device)
+            with accelerator.accumulate(model):
+                losses = _train_step(model, unwrapped, batch, cfg, state.step, sim, reduce_mean)
+                total = sum(losses.values())
+                _check_finite(losses, state.step, accelerator)
+                accelerator.backward(total)
+                if accelerator.sync_gradients and cfg.optim.clip_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            n_images += len(batch) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            if sim is not None:
+                sim.after_step(unwrapped)
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == cfg.optim.max_iter:
+                now = time.perf_counter()
+                scalars = {k: float(v.detach()) for k, v in losses.items()}
+                scalars["lr"] = scheduler.get_last_lr()[0]
+                scalars["images_per_s"] = n_images / max(now - t_last, 1e-9)
+                t_last, n_images = now, 0
+                accelerator.log(scalars, step=state.step)
+                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in scalars.items()
+                                 if k.startswith("loss_")} | {
+                                    "img/s": f"{scalars['images_per_s']:.1f}"})
+            if sim is not None and cfg.log_images_every and \
+                    state.step % cfg.log_images_every == 0 and accelerator.is_main_process:
+                sim.log_images(accelerator, state.step)
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                save_state_atomic(accelerator, out, state.step)
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and cfg.data.val_json:
+                metrics = _evaluate(accelerator, unwrapped, dataset.class_names, cfg, state.step,
+                                    dataset.label_to_category_id)
+                model.train()
+            if state.step >= cfg.optim.max_iter:
+                break
+        else:
+            state.next_epoch()
+    bar.close()
+    save_state_atomic(accelerator, out, state.step)
+    final = out / "model_final.safetensors"
+    if accelerator.is_main_process:
+        save_checkpoint(final, unwrapped, cfg.model, dataset.class_names, cfg.inference,
+                        extra={"train_config": config_to_dict(cfg), "step": state.step,
+                               "category_ids": dataset.label_to_category_id})
+    if cfg.data.val_json and (not cfg.eval_every or cfg.optim.max_iter % cfg.eval_every):
+        metrics = _evaluate(accelerator, unwrapped, dataset.class_names, cfg, state.step,
+                            dataset.label_to_category_id)
+    accelerator.end_training()
+    return {"checkpoint": str(final), "metrics": metrics, "step": state.step}
+
+
+def _train_step(model, unwrapped, batch, cfg: TrainConfig, step: int, sim: SIMState | None,
+                reduce_mean) -> dict[str, torch.Tensor]:
+    """Losses of one batch: copy-paste (SIM), student forward, FCOS + mask + SIM losses."""
+    h, w = batch.images.shape[-2:]
+    targets = targets_from_batch(batch.boxes, batch.labels, h, w,
+                                 batch.masks if cfg.supervision == "mask" else None)
+    images = batch.images
+    if sim is not None:
+        images, targets = sim.copy_paste(images, batch.valid, targets, step)
+    color_valid = bottom_removed_valid(batch.valid, batch.image_sizes,
+                                       [s[0] for s in batch.orig_sizes],
+                                       cfg.boxinst.bottom_pixels_removed)
+    x = unwrapped.normalize(images, batch.valid)
+    outputs = model(x)
+    result = compute_losses(unwrapped, outputs, images, color_valid, targets, cfg, step,
+                            reduce_mean)
+    losses = result.losses
+    if sim is not None:
+        losses.update(sim_losses(sim, unwrapped, x, images, outputs, result, targets, cfg, step))
+    return losses
+
+
+def _check_finite(losses: dict[str, torch.Tensor], step: int, accelerator: Accelerator) -> None:
+    bad = [name for name, v in losses.items() if not torch.isfinite(v.detach()).all()]
+    flag = torch.tensor(float(len(bad)), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, "sum")
+    if float(flag) > 0:
+        detail = ", ".join(f"{n}={float(losses[n]):.4g}" for n in bad) or "on another process"
+        raise TrainingError(
+            f"step {step + 1}: non-finite loss ({detail}); lower optim.lr, enable "
+            "optim.clip_grad_norm, or resume from the last checkpoint with --resume auto"
+        )
+
+
+def _evaluate(accelerator: Accelerator, model, class_names, cfg: TrainConfig, step: int,
+              category_ids: list[int]) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        model.eval()
+        metrics = evaluate_model(model, class_names, cfg.inference, cfg.data.val_json,
+                                 cfg.data.val_images, category_ids, cfg.data.max_val_images)
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        path = Path(cfg.output_dir) / "metrics.json"
+        path.write_text(json.dumps({"step": step, **metrics}, indent=2))
+        accelerator.print(f"step {step}: mask AP {metrics.get('segm/AP', float('nan')):.2f}, "
+                          f"box AP {metrics.get('bbox/AP', float('nan')):.2f} -> {path}")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _flat_scalars(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_scalars(value, f"{name}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        elif value is not None:
+            flat[name] = str(value)
+    return flat
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train CondInst with SIM / BoxInst (box supervision) or full masks.",
+    )
+    parser.add_argument("--config", help="YAML experiment file (see configs/)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help="resume from a checkpoint folder, or 'auto' for the latest one")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = train(cfg, resume=args.resume)
+    except SimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    metrics = result["metrics"]
+    if metrics:
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) and math.isfinite(v) else v
+                          for k, v in metrics.items()}))
+    print(f"checkpoint: {result['checkpoint']}")
+    return 0
