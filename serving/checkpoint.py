@@ -108,6 +108,11 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, json.JSONDecodeError, TypeError, SimError) as exc:
         raise CheckpointError(f"checkpoint {path}: corrupt metadata ({exc})") from None
+    if len(names) != model_cfg.num_classes:
+        raise CheckpointError(
+            f"checkpoint {path}: {len(names)} class names for num_classes="
+            f"{model_cfg.num_classes}; the metadata is inconsistent, re-save the checkpoint"
+        )
     return CheckpointInfo(model_cfg, infer_cfg, names, version, extra)
 
 

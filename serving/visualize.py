@@ -36,7 +36,7 @@ def draw_predictions(image: np.ndarray, pred: Prediction, alpha: float = 0.5,
     for i in range(len(pred)):
         m = pred.masks[i]
         out[m] = out[m] * (1 - alpha) + colors[i].astype(np.float32) * alpha
-    canvas = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    canvas = Image.fromarray(np.rint(out).clip(0, 255).astype(np.uint8))  # round, not floor
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     names = pred.label_names

@@ -27,13 +27,25 @@ class Scale(nn.Module):
         return x * self.scale
 
 
+class _GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` without torch's "more than 1 value per channel" check.
+
+    With one channel per group (``fpn_channels <= 32``) a single image whose P7 is 1x1 (padded
+    input <= 128 px) has one value per group; the normalisation is still well defined (it
+    returns about the bias) but ``F.group_norm`` raises. Same parameters and state-dict keys.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
 def _tower(channels: int, num_convs: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(num_convs):
         conv = nn.Conv2d(channels, channels, 3, padding=1)
         nn.init.normal_(conv.weight, std=0.01)
         nn.init.zeros_(conv.bias)
-        layers += [conv, nn.GroupNorm(min(32, channels), channels), nn.ReLU(inplace=True)]
+        layers += [conv, _GroupNorm(min(32, channels), channels), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
@@ -66,12 +78,15 @@ class FCOSHead(nn.Module):
         self.controller = _pred_conv(in_channels, num_params)
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
 
-    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], ...]:
+    def forward(self, features: list[Tensor], with_classes: bool = True
+                ) -> tuple[list[Tensor], ...]:
+        """Per-level outputs; ``with_classes=False`` skips the class tower and returns ``cls``
+        as an empty list (a teacher that needs only boxes and controllers saves its cost)."""
         cls, reg, ctr, params = [], [], [], []
         for level, feat in enumerate(features):
-            cls_feat = self.cls_tower(feat)
             box_feat = self.bbox_tower(feat)
-            cls.append(self.cls_logits(cls_feat))
+            if with_classes:
+                cls.append(self.cls_logits(self.cls_tower(feat)))
             reg.append(F.relu(self.scales[level](self.bbox_pred(box_feat))))
             ctr.append(self.ctrness(box_feat))
             params.append(self.controller(box_feat))

@@ -1,0 +1,207 @@
+"""Checkpoint round trip (identical outputs and description) and every bad-checkpoint error."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from serving_helpers import TINY_CLASSES, tiny_model_config
+
+from serving import CheckpointError, InferenceConfig, InputError, Segmenter, build_condinst
+from serving.checkpoint import (
+    FORMAT_VERSION,
+    atomic_write,
+    load_checkpoint,
+    read_checkpoint_info,
+    save_checkpoint,
+)
+from serving.config import ModelConfig
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert msg and "\n" not in msg, f"message is not one line: {msg!r}"
+    return msg
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny model with non-default BatchNorm stats and pixel mean, saved once."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**tiny_model_config().__dict__, "pixel_mean": (100.0, 110.0, 120.0)})
+    model = build_condinst(cfg)
+    with torch.no_grad():  # a train-mode pass moves the mask-branch BatchNorm running stats
+        model.train()(torch.randn(2, 3, 64, 64) * 3)
+    model.eval()
+    path = tmp_path_factory.mktemp("ck") / "model.safetensors"
+    infer = InferenceConfig(min_size=160, max_size=320, score_threshold=0.1)
+    save_checkpoint(path, model, cfg, list(TINY_CLASSES), infer, extra={"step": 7})
+    return path, model, cfg, infer
+
+
+def test_round_trip_identical_outputs_and_info(saved):
+    path, model, cfg, infer = saved
+    loaded, info = load_checkpoint(path)
+    assert not loaded.training
+    x = torch.randn(1, 3, 160, 96, generator=torch.Generator().manual_seed(5)) * 50 + 120
+    with torch.no_grad():
+        a = model(model.normalize(x))
+        b = loaded(loaded.normalize(x))
+    for name, ta, tb in zip(a._fields, a, b):
+        assert torch.equal(ta, tb), name
+    assert info.class_names == TINY_CLASSES
+    assert info.model == cfg
+    assert info.inference == infer
+    assert info.format_version == FORMAT_VERSION == 1
+    assert info.extra == {"step": 7}
+    assert read_checkpoint_info(path).model == cfg
+    # the whole state dict (incl. BatchNorm buffers) is identical
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def test_segmenter_from_checkpoint_uses_saved_inference_config(saved):
+    path, *_ = saved
+    seg = Segmenter.from_checkpoint(path, device="cpu", max_detections=7)
+    assert seg.cfg.min_size == 160 and seg.cfg.score_threshold == 0.1
+    assert seg.cfg.max_detections == 7
+    assert seg.class_names == TINY_CLASSES
+    info = seg.model_info
+    assert info["backbone"] == "mobilenet_v2" and info["backend"] == "torch"
+    assert info["classes"] == list(TINY_CLASSES) and info["device"] == "cpu"
+
+
+def test_save_rejects_wrong_class_count(tmp_path, saved):
+    _, model, cfg, _ = saved
+    with pytest.raises(CheckpointError, match="2 class names"):
+        save_checkpoint(tmp_path / "x.safetensors", model, cfg, ["a", "b"])
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def failing(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, failing)
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+# ------------------------------------------------------------------ bad checkpoints
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(tmp_path / "nope.safetensors")
+    assert "not found" in one_line(exc)
+
+
+@pytest.mark.parametrize("keep", [5, 0.5, 0.999])
+def test_truncated_file(tmp_path, saved, keep):
+    data = saved[0].read_bytes()
+    n = keep if isinstance(keep, int) else int(len(data) * keep)
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(data[:n])
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(bad)
+    msg = one_line(exc)
+    assert "truncated" in msg or "cannot read weights" in msg
+
+
+def test_random_bytes_and_text_file(tmp_path):
+    rnd = tmp_path / "random.safetensors"
+    rnd.write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(rnd)
+    assert "not a valid .safetensors checkpoint" in one_line(exc)
+    txt = tmp_path / "notes.safetensors"
+    txt.write_text("these are not weights\n" * 20)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(txt)
+    assert "not a valid .safetensors checkpoint" in one_line(exc)
+
+
+def _rewrite(src, dst, **meta_changes):
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(meta_changes)
+    save_file(tensors, str(dst), metadata={k: v for k, v in meta.items() if v is not None})
+    return meta
+
+
+def test_safetensors_without_our_metadata(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(3)}, str(plain))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(plain)
+    assert "missing the 'sim-condinst' header" in one_line(exc)
+
+
+def test_unknown_config_key(tmp_path, saved):
+    meta = _rewrite(saved[0], tmp_path / "a.safetensors")
+    model_cfg = json.loads(meta["model_config"])
+    model_cfg["magic_layers"] = 3
+    _rewrite(saved[0], tmp_path / "a.safetensors", model_config=json.dumps(model_cfg))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(tmp_path / "a.safetensors")
+    msg = one_line(exc)
+    assert "corrupt metadata" in msg and "magic_layers" in msg
+
+
+def test_malformed_metadata_json(tmp_path, saved):
+    _rewrite(saved[0], tmp_path / "b.safetensors", class_names="[not json")
+    with pytest.raises(CheckpointError) as exc:
+        read_checkpoint_info(tmp_path / "b.safetensors")
+    assert "corrupt metadata" in one_line(exc)
+
+
+def test_newer_format_version(tmp_path, saved):
+    _rewrite(saved[0], tmp_path / "v.safetensors", format_version=str(FORMAT_VERSION + 1))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(tmp_path / "v.safetensors")
+    assert "newer than this library" in one_line(exc)
+
+
+def test_weights_do_not_match_config(tmp_path, saved):
+    meta = _rewrite(saved[0], tmp_path / "m.safetensors")
+    model_cfg = json.loads(meta["model_config"])
+    model_cfg["num_classes"] = 5
+    _rewrite(saved[0], tmp_path / "m.safetensors", model_config=json.dumps(model_cfg),
+             class_names=json.dumps(["a", "b", "c", "d", "e"]))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(tmp_path / "m.safetensors")
+    assert "weights do not match its model config" in one_line(exc)
+    # a config describing another architecture (missing / unexpected tensors)
+    model_cfg["num_classes"] = 3
+    model_cfg["head_convs"] = 2
+    _rewrite(saved[0], tmp_path / "n.safetensors", model_config=json.dumps(model_cfg))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(tmp_path / "n.safetensors")
+    assert "weights do not match its model config" in one_line(exc)
+
+
+def test_class_names_do_not_match_num_classes(tmp_path, saved):
+    _rewrite(saved[0], tmp_path / "c.safetensors", class_names=json.dumps(["only", "two"]))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(tmp_path / "c.safetensors")
+    assert "class names" in one_line(exc)
+
+
+def test_segmenter_load_picks_by_extension(tmp_path, saved):
+    seg = Segmenter.load(saved[0], device="cpu")
+    assert seg.backend.name == "torch"
+    with pytest.raises(InputError) as exc:
+        Segmenter.load(tmp_path / "model.xyz")
+    assert "unknown file type" in one_line(exc)
+    with pytest.raises(CheckpointError) as exc:
+        Segmenter.from_checkpoint(tmp_path / "missing.safetensors")
+    assert "not found" in one_line(exc)
