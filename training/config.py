@@ -37,6 +37,7 @@ class DataConfig:
     #: Generate the built-in synthetic dataset into the train_json folder when it is missing.
     synthetic_images: int = 0
     synthetic_size: int = 320
+    synthetic_seed: int = 0
     min_sizes: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
     max_size: int = 1333
     flip_prob: float = 0.5
@@ -258,7 +259,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: invalid YAML ({exc})".replace("\n", " "))
+            detail = str(exc).replace("\n", " ")
+            raise ConfigError(f"config file {path}: invalid YAML ({detail})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections "
+                              f"(model:, data:, optim:, ...), got {type(data).__name__}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': use key=value, e.g. optim.lr=0.005")

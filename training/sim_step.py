@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from serving.assign import iou_weights, weighted_instance_map
 from serving.model import CondInst
@@ -82,7 +83,8 @@ class SIMState:
         return out_images, Targets(boxes, labels, masks, targets.gt_masks, pasted, paste_masks)
 
     def after_step(self, student: CondInst) -> None:
-        self.teacher.update(student, self.cfg.sim.teacher_momentum)
+        with record_function("sim.ema_update"):
+            self.teacher.update(student, self.cfg.sim.teacher_momentum)
 
     def log_images(self, accelerator: Any, step: int) -> None:
         """Write M_S, M_I and the pseudo mask of a few instances to tensorboard."""
@@ -141,31 +143,38 @@ def sim_losses(sim: SIMState, model: CondInst, x: Tensor, images_uint8: Tensor, 
     pos = result.positives
     teacher = sim.teacher.module
     with torch.no_grad():
-        t_out = sim.teacher(x)
-        m_inst = _instance_maps(teacher, t_out, pos, cfg.sim.mu)  # (G, h, w)
+        with record_function("sim.teacher_forward"):
+            t_out = sim.teacher(x, with_classes=False)  # M_I needs no class scores
+        with record_function("sim.instance_map"):
+            m_inst = _instance_maps(teacher, t_out, pos, cfg.sim.mu)  # (G, h, w)
         h, w = m_inst.shape[-2:]
-        feats_t = upsample_features(t_out.mask_feats.float())  # (B, D, h, w) teacher Z'
-        m_sem = sim.prototypes.semantic_map(feats_t, pos.gt_labels, pos.gt_image)
-        box_full = torch.cat(targets.box_masks)  # (G, H, W)
-        box_s4 = box_full[:, 2::4, 2::4][:, :h, :w]
-        pm = pseudo_masks(m_inst, m_sem, box_s4, cfg.sim.alpha, cfg.sim.tau_low,
-                          cfg.sim.tau_high_range)
+        with record_function("sim.semantic_map"):
+            feats_t = upsample_features(t_out.mask_feats.float())  # (B, D, h, w) teacher Z'
+            m_sem = sim.prototypes.semantic_map(feats_t, pos.gt_labels, pos.gt_image)
+        with record_function("sim.pseudo_masks"):
+            box_full = torch.cat(targets.box_masks)  # (G, H, W)
+            box_s4 = box_full[:, 2::4, 2::4][:, :h, :w]
+            pm = pseudo_masks(m_inst, m_sem, box_s4, cfg.sim.alpha, cfg.sim.tau_low,
+                              cfg.sim.tau_high_range)
     pasted = torch.cat(targets.pasted) if targets.pasted is not None else \
         torch.zeros(pos.num_gts, dtype=torch.bool, device=logits.device)
     gt = pos.gt_global
     own = ~pasted[gt]
-    if cfg.sim.pseudo_loss and bool(own.any()):
-        losses["loss_pseudo"] = cfg.sim.lambda_pseudo * bce_dice_loss(
-            logits[own], pm.target[gt[own]], pm.weight[gt[own]])
-    if cfg.sim.copy_paste and targets.paste_masks is not None and bool((~own).any()):
-        paste_s4 = torch.cat(targets.paste_masks)[:, 2::4, 2::4][:, :h, :w].float()
-        losses["loss_paste"] = cfg.sim.lambda_paste * bce_dice_loss(
-            logits[~own], paste_s4[gt[~own]])
+    with record_function("sim.pseudo_paste_losses"):
+        if cfg.sim.pseudo_loss and bool(own.any()):
+            losses["loss_pseudo"] = cfg.sim.lambda_pseudo * bce_dice_loss(
+                logits[own], pm.target[gt[own]], pm.weight[gt[own]])
+        if cfg.sim.copy_paste and targets.paste_masks is not None and bool((~own).any()):
+            paste_s4 = torch.cat(targets.paste_masks)[:, 2::4, 2::4][:, :h, :w].float()
+            losses["loss_paste"] = cfg.sim.lambda_paste * bce_dice_loss(
+                logits[~own], paste_s4[gt[~own]])
     has_pos = torch.bincount(gt, minlength=pos.num_gts) > 0
     usable = has_pos & ~pasted  # instances whose pseudo masks we trust for memory
-    _update_prototypes(sim, outputs, pos, m_inst, box_s4, usable, step)
+    with record_function("sim.prototype_update"):
+        _update_prototypes(sim, outputs, pos, m_inst, box_s4, usable, step)
     if cfg.sim.copy_paste:
-        _push_bank(sim, images_uint8, pos, pm, m_inst, box_full, usable)
+        with record_function("sim.bank_push"):
+            _push_bank(sim, images_uint8, pos, pm, m_inst, box_full, usable)
     sim.last_maps = {"box": box_s4[:4].float(), "m_sem": m_sem[:4], "m_inst": m_inst[:4],
                      "target": pm.target[:4]}
     return losses

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from serving.checkpoint import save_checkpoint
@@ -35,6 +37,12 @@ from .optim import build_optimizer, build_scheduler
 from .run_state import RunState, latest_checkpoint, save_state_atomic
 from .sim_step import SIMState, sim_losses
 
+#: Set to 1 to make every process write ``<output_dir>/debug/prototypes_rank{r}.pt`` at the end
+#: of training: its prototypes and the image ids of every batch it trained on. Custom checkpoint
+#: objects are saved from the main process only, so this per-rank dump is how the distributed
+#: test checks that prototypes agree across processes while the data differ.
+DEBUG_DUMP_ENV = "SIM_DEBUG_DUMP_PROTOTYPES"
+
 
 class TrainingError(SimError):
     """Training cannot continue (NaN/inf loss, bad data)."""
@@ -48,15 +56,29 @@ def _prepare_data(cfg: TrainConfig, accelerator: Accelerator) -> None:
     if accelerator.is_main_process:
         from .data.synthetic import generate_dataset
 
-        generate_dataset(train_json.parent, cfg.data.synthetic_images, seed=cfg.seed,
+        generate_dataset(train_json.parent, cfg.data.synthetic_images, seed=cfg.data.synthetic_seed,
                          size=cfg.data.synthetic_size)
     accelerator.wait_for_everyone()
+
+
+def _multi_process_cpu() -> bool:
+    """True when several processes were launched (``WORLD_SIZE > 1``) on a machine without an
+    accelerator device.
+
+    Accelerate forms a gloo process group on CPUs only when told to use the CPU; otherwise
+    ``accelerate launch --multi_gpu --num_processes 2`` (or ``torchrun``) on such a machine
+    starts independent single-process runs that overwrite each other's output. Note that
+    ``accelerate launch --cpu --num_processes N`` starts ONE process unless an MPI hostfile
+    is given (``--mpirun_hostfile``), so DDP on CPUs is launched with ``--multi_gpu``.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     """Run training; returns the final metrics (and paths) as a dict."""
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
+        cpu=_multi_process_cpu(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.optim.grad_accum_steps,
         log_with="tensorboard",
@@ -75,8 +97,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
             f"({dataset.num_skipped_images} images without boxes skipped)"
         )
     model = build_condinst(cfg.model)
-    sim = SIMState(model, cfg, accelerator.device) if cfg.supervision == "box" and \
-        cfg.sim.enabled else None
+    all_reduce_sum = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 \
+        else None
+    sim = SIMState(model, cfg, accelerator.device, accelerator.process_index, all_reduce_sum) \
+        if cfg.supervision == "box" and cfg.sim.enabled else None
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -103,10 +127,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
         else (lambda t: t)
     t_last, n_images = time.perf_counter(), 0
     metrics: dict[str, Any] = {}
+    seen_ids: list[list[int]] = []
     model.train()
     while state.step < cfg.optim.max_iter:
         for batch in loader.iterate(state):
             batch = batch.to(accelerator.device)
+            seen_ids.append(list(batch.image_ids))
             with accelerator.accumulate(model):
                 losses = _train_step(model, unwrapped, batch, cfg, state.step, sim, reduce_mean)
                 total = sum(losses.values())
@@ -150,6 +176,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
             state.next_epoch()
     bar.close()
     save_state_atomic(accelerator, out, state.step)
+    if os.environ.get(DEBUG_DUMP_ENV) == "1" and sim is not None:
+        _dump_debug(out, accelerator.process_index, sim, seen_ids, state.step)
     final = out / "model_final.safetensors"
     if accelerator.is_main_process:
         save_checkpoint(final, unwrapped, cfg.model, dataset.class_names, cfg.inference,
@@ -170,18 +198,31 @@ def _train_step(model, unwrapped, batch, cfg: TrainConfig, step: int, sim: SIMSt
                                  batch.masks if cfg.supervision == "mask" else None)
     images = batch.images
     if sim is not None:
-        images, targets = sim.copy_paste(images, batch.valid, targets, step)
+        with record_function("sim.copy_paste"):
+            images, targets = sim.copy_paste(images, batch.valid, targets, step)
     color_valid = bottom_removed_valid(batch.valid, batch.image_sizes,
                                        [s[0] for s in batch.orig_sizes],
                                        cfg.boxinst.bottom_pixels_removed)
     x = unwrapped.normalize(images, batch.valid)
-    outputs = model(x)
-    result = compute_losses(unwrapped, outputs, images, color_valid, targets, cfg, step,
-                            reduce_mean)
+    with record_function("student.forward"):
+        outputs = model(x)
+    with record_function("losses.fcos_boxinst"):
+        result = compute_losses(unwrapped, outputs, images, color_valid, targets, cfg, step,
+                                reduce_mean)
     losses = result.losses
     if sim is not None:
-        losses.update(sim_losses(sim, unwrapped, x, images, outputs, result, targets, cfg, step))
+        with record_function("sim.losses"):
+            losses.update(sim_losses(sim, unwrapped, x, images, outputs, result, targets, cfg,
+                                     step))
     return losses
+
+
+def _dump_debug(out: Path, rank: int, sim: SIMState, seen_ids: list[list[int]],
+                step: int) -> None:
+    """Per-process prototypes (C, L, D) and image ids of each batch (see ``DEBUG_DUMP_ENV``)."""
+    (out / "debug").mkdir(parents=True, exist_ok=True)
+    torch.save({"prototypes": sim.prototypes.prototypes.detach().cpu(), "image_ids": seen_ids,
+                "step": step, "rank": rank}, out / "debug" / f"prototypes_rank{rank}.pt")
 
 
 def _check_finite(losses: dict[str, torch.Tensor], step: int, accelerator: Accelerator) -> None:
@@ -190,7 +231,8 @@ def _check_finite(losses: dict[str, torch.Tensor], step: int, accelerator: Accel
     if accelerator.num_processes > 1:
         flag = accelerator.reduce(flag, "sum")
     if float(flag) > 0:
-        detail = ", ".join(f"{n}={float(losses[n]):.4g}" for n in bad) or "on another process"
+        detail = ", ".join(f"{n}={float(losses[n].detach()):.4g}" for n in bad) or \
+            "on another process"
         raise TrainingError(
             f"step {step + 1}: non-finite loss ({detail}); lower optim.lr, enable "
             "optim.clip_grad_norm, or resume from the last checkpoint with --resume auto"

@@ -161,7 +161,8 @@ def test_assign_features_drive_the_assignment_only() -> None:
     mem = PrototypeMemory(num_classes=1, num_prototypes=2, dim=8, momentum=0.5, seed=0)
     before = mem.prototypes.clone()
     g = torch.Generator().manual_seed(4)
-    feats = _normalize(before[0].repeat_interleave(5, dim=0) + 0.05 * torch.randn(10, 8, generator=g))
+    noise = 0.05 * torch.randn(10, 8, generator=g)
+    feats = _normalize(before[0].repeat_interleave(5, dim=0) + noise)
     swapped = torch.cat([feats[5:], feats[:5]])
     assigned = mem.update(feats, torch.zeros(10, dtype=torch.long), assign_features=swapped)
     assert assigned.tolist() == [1] * 5 + [0] * 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from training.sim.sinkhorn import hard_assign, sinkhorn_log
@@ -93,9 +94,14 @@ def test_hard_assign_is_argmax() -> None:
     assert hard_assign(q).dtype == torch.int64
 
 
-def test_distributed_matches_single_process() -> None:
-    """Two threads with a barrier-based all_reduce_sum behave like two processes."""
-    s = _cosine_scores(40, 5, seed=7)
+@pytest.mark.parametrize("scale", [1.0, 50.0])
+def test_distributed_matches_single_process(scale: float) -> None:
+    """Two threads with a barrier-based all_reduce_sum behave like two processes.
+
+    ``scale = 50`` puts the per-process column log-masses hundreds of nats apart, beyond
+    float32's exp range, which the float64 cross-process sum must absorb.
+    """
+    s = _cosine_scores(40, 5, seed=7) * scale
     groups = torch.tensor([0, 1] * 20)
     parts = [(s[:25], groups[:25]), (s[25:], groups[25:])]
     slots: list[torch.Tensor | None] = [None, None]
@@ -119,4 +125,5 @@ def test_distributed_matches_single_process() -> None:
     for t in threads:
         t.join()
     ref = sinkhorn_log(s, groups=groups, num_groups=2)
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1]).all()
     torch.testing.assert_close(torch.cat([out[0], out[1]]), ref)

@@ -1,0 +1,253 @@
+"""The Accelerate training loop end to end on the tiny config (CPU, a few steps each).
+
+Run A (the session fixture ``tiny_run``: 6 steps, SIM exercised, final evaluation) checks the
+run folder; short runs check the mask supervision and the ablation switches; a crashed run
+resumed with ``resume="auto"`` must end with run A's exact weights and SIM state; a NaN loss
+stops with the step and the loss name and leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import SIM_EXERCISE, Recorder
+
+from training.config import load_config
+from training.run_state import CHECKPOINT_DIR
+from training.train import TrainingError, train
+
+pytestmark = pytest.mark.slow
+
+# Order of the objects registered for checkpointing in train(): RunState, teacher, prototypes,
+# memory bank -> custom_checkpoint_{0,1,2,3}.pkl.
+RUN_STATE, TEACHER, PROTOTYPES, BANK = range(4)
+SIM_LOSSES = {"loss_pseudo", "loss_paste"}
+FCOS_LOSSES = {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
+
+
+def custom_state(checkpoint: Path, index: int):
+    return torch.load(checkpoint / f"custom_checkpoint_{index}.pkl", weights_only=False)
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_same_bank(a: dict, b: dict) -> None:
+    assert a["capacity"] == b["capacity"] and len(a["entries"]) == len(b["entries"])
+    for ea, eb in zip(a["entries"], b["entries"]):
+        assert torch.equal(ea["labels"], eb["labels"]) and torch.equal(ea["scores"], eb["scores"])
+        for key in ("patches", "masks"):
+            assert len(ea[key]) == len(eb[key])
+            assert all(torch.equal(x, y) for x, y in zip(ea[key], eb[key]))
+
+
+# --------------------------------------------------------------------------- run A
+def test_run_folder(tiny_run, tiny_data) -> None:
+    out, cfg = tiny_run.out, tiny_run.cfg
+    assert tiny_run.result["step"] == 6
+    # The resolved config (num_classes set from the data) is saved and reloads equal.
+    assert load_config(out / "config.yaml") == cfg
+    assert cfg.model.num_classes == 6
+    # Checkpoints: the last two periodic ones, complete, no temporary folder left.
+    root = out / CHECKPOINT_DIR
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000003", "step_0000006"]
+    for ckpt in root.iterdir():
+        names = {p.name for p in ckpt.iterdir()}
+        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
+                *(f"custom_checkpoint_{i}.pkl" for i in range(4))} <= names
+    assert custom_state(root / "step_0000003", RUN_STATE)["step"] == 3
+    assert custom_state(root / "step_0000006", RUN_STATE)["step"] == 6
+    # Final evaluation.
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 6
+    for key in ("segm/AP", "bbox/AP", "segm/AP50", "bbox/AP75", "segm/APl"):
+        assert -1.0 <= metrics[key] <= 100.0
+    assert tiny_run.result["metrics"] == {k: v for k, v in metrics.items() if k != "step"}
+
+
+def test_final_checkpoint_serves(tiny_run, tiny_data) -> None:
+    from serving import Segmenter
+    from serving.checkpoint import read_checkpoint_info
+    from serving.images import load_image
+    from training.data.coco import CocoIndex
+
+    path = Path(tiny_run.result["checkpoint"])
+    assert path == tiny_run.out / "model_final.safetensors"
+    info = read_checkpoint_info(path)
+    assert info.extra["step"] == 6
+    assert info.model.num_classes == 6
+    index = CocoIndex(tiny_data.train_json)
+    segmenter = Segmenter.from_checkpoint(path, device="cpu")
+    assert len(segmenter.class_names) == 6
+    image_id = next(iter(index.images))
+    image = load_image(tiny_data.images / index.images[image_id][0])
+    # One 128 x 128 image: P7 is 1 x 1 (one value per GroupNorm group at 32 channels).
+    boxes = [[10.0, 12.0, 70.0, 80.0], [40.0, 30.0, 120.0, 100.0]]
+    pred = segmenter.predict(image, boxes=boxes)
+    assert pred.masks.shape == (2, 128, 128)  # one mask per prompt box, original size
+    assert segmenter.predict(image).masks.shape[1:] == (128, 128)
+    # The weights are the trained ones (final step), not the initial ones.
+    final = load_file(str(path))
+    step6 = load_file(str(tiny_run.out / CHECKPOINT_DIR / "step_0000006" / "model.safetensors"))
+    assert_same_tensors({k: final[k] for k in step6}, step6)
+
+
+def test_tensorboard_scalars(tiny_run) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted((tiny_run.out / "tb").rglob("events.out.tfevents.*"))
+    assert files
+    tags: dict[str, list[int]] = {}
+    for f in files:
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            tags.setdefault(tag, []).extend(e.step for e in acc.Scalars(tag))
+    for tag in ("loss_fcos_cls", "loss_prj", "loss_pairwise", "loss_pseudo", "loss_paste", "lr",
+                "images_per_s"):
+        assert sorted(tags[tag]) == [1, 2, 3, 4, 5, 6], tag  # log_every: 1
+    assert tags["eval/segm/AP"] == [6]
+
+
+def test_losses_and_sim_parts_act(tiny_run) -> None:
+    records = tiny_run.records
+    assert [r.step for r in records] == list(range(6))
+    expected = FCOS_LOSSES | {"loss_prj", "loss_pairwise"} | SIM_LOSSES
+    assert all(set(r.losses) == expected for r in records)
+    # Pairwise warm-up min(step / 1, 1): off at step 0, on afterwards.
+    assert records[0].losses["loss_pairwise"] == 0.0
+    assert all(r.losses["loss_pairwise"] > 0 for r in records[1:])
+    # SIM starts at sim.start_iter = 2; copy-paste once the bank holds an entry.
+    assert all(r.losses["loss_pseudo"] == 0.0 for r in records[:2])
+    assert all(r.losses["loss_pseudo"] > 0 for r in records[2:])
+    assert [r.bank_size for r in records[:3]] == [0, 0, 0]
+    assert records[3].bank_size > 0
+    assert any(r.losses["loss_paste"] > 0 for r in records[3:])
+    # Prototypes moved away from their seeded initialisation.
+    from training.sim import PrototypeMemory
+
+    step6 = custom_state(tiny_run.out / CHECKPOINT_DIR / "step_0000006", PROTOTYPES)
+    init = PrototypeMemory(6, tiny_run.cfg.sim.num_prototypes, 16, seed=0).prototypes
+    assert (step6["prototypes"] - init).abs().max() > 1e-3
+    # The two images of a batch differ and the 6 steps cover more than one epoch of 10 images.
+    assert all(len(set(r.image_ids)) == 2 for r in records)
+
+
+# --------------------------------------------------------------------------- short runs
+def _short_run(tiny_cfg, out: Path, monkeypatch, *overrides: str):
+    cfg = tiny_cfg(out, "optim.max_iter=2", "data.val_json=null", "checkpoint_every=0",
+                   "sim.start_iter=0", *overrides)
+    rec = Recorder(snapshot_first=False).install(monkeypatch)
+    result = train(cfg)
+    return result, rec.records
+
+
+def test_mask_supervision(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
+    result, records = _short_run(tiny_cfg, tmp_path, monkeypatch, "supervision=mask")
+    assert result["step"] == 2 and Path(result["checkpoint"]).is_file()
+    for r in records:
+        assert set(r.losses) == FCOS_LOSSES | {"loss_mask"}
+        assert 0.0 < r.losses["loss_mask"] <= 1.0  # dice loss
+        assert r.bank_size is None  # no SIM state in mask mode
+    assert result["metrics"] == {}  # data.val_json=null: no evaluation
+
+
+@pytest.mark.parametrize(("override", "absent", "present"), [
+    ("sim.enabled=false", SIM_LOSSES, {"loss_prj", "loss_pairwise"}),
+    ("sim.copy_paste=false", {"loss_paste"}, {"loss_pseudo", "loss_pairwise"}),
+    ("sim.pseudo_loss=false", {"loss_pseudo"}, {"loss_paste", "loss_pairwise"}),
+    ("boxinst.pairwise=false", {"loss_pairwise"}, {"loss_prj"} | SIM_LOSSES),
+])
+def test_ablation_switches(tiny_cfg, tmp_path: Path, monkeypatch, override: str,
+                           absent: set[str], present: set[str]) -> None:
+    _, records = _short_run(tiny_cfg, tmp_path, monkeypatch, override, *SIM_EXERCISE)
+    assert len(records) == 2
+    for r in records:
+        assert FCOS_LOSSES | present <= set(r.losses)
+        assert not absent & set(r.losses)
+    if override == "sim.enabled=false":
+        assert all(r.bank_size is None for r in records)
+    if override == "sim.copy_paste=false":
+        assert [r.bank_size for r in records] == [0, 0]  # nothing is stored for pasting
+
+
+# --------------------------------------------------------------------------- resume
+def test_resume_matches_uninterrupted_run(tiny_run, tiny_cfg, tmp_path: Path,
+                                          monkeypatch) -> None:
+    cfg = tiny_cfg(tmp_path, *SIM_EXERCISE)  # run A's config, another folder
+    # B1: crashes before the 4th step, after the step-3 checkpoint.
+    with monkeypatch.context() as mp:
+        Recorder(crash_at=3).install(mp)
+        with pytest.raises(RuntimeError, match="simulated crash before step 4"):
+            train(cfg)
+    root = tmp_path / CHECKPOINT_DIR
+    assert [p.name for p in root.iterdir()] == ["step_0000003"]
+    assert not (tmp_path / "model_final.safetensors").exists()
+    a3 = tiny_run.out / CHECKPOINT_DIR / "step_0000003"
+    b3 = root / "step_0000003"
+    # Up to the crash B1 is run A (same seed, same data order).
+    assert_same_tensors(load_file(str(a3 / "model.safetensors")),
+                        load_file(str(b3 / "model.safetensors")))
+
+    # B2: resume from the latest checkpoint.
+    with monkeypatch.context() as mp:
+        rec = Recorder().install(mp)
+        result = train(tiny_cfg(tmp_path, *SIM_EXERCISE), resume="auto")
+    records = rec.records
+    # The counters continue at step 3 (warm-ups and SIM gating do not restart).
+    assert [r.step for r in records] == [3, 4, 5]
+    first = records[0]
+    assert first.bank_size == len(custom_state(b3, BANK)["entries"]) > 0
+    assert torch.equal(first.prototypes, custom_state(b3, PROTOTYPES)["prototypes"])
+    assert_same_tensors(first.teacher, custom_state(b3, TEACHER))
+    # Same batches and the same losses as run A's steps 3-5.
+    a_records = tiny_run.records[3:]
+    assert [r.image_ids for r in records] == [r.image_ids for r in a_records]
+    assert [r.losses for r in records] == [r.losses for r in a_records]
+
+    # Final weights, teacher, prototypes and memory bank are identical to run A's.
+    assert result["step"] == 6
+    assert_same_tensors(load_file(str(tiny_run.out / "model_final.safetensors")),
+                        load_file(result["checkpoint"]))
+    a6, b6 = tiny_run.out / CHECKPOINT_DIR / "step_0000006", root / "step_0000006"
+    assert_same_tensors(custom_state(a6, TEACHER), custom_state(b6, TEACHER))
+    assert torch.equal(custom_state(a6, PROTOTYPES)["prototypes"],
+                       custom_state(b6, PROTOTYPES)["prototypes"])
+    assert_same_bank(custom_state(a6, BANK), custom_state(b6, BANK))
+    assert custom_state(b6, RUN_STATE) == custom_state(a6, RUN_STATE)
+
+
+# --------------------------------------------------------------------------- NaN / inf
+def test_nan_loss_stops_with_step_and_name(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
+    import training.criterion as criterion
+
+    original = criterion.projection_loss
+    calls = []
+
+    def nan_on_second_step(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(criterion, "projection_loss", nan_on_second_step)
+    cfg = tiny_cfg(tmp_path, "optim.max_iter=3", "checkpoint_every=1", "data.val_json=null")
+    with pytest.raises(TrainingError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert message.startswith("step 2: non-finite loss (loss_prj=nan)")
+    assert "\n" not in message
+    # The step-1 checkpoint is complete and untouched by the failed step.
+    root = tmp_path / CHECKPOINT_DIR
+    assert [p.name for p in root.iterdir()] == ["step_0000001"]
+    ckpt = root / "step_0000001"
+    assert custom_state(ckpt, RUN_STATE)["step"] == 1
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
+    assert not (tmp_path / "model_final.safetensors").exists()
