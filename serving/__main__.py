@@ -6,7 +6,7 @@ Each sub-command lives in its own module and is imported only when used.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import SimError
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class Prediction:
     @property
     def areas(self) -> np.ndarray:
         """(N,) int64 mask areas in pixels."""
-        return self.masks.reshape(len(self), -1).sum(axis=1).astype(np.int64)
+        return self.masks.sum(axis=(1, 2), dtype=np.int64)  # (0, H, W) gives (0,)
 
     @property
     def label_names(self) -> list[str]:

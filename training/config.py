@@ -92,9 +92,13 @@ class SIMConfig:
     alpha: float = 0.5
     tau_low: float = 0.4
     tau_high_range: tuple[float, float] = (0.7, 0.8)
-    prototype_momentum: float = 0.999
+    #: None: 0.999 for the paper's 90k iterations, i.e. 1 - 90 / max_iter (horizon scaled
+    #: with the schedule like the warm-ups), clamped to [0.9, 0.999].
+    prototype_momentum: float | None = None
     prototype_pixel_threshold: float = 0.7
-    teacher_momentum: float = 0.9999
+    #: None: 0.9999 for the paper's 90k iterations, i.e. 1 - 9 / max_iter (a 10k-iteration
+    #: EMA horizon scaled with the schedule), clamped to [0.99, 0.9999].
+    teacher_momentum: float | None = None
     sinkhorn_epsilon: float = 0.05
     sinkhorn_iters: int = 3
     lambda_pseudo: float = 0.5
@@ -145,6 +149,16 @@ class TrainConfig:
     def pairwise_warmup_iters(self) -> int:
         value = self.boxinst.pairwise_warmup_iters
         return max(1, round(self.optim.max_iter / 9)) if value is None else value
+
+    @property
+    def teacher_momentum(self) -> float:
+        value = self.sim.teacher_momentum
+        return min(max(1 - 9 / self.optim.max_iter, 0.99), 0.9999) if value is None else value
+
+    @property
+    def prototype_momentum(self) -> float:
+        value = self.sim.prototype_momentum
+        return min(max(1 - 90 / self.optim.max_iter, 0.9), 0.999) if value is None else value
 
     @property
     def sim_start_iter(self) -> int:

@@ -39,7 +39,7 @@ class SIMState:
         self.teacher = EMATeacher(model.to(device))
         self.prototypes = PrototypeMemory(
             cfg.model.num_classes, cfg.sim.num_prototypes, cfg.model.mask_channels,
-            momentum=cfg.sim.prototype_momentum, tau=cfg.sim.tau,
+            momentum=cfg.prototype_momentum, tau=cfg.sim.tau,
             epsilon=cfg.sim.sinkhorn_epsilon, sinkhorn_iters=cfg.sim.sinkhorn_iters,
             seed=cfg.seed).to(device)
         self.bank = MemoryBank(cfg.sim.memory_size)
@@ -84,7 +84,7 @@ class SIMState:
 
     def after_step(self, student: CondInst) -> None:
         with record_function("sim.ema_update"):
-            self.teacher.update(student, self.cfg.sim.teacher_momentum)
+            self.teacher.update(student, self.cfg.teacher_momentum)
 
     def log_images(self, accelerator: Any, step: int) -> None:
         """Write M_S, M_I and the pseudo mask of a few instances to tensorboard."""

@@ -1,0 +1,266 @@
+"""``python -m serving serve``: the HTTP inference server (FastAPI + uvicorn).
+
+Endpoints:
+
+- ``POST /v1/segment``: an image (multipart field ``image``, or JSON ``{"image": base64}``),
+  optional prompt boxes / labels / score threshold -> instances with COCO RLE masks and timing;
+- ``GET /v1/model``: classes, backbone, backend, device, input rules and limits;
+- ``GET /v1/stats``: batching counters; ``GET /healthz``: liveness;
+  ``GET /readyz``: 200 once a warm-up forward pass has run, else 503;
+- ``GET /openapi.json`` and ``/docs``: the schema of all of the above.
+
+Concurrent requests are batched (:mod:`serving.server_batching`); bad input is rejected before
+batching (:mod:`serving.server_requests`). Listens on 127.0.0.1 unless told otherwise.
+FastAPI and uvicorn are imported only here (``serving.__main__`` imports this lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import SimError
+from .images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE
+from .segmenter import Segmenter
+from .server_batching import BatcherBusy, BatcherClosed, DynamicBatcher
+from .server_requests import (
+    JSON_TYPE,
+    MULTIPART_TYPE,
+    ApiError,
+    ServerSettings,
+    build_response,
+    parse_segment_request,
+    prepare_job,
+)
+from .server_schemas import (
+    Health,
+    InputRules,
+    Limits,
+    ModelInfo,
+    Readiness,
+    SegmentResponse,
+    Stats,
+    error_responses,
+    segment_request_body,
+)
+
+log = logging.getLogger("serving.server")
+SETTINGS_ENV = "SIM_SERVE_CONFIG"  # JSON handed to worker processes when --workers > 1
+
+
+def _error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _warm_up(segmenter: Segmenter) -> None:
+    """One automatic and one prompted forward pass on a gray 4:3 image of the network's
+    input size (so the first real request does not pay for allocation and kernel selection)."""
+    h = int(segmenter.cfg.min_size)
+    w = min(int(segmenter.cfg.max_size), h * 4 // 3)
+    image = np.full((h, w, 3), 127, np.uint8)
+    segmenter.predict(image)
+    segmenter.predict(image, boxes=[[w / 4, h / 4, 3 * w / 4, 3 * h / 4]])
+
+
+def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> FastAPI:
+    """The ASGI application serving ``segmenter`` (see the module docstring for endpoints)."""
+    settings = settings or ServerSettings()
+    max_boxes = settings.boxes_limit(segmenter)
+    batcher = DynamicBatcher(segmenter, settings.max_batch, settings.max_wait_ms,
+                             settings.max_queue)
+    state: dict[str, Any] = {"status": "warming_up", "detail": "warm-up pass not finished"}
+
+    async def warm_up() -> None:
+        try:
+            if settings.warmup:
+                await batcher.run_in_worker(_warm_up, segmenter)
+            state.update(status="ready", detail=None)
+        except Exception as exc:  # reported by /readyz; the server stays up
+            log.error("warm-up failed: %s: %s", type(exc).__name__, exc)
+            state.update(status="failed", detail=f"warm-up failed: {type(exc).__name__}: {exc}")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        task = asyncio.create_task(warm_up())
+        try:
+            yield
+        finally:
+            state.update(status="shutting_down", detail="the server is stopping")
+            await task
+            await batcher.close()  # finishes every queued and running job
+
+    app = FastAPI(
+        title="SIM box-supervised instance segmentation",
+        version="1",
+        description="Instance masks from images, automatically or from prompt boxes. Errors are "
+                    '`{"error": {"code", "message", "field"}}`.',
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+    app.state.segmenter = segmenter
+    app.state.settings = settings
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code in (404, 405):
+            message += "; see /docs for the endpoints"
+        return JSONResponse({"error": {"code": code, "message": message, "field": None}},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+        return _error_response(ApiError(500, "internal_error", f"internal error "
+                                        f"({type(exc).__name__}); the server is still running"))
+
+    @app.post("/v1/segment", response_model=SegmentResponse, summary="Segment one image",
+              responses=error_responses(400, 413, 415, 422, 500, 503),
+              openapi_extra=segment_request_body(max_boxes))
+    async def segment(request: Request) -> SegmentResponse:
+        """Automatic instance segmentation, or one mask per prompt box (in order).
+
+        Send ``multipart/form-data`` (file field ``image``; optional text fields ``boxes``,
+        ``labels`` as JSON, ``score_threshold``) or ``application/json`` (``image`` as base64).
+        """
+        start = time.perf_counter()
+        raw = await parse_segment_request(request, settings.max_body_bytes)
+        job = await run_in_threadpool(prepare_job, raw, segmenter, settings)
+        try:
+            result = await batcher.submit(job)
+        except BatcherClosed as exc:
+            raise ApiError(503, "shutting_down", str(exc)) from None
+        except BatcherBusy as exc:
+            raise ApiError(503, "busy", str(exc)) from None
+        except SimError as exc:  # input the up-front checks could not see
+            raise ApiError(422, "invalid_input", str(exc)) from None
+        except Exception as exc:
+            log.exception("inference failed for one request")
+            raise ApiError(500, "inference_failed", f"inference failed ({type(exc).__name__}); "
+                           "the server is still running; retry, or report the input") from None
+        return await run_in_threadpool(
+            build_response, job, result, (time.perf_counter() - start) * 1000.0)
+
+    @app.get("/v1/model", response_model=ModelInfo, summary="Model, input rules and limits")
+    async def model_info() -> ModelInfo:
+        info = segmenter.model_info
+        return ModelInfo(
+            classes=info["classes"], backbone=str(info["backbone"]), backend=info["backend"],
+            device=str(info["device"]), score_threshold=float(info["score_threshold"]),
+            input=InputRules(content_types=[MULTIPART_TYPE, JSON_TYPE],
+                             image_formats=[e.lstrip(".") for e in IMAGE_EXTENSIONS],
+                             min_image_side=MIN_IMAGE_SIDE, resize_min_size=info["min_size"],
+                             resize_max_size=info["max_size"]),
+            limits=Limits(max_body_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels,
+                          max_boxes=max_boxes, max_batch=settings.max_batch,
+                          max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue))
+
+    @app.get("/v1/stats", response_model=Stats, summary="Batching counters since start")
+    async def stats() -> Stats:
+        s = batcher.stats
+        return Stats(requests=s.jobs, batches=s.batches, failed=s.failed,
+                     mean_batch_size=round(s.jobs / s.batches, 3) if s.batches else 0.0,
+                     max_batch_size=s.max_batch_size, queued=batcher.queued,
+                     batch_sizes={str(k): v for k, v in sorted(s.sizes.items())})
+
+    @app.get("/healthz", response_model=Health, summary="Liveness")
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Readiness, summary="Readiness (model warmed up)",
+             responses={503: {"model": Readiness, "description": "not ready yet, or stopping"}})
+    async def readyz() -> Any:
+        body = Readiness(ready=state["status"] == "ready", status=state["status"],
+                         detail=state["detail"])
+        return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for ``--workers > 1``: each worker process loads its own model."""
+    cfg = json.loads(os.environ[SETTINGS_ENV])
+    segmenter = Segmenter.load(cfg["model"], device=cfg["device"])
+    return create_app(segmenter, ServerSettings(**cfg["settings"]))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving serve",
+                                description="HTTP inference server with dynamic batching.")
+    p.add_argument("--model", required=True, help=".safetensors checkpoint, .onnx or .engine")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--max-batch", type=int, default=8, help="images per forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long the first queued request waits for others")
+    p.add_argument("--workers", type=int, default=1, help="processes, each with its own model")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body")
+    p.add_argument("--max-pixels", type=int, default=ServerSettings.max_pixels,
+                   help="largest image, width x height")
+    p.add_argument("--max-boxes", type=int, default=None,
+                   help="prompt boxes per request (default: the model's limit)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a batch; more are answered 503 busy")
+    p.add_argument("--graceful-timeout", type=int, default=30,
+                   help="seconds to finish in-flight requests on shutdown")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until interrupted (Ctrl-C / SIGTERM finish in-flight requests first)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in ("max_batch", "workers", "max_pixels", "max_queue"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_wait_ms < 0 or args.max_body_mb <= 0:
+        parser.error("--max-wait-ms must be >= 0 and --max-body-mb > 0")
+    if args.max_boxes is not None and args.max_boxes < 1:
+        parser.error("--max-boxes must be at least 1")
+    import uvicorn
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: the API has no authentication; put it "
+              "behind a proxy that adds it", file=sys.stderr)
+    settings = ServerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                              max_body_mb=args.max_body_mb, max_pixels=args.max_pixels,
+                              max_boxes=args.max_boxes, max_queue=args.max_queue)
+    segmenter = Segmenter.load(args.model, device=args.device)  # bad model: error before binding
+    common = dict(host=args.host, port=args.port, log_level=args.log_level,
+                  timeout_graceful_shutdown=args.graceful_timeout)
+    if args.workers == 1:
+        config = uvicorn.Config(create_app(segmenter, settings), **common)
+        try:
+            uvicorn.Server(config).run()  # SIGTERM: drains, then re-raises (exit by SIGTERM)
+        except KeyboardInterrupt:  # Ctrl-C, after the same graceful shutdown
+            return 130
+        return 0
+    del segmenter  # only checked that it loads; each worker loads its own
+    os.environ[SETTINGS_ENV] = json.dumps(
+        {"model": str(args.model), "device": args.device, "settings": asdict(settings)})
+    uvicorn.run("serving.server:app_from_env", factory=True, workers=args.workers, **common)
+    return 0

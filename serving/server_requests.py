@@ -1,0 +1,321 @@
+"""Turning an HTTP request into a validated :class:`SegmentJob`, and a result into JSON.
+
+Order of checks for ``POST /v1/segment`` (cheapest first, all before any batching):
+
+1. ``Content-Type`` neither multipart/form-data nor application/json -> 415;
+2. ``Content-Length`` over the body limit -> 413 before reading anything;
+3. the body is read with a running count -> 413 as soon as it passes the limit;
+4. the body is parsed (400 if it is not JSON / multipart) and its fields validated (422);
+5. the image header is read: too many pixels -> 413; then decoded (422 if it cannot be);
+6. boxes are checked and clipped (422 naming the box index), labels resolved (422).
+
+Every error is an :class:`ApiError` rendered as ``{"error": {"code", "message", "field"}}``.
+Imported only by :mod:`serving.server`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from .errors import BoxError, ImageError, InputError
+from .images import MAX_IMAGE_PIXELS, load_image
+from .segmenter import Segmenter, validate_boxes
+from .server_batching import JobResult, SegmentJob
+from .server_schemas import (
+    RLE,
+    Instance,
+    SegmentJSONRequest,
+    SegmentOptions,
+    SegmentResponse,
+    Timing,
+)
+
+JSON_TYPE = "application/json"
+MULTIPART_TYPE = "multipart/form-data"
+FORM_FIELDS = ("image", "boxes", "labels", "score_threshold")
+FIXES = {
+    "image": "send the image file (JPEG, PNG, BMP, TIFF, WebP)",
+    "boxes": "send a list of [x1, y1, x2, y2] pixel boxes, e.g. [[10, 20, 110, 140]]",
+    "labels": "send one class name, class index or null per box",
+    "score_threshold": "send a number between 0 and 1",
+}
+
+
+class ApiError(Exception):
+    """An HTTP error with a JSON body ``{"error": {"code", "message", "field"}}``."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Limits and batching of the server (the CLI flags of ``python -m serving serve``)."""
+
+    max_batch: int = 8
+    max_wait_ms: float = 10.0
+    max_body_mb: float = 20.0
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_boxes: int | None = None  # None: the model's InferenceConfig.max_prompt_boxes
+    max_queue: int = 64  # requests waiting for a batch; more get 503 (bounded memory)
+    warmup: bool = True
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def boxes_limit(self, segmenter: Segmenter) -> int:
+        """Effective boxes-per-request limit: the smaller of this and the model's."""
+        model_limit = int(segmenter.cfg.max_prompt_boxes)
+        return model_limit if self.max_boxes is None else min(int(self.max_boxes), model_limit)
+
+
+@dataclass(frozen=True)
+class RawSegmentRequest:
+    """A parsed, schema-valid request whose image is still encoded."""
+
+    image: bytes
+    options: SegmentOptions
+
+
+# --------------------------------------------------------------------------- reading
+def _too_large(size: str, limit: int) -> ApiError:
+    return ApiError(413, "body_too_large",
+                    f"body: {size} exceeds the limit of {limit} bytes; send a smaller image "
+                    "(downscale or recompress it)", "body")
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refusing (413) from ``Content-Length`` or while reading."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise _too_large(f"{int(length)} bytes", max_bytes)
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise _too_large(f"more than {total} bytes", max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower case; 415 if unsupported."""
+    value = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if value == MULTIPART_TYPE or value == JSON_TYPE or value.endswith("+json"):
+        return value
+    shown = value or "none"
+    raise ApiError(415, "unsupported_media_type",
+                   f"Content-Type {shown} is not accepted; send multipart/form-data with the "
+                   "image file in field 'image', or application/json with a base64 'image'",
+                   "Content-Type")
+
+
+def _pydantic_error(exc: ValidationError) -> ApiError:
+    err = exc.errors()[0]
+    loc = list(err.get("loc", ()))
+    field = str(loc[0]) if loc else "body"
+    field += "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
+    root = str(loc[0]) if loc else "body"
+    fix = FIXES.get(root, "remove it; accepted fields are " + ", ".join(FORM_FIELDS))
+    if err.get("type") == "missing":
+        return ApiError(422, "missing_field", f"{field}: required; {fix}", field)
+    return ApiError(422, "invalid_field", f"{field}: {err.get('msg', 'invalid')}; {fix}", field)
+
+
+def _decode_base64(text: str) -> bytes:
+    if text.startswith("data:") and ";base64," in text[:100]:
+        text = text.split(";base64,", 1)[1]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "invalid_base64", "image: not valid base64 text; encode the image "
+                       "file with base64 (for example `base64 -w0 image.jpg`)", "image") from None
+
+
+def _parse_json(body: bytes) -> RawSegmentRequest:
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, "malformed_body", f"body: not valid JSON ({exc}); send a JSON object "
+                       "like {\"image\": \"<base64>\"}", "body") from None
+    try:
+        req = SegmentJSONRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _pydantic_error(exc) from None
+    options = SegmentOptions(boxes=req.boxes, labels=req.labels,
+                             score_threshold=req.score_threshold)
+    return RawSegmentRequest(_decode_base64(req.image), options)
+
+
+def _form_json(name: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ApiError(422, "malformed_json", f"{name}: not valid JSON ({exc}); {FIXES[name]}",
+                       name) from None
+
+
+async def _parse_multipart(request: Request, body: bytes) -> RawSegmentRequest:
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+    except HTTPException as exc:
+        raise ApiError(400, "malformed_body", f"body: malformed multipart ({exc.detail}); send "
+                       "multipart/form-data with the image file in field 'image'", "body") from None
+    except Exception as exc:  # python-multipart raises several types on garbage
+        raise ApiError(400, "malformed_body", f"body: malformed multipart ({type(exc).__name__});"
+                       " send multipart/form-data with the image in field 'image'",
+                       "body") from None
+    try:
+        for key in form.keys():
+            if key not in FORM_FIELDS:
+                raise ApiError(422, "unknown_field", f"{key}: unknown field; accepted fields are "
+                               + ", ".join(FORM_FIELDS), key)
+            if len(form.getlist(key)) > 1:
+                raise ApiError(422, "duplicate_field", f"{key}: sent more than once; send it once",
+                               key)
+        image = form.get("image")
+        if image is None:
+            raise ApiError(422, "missing_field", f"image: required; {FIXES['image']} in "
+                           "multipart field 'image'", "image")
+        data = await image.read() if isinstance(image, UploadFile) else image.encode("utf-8")
+        fields: dict[str, Any] = {}
+        for name in ("boxes", "labels"):
+            value = form.get(name)
+            if isinstance(value, str) and value.strip():
+                fields[name] = _form_json(name, value)
+        threshold = form.get("score_threshold")
+        if isinstance(threshold, str) and threshold.strip():
+            try:
+                fields["score_threshold"] = float(threshold)
+            except ValueError:
+                raise ApiError(422, "invalid_field", f"score_threshold: '{threshold[:20]}' is not "
+                               f"a number; {FIXES['score_threshold']}", "score_threshold") from None
+        for name in ("boxes", "labels", "score_threshold"):
+            if isinstance(form.get(name), UploadFile):
+                raise ApiError(422, "invalid_field", f"{name}: sent as a file; send it as a plain "
+                               "form field", name)
+    finally:
+        await form.close()
+    try:
+        options = SegmentOptions.model_validate(fields)
+    except ValidationError as exc:
+        raise _pydantic_error(exc) from None
+    return RawSegmentRequest(data, options)
+
+
+async def parse_segment_request(request: Request, max_bytes: int) -> RawSegmentRequest:
+    """Read and parse a ``POST /v1/segment`` body (multipart or JSON); see module docstring."""
+    kind = media_type(request)
+    body = await read_body(request, max_bytes)
+    if kind == MULTIPART_TYPE:
+        return await _parse_multipart(request, body)
+    return _parse_json(body)
+
+
+# --------------------------------------------------------------------------- validating
+def _indexed_field(message: str, word: str, name: str) -> str:
+    match = re.match(rf"{word} (\d+):", message)
+    return f"{name}[{match.group(1)}]" if match else name
+
+
+def check_pixels(data: bytes, max_pixels: int) -> None:
+    """413 if the image header declares more than ``max_pixels`` (nothing is decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Image.DecompressionBombError:
+        w = h = max_pixels + 1  # PIL refused it: far larger than any limit
+    except Exception:
+        return  # not readable: load_image reports why
+    if w * h > max_pixels:
+        raise ApiError(413, "image_too_large", f"image: {w}x{h} = {w * h} pixels exceeds the "
+                       f"limit of {max_pixels} pixels; downscale it", "image")
+
+
+def prepare_job(raw: RawSegmentRequest, segmenter: Segmenter,
+                settings: ServerSettings) -> SegmentJob:
+    """Decode the image and check the boxes and labels: a job that cannot poison a batch.
+
+    Runs in a thread (image decoding is CPU work). Raises :class:`ApiError` (413/422).
+    """
+    check_pixels(raw.image, settings.max_pixels)
+    try:
+        image = load_image(raw.image)
+    except ImageError as exc:
+        raise ApiError(422, "invalid_image", str(exc), "image") from None
+    except Exception as exc:  # a decoder bug on hostile bytes is still a bad image
+        raise ApiError(422, "invalid_image", f"image: cannot decode ({type(exc).__name__}); "
+                       "re-export it as PNG or JPEG", "image") from None
+    opts = raw.options
+    if opts.boxes is None:
+        if opts.labels is not None:
+            raise ApiError(422, "invalid_labels", "labels: given without boxes; send one label "
+                           "per box in 'boxes', or drop 'labels' for automatic mode", "labels")
+        return SegmentJob(image, None, None, opts.score_threshold)
+    limit = settings.boxes_limit(segmenter)
+    if len(opts.boxes) > limit:
+        raise ApiError(422, "too_many_boxes", f"boxes: {len(opts.boxes)} given, the limit is "
+                       f"{limit} per request; split them over several requests", "boxes")
+    try:
+        boxes = validate_boxes(opts.boxes, image.shape[:2], limit)
+    except BoxError as exc:
+        raise ApiError(422, "invalid_boxes", str(exc),
+                       _indexed_field(str(exc), "box", "boxes")) from None
+    try:
+        labels = segmenter._labels(opts.labels, len(boxes))
+    except InputError as exc:
+        raise ApiError(422, "invalid_labels", str(exc),
+                       _indexed_field(str(exc), "label", "labels")) from None
+    return SegmentJob(image, boxes, labels, opts.score_threshold)
+
+
+# --------------------------------------------------------------------------- answering
+def build_response(job: SegmentJob, result: JobResult, total_ms: float) -> SegmentResponse:
+    """JSON answer: one :class:`Instance` per prediction, masks as COCO RLE."""
+    pred = result.prediction
+    h, w = job.image.shape[:2]
+    coco = pred.to_coco(image_id=0)
+    areas = pred.areas
+    names = pred.label_names
+    instances = [
+        Instance(box=[float(v) for v in pred.boxes[i]], score=float(pred.scores[i]),
+                 label=int(pred.labels[i]), label_name=names[i], area=int(areas[i]),
+                 segmentation=RLE(size=[h, w], counts=coco[i]["segmentation"]["counts"]))
+        for i in range(len(pred))
+    ]
+    return SegmentResponse(
+        instances=instances, image_size=[h, w],
+        mode="auto" if job.boxes is None else "prompt",
+        timing_ms=Timing(queue=round(result.queue_ms, 3), inference=round(result.inference_ms, 3),
+                         total=round(total_ms, 3)))

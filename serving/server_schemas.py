@@ -1,0 +1,204 @@
+"""Request and response models of the HTTP server (pydantic), and its OpenAPI request body.
+
+``POST /v1/segment`` takes either ``multipart/form-data`` (:class:`SegmentForm`) or
+``application/json`` (:class:`SegmentJSONRequest`); the server parses the body itself (it
+must enforce size limits while reading), so :func:`segment_request_body` writes both into the
+OpenAPI schema by hand, from the same models the server validates with.
+
+Imported only by :mod:`serving.server` (pydantic comes with FastAPI).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Annotated, Any, Literal, Optional, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+
+Coordinate = StrictFloat  # strict: "12" (a string) is not a coordinate; 12 (an int) is
+Box = Annotated[list[Coordinate], Field(min_length=4, max_length=4,
+                                        description="[x1, y1, x2, y2] in original-image pixels")]
+Label = Optional[Union[StrictInt, StrictStr]]
+
+BOXES_DOC = ("Prompt boxes, XYXY in original-image pixels: one mask per box, in order. Boxes "
+             "partly outside the image are clipped. Omit (or null) for automatic mode.")
+LABELS_DOC = "One class per box: a class name, a class index, or null to let the model predict it."
+THRESHOLD_DOC = "Automatic mode only: drop instances scoring below this (0..1)."
+
+
+# --------------------------------------------------------------------------- requests
+class SegmentOptions(BaseModel):
+    """Everything of a segment request except the image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    boxes: Optional[list[Box]] = Field(None, description=BOXES_DOC)
+    labels: Optional[list[Label]] = Field(None, description=LABELS_DOC)
+    score_threshold: Optional[StrictFloat] = Field(None, ge=0.0, le=1.0,
+                                                   description=THRESHOLD_DOC)
+
+
+class SegmentJSONRequest(SegmentOptions):
+    """``application/json`` body of ``POST /v1/segment``."""
+
+    image: str = Field(description="The image file (JPEG, PNG, BMP, TIFF, WebP) as base64 text; "
+                                   "a data URL prefix 'data:image/...;base64,' is accepted.")
+
+
+class SegmentForm(BaseModel):
+    """``multipart/form-data`` body of ``POST /v1/segment`` (documentation only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: bytes = Field(description="The image file (JPEG, PNG, BMP, TIFF, WebP).")
+    boxes: Optional[str] = Field(None, description="JSON text: " + BOXES_DOC,
+                                 examples=["[[10, 20, 110, 140]]"])
+    labels: Optional[str] = Field(None, description="JSON text: " + LABELS_DOC,
+                                  examples=['["disc"]'])
+    score_threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description=THRESHOLD_DOC)
+
+
+# --------------------------------------------------------------------------- responses
+class RLE(BaseModel):
+    """COCO run-length encoding of a mask (``pycocotools.mask.decode`` reads it)."""
+
+    size: list[int] = Field(min_length=2, max_length=2, description="[height, width]")
+    counts: str = Field(description="compressed COCO RLE counts")
+
+
+class Instance(BaseModel):
+    """One instance (automatic mode) or the answer to one prompt box (prompt mode, in order)."""
+
+    box: list[float] = Field(min_length=4, max_length=4,
+                             description="[x1, y1, x2, y2], original-image pixels")
+    score: float
+    label: int = Field(description="class index")
+    label_name: str
+    area: int = Field(description="mask area in pixels")
+    segmentation: RLE
+
+
+class Timing(BaseModel):
+    """Milliseconds: waiting for a batch, the batch's inference, and the whole request."""
+
+    queue: float
+    inference: float
+    total: float
+
+
+class SegmentResponse(BaseModel):
+    instances: list[Instance]
+    image_size: list[int] = Field(min_length=2, max_length=2, description="[height, width]")
+    mode: Literal["auto", "prompt"]
+    timing_ms: Timing
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable reason, e.g. invalid_image, too_many_boxes")
+    message: str = Field(description="one line naming the input and the fix")
+    field: Optional[str] = Field(None, description="the request field at fault, e.g. boxes[2]")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Limits(BaseModel):
+    max_body_bytes: int
+    max_pixels: int
+    max_boxes: int
+    max_batch: int
+    max_wait_ms: float
+    max_queue: int
+
+
+class InputRules(BaseModel):
+    content_types: list[str]
+    image_formats: list[str]
+    min_image_side: int
+    resize_min_size: int = Field(description="shorter side is resized to this for the network")
+    resize_max_size: int = Field(description="longer side is capped at this for the network")
+
+
+class ModelInfo(BaseModel):
+    classes: list[str]
+    backbone: str
+    backend: str
+    device: str
+    score_threshold: float
+    input: InputRules
+    limits: Limits
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    status: Literal["ready", "warming_up", "failed", "shutting_down"]
+    detail: Optional[str] = None
+
+
+class Stats(BaseModel):
+    requests: int = Field(description="jobs answered by the batcher")
+    batches: int
+    mean_batch_size: float
+    max_batch_size: int
+    failed: int
+    queued: int
+    batch_sizes: dict[str, int] = Field(description="batch size -> how many batches had it")
+
+
+ERROR_STATUSES = {
+    400: "The body is not valid JSON or multipart.",
+    413: "The body or the image is larger than the server's limit.",
+    415: "Unsupported Content-Type (use multipart/form-data or application/json).",
+    422: "An input is invalid (image, boxes, labels, score_threshold); see error.field.",
+    500: "Inference failed for this request (the server keeps serving).",
+    503: "The server is busy (queue full) or shutting down; retry later.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the given error statuses."""
+    return {s: {"model": ErrorResponse, "description": ERROR_STATUSES[s]} for s in statuses}
+
+
+def _example_image_b64() -> str:
+    """A small valid PNG (32x48 gradient), base64: the request example of the schema."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:32, 0:48]
+    rgb = np.stack([xx * 5, yy * 7, (xx + yy) * 3], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _limit_boxes(schema: dict[str, Any], max_boxes: int) -> dict[str, Any]:
+    for branch in schema["properties"]["boxes"].get("anyOf", []):
+        if branch.get("type") == "array":
+            branch["maxItems"] = max_boxes
+    return schema
+
+
+def segment_request_body(max_boxes: int) -> dict[str, Any]:
+    """``openapi_extra`` for ``POST /v1/segment``: both content types, the box limit, and a
+    working JSON example."""
+    json_schema = _limit_boxes(SegmentJSONRequest.model_json_schema(), max_boxes)
+    form_schema = SegmentForm.model_json_schema()
+    form_schema["properties"]["image"] = {"type": "string", "format": "binary",
+                                          "description": form_schema["properties"]["image"]
+                                          .get("description", "")}
+    example = {"image": _example_image_b64(), "boxes": [[4, 4, 30, 28]], "labels": [None]}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": form_schema},
+        "application/json": {"schema": json_schema, "examples": {
+            "prompted": {"summary": "one prompt box", "value": example},
+            "automatic": {"summary": "automatic mode",
+                          "value": {"image": example["image"], "score_threshold": 0.3}},
+        }},
+    }}}

@@ -1,0 +1,90 @@
+"""``python -m serving serve`` as a real process on loopback: start, serve, graceful stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+
+from server_helpers import encode, scene  # noqa: E402
+
+from serving.__main__ import main as serving_main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bad_model_path_is_a_one_line_error(tmp_path, capsys) -> None:
+    assert serving_main(["serve", "--model", str(tmp_path / "missing.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint") and "not found" in err and err.count("\n") == 1
+
+
+def test_bad_flags_are_usage_errors() -> None:
+    for flags in (["--max-batch", "0"], ["--max-wait-ms", "-1"], ["--max-boxes", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            serving_main(["serve", "--model", "m.safetensors", *flags])
+        assert exc.value.code == 2
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_in_flight_request(tiny_checkpoint) -> None:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving", "serve", "--model", str(tiny_checkpoint), "--port",
+         str(port), "--device", "cpu", "--max-wait-ms", "2500", "--log-level", "info"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.2)
+        else:
+            raise AssertionError("server did not become ready")
+        assert httpx.get(f"{base}/v1/model").json()["classes"] == ["disc", "ring", "triangle"]
+
+        result: dict = {}
+
+        def request() -> None:  # waits ~2.5 s in the batch queue: in flight at SIGTERM
+            result["r"] = httpx.post(f"{base}/v1/segment", timeout=60,
+                                     files={"image": ("a.png", encode(scene(1)), "image/png")})
+
+        thread = threading.Thread(target=request)
+        thread.start()
+        time.sleep(0.8)
+        proc.send_signal(signal.SIGTERM)
+        thread.join(60)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stdout.read() if proc.stdout else ""
+    assert result["r"].status_code == 200, log
+    assert result["r"].json()["image_size"] == [120, 160]
+    assert code in (0, -signal.SIGTERM), log
+    assert "Finished server process" in log
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{base}/healthz", timeout=2)
