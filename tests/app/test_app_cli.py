@@ -1,0 +1,39 @@
+"""``python -m app``'s command line: option checks and a clear error for a bad model file."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("gradio", reason="the app needs the 'app' extra: pip install -e .[app]")
+pytest.importorskip("gradio_image_annotation", reason="the app needs the 'app' extra")
+
+
+def test_defaults():
+    from app.main import parse_args
+
+    args = parse_args(["--model", "m.safetensors"])
+    assert (args.host, args.port, args.share, args.device) == ("127.0.0.1", 7860, "off", "auto")
+    assert (args.max_upload_mb, args.max_side, args.concurrency) == (20.0, 4096, 2)
+    assert args.max_boxes is None
+
+
+@pytest.mark.parametrize("argv", [[], ["--port", "-1"], ["--concurrency", "0"],
+                                  ["--max-upload-mb", "0"], ["--max-boxes", "0"],
+                                  ["--share", "maybe"], ["--max-side", "0"]])
+def test_bad_options_exit_with_usage(argv, capsys):
+    from app.main import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args((["--model", "m.onnx"] if argv else []) + argv)
+    assert exc.value.code == 2
+    assert "usage: python -m app" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, fragment", [("missing.safetensors", "missing.safetensors"),
+                                            ("model.bin", "unknown file type '.bin'")])
+def test_bad_model_file_is_a_one_line_error(tmp_path, capsys, name, fragment):
+    from app.main import main
+
+    assert main(["--model", str(tmp_path / name)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and fragment in err and "\n" not in err
