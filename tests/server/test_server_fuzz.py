@@ -36,7 +36,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 def _build_app():
     """The app under test, built at import: schemathesis reads its schema at collection
     (its fixture-based lazy loader does not work with pytest 9)."""
-    from conftest import make_tiny_checkpoint
+    from sim_testing import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(Path(_TMP.name) / "tiny.safetensors")
     seg = Segmenter.from_checkpoint(path, device="cpu")

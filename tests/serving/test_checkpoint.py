@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from serving_helpers import TINY_CLASSES, tiny_model_config
+from sim_testing import TINY_CLASSES, tiny_model_config
 
 from serving import CheckpointError, InferenceConfig, InputError, Segmenter, build_condinst
 from serving.checkpoint import (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from serving_helpers import tiny_model_config
+from sim_testing import tiny_model_config
 
 from serving import CondInstOutputs, InputError, ModelConfig, build_condinst
 from serving.config import InferenceConfig

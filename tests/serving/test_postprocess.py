@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from serving_helpers import tiny_model_config
+from sim_testing import tiny_model_config
 
 from serving import InferenceConfig, build_condinst
 from serving.assign import candidate_matrix

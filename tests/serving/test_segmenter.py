@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from serving_helpers import TINY_CLASSES, tiny_model_config
+from sim_testing import TINY_CLASSES, tiny_model_config
 
 from serving import InferenceConfig, Prediction, Segmenter, build_condinst
 from serving.__main__ import main as cli_main

@@ -1,0 +1,97 @@
+"""``python -m export``: one-line errors with exit code 1, a full export + verify run, and
+``verify_export`` failing on a different model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from export.__main__ import main
+from export.verify import VerificationError, verify_export
+from serving.checkpoint import load_checkpoint, save_checkpoint
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "nope.safetensors")]) == 1
+    assert "nope.safetensors: file not found" in _error_line(capsys)
+
+
+def test_opset_below_17(tiny_checkpoint, capsys):
+    assert main(["--checkpoint", str(tiny_checkpoint), "--opset", "16"]) == 1
+    assert "at least 17" in _error_line(capsys)
+
+
+def test_unwritable_output(tiny_checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["--checkpoint", str(tiny_checkpoint), "--output", str(blocker / "x")]) == 1
+    assert "not writable" in _error_line(capsys)
+
+
+def test_bad_verify_images(tiny_checkpoint, tmp_path, capsys):
+    argv = ["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "o"), "--verify"]
+    assert main(argv + [str(tmp_path / "missing.png")]) == 1
+    assert "missing.png: not found" in _error_line(capsys)
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    assert main(argv + [str(fake)]) == 1
+    assert "fake.png" in _error_line(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main(argv + [str(tmp_path / "empty")]) == 1
+    assert "no images found" in _error_line(capsys)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="tensorrt is installed here")
+def test_tensorrt_format_without_tensorrt(tiny_checkpoint, tmp_path, capsys):
+    argv = ["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path), "--format", "all"]
+    assert main(argv) == 1
+    assert "pip install tensorrt" in _error_line(capsys)
+    assert not list(tmp_path.iterdir())  # failed before exporting anything
+
+
+def test_export_and_verify_end_to_end(tiny_checkpoint, tmp_path, sample_image, capsys,
+                                      exporter):
+    image = tmp_path / "img.png"
+    Image.fromarray(sample_image).save(image)
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--output", str(out), "--name", "tiny",
+            "--exporter", exporter, "--max-detections", "10", "--verify", str(image)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "NonMaxSuppression" in printed and "PASS" in printed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "tiny.auto.onnx", "tiny.json", "tiny.prompt.onnx", "tiny.verify.onnx.json"]
+    report = json.loads((out / "tiny.verify.onnx.json").read_text())
+    assert report["passed"] and [r["mode"] for r in report["rows"]] == ["automatic", "prompt"]
+    auto = report["rows"][0]
+    assert auto["torch_count"] == auto["export_count"] == auto["matched"] == 10
+    assert auto["max_box_diff"] <= 0.5 and auto["min_mask_iou"] >= 0.99
+    assert json.loads((out / "tiny.json").read_text())["inference_config"]["max_detections"] == 10
+
+
+def test_verify_fails_on_another_model(tiny_checkpoint, tiny_export, tmp_path, sample_image):
+    model, info = load_checkpoint(tiny_checkpoint)
+    with torch.no_grad():  # another model: shifted box regression
+        model.head.bbox_pred.bias.add_(0.5)
+    other = save_checkpoint(tmp_path / "other.safetensors", model, info.model,
+                            info.class_names, info.inference)
+    report = verify_export(other, tiny_export.sidecar, [sample_image, sample_image[:, ::-1]])
+    assert not report.passed and len(report.rows) == 4
+    assert "FAIL" in report.table() and "| image 0 | automatic |" in report.table()
+    with pytest.raises(VerificationError, match="differs from PyTorch on image 0"):
+        report.raise_if_failed()
+    same = verify_export(tiny_checkpoint, tiny_export.sidecar,
+                         [np.ascontiguousarray(sample_image[:, ::-1])])
+    assert same.passed
