@@ -1,0 +1,29 @@
+"""Datasets, augmentation and batching for training.
+
+COCO-format JSON is the one annotation format (:class:`CocoInstanceDataset`); the built-in
+synthetic set, the napari nuclei slices and Pascal VOC are converted to it by
+``python -m training.data.synthetic``, ``training.data.nuclei`` and ``training.data.voc``.
+"""
+
+from .augment import (
+    Compose,
+    RandomHorizontalFlip,
+    ResizeShortestEdge,
+    eval_transform,
+    hflip_sample,
+    resize_sample,
+    seed_augmentations,
+    train_transform,
+)
+from .coco import CocoIndex, CocoInstanceDataset, decode_segmentation, load_coco_boxes, read_json
+from .collate import Batch, SeededDataLoader, build_dataloader, collate, derive_seed
+from .synthetic import CLASSES as SYNTHETIC_CLASSES
+from .synthetic import generate_dataset, generate_image
+
+__all__ = [
+    "Batch", "CocoIndex", "CocoInstanceDataset", "Compose", "RandomHorizontalFlip",
+    "ResizeShortestEdge", "SYNTHETIC_CLASSES", "SeededDataLoader", "build_dataloader", "collate",
+    "decode_segmentation", "derive_seed", "eval_transform", "generate_dataset", "generate_image",
+    "hflip_sample", "load_coco_boxes", "read_json", "resize_sample", "seed_augmentations",
+    "train_transform",
+]
