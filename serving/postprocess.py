@@ -27,7 +27,7 @@ from torchvision.ops import batched_nms
 from .assign import iou_weights, prompt_locations, weighted_instance_map
 from .config import InferenceConfig
 from .model.condinst import CondInst, CondInstOutputs
-from .model.ops import aligned_bilinear, decode_boxes
+from .model.ops import aligned_bilinear, decode_boxes, eager_no_grad
 
 
 class Detections(NamedTuple):
@@ -60,21 +60,47 @@ class PromptDetections(NamedTuple):
     labels: Tensor
 
 
-def level_topk_candidates(probs: Tensor, levels: Tensor, num_levels: int,
-                          topk: int) -> tuple[Tensor, Tensor]:
+def level_topk_candidates(probs: Tensor, levels: Tensor, num_levels: int, topk: int,
+                          pad: bool = False) -> tuple[Tensor, Tensor]:
     """Top-``topk`` (location, class) pairs of each level, as fixed-shape tensors.
 
+    Entries of other levels count as score 0, so a level with fewer than ``topk`` pairs fills
+    its slots with zero scores; callers drop them with ``scores > threshold``.
+
     Args:
-        probs: (N, C) candidate scores; levels: (N,) level of each location.
+        probs: (..., N, C) candidate scores (>= 0); levels: (N,) level of each location.
+        num_levels: number of pyramid levels L; topk: pairs kept per level.
+        pad: always return ``topk`` slots per level (zero-padded, index clamped into range)
+            even when ``N*C < topk``. The export graph uses this so that the shapes do not
+            depend on the image size; the kept scores are the same.
 
     Returns:
-        scores (L*k,) and flat indices (L*k,) into ``probs.flatten()``; k = min(topk, N*C).
+        scores (..., L*k) and flat indices (..., L*k) into ``probs.flatten(-2)``;
+        k = topk with ``pad``, else min(topk, N*C).
     """
-    n, c = probs.shape
-    per_level = torch.stack([probs * (levels == lvl)[:, None] for lvl in range(num_levels)])
-    k = min(topk, n * c)
-    scores, index = per_level.reshape(num_levels, n * c).topk(k, dim=1)  # (L, k)
-    return scores.reshape(-1), index.reshape(-1)
+    n, c = probs.shape[-2:]
+    in_level = levels[None, :] == torch.arange(num_levels, device=levels.device)[:, None]
+    per_level = probs.unsqueeze(-3) * in_level[..., None].to(probs.dtype)  # (..., L, N, C)
+    per_level = per_level.flatten(-2)  # (..., L, N*C)
+    if pad:
+        k = topk
+        filler = per_level.new_zeros((*per_level.shape[:-1], topk))
+        per_level = torch.cat((per_level, filler), dim=-1)
+    else:
+        k = min(topk, n * c)
+    scores, index = per_level.topk(k, dim=-1)  # (..., L, k)
+    if pad:
+        index = index.clamp(max=n * c - 1)
+    return scores.flatten(-2), index.flatten(-2)
+
+
+def clip_boxes(boxes: Tensor, heights: Tensor, widths: Tensor) -> Tensor:
+    """Clip XYXY boxes (..., 4) to [0, w] x [0, h]; ``heights``/``widths`` broadcast to
+    ``boxes[..., 0]`` (for example 0-d tensors, or (B, 1) for a (B, S, 4) batch)."""
+    h, w = heights.to(boxes.dtype), widths.to(boxes.dtype)
+    x1, y1, x2, y2 = boxes.clamp(min=0).unbind(-1)
+    return torch.stack((torch.minimum(x1, w), torch.minimum(y1, h), torch.minimum(x2, w),
+                        torch.minimum(y2, h)), dim=-1)
 
 
 def detect(model: CondInst, outputs: CondInstOutputs, image_sizes: Tensor,
@@ -99,9 +125,7 @@ def detect(model: CondInst, outputs: CondInstOutputs, image_sizes: Tensor,
         scores, flat = scores[keep], flat[keep]
         loc, label = flat // num_classes, flat % num_classes
         boxes = decode_boxes(outputs.locations[loc], outputs.box_reg[b, loc], outputs.strides[loc])
-        h, w = image_sizes[b, 0].to(boxes.dtype), image_sizes[b, 1].to(boxes.dtype)
-        boxes = torch.stack((boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                             boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)), dim=1)
+        boxes = clip_boxes(boxes, image_sizes[b, 0], image_sizes[b, 1])
         nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes, scores, loc, label = boxes[nonempty], scores[nonempty], loc[nonempty], label[
             nonempty]
@@ -146,6 +170,9 @@ def segment_boxes(model: CondInst, outputs: CondInstOutputs, boxes: Tensor,
         labels = torch.where(labels >= 0, labels, predicted)
     chosen = cls_prob.gather(-1, labels[:, :, None, None].expand(-1, -1, k, 1))[..., 0]
     scores = ((chosen * ctr_prob).sqrt() * weights).sum(dim=-1)  # (B, M)
+    if eager_no_grad():
+        return PromptDetections(_prompt_maps_eager(model, outputs, index, valid, weights, batch),
+                                scores, labels)
     logits = model.mask_head(
         outputs.mask_feats,
         outputs.controller[batch, index].reshape(bsz * m * k, -1),
@@ -155,6 +182,49 @@ def segment_boxes(model: CondInst, outputs: CondInstOutputs, boxes: Tensor,
     )  # (B*M*K, 1, H/4, W/4)
     probs = logits.sigmoid().reshape(bsz, m, k, *logits.shape[-2:])
     return PromptDetections(weighted_instance_map(probs, weights), scores, labels)
+
+
+#: Bytes of (boxes, K, H/4, W/4) probabilities per chunk of :func:`_prompt_maps_eager`.
+PROMPT_CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 512 << 20}
+
+
+def _prompt_maps_eager(model: CondInst, outputs: CondInstOutputs, index: Tensor, valid: Tensor,
+                       weights: Tensor, batch: Tensor) -> Tensor:
+    """M_I of every prompt box, (B, M, H/4, W/4), computing only the masks that count.
+
+    A box's unused location slots (``valid`` False) have weight exactly 0, so their masks add
+    exact zeros to the weighted sum: they are left at 0 instead of being computed (about
+    half of the K slots for boxes of ordinary size). Boxes are processed in chunks of about
+    ``PROMPT_CHUNK_BYTES`` of probabilities. Same values as the fixed-shape path.
+    """
+    bsz, m, k = index.shape
+    mask_feats = outputs.mask_feats
+    h4, w4 = 2 * mask_feats.shape[-2], 2 * mask_feats.shape[-1]
+    flat_index, flat_batch = index.reshape(-1), batch.reshape(-1)
+    flat_valid, flat_weights = valid.reshape(-1), weights.reshape(bsz * m, k)
+    budget = PROMPT_CHUNK_BYTES.get(mask_feats.device.type, PROMPT_CHUNK_BYTES["cpu"])
+    step = max(1, budget // (k * h4 * w4 * 4))
+    out = mask_feats.new_zeros((bsz * m, h4, w4))  # replaced by the first chunk's dtype
+    for start in range(0, bsz * m, step):
+        stop = min(start + step, bsz * m)
+        rows = slice(start * k, stop * k)
+        sel = torch.nonzero(flat_valid[rows])[:, 0]
+        loc, img = flat_index[rows][sel], flat_batch[rows][sel]
+        logits = model.mask_head(mask_feats, outputs.controller[img, loc],
+                                 outputs.locations[loc], outputs.levels[loc], img)
+        probs = logits.new_zeros(((stop - start) * k, h4, w4))
+        probs[sel] = logits[:, 0].sigmoid()
+        maps = weighted_instance_map(probs.view(stop - start, k, h4, w4),
+                                     flat_weights[start:stop])
+        if start == 0:
+            out = maps.new_empty((bsz * m, h4, w4))
+        out[start:stop] = maps
+    return out.view(bsz, m, h4, w4)
+
+
+#: On the CPU, float intermediates of :func:`postprocess_masks` are kept below this many bytes
+#: per chunk: fresh allocations of tens of MB cost more in page faults than the arithmetic.
+CPU_CHUNK_BYTES = 16 << 20
 
 
 def postprocess_masks(mask_probs: Tensor, resized_size: tuple[int, int],
@@ -168,25 +238,54 @@ def postprocess_masks(mask_probs: Tensor, resized_size: tuple[int, int],
         orig_size: (H0, W0) of the original image.
         threshold: probability threshold (0.5).
         clip_boxes: optional (K, 4) XYXY boxes in original pixels; masks are zeroed outside.
-        chunk: masks processed at a time, bounding peak memory.
+        chunk: at most this many masks processed at a time, bounding peak memory (on the CPU
+            also at most ``CPU_CHUNK_BYTES`` of upsampled float masks).
 
     Returns:
         (K, H0, W0) bool.
     """
     h0, w0 = orig_size
-    out = torch.zeros((mask_probs.shape[0], h0, w0), dtype=torch.bool, device=mask_probs.device)
+    num = mask_probs.shape[0]
+    out = torch.zeros((num, h0, w0), dtype=torch.bool, device=mask_probs.device)
     if clip_boxes is not None:
         ys = torch.arange(h0, device=mask_probs.device, dtype=torch.float32) + 0.5
         xs = torch.arange(w0, device=mask_probs.device, dtype=torch.float32) + 0.5
-    for start in range(0, mask_probs.shape[0], chunk):
-        part = aligned_bilinear(mask_probs[start:start + chunk, None].float(), 4)
-        part = part[:, :, : resized_size[0], : resized_size[1]]
-        part = F.interpolate(part, size=(h0, w0), mode="bilinear", align_corners=False)[:, 0]
-        masks = part > threshold
+    if mask_probs.device.type == "cpu":
+        per_mask = 4 * ((4 * mask_probs.shape[-2] + 3) * (4 * mask_probs.shape[-1] + 3) + h0 * w0)
+        chunk = max(1, min(chunk, CPU_CHUNK_BYTES // per_mask))
+    same_size = tuple(resized_size) == (h0, w0)
+    for start in range(0, num, chunk):
+        probs = mask_probs[start:start + chunk, None].float()
+        masks = out[start:start + chunk]
+        if same_size:  # no final resize: threshold at stride 1, then shift (exact, see below)
+            _upsample4_threshold_into(masks, probs, threshold)
+        else:
+            part = aligned_bilinear(probs, 4)[:, :, : resized_size[0], : resized_size[1]]
+            part = F.interpolate(part, size=(h0, w0), mode="bilinear", align_corners=False)
+            masks.copy_(part[:, 0] > threshold)
         if clip_boxes is not None:
             bx = clip_boxes[start:start + chunk].float()
             inside_y = (ys[None] >= bx[:, 1:2]) & (ys[None] <= bx[:, 3:4])  # (k, H0)
             inside_x = (xs[None] >= bx[:, 0:1]) & (xs[None] <= bx[:, 2:3])  # (k, W0)
             masks &= inside_y[:, :, None] & inside_x[:, None, :]
-        out[start:start + chunk] = masks
     return out
+
+
+def _upsample4_threshold_into(out: Tensor, probs: Tensor, threshold: float) -> None:
+    """``out[...] = aligned_bilinear(probs, 4)[:, 0, :h, :w] > threshold`` for out (n, h, w).
+
+    :func:`aligned_bilinear` interpolates to (4h'+1, 4w'+1), replicate-pads two rows and
+    columns at the top and left and crops, so output pixel (i, j) is the interpolated value at
+    (max(i - 2, 0), max(j - 2, 0)). Thresholding commutes with that copy, so this thresholds
+    the interpolated map once and shifts the booleans: the same masks without the float pad
+    copy and the identity resize (a quarter of the memory traffic).
+    """
+    h, w = out.shape[-2:]
+    x = F.pad(probs, (0, 1, 0, 1), mode="replicate")
+    size = (4 * probs.shape[-2] + 1, 4 * probs.shape[-1] + 1)
+    above = F.interpolate(x, size=size, mode="bilinear", align_corners=True)[:, 0] > threshold
+    a, b = min(2, h), min(2, w)
+    out[:, a:, b:] = above[:, : h - a, : w - b]
+    out[:, :a, b:] = above[:, :1, : w - b]
+    out[:, a:, :b] = above[:, : h - a, :1]
+    out[:, :a, :b] = above[:, :1, :1]

@@ -52,15 +52,23 @@ def pad_batch(images: list[Tensor], divisibility: int = SIZE_DIVISIBILITY) -> tu
 def preprocess(images: list[np.ndarray], min_size: int, max_size: int,
                device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
     """RGB uint8 (H, W, 3) arrays -> padded float batch (B, 3, H, W) in 0-255 (not normalised),
-    valid mask (B, H, W), and the resized (h, w) of each image."""
-    resized, sizes = [], []
-    for img in images:
-        h, w = img.shape[:2]
-        size = resized_shape(h, w, min_size, max_size)
-        tensor = torch.from_numpy(np.require(img, requirements=["C", "W"])).to(device).permute(2, 0, 1)
-        resized.append(resize_image(tensor, size))
-        sizes.append(size)
-    batch, valid = pad_batch(resized)
+    valid mask (B, H, W), and the resized (h, w) of each image.
+
+    The same tensors as ``pad_batch([resize_image(image, size) ...])``, written straight into
+    the batch: an image that needs no resize is copied as uint8 -> float without a per-image
+    float copy (its values are already within 0-255).
+    """
+    sizes = [resized_shape(img.shape[0], img.shape[1], min_size, max_size) for img in images]
+    hp = -(-max(h for h, _ in sizes) // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
+    wp = -(-max(w for _, w in sizes) // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
+    batch = torch.zeros((len(images), 3, hp, wp), dtype=torch.float32, device=device)
+    valid = torch.zeros((len(images), hp, wp), dtype=torch.bool, device=device)
+    for i, (img, (h, w)) in enumerate(zip(images, sizes)):
+        tensor = torch.from_numpy(np.require(img, requirements=["C", "W"])).to(device)
+        tensor = tensor.permute(2, 0, 1)
+        batch[i, :, :h, :w] = tensor if tuple(tensor.shape[-2:]) == (h, w) else \
+            resize_image(tensor, (h, w))
+        valid[i, :h, :w] = True
     return batch, valid, sizes
 
 

@@ -198,11 +198,20 @@ def _update_prototypes(sim: SIMState, outputs: Any, pos: Positives, m_inst: Tens
 @torch.no_grad()
 def _push_bank(sim: SIMState, images_uint8: Tensor, pos: Positives, pm: Any, m_inst: Tensor,
                box_full: Tensor, usable: Tensor) -> None:
-    """One memory-bank entry per image: its trusted pseudo masks at input resolution."""
-    masks_full = full_resolution_masks(pm.blended, pm.tau_high, box_full)
-    scores = instance_importance(m_inst, pm.target)
+    """One memory-bank entry per image: its trusted pseudo masks at input resolution.
+
+    Only the ``usable`` instances can be stored, so only theirs are upsampled (per-instance
+    operations: the same masks and scores as computing all of them).
+    """
+    cand = torch.nonzero(usable)[:, 0]
+    if cand.numel() == 0:
+        return
+    masks_full = full_resolution_masks(pm.blended[cand], pm.tau_high[cand], box_full[cand])
+    scores = instance_importance(m_inst, pm.target)[cand]  # (reductions over all rows: as before)
+    nonempty = masks_full.flatten(1).any(dim=1)
+    image, boxes, labels = pos.gt_image[cand], pos.gt_boxes[cand], pos.gt_labels[cand]
     for b in range(images_uint8.shape[0]):
-        keep = (pos.gt_image == b) & usable & (masks_full.flatten(1).any(dim=1))
+        keep = (image == b) & nonempty
         if bool(keep.any()):
-            sim.bank.push(images_uint8[b].cpu(), masks_full[keep].cpu(), pos.gt_boxes[keep].cpu(),
-                          pos.gt_labels[keep].cpu(), scores[keep].cpu())
+            sim.bank.push(images_uint8[b].cpu(), masks_full[keep].cpu(), boxes[keep].cpu(),
+                          labels[keep].cpu(), scores[keep].cpu())

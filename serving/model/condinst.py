@@ -82,9 +82,14 @@ class CondInst(nn.Module):
             x = x * valid[:, None].to(x.dtype)
         return x
 
-    def forward(self, images: Tensor) -> CondInstOutputs:
+    def forward(self, images: Tensor, *, with_classes: bool = True) -> CondInstOutputs:
+        """Run the network. ``with_classes=False`` skips the FCOS class tower and returns
+        ``cls_logits`` with zero classes, (B, N, 0); every other output is unchanged (SIM's
+        teacher needs only boxes, controllers and mask features)."""
         features = self.backbone(images)
-        cls, reg, ctr, params = self.head(features)
+        cls, reg, ctr, params = self.head(features, with_classes=with_classes)
+        if not with_classes:
+            cls = [f.new_zeros((f.shape[0], 0, *f.shape[-2:])) for f in features]
         mask_feats = self.mask_branch(features[:3])
         locs, strides, levels = [], [], []
         for level, (feat, stride) in enumerate(zip(features, self.strides)):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import aligned_bilinear
+from .ops import aligned_bilinear, eager_no_grad
 
 
 class Scale(nn.Module):
@@ -129,6 +129,8 @@ class DynamicMaskHead(nn.Module):
     def __init__(self, *, mask_channels: int = 16, channels: int = 8, num_layers: int = 3,
                  sizes_of_interest: tuple[float, ...] = (64, 128, 256, 512, 1024)) -> None:
         super().__init__()
+        #: Bytes of first-layer input per chunk in eager no-grad mode, per device type.
+        self.chunk_bytes = {"cpu": 4 << 20, "cuda": 256 << 20}
         self.in_channels = mask_channels + 2
         self.channels = channels
         self.num_layers = num_layers
@@ -156,7 +158,33 @@ class DynamicMaskHead(nn.Module):
 
     def forward(self, mask_feats: Tensor, params: Tensor, locations: Tensor, levels: Tensor,
                 image_index: Tensor) -> Tensor:
-        """Mask logits at stride 4.
+        """Mask logits at stride 4 (see :meth:`_forward`).
+
+        Without autograd, in eager mode (inference, the SIM teacher), the instances are run in
+        chunks of about ``chunk_bytes[device type]`` of first-layer input, with in-place bias
+        and ReLU: the same operations per instance, so the same values, without materialising
+        (P, D+2, h*w) at once (1.5 GB for 1280 prompt locations at 800x1344 on the CPU, where
+        fresh allocations of that size cost more in page faults than the arithmetic). Under
+        autograd, tracing, ``torch.compile`` or export it is one batched pass.
+        """
+        p = params.shape[0]
+        if eager_no_grad() and isinstance(p, int) and p > 1:
+            h, w = mask_feats.shape[-2:]
+            per_instance = (self.in_channels * h * w) * mask_feats.element_size()
+            budget = self.chunk_bytes.get(mask_feats.device.type, self.chunk_bytes["cpu"])
+            step = max(1, budget // max(per_instance, 1))
+            if step < p:
+                return torch.cat([
+                    self._forward(mask_feats, params[s:s + step], locations[s:s + step],
+                                  levels[s:s + step], image_index[s:s + step], inplace=True)
+                    for s in range(0, p, step)
+                ])
+            return self._forward(mask_feats, params, locations, levels, image_index, inplace=True)
+        return self._forward(mask_feats, params, locations, levels, image_index)
+
+    def _forward(self, mask_feats: Tensor, params: Tensor, locations: Tensor, levels: Tensor,
+                 image_index: Tensor, inplace: bool = False) -> Tensor:
+        """Mask logits at stride 4 (``inplace``: bias and ReLU in place, no autograd only).
 
         Args:
             mask_feats: (B, D, h, w) mask-branch output at stride 8.
@@ -182,6 +210,11 @@ class DynamicMaskHead(nn.Module):
         x = torch.cat((rel, feats), dim=1)  # (P, D+2, h*w)
         weights, biases = self.split_params(params)
         for i, (wgt, bias) in enumerate(zip(weights, biases)):
+            if inplace:
+                x = torch.bmm(wgt, x).add_(bias)
+                if i < len(weights) - 1:
+                    x = x.relu_()
+                continue
             x = torch.bmm(wgt, x) + bias
             if i < len(weights) - 1:
                 x = F.relu(x)

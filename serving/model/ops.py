@@ -7,6 +7,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def eager_no_grad() -> bool:
+    """True in plain eager inference: no autograd, tracing, scripting, ``torch.compile``,
+    ``torch.export`` or ONNX export. Fast paths with data-dependent Python control flow
+    (chunk loops, skipping padded slots) run only then; graphs keep the fixed-shape code."""
+    return not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.jit.is_scripting()
+                or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+
+
 def aligned_bilinear(x: Tensor, factor: int) -> Tensor:
     """Upsample ``x`` (N, C, h, w) by an integer ``factor`` to (N, C, factor*h, factor*w).
 

@@ -161,3 +161,27 @@ def test_prompted_masks_skip_unused_slots_with_the_same_result(batch, boxes_per_
     finally:
         PROMPT_CHUNK_BYTES.update(saved)
     assert eager.mask_probs.shape == (batch, boxes_per_image, 24, 32)
+
+
+@pytest.mark.parametrize("shapes, min_size, max_size", [
+    ([(64, 96), (64, 96)], 64, 96),            # no resize: copied straight into the batch
+    ([(100, 120), (64, 200), (33, 47)], 64, 256),  # resized, mixed sizes, padding
+    ([(120, 160)], 128, 256),                  # upscale
+    ([(1, 1)], 32, 32),
+])
+def test_preprocess_equals_resize_then_pad(shapes, min_size, max_size):
+    import numpy as np
+
+    from serving.transforms import pad_batch, preprocess, resize_image, resized_shape
+
+    rng = np.random.default_rng(len(shapes))
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    images.append(np.asfortranarray(images[0]))  # non-contiguous input
+    sizes = [resized_shape(h, w, min_size, max_size) for h, w, _ in (i.shape for i in images)]
+    expected, expected_valid = pad_batch([
+        resize_image(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), size)
+        for img, size in zip(images, sizes)])
+    batch, valid, got_sizes = preprocess(images, min_size, max_size)
+    assert got_sizes == sizes
+    assert batch.dtype == torch.float32 and torch.equal(batch, expected)
+    assert torch.equal(valid, expected_valid)

@@ -1,8 +1,8 @@
 """SIM step fast paths give exactly the results of the straightforward code they replace, and the
 benchmark helpers measure what they say.
 
-- ``EMATeacher.update`` uses multi-tensor (``torch._foreach_*``) calls: equal, bit for bit, to
-  the per-tensor ``t.mul_(m).add_(s, alpha=1 - m)`` loop and buffer copies.
+- ``EMATeacher.update`` (multi-tensor ``torch._foreach_*`` calls on CUDA, a per-tensor loop on
+  the CPU) is equal, bit for bit, to ``t.mul_(m).add_(s, alpha=1 - m)`` and buffer copies.
 - ``_push_bank`` upsamples only the instances that can be stored: the bank receives the same
   entries as when every instance is upsampled.
 """
@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from serving import ModelConfig, build_condinst
 from training.criterion import Positives
 from training.sim import EMATeacher, MemoryBank
+from training.sim.ema import ema_step
 from training.sim.pseudo import PseudoMask, full_resolution_masks, instance_importance
 from training.sim_step import _push_bank
 
@@ -51,6 +53,19 @@ def test_ema_update_equals_the_per_tensor_loop():
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
     assert not any(p.requires_grad for p in teacher.module.parameters())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_ema_step_fused_and_looped_give_the_same_values(fused):
+    gen = torch.Generator().manual_seed(4)
+    t = [torch.randn((3, 5), generator=gen), torch.randn(7, generator=gen)]
+    s = [torch.randn((3, 5), generator=gen), torch.randn(7, generator=gen)]
+    tb, sb = [torch.zeros(2, dtype=torch.int64)], [torch.tensor([4, 5])]
+    expected = [a.clone().mul_(0.99).add_(b, alpha=1.0 - 0.99) for a, b in zip(t, s)]
+    ema_step(t, s, tb, sb, 0.99, fused=fused)
+    assert all(torch.equal(a, b) for a, b in zip(t, expected))
+    assert tb[0].tolist() == [4, 5]
+    ema_step([], [], [], [], 0.5, fused=fused)  # nothing to update is fine
 
 
 def _reference_push(bank, images, pos, pm, m_inst, box_full, usable):

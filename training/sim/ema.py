@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EMATeacher", "unwrap_model"]
+__all__ = ["EMATeacher", "ema_step", "unwrap_model"]
 
 TEACHER_MOMENTUM = 0.9999  # SIM_SPEC 7.1 (paper and code)
 
@@ -40,6 +40,28 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+@torch.no_grad()
+def ema_step(t_params: list[Tensor], s_params: list[Tensor], t_bufs: list[Tensor],
+             s_bufs: list[Tensor], m: float, fused: bool) -> None:
+    """``t <- t * m + (1 - m) * s`` for the parameter lists, ``t <- s`` for the buffer lists.
+
+    ``fused`` uses multi-tensor calls (``torch._foreach_*``: a few fused kernels on CUDA instead
+    of hundreds of small launches); otherwise a per-tensor loop, which is faster on the CPU
+    (each tensor stays in cache between the multiply and the add). Same values either way.
+    """
+    if fused:
+        if t_params:
+            torch._foreach_mul_(t_params, m)
+            torch._foreach_add_(t_params, s_params, alpha=1.0 - m)
+        if t_bufs:
+            torch._foreach_copy_(t_bufs, s_bufs)
+        return
+    for t, s in zip(t_params, s_params, strict=True):
+        t.mul_(m).add_(s, alpha=1.0 - m)
+    for t, s in zip(t_bufs, s_bufs, strict=True):
+        t.copy_(s)
 
 
 class EMATeacher:
@@ -95,13 +117,8 @@ class EMATeacher:
                 s_float.append(s.detach().to(t.dtype))
             else:
                 t.copy_(s)
-        # One multi-tensor call each instead of a Python loop over hundreds of tensors (fused
-        # kernels on CUDA); the same t * m + (1 - m) * s per element as ``mul_().add_()``.
-        if t_float:
-            torch._foreach_mul_(t_float, m)
-            torch._foreach_add_(t_float, s_float, alpha=1.0 - m)
-        if t_bufs:
-            torch._foreach_copy_(t_bufs, [s.detach() for s in s_bufs])
+        fused = bool(t_float) and t_float[0].is_cuda
+        ema_step(t_float, s_float, t_bufs, [s.detach() for s in s_bufs], m, fused=fused)
 
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
