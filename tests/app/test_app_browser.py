@@ -132,7 +132,10 @@ def test_draw_a_box_see_the_mask_adjust_it_see_again(page, tmp_path):
     rows = _table(page)
     assert [r[0] for r in rows] == ["1", "2"] and all(int(r[3]) > 0 for r in rows)  # areas
     assert page.locator("a[download]").count() >= 2  # COCO JSON and instance PNG downloads
-    assert overlay.evaluate("i => i.complete && i.naturalWidth") == size[0]
+    # the overlay is replaced after the table: wait until the new picture has loaded
+    page.wait_for_function(
+        "w => { const i = document.querySelector('#overlay img');"
+        " return i && i.complete && i.naturalWidth === w; }", arg=size[0], timeout=TIMEOUT_MS)
 
     shot = tmp_path / "app_browser.png"
     page.screenshot(path=str(shot), full_page=True)
