@@ -1,0 +1,280 @@
+"""What the ONNX Runtime and TensorRT backends share: the export sidecar and its checks.
+
+``python -m export`` writes, next to the graphs, a JSON *sidecar* ``<name>.json``:
+
+.. code-block:: json
+
+    {"format": "sim-condinst-export", "format_version": 1, "export_id": "<uuid>",
+     "class_names": [...], "model_config": {...}, "inference_config": {...},
+     "input_rules": {"min_size": 800, "max_size": 1333, "size_divisibility": 32,
+                     "pixel_format": "RGB float 0-255, zero padding", ...},
+     "graphs": {"automatic": {"file": "<name>.auto.onnx", "inputs": [...], "outputs": [...]},
+                "prompt": {...}},
+     "engines": {"automatic": {"file": "<name>.auto.engine", "sha256": "...", ...}, ...}}
+
+Each ONNX file carries the same ``export_id`` in its metadata, so a sidecar from another export
+is recognised. Thresholds used inside the graphs are fixed at export time: loading may raise
+``score_threshold`` or lower ``max_detections`` (both are exact after the graph), other graph
+settings need a new export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import InferenceConfig, ModelConfig, config_from_dict, config_to_dict
+from ..errors import CheckpointError, InputError, SimError
+from ..postprocess import Detections, PromptDetections
+
+SIDECAR_FORMAT = "sim-condinst-export"
+SIDECAR_VERSION = 1
+GRAPH_KINDS = ("automatic", "prompt")
+#: InferenceConfig fields compiled into the graphs (overriding them needs a re-export).
+GRAPH_FIELDS = ("pre_nms_topk", "nms_threshold", "prompt_mu", "prompt_topk", "center_radius")
+_SUFFIXES = (".auto.onnx", ".prompt.onnx", ".auto.engine", ".prompt.engine", ".onnx", ".engine",
+             ".plan", ".trt", ".json")
+
+
+@dataclass
+class ExportSidecar:
+    """A parsed sidecar. ``path`` is the JSON file; graph and engine files sit beside it."""
+
+    path: Path
+    format_version: int
+    export_id: str
+    class_names: tuple[str, ...]
+    model: ModelConfig
+    inference: InferenceConfig
+    input_rules: dict[str, Any]
+    graphs: dict[str, dict[str, Any]]
+    engines: dict[str, dict[str, Any]]
+    extra: dict[str, Any]
+
+    def file(self, kind: str, engine: bool = False) -> Path:
+        """Path of the ``kind`` ("automatic"/"prompt") ONNX graph, or its TensorRT engine."""
+        table = self.engines if engine else self.graphs
+        what = "TensorRT engine" if engine else "ONNX graph"
+        if kind not in table:
+            hint = "python -m export --format tensorrt" if engine else "python -m export"
+            raise CheckpointError(f"{self.path}: lists no {kind} {what}; re-export with {hint}")
+        return self.path.parent / table[kind]["file"]
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The sidecar of a model path: ``x.json`` for ``x.auto.onnx``, ``x.onnx``, ``x.engine``,
+    a folder's only ``*.json``, or the path itself when it is a ``.json`` file."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.json"))
+        if len(found) != 1:
+            raise CheckpointError(
+                f"{path}: expected exactly one export sidecar (*.json) in the folder, found "
+                f"{len(found)}; pass the .json or .onnx file instead"
+            )
+        return found[0]
+    name = path.name
+    for suffix in _SUFFIXES:
+        if name.lower().endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + ".json")
+    return path.with_name(name + ".json")
+
+
+def build_sidecar(*, export_id: str, class_names: list[str] | tuple[str, ...],
+                  model: ModelConfig, inference: InferenceConfig,
+                  graphs: dict[str, dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+    """The JSON content of a sidecar (written by ``export``; read by :func:`read_sidecar`)."""
+    return {
+        "format": SIDECAR_FORMAT,
+        "format_version": SIDECAR_VERSION,
+        "export_id": export_id,
+        "class_names": list(class_names),
+        "model_config": config_to_dict(model),
+        "inference_config": config_to_dict(inference),
+        "input_rules": {
+            "min_size": inference.min_size,
+            "max_size": inference.max_size,
+            "resize": "shorter side to min_size unless the longer side exceeds max_size",
+            "size_divisibility": 32,
+            "pixel_format": "RGB float32 0-255, not normalised; padding right/bottom with 0",
+            "max_prompt_boxes": inference.max_prompt_boxes,
+            "mask_stride": 4,
+        },
+        "graphs": graphs,
+        "engines": {},
+        "extra": extra,
+    }
+
+
+def read_sidecar(path: str | os.PathLike) -> ExportSidecar:
+    """Read and check the sidecar belonging to ``path`` (see :func:`sidecar_path`)."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise CheckpointError(
+            f"{path}: its export sidecar {side.name} is missing; keep the .json written by "
+            "python -m export next to the model files (or re-export)"
+        )
+    try:
+        data = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{side}: unreadable export sidecar ({exc}); re-export") from None
+    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+        raise CheckpointError(
+            f"{side}: not an export sidecar (no '{SIDECAR_FORMAT}' format field); pass the "
+            ".json written by python -m export"
+        )
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > SIDECAR_VERSION:
+        raise CheckpointError(
+            f"{side}: sidecar format version {version!r} is not supported by this library "
+            f"(<= {SIDECAR_VERSION}); upgrade the library or re-export"
+        )
+    try:
+        model = config_from_dict(ModelConfig, data["model_config"], str(side))
+        inference = config_from_dict(InferenceConfig, data["inference_config"], str(side))
+        names = tuple(str(n) for n in data["class_names"])
+        graphs = dict(data["graphs"])
+        sidecar = ExportSidecar(side, version, str(data["export_id"]), names, model, inference,
+                                dict(data.get("input_rules", {})), graphs,
+                                dict(data.get("engines", {})), dict(data.get("extra", {})))
+    except (KeyError, TypeError, ValueError, SimError) as exc:
+        raise CheckpointError(f"{side}: corrupt export sidecar ({exc}); re-export") from None
+    if len(names) != model.num_classes:
+        raise CheckpointError(
+            f"{side}: {len(names)} class names for num_classes={model.num_classes}; the sidecar "
+            "does not belong to this model, re-export"
+        )
+    return sidecar
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (engines are checked against the sidecar with it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_inference(sidecar: ExportSidecar, overrides: dict[str, Any]) -> InferenceConfig:
+    """The sidecar's ``InferenceConfig`` with ``overrides``, refusing changes the graphs can't
+    honour: ``score_threshold`` may only rise and ``max_detections`` only fall (both applied
+    exactly after the graph); ``GRAPH_FIELDS`` must stay as exported."""
+    base = sidecar.inference
+    try:
+        cfg = InferenceConfig(**{**config_to_dict(base), **overrides})
+    except TypeError as exc:
+        raise InputError(f"inference overrides: {exc}") from None
+    for name in GRAPH_FIELDS:
+        if getattr(cfg, name) != getattr(base, name):
+            raise InputError(
+                f"{name}={getattr(cfg, name)} differs from the exported graph's "
+                f"{getattr(base, name)}; re-export with that setting"
+            )
+    if cfg.score_threshold < base.score_threshold:
+        raise InputError(
+            f"score_threshold={cfg.score_threshold} is below the exported "
+            f"{base.score_threshold}; only higher thresholds can be applied, or re-export"
+        )
+    if cfg.max_detections > base.max_detections:
+        raise InputError(
+            f"max_detections={cfg.max_detections} exceeds the exported {base.max_detections}; "
+            "re-export with --max-detections"
+        )
+    return cfg
+
+
+def unpad_detections(boxes: Tensor, scores: Tensor, labels: Tensor, masks: Tensor,
+                     num: Tensor, cfg: InferenceConfig, exported: InferenceConfig,
+                     ) -> list[Detections]:
+    """Padded graph outputs -> one :class:`Detections` per image.
+
+    Args:
+        boxes (B, K, 4), scores (B, K), labels (B, K), masks (B, K, H/4, W/4), num (B,):
+            the automatic graph's outputs (scores sorted descending).
+        cfg: the serving config; exported: the config the graph was exported with. A higher
+            ``cfg.score_threshold`` keeps ``p > t`` i.e. ``score > sqrt(t)``, exactly as if the
+            graph had used it.
+    """
+    out = []
+    for b in range(boxes.shape[0]):
+        n = min(int(num[b]), cfg.max_detections)
+        if cfg.score_threshold > exported.score_threshold:
+            n = min(n, int((scores[b, :n] > cfg.score_threshold ** 0.5).sum()))
+        out.append(Detections(boxes[b, :n].float(), scores[b, :n].float(),
+                              labels[b, :n].long(), masks[b, :n].float()))
+    return out
+
+
+def check_image_batch(images: Tensor, image_sizes: list[tuple[int, int]]) -> None:
+    """Input checks shared by exported backends (shapes the graphs were built for)."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise InputError(f"images: expected (B, 3, H, W), got {tuple(images.shape)}")
+    if images.shape[-2] % 32 or images.shape[-1] % 32:
+        raise InputError(f"images: H and W must be multiples of 32, got {tuple(images.shape)}")
+    if len(image_sizes) != images.shape[0]:
+        raise InputError(f"image_sizes: {len(image_sizes)} sizes for {images.shape[0]} images")
+
+
+def as_torch(array: Any, device: torch.device) -> Tensor:
+    """numpy array -> torch tensor on ``device`` (no copy on CPU)."""
+    return torch.from_numpy(array).to(device)
+
+
+class StaticShapeBackend:
+    """Runs a backend whose graphs have one fixed input shape (an export with ``--static``).
+
+    Images are zero-padded on the right and bottom to the exported (H, W) and batches are
+    filled up (with blank 32x32 images) or split to the exported batch size. The outputs of the
+    real images are returned unchanged: masks are at stride 4 of the larger canvas, which the
+    ``Segmenter`` crops to each resized image as usual. To compare with PyTorch, wrap the torch
+    backend in the same class so both see the same canvas.
+    """
+
+    def __init__(self, inner: Any, batch: int, height: int, width: int) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.device = inner.device
+        self.batch, self.height, self.width = batch, height, width
+
+    def _canvas(self, images: Tensor, sizes: list[tuple[int, int]]):
+        h, w = images.shape[-2:]
+        if h > self.height or w > self.width:
+            raise InputError(
+                f"images: padded size {h}x{w} exceeds the static export size "
+                f"{self.height}x{self.width}; lower max_size or re-export with --dynamic"
+            )
+        for start in range(0, images.shape[0], self.batch):
+            part = images[start:start + self.batch]
+            canvas = part.new_zeros((self.batch, 3, self.height, self.width))
+            canvas[: part.shape[0], :, :h, :w] = part
+            part_sizes = list(sizes[start:start + self.batch])
+            n = len(part_sizes)
+            yield start, n, canvas, part_sizes + [(32, 32)] * (self.batch - n)
+
+    def detect(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[Detections]:
+        out: list[Detections] = []
+        for _, n, canvas, sizes in self._canvas(images, image_sizes):
+            out += self.inner.detect(canvas, sizes)[:n]
+        return out
+
+    def segment_boxes(self, images: Tensor, image_sizes: list[tuple[int, int]], boxes: Tensor,
+                      labels: Tensor) -> PromptDetections:
+        parts = []
+        for start, n, canvas, sizes in self._canvas(images, image_sizes):
+            bx = boxes[start:start + n]
+            lb = labels[start:start + n]
+            if n < self.batch:  # blank images get copies of the first row's boxes
+                fill = self.batch - n
+                bx = torch.cat((bx, bx[:1].expand(fill, -1, -1)))
+                lb = torch.cat((lb, lb[:1].expand(fill, -1)))
+            res = self.inner.segment_boxes(canvas, sizes, bx, lb)
+            parts.append(PromptDetections(res.mask_probs[:n], res.scores[:n], res.labels[:n]))
+        return PromptDetections(*(torch.cat(t) for t in zip(*parts)))
