@@ -74,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = [str(Path(cfg.data.val_images) / n) for n in names]
     export_dir = out / "export"
     exported = _run([sys.executable, "-m", "export", "--checkpoint", ckpt, "--format", "onnx",
+                     "--exporter", "torchscript",
                      "--output", str(export_dir), "--verify", *images[:2]]) == 0
     pred_dir = out / "predictions"
     _run([sys.executable, "-m", "serving", "predict", "--model", ckpt, "--input", *images,
