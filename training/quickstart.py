@@ -15,8 +15,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from serving import Segmenter
 from serving.errors import SimError
@@ -85,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     seg = Segmenter.from_checkpoint(ckpt, device="cpu")
     print("\n=== quickstart done ===")
-    print(f"model:        {ckpt}  ({seg.info.get('backbone')}, classes {', '.join(seg.class_names)})")
+    classes = ", ".join(seg.class_names)
+    print(f"model:        {ckpt}  ({seg.info.get('backbone')}, classes {classes})")
     print(f"mask AP:      {trained.get('segm/AP', float('nan')):.1f} trained vs "
           f"{untrained.get('segm/AP', float('nan')):.1f} untrained "
           f"(box AP {trained.get('bbox/AP', float('nan')):.1f} vs "
