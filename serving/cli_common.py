@@ -26,6 +26,8 @@ from .images import IMAGE_EXTENSIONS
 from .prediction import Prediction
 from .segmenter import Segmenter, validate_boxes
 
+#: Exit codes of the batch commands: done, error before work, some inputs failed, Ctrl-C.
+EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 3, 130
 T = TypeVar("T")
 #: A prompt for one image: (boxes (M, 4) float32 XYXY original pixels, labels (M,) int64).
 Prompt = tuple[np.ndarray, np.ndarray]

@@ -36,6 +36,10 @@ from typing import Any
 import numpy as np
 
 from .cli_common import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
     ProgressLog,
     check_image_size,
     check_model_path,
@@ -51,8 +55,6 @@ from .cli_common import (
 from .errors import BoxError, InputError, SimError
 from .images import load_image
 from .segmenter import Segmenter
-
-EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 3, 130
 
 
 @dataclass

@@ -31,6 +31,10 @@ import numpy as np
 from PIL import Image
 
 from .cli_common import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
     ImageFile,
     ProgressLog,
     check_image_size,
@@ -50,7 +54,6 @@ from .images import load_image
 from .prediction import Prediction
 from .segmenter import Segmenter
 
-EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 3, 130
 PROGRESS_FILE = ".progress.jsonl"
 WRITE_EVERY_S = 30.0
 
