@@ -129,52 +129,54 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     seen_ids: list[list[int]] = []
     model.train()
-    while state.step < cfg.optim.max_iter:
-        for batch in loader.iterate(state):
-            batch = batch.to(accelerator.device)
-            seen_ids.append(list(batch.image_ids))
-            with accelerator.accumulate(model):
-                losses = _train_step(model, unwrapped, batch, cfg, state.step, sim, reduce_mean)
-                total = sum(losses.values())
-                _check_finite(losses, state.step, accelerator)
-                accelerator.backward(total)
-                if accelerator.sync_gradients and cfg.optim.clip_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.batches_in_epoch += 1
-            n_images += len(batch) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            if sim is not None:
-                sim.after_step(unwrapped)
-            bar.update(1)
-            if state.step % cfg.log_every == 0 or state.step == cfg.optim.max_iter:
-                now = time.perf_counter()
-                scalars = {k: float(v.detach()) for k, v in losses.items()}
-                scalars["lr"] = scheduler.get_last_lr()[0]
-                scalars["images_per_s"] = n_images / max(now - t_last, 1e-9)
-                t_last, n_images = now, 0
-                accelerator.log(scalars, step=state.step)
-                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in scalars.items()
-                                 if k.startswith("loss_")} | {
-                                    "img/s": f"{scalars['images_per_s']:.1f}"})
-            if sim is not None and cfg.log_images_every and \
-                    state.step % cfg.log_images_every == 0 and accelerator.is_main_process:
-                sim.log_images(accelerator, state.step)
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                save_state_atomic(accelerator, out, state.step)
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and cfg.data.val_json:
-                metrics = _evaluate(accelerator, unwrapped, dataset.class_names, cfg, state.step,
-                                    dataset.label_to_category_id)
-                model.train()
-            if state.step >= cfg.optim.max_iter:
-                break
-        else:
-            state.next_epoch()
-    bar.close()
+    try:  # close the bar on errors too (NaN stop, Ctrl-C): no stray output later
+        while state.step < cfg.optim.max_iter:
+            for batch in loader.iterate(state):
+                batch = batch.to(accelerator.device)
+                seen_ids.append(list(batch.image_ids))
+                with accelerator.accumulate(model):
+                    losses = _train_step(model, unwrapped, batch, cfg, state.step, sim, reduce_mean)
+                    total = sum(losses.values())
+                    _check_finite(losses, state.step, accelerator)
+                    accelerator.backward(total)
+                    if accelerator.sync_gradients and cfg.optim.clip_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.batches_in_epoch += 1
+                n_images += len(batch) * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                if sim is not None:
+                    sim.after_step(unwrapped)
+                bar.update(1)
+                if state.step % cfg.log_every == 0 or state.step == cfg.optim.max_iter:
+                    now = time.perf_counter()
+                    scalars = {k: float(v.detach()) for k, v in losses.items()}
+                    scalars["lr"] = scheduler.get_last_lr()[0]
+                    scalars["images_per_s"] = n_images / max(now - t_last, 1e-9)
+                    t_last, n_images = now, 0
+                    accelerator.log(scalars, step=state.step)
+                    bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in scalars.items()
+                                     if k.startswith("loss_")} | {
+                                        "img/s": f"{scalars['images_per_s']:.1f}"})
+                if sim is not None and cfg.log_images_every and \
+                        state.step % cfg.log_images_every == 0 and accelerator.is_main_process:
+                    sim.log_images(accelerator, state.step)
+                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                    save_state_atomic(accelerator, out, state.step)
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and cfg.data.val_json:
+                    metrics = _evaluate(accelerator, unwrapped, dataset.class_names, cfg,
+                                        state.step, dataset.label_to_category_id)
+                    model.train()
+                if state.step >= cfg.optim.max_iter:
+                    break
+            else:
+                state.next_epoch()
+    finally:
+        bar.close()
     save_state_atomic(accelerator, out, state.step)
     if os.environ.get(DEBUG_DUMP_ENV) == "1" and sim is not None:
         _dump_debug(out, accelerator.process_index, sim, seen_ids, state.step)
