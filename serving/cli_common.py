@@ -7,6 +7,7 @@ the append-only progress log that lets an interrupted run resume.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -29,6 +30,18 @@ from .segmenter import Segmenter, validate_boxes
 #: Exit codes of the batch commands: done, error before work, some inputs failed, Ctrl-C.
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 3, 130
 T = TypeVar("T")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options ``predict`` and ``label`` share: batching, device, decoding, resuming."""
+    parser.add_argument("--batch-size", type=int, default=4, metavar="N")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="image-decoding threads (0: decode in the main thread)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo every image instead of resuming")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
 #: A prompt for one image: (boxes (M, 4) float32 XYXY original pixels, labels (M,) int64).
 Prompt = tuple[np.ndarray, np.ndarray]
 

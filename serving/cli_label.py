@@ -41,6 +41,7 @@ from .cli_common import (
     EXIT_OK,
     EXIT_PARTIAL,
     ProgressLog,
+    add_run_options,
     check_image_size,
     check_model_path,
     check_writable_file,
@@ -286,13 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="MASKS_JSON",
                         help="report mask AP of the labels against the input's masks, or "
                              "against MASKS_JSON (same image ids)")
-    parser.add_argument("--batch-size", type=int, default=4, metavar="N")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--workers", type=int, default=2, metavar="N",
-                        help="image-decoding threads (0: decode in the main thread)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="redo every image instead of resuming")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_run_options(parser)
     return parser
 
 

@@ -37,6 +37,7 @@ from .cli_common import (
     EXIT_PARTIAL,
     ImageFile,
     ProgressLog,
+    add_run_options,
     check_image_size,
     check_model_path,
     check_writable_dir,
@@ -335,18 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--boxes", metavar="COCO_JSON",
                         help="prompt boxes: COCO JSON whose images match inputs by file_name")
-    parser.add_argument("--batch-size", type=int, default=4, metavar="N")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--score-threshold", type=float, default=None, metavar="T",
                         help="automatic mode: drop instances scoring below T")
     parser.add_argument("--save-vis", action="store_true", help="write vis/<name>.jpg overlays")
     parser.add_argument("--save-masks", choices=["png"], default=None,
                         help="write masks/<name>_<i>.png per instance")
-    parser.add_argument("--workers", type=int, default=2, metavar="N",
-                        help="image-decoding threads (0: decode in the main thread)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="redo every image instead of resuming")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_run_options(parser)
     return parser
 
 
