@@ -1,4 +1,4 @@
-"""Resize/flip geometry, collate padding, and the seeded data loader."""
+"""Resize/flip geometry, collate padding, and the seeded, resumable training loader."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from training.data.augment import (
     resize_sample,
     train_transform,
 )
-from training.data.collate import Batch, build_dataloader, collate, derive_seed
+from training.data.collate import Batch, collate, derive_seed
+from training.data.loader import TrainLoader
 
 
 def _sample(h: int, w: int, boxes: list[list[float]], masks: bool = False) -> dict[str, Any]:
@@ -128,35 +129,50 @@ def test_collate_pads_to_32_with_exact_valid_masks() -> None:
 
 
 class _RandomSizes(Dataset):
-    """Tiny in-memory dataset with a random-flip/resize transform."""
-
-    def __init__(self) -> None:
-        self.transform = train_transform([16, 20, 24], 64)
+    """Tiny in-memory dataset; the loader applies the random resize/flip."""
 
     def __len__(self) -> int:
         return 12
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.transform(_sample(20 + i, 30, [[i, 0, 30, 10]]))
+        return _sample(20 + i, 30, [[i, 0, 30, 10]])
 
 
-def _run(loader) -> list[tuple[list[int], list[list[float]]]]:
-    return [(b.image_ids, torch.cat(b.boxes).tolist()) for b in loader]
+def _cfg(seed: int, workers: int) -> Any:
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(min_sizes=(16, 20, 24), max_size=64, flip_prob=0.5,
+                           num_workers=workers)
+    return SimpleNamespace(data=data, optim=SimpleNamespace(batch_size=4), seed=seed)
+
+
+def _run(loader: TrainLoader, epoch: int, skip: int = 0) -> list[tuple[list[int], list]]:
+    state = SimpleState(epoch, skip)
+    return [(b.image_ids, torch.cat(b.boxes).tolist()) for b in loader.iterate(state)]
+
+
+class SimpleState:
+    def __init__(self, epoch: int, batches_in_epoch: int) -> None:
+        self.epoch, self.batches_in_epoch = epoch, batches_in_epoch
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_is_deterministic_per_seed_and_epoch(workers: int) -> None:
-    def make(seed: int):
-        return build_dataloader(_RandomSizes(), batch_size=4, shuffle=True,
-                                num_workers=workers, seed=seed, drop_last=False)
+    def make(seed: int) -> TrainLoader:
+        return TrainLoader(_RandomSizes(), _cfg(seed, workers), rank=0, world=1)
 
     a, b = make(5), make(5)
-    epoch0_a, epoch0_b = _run(a), _run(b)
+    epoch0_a, epoch0_b = _run(a, 0), _run(b, 0)
     assert epoch0_a == epoch0_b
     assert sorted(i for ids, _ in epoch0_a for i in ids) == list(range(20, 32))
-    epoch1 = _run(a)
+    epoch1 = _run(a, 1)
     assert epoch1 != epoch0_a
-    b.set_epoch(1)
-    assert _run(b) == epoch1
-    assert _run(make(6)) != epoch0_a
+    assert _run(b, 1) == epoch1
+    assert _run(make(6), 0) != epoch0_a
+    # resuming inside an epoch yields exactly the remaining batches, augmentation included
+    assert _run(b, 1, skip=1) == epoch1[1:]
+    # two processes split each step's images without overlap
+    ranks = [TrainLoader(_RandomSizes(), _cfg(5, workers), rank=r, world=2) for r in (0, 1)]
+    ids = [[i for ids_, _ in _run(r, 0) for i in ids_] for r in ranks]
+    assert not set(ids[0]) & set(ids[1]) and len(ids[0]) == len(ids[1]) == 4
     assert derive_seed(5, 0, 0) != derive_seed(5, 1, 0) != derive_seed(5, 0, 1)

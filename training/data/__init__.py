@@ -16,13 +16,13 @@ from .augment import (
     train_transform,
 )
 from .coco import CocoIndex, CocoInstanceDataset, decode_segmentation, load_coco_boxes, read_json
-from .collate import Batch, SeededDataLoader, build_dataloader, collate, derive_seed
+from .collate import Batch, collate, derive_seed
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
 from .synthetic import generate_dataset, generate_image
 
 __all__ = [
     "Batch", "CocoIndex", "CocoInstanceDataset", "Compose", "RandomHorizontalFlip",
-    "ResizeShortestEdge", "SYNTHETIC_CLASSES", "SeededDataLoader", "build_dataloader", "collate",
+    "ResizeShortestEdge", "SYNTHETIC_CLASSES", "collate",
     "decode_segmentation", "derive_seed", "eval_transform", "generate_dataset", "generate_image",
     "hflip_sample", "load_coco_boxes", "read_json", "resize_sample", "seed_augmentations",
     "train_transform",

@@ -7,7 +7,8 @@ these in one frame: after a transform ``boxes``/``masks`` are in the frame of th
 
 Randomness comes from the ``rng`` argument (``random.Random`` or ``torch.Generator``) or, if it
 is None, from this module's generator, which :func:`seed_augmentations` reseeds; the data
-loader does that per worker and epoch (see :func:`training.data.collate.build_dataloader`).
+training loader passes a generator seeded per (seed, epoch, sample) instead
+(see :class:`training.data.loader.TrainLoader`).
 Resize sizes follow detectron2's ``ResizeShortestEdge`` and reuse :mod:`serving.transforms`, so
 training and serving see the same geometry.
 """

@@ -1,4 +1,4 @@
-"""Batching samples into padded tensors, and a data loader that is deterministic per seed.
+"""Batching samples into padded tensors, and the seeds of the data stream.
 
 Padding follows the project conventions: images zero-padded at the bottom/right to multiples
 of 32, ``valid`` marks the real pixels. Boxes and masks in a :class:`Batch` are in the network
@@ -8,20 +8,16 @@ coordinates hold in the padded frame).
 
 from __future__ import annotations
 
-import functools
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 from serving.transforms import SIZE_DIVISIBILITY, pad_batch
 
-from .augment import seed_augmentations
 
 
 @dataclass
@@ -106,81 +102,3 @@ def derive_seed(seed: int, epoch: int, worker_id: int) -> int:
     mask = (1 << 64) - 1
     seq = np.random.SeedSequence([seed & mask, epoch & mask, worker_id & mask])
     return int(seq.generate_state(1, dtype=np.uint32)[0])
-
-
-class EpochSampler(Sampler[int]):
-    """Indices 0..n-1, shuffled by a permutation that depends only on (seed, epoch)."""
-
-    def __init__(self, num_samples: int, shuffle: bool, seed: int) -> None:
-        self.num_samples, self.shuffle, self.seed, self.epoch = num_samples, shuffle, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.num_samples))
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, -1))
-        return iter(torch.randperm(self.num_samples, generator=gen).tolist())
-
-
-class WorkerSeeder:
-    """``worker_init_fn`` seeding augmentations, ``random``, numpy and torch in each worker."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed, self.epoch = seed, 0
-
-    def __call__(self, worker_id: int) -> None:
-        s = derive_seed(self.seed, self.epoch, worker_id)
-        seed_augmentations(s)
-        random.seed(s)
-        np.random.seed(s)
-        torch.manual_seed(s)
-
-
-class SeededDataLoader(DataLoader):
-    """DataLoader whose order and augmentations depend only on (seed, epoch, num_workers).
-
-    Each ``iter()`` uses the current epoch and then advances it; :meth:`set_epoch` sets it
-    (for example when resuming). With ``num_workers=0`` only the augmentation generator of
-    :mod:`training.data.augment` is reseeded, never the main process's global RNGs.
-    """
-
-    def __init__(self, dataset: Dataset, *, seed: int, shuffle: bool, **kwargs: Any) -> None:
-        self.epoch = 0
-        super().__init__(dataset, sampler=EpochSampler(len(dataset), shuffle, seed),
-                         worker_init_fn=WorkerSeeder(seed),
-                         generator=torch.Generator().manual_seed(seed & ((1 << 63) - 1)),
-                         **kwargs)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch`` for the next iteration."""
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[Any]:
-        self.sampler.set_epoch(self.epoch)
-        self.worker_init_fn.epoch = self.epoch
-        if self.num_workers == 0:
-            seed_augmentations(derive_seed(self.worker_init_fn.seed, self.epoch, 0))
-        self.epoch += 1
-        return super().__iter__()
-
-
-def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
-                     seed: int, drop_last: bool,
-                     size_divisibility: int = SIZE_DIVISIBILITY,
-                     pin_memory: bool = False) -> SeededDataLoader:
-    """A loader of :class:`Batch` objects, deterministic given (seed, epoch, num_workers).
-
-    Worker ``k`` of epoch ``e`` is seeded with ``derive_seed(seed, e, k)``; the shuffle order of
-    epoch ``e`` depends only on ``(seed, e)``.
-    """
-    if batch_size < 1:
-        raise ValueError(f"build_dataloader: batch_size={batch_size} must be >= 1")
-    return SeededDataLoader(
-        dataset, seed=seed, shuffle=shuffle, batch_size=batch_size, num_workers=num_workers,
-        drop_last=drop_last, pin_memory=pin_memory,
-        collate_fn=functools.partial(collate, size_divisibility=size_divisibility))
