@@ -8,7 +8,7 @@ code box-prompted inference runs, so self-correction and prompting are one mecha
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from .criterion import Positives, StepOutput, Targets, upsample_features
 from .data.collate import derive_seed
 from .losses import bce_dice_loss
 from .sim import EMATeacher, MemoryBank, PrototypeMemory, paste
-from .sim.pseudo import full_resolution_masks, instance_importance, pseudo_masks
+from .sim.pseudo import PseudoMask, full_resolution_masks, instance_importance, pseudo_masks
 
 #: Pixels used per step for the prototype update (a deterministic subsample above this).
 MAX_PROTOTYPE_PIXELS = 32768
@@ -127,6 +127,50 @@ def _instance_maps(teacher: CondInst, t_out: Any, pos: Positives, mu: float) -> 
     return weighted_instance_map(probs_g, weights)
 
 
+class SIMMaps(NamedTuple):
+    """SIM's per-box maps on the stride-4 grid ``(h, w)`` of the padded batch (G boxes).
+
+    Attributes:
+        m_inst: (G, h, w) M_I, the teacher's IoU-weighted instance map.
+        m_sem: (G, h, w) M_S, the prototype semantic map of the box's class.
+        box_s4: (G, h, w) float {0, 1} box (or visible-region) masks.
+        box_full: (G, H, W) the same at input resolution.
+        pseudo: the blended map, thresholds, target M_hat and weight W.
+    """
+
+    m_inst: Tensor
+    m_sem: Tensor
+    box_s4: Tensor
+    box_full: Tensor
+    pseudo: PseudoMask
+
+
+@torch.no_grad()
+def compute_sim_maps(sim: SIMState, x: Tensor, pos: Positives, targets: Targets,
+                     cfg: TrainConfig) -> SIMMaps:
+    """Teacher forward, M_I, M_S and the pseudo masks of every box of a batch (SIM_SPEC 7.3-7.6).
+
+    Args:
+        x: (B, 3, H, W) normalised padded batch (the student's input).
+        pos: the student's sampled positives (their locations index the teacher's outputs).
+    """
+    teacher = sim.teacher.module
+    with record_function("sim.teacher_forward"):
+        t_out = sim.teacher(x, with_classes=False)  # M_I needs no class scores
+    with record_function("sim.instance_map"):
+        m_inst = _instance_maps(teacher, t_out, pos, cfg.sim.mu)  # (G, h, w)
+    h, w = m_inst.shape[-2:]
+    with record_function("sim.semantic_map"):
+        feats_t = upsample_features(t_out.mask_feats.float())  # (B, D, h, w) teacher Z'
+        m_sem = sim.prototypes.semantic_map(feats_t, pos.gt_labels, pos.gt_image)
+    with record_function("sim.pseudo_masks"):
+        box_full = torch.cat(targets.box_masks)  # (G, H, W)
+        box_s4 = box_full[:, 2::4, 2::4][:, :h, :w]
+        pm = pseudo_masks(m_inst, m_sem, box_s4, cfg.sim.alpha, cfg.sim.tau_low,
+                          cfg.sim.tau_high_range)
+    return SIMMaps(m_inst, m_sem, box_s4, box_full, pm)
+
+
 def sim_losses(sim: SIMState, model: CondInst, x: Tensor, images_uint8: Tensor, outputs: Any,
                result: StepOutput, targets: Targets, cfg: TrainConfig,
                step: int) -> dict[str, Tensor]:
@@ -141,21 +185,9 @@ def sim_losses(sim: SIMState, model: CondInst, x: Tensor, images_uint8: Tensor, 
     if not sim.active(step) or not (cfg.sim.pseudo_loss or cfg.sim.copy_paste):
         return losses
     pos = result.positives
-    teacher = sim.teacher.module
-    with torch.no_grad():
-        with record_function("sim.teacher_forward"):
-            t_out = sim.teacher(x, with_classes=False)  # M_I needs no class scores
-        with record_function("sim.instance_map"):
-            m_inst = _instance_maps(teacher, t_out, pos, cfg.sim.mu)  # (G, h, w)
-        h, w = m_inst.shape[-2:]
-        with record_function("sim.semantic_map"):
-            feats_t = upsample_features(t_out.mask_feats.float())  # (B, D, h, w) teacher Z'
-            m_sem = sim.prototypes.semantic_map(feats_t, pos.gt_labels, pos.gt_image)
-        with record_function("sim.pseudo_masks"):
-            box_full = torch.cat(targets.box_masks)  # (G, H, W)
-            box_s4 = box_full[:, 2::4, 2::4][:, :h, :w]
-            pm = pseudo_masks(m_inst, m_sem, box_s4, cfg.sim.alpha, cfg.sim.tau_low,
-                              cfg.sim.tau_high_range)
+    maps = compute_sim_maps(sim, x, pos, targets, cfg)
+    m_inst, m_sem, box_s4, box_full, pm = maps
+    h, w = m_inst.shape[-2:]
     pasted = torch.cat(targets.pasted) if targets.pasted is not None else \
         torch.zeros(pos.num_gts, dtype=torch.bool, device=logits.device)
     gt = pos.gt_global

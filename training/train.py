@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from serving.checkpoint import save_checkpoint
 from serving.config import ModelConfig, config_to_dict
 from serving.errors import SimError
-from serving.model import build_condinst
+from serving.model import CondInst, build_condinst
 
 from .config import TrainConfig, load_config, save_config
 from .criterion import bottom_removed_valid, compute_losses, targets_from_batch
@@ -74,8 +74,14 @@ def _multi_process_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
-    """Run training; returns the final metrics (and paths) as a dict."""
+def train(cfg: TrainConfig, resume: str | None = None,
+          on_end: Callable[[CondInst, SIMState | None], None] | None = None) -> dict[str, Any]:
+    """Run training; returns the final metrics (and paths) as a dict.
+
+    ``on_end(model, sim)`` runs on the main process after the last step, before evaluation,
+    with the bare student and the SIM state (teacher, prototypes; None without SIM); the
+    quality benchmark renders its figure of SIM's maps there.
+    """
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
         cpu=_multi_process_cpu(),
@@ -185,6 +191,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
         save_checkpoint(final, unwrapped, cfg.model, dataset.class_names, cfg.inference,
                         extra={"train_config": config_to_dict(cfg), "step": state.step,
                                "category_ids": dataset.label_to_category_id})
+    if on_end is not None and accelerator.is_main_process:
+        on_end(unwrapped, sim)
+        model.train()
     if cfg.data.val_json and (not cfg.eval_every or cfg.optim.max_iter % cfg.eval_every):
         metrics = _evaluate(accelerator, unwrapped, dataset.class_names, cfg, state.step,
                             dataset.label_to_category_id)

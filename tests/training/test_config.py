@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from training.config import (
+    PHASE_FLOOR,
     ConfigError,
     OptimConfig,
     TrainConfig,
@@ -129,7 +130,8 @@ def test_every_shipped_config_loads(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, TrainConfig)
     assert cfg.optim.max_iter > max(cfg.optim.steps)
-    assert cfg.pairwise_warmup_iters == max(1, round(cfg.optim.max_iter / 9))
+    n = cfg.optim.max_iter
+    assert cfg.pairwise_warmup_iters == max(1, round(n / 9), min(PHASE_FLOOR, n // 3))
 
 
 def test_paper_schedules() -> None:
@@ -141,11 +143,14 @@ def test_paper_schedules() -> None:
     assert r101.pairwise_warmup_iters == 30000 and r101.sim_start_iter == 30000
 
 
-@pytest.mark.parametrize(("max_iter", "expected"), [(90000, 10000), (18, 2), (6, 1), (4, 1),
-                                                    (2, 1), (600, 67)])
+@pytest.mark.parametrize(("max_iter", "expected"), [
+    (90000, 10000), (270000, 30000), (1200, 133),  # max_iter / 9 (the paper's 10k of 90k)
+    (600, 100), (300, 100), (120, 40), (18, 6),  # the floor: min(100, max_iter // 3)
+    (6, 2), (4, 1), (2, 1)])
 def test_warmups_scale_with_max_iter(max_iter: int, expected: int) -> None:
+    assert PHASE_FLOOR == 100
     cfg = load_config(None, [f"optim.max_iter={max_iter}", "optim.steps=[1]"])
-    assert cfg.pairwise_warmup_iters == expected == max(1, round(max_iter / 9))
+    assert cfg.pairwise_warmup_iters == expected
     assert cfg.sim_start_iter == expected
 
 
@@ -153,7 +158,7 @@ def test_explicit_warmups_win() -> None:
     cfg = load_config(TINY, ["boxinst.pairwise_warmup_iters=7", "optim.max_iter=900"])
     assert cfg.pairwise_warmup_iters == 7
     assert cfg.sim_start_iter == 2  # from tiny.yaml
-    assert load_config(TINY, ["sim.start_iter=null"]).sim_start_iter == 1  # round(6 / 9) -> 1
+    assert load_config(TINY, ["sim.start_iter=null"]).sim_start_iter == 2  # 6 // 3 > 6 / 9
 
 
 def test_save_and_reload_round_trip(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -251,3 +252,37 @@ def test_nan_loss_stops_with_step_and_name(tiny_cfg, tmp_path: Path, monkeypatch
     weights = load_file(str(ckpt / "model.safetensors"))
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
     assert not (tmp_path / "model_final.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- end hook
+def test_on_end_hook_gets_the_trained_model_and_sim_state(tiny_cfg, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    """``train(on_end=...)`` hands over the student and SIM state after the last step; the
+    quality benchmark's figure of M_S / M_I / pseudo mask / truth renders from them."""
+    from PIL import Image
+
+    from benchmarks.sim_figure import COLUMNS, TILE, render_sim_maps
+    from training.sim_step import SIMState
+
+    calls = []
+
+    def on_end(model, sim) -> None:
+        calls.append((model.training, sim))
+        render_sim_maps(model, sim, cfg, tmp_path / "maps.png", num_instances=3)
+
+    cfg = tiny_cfg(tmp_path, "optim.max_iter=2", "checkpoint_every=0", "sim.start_iter=0",
+                   *SIM_EXERCISE)
+    result = train(cfg, on_end=on_end)
+    assert len(calls) == 1 and isinstance(calls[0][1], SIMState)
+    assert result["metrics"]  # evaluation still runs after the hook (model back in eval/train)
+    sheet = np.asarray(Image.open(tmp_path / "maps.png"))
+    assert sheet.shape[1] == TILE * len(COLUMNS)
+    rows = (sheet.shape[0] - 18) // TILE
+    assert sheet.shape[0] == 18 + rows * TILE and 1 <= rows <= 3
+    truth = sheet[18:, -TILE:]
+    assert truth.max() == 255 and truth.min() == 0  # each truth tile shows mask and background
+    calls.clear()
+    train(tiny_cfg(tmp_path / "boxinst", "optim.max_iter=1", "checkpoint_every=0",
+                   "data.val_json=null", "sim.enabled=false"),
+          on_end=lambda model, sim: calls.append(sim))
+    assert calls == [None]  # no SIM state without SIM
