@@ -91,7 +91,12 @@ class SIMConfig:
     pseudo_loss: bool = True
     copy_paste: bool = True
     num_prototypes: int = 10
-    tau: float = 0.1
+    #: Temperature of M_S = sigmoid(max_l cos(z, p_l) / tau). The paper's 0.1 saturates M_S
+    #: to ~1 over whole boxes when object and background features both have positive cosine
+    #: with the prototypes, and the pseudo loss then grows masks to their boxes (mask AP 2.2
+    #: vs 11.8 with tau 1, docs/training_notes.md). 1.0 keeps M_S soft like the authors'
+    #: code (no temperature); sim.tau=0.1 is the paper's setting.
+    tau: float = 1.0
     mu: float = 5.0
     alpha: float = 0.5
     tau_low: float = 0.4

@@ -39,7 +39,7 @@ __all__ = ["PrototypeMemory", "l2_normalize_vectors"]
 NUM_PROTOTYPES = 10  # L, BOXINST.NUM_PROTO
 FEATURE_DIM = 16  # D, MASK_BRANCH.OUT_CHANNELS
 PROTOTYPE_MOMENTUM = 0.999  # gamma
-SEMANTIC_TAU = 0.1  # tau of M_S (paper)
+SEMANTIC_TAU = 1.0  # tau of M_S: soft like the code; the paper's 0.1 saturates (config.py)
 # F.normalize epsilon (SIM_SPEC 12 item 13).
 NORM_EPS = 1e-12
 
@@ -201,8 +201,8 @@ class PrototypeMemory(nn.Module):
                 grid, SIM_SPEC 7.3); normalised per pixel here (idempotent for unit-norm input).
             labels: ``(M,)`` int64 class of each instance in ``[0, C)``.
             image_index: ``(M,)`` int64 image of each instance in ``[0, B)``.
-            tau: temperature; default ``self.tau`` (0.1). ``tau = 1`` with non-normalised
-                prototypes would be the authors' variant.
+            tau: temperature; default ``self.tau`` (1.0; the paper's is 0.1, see
+                ``training.config.SIMConfig.tau``).
 
         Returns:
             ``(M, H, W)`` float32 in ``(0, 1)``.
