@@ -1,0 +1,66 @@
+"""The quality benchmark's bookkeeping: per-row mean and spread over seeds, the Markdown table
+(ratio to the fully supervised row, the untrained row), and the row definitions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks.quality import FULL_ROWS, QUICK_ROWS, ROWS, markdown, summarise
+from training.config import load_config
+
+BENCH_SYNTHETIC = Path(__file__).resolve().parents[2] / "configs" / "bench_synthetic.yaml"
+
+
+def _run(seed: int, ap: float, box: float) -> dict:
+    metrics = {k: ap for k in ("segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm",
+                               "segm/APl")}
+    metrics["bbox/AP"] = box
+    return {"seed": seed, "metrics": metrics, "seconds": 10.0}
+
+
+def test_summarise_mean_and_sample_std() -> None:
+    s = summarise([_run(0, 10.0, 30.0), _run(1, 14.0, 34.0)])
+    assert s["n"] == 2 and s["seconds"] == 20.0
+    assert s["segm/AP"] == pytest.approx(12.0)
+    assert s["segm/AP_std"] == pytest.approx(math.sqrt(8.0))  # sample std of (10, 14)
+    assert s["bbox/AP_runs"] == [30.0, 34.0]
+    one = summarise([_run(0, 7.0, 9.0)])
+    assert one["segm/AP_std"] == 0.0
+
+
+def test_markdown_table_ratios_and_untrained_row() -> None:
+    rows = {ROWS["mask"][0]: summarise([_run(0, 20.0, 40.0)]),
+            ROWS["boxinst"][0]: summarise([_run(0, 15.0, 38.0), _run(1, 17.0, 36.0)])}
+    results = {"quick": False, "command": "python benchmarks/quality.py", "machine": "test",
+               "total_seconds": 120.0, "workers": 2,
+               "datasets": {"synthetic": {"iters": 600, "seeds": [0, 1], "rows": rows,
+                                          "figure": "benchmarks/results/x.png",
+                                          "untrained": {"segm/AP": 0.0, "segm/AP50": 0.0,
+                                                        "segm/AP75": 0.0, "bbox/AP": 0.1}}}}
+    text = markdown(results)
+    lines = text.splitlines()
+    box_row = next(line for line in lines if line.startswith("| boxinst |"))
+    cells = [c.strip() for c in box_row.strip("|").split("|")]
+    assert cells[1] == "2" and cells[2] == "16.0 ± 1.4" and cells[-1] == "0.80"
+    full_row = next(line for line in lines if line.startswith("| mask (fully supervised) |"))
+    assert full_row.rstrip().endswith("| 1.00 |")
+    assert any(line.startswith("| untrained | - | 0.0 |") for line in lines)
+    assert "## synthetic (600 iterations, seeds [0, 1])" in text
+    assert "2.0 min with 2 worker processes" in text
+
+
+@pytest.mark.parametrize("key", list(ROWS))
+def test_every_row_is_a_valid_config(key: str) -> None:
+    name, overrides = ROWS[key]
+    cfg = load_config(BENCH_SYNTHETIC, overrides)
+    if key == "mask":
+        assert cfg.supervision == "mask" and not cfg.sim.enabled
+    elif key == "boxinst":
+        assert cfg.supervision == "box" and not cfg.sim.enabled
+    else:
+        assert cfg.sim.enabled and cfg.sim.pseudo_loss
+        assert cfg.sim.copy_paste == (key != "pseudo")
+    assert set(QUICK_ROWS["synthetic"]) <= set(FULL_ROWS["synthetic"]) == set(ROWS)
