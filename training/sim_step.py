@@ -185,8 +185,7 @@ def sim_losses(sim: SIMState, model: CondInst, x: Tensor, images_uint8: Tensor, 
     if not sim.active(step) or not (cfg.sim.pseudo_loss or cfg.sim.copy_paste):
         return losses
     pos = result.positives
-    maps = compute_sim_maps(sim, x, pos, targets, cfg)
-    m_inst, m_sem, box_s4, box_full, pm = maps
+    m_inst, m_sem, box_s4, box_full, pm = compute_sim_maps(sim, x, pos, targets, cfg)
     h, w = m_inst.shape[-2:]
     pasted = torch.cat(targets.pasted) if targets.pasted is not None else \
         torch.zeros(pos.num_gts, dtype=torch.bool, device=logits.device)
