@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--single-seed", nargs="+", default=[], choices=list(ROWS),
+                        metavar="ROW", help="rows that run with the first seed only")
     parser.add_argument("--iters", type=int, default=None, help="override optim.max_iter")
     parser.add_argument("--workers", type=int, default=2, help="parallel training processes")
     parser.add_argument("--out", default="runs/bench")
@@ -199,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs = []
     for dataset in args.datasets:
         prepare_dataset(dataset)
-        rows = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)[dataset]
+        rows = (QUICK_ROWS if args.quick else FULL_ROWS)[dataset]
+        if args.rows:  # a selection, within the rows that belong to the dataset
+            rows = [r for r in args.rows if r in FULL_ROWS[dataset]]
         iters = args.iters or (QUICK_ITERS[dataset] if args.quick else None)
         extra = [f"optim.max_iter={iters}", f"optim.steps=[{int(iters * 0.85)}]"] if iters else []
         cfg = load_config(ROOT / DATASETS[dataset], extra)
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         results["datasets"][dataset] = {"iters": cfg.optim.max_iter, "seeds": seeds,
                                         "rows": {}, "figure": figure}
         for row in rows:
-            for seed in seeds:
+            for seed in seeds[:1] if row in args.single_seed else seeds:
                 fig = str(ROOT / figure) if figure and row == "sim" and seed == seeds[0] else None
                 jobs.append((dataset, row, seed, extra, out, fig))
     # Longest runs (SIM rows) first so the two workers finish together.
