@@ -105,6 +105,9 @@ class SIMConfig:
     #: with the schedule like the warm-ups), clamped to [0.9, 0.999].
     prototype_momentum: float | None = None
     prototype_pixel_threshold: float = 0.7
+    #: Pixels that update the prototypes: "instance" (the authors' code: M_I >
+    #: prototype_pixel_threshold inside the box) or "pseudo" (the paper: the pseudo mask M_hat).
+    prototype_pixels: str = "instance"
     #: None: 0.9999 for the paper's 90k iterations, i.e. 1 - 9 / max_iter (a 10k-iteration
     #: EMA horizon scaled with the schedule), clamped to [0.99, 0.9999].
     teacher_momentum: float | None = None
@@ -155,6 +158,9 @@ class TrainConfig:
             raise ConfigError(f"supervision={self.supervision!r}: use 'box' or 'mask'")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use no, bf16 or fp16")
+        if self.sim.prototype_pixels not in ("instance", "pseudo"):
+            raise ConfigError(f"sim.prototype_pixels={self.sim.prototype_pixels!r}: use "
+                              "'instance' (M_I > threshold) or 'pseudo' (the pseudo mask)")
         if self.optim.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optim.optimizer={self.optim.optimizer!r}: use sgd or adamw")
 

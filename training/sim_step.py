@@ -202,7 +202,7 @@ def sim_losses(sim: SIMState, model: CondInst, x: Tensor, images_uint8: Tensor, 
     has_pos = torch.bincount(gt, minlength=pos.num_gts) > 0
     usable = has_pos & ~pasted  # instances whose pseudo masks we trust for memory
     with record_function("sim.prototype_update"):
-        _update_prototypes(sim, outputs, pos, m_inst, box_s4, usable, step)
+        _update_prototypes(sim, outputs, pos, m_inst, pm.target, box_s4, usable, step)
     if cfg.sim.copy_paste:
         with record_function("sim.bank_push"):
             _push_bank(sim, images_uint8, pos, pm, m_inst, box_full, usable)
@@ -213,9 +213,15 @@ def sim_losses(sim: SIMState, model: CondInst, x: Tensor, images_uint8: Tensor, 
 
 @torch.no_grad()
 def _update_prototypes(sim: SIMState, outputs: Any, pos: Positives, m_inst: Tensor,
-                       box_s4: Tensor, usable: Tensor, step: int) -> None:
-    """Pixels with M_I > 0.7 inside the box feed their class's prototypes (SIM_SPEC 7.7)."""
-    sel = (m_inst > sim.cfg.sim.prototype_pixel_threshold) & (box_s4 > 0) & usable[:, None, None]
+                       target: Tensor, box_s4: Tensor, usable: Tensor, step: int) -> None:
+    """Pixels believed to be the object feed their class's prototypes (SIM_SPEC 7.7): M_I > 0.7
+    inside the box (the code; ``sim.prototype_pixels="instance"``) or the pseudo mask M_hat
+    (the paper; ``"pseudo"``)."""
+    if sim.cfg.sim.prototype_pixels == "pseudo":
+        fg = target > 0
+    else:
+        fg = m_inst > sim.cfg.sim.prototype_pixel_threshold
+    sel = fg & (box_s4 > 0) & usable[:, None, None]
     g, ys, xs = torch.nonzero(sel, as_tuple=True)
     if g.numel() > MAX_PROTOTYPE_PIXELS:
         gen = torch.Generator().manual_seed(derive_seed(sim.cfg.seed, step, 7))
