@@ -112,21 +112,11 @@ def run_one(dataset: str, row: str, seed: int, extra: list[str], out: str,
 
 def untrained(dataset: str, out: str) -> dict[str, float]:
     """Mask and box AP of the architecture before training (ImageNet backbone, random heads)."""
-    from serving.checkpoint import save_checkpoint
-    from serving.model import build_condinst
     from training.config import load_config
-    from training.data import CocoInstanceDataset
-    from training.evaluate import evaluate_checkpoint
+    from training.evaluate import evaluate_untrained
 
-    cfg = load_config(ROOT / DATASETS[dataset])
-    data = CocoInstanceDataset(cfg.data.train_json, cfg.data.train_images)
-    cfg.model.num_classes = data.num_classes
-    path = Path(out) / dataset / "untrained.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, build_condinst(cfg.model), cfg.model, data.class_names, cfg.inference,
-                    extra={"category_ids": data.label_to_category_id})
-    return evaluate_checkpoint(path, cfg.data.val_json, cfg.data.val_images, device="cpu",
-                               max_images=cfg.data.max_val_images)
+    return evaluate_untrained(load_config(ROOT / DATASETS[dataset]),
+                              Path(out) / dataset / "untrained.safetensors")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -76,6 +76,25 @@ def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images:
     return _percent(evaluate_coco(_ground_truth(annotations, max_images), results))
 
 
+def evaluate_untrained(cfg: Any, path: str | Path) -> dict[str, float]:
+    """Mask and box AP (percent) of ``cfg``'s architecture before training (ImageNet backbone,
+    random heads), saved as a checkpoint at ``path`` and evaluated on ``cfg.data``'s val split:
+    the floor that trained models are compared with. ``cfg`` is a ``TrainConfig``."""
+    from serving.checkpoint import save_checkpoint
+    from serving.model import build_condinst
+
+    from .data import CocoInstanceDataset
+
+    data = CocoInstanceDataset(cfg.data.train_json, cfg.data.train_images)
+    cfg.model.num_classes = data.num_classes
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, build_condinst(cfg.model), cfg.model, data.class_names, cfg.inference,
+                    extra={"category_ids": data.label_to_category_id})
+    return evaluate_checkpoint(path, cfg.data.val_json, cfg.data.val_images, device="cpu",
+                               max_images=cfg.data.max_val_images)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="model .safetensors file")

@@ -22,30 +22,13 @@ from serving import Segmenter
 from serving.errors import SimError
 
 from .config import load_config
-from .evaluate import evaluate_checkpoint
+from .evaluate import evaluate_untrained
 from .train import train
 
 
 def _run(cmd: list[str]) -> int:
     print("$", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
-
-
-def _untrained_ap(cfg_path: str, overrides: list[str], out: Path) -> dict[str, float]:
-    """AP of the same architecture before training (ImageNet backbone, random heads)."""
-    from serving.checkpoint import save_checkpoint
-    from serving.model import build_condinst
-
-    from .data import CocoInstanceDataset
-
-    cfg = load_config(cfg_path, overrides)
-    data = CocoInstanceDataset(cfg.data.train_json, cfg.data.train_images)
-    cfg.model.num_classes = data.num_classes
-    path = out / "model_untrained.safetensors"
-    save_checkpoint(path, build_condinst(cfg.model), cfg.model, data.class_names, cfg.inference,
-                    extra={"category_ids": data.label_to_category_id})
-    return evaluate_checkpoint(path, cfg.data.val_json, cfg.data.val_images, device="cpu",
-                               max_images=cfg.data.max_val_images)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(cfg.output_dir)
         ckpt = result["checkpoint"]
         trained = result["metrics"]
-        untrained = _untrained_ap(args.config, args.overrides, out)
+        untrained = evaluate_untrained(load_config(args.config, args.overrides),
+                                       out / "model_untrained.safetensors")
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -60,3 +60,20 @@ def test_missing_annotations_is_a_one_line_error(tiny_run, tiny_data, tmp_path: 
     err = capsys.readouterr().err
     assert err.startswith("error: annotation file ") and str(missing) in err
     assert err.count("\n") == 1
+
+
+def test_untrained_floor_is_saved_and_scores_nothing(tiny_data, tmp_path: Path) -> None:
+    from train_helpers import TINY_CONFIG
+
+    from serving.checkpoint import load_checkpoint
+    from training.config import load_config
+    from training.evaluate import evaluate_untrained
+
+    cfg = load_config(TINY_CONFIG, tiny_data.overrides(tmp_path / "run"))
+    path = tmp_path / "floor" / "untrained.safetensors"
+    metrics = evaluate_untrained(cfg, path)
+    assert set(metrics) == KEYS
+    # Random heads with the FCOS prior (p = 0.01) detect nothing above the score threshold.
+    assert metrics["segm/AP"] <= 0.0 and metrics["bbox/AP"] <= 0.0
+    _, info = load_checkpoint(path)
+    assert info.model.num_classes == cfg.model.num_classes == len(info.class_names)
