@@ -82,16 +82,25 @@ def _single_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _render_figure(model: Any, sim: Any, cfg: Any, path: str) -> None:
-    from benchmarks.sim_figure import render_sim_maps
+def _on_end(model: Any, sim: Any, cfg: Any, figure: str | None,
+            diagnostics: dict[str, Any]) -> None:
+    """End of a run (``train(on_end=...)``): SIM's separability numbers and, for the first SIM
+    run of a dataset, the figure. Neither may cost the run's metrics, so errors are warnings."""
+    from benchmarks.sim_figure import render_sim_maps, semantic_separability
 
     if sim is None:
         return
     try:
-        render_sim_maps(model, sim, cfg, path)
-    except Exception as exc:  # noqa: BLE001 - a figure must never cost the run's numbers
-        print(f"warning: SIM figure {path} not written ({type(exc).__name__}: {exc})",
+        diagnostics.update(semantic_separability(sim, cfg))
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: SIM separability not measured ({type(exc).__name__}: {exc})",
               flush=True)
+    if figure:
+        try:
+            render_sim_maps(model, sim, cfg, figure)
+        except Exception as exc:  # noqa: BLE001
+            print(f"warning: SIM figure {figure} not written ({type(exc).__name__}: {exc})",
+                  flush=True)
 
 
 def run_one(dataset: str, row: str, seed: int, extra: list[str], out: str,
@@ -103,11 +112,13 @@ def run_one(dataset: str, row: str, seed: int, extra: list[str], out: str,
     run_dir = Path(out) / dataset / row / f"s{seed}"
     overrides = ROWS[row][1] + extra + [f"seed={seed}", f"output_dir={run_dir}"]
     cfg = load_config(ROOT / DATASETS[dataset], overrides)
-    on_end = partial(_render_figure, cfg=cfg, path=figure) if figure else None
+    diagnostics: dict[str, Any] = {}
+    on_end = partial(_on_end, cfg=cfg, figure=figure, diagnostics=diagnostics)
     start = time.perf_counter()
     result = train(cfg, on_end=on_end)
     return {"dataset": dataset, "row": row, "seed": seed, "metrics": result["metrics"],
-            "seconds": round(time.perf_counter() - start, 1), "overrides": overrides}
+            "seconds": round(time.perf_counter() - start, 1), "overrides": overrides,
+            "separability": diagnostics or None}
 
 
 def untrained(dataset: str, out: str) -> dict[str, float]:
@@ -126,6 +137,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out[key] = statistics.fmean(values)
         out[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out[key + "_runs"] = values
+    seps = [r["separability"] for r in runs if r.get("separability", {}) and
+            r["separability"].get("instances")]
+    if seps:
+        out["separability"] = {k: statistics.fmean(x[k] for x in seps)
+                               for k in ("prototypes", "oracle_class", "oracle_instance")}
     return out
 
 
@@ -142,16 +158,28 @@ def markdown(results: dict[str, Any]) -> str:
         rows = info["rows"]
         full = rows.get(ROWS[FULL_ROW][0], {}).get("segm/AP")
         lines += [f"## {dataset} ({info['iters']} iterations, seeds {info['seeds']})", "",
-                  "| row | seeds | mask AP | AP50 | AP75 | APs | APm | APl | box AP | / full |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| row | seeds | mask AP | AP50 | AP75 | APs | APm | APl | box AP | / full "
+                  "| M_S AUC |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, s in rows.items():
             ratio = f"{s['segm/AP'] / full:.2f}" if full else "-"
             cells = [f"{s[k]:.1f} ± {s[k + '_std']:.1f}" if k in ("segm/AP", "bbox/AP")
                      else f"{s[k]:.1f}" for k in METRICS]
-            lines.append(f"| {name} | {s['n']} | " + " | ".join(cells) + f" | {ratio} |")
+            sep = f"{s['separability']['prototypes']:.2f}" if s.get("separability") else ""
+            lines.append(f"| {name} | {s['n']} | " + " | ".join(cells) + f" | {ratio} | {sep} |")
         u = info["untrained"]
         lines.append(f"| untrained | - | {u['segm/AP']:.1f} | {u['segm/AP50']:.1f} | "
-                     f"{u['segm/AP75']:.1f} | | | | {u['bbox/AP']:.1f} | |")
+                     f"{u['segm/AP75']:.1f} | | | | {u['bbox/AP']:.1f} | | |")
+        sep_rows = {n: r["separability"] for n, r in rows.items() if r.get("separability")}
+        if sep_rows:
+            name, sep = next(iter(sep_rows.items()))
+            lines += ["", f"M_S AUC: how well the teacher's mask features rank object above "
+                      f"background pixels inside the validation boxes through the learned "
+                      f"prototypes (0.5: no information; `benchmarks/sim_figure.py: "
+                      f"semantic_separability`). For \"{name}\": prototypes "
+                      f"{sep['prototypes']:.2f}, an oracle prototype per class (mean object "
+                      f"feature of the class) {sep['oracle_class']:.2f}, an oracle prototype "
+                      f"per instance {sep['oracle_instance']:.2f}."]
         if info.get("figure"):
             lines += ["", f"SIM's maps after training: `{info['figure']}`"]
         lines.append("")

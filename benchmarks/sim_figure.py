@@ -8,6 +8,10 @@ cropped around its box (shown at 4x the mask grid, nearest neighbour):
 
 The pseudo mask shows ``M_hat`` in white, the confident background (``W`` = 1, target 0) in
 black and the ignored band (``W`` = 0 inside the box) in grey, as the pseudo loss sees it.
+
+:func:`semantic_separability` puts a number on the M_S column: how well the teacher's mask
+features tell object from background pixels inside a box, through the learned prototypes and
+through two oracles built from the validation masks.
 """
 
 from __future__ import annotations
@@ -20,14 +24,98 @@ from PIL import Image, ImageDraw
 
 from serving.model import CondInst
 from training.config import TrainConfig
-from training.criterion import fcos_assign_batch, targets_from_batch
+from training.criterion import fcos_assign_batch, targets_from_batch, upsample_features
 from training.data import CocoInstanceDataset
 from training.data.augment import ResizeShortestEdge
 from training.data.collate import collate
+from training.sim.prototypes import l2_normalize_vectors
 from training.sim_step import SIMState, compute_sim_maps
 
 TILE = 112
 COLUMNS = ("image + box", "M_S", "M_I", "pseudo mask", "ground truth")
+
+
+def _val_data(cfg: TrainConfig) -> CocoInstanceDataset:
+    if not cfg.data.val_json or not cfg.data.val_images:
+        raise ValueError("SIM diagnostics need data.val_json and data.val_images")
+    return CocoInstanceDataset(cfg.data.val_json, cfg.data.val_images, mode="mask",
+                               transform=ResizeShortestEdge(cfg.inference.min_size,
+                                                            cfg.inference.max_size))
+
+
+def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Area under the ROC curve of scores ``pos`` (positives) vs ``neg``: the probability that
+    a random positive outscores a random negative (Mann-Whitney U, ties counted half)."""
+    scores = torch.cat([pos, neg]).double()
+    # Average ranks of tied values (so ties count half), from the sorted order.
+    order = scores.argsort()
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    uniq, inverse = torch.unique(scores, return_inverse=True)
+    mean_rank = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
+    mean_rank /= torch.bincount(inverse, minlength=len(uniq)).double()
+    n_pos, n_neg = len(pos), len(neg)
+    u = mean_rank[inverse[:n_pos]].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+@torch.no_grad()
+def semantic_separability(sim: SIMState, cfg: TrainConfig, max_images: int = 40,
+                          batch_size: int = 8, min_pixels: int = 3) -> dict[str, float]:
+    """How well the teacher's mask features separate object from background inside boxes.
+
+    For every validation instance, the pixels of its box on the stride-4 grid are split by the
+    ground-truth mask into object and background, and three scores of the teacher's
+    L2-normalised features ``z`` are compared by their AUC (mean over instances):
+
+    - ``prototypes``: ``max_l cos(z, p_{c,l})``, the learned class prototypes (what M_S ranks
+      by; M_S = sigmoid of it over tau);
+    - ``oracle_class``: ``cos(z, mean object feature of class c)`` over all validation
+      instances of the class: the best a single class prototype could do;
+    - ``oracle_instance``: ``cos(z, mean object feature of this instance)``: an upper bound for
+      any prototype, which tells whether the features separate the pixels at all.
+
+    An AUC of 0.5 means M_S carries no information inside the box, 1.0 a perfect ranking.
+    """
+    teacher = sim.teacher.module
+    device = sim.prototypes.prototypes.device
+    data = _val_data(cfg)
+    protos = l2_normalize_vectors(sim.prototypes.prototypes.float(), dim=-1)
+    records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (class, object, background)
+    proto_auc: list[float] = []
+    n_img = min(max_images, len(data))
+    for start in range(0, n_img, batch_size):
+        batch = collate([data[i] for i in range(start, min(start + batch_size, n_img))])
+        batch = batch.to(device)
+        height, width = batch.images.shape[-2:]
+        targets = targets_from_batch(batch.boxes, batch.labels, height, width)
+        out = teacher(teacher.normalize(batch.images, batch.valid), with_classes=False)
+        z = l2_normalize_vectors(upsample_features(out.mask_feats.float()), dim=1)
+        h, w = z.shape[-2:]
+        for b, (boxes, labels, masks) in enumerate(zip(targets.box_masks, batch.labels,
+                                                       batch.masks)):
+            for box, label, mask in zip(boxes, labels.tolist(), masks):
+                inside = box[2::4, 2::4][:h, :w] > 0
+                obj_px = inside & (mask[2::4, 2::4][:h, :w] > 0)
+                bg_px = inside & ~obj_px
+                if int(obj_px.sum()) < min_pixels or int(bg_px.sum()) < min_pixels:
+                    continue
+                obj, bg = z[b][:, obj_px].T, z[b][:, bg_px].T  # (n, D)
+                p = protos[label]  # (L, D)
+                proto_auc.append(auc((obj @ p.T).amax(1), (bg @ p.T).amax(1)))
+                records.append((label, obj, bg))
+    if not records:
+        return {"instances": 0}
+    class_mean = {c: l2_normalize_vectors(torch.cat([o for k, o, _ in records if k == c])
+                                          .mean(0), dim=0) for c in {r[0] for r in records}}
+    oracle_class = [auc(o @ class_mean[c], g @ class_mean[c]) for c, o, g in records]
+    oracle_inst = []
+    for _, o, g in records:
+        centre = l2_normalize_vectors(o.mean(0), dim=0)
+        oracle_inst.append(auc(o @ centre, g @ centre))
+    return {"instances": len(records), "prototypes": float(np.mean(proto_auc)),
+            "oracle_class": float(np.mean(oracle_class)),
+            "oracle_instance": float(np.mean(oracle_inst))}
 
 
 def _crop(array: np.ndarray, box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -54,12 +142,8 @@ def render_sim_maps(model: CondInst, sim: SIMState, cfg: TrainConfig, out_png: s
     The validation masks are read for the last column only; M_S, M_I and the pseudo mask are
     computed from boxes, exactly as in a training step (``compute_sim_maps``).
     """
-    if not cfg.data.val_json or not cfg.data.val_images:
-        raise ValueError("the SIM figure needs data.val_json and data.val_images")
     device = next(model.parameters()).device
-    data = CocoInstanceDataset(cfg.data.val_json, cfg.data.val_images, mode="mask",
-                               transform=ResizeShortestEdge(cfg.inference.min_size,
-                                                            cfg.inference.max_size))
+    data = _val_data(cfg)
     n_img = min(max_images, len(data))
     batch = collate([data[i] for i in range(n_img)]).to(device)
     height, width = batch.images.shape[-2:]

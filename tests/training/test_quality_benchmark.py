@@ -32,8 +32,18 @@ def test_summarise_mean_and_sample_std() -> None:
 
 
 def test_markdown_table_ratios_and_untrained_row() -> None:
+    sim_runs = [_run(0, 16.0, 37.0), _run(1, 18.0, 37.0), _run(2, 17.0, 37.0)]
+    sim_runs[0]["separability"] = {"instances": 10, "prototypes": 0.6, "oracle_class": 0.7,
+                                   "oracle_instance": 0.8}
+    sim_runs[1]["separability"] = {"instances": 12, "prototypes": 0.7, "oracle_class": 0.7,
+                                   "oracle_instance": 0.9}
+    sim_runs[2]["separability"] = None  # not measured: left out of the mean
     rows = {ROWS["mask"][0]: summarise([_run(0, 20.0, 40.0)]),
-            ROWS["boxinst"][0]: summarise([_run(0, 15.0, 38.0), _run(1, 17.0, 36.0)])}
+            ROWS["boxinst"][0]: summarise([_run(0, 15.0, 38.0), _run(1, 17.0, 36.0)]),
+            ROWS["sim"][0]: summarise(sim_runs)}
+    assert rows[ROWS["sim"][0]]["separability"] == pytest.approx(
+        {"prototypes": 0.65, "oracle_class": 0.7, "oracle_instance": 0.85})
+    assert "separability" not in rows[ROWS["boxinst"][0]]
     results = {"quick": False, "command": "python benchmarks/quality.py", "machine": "test",
                "total_seconds": 120.0, "workers": 2,
                "datasets": {"synthetic": {"iters": 600, "seeds": [0, 1], "rows": rows,
@@ -44,9 +54,13 @@ def test_markdown_table_ratios_and_untrained_row() -> None:
     lines = text.splitlines()
     box_row = next(line for line in lines if line.startswith("| boxinst |"))
     cells = [c.strip() for c in box_row.strip("|").split("|")]
-    assert cells[1] == "2" and cells[2] == "16.0 ± 1.4" and cells[-1] == "0.80"
+    assert cells[1] == "2" and cells[2] == "16.0 ± 1.4" and cells[-2:] == ["0.80", ""]
     full_row = next(line for line in lines if line.startswith("| mask (fully supervised) |"))
-    assert full_row.rstrip().endswith("| 1.00 |")
+    assert full_row.rstrip().endswith("| 1.00 |  |")
+    sim_row = next(line for line in lines if line.startswith("| sim (alpha 0.5"))
+    assert sim_row.rstrip().endswith("| 0.85 | 0.65 |")
+    assert "prototypes 0.65, an oracle prototype per class (mean object feature of the class) " \
+           "0.70, an oracle prototype per instance 0.85." in text
     assert any(line.startswith("| untrained | - | 0.0 |") for line in lines)
     assert "## synthetic (600 iterations, seeds [0, 1])" in text
     assert "2.0 min with 2 worker processes" in text
