@@ -186,6 +186,11 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _suffix(name: str) -> str:
+    """Figure-name suffix of a results name: quality -> "", quality_quick -> "_quick"."""
+    return name[len("quality"):] if name.startswith("quality") else "_" + name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, CPU only, load average "
                    f"{os.getloadavg()[0]:.1f} at start",
         "datasets": {}, "runs": []}
+    name = args.name or ("quality_quick" if args.quick else "quality")
     start = time.perf_counter()
     jobs = []
     for dataset in args.datasets:
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(ROOT / DATASETS[dataset], extra)
         figure = None
         if "sim" in rows:
-            figure = f"benchmarks/results/sim_maps_{dataset}{'_quick' if args.quick else ''}.png"
+            figure = f"benchmarks/results/sim_maps_{dataset}{_suffix(name)}.png"
         results["datasets"][dataset] = {"iters": cfg.optim.max_iter, "seeds": seeds,
                                         "rows": {}, "figure": figure}
         for row in rows:
@@ -236,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
                 jobs.append((dataset, row, seed, extra, out, fig))
     # Longest runs (SIM rows) first so the two workers finish together.
     jobs.sort(key=lambda j: j[1] in ("mask", "boxinst"))
-    name = args.name or ("quality_quick" if args.quick else "quality")
     res_dir = ROOT / "benchmarks" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
     partial_path = res_dir / f"{name}.partial.json"
