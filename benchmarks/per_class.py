@@ -1,0 +1,134 @@
+"""Per-class mask AP and box-prompted mask IoU of trained checkpoints (not a test).
+
+The quality table averages over classes; this script shows where box supervision loses. For
+each checkpoint and each class of a dataset's validation split it reports:
+
+- **mask AP** (COCO, pycocotools, automatic mode), per category;
+- **prompted mIoU**: the mean IoU with the ground-truth mask of the mask predicted when the
+  *ground-truth box* is the prompt (``Segmenter.predict(image, boxes=...)``, the auto-labelling
+  path). Detection errors are out of this number: it measures the masks alone.
+
+    python benchmarks/per_class.py --dataset synthetic \\
+        runs/bench/synthetic/{mask,boxinst,sim}/s0/model_final.safetensors
+
+Writes ``benchmarks/results/per_class_<dataset>.{json,md}`` (``--name`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def per_class_ap(coco_gt: Any, results: list[dict[str, Any]]) -> dict[int, float]:
+    """Mask AP (percent, IoU 0.50:0.95, all areas, 100 detections) per category id."""
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        return {c: 0.0 for c in coco_gt.getCatIds()}
+    ev = COCOeval(coco_gt, coco_gt.loadRes(results), "segm")
+    ev.evaluate()
+    ev.accumulate()
+    precision = ev.eval["precision"]  # (T, R, K, A, M)
+    out = {}
+    for k, cat in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        out[cat] = float(100 * p[p > -1].mean()) if (p > -1).any() else float("nan")
+    return out
+
+
+def prompted_iou(segmenter: Any, coco_gt: Any, images: Path,
+                 max_images: int | None) -> dict[int, list[float]]:
+    """IoU of each ground-truth instance's mask predicted from its own box, per category id."""
+    from PIL import Image
+
+    ious: dict[int, list[float]] = {}
+    for image_id in coco_gt.getImgIds()[:max_images]:
+        anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_id, iscrowd=False))
+        if not anns:
+            continue
+        info = coco_gt.imgs[image_id]
+        array = np.asarray(Image.open(images / info["file_name"]).convert("RGB"))
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
+                         dtype=np.float32)
+        pred = segmenter.predict(array, boxes=boxes)
+        for ann, mask in zip(anns, pred.masks):
+            truth = coco_gt.annToMask(ann).astype(bool)
+            mask = np.asarray(mask, dtype=bool)
+            union = (truth | mask).sum()
+            ious.setdefault(ann["category_id"], []).append(
+                float((truth & mask).sum() / union) if union else 1.0)
+    return ious
+
+
+def evaluate(checkpoint: str, annotations: Path, images: Path,
+             max_images: int | None) -> dict[str, Any]:
+    from pycocotools.coco import COCO
+
+    from serving import Segmenter
+    from training.evaluate import predict_dataset
+
+    segmenter = Segmenter.from_checkpoint(checkpoint, device="cpu")
+    category_ids = segmenter.info.get("extra", {}).get("category_ids")
+    coco_gt = COCO(str(annotations))
+    results = predict_dataset(segmenter, annotations, images, category_ids, max_images,
+                              progress=False)
+    if max_images is not None:
+        coco_gt.imgs = {i: coco_gt.imgs[i] for i in coco_gt.getImgIds()[:max_images]}
+    ap = per_class_ap(coco_gt, results)
+    ious = prompted_iou(segmenter, coco_gt, images, max_images)
+    names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
+    return {"checkpoint": checkpoint,
+            "classes": {names[c]: {"mask_ap": ap.get(c, float("nan")),
+                                   "prompted_miou": float(np.mean(ious[c])) if c in ious
+                                   else float("nan"), "instances": len(ious.get(c, []))}
+                        for c in sorted(names)},
+            "prompted_miou": float(np.mean([x for v in ious.values() for x in v]))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--dataset", default="synthetic", choices=("synthetic", "nuclei"))
+    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--name", default=None, help="results name (default per_class_<dataset>)")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    from training.config import load_config
+
+    cfg = load_config(ROOT / "configs" / f"bench_{args.dataset}.yaml")
+    annotations, images = ROOT / cfg.data.val_json, ROOT / cfg.data.val_images
+    runs = [evaluate(c, annotations, images, args.max_images) for c in args.checkpoints]
+    classes = list(runs[0]["classes"])
+    head = "| checkpoint | " + " | ".join(classes) + " | all (prompted) |"
+    lines = [f"# Per-class mask AP and GT-box-prompted mask IoU ({args.dataset})", "",
+             "Command: `python benchmarks/per_class.py " + " ".join(
+                 argv if argv is not None else sys.argv[1:]) + "`", "",
+             "Each cell: mask AP (automatic mode) / mean IoU of the mask predicted from the "
+             "ground-truth box.", "", head, "|" + "---|" * (len(classes) + 2)]
+    for run in runs:
+        cells = [f"{run['classes'][c]['mask_ap']:.1f} / {run['classes'][c]['prompted_miou']:.3f}"
+                 for c in classes]
+        lines.append(f"| `{run['checkpoint']}` | " + " | ".join(cells) +
+                     f" | {run['prompted_miou']:.3f} |")
+    name = args.name or f"per_class_{args.dataset}"
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(runs, indent=2))
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
