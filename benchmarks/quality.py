@@ -46,6 +46,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "alpha1": ("sim alpha 1", ["sim.alpha=1.0"]),
     # Investigation row: the paper's temperature (our default is 1, docs/training_notes.md).
     "tau01": ("sim tau 0.1 (paper)", ["sim.tau=0.1"]),
+    # Investigation row: prototypes fed from the pseudo mask (paper) instead of M_I > 0.7.
+    "protopseudo": ("sim, prototypes from the pseudo mask (paper)",
+                    ["sim.prototype_pixels=pseudo"]),
 }
 FULL_ROW = "mask"
 DATASETS = {"synthetic": "configs/bench_synthetic.yaml", "nuclei": "configs/bench_nuclei.yaml"}
