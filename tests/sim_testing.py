@@ -35,3 +35,31 @@ def make_tiny_checkpoint(path, seed: int = 0, detections: bool = True,
     infer = InferenceConfig(min_size=min_size, max_size=max_size, max_detections=20)
     save_checkpoint(path, model, cfg, list(TINY_CLASSES), infer)
     return path
+
+
+def run_two_processes(fn):
+    """Run ``fn(rank, all_reduce_sum)`` for ranks 0 and 1 in two threads whose barrier-based
+    ``all_reduce_sum`` sums a tensor over both, like ``torch.distributed.all_reduce`` over two
+    processes. Returns ``[result of rank 0, result of rank 1]``."""
+    import threading
+
+    slots: list = [None, None]
+    results: list = [None, None]
+    barrier = threading.Barrier(2)
+
+    def worker(rank: int) -> None:
+        def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+
+        results[rank] = fn(rank, all_reduce_sum)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

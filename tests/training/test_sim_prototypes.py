@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 import math
-import threading
 
 import torch
+from sim_testing import run_two_processes
 
 from training.sim.prototypes import PrototypeMemory, l2_normalize_vectors
 
@@ -86,27 +86,6 @@ def test_empty_update_is_noop() -> None:
     assert out.shape == (0,) and torch.equal(mem.prototypes, before)
 
 
-def _run_two_processes(fn) -> list:
-    slots: list = [None, None]
-    results: list = [None, None]
-    barrier = threading.Barrier(2)
-
-    def worker(rank: int) -> None:
-        def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-            slots[rank] = t.clone()
-            barrier.wait()
-            total = slots[0] + slots[1]
-            barrier.wait()
-            return total
-
-        results[rank] = fn(rank, all_reduce_sum)
-
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 def _clustered_pixels(seed: int) -> tuple[torch.Tensor, torch.Tensor, PrototypeMemory]:
@@ -132,7 +111,7 @@ def test_distributed_update_equals_single_process() -> None:
         mem.update(feats[idx], labels[idx], all_reduce_sum=all_reduce_sum)
         return mem.prototypes
 
-    p0, p1 = _run_two_processes(step)
+    p0, p1 = run_two_processes(step)
     assert torch.equal(p0, p1)
     torch.testing.assert_close(p0, ref.prototypes)
     assert not torch.equal(p0, init)
@@ -150,7 +129,7 @@ def test_distributed_update_with_an_empty_process() -> None:
         mem.update(f, lab, all_reduce_sum=all_reduce_sum)
         return mem.prototypes
 
-    p0, p1 = _run_two_processes(step)
+    p0, p1 = run_two_processes(step)
     assert torch.equal(p0, p1)
     torch.testing.assert_close(p0, ref.prototypes)
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
+from sim_testing import run_two_processes
 
 from training.sim.sinkhorn import hard_assign, sinkhorn_log
 
@@ -104,26 +103,11 @@ def test_distributed_matches_single_process(scale: float) -> None:
     s = _cosine_scores(40, 5, seed=7) * scale
     groups = torch.tensor([0, 1] * 20)
     parts = [(s[:25], groups[:25]), (s[25:], groups[25:])]
-    slots: list[torch.Tensor | None] = [None, None]
-    barrier = threading.Barrier(2)
-    out: list[torch.Tensor | None] = [None, None]
-
-    def worker(rank: int) -> None:
-        def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-            slots[rank] = t.clone()
-            barrier.wait()
-            total = slots[0] + slots[1]
-            barrier.wait()
-            return total
-
+    def step(rank: int, all_reduce_sum):
         x, g = parts[rank]
-        out[rank] = sinkhorn_log(x, groups=g, num_groups=2, all_reduce_sum=all_reduce_sum)
+        return sinkhorn_log(x, groups=g, num_groups=2, all_reduce_sum=all_reduce_sum)
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = run_two_processes(step)
     ref = sinkhorn_log(s, groups=groups, num_groups=2)
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[1]).all()
     torch.testing.assert_close(torch.cat([out[0], out[1]]), ref)
