@@ -32,6 +32,14 @@ EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 3, 130
 T = TypeVar("T")
 
 
+def run_exit_code(interrupted: bool, *problems: object) -> int:
+    """Exit code of a batch run: Ctrl-C wins, then any failed or rejected input (truthy
+    ``problems``: lists or counts) makes it partial, else OK."""
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_PARTIAL if any(problems) else EXIT_OK
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The options ``predict`` and ``label`` share: batching, device, decoding, resuming."""
     parser.add_argument("--batch-size", type=int, default=4, metavar="N")

@@ -38,8 +38,6 @@ import numpy as np
 from .cli_common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_PARTIAL,
     ProgressLog,
     add_run_options,
     check_image_size,
@@ -51,6 +49,7 @@ from .cli_common import (
     read_coco_json,
     report,
     run_batch,
+    run_exit_code,
     write_json,
 )
 from .errors import BoxError, InputError, SimError
@@ -72,9 +71,7 @@ class LabelSummary:
 
     @property
     def exit_code(self) -> int:
-        if self.interrupted:
-            return EXIT_INTERRUPTED
-        return EXIT_PARTIAL if self.failed_images or self.rejected else EXIT_OK
+        return run_exit_code(self.interrupted, self.failed_images, self.rejected)
 
 
 def _encode(mask: np.ndarray, fmt: str) -> tuple[Any, bool]:

@@ -33,8 +33,6 @@ from PIL import Image
 from .cli_common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_PARTIAL,
     ImageFile,
     ProgressLog,
     add_run_options,
@@ -48,6 +46,7 @@ from .cli_common import (
     read_coco_json,
     report,
     run_batch,
+    run_exit_code,
     write_json,
 )
 from .errors import BoxError, ImageError, InputError, SimError
@@ -74,9 +73,7 @@ class PredictSummary:
 
     @property
     def exit_code(self) -> int:
-        if self.interrupted:
-            return EXIT_INTERRUPTED
-        return EXIT_PARTIAL if self.failed or self.rejected_boxes else EXIT_OK
+        return run_exit_code(self.interrupted, self.failed, self.rejected_boxes)
 
 
 def _norm_name(file_name: str) -> str:
