@@ -17,6 +17,11 @@ about 1.7x the throughput of one 2-thread run). Writes ``benchmarks/results/qual
 ``.json`` and ``.md`` and, from the first SIM run of each dataset, ``sim_maps_<dataset>.png``
 (M_S, M_I and the pseudo mask next to the ground truth, see ``benchmarks/sim_figure.py``).
 Per-run folders go under ``runs/bench/``. Rows never run are never reported.
+
+Every run with SIM also reports ``M_S AUC`` (``benchmarks/sim_figure.py:
+semantic_separability``): how well the teacher's features rank object above background pixels
+inside the validation boxes through the learned prototypes, next to two oracles. Per-class AP
+of the resulting checkpoints: ``benchmarks/per_class.py``.
 """
 
 from __future__ import annotations
