@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -23,6 +23,9 @@ from serving.errors import SimError
 from serving.model import CondInst
 
 from .data.coco import CocoIndex
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 
 def predict_dataset(segmenter: Segmenter, annotations: str | Path, images: str | Path,
@@ -76,10 +79,11 @@ def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images:
     return _percent(evaluate_coco(_ground_truth(annotations, max_images), results))
 
 
-def evaluate_untrained(cfg: Any, path: str | Path) -> dict[str, float]:
+def evaluate_untrained(cfg: TrainConfig, path: str | Path) -> dict[str, float]:
     """Mask and box AP (percent) of ``cfg``'s architecture before training (ImageNet backbone,
     random heads), saved as a checkpoint at ``path`` and evaluated on ``cfg.data``'s val split:
-    the floor that trained models are compared with. ``cfg`` is a ``TrainConfig``."""
+    the floor that trained models are compared with. Sets ``cfg.model.num_classes`` from the
+    training data."""
     from serving.checkpoint import save_checkpoint
     from serving.model import build_condinst
 
