@@ -50,6 +50,8 @@ def prompted_iou(segmenter: Any, coco_gt: Any, images: Path,
     """IoU of each ground-truth instance's mask predicted from its own box, per category id."""
     from PIL import Image
 
+    from export.verify import mask_iou
+
     ious: dict[int, list[float]] = {}
     for image_id in coco_gt.getImgIds()[:max_images]:
         anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_id, iscrowd=False))
@@ -61,11 +63,8 @@ def prompted_iou(segmenter: Any, coco_gt: Any, images: Path,
                          dtype=np.float32)
         pred = segmenter.predict(array, boxes=boxes)
         for ann, mask in zip(anns, pred.masks):
-            truth = coco_gt.annToMask(ann).astype(bool)
-            mask = np.asarray(mask, dtype=bool)
-            union = (truth | mask).sum()
             ious.setdefault(ann["category_id"], []).append(
-                float((truth & mask).sum() / union) if union else 1.0)
+                mask_iou(coco_gt.annToMask(ann).astype(bool), np.asarray(mask, dtype=bool)))
     return ious
 
 
