@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from scipy.stats import mannwhitneyu
 
 from serving.model import CondInst
 from training.config import TrainConfig
@@ -45,18 +46,9 @@ def _val_data(cfg: TrainConfig) -> CocoInstanceDataset:
 
 def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     """Area under the ROC curve of scores ``pos`` (positives) vs ``neg``: the probability that
-    a random positive outscores a random negative (Mann-Whitney U, ties counted half)."""
-    scores = torch.cat([pos, neg]).double()
-    # Average ranks of tied values (so ties count half), from the sorted order.
-    order = scores.argsort()
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    uniq, inverse = torch.unique(scores, return_inverse=True)
-    mean_rank = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
-    mean_rank /= torch.bincount(inverse, minlength=len(uniq)).double()
-    n_pos, n_neg = len(pos), len(neg)
-    u = mean_rank[inverse[:n_pos]].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
+    a random positive outscores a random negative, ties counted half (Mann-Whitney U / n1 n2)."""
+    u = mannwhitneyu(pos.double().cpu().numpy(), neg.double().cpu().numpy()).statistic
+    return float(u / (len(pos) * len(neg)))
 
 
 @torch.no_grad()
