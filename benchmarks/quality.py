@@ -145,8 +145,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out[key] = statistics.fmean(values)
         out[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out[key + "_runs"] = values
-    seps = [r["separability"] for r in runs if r.get("separability", {}) and
-            r["separability"].get("instances")]
+    seps = [r["separability"] for r in runs if (r.get("separability") or {}).get("instances")]
     if seps:
         out["separability"] = {k: statistics.fmean(x[k] for x in seps)
                                for k in ("prototypes", "oracle_class", "oracle_instance")}
