@@ -27,6 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.quality import DATASETS, dataset_config  # noqa: E402
+
 
 def per_class_ap(coco_gt: Any, results: list[dict[str, Any]]) -> dict[int, float]:
     """Mask AP (percent, IoU 0.50:0.95, all areas, 100 detections) per category id."""
@@ -96,16 +98,14 @@ def evaluate(checkpoint: str, annotations: Path, images: Path,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+")
-    parser.add_argument("--dataset", default="synthetic", choices=("synthetic", "nuclei"))
+    parser.add_argument("--dataset", default="synthetic", choices=list(DATASETS))
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--name", default=None, help="results name (default per_class_<dataset>)")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    from training.config import load_config
-
-    cfg = load_config(ROOT / "configs" / f"bench_{args.dataset}.yaml")
+    cfg = dataset_config(args.dataset)
     annotations, images = ROOT / cfg.data.val_json, ROOT / cfg.data.val_images
     runs = [evaluate(c, annotations, images, args.max_images) for c in args.checkpoints]
     classes = list(runs[0]["classes"])

@@ -42,6 +42,8 @@ class DataConfig:
     synthetic_images: int = 0
     synthetic_size: int = 320
     synthetic_seed: int = 0
+    #: "shared" (default) or "distinct" (diagnostic variant, training/data/synthetic.py).
+    synthetic_background: str = "shared"
     min_sizes: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
     max_size: int = 1333
     flip_prob: float = 0.5
@@ -158,6 +160,9 @@ class TrainConfig:
             raise ConfigError(f"supervision={self.supervision!r}: use 'box' or 'mask'")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use no, bf16 or fp16")
+        if self.data.synthetic_background not in ("shared", "distinct"):
+            raise ConfigError(f"data.synthetic_background={self.data.synthetic_background!r}: "
+                              "use shared or distinct")
         if self.sim.prototype_pixels not in ("instance", "pseudo"):
             raise ConfigError(f"sim.prototype_pixels={self.sim.prototype_pixels!r}: use "
                               "'instance' (M_I > threshold) or 'pseudo' (the pseudo mask)")

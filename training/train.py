@@ -57,7 +57,7 @@ def _prepare_data(cfg: TrainConfig, accelerator: Accelerator) -> None:
         from .data.synthetic import generate_dataset
 
         generate_dataset(train_json.parent, cfg.data.synthetic_images, seed=cfg.data.synthetic_seed,
-                         size=cfg.data.synthetic_size)
+                         size=cfg.data.synthetic_size, background=cfg.data.synthetic_background)
     accelerator.wait_for_everyone()
 
 

@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.quality import FULL_ROWS, QUICK_ROWS, ROWS, markdown, summarise
+from benchmarks.quality import (
+    DATASETS,
+    DEFAULT_DATASETS,
+    FULL_ROWS,
+    QUICK_ITERS,
+    QUICK_ROWS,
+    ROWS,
+    dataset_config,
+    markdown,
+    summarise,
+)
 from training.config import load_config
 
 BENCH_SYNTHETIC = Path(__file__).resolve().parents[2] / "configs" / "bench_synthetic.yaml"
@@ -78,3 +88,21 @@ def test_every_row_is_a_valid_config(key: str) -> None:
         assert cfg.sim.enabled and cfg.sim.pseudo_loss
         assert cfg.sim.copy_paste == (key != "pseudo")
     assert set(QUICK_ROWS["synthetic"]) <= set(FULL_ROWS["synthetic"]) == set(ROWS)
+
+
+def test_datasets_resolve_to_their_own_data() -> None:
+    """Each dataset's config points at its own files; the diagnostic variant differs from the
+    default synthetic data only by its folder and background, and is not in the default run."""
+    configs = {name: dataset_config(name) for name in DATASETS}
+    folders = {name: Path(cfg.data.train_json).parent for name, cfg in configs.items()}
+    assert len(set(folders.values())) == len(DATASETS)
+    for name, cfg in configs.items():
+        assert Path(cfg.data.val_json).parent == folders[name]
+        assert set(QUICK_ROWS[name]) <= set(FULL_ROWS[name]) and name in QUICK_ITERS
+    default, variant = configs["synthetic"], configs["synthetic_distinct"]
+    assert default.data.synthetic_background == "shared"
+    assert variant.data.synthetic_background == "distinct"
+    assert (variant.model, variant.optim, variant.sim) == (default.model, default.optim,
+                                                           default.sim)
+    assert "synthetic_distinct" not in DEFAULT_DATASETS
+    assert dataset_config("synthetic_distinct", ["optim.max_iter=7"]).optim.max_iter == 7

@@ -34,6 +34,16 @@ PALETTE = np.array(
      [150, 70, 170], [60, 190, 200], [235, 235, 230], [40, 40, 45]],
     dtype=np.uint8,
 )
+#: Background colours of the ``"distinct"`` variant: muted tones that no object uses.
+BACKGROUND_PALETTE = np.array(
+    [[128, 118, 108], [96, 104, 112], [150, 138, 118], [104, 118, 100],
+     [132, 104, 96], [84, 84, 96], [170, 160, 156], [112, 96, 124]],
+    dtype=np.uint8,
+)
+#: Background variants: ``"shared"`` (the default: clutter in the objects' palette and texture
+#: vocabulary) and ``"distinct"`` (a diagnostic: the same images, objects and clutter geometry,
+#: but the clutter drawn in ``BACKGROUND_PALETTE`` and untextured).
+BACKGROUNDS = ("shared", "distinct")
 #: Category names; category id = index + 1.
 CLASSES = ("disc", "ring", "triangle", "cross", "crescent", "l_shape")
 #: Per class: (texture kind, parameter) -- the class's texture identity in the image frame.
@@ -105,12 +115,12 @@ def _pattern(kind: str, param: tuple[float, float], grid: Grid, phase: float,
 
 
 def _paint(image: np.ndarray, y0: int, x0: int, mask: np.ndarray, texture: np.ndarray,
-           colours: tuple[int, int]) -> None:
+           colours: tuple[int, int], palette: np.ndarray = PALETTE) -> None:
     """Write two palette colours into ``image`` (H, W, 3) under ``mask`` at offset (y0, x0)."""
     h, w = mask.shape
     crop = image[y0:y0 + h, x0:x0 + w]
-    crop[mask & ~texture] = PALETTE[colours[0]]
-    crop[mask & texture] = PALETTE[colours[1]]
+    crop[mask & ~texture] = palette[colours[0]]
+    crop[mask & texture] = palette[colours[1]]
 
 
 def _local_grid(cx: float, cy: float, half: float, size: int) -> tuple[int, int, Grid] | None:
@@ -128,13 +138,19 @@ def _two_colours(rng: np.random.Generator) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Cluttered background (size, size, 3) uint8: palette patches, lines, blobs, textures."""
-    base = tuple(int(c) for c in PALETTE[rng.integers(len(PALETTE))])
+def _background(rng: np.random.Generator, size: int, background: str = "shared") -> np.ndarray:
+    """Cluttered background (size, size, 3) uint8: palette patches, lines, blobs, textures.
+
+    ``background="distinct"`` draws the same clutter (the random stream is consumed identically,
+    so the objects drawn afterwards are unchanged) in ``BACKGROUND_PALETTE``, textures solid.
+    """
+    distinct = background == "distinct"
+    palette = BACKGROUND_PALETTE if distinct else PALETTE
+    base = tuple(int(c) for c in palette[rng.integers(len(palette))])
     canvas = Image.new("RGB", (size, size), base)
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(10, 22))):
-        colour = tuple(int(c) for c in PALETTE[rng.integers(len(PALETTE))])
+        colour = tuple(int(c) for c in palette[rng.integers(len(palette))])
         x, y = rng.uniform(-0.1, 1.1, size=2) * size
         w, h = rng.uniform(0.03, 0.35, size=2) * size
         kind = rng.integers(3)
@@ -160,13 +176,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         if kind == "stripes":
             param = (float(rng.uniform(0, 180)), float(rng.uniform(3, 10)))
         texture = _pattern(kind, param, grid, float(rng.uniform()), mask)
-        _paint(image, y0, x0, mask, texture, _two_colours(rng))
+        colours = _two_colours(rng)
+        _paint(image, y0, x0, mask, texture & (not distinct), colours, palette)
     return image
 
 
-def generate_image(seed: int, index: int, size: int = 320
+def generate_image(seed: int, index: int, size: int = 320, background: str = "shared"
                    ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
-    """Render image ``index`` of the dataset with ``seed``.
+    """Render image ``index`` of the dataset with ``seed`` (``background``: see BACKGROUNDS).
 
     Returns:
         image: (size, size, 3) uint8 RGB.
@@ -174,7 +191,7 @@ def generate_image(seed: int, index: int, size: int = 320
             only those with at least 20% of their in-image area and 16 pixels visible.
     """
     rng = np.random.default_rng([seed, index])
-    image = _background(rng, size)
+    image = _background(rng, size, background)
     owner = np.full((size, size), -1, dtype=np.int16)
     drawn: list[tuple[int, float, float, float, int, int, np.ndarray]] = []
     for k in range(int(rng.integers(3, 9))):
@@ -233,7 +250,8 @@ def _annotation(ann_id: int, image_id: int, category_id: int, mask: np.ndarray,
 
 
 def generate_dataset(out_dir: str | Path, num_images: int, seed: int, size: int = 320,
-                     val_fraction: float = 0.2, verbose: bool = False) -> dict[str, Path]:
+                     val_fraction: float = 0.2, verbose: bool = False,
+                     background: str = "shared") -> dict[str, Path]:
     """Write ``out_dir/images/NNNNNN.png``, ``out_dir/train.json`` and ``out_dir/val.json``.
 
     Image ``i`` is ``images/{i:06d}.png`` with COCO image id ``i + 1``; annotation ids are unique
@@ -242,7 +260,8 @@ def generate_dataset(out_dir: str | Path, num_images: int, seed: int, size: int 
     Returns:
         ``{"root", "images", "train", "val"}`` -> paths.
     Raises:
-        InputError: a non-positive image count, a size below 64 or a fraction outside [0, 1).
+        InputError: a non-positive image count, a size below 64, a fraction outside [0, 1)
+            or an unknown background.
     """
     from pycocotools import mask as mask_utils
 
@@ -250,6 +269,8 @@ def generate_dataset(out_dir: str | Path, num_images: int, seed: int, size: int 
         raise InputError(f"--images {num_images}: pass at least 1 image")
     if size < 64:
         raise InputError(f"--size {size}: pass an image side of at least 64 pixels")
+    if background not in BACKGROUNDS:
+        raise InputError(f"--background {background!r}: use one of {', '.join(BACKGROUNDS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(f"--val-fraction {val_fraction}: pass a value in [0, 1)")
     start = time.perf_counter()
@@ -266,7 +287,7 @@ def generate_dataset(out_dir: str | Path, num_images: int, seed: int, size: int 
     per_class = [0] * len(CLASSES)
     ann_id = 1
     for i in range(num_images):
-        image, instances = generate_image(seed, i, size)
+        image, instances = generate_image(seed, i, size, background)
         name = f"{i:06d}.png"
         Image.fromarray(image).save(image_dir / name, compress_level=1)
         split = splits["val" if i in val_set else "train"]
@@ -281,7 +302,7 @@ def generate_dataset(out_dir: str | Path, num_images: int, seed: int, size: int 
     paths = {"root": root, "images": image_dir}
     for name, split in splits.items():
         coco = {"info": {"description": "sim-boxseg synthetic shapes", "seed": seed,
-                         "size": size, "split": name},
+                         "size": size, "background": background, "split": name},
                 "images": split["images"], "annotations": split["annotations"],
                 "categories": categories}
         paths[name] = root / f"{name}.json"
@@ -302,10 +323,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=320, help="image side in pixels")
     parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--background", default="shared", choices=BACKGROUNDS,
+                        help="shared: clutter in the objects' colours and textures (default); "
+                             "distinct: the same clutter in muted colours no object uses "
+                             "(a diagnostic variant)")
     args = parser.parse_args(argv)
     try:
         generate_dataset(args.out, args.images, args.seed, args.size, args.val_fraction,
-                         verbose=True)
+                         verbose=True, background=args.background)
     except SimError as exc:
         raise SystemExit(f"error: {exc}") from None
 
