@@ -8,6 +8,11 @@ each checkpoint and each class of a dataset's validation split it reports:
   *ground-truth box* is the prompt (``Segmenter.predict(image, boxes=...)``, the auto-labelling
   path). Detection errors are out of this number: it measures the masks alone.
 
+With ``--features`` it also reports how well each model's mask features separate object from
+background pixels inside the boxes (``benchmarks/sim_figure.py: feature_separability``, oracle
+class and instance prototypes, AUC): the feature space SIM's M_S is built on, compared across
+supervisions.
+
     python benchmarks/per_class.py --dataset synthetic \\
         runs/bench/synthetic/{mask,boxinst,sim}/s0/model_final.safetensors
 
@@ -101,13 +106,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="synthetic", choices=list(DATASETS))
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--name", default=None, help="results name (default per_class_<dataset>)")
+    parser.add_argument("--features", action="store_true",
+                        help="also the separability (AUC) of each model's mask features")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     cfg = dataset_config(args.dataset)
     annotations, images = ROOT / cfg.data.val_json, ROOT / cfg.data.val_images
+    cfg.data.val_json, cfg.data.val_images = str(annotations), str(images)
     runs = [evaluate(c, annotations, images, args.max_images) for c in args.checkpoints]
+    if args.features:
+        from benchmarks.sim_figure import feature_separability
+        from serving.checkpoint import load_checkpoint
+
+        for run in runs:
+            model = load_checkpoint(run["checkpoint"])[0].eval()
+            run["features"] = feature_separability(model, cfg)
     classes = list(runs[0]["classes"])
     head = "| checkpoint | " + " | ".join(classes) + " | all (prompted) |"
     lines = [f"# Per-class mask AP and GT-box-prompted mask IoU ({args.dataset})", "",
@@ -120,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                  for c in classes]
         lines.append(f"| `{run['checkpoint']}` | " + " | ".join(cells) +
                      f" | {run['prompted_miou']:.3f} |")
+    if args.features:
+        lines += ["", "Mask-feature separability inside the boxes (AUC; oracle prototype per "
+                  "class / per instance, `feature_separability`):", "",
+                  "| checkpoint | instances | oracle class | oracle instance |",
+                  "|---|---|---|---|"]
+        lines += [f"| `{r['checkpoint']}` | {r['features']['instances']} | "
+                  f"{r['features'].get('oracle_class', float('nan')):.3f} | "
+                  f"{r['features'].get('oracle_instance', float('nan')):.3f} |" for r in runs]
     name = args.name or f"per_class_{args.dataset}"
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

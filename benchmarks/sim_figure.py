@@ -51,28 +51,40 @@ def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     return float(u / (len(pos) * len(neg)))
 
 
-@torch.no_grad()
 def semantic_separability(sim: SIMState, cfg: TrainConfig, max_images: int = 40,
                           batch_size: int = 8, min_pixels: int = 3) -> dict[str, float]:
-    """How well the teacher's mask features separate object from background inside boxes.
+    """How well the SIM teacher's mask features separate object from background inside boxes,
+    through its learned class prototypes and two oracles: :func:`feature_separability` of
+    ``sim.teacher`` with ``sim.prototypes``."""
+    return feature_separability(sim.teacher.module, cfg, sim.prototypes.prototypes, max_images,
+                                batch_size, min_pixels)
 
-    For every validation instance, the pixels of its box on the stride-4 grid are split by the
-    ground-truth mask into object and background, and three scores of the teacher's
-    L2-normalised features ``z`` are compared by their AUC (mean over instances):
 
-    - ``prototypes``: ``max_l cos(z, p_{c,l})``, the learned class prototypes (what M_S ranks
-      by; M_S = sigmoid of it over tau);
+@torch.no_grad()
+def feature_separability(model: CondInst, cfg: TrainConfig,
+                         prototypes: torch.Tensor | None = None, max_images: int = 40,
+                         batch_size: int = 8, min_pixels: int = 3) -> dict[str, float]:
+    """How well a model's mask features separate object from background inside boxes.
+
+    For every validation instance (``cfg.data.val_*``, resized as at inference), the pixels of
+    its box on the stride-4 grid are split by the ground-truth mask into object and background,
+    and scores of the model's L2-normalised, upsampled mask features ``z`` are compared by their
+    AUC (mean over instances):
+
+    - ``prototypes`` (only when ``prototypes`` ``(C, L, D)`` are given): ``max_l cos(z, p_{c,l})``,
+      what SIM's M_S ranks by (M_S = sigmoid of it over tau);
     - ``oracle_class``: ``cos(z, mean object feature of class c)`` over all validation
       instances of the class: the best a single class prototype could do;
     - ``oracle_instance``: ``cos(z, mean object feature of this instance)``: an upper bound for
       any prototype, which tells whether the features separate the pixels at all.
 
-    An AUC of 0.5 means M_S carries no information inside the box, 1.0 a perfect ranking.
+    An AUC of 0.5 means the score carries no information inside the box, 1.0 a perfect ranking.
+    Works for any CondInst (SIM teacher, BoxInst or fully supervised model), so the feature
+    spaces of differently supervised models can be compared.
     """
-    teacher = sim.teacher.module
-    device = sim.prototypes.prototypes.device
+    device = next(iter(model.parameters()), torch.empty(0)).device
     data = _val_data(cfg)
-    protos = l2_normalize_vectors(sim.prototypes.prototypes.float(), dim=-1)
+    protos = None if prototypes is None else l2_normalize_vectors(prototypes.float(), dim=-1)
     records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (class, object, background)
     proto_auc: list[float] = []
     n_img = min(max_images, len(data))
@@ -81,7 +93,7 @@ def semantic_separability(sim: SIMState, cfg: TrainConfig, max_images: int = 40,
         batch = batch.to(device)
         height, width = batch.images.shape[-2:]
         targets = targets_from_batch(batch.boxes, batch.labels, height, width)
-        out = teacher(teacher.normalize(batch.images, batch.valid), with_classes=False)
+        out = model(model.normalize(batch.images, batch.valid), with_classes=False)
         z = l2_normalize_vectors(upsample_features(out.mask_feats.float()), dim=1)
         h, w = z.shape[-2:]
         for b, (boxes, labels, masks) in enumerate(zip(targets.box_masks, batch.labels,
@@ -93,8 +105,9 @@ def semantic_separability(sim: SIMState, cfg: TrainConfig, max_images: int = 40,
                 if int(obj_px.sum()) < min_pixels or int(bg_px.sum()) < min_pixels:
                     continue
                 obj, bg = z[b][:, obj_px].T, z[b][:, bg_px].T  # (n, D)
-                p = protos[label]  # (L, D)
-                proto_auc.append(auc((obj @ p.T).amax(1), (bg @ p.T).amax(1)))
+                if protos is not None:
+                    p = protos[label]  # (L, D)
+                    proto_auc.append(auc((obj @ p.T).amax(1), (bg @ p.T).amax(1)))
                 records.append((label, obj, bg))
     if not records:
         return {"instances": 0}
@@ -105,9 +118,11 @@ def semantic_separability(sim: SIMState, cfg: TrainConfig, max_images: int = 40,
     for _, o, g in records:
         centre = l2_normalize_vectors(o.mean(0), dim=0)
         oracle_inst.append(auc(o @ centre, g @ centre))
-    return {"instances": len(records), "prototypes": float(np.mean(proto_auc)),
-            "oracle_class": float(np.mean(oracle_class)),
-            "oracle_instance": float(np.mean(oracle_inst))}
+    result = {"instances": len(records), "oracle_class": float(np.mean(oracle_class)),
+              "oracle_instance": float(np.mean(oracle_inst))}
+    if protos is not None:
+        result["prototypes"] = float(np.mean(proto_auc))
+    return result
 
 
 def _crop(array: np.ndarray, box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -134,7 +149,7 @@ def render_sim_maps(model: CondInst, sim: SIMState, cfg: TrainConfig, out_png: s
     The validation masks are read for the last column only; M_S, M_I and the pseudo mask are
     computed from boxes, exactly as in a training step (``compute_sim_maps``).
     """
-    device = next(model.parameters()).device
+    device = next(iter(model.parameters()), torch.empty(0)).device
     data = _val_data(cfg)
     n_img = min(max_images, len(data))
     batch = collate([data[i] for i in range(n_img)]).to(device)

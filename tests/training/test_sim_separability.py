@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import nn
 
-from benchmarks.sim_figure import auc, semantic_separability
+from benchmarks.sim_figure import auc, feature_separability, semantic_separability
 from training.config import TrainConfig
 
 
@@ -85,3 +85,14 @@ def test_separability_of_features_that_are_the_colour(tmp_path: Path, prototype:
     # than every background pixel of the box, up to the blurred rim.
     assert sep["prototypes"] == pytest.approx(expected, abs=0.03)
     assert sep["oracle_class"] > 0.97 and sep["oracle_instance"] > 0.97
+
+
+def test_feature_separability_without_prototypes_gives_the_oracles(tmp_path: Path) -> None:
+    """Any model's features (here BoxInst's or a fully supervised model's stand-in): the oracle
+    AUCs only, equal to those of the SIM path on the same features."""
+    cfg = _red_discs_on_blue(tmp_path)
+    sep = feature_separability(_ColourTeacher(), cfg)
+    assert "prototypes" not in sep and sep["instances"] == 2
+    with_protos = feature_separability(_ColourTeacher(), cfg, torch.ones(1, 10, 16))
+    assert sep["oracle_class"] == with_protos["oracle_class"] > 0.97
+    assert sep["oracle_instance"] == with_protos["oracle_instance"] > 0.97
