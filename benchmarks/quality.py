@@ -11,6 +11,7 @@ ImageNet backbone, random heads) is evaluated too.
     python benchmarks/quality.py                 # FULL_ROWS, 2 seeds, both datasets (~1.5 h)
     python benchmarks/quality.py --quick         # fewer rows and iterations, 1 seed (< 20 min)
     python benchmarks/quality.py --rows boxinst sim --datasets synthetic --seeds 0 1 2
+    python benchmarks/quality.py --rows boxinst sim --set model.mask_branch_convs=4 --name wide
 
 Runs go to ``--workers`` processes (default 2, one thread each: on a 2-core machine this is
 about 1.7x the throughput of one 2-thread run). Writes ``benchmarks/results/quality[_quick]``
@@ -235,12 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-seed", nargs="+", default=[], choices=list(ROWS),
                         metavar="ROW", help="rows that run with the first seed only")
     parser.add_argument("--iters", type=int, default=None, help="override optim.max_iter")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every row, e.g. model.mask_branch_convs=4")
     parser.add_argument("--workers", type=int, default=2, help="parallel training processes")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--name", default=None, help="results file name (default quality"
                                                      "[_quick])")
     args = parser.parse_args(argv)
     from benchmarks.common import cpu_model
+    from training.config import ConfigError
 
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     out = str(ROOT / args.out)
@@ -255,13 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     jobs = []
     for dataset in args.datasets:
+        iters = args.iters or (QUICK_ITERS[dataset] if args.quick else None)
+        extra = [f"optim.max_iter={iters}", f"optim.steps=[{int(iters * 0.85)}]"] if iters else []
+        extra += args.set
+        try:  # a bad --set fails here, before any data is made or any run starts
+            cfg = dataset_config(dataset, extra)
+        except ConfigError as exc:
+            parser.error(str(exc))
         prepare_dataset(dataset)
         rows = (QUICK_ROWS if args.quick else FULL_ROWS)[dataset]
         if args.rows:  # a selection, within the rows that belong to the dataset
             rows = [r for r in args.rows if r in FULL_ROWS[dataset]]
-        iters = args.iters or (QUICK_ITERS[dataset] if args.quick else None)
-        extra = [f"optim.max_iter={iters}", f"optim.steps=[{int(iters * 0.85)}]"] if iters else []
-        cfg = dataset_config(dataset, extra)
         figure = None
         if "sim" in rows:
             figure = f"benchmarks/results/sim_maps_{dataset}{_suffix(name)}.png"

@@ -16,6 +16,7 @@ from benchmarks.quality import (
     QUICK_ROWS,
     ROWS,
     dataset_config,
+    main,
     markdown,
     summarise,
 )
@@ -106,3 +107,13 @@ def test_datasets_resolve_to_their_own_data() -> None:
                                                            default.sim)
     assert "synthetic_distinct" not in DEFAULT_DATASETS
     assert dataset_config("synthetic_distinct", ["optim.max_iter=7"]).optim.max_iter == 7
+
+
+def test_bad_set_override_fails_before_any_work(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--datasets", "synthetic_distinct", "--set", "model.mask_branch_conv=4",
+              "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "unknown config key 'model.mask_branch_conv'" in err
+    assert not any(tmp_path.iterdir())
