@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from benchmarks.per_class import per_class_ap
+from benchmarks.per_class import palette_separability, per_class_ap
+from training.data.synthetic import BACKGROUND_PALETTE, PALETTE
 
 
 def _rle(mask: np.ndarray) -> dict:
@@ -39,3 +43,27 @@ def test_per_class_ap_perfect_missing_and_half() -> None:
     assert ap[1] == pytest.approx(100.0)  # exact mask
     assert ap[2] == 0.0  # nothing detected
     assert ap[3] == 0.0  # detected, but below every IoU threshold
+
+
+@pytest.mark.parametrize(("object_colour", "background_colour", "expected"), [
+    (PALETTE[0], BACKGROUND_PALETTE[3], 1.0),  # colour tells them apart
+    (BACKGROUND_PALETTE[3], PALETTE[0], 0.0),  # ... the other way round
+    (PALETTE[0], PALETTE[2], 0.5),  # both object colours (the default data): no information
+])
+def test_palette_separability_known_answers(tmp_path: Path, object_colour: np.ndarray,
+                                            background_colour: np.ndarray,
+                                            expected: float) -> None:
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[:] = background_colour
+    disc = np.hypot(*np.mgrid[-32:32, -32:32]) <= 16
+    rgb[disc] = object_colour
+    Image.fromarray(rgb).save(tmp_path / "0.png")
+    coco = COCO()
+    coco.dataset = {
+        "images": [{"id": 1, "height": 64, "width": 64, "file_name": "0.png"}],
+        "categories": [{"id": 1, "name": "disc"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                         "area": int(disc.sum()), "bbox": [8, 8, 48, 48],
+                         "segmentation": _rle(disc)}]}
+    coco.createIndex()
+    assert palette_separability(coco, tmp_path) == pytest.approx(expected)
