@@ -60,8 +60,14 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     # Investigation row: prototypes fed from the pseudo mask (paper) instead of M_I > 0.7.
     "protopseudo": ("sim, prototypes from the pseudo mask (paper)",
                     ["sim.prototype_pixels=pseudo"]),
+    # Diagnostic row, NOT box supervision: M_S := ground-truth mask (copy-paste off, so compare
+    # with "pseudo"). What SIM's pseudo-mask path can do when the semantic map is right.
+    "oraclems": ("boxinst + pseudo, oracle M_S (diagnostic, reads masks)",
+                 ["sim.copy_paste=false", "sim.oracle_semantic_map=true"]),
 }
 FULL_ROW = "mask"
+#: Rows that read ground-truth masks beyond the fully supervised row: only run when named.
+DIAGNOSTIC_ROWS = {"oraclems"}
 #: Datasets: name -> (config, overrides). ``synthetic_distinct`` is a diagnostic, not part of
 #: the default table: the synthetic images with the background clutter in colours no object uses
 #: (``training/data/synthetic.py: BACKGROUNDS``), to test why SIM gains little on the default.
@@ -92,6 +98,14 @@ def dataset_config(dataset: str, overrides: list[str] | None = None) -> Any:
 
     path, own = DATASETS[dataset]
     return load_config(ROOT / path, own + (overrides or []))
+
+
+def select_rows(dataset: str, quick: bool, requested: list[str] | None) -> list[str]:
+    """Rows to run: the requested ones that belong to the dataset, else its quick or full rows
+    without the diagnostic rows (those read masks and run only when named)."""
+    if requested:
+        return [r for r in requested if r in FULL_ROWS[dataset]]
+    return [r for r in (QUICK_ROWS if quick else FULL_ROWS)[dataset] if r not in DIAGNOSTIC_ROWS]
 
 
 def prepare_dataset(dataset: str) -> None:
@@ -267,9 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             parser.error(str(exc))
         prepare_dataset(dataset)
-        rows = (QUICK_ROWS if args.quick else FULL_ROWS)[dataset]
-        if args.rows:  # a selection, within the rows that belong to the dataset
-            rows = [r for r in args.rows if r in FULL_ROWS[dataset]]
+        rows = select_rows(dataset, args.quick, args.rows)
         figure = None
         if "sim" in rows:
             figure = f"benchmarks/results/sim_maps_{dataset}{_suffix(name)}.png"

@@ -110,6 +110,11 @@ class SIMConfig:
     #: Pixels that update the prototypes: "instance" (the authors' code: M_I >
     #: prototype_pixel_threshold inside the box) or "pseudo" (the paper: the pseudo mask M_hat).
     prototype_pixels: str = "instance"
+    #: Diagnostic only, not box supervision: M_S := the instance's ground-truth mask, so the
+    #: pseudo masks get a perfect semantic map. Loads the training masks; needs copy_paste off
+    #: (pasted instances have no ground truth). Measures what the rest of SIM's pseudo-mask path
+    #: (blend, thresholds, weights, loss) can do when M_S is right (docs/training_notes.md).
+    oracle_semantic_map: bool = False
     #: None: 0.9999 for the paper's 90k iterations, i.e. 1 - 9 / max_iter (a 10k-iteration
     #: EMA horizon scaled with the schedule), clamped to [0.99, 0.9999].
     teacher_momentum: float | None = None
@@ -166,6 +171,9 @@ class TrainConfig:
         if self.sim.prototype_pixels not in ("instance", "pseudo"):
             raise ConfigError(f"sim.prototype_pixels={self.sim.prototype_pixels!r}: use "
                               "'instance' (M_I > threshold) or 'pseudo' (the pseudo mask)")
+        if self.sim.oracle_semantic_map and self.sim.copy_paste:
+            raise ConfigError("sim.oracle_semantic_map=true needs sim.copy_paste=false (pasted "
+                              "instances have no ground-truth mask)")
         if self.optim.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optim.optimizer={self.optim.optimizer!r}: use sgd or adamw")
 

@@ -163,6 +163,10 @@ def compute_sim_maps(sim: SIMState, x: Tensor, pos: Positives, targets: Targets,
     with record_function("sim.semantic_map"):
         feats_t = upsample_features(t_out.mask_feats.float())  # (B, D, h, w) teacher Z'
         m_sem = sim.prototypes.semantic_map(feats_t, pos.gt_labels, pos.gt_image)
+        if cfg.sim.oracle_semantic_map:  # diagnostic: the ground truth as M_S
+            if targets.gt_masks is None:
+                raise ValueError("sim.oracle_semantic_map needs instance masks in the batch")
+            m_sem = torch.cat(targets.gt_masks)[:, 2::4, 2::4][:, :h, :w].float()
     with record_function("sim.pseudo_masks"):
         box_full = torch.cat(targets.box_masks)  # (G, H, W)
         box_s4 = box_full[:, 2::4, 2::4][:, :h, :w]

@@ -92,7 +92,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
     )
     set_seed(cfg.seed)
     _prepare_data(cfg, accelerator)
-    mode = "mask" if cfg.supervision == "mask" else "box"
+    mode = "mask" if _needs_masks(cfg) else "box"
     dataset = CocoInstanceDataset(cfg.data.train_json, cfg.data.train_images, mode=mode)
     if cfg.model.num_classes != dataset.num_classes:
         cfg.model = ModelConfig(**{**config_to_dict(cfg.model), "num_classes": dataset.num_classes})
@@ -201,12 +201,17 @@ def train(cfg: TrainConfig, resume: str | None = None,
     return {"checkpoint": str(final), "metrics": metrics, "step": state.step}
 
 
+def _needs_masks(cfg: TrainConfig) -> bool:
+    """Training reads instance masks: full supervision, or the oracle-M_S diagnostic."""
+    return cfg.supervision == "mask" or (cfg.sim.enabled and cfg.sim.oracle_semantic_map)
+
+
 def _train_step(model, unwrapped, batch, cfg: TrainConfig, step: int, sim: SIMState | None,
                 reduce_mean) -> dict[str, torch.Tensor]:
     """Losses of one batch: copy-paste (SIM), student forward, FCOS + mask + SIM losses."""
     h, w = batch.images.shape[-2:]
     targets = targets_from_batch(batch.boxes, batch.labels, h, w,
-                                 batch.masks if cfg.supervision == "mask" else None)
+                                 batch.masks if _needs_masks(cfg) else None)
     images = batch.images
     if sim is not None:
         with record_function("sim.copy_paste"):

@@ -98,6 +98,7 @@ def test_wrong_types_are_rejected(override: str, where: str) -> None:
     ("mixed_precision=fp8", r"mixed_precision='fp8': use no, bf16 or fp16"),
     ("optim.optimizer=adam", r"optim.optimizer='adam': use sgd or adamw"),
     ("sim.prototype_pixels=box", r"sim.prototype_pixels='box': use 'instance'"),
+    ("sim.oracle_semantic_map=true", r"needs sim.copy_paste=false"),
     ("data.synthetic_background=grey", r"data.synthetic_background='grey': use shared or distinct"),
     ("model.backbone=resnet5", r"model.backbone='resnet5' is unknown"),
     ("optim.lr", r"use key=value"),

@@ -18,6 +18,7 @@ from benchmarks.quality import (
     dataset_config,
     main,
     markdown,
+    select_rows,
     summarise,
 )
 from training.config import load_config
@@ -87,7 +88,8 @@ def test_every_row_is_a_valid_config(key: str) -> None:
         assert cfg.supervision == "box" and not cfg.sim.enabled
     else:
         assert cfg.sim.enabled and cfg.sim.pseudo_loss
-        assert cfg.sim.copy_paste == (key != "pseudo")
+        assert cfg.sim.copy_paste == (key not in ("pseudo", "oraclems"))
+        assert cfg.sim.oracle_semantic_map == (key == "oraclems")
     assert set(QUICK_ROWS["synthetic"]) <= set(FULL_ROWS["synthetic"]) == set(ROWS)
 
 
@@ -117,3 +119,11 @@ def test_bad_set_override_fails_before_any_work(tmp_path: Path,
     err = capsys.readouterr().err
     assert "unknown config key 'model.mask_branch_conv'" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_diagnostic_rows_run_only_when_named() -> None:
+    assert "oraclems" not in select_rows("synthetic", quick=False, requested=None)
+    assert "oraclems" not in select_rows("synthetic", quick=True, requested=None)
+    assert select_rows("synthetic", quick=False, requested=["pseudo", "oraclems"]) == \
+        ["pseudo", "oraclems"]
+    assert select_rows("nuclei", quick=False, requested=["sim", "alpha0"]) == ["sim"]

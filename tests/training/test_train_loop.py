@@ -179,6 +179,33 @@ def test_ablation_switches(tiny_cfg, tmp_path: Path, monkeypatch, override: str,
         assert [r.bank_size for r in records] == [0, 0]  # nothing is stored for pasting
 
 
+def test_oracle_semantic_map_is_the_ground_truth(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
+    """The diagnostic ``sim.oracle_semantic_map``: M_S is each instance's ground-truth mask
+    (binary, inside its box, smaller than the box), not the prototypes' map."""
+    import training.sim_step as sim_step
+
+    seen = []
+    original = sim_step.compute_sim_maps
+
+    def wrapped(sim, x, pos, targets, cfg):
+        maps = original(sim, x, pos, targets, cfg)
+        seen.append(maps)
+        return maps
+
+    monkeypatch.setattr(sim_step, "compute_sim_maps", wrapped)
+    _, records = _short_run(tiny_cfg, tmp_path, monkeypatch, "sim.copy_paste=false",
+                            "sim.oracle_semantic_map=true", *SIM_EXERCISE)
+    assert len(records) == 2 and seen
+    for maps in seen:
+        m_sem, box = maps.m_sem, maps.box_s4
+        assert set(m_sem.unique().tolist()) <= {0.0, 1.0}
+        assert bool((m_sem <= box).all())  # a visible mask lies inside its box
+        assert bool((m_sem.flatten(1).sum(1) > 0).all())
+        assert float(m_sem.sum()) < float(box.sum())  # the shapes, not the boxes
+    for r in records:
+        assert "loss_pseudo" in r.losses and "loss_paste" not in r.losses
+
+
 # --------------------------------------------------------------------------- resume
 def test_resume_matches_uninterrupted_run(tiny_run, tiny_cfg, tmp_path: Path,
                                           monkeypatch) -> None:
