@@ -24,6 +24,9 @@ with the same objects and clutter geometry, the clutter drawn in colours no obje
 (``python -m training.data.synthetic --background distinct``). It tests whether SIM's gain over
 BoxInst is limited by how much object and background differ in appearance.
 
+The row ``oraclems`` is a diagnostic too (it reads the training masks: M_S := ground truth,
+``sim.oracle_semantic_map``) and runs only when named with ``--rows``.
+
 Every run with SIM also reports ``M_S AUC`` (``benchmarks/sim_figure.py:
 semantic_separability``): how well the teacher's features rank object above background pixels
 inside the validation boxes through the learned prototypes, next to two oracles. Per-class AP
