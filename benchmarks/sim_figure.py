@@ -149,7 +149,7 @@ def render_sim_maps(model: CondInst, sim: SIMState, cfg: TrainConfig, out_png: s
     The validation masks are read for the last column only; M_S, M_I and the pseudo mask are
     computed from boxes, exactly as in a training step (``compute_sim_maps``).
     """
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    device = next(model.parameters()).device
     data = _val_data(cfg)
     n_img = min(max_images, len(data))
     batch = collate([data[i] for i in range(n_img)]).to(device)
