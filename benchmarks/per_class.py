@@ -96,10 +96,13 @@ def palette_separability(coco_gt: Any, images: Path, max_images: int = 40) -> fl
         is_object = (dist[..., :len(PALETTE)].min(-1) < dist[..., len(PALETTE):].min(-1))
         grid = torch.from_numpy(is_object[2::4, 2::4].astype(np.float32))
         for ann in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_id, iscrowd=False)):
-            mask = torch.from_numpy(coco_gt.annToMask(ann)[2::4, 2::4] > 0)
+            # Box and mask at full resolution, then the stride-4 samples feature_separability
+            # uses ([2::4, 2::4]), so both AUCs score the same pixels.
+            mask = coco_gt.annToMask(ann) > 0
+            box = np.zeros_like(mask)
             x, y, w, h = (int(v) for v in ann["bbox"])
-            box = torch.zeros_like(mask)
-            box[y // 4:(y + h + 1) // 4 + 1, x // 4:(x + w + 1) // 4 + 1] = True
+            box[y:y + h, x:x + w] = True
+            mask, box = torch.from_numpy(mask[2::4, 2::4]), torch.from_numpy(box[2::4, 2::4])
             obj, bg = grid[box & mask], grid[box & ~mask]
             if len(obj) >= 3 and len(bg) >= 3:
                 scores.append(auc(obj, bg))

@@ -182,3 +182,13 @@ def test_optim_config_defaults_follow_the_paper() -> None:
     optim = OptimConfig()
     assert (optim.optimizer, optim.lr, optim.momentum, optim.weight_decay) == \
         ("sgd", 0.01, 0.9, 1e-4)
+
+
+def test_config_accepts_exactly_the_generator_backgrounds() -> None:
+    """``DataConfig.synthetic_background`` is checked against a literal (the config module stays
+    free of the data module's imports); it must name the generator's variants."""
+    from training.data.synthetic import BACKGROUNDS
+
+    for background in BACKGROUNDS:
+        assert load_config(TINY, [f"data.synthetic_background={background}"]) \
+            .data.synthetic_background == background
