@@ -79,6 +79,11 @@ class BoxInstConfig:
     pairwise_size: int = 3
     pairwise_dilation: int = 2
     color_threshold: float = 0.3
+    #: Edge similarity S of the pairwise loss: "color" (BoxInst and the paper: Lab colour) or
+    #: "color_feature" (the SIM authors' code: colour times exp(-||f_i - f_j||) of the teacher's
+    #: unnormalised mask features, used there with color_threshold 0.1; SIM_SPEC 6.4). The
+    #: second needs SIM's teacher (sim.enabled=true).
+    pairwise_affinity: str = "color"
     #: None: 10k of 90k iterations, scaled to optim.max_iter (TrainConfig.scaled_phase).
     pairwise_warmup_iters: int | None = None
     bottom_pixels_removed: int = 10
@@ -174,6 +179,13 @@ class TrainConfig:
         if self.sim.oracle_semantic_map and self.sim.copy_paste:
             raise ConfigError("sim.oracle_semantic_map=true needs sim.copy_paste=false (pasted "
                               "instances have no ground-truth mask)")
+        if self.boxinst.pairwise_affinity not in ("color", "color_feature"):
+            raise ConfigError(f"boxinst.pairwise_affinity={self.boxinst.pairwise_affinity!r}: "
+                              "use 'color' or 'color_feature'")
+        if (self.boxinst.pairwise_affinity == "color_feature" and self.supervision == "box"
+                and not self.sim.enabled):
+            raise ConfigError("boxinst.pairwise_affinity='color_feature' uses the SIM teacher's "
+                              "mask features: set sim.enabled=true or use 'color'")
         if self.optim.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optim.optimizer={self.optim.optimizer!r}: use sgd or adamw")
 

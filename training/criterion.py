@@ -22,6 +22,7 @@ from .losses import (
     centerness_target,
     dice_coefficient,
     fcos_losses,
+    feature_similarity,
     image_color_similarity,
     pairwise_loss,
     pairwise_warmup,
@@ -136,7 +137,8 @@ def bottom_removed_valid(valid: Tensor, image_sizes: list[tuple[int, int]],
 
 def compute_losses(model: CondInst, outputs: CondInstOutputs, images_uint8: Tensor,
                    color_valid: Tensor, targets: Targets, cfg: TrainConfig, step: int,
-                   reduce_mean: ReduceMean = _identity) -> StepOutput:
+                   reduce_mean: ReduceMean = _identity,
+                   teacher_mask_feats: Tensor | None = None) -> StepOutput:
     """FCOS + mask losses of one batch (SIM losses are added by :mod:`training.sim_step`).
 
     Args:
@@ -144,6 +146,8 @@ def compute_losses(model: CondInst, outputs: CondInstOutputs, images_uint8: Tens
         color_valid: (B, H, W) bool image mask with bottom pixels removed.
         step: 0-based iteration (drives the pairwise warm-up).
         reduce_mean: averages a tensor over processes (``accelerator.reduce(..., "mean")``).
+        teacher_mask_feats: (B, D, H/8, W/8) the SIM teacher's mask features; needed (and only
+            read) when ``boxinst.pairwise_affinity == "color_feature"``.
     """
     labels, reg_targets, pos = fcos_assign_batch(outputs, targets,
                                                  cfg.boxinst.topk_proposals_per_image,
@@ -175,11 +179,24 @@ def compute_losses(model: CondInst, outputs: CondInstOutputs, images_uint8: Tens
         if cfg.boxinst.pairwise:
             sim = image_color_similarity(images_uint8, color_valid, 4, cfg.boxinst.pairwise_size,
                                          cfg.boxinst.pairwise_dilation)
+            if cfg.boxinst.pairwise_affinity == "color_feature":
+                sim = sim * _teacher_feature_similarity(teacher_mask_feats, sim.shape[-2:], cfg)
             warm = pairwise_warmup(step, cfg.pairwise_warmup_iters)
             losses["loss_pairwise"] = warm * pairwise_loss(
                 logits, sim[pos.image_index], box_s4[gt], cfg.boxinst.color_threshold,
                 cfg.boxinst.pairwise_size, cfg.boxinst.pairwise_dilation)
     return StepOutput(losses, pos, logits)
+
+
+def _teacher_feature_similarity(teacher_mask_feats: Tensor | None, size: torch.Size,
+                                cfg: TrainConfig) -> Tensor:
+    """(B, K, h, w) ``exp(-||f_i - f_j||)`` of the teacher's unnormalised mask features at
+    stride 4 (the SIM code's ``get_feat_similarity``, SIM_SPEC 6.4)."""
+    if teacher_mask_feats is None:
+        raise ValueError("boxinst.pairwise_affinity='color_feature' needs the teacher's mask "
+                         "features (teacher_mask_feats)")
+    feats = upsample_features(teacher_mask_feats.detach().float())[..., :size[0], :size[1]]
+    return feature_similarity(feats, cfg.boxinst.pairwise_size, cfg.boxinst.pairwise_dilation)
 
 
 def targets_from_batch(boxes: list[Tensor], labels: list[Tensor], height: int, width: int,

@@ -82,6 +82,11 @@ class SIMState:
             paste_masks.append(res.paste_targets.to(device))
         return out_images, Targets(boxes, labels, masks, targets.gt_masks, pasted, paste_masks)
 
+    def teacher_forward(self, x: Tensor) -> Any:
+        """The teacher's outputs (no gradient) on the student's normalised input ``x``."""
+        with record_function("sim.teacher_forward"):
+            return self.teacher(x, with_classes=False)  # M_I needs no class scores
+
     def after_step(self, student: CondInst) -> None:
         with record_function("sim.ema_update"):
             self.teacher.update(student, self.cfg.teacher_momentum)
@@ -147,16 +152,17 @@ class SIMMaps(NamedTuple):
 
 @torch.no_grad()
 def compute_sim_maps(sim: SIMState, x: Tensor, pos: Positives, targets: Targets,
-                     cfg: TrainConfig) -> SIMMaps:
+                     cfg: TrainConfig, teacher_out: Any = None) -> SIMMaps:
     """Teacher forward, M_I, M_S and the pseudo masks of every box of a batch (SIM_SPEC 7.3-7.6).
 
     Args:
         x: (B, 3, H, W) normalised padded batch (the student's input).
         pos: the student's sampled positives (their locations index the teacher's outputs).
+        teacher_out: the teacher's outputs on ``x`` if this step already ran it
+            (:meth:`SIMState.teacher_forward`); run here otherwise.
     """
     teacher = sim.teacher.module
-    with record_function("sim.teacher_forward"):
-        t_out = sim.teacher(x, with_classes=False)  # M_I needs no class scores
+    t_out = teacher_out if teacher_out is not None else sim.teacher_forward(x)
     with record_function("sim.instance_map"):
         m_inst = _instance_maps(teacher, t_out, pos, cfg.sim.mu)  # (G, h, w)
     h, w = m_inst.shape[-2:]
@@ -177,8 +183,11 @@ def compute_sim_maps(sim: SIMState, x: Tensor, pos: Positives, targets: Targets,
 
 def sim_losses(sim: SIMState, model: CondInst, x: Tensor, images_uint8: Tensor, outputs: Any,
                result: StepOutput, targets: Targets, cfg: TrainConfig,
-               step: int) -> dict[str, Tensor]:
-    """Pseudo loss (lambda1) and paste loss (lambda2) of the step; updates prototypes and bank."""
+               step: int, teacher_out: Any = None) -> dict[str, Tensor]:
+    """Pseudo loss (lambda1) and paste loss (lambda2) of the step; updates prototypes and bank.
+
+    ``teacher_out``: the teacher's outputs on ``x`` when the step already ran it.
+    """
     logits = result.mask_logits
     zero = logits.sum() * 0.0
     losses = {}
@@ -189,7 +198,8 @@ def sim_losses(sim: SIMState, model: CondInst, x: Tensor, images_uint8: Tensor, 
     if not sim.active(step) or not (cfg.sim.pseudo_loss or cfg.sim.copy_paste):
         return losses
     pos = result.positives
-    m_inst, m_sem, box_s4, box_full, pm = compute_sim_maps(sim, x, pos, targets, cfg)
+    m_inst, m_sem, box_s4, box_full, pm = compute_sim_maps(sim, x, pos, targets, cfg,
+                                                           teacher_out)
     h, w = m_inst.shape[-2:]
     pasted = torch.cat(targets.pasted) if targets.pasted is not None else \
         torch.zeros(pos.num_gts, dtype=torch.bool, device=logits.device)

@@ -222,14 +222,18 @@ def _train_step(model, unwrapped, batch, cfg: TrainConfig, step: int, sim: SIMSt
     x = unwrapped.normalize(images, batch.valid)
     with record_function("student.forward"):
         outputs = model(x)
+    # The SIM code's colour x feature affinity reads the teacher at every step; its outputs
+    # are then reused by SIM's maps instead of a second teacher forward.
+    t_out = sim.teacher_forward(x) if sim is not None and \
+        cfg.boxinst.pairwise_affinity == "color_feature" else None
     with record_function("losses.fcos_boxinst"):
         result = compute_losses(unwrapped, outputs, images, color_valid, targets, cfg, step,
-                                reduce_mean)
+                                reduce_mean, None if t_out is None else t_out.mask_feats)
     losses = result.losses
     if sim is not None:
         with record_function("sim.losses"):
             losses.update(sim_losses(sim, unwrapped, x, images, outputs, result, targets, cfg,
-                                     step))
+                                     step, t_out))
     return losses
 
 

@@ -123,6 +123,9 @@ def test_bad_set_override_fails_before_any_work(tmp_path: Path,
 
 def test_diagnostic_rows_run_only_when_named() -> None:
     assert "oraclems" not in select_rows("synthetic", quick=False, requested=None)
+    for row in ("tau01", "protopseudo", "pairfeat"):  # investigation rows: only when named
+        assert row not in select_rows("synthetic", quick=False, requested=None)
+    assert select_rows("synthetic", quick=False, requested=["pairfeat"]) == ["pairfeat"]
     assert "oraclems" not in select_rows("synthetic", quick=True, requested=None)
     assert select_rows("synthetic", quick=False, requested=["pseudo", "oraclems"]) == \
         ["pseudo", "oraclems"]

@@ -187,8 +187,8 @@ def test_oracle_semantic_map_is_the_ground_truth(tiny_cfg, tmp_path: Path, monke
     seen = []
     original = sim_step.compute_sim_maps
 
-    def wrapped(sim, x, pos, targets, cfg):
-        maps = original(sim, x, pos, targets, cfg)
+    def wrapped(sim, x, pos, targets, cfg, *args):
+        maps = original(sim, x, pos, targets, cfg, *args)
         seen.append(maps)
         return maps
 
