@@ -127,6 +127,9 @@ def evaluate(checkpoint: str, annotations: Path, images: Path,
     ious = prompted_iou(segmenter, coco_gt, images, max_images)
     names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
     return {"checkpoint": checkpoint,
+            # Training iterations of the checkpoint: run folders are reused by benchmark runs
+            # of different lengths, so the table says which one it measured.
+            "step": segmenter.info.get("extra", {}).get("step"),
             "classes": {names[c]: {"mask_ap": ap.get(c, float("nan")),
                                    "prompted_miou": float(np.mean(ious[c])) if c in ious
                                    else float("nan"), "instances": len(ious.get(c, []))}
@@ -158,16 +161,17 @@ def main(argv: list[str] | None = None) -> int:
             model = load_checkpoint(run["checkpoint"])[0].eval()
             run["features"] = feature_separability(model, cfg)
     classes = list(runs[0]["classes"])
-    head = "| checkpoint | " + " | ".join(classes) + " | all (prompted) |"
+    head = "| checkpoint | iterations | " + " | ".join(classes) + " | all (prompted) |"
     lines = [f"# Per-class mask AP and GT-box-prompted mask IoU ({args.dataset})", "",
              "Command: `python benchmarks/per_class.py " + " ".join(
                  argv if argv is not None else sys.argv[1:]) + "`", "",
              "Each cell: mask AP (automatic mode) / mean IoU of the mask predicted from the "
-             "ground-truth box.", "", head, "|" + "---|" * (len(classes) + 2)]
+             "ground-truth box.", "", head, "|" + "---|" * (len(classes) + 3)]
     for run in runs:
         cells = [f"{run['classes'][c]['mask_ap']:.1f} / {run['classes'][c]['prompted_miou']:.3f}"
                  for c in classes]
-        lines.append(f"| `{run['checkpoint']}` | " + " | ".join(cells) +
+        lines.append(f"| `{run['checkpoint']}` | {run['step'] if run['step'] is not None else '-'}"
+                     " | " + " | ".join(cells) +
                      f" | {run['prompted_miou']:.3f} |")
     if args.features:
         lines += ["", "Mask-feature separability inside the boxes (AUC; oracle prototype per "

@@ -67,3 +67,18 @@ def test_palette_separability_known_answers(tmp_path: Path, object_colour: np.nd
                          "segmentation": _rle(disc)}]}
     coco.createIndex()
     assert palette_separability(coco, tmp_path) == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_evaluate_reports_the_checkpoint_iterations_and_every_class(tiny_run, tiny_data) -> None:
+    """Run folders are reused by benchmark runs of other lengths: each row names its step."""
+    from benchmarks.per_class import evaluate
+
+    run = evaluate(tiny_run.result["checkpoint"], tiny_data.val_json, tiny_data.images, None)
+    assert run["step"] == 6
+    names = {c["name"] for c in COCO(str(tiny_data.val_json)).loadCats(
+        COCO(str(tiny_data.val_json)).getCatIds())}
+    assert set(run["classes"]) == names
+    for cell in run["classes"].values():
+        assert np.isnan(cell["mask_ap"]) or 0.0 <= cell["mask_ap"] <= 100.0
+    assert 0.0 <= run["prompted_miou"] <= 1.0
