@@ -171,7 +171,7 @@ def compute_losses(model: CondInst, outputs: CondInstOutputs, images_uint8: Tens
             losses["loss_mask"] = dice_coefficient(logits[:, 0].float().sigmoid(),
                                                    gt_masks[gt]).mean()
         else:
-            losses["loss_mask"] = logits.sum() * 0.0
+            losses["loss_mask"] = logits.sum() * 0.0 + 0.0
     else:
         box_s4 = torch.cat(targets.box_masks)[:, 2::4, 2::4].float()[:, :h4, :w4]
         if cfg.boxinst.projection:

@@ -189,7 +189,7 @@ def sim_losses(sim: SIMState, model: CondInst, x: Tensor, images_uint8: Tensor, 
     ``teacher_out``: the teacher's outputs on ``x`` when the step already ran it.
     """
     logits = result.mask_logits
-    zero = logits.sum() * 0.0
+    zero = logits.sum() * 0.0 + 0.0  # + 0.0: never -0.0 (logged as "-0.000")
     losses = {}
     if cfg.sim.pseudo_loss:
         losses["loss_pseudo"] = zero

@@ -229,3 +229,17 @@ def test_pairwise_loss_single_pixel_map_is_zero() -> None:
     assert s.sum().item() == 0.0
     loss = pairwise_loss(torch.zeros(1, 1, 1, 1), s, torch.ones(1, 1, 1), 0.3)
     assert loss.item() == 0.0
+
+
+def test_empty_input_loss_is_positive_zero_with_grad() -> None:
+    """A loss of no instances is +0.0 (a negative logit sum times 0 would be -0.0 and log as
+    "-0.000") and stays connected to the graph."""
+    logits = torch.full((0, 1, 4, 4), -3.0, requires_grad=True)
+    loss = projection_loss(logits, torch.zeros(0, 4, 4))
+    assert loss.item() == 0.0 and math.copysign(1.0, loss.item()) == 1.0
+    loss.backward()
+    assert logits.grad is not None
+    from training.losses.boxinst import _zero_with_grad
+
+    negative = torch.full((2, 3), -1.0, requires_grad=True)
+    assert math.copysign(1.0, _zero_with_grad(negative).item()) == 1.0

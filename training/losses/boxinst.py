@@ -33,7 +33,7 @@ _FEAT_SIM_SCALE = 1.0
 
 def _zero_with_grad(t: Tensor) -> Tensor:
     """A float32 scalar 0 connected to the graph of ``t`` (loss of an empty input)."""
-    return t.float().sum() * 0.0
+    return t.float().sum() * 0.0 + 0.0  # + 0.0: -0.0 (negative sum) logs as "-0.000"
 
 
 def boxes_to_bitmasks(

@@ -143,6 +143,6 @@ def fcos_losses(
             / norm
         )
     else:
-        loss_loc = box_reg.float().sum() * 0.0
-        loss_ctr = ctrness.float().sum() * 0.0
+        loss_loc = box_reg.float().sum() * 0.0 + 0.0
+        loss_ctr = ctrness.float().sum() * 0.0 + 0.0
     return {"loss_fcos_cls": loss_cls, "loss_fcos_loc": loss_loc, "loss_fcos_ctr": loss_ctr}
