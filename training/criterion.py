@@ -27,6 +27,7 @@ from .losses import (
     pairwise_loss,
     pairwise_warmup,
     projection_loss,
+    zero_with_grad,
 )
 from .targets import assign_targets, mask_centers, sample_positives
 
@@ -171,7 +172,7 @@ def compute_losses(model: CondInst, outputs: CondInstOutputs, images_uint8: Tens
             losses["loss_mask"] = dice_coefficient(logits[:, 0].float().sigmoid(),
                                                    gt_masks[gt]).mean()
         else:
-            losses["loss_mask"] = logits.sum() * 0.0 + 0.0
+            losses["loss_mask"] = zero_with_grad(logits)
     else:
         box_s4 = torch.cat(targets.box_masks)[:, 2::4, 2::4].float()[:, :h4, :w4]
         if cfg.boxinst.projection:

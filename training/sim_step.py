@@ -21,7 +21,7 @@ from serving.model.ops import decode_boxes
 from .config import TrainConfig
 from .criterion import Positives, StepOutput, Targets, upsample_features
 from .data.collate import derive_seed
-from .losses import bce_dice_loss
+from .losses import bce_dice_loss, zero_with_grad
 from .sim import EMATeacher, MemoryBank, PrototypeMemory, paste
 from .sim.pseudo import PseudoMask, full_resolution_masks, instance_importance, pseudo_masks
 
@@ -189,7 +189,7 @@ def sim_losses(sim: SIMState, model: CondInst, x: Tensor, images_uint8: Tensor, 
     ``teacher_out``: the teacher's outputs on ``x`` when the step already ran it.
     """
     logits = result.mask_logits
-    zero = logits.sum() * 0.0 + 0.0  # + 0.0: never -0.0 (logged as "-0.000")
+    zero = zero_with_grad(logits)
     losses = {}
     if cfg.sim.pseudo_loss:
         losses["loss_pseudo"] = zero

@@ -239,7 +239,7 @@ def test_empty_input_loss_is_positive_zero_with_grad() -> None:
     assert loss.item() == 0.0 and math.copysign(1.0, loss.item()) == 1.0
     loss.backward()
     assert logits.grad is not None
-    from training.losses.boxinst import _zero_with_grad
+    from training.losses.boxinst import zero_with_grad
 
     negative = torch.full((2, 3), -1.0, requires_grad=True)
-    assert math.copysign(1.0, _zero_with_grad(negative).item()) == 1.0
+    assert math.copysign(1.0, zero_with_grad(negative).item()) == 1.0

@@ -12,6 +12,7 @@ from training.losses.boxinst import (
     pairwise_loss,
     pairwise_warmup,
     projection_loss,
+    zero_with_grad,
 )
 from training.losses.color import image_color_similarity, rgb_to_lab, unfold_wo_center
 from training.losses.fcos import centerness_target, fcos_losses, giou_loss_ltrb
@@ -31,4 +32,5 @@ __all__ = [
     "projection_loss",
     "rgb_to_lab",
     "unfold_wo_center",
+    "zero_with_grad",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "pairwise_loss",
     "pairwise_warmup",
     "projection_loss",
+    "zero_with_grad",
 ]
 
 # Dice denominator epsilon (SIM_SPEC 6.3 and section 12, item 13).
@@ -31,9 +32,9 @@ DICE_EPS = 1e-5
 _FEAT_SIM_SCALE = 1.0
 
 
-def _zero_with_grad(t: Tensor) -> Tensor:
+def zero_with_grad(t: Tensor) -> Tensor:
     """A float32 scalar 0 connected to the graph of ``t`` (loss of an empty input)."""
-    return t.float().sum() * 0.0 + 0.0  # + 0.0: -0.0 (negative sum) logs as "-0.000"
+    return t.float().sum() * 0.0 + 0.0  # + 0.0: never -0.0 (a negative sum logs "-0.000")
 
 
 def boxes_to_bitmasks(
@@ -108,7 +109,7 @@ def projection_loss(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
         float32 scalar; 0 connected to the graph when ``N == 0``.
     """
     if mask_logits.shape[0] == 0:
-        return _zero_with_grad(mask_logits)
+        return zero_with_grad(mask_logits)
     probs = mask_logits.float().sigmoid()
     boxes = box_masks.float().unsqueeze(1)
     loss_y = dice_coefficient(probs.amax(dim=2), boxes.amax(dim=2))  # projection onto x
@@ -145,7 +146,7 @@ def pairwise_loss(
         float32 scalar; 0 connected to the graph when ``N == 0`` or no edge has weight.
     """
     if mask_logits.shape[0] == 0:
-        return _zero_with_grad(mask_logits)
+        return zero_with_grad(mask_logits)
     z = mask_logits.float()
     log_fg = F.logsigmoid(z)  # (N, 1, h, w)
     log_bg = F.logsigmoid(-z)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
+from training.losses.boxinst import zero_with_grad
+
 __all__ = ["centerness_target", "fcos_losses", "giou_loss_ltrb"]
 
 # Focal loss parameters (SIM_SPEC 3: alpha 0.25, gamma 2).
@@ -143,6 +145,6 @@ def fcos_losses(
             / norm
         )
     else:
-        loss_loc = box_reg.float().sum() * 0.0 + 0.0
-        loss_ctr = ctrness.float().sum() * 0.0 + 0.0
+        loss_loc = zero_with_grad(box_reg)
+        loss_ctr = zero_with_grad(ctrness)
     return {"loss_fcos_cls": loss_cls, "loss_fcos_loc": loss_loc, "loss_fcos_ctr": loss_ctr}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.losses.boxinst import DICE_EPS, dice_coefficient
+from training.losses.boxinst import DICE_EPS, dice_coefficient, zero_with_grad
 
 __all__ = ["bce_dice_loss"]
 
@@ -45,7 +45,7 @@ def bce_dice_loss(
         weights are 0. The caller multiplies by lambda1 / lambda2 and the ramp.
     """
     if mask_logits.shape[0] == 0:
-        return mask_logits.float().sum() * 0.0 + 0.0
+        return zero_with_grad(mask_logits)
     z = mask_logits.float()[:, 0]  # (N, h, w)
     t = target.float()
     if tuple(t.shape) != tuple(z.shape):
