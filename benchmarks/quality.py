@@ -204,12 +204,49 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def paired_differences(runs: list[dict[str, Any]], base: list[dict[str, Any]]
+                       ) -> dict[str, Any] | None:
+    """Mask AP of ``runs`` minus that of ``base`` seed by seed, over the seeds both ran.
+
+    Runs of one seed share the initial weights and the data order, so this paired difference
+    is the fair way to say whether one row beats another by more than seed noise. None when
+    no seed is shared.
+    """
+    base_ap = {r["seed"]: r["metrics"]["segm/AP"] for r in base}
+    diffs = {r["seed"]: r["metrics"]["segm/AP"] - base_ap[r["seed"]]
+             for r in runs if r["seed"] in base_ap}
+    if not diffs:
+        return None
+    values = [diffs[s] for s in sorted(diffs)]
+    return {"seeds": sorted(diffs), "diffs": values, "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def tabulate(results: dict[str, Any], base_row: str = "boxinst") -> None:
+    """Fill each dataset's ``rows`` (``summarise`` per row, in ``ROWS`` order) and ``paired``
+    (each other row minus ``base_row``, seed by seed) from ``results["runs"]``, in place."""
+    for dataset, info in results["datasets"].items():
+        by_row = {row: sorted((r for r in results["runs"]
+                               if r["dataset"] == dataset and r["row"] == row),
+                              key=lambda r: r["seed"]) for row in ROWS}
+        info["rows"] = {ROWS[row][0]: summarise(runs) for row, runs in by_row.items() if runs}
+        info["paired"] = {}
+        for row, runs in by_row.items():
+            if row != base_row and runs and by_row[base_row]:
+                diff = paired_differences(runs, by_row[base_row])
+                if diff:
+                    info["paired"][ROWS[row][0]] = diff
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Quality benchmark{' (quick)' if results['quick'] else ''}", "",
              f"Command: `{results['command']}`  ",
              f"Machine: {results['machine']}  ",
              f"Total time: {results['total_seconds'] / 60:.1f} min with {results['workers']} "
-             "worker processes of one thread each", "",
+             "worker processes of one thread each"
+             + (" (the sum over the merged files: " + ", ".join(
+                 f"`{f}`" for f in results["merged_from"]) + ")"
+                if results.get("merged_from") else ""), "",
              "Mask and box AP on the validation split (COCO, pycocotools), mean ± standard "
              "deviation over seeds; `/ full` is the row's mask AP over the fully supervised "
              "row's. Training reads boxes only, except the fully supervised row.", ""]
@@ -226,9 +263,10 @@ def markdown(results: dict[str, Any]) -> str:
                      else f"{s[k]:.1f}" for k in METRICS]
             sep = f"{s['separability']['prototypes']:.2f}" if s.get("separability") else ""
             lines.append(f"| {name} | {s['n']} | " + " | ".join(cells) + f" | {ratio} | {sep} |")
-        u = info["untrained"]
-        lines.append(f"| untrained | - | {u['segm/AP']:.1f} | {u['segm/AP50']:.1f} | "
-                     f"{u['segm/AP75']:.1f} | | | | {u['bbox/AP']:.1f} | | |")
+        u = info.get("untrained")
+        if u:
+            lines.append(f"| untrained | - | {u['segm/AP']:.1f} | {u['segm/AP50']:.1f} | "
+                         f"{u['segm/AP75']:.1f} | | | | {u['bbox/AP']:.1f} | | |")
         sep_rows = {n: r["separability"] for n, r in rows.items() if r.get("separability")}
         if sep_rows:
             name, sep = next(iter(sep_rows.items()))
@@ -239,6 +277,13 @@ def markdown(results: dict[str, Any]) -> str:
                       f"{sep['prototypes']:.2f}, an oracle prototype per class (mean object "
                       f"feature of the class) {sep['oracle_class']:.2f}, an oracle prototype "
                       f"per instance {sep['oracle_instance']:.2f}."]
+        if info.get("paired"):
+            lines += ["", f"Paired by seed, mask AP minus {ROWS['boxinst'][0]}'s (mean ± "
+                      "standard deviation of the per-seed differences):", ""]
+            for name, d in info["paired"].items():
+                per_seed = ", ".join(f"{s}: {v:+.1f}" for s, v in zip(d["seeds"], d["diffs"]))
+                lines.append(f"- {name}: {d['mean']:+.1f} ± {d['std']:.1f} over "
+                             f"{len(d['seeds'])} seed(s) ({per_seed})")
         if info.get("figure"):
             lines += ["", f"SIM's maps after training: `{info['figure']}`"]
         lines.append("")
@@ -328,13 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = env_threads
+    tabulate(results)
     for dataset, info in results["datasets"].items():
-        for row in ROWS:
-            runs = sorted((r for r in results["runs"]
-                           if r["dataset"] == dataset and r["row"] == row),
-                          key=lambda r: r["seed"])
-            if runs:
-                info["rows"][ROWS[row][0]] = summarise(runs)
         info["untrained"] = untrained(dataset, out)
     results["total_seconds"] = time.perf_counter() - start
     (res_dir / f"{name}.json").write_text(json.dumps(results, indent=2))

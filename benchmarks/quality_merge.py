@@ -1,0 +1,133 @@
+"""Merge quality-benchmark results run in several invocations into one table.
+
+Seeds can be added to a table later instead of rerunning it whole: run the new seeds under
+their own ``--name``, then merge. Only runs of the same settings are merged: every file must
+agree on ``--quick`` and on each dataset's iterations, and a row must have been run with the
+same config overrides in every file that has it (the seed and the run folder aside). A seed of
+a row may appear in one file only.
+
+    python benchmarks/quality.py --datasets synthetic --rows boxinst sim --seeds 2 3 \\
+        --name quality_seeds23
+    python benchmarks/quality_merge.py benchmarks/results/quality.json \\
+        benchmarks/results/quality_seeds23.json --name quality_4seeds
+
+Writes ``benchmarks/results/<name>.json`` and ``.md`` (the same table as ``quality.py``: mean
+and spread per row, ratio to the fully supervised row, and each row minus BoxInst seed by seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.quality import markdown, tabulate  # noqa: E402
+
+#: Overrides that identify a run rather than its settings (the schedule is checked through the
+#: dataset's iterations instead, so ``--iters 600`` merges with a default 600-iteration run).
+_RUN_KEYS = ("seed=", "output_dir=", "optim.max_iter=", "optim.steps=")
+
+
+class MergeError(ValueError):
+    """Results that cannot be merged; the message names the file and what differs."""
+
+
+def _settings(run: dict[str, Any]) -> list[str]:
+    return sorted(o for o in run.get("overrides", []) if not o.startswith(_RUN_KEYS))
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MergeError(f"{path}: no such file; pass the .json written by "
+                         "benchmarks/quality.py") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MergeError(f"{path}: not JSON ({exc}); pass the .json written by "
+                         "benchmarks/quality.py, not the .md") from None
+    if not isinstance(data, dict) or not {"runs", "datasets", "quick"} <= set(data):
+        raise MergeError(f"{path}: not a quality benchmark result (no runs/datasets); pass the "
+                         ".json written by benchmarks/quality.py")
+    return data
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """One results dict (as ``quality.py`` writes) holding the runs of every file in ``paths``.
+
+    Raises ``MergeError`` when the files disagree on ``--quick`` or a dataset's iterations,
+    when a row was run with different settings, or when a (dataset, row, seed) repeats.
+    """
+    if len(paths) < 2:
+        raise MergeError("give at least two result files to merge")
+    merged: dict[str, Any] = {"runs": [], "datasets": {}, "total_seconds": 0.0}
+    settings: dict[tuple[str, str], tuple[list[str], Path]] = {}
+    seen: dict[tuple[str, str, int], Path] = {}
+    for path in paths:
+        data = _load(path)
+        if "quick" in merged and merged["quick"] != data["quick"]:
+            raise MergeError(f"{path}: --quick={data['quick']} but {paths[0]} has "
+                             f"--quick={merged['quick']}; merge runs of one schedule only")
+        merged.setdefault("quick", data["quick"])
+        merged.setdefault("workers", data.get("workers", 0))
+        merged.setdefault("machine", data.get("machine", "unknown"))
+        merged["total_seconds"] += data.get("total_seconds", 0.0)
+        for dataset, info in data["datasets"].items():
+            mine = merged["datasets"].setdefault(dataset, {
+                "iters": info["iters"], "seeds": [], "rows": {}, "figure": info.get("figure"),
+                "untrained": info.get("untrained")})
+            if mine["iters"] != info["iters"]:
+                raise MergeError(f"{path}: {dataset} ran {info['iters']} iterations, another "
+                                 f"file {mine['iters']}; merge runs of one schedule only")
+            mine["figure"] = mine["figure"] or info.get("figure")
+            mine["untrained"] = mine["untrained"] or info.get("untrained")
+        for run in data["runs"]:
+            key = (run["dataset"], run["row"])
+            first = settings.setdefault(key, (_settings(run), path))
+            if first[0] != _settings(run):
+                raise MergeError(f"{path}: row {run['row']} of {run['dataset']} ran with "
+                                 f"{_settings(run)}, but with {first[0]} in {first[1]}; "
+                                 "merge runs of the same settings only")
+            seed_key = (*key, run["seed"])
+            if seed_key in seen:
+                raise MergeError(f"{path}: seed {run['seed']} of row {run['row']} "
+                                 f"({run['dataset']}) is also in {seen[seed_key]}; pass each "
+                                 "run once")
+            seen[seed_key] = path
+            merged["runs"].append(run)
+    for dataset, info in merged["datasets"].items():
+        info["seeds"] = sorted({r["seed"] for r in merged["runs"] if r["dataset"] == dataset})
+        if info["untrained"] is None:
+            info.pop("untrained")
+    tabulate(merged)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", type=Path, help="quality.py result .json files")
+    parser.add_argument("--name", required=True, help="merged results file name")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    try:
+        merged = merge(args.results)
+    except MergeError as exc:
+        parser.error(str(exc))
+    merged["command"] = ("python benchmarks/quality_merge.py "
+                         + " ".join(str(p) for p in args.results) + f" --name {args.name}")
+    merged["merged_from"] = [str(p) for p in args.results]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(merged, indent=2))
+    text = markdown(merged)
+    (args.out_dir / f"{args.name}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

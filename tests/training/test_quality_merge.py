@@ -1,0 +1,125 @@
+"""Merging quality-benchmark results of several invocations, and the paired per-seed
+differences against BoxInst: known values, and a one-line error for each mismatch."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks.quality import ROWS, markdown, paired_differences
+from benchmarks.quality_merge import MergeError, main, merge
+
+
+def _run(row: str, seed: int, ap: float, overrides: list[str] | None = None,
+         dataset: str = "synthetic") -> dict:
+    metrics = {k: ap for k in ("segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm",
+                               "segm/APl")}
+    metrics["bbox/AP"] = ap + 10
+    extra = ROWS[row][1] if overrides is None else overrides
+    return {"dataset": dataset, "row": row, "seed": seed, "metrics": metrics, "seconds": 60.0,
+            "overrides": extra + [f"seed={seed}", f"output_dir=/runs/{row}/s{seed}"],
+            "separability": None}
+
+
+def _write(path: Path, runs: list[dict], iters: int = 600, quick: bool = False) -> Path:
+    seeds = sorted({r["seed"] for r in runs})
+    data = {"quick": quick, "workers": 2, "command": "python benchmarks/quality.py",
+            "machine": "test", "total_seconds": 60.0 * len(runs),
+            "datasets": {"synthetic": {"iters": iters, "seeds": seeds, "rows": {},
+                                       "figure": None,
+                                       "untrained": {"segm/AP": 0.0, "segm/AP50": 0.0,
+                                                     "segm/AP75": 0.0, "bbox/AP": 0.0}}},
+            "runs": runs}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_paired_differences_over_shared_seeds_only() -> None:
+    base = [_run("boxinst", 0, 16.0), _run("boxinst", 1, 15.0), _run("boxinst", 2, 18.0)]
+    sim = [_run("sim", 0, 17.0), _run("sim", 2, 17.5), _run("sim", 5, 30.0)]  # 5: no base
+    d = paired_differences(sim, base)
+    assert d["seeds"] == [0, 2] and d["diffs"] == pytest.approx([1.0, -0.5])
+    assert d["mean"] == pytest.approx(0.25)
+    assert d["std"] == pytest.approx(math.sqrt(((0.75) ** 2 + (0.75) ** 2) / 1))
+    assert paired_differences([_run("sim", 9, 1.0)], base) is None
+
+
+def test_merge_pools_seeds_and_recomputes_mean_spread_and_pairs(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a.json", [_run("boxinst", 0, 16.0), _run("boxinst", 1, 14.0),
+                                     _run("sim", 0, 17.0), _run("sim", 1, 15.0),
+                                     _run("mask", 0, 24.0)])
+    b = _write(tmp_path / "b.json", [_run("boxinst", 2, 18.0), _run("sim", 2, 17.0)])
+    merged = merge([a, b])
+    info = merged["datasets"]["synthetic"]
+    assert info["seeds"] == [0, 1, 2]
+    box = info["rows"][ROWS["boxinst"][0]]
+    assert box["n"] == 3 and box["segm/AP"] == pytest.approx(16.0)
+    assert box["segm/AP_std"] == pytest.approx(2.0)  # sample std of (16, 14, 18)
+    pair = info["paired"][ROWS["sim"][0]]
+    assert pair["seeds"] == [0, 1, 2] and pair["diffs"] == pytest.approx([1.0, 1.0, -1.0])
+    assert merged["total_seconds"] == pytest.approx(7 * 60.0)
+    text = markdown({**merged, "command": "merge", "merged_from": [str(a), str(b)]})
+    assert "## synthetic (600 iterations, seeds [0, 1, 2])" in text
+    assert f"- {ROWS['sim'][0]}: +0.3 ± 1.2 over 3 seed(s) (0: +1.0, 1: +1.0, 2: -1.0)" in text
+    assert "the sum over the merged files" in text
+
+
+def test_merge_ignores_how_the_schedule_was_spelled(tmp_path: Path) -> None:
+    """--iters 600 adds optim.max_iter/steps overrides; with equal iterations that merges."""
+    a = _write(tmp_path / "a.json", [_run("sim", 0, 17.0)])
+    b = _write(tmp_path / "b.json", [_run("sim", 1, 16.0, ["optim.max_iter=600",
+                                                           "optim.steps=[510]"])])
+    assert merge([a, b])["datasets"]["synthetic"]["rows"][ROWS["sim"][0]]["n"] == 2
+
+
+@pytest.mark.parametrize("case, message", [
+    ("iters", "synthetic ran 1200 iterations, another file 600"),
+    ("quick", "--quick=True but"),
+    ("settings", "row sim of synthetic ran with ['sim.tau=0.1']"),
+    ("duplicate", "seed 0 of row sim (synthetic) is also in"),
+])
+def test_merge_refuses_runs_of_different_settings(tmp_path: Path, case: str,
+                                                  message: str) -> None:
+    a = _write(tmp_path / "a.json", [_run("sim", 0, 17.0)])
+    second = {"iters": dict(runs=[_run("sim", 1, 16.0)], iters=1200),
+              "quick": dict(runs=[_run("sim", 1, 16.0)], quick=True),
+              "settings": dict(runs=[_run("sim", 1, 16.0, ["sim.tau=0.1"])]),
+              "duplicate": dict(runs=[_run("sim", 0, 16.0)])}[case]
+    b = _write(tmp_path / "b.json", **second)
+    with pytest.raises(MergeError, match=re.escape(message)):
+        merge([a, b])
+
+
+def test_cli_errors_name_the_file_and_write_nothing(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    a = _write(tmp_path / "a.json", [_run("sim", 0, 17.0)])
+    md = tmp_path / "a.md"
+    md.write_text("# Quality benchmark\n")
+    out = tmp_path / "out"
+    cases = [([str(a), str(md)], "a.md: not JSON"),
+             ([str(a), str(tmp_path / "missing.json")], "missing.json: no such file"),
+             ([str(a), str(a)], "seed 0 of row sim"),
+             ([str(a)], "at least two result files")]
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    cases.append(([str(a), str(tmp_path / "other.json")], "not a quality benchmark result"))
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(args + ["--name", "m", "--out-dir", str(out)])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_writes_json_and_markdown(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a.json", [_run("boxinst", 0, 16.0), _run("sim", 0, 17.0)])
+    b = _write(tmp_path / "b.json", [_run("boxinst", 1, 15.0), _run("sim", 1, 17.0)])
+    out = tmp_path / "out"
+    assert main([str(a), str(b), "--name", "m", "--out-dir", str(out)]) == 0
+    data = json.loads((out / "m.json").read_text())
+    assert data["merged_from"] == [str(a), str(b)]
+    assert data["datasets"]["synthetic"]["paired"][ROWS["sim"][0]]["mean"] == pytest.approx(1.5)
+    assert "| boxinst | 2 | 15.5 ± 0.7 |" in (out / "m.md").read_text()
