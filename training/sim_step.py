@@ -8,6 +8,7 @@ code box-prompted inference runs, so self-correction and prompting are one mecha
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -27,6 +28,10 @@ from .sim.pseudo import PseudoMask, full_resolution_masks, instance_importance, 
 
 #: Pixels used per step for the prototype update (a deterministic subsample above this).
 MAX_PROTOTYPE_PIXELS = 32768
+#: Index of the first of :meth:`SIMState.checkpoint_objects` among Accelerate's custom
+#: checkpoint files (``custom_checkpoint_<i>.pkl``): ``training.train`` registers its
+#: ``RunState`` first, then these, in this order.
+FIRST_CUSTOM_CHECKPOINT = 1
 
 
 class SIMState:
@@ -49,6 +54,18 @@ class SIMState:
 
     def checkpoint_objects(self) -> list[Any]:
         return [self.teacher, self.prototypes, self.bank]
+
+    def load_checkpoint(self, checkpoint: str | Path) -> None:
+        """Restore teacher, prototypes and memory bank from a checkpoint folder of
+        ``training.train`` (``<output_dir>/checkpoints/step_*``), outside a training run (for
+        analysis; resuming goes through ``accelerator.load_state``)."""
+        for i, obj in enumerate(self.checkpoint_objects(), start=FIRST_CUSTOM_CHECKPOINT):
+            path = Path(checkpoint) / f"custom_checkpoint_{i}.pkl"
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path}: no SIM state in this checkpoint; pass a checkpoint folder of a "
+                    "SIM training run (<output_dir>/checkpoints/step_*)")
+            obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
 
     def active(self, step: int) -> bool:
         return step >= self.cfg.sim_start_iter

@@ -111,6 +111,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
     scheduler = build_scheduler(optimizer, cfg.optim)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = RunState()
+    # RunState first, then SIM's objects: SIMState.load_checkpoint relies on this order
+    # (sim_step.FIRST_CUSTOM_CHECKPOINT).
     accelerator.register_for_checkpointing(state)
     if sim is not None:
         for obj in sim.checkpoint_objects():
