@@ -30,8 +30,10 @@ rows ``tau01``, ``protopseudo`` and ``pairfeat`` (alternatives to our defaults).
 
 Every run with SIM also reports ``M_S AUC`` (``benchmarks/sim_figure.py:
 semantic_separability``): how well the teacher's features rank object above background pixels
-inside the validation boxes through the learned prototypes, next to two oracles. Per-class AP
-of the resulting checkpoints: ``benchmarks/per_class.py``.
+inside the validation boxes through the learned prototypes, next to two oracles; and ``fg
+labels right`` (``benchmarks/pseudo_labels.py``): the share of the pixels the trained teacher
+labels foreground for the pseudo loss that are object. Per-class AP of the resulting
+checkpoints: ``benchmarks/per_class.py``.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ DATASETS: dict[str, tuple[str, list[str]]] = {
 DEFAULT_DATASETS = ["synthetic", "nuclei"]
 METRICS = ("segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm", "segm/APl", "bbox/AP")
 #: Default rows per dataset (nuclei: one class, the rows its target names).
+#: Pseudo-label measures (``benchmarks/pseudo_labels.py``) kept per SIM run.
+PSEUDO_LABEL_KEYS = ("fg_precision", "background_fg")
+
 FULL_ROWS = {"synthetic": list(ROWS), "nuclei": ["mask", "boxinst", "sim"],
              "synthetic_distinct": list(ROWS)}
 #: --quick: rows and iterations per dataset (one seed).
@@ -149,8 +154,10 @@ def _single_thread() -> None:
 
 def _on_end(model: Any, sim: Any, cfg: Any, figure: str | None,
             diagnostics: dict[str, Any]) -> None:
-    """End of a run (``train(on_end=...)``): SIM's separability numbers and, for the first SIM
-    run of a dataset, the figure. Neither may cost the run's metrics, so errors are warnings."""
+    """End of a run (``train(on_end=...)``): SIM's separability numbers, the precision of its
+    pseudo labels and, for the first SIM run of a dataset, the figure. None may cost the run's
+    metrics, so errors are warnings."""
+    from benchmarks.pseudo_labels import pseudo_label_quality
     from benchmarks.sim_figure import render_sim_maps, semantic_separability
 
     if sim is None:
@@ -159,6 +166,13 @@ def _on_end(model: Any, sim: Any, cfg: Any, figure: str | None,
         diagnostics.update(semantic_separability(sim, cfg))
     except Exception as exc:  # noqa: BLE001
         print(f"warning: SIM separability not measured ({type(exc).__name__}: {exc})",
+              flush=True)
+    try:
+        quality = pseudo_label_quality(sim, cfg, (cfg.sim.alpha,))
+        labels = quality["alphas"][str(cfg.sim.alpha)]
+        diagnostics["pseudo_labels"] = {k: labels[k] for k in PSEUDO_LABEL_KEYS}
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: pseudo-label quality not measured ({type(exc).__name__}: {exc})",
               flush=True)
     if figure:
         try:
@@ -182,7 +196,8 @@ def run_one(dataset: str, row: str, seed: int, extra: list[str], out: str,
     result = train(cfg, on_end=on_end)
     return {"dataset": dataset, "row": row, "seed": seed, "metrics": result["metrics"],
             "seconds": round(time.perf_counter() - start, 1), "overrides": overrides,
-            "separability": diagnostics or None}
+            "separability": {k: v for k, v in diagnostics.items() if k != "pseudo_labels"}
+            or None, "pseudo_labels": diagnostics.get("pseudo_labels")}
 
 
 def untrained(dataset: str, out: str) -> dict[str, float]:
@@ -204,6 +219,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if seps:
         out["separability"] = {k: statistics.fmean(x[k] for x in seps)
                                for k in ("prototypes", "oracle_class", "oracle_instance")}
+    labels = [r["pseudo_labels"] for r in runs if r.get("pseudo_labels")]
+    if labels:
+        out["pseudo_labels"] = {k: statistics.fmean(x[k] for x in labels)
+                                for k in PSEUDO_LABEL_KEYS}
     return out
 
 
@@ -258,18 +277,21 @@ def markdown(results: dict[str, Any]) -> str:
         full = rows.get(ROWS[FULL_ROW][0], {}).get("segm/AP")
         lines += [f"## {dataset} ({info['iters']} iterations, seeds {info['seeds']})", "",
                   "| row | seeds | mask AP | AP50 | AP75 | APs | APm | APl | box AP | / full "
-                  "| M_S AUC |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| M_S AUC | fg labels right |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, s in rows.items():
             ratio = f"{s['segm/AP'] / full:.2f}" if full else "-"
             cells = [f"{s[k]:.1f} ± {s[k + '_std']:.1f}" if k in ("segm/AP", "bbox/AP")
                      else f"{s[k]:.1f}" for k in METRICS]
             sep = f"{s['separability']['prototypes']:.2f}" if s.get("separability") else ""
-            lines.append(f"| {name} | {s['n']} | " + " | ".join(cells) + f" | {ratio} | {sep} |")
+            fg = f"{100 * s['pseudo_labels']['fg_precision']:.0f}%" \
+                if s.get("pseudo_labels") else ""
+            lines.append(f"| {name} | {s['n']} | " + " | ".join(cells) +
+                         f" | {ratio} | {sep} | {fg} |")
         u = info.get("untrained")
         if u:
             lines.append(f"| untrained | - | {u['segm/AP']:.1f} | {u['segm/AP50']:.1f} | "
-                         f"{u['segm/AP75']:.1f} | | | | {u['bbox/AP']:.1f} | | |")
+                         f"{u['segm/AP75']:.1f} | | | | {u['bbox/AP']:.1f} | | | |")
         sep_rows = {n: r["separability"] for n, r in rows.items() if r.get("separability")}
         if sep_rows:
             name, sep = next(iter(sep_rows.items()))
@@ -280,6 +302,14 @@ def markdown(results: dict[str, Any]) -> str:
                       f"{sep['prototypes']:.2f}, an oracle prototype per class (mean object "
                       f"feature of the class) {sep['oracle_class']:.2f}, an oracle prototype "
                       f"per instance {sep['oracle_instance']:.2f}."]
+        label_rows = {n: r["pseudo_labels"] for n, r in rows.items() if r.get("pseudo_labels")}
+        if label_rows:
+            lines += ["", "fg labels right: of the pixels the trained teacher labels foreground "
+                      "for the pseudo loss (at the row's alpha, inside the validation boxes), the "
+                      "share that are object (`benchmarks/pseudo_labels.py`, which also breaks "
+                      "the labels down). Background labelled foreground: " + ", ".join(
+                          f"\"{n}\" {100 * r['background_fg']:.0f}%"
+                          for n, r in label_rows.items()) + "."]
         if info.get("paired"):
             lines += ["", f"Paired by seed, mask AP minus {ROWS['boxinst'][0]}'s (mean ± "
                       "standard deviation of the per-seed differences):", ""]

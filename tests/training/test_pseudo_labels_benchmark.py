@@ -110,3 +110,15 @@ def test_bad_run_folders(tiny_cfg, tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "step_0000001").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no SIM state in this checkpoint"):
         load_run(tmp_path)
+
+
+def test_quality_benchmark_records_the_label_precision(tiny_run) -> None:
+    from benchmarks.quality import PSEUDO_LABEL_KEYS, _on_end
+
+    cfg, sim, _ = load_run(tiny_run.out)
+    diagnostics: dict = {}
+    _on_end(None, sim, cfg, None, diagnostics)
+    expected = pseudo_label_quality(sim, cfg, (cfg.sim.alpha,))["alphas"][str(cfg.sim.alpha)]
+    assert diagnostics["pseudo_labels"] == pytest.approx(
+        {k: expected[k] for k in PSEUDO_LABEL_KEYS}, nan_ok=True)
+    assert "prototypes" in diagnostics  # the separability numbers are still there

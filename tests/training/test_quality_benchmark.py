@@ -50,12 +50,17 @@ def test_markdown_table_ratios_and_untrained_row() -> None:
     sim_runs[1]["separability"] = {"instances": 12, "prototypes": 0.7, "oracle_class": 0.7,
                                    "oracle_instance": 0.9}
     sim_runs[2]["separability"] = None  # not measured: left out of the mean
+    sim_runs[0]["pseudo_labels"] = {"fg_precision": 0.7, "background_fg": 0.4}
+    sim_runs[1]["pseudo_labels"] = {"fg_precision": 0.8, "background_fg": 0.3}
     rows = {ROWS["mask"][0]: summarise([_run(0, 20.0, 40.0)]),
             ROWS["boxinst"][0]: summarise([_run(0, 15.0, 38.0), _run(1, 17.0, 36.0)]),
             ROWS["sim"][0]: summarise(sim_runs)}
     assert rows[ROWS["sim"][0]]["separability"] == pytest.approx(
         {"prototypes": 0.65, "oracle_class": 0.7, "oracle_instance": 0.85})
     assert "separability" not in rows[ROWS["boxinst"][0]]
+    assert rows[ROWS["sim"][0]]["pseudo_labels"] == pytest.approx(
+        {"fg_precision": 0.75, "background_fg": 0.35})
+    assert "pseudo_labels" not in rows[ROWS["boxinst"][0]]
     results = {"quick": False, "command": "python benchmarks/quality.py", "machine": "test",
                "total_seconds": 120.0, "workers": 2,
                "datasets": {"synthetic": {"iters": 600, "seeds": [0, 1], "rows": rows,
@@ -66,11 +71,12 @@ def test_markdown_table_ratios_and_untrained_row() -> None:
     lines = text.splitlines()
     box_row = next(line for line in lines if line.startswith("| boxinst |"))
     cells = [c.strip() for c in box_row.strip("|").split("|")]
-    assert cells[1] == "2" and cells[2] == "16.0 ± 1.4" and cells[-2:] == ["0.80", ""]
+    assert cells[1] == "2" and cells[2] == "16.0 ± 1.4" and cells[-3:] == ["0.80", "", ""]
     full_row = next(line for line in lines if line.startswith("| mask (fully supervised) |"))
-    assert full_row.rstrip().endswith("| 1.00 |  |")
+    assert full_row.rstrip().endswith("| 1.00 |  |  |")
     sim_row = next(line for line in lines if line.startswith("| sim (alpha 0.5"))
-    assert sim_row.rstrip().endswith("| 0.85 | 0.65 |")
+    assert sim_row.rstrip().endswith("| 0.85 | 0.65 | 75% |")
+    assert 'Background labelled foreground: "sim (alpha 0.5, + copy-paste)" 35%.' in text
     assert "prototypes 0.65, an oracle prototype per class (mean object feature of the class) " \
            "0.70, an oracle prototype per instance 0.85." in text
     assert any(line.startswith("| untrained | - | 0.0 |") for line in lines)
