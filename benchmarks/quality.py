@@ -284,8 +284,8 @@ def markdown(results: dict[str, Any]) -> str:
             cells = [f"{s[k]:.1f} ± {s[k + '_std']:.1f}" if k in ("segm/AP", "bbox/AP")
                      else f"{s[k]:.1f}" for k in METRICS]
             sep = f"{s['separability']['prototypes']:.2f}" if s.get("separability") else ""
-            fg = f"{100 * s['pseudo_labels']['fg_precision']:.0f}%" \
-                if s.get("pseudo_labels") else ""
+            precision = (s.get("pseudo_labels") or {}).get("fg_precision", float("nan"))
+            fg = f"{100 * precision:.0f}%" if precision == precision else ""  # nan: no labels
             lines.append(f"| {name} | {s['n']} | " + " | ".join(cells) +
                          f" | {ratio} | {sep} | {fg} |")
         u = info.get("untrained")
