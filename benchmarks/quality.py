@@ -99,10 +99,9 @@ DATASETS: dict[str, tuple[str, list[str]]] = {
 }
 DEFAULT_DATASETS = ["synthetic", "nuclei"]
 METRICS = ("segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm", "segm/APl", "bbox/AP")
-#: Default rows per dataset (nuclei: one class, the rows its target names).
 #: Pseudo-label measures (``benchmarks/pseudo_labels.py``) kept per SIM run.
 PSEUDO_LABEL_KEYS = ("fg_precision", "background_fg")
-
+#: Default rows per dataset (nuclei: one class, the rows its target names).
 FULL_ROWS = {"synthetic": list(ROWS), "nuclei": ["mask", "boxinst", "sim"],
              "synthetic_distinct": list(ROWS)}
 #: --quick: rows and iterations per dataset (one seed).
