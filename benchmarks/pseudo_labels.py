@@ -1,7 +1,7 @@
 """How right SIM's pseudo labels are: a trained run's teacher targets scored against the truth.
 
     python benchmarks/pseudo_labels.py runs/bench_2400/synthetic/pseudo/s0 [RUN ...] \\
-        --alphas 0 0.5 1 --name pseudo_labels_2400
+        --alphas 0 0.5 1 --name pseudo_labels_2400 [--set sim.tau_high_range=[0.7,0.8]]
 
 For each run folder (a SIM training run of ``training.train`` with a checkpoint folder), the
 latest checkpoint's EMA teacher and prototypes compute M_I, M_S and the pseudo masks of every
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,10 +168,11 @@ def pseudo_label_quality(sim: Any, cfg: Any, alphas: tuple[float, ...] = (0.0, 0
     }
 
 
-def load_run(run_dir: str | Path) -> tuple[Any, Any, int]:
-    """``(cfg, sim, step)`` of a SIM run folder: its ``config.yaml`` and latest checkpoint's
-    teacher, prototypes and bank, on the CPU. Relative data paths resolve from the repository
-    root (where the benchmarks run)."""
+def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, Any, int]:
+    """``(cfg, sim, step)`` of a SIM run folder: its ``config.yaml`` (with ``overrides``, for
+    example other thresholds to label with) and latest checkpoint's teacher, prototypes and
+    bank, on the CPU. Relative data paths resolve from the repository root (where the
+    benchmarks run)."""
     from serving.model import build_condinst
     from training.config import load_config
     from training.run_state import latest_checkpoint
@@ -179,7 +181,7 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, int]:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml; pass a training run's output_dir")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", overrides)
     if cfg.supervision != "box" or not cfg.sim.enabled:
         raise ValueError(f"{run_dir}: not a SIM run (supervision={cfg.supervision}, "
                          f"sim.enabled={cfg.sim.enabled}); pass a run trained with SIM")
@@ -246,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="SIM training run folders (output_dir)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run, e.g. the labelling thresholds "
+                        "sim.tau_high_range=[0.7,0.8] to score runs trained with others")
     parser.add_argument("--name", default="pseudo_labels", help="results file name")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                         help="results folder (default benchmarks/results)")
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     results = []
     for run in args.runs:
-        cfg, sim, step = load_run(run)
+        cfg, sim, step = load_run(run, args.set)
         quality = pseudo_label_quality(sim, cfg, tuple(args.alphas), args.max_images)
         results.append({"run": run, "step": step, "alpha": cfg.sim.alpha, **quality})
     command = "python benchmarks/pseudo_labels.py " + " ".join(

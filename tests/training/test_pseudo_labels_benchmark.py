@@ -84,7 +84,8 @@ def test_on_a_trained_run(tiny_run, tmp_path: Path) -> None:
     assert sum(c["pixels"] for c in q["m_inst_calibration"]) == \
         a0["object_pixels"] + a0["background_pixels"]
     # Above the largest blended value nothing is labelled foreground.
-    cfg.sim.tau_high_range = (1.01, 1.01)
+    cfg, sim, _ = load_run(tiny_run.out, ["sim.tau_high_range=[1.01,1.01]"])
+    assert cfg.sim.tau_high_range == (1.01, 1.01)
     none = pseudo_label_quality(sim, cfg, (0.5,), max_images=4)["alphas"]["0.5"]
     assert none["object_fg"] == 0.0 and none["background_fg"] == 0.0
     assert none["background_bg"] == pytest.approx(a5["background_bg"])
