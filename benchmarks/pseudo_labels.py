@@ -108,7 +108,7 @@ def pseudo_label_quality(sim: Any, cfg: Any, alphas: tuple[float, ...] = (0.0, 0
                          max_images: int | None = None, batch_size: int = 8) -> dict[str, Any]:
     """Score the pseudo labels of ``sim`` (a :class:`training.sim_step.SIMState`) on the
     validation split of ``cfg`` for each alpha; see the module docstring for the measures."""
-    from benchmarks.sim_figure import _val_data
+    from benchmarks.sim_figure import val_dataset
     from training.criterion import fcos_assign_batch, targets_from_batch
     from training.data.collate import collate
     from training.sim.pseudo import pseudo_masks
@@ -116,7 +116,7 @@ def pseudo_label_quality(sim: Any, cfg: Any, alphas: tuple[float, ...] = (0.0, 0
 
     teacher = sim.teacher.module
     device = next(teacher.parameters()).device
-    data = _val_data(cfg)
+    data = val_dataset(cfg)
     num_classes = cfg.model.num_classes
     counts = {a: torch.zeros(num_classes, len(COUNTS), dtype=torch.float64) for a in alphas}
     means = torch.zeros(4, dtype=torch.float64)  # sums of M_S, M_I on object, background

@@ -36,7 +36,8 @@ TILE = 112
 COLUMNS = ("image + box", "M_S", "M_I", "pseudo mask", "ground truth")
 
 
-def _val_data(cfg: TrainConfig) -> CocoInstanceDataset:
+def val_dataset(cfg: TrainConfig) -> CocoInstanceDataset:
+    """The validation split of ``cfg`` with its masks, resized as at inference."""
     if not cfg.data.val_json or not cfg.data.val_images:
         raise ValueError("SIM diagnostics need data.val_json and data.val_images")
     return CocoInstanceDataset(cfg.data.val_json, cfg.data.val_images, mode="mask",
@@ -83,7 +84,7 @@ def feature_separability(model: CondInst, cfg: TrainConfig,
     spaces of differently supervised models can be compared.
     """
     device = next(iter(model.parameters()), torch.empty(0)).device
-    data = _val_data(cfg)
+    data = val_dataset(cfg)
     protos = None if prototypes is None else l2_normalize_vectors(prototypes.float(), dim=-1)
     records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (class, object, background)
     proto_auc: list[float] = []
@@ -150,7 +151,7 @@ def render_sim_maps(model: CondInst, sim: SIMState, cfg: TrainConfig, out_png: s
     computed from boxes, exactly as in a training step (``compute_sim_maps``).
     """
     device = next(model.parameters()).device
-    data = _val_data(cfg)
+    data = val_dataset(cfg)
     n_img = min(max_images, len(data))
     batch = collate([data[i] for i in range(n_img)]).to(device)
     height, width = batch.images.shape[-2:]
