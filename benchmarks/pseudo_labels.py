@@ -16,7 +16,9 @@ boxes, where the pseudo loss acts:
 - ``background -> fg / bg``: the same for the box's background pixels (other objects included),
   with ``background -> fg`` split into ``near`` (within one stride-4 cell, 4 px, of the object:
   boundary blur) and ``far`` (holes, concavities, box corners);
-- per class, ``background -> fg``; and the mean M_S and M_I on object and background pixels.
+- per class, ``background -> fg``; the teacher's calibration (the share of object among the
+  box pixels in each M_I bin: how right its confident pixels are, whatever the threshold); and
+  the mean M_S and M_I on object and background pixels.
 
 It reads the validation masks: a diagnostic of the method, not part of box supervision. Writes
 ``benchmarks/results/<name>.json`` and ``.md``.
