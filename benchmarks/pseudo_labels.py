@@ -144,11 +144,10 @@ def pseudo_label_quality(sim: Any, cfg: Any, alphas: tuple[float, ...] = (0.0, 0
             pm = pseudo_masks(maps.m_inst, maps.m_sem, maps.box_s4, a, cfg.sim.tau_low,
                               cfg.sim.tau_high_range)
             counts[a] += count_labels(pm.target, pm.weight, box, gt, pos.gt_labels, num_classes)
-        for i, sel in enumerate((box & gt, box & ~gt)):
+        for i, sel in enumerate((box & gt, box & ~gt)):  # object, then background pixels
             calib[i] += calibration_counts(maps.m_inst[sel], edges)
-        for i, m in enumerate((maps.m_sem, maps.m_inst)):
-            means[i] += m[box & gt].double().sum().cpu()
-            means[2 + i] += m[box & ~gt].double().sum().cpu()
+            means[2 * i] += maps.m_sem[sel].double().sum().cpu()
+            means[2 * i + 1] += maps.m_inst[sel].double().sum().cpu()
     total = counts[alphas[0]].sum(0)
     obj, back = total[COUNTS.index("object")], total[COUNTS.index("background")]
     names = getattr(data, "class_names", None) or [str(c) for c in range(num_classes)]
