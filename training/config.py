@@ -96,6 +96,12 @@ class SIMConfig:
 
     enabled: bool = True
     pseudo_loss: bool = True
+    #: False: the pseudo loss keeps only its confident-background labels (blended map below
+    #: tau_low inside the box) and drops the foreground ones; the pseudo mask still builds the
+    #: copy-paste masks (and the prototypes with prototype_pixels="pseudo"). Our variant, not
+    #: the paper's: on the built-in data a third of the teacher's foreground labels are
+    #: background and the pseudo loss teaches that error (docs/training_notes.md section 3).
+    pseudo_foreground: bool = True
     copy_paste: bool = True
     num_prototypes: int = 10
     #: Temperature of M_S = sigmoid(max_l cos(z, p_l) / tau). The paper's 0.1 saturates M_S

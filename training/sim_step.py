@@ -198,6 +198,14 @@ def compute_sim_maps(sim: SIMState, x: Tensor, pos: Positives, targets: Targets,
     return SIMMaps(m_inst, m_sem, box_s4, box_full, pm)
 
 
+def pseudo_loss_weight(pm: PseudoMask, cfg: TrainConfig) -> Tensor:
+    """W of the pseudo loss, ``(G, h, w)``: SIM's (foreground and confident background) or,
+    with ``sim.pseudo_foreground=false``, the confident-background pixels only."""
+    if cfg.sim.pseudo_foreground:
+        return pm.weight
+    return pm.weight * (1.0 - pm.target)
+
+
 def sim_losses(sim: SIMState, model: CondInst, x: Tensor, images_uint8: Tensor, outputs: Any,
                result: StepOutput, targets: Targets, cfg: TrainConfig,
                step: int, teacher_out: Any = None) -> dict[str, Tensor]:
@@ -225,7 +233,7 @@ def sim_losses(sim: SIMState, model: CondInst, x: Tensor, images_uint8: Tensor, 
     with record_function("sim.pseudo_paste_losses"):
         if cfg.sim.pseudo_loss and bool(own.any()):
             losses["loss_pseudo"] = cfg.sim.lambda_pseudo * bce_dice_loss(
-                logits[own], pm.target[gt[own]], pm.weight[gt[own]])
+                logits[own], pm.target[gt[own]], pseudo_loss_weight(pm, cfg)[gt[own]])
         if cfg.sim.copy_paste and targets.paste_masks is not None and bool((~own).any()):
             paste_s4 = torch.cat(targets.paste_masks)[:, 2::4, 2::4][:, :h, :w].float()
             losses["loss_paste"] = cfg.sim.lambda_paste * bce_dice_loss(

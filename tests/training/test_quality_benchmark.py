@@ -12,6 +12,7 @@ from benchmarks.quality import (
     DATASETS,
     DEFAULT_DATASETS,
     FULL_ROWS,
+    INVESTIGATION_ROWS,
     QUICK_ITERS,
     QUICK_ROWS,
     ROWS,
@@ -94,8 +95,9 @@ def test_every_row_is_a_valid_config(key: str) -> None:
         assert cfg.supervision == "box" and not cfg.sim.enabled
     else:
         assert cfg.sim.enabled and cfg.sim.pseudo_loss == (key != "pasteonly")
-        assert cfg.sim.copy_paste == (key not in ("pseudo", "oraclems"))
+        assert cfg.sim.copy_paste == (key not in ("pseudo", "pseudobg", "oraclems"))
         assert cfg.sim.oracle_semantic_map == (key == "oraclems")
+        assert cfg.sim.pseudo_foreground == (key not in ("pseudobg", "simbg"))
     assert set(QUICK_ROWS["synthetic"]) <= set(FULL_ROWS["synthetic"]) == set(ROWS)
 
 
@@ -129,7 +131,7 @@ def test_bad_set_override_fails_before_any_work(tmp_path: Path,
 
 def test_diagnostic_rows_run_only_when_named() -> None:
     assert "oraclems" not in select_rows("synthetic", quick=False, requested=None)
-    for row in ("tau01", "protopseudo", "pairfeat", "pasteonly"):  # only when named
+    for row in INVESTIGATION_ROWS:  # only when named
         assert row not in select_rows("synthetic", quick=False, requested=None)
     assert select_rows("synthetic", quick=False, requested=["pairfeat"]) == ["pairfeat"]
     assert "oraclems" not in select_rows("synthetic", quick=True, requested=None)

@@ -101,3 +101,40 @@ def test_full_resolution_masks() -> None:
     # rows 0-5 read 0.9 (source rows <= 0.875) and row 6 reads 0.9 * 0.875 = 0.7875 < 0.8.
     assert out[1, 2:6, 2:14].all() and not out[1, 6:].any() and not out[1, :2].any()
     assert torch.equal(full_resolution_masks(prob, 0.95, box), torch.zeros(2, 16, 16).bool())
+
+
+def test_background_only_pseudo_loss_by_hand() -> None:
+    """``sim.pseudo_foreground=false``: W keeps the confident background only, so the pseudo
+    loss is the mean BCE towards 0 over those pixels plus a constant dice of 1 (no gradient),
+    the same loss as the diagnostic ``tau_high_range=[1.01, 1.01]`` (no foreground labels)."""
+    from training.config import TrainConfig
+    from training.losses import bce_dice_loss
+    from training.sim_step import pseudo_loss_weight
+
+    # One instance, a 2x3 box; blended = M_I (alpha 0): 0.9 0.9 0.5 / 0.1 0.2 0.9.
+    mi = torch.zeros(1, 4, 5)
+    mi[0, 1, 1:4] = torch.tensor([0.9, 0.9, 0.5])
+    mi[0, 2, 1:4] = torch.tensor([0.1, 0.2, 0.9])
+    box = _box(1, 4, 5, 1, 3, 1, 4)
+    pm = pseudo_masks(mi, torch.zeros_like(mi), box, alpha=0.0, adaptive_high=False)
+    assert pm.target.sum() == 3 and pm.weight.sum() == 5  # 3 fg, 2 bg, 1 in the band
+    cfg = TrainConfig()
+    assert torch.equal(pseudo_loss_weight(pm, cfg), pm.weight)  # the paper's W
+    cfg.sim.pseudo_foreground = False
+    w = pseudo_loss_weight(pm, cfg)
+    assert w.sum() == 2 and w[0, 2, 1] == 1 and w[0, 2, 2] == 1
+
+    logits = torch.linspace(-2.0, 2.0, 20).reshape(1, 1, 4, 5).requires_grad_()
+    loss = bce_dice_loss(logits, pm.target, w)
+    z_bg = logits.detach()[0, 0, 2, 1:3]
+    expected = torch.nn.functional.softplus(z_bg).mean() + 1.0  # BCE(z, 0) = softplus(z)
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.backward()
+    grad = logits.grad[0, 0]
+    assert (grad[2, 1:3] > 0).all()  # pushes the background logits down
+    assert (grad[w[0] == 0] == 0).all()  # foreground labels, band and outside: no gradient
+
+    diagnostic = pseudo_masks(mi, torch.zeros_like(mi), box, alpha=0.0, adaptive_high=False,
+                              tau_high_range=(1.01, 1.01))
+    torch.testing.assert_close(loss.detach(), bce_dice_loss(
+        logits.detach(), diagnostic.target, diagnostic.weight))

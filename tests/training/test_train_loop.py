@@ -179,6 +179,35 @@ def test_ablation_switches(tiny_cfg, tmp_path: Path, monkeypatch, override: str,
         assert [r.bank_size for r in records] == [0, 0]  # nothing is stored for pasting
 
 
+@pytest.mark.parametrize("foreground", [True, False])
+def test_pseudo_foreground_switch(tiny_cfg, tmp_path: Path, monkeypatch,
+                                  foreground: bool) -> None:
+    """``sim.pseudo_foreground=false`` drops the foreground labels from the pseudo loss only:
+    its W never covers the pseudo mask, while copy-paste still stores the pseudo masks."""
+    import training.sim_step as sim_step
+
+    calls = []
+    original = sim_step.bce_dice_loss
+
+    def wrapped(logits, target, weight=None):
+        calls.append((target.detach().clone(), None if weight is None else weight.clone()))
+        return original(logits, target, weight)
+
+    monkeypatch.setattr(sim_step, "bce_dice_loss", wrapped)
+    _, records = _short_run(tiny_cfg, tmp_path, monkeypatch, "optim.max_iter=3",
+                            f"sim.pseudo_foreground={str(foreground).lower()}", *SIM_EXERCISE,
+                            # An untrained teacher's blended map lies within 0.50-0.58:
+                            "sim.tau_high_range=[0.55, 0.55]", "sim.tau_low=0.54")
+    pseudo = [(t, w) for t, w in calls if w is not None]  # the paste loss has no W
+    assert len(pseudo) == 3
+    assert all(float(t.sum()) > 0 for t, _ in pseudo)  # the teacher labels foreground
+    labelled_fg = sum(float((t * w).sum()) for t, w in pseudo)
+    assert (labelled_fg > 0) == foreground
+    assert all(float(w.sum()) > 0 for _, w in pseudo)
+    assert records[-1].bank_size > 0  # paste masks are stored either way
+    assert all(r.losses["loss_pseudo"] > 0 for r in records)
+
+
 def test_oracle_semantic_map_is_the_ground_truth(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
     """The diagnostic ``sim.oracle_semantic_map``: M_S is each instance's ground-truth mask
     (binary, inside its box, smaller than the box), not the prototypes' map."""
