@@ -108,8 +108,9 @@ DEFAULT_DATASETS = ["synthetic", "nuclei"]
 METRICS = ("segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm", "segm/APl", "bbox/AP")
 #: Pseudo-label measures (``benchmarks/pseudo_labels.py``) kept per SIM run.
 PSEUDO_LABEL_KEYS = ("fg_precision", "background_fg")
-#: Default rows per dataset (nuclei: one class, the rows its target names).
-FULL_ROWS = {"synthetic": list(ROWS), "nuclei": ["mask", "boxinst", "sim"],
+#: Default rows per dataset (nuclei: one class, the rows its target names, and ``simbg`` when
+#: named).
+FULL_ROWS = {"synthetic": list(ROWS), "nuclei": ["mask", "boxinst", "sim", "simbg"],
              "synthetic_distinct": list(ROWS)}
 #: --quick: rows and iterations per dataset (one seed).
 QUICK_ROWS = {"synthetic": ["mask", "boxinst", "sim"], "nuclei": ["boxinst", "sim"],
@@ -367,6 +368,14 @@ def main(argv: list[str] | None = None) -> int:
         "datasets": {}, "runs": []}
     name = args.name or ("quality_quick" if args.quick else "quality")
     start = time.perf_counter()
+    for dataset in args.datasets:  # rows a dataset does not have: said before any work
+        skipped = [r for r in args.rows or [] if r not in FULL_ROWS[dataset]]
+        if skipped and len(skipped) == len(args.rows):
+            parser.error(f"--rows {' '.join(skipped)}: none of them runs on {dataset!r} "
+                         f"(its rows: {' '.join(FULL_ROWS[dataset])})")
+        if skipped:
+            print(f"{dataset}: skipping rows {' '.join(skipped)} (not rows of this dataset)",
+                  file=sys.stderr)
     jobs = []
     for dataset in args.datasets:
         iters = args.iters or (QUICK_ITERS[dataset] if args.quick else None)

@@ -138,3 +138,13 @@ def test_diagnostic_rows_run_only_when_named() -> None:
     assert select_rows("synthetic", quick=False, requested=["pseudo", "oraclems"]) == \
         ["pseudo", "oraclems"]
     assert select_rows("nuclei", quick=False, requested=["sim", "alpha0"]) == ["sim"]
+
+
+def test_rows_a_dataset_lacks_fail_before_any_work(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--datasets", "nuclei", "--rows", "alpha0", "pasteonly", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "--rows alpha0 pasteonly: none of them runs on 'nuclei' (its rows: mask boxinst " \
+           "sim simbg)" in err
+    assert not any(tmp_path.iterdir())
