@@ -368,9 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         "datasets": {}, "runs": []}
     name = args.name or ("quality_quick" if args.quick else "quality")
     start = time.perf_counter()
-    for dataset in args.datasets:  # rows a dataset does not have: said before any work
-        skipped = [r for r in args.rows or [] if r not in FULL_ROWS[dataset]]
-        if skipped and len(skipped) == len(args.rows):
+    for dataset in args.datasets if args.rows else []:  # rows it lacks: said before any work
+        kept = select_rows(dataset, args.quick, args.rows)
+        skipped = [r for r in args.rows if r not in kept]
+        if not kept:
             parser.error(f"--rows {' '.join(skipped)}: none of them runs on {dataset!r} "
                          f"(its rows: {' '.join(FULL_ROWS[dataset])})")
         if skipped:
