@@ -26,8 +26,8 @@ BoxInst is limited by how much object and background differ in appearance.
 
 The row ``oraclems`` is a diagnostic too (it reads the training masks: M_S := ground truth,
 ``sim.oracle_semantic_map``) and runs only when named with ``--rows``, like the investigation
-rows ``tau01``, ``protopseudo``, ``pairfeat``, ``pasteonly``, ``pseudobg`` and ``simbg``
-(alternatives to our defaults).
+rows ``tau01``, ``protopseudo``, ``pairfeat``, ``pasteonly``, ``pseudobg``, ``simbg`` and its
+alpha sweep ``simbg_alpha0`` / ``simbg_alpha1`` (alternatives to our defaults).
 
 Every run with SIM also reports ``M_S AUC`` (``benchmarks/sim_figure.py:
 semantic_separability``): how well the teacher's features rank object above background pixels
@@ -79,6 +79,11 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "pseudobg": ("boxinst + pseudo, background labels only (ours)",
                  ["sim.copy_paste=false", "sim.pseudo_foreground=false"]),
     "simbg": ("sim, background pseudo labels only (ours)", ["sim.pseudo_foreground=false"]),
+    # The alpha sweep of that variant (alpha only moves which pixels fall below tau_low there).
+    "simbg_alpha0": ("sim alpha 0, background pseudo labels only (ours)",
+                     ["sim.pseudo_foreground=false", "sim.alpha=0.0"]),
+    "simbg_alpha1": ("sim alpha 1, background pseudo labels only (ours)",
+                     ["sim.pseudo_foreground=false", "sim.alpha=1.0"]),
     # Diagnostic row, NOT box supervision: M_S := ground-truth mask (copy-paste off, so compare
     # with "pseudo"). What SIM's pseudo-mask path can do when the semantic map is right.
     "oraclems": ("boxinst + pseudo, oracle M_S (diagnostic, reads masks)",
@@ -90,7 +95,7 @@ DIAGNOSTIC_ROWS = {"oraclems"}
 #: Investigation rows (alternatives to our defaults, docs/training_notes.md): only run when
 #: named, so the default run stays the paper's table.
 INVESTIGATION_ROWS = {"tau01", "protopseudo", "pairfeat", "pasteonly", "pseudobg",
-                      "simbg"}
+                      "simbg", "simbg_alpha0", "simbg_alpha1"}
 #: Datasets: name -> (config, overrides). ``synthetic_distinct`` is a diagnostic, not part of
 #: the default table: the synthetic images with the background clutter in colours no object uses
 #: (``training/data/synthetic.py: BACKGROUNDS``), to test why SIM gains little on the default.

@@ -97,7 +97,10 @@ def test_every_row_is_a_valid_config(key: str) -> None:
         assert cfg.sim.enabled and cfg.sim.pseudo_loss == (key != "pasteonly")
         assert cfg.sim.copy_paste == (key not in ("pseudo", "pseudobg", "oraclems"))
         assert cfg.sim.oracle_semantic_map == (key == "oraclems")
-        assert cfg.sim.pseudo_foreground == (key not in ("pseudobg", "simbg"))
+        assert cfg.sim.pseudo_foreground == (key not in ("pseudobg", "simbg", "simbg_alpha0",
+                                                         "simbg_alpha1"))
+        assert cfg.sim.alpha == {"alpha0": 0.0, "alpha1": 1.0, "simbg_alpha0": 0.0,
+                                 "simbg_alpha1": 1.0}.get(key, 0.5)
     assert set(QUICK_ROWS["synthetic"]) <= set(FULL_ROWS["synthetic"]) == set(ROWS)
 
 
