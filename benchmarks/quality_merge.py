@@ -3,13 +3,17 @@
 Seeds can be added to a table later instead of rerunning it whole: run the new seeds under
 their own ``--name``, then merge. Only runs of the same settings are merged: every file must
 agree on ``--quick`` and on each dataset's iterations, and a row must have been run with the
-same config overrides in every file that has it (the seed and the run folder aside). A seed of
-a row may appear in one file only.
+same config overrides in every file that has it (the seed and the run folder aside; ``sim.*``
+overrides of a row that turns SIM off, which cannot change it). A seed of a row may appear in
+one file only. ``--rows`` keeps only the named rows of every file (for example BoxInst's seed
+from a file whose other row ran with a diagnostic setting).
 
     python benchmarks/quality.py --datasets synthetic --rows boxinst sim --seeds 2 3 \\
         --name quality_seeds23
     python benchmarks/quality_merge.py benchmarks/results/quality.json \\
         benchmarks/results/quality_seeds23.json --name quality_4seeds
+    python benchmarks/quality_merge.py benchmarks/results/quality_2400*.json \
+        --rows mask boxinst sim --name quality_2400_all
 
 Writes ``benchmarks/results/<name>.json`` and ``.md`` (the same table as ``quality.py``: mean
 and spread per row, ratio to the fully supervised row, and each row minus BoxInst seed by seed).
@@ -38,7 +42,13 @@ class MergeError(ValueError):
 
 
 def _settings(run: dict[str, Any]) -> list[str]:
-    return sorted(o for o in run.get("overrides", []) if not o.startswith(_RUN_KEYS))
+    """The run's overrides that set what it trains. With ``sim.enabled=false`` the other
+    ``sim.*`` overrides are inert (a ``--set sim.x=...`` given to a whole benchmark invocation
+    reaches its BoxInst row too) and are left out."""
+    overrides = [o for o in run.get("overrides", []) if not o.startswith(_RUN_KEYS)]
+    if "sim.enabled=false" in overrides:
+        overrides = [o for o in overrides if o == "sim.enabled=false" or not o.startswith("sim.")]
+    return sorted(overrides)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -56,17 +66,20 @@ def _load(path: Path) -> dict[str, Any]:
     return data
 
 
-def merge(paths: list[Path]) -> dict[str, Any]:
-    """One results dict (as ``quality.py`` writes) holding the runs of every file in ``paths``.
+def merge(paths: list[Path], rows: list[str] | None = None) -> dict[str, Any]:
+    """One results dict (as ``quality.py`` writes) holding the runs of every file in ``paths``
+    (only those of ``rows`` when given).
 
     Raises ``MergeError`` when the files disagree on ``--quick`` or a dataset's iterations,
-    when a row was run with different settings, or when a (dataset, row, seed) repeats.
+    when a row was run with different settings, when a (dataset, row, seed) repeats, or when a
+    row of ``rows`` is in none of the files.
     """
     if len(paths) < 2:
         raise MergeError("give at least two result files to merge")
     merged: dict[str, Any] = {"runs": [], "datasets": {}, "total_seconds": 0.0}
     settings: dict[tuple[str, str], tuple[list[str], Path]] = {}
     seen: dict[tuple[str, str, int], Path] = {}
+    found: set[str] = set()  # every row of every file, for the --rows error
     for path in paths:
         data = _load(path)
         if "quick" in merged and merged["quick"] != data["quick"]:
@@ -76,16 +89,19 @@ def merge(paths: list[Path]) -> dict[str, Any]:
         merged.setdefault("workers", data.get("workers", 0))
         merged.setdefault("machine", data.get("machine", "unknown"))
         merged["total_seconds"] += data.get("total_seconds", 0.0)
+        found |= {run["row"] for run in data["runs"]}
+        kept = [run for run in data["runs"] if rows is None or run["row"] in rows]
         for dataset, info in data["datasets"].items():
             mine = merged["datasets"].setdefault(dataset, {
-                "iters": info["iters"], "seeds": [], "rows": {}, "figure": info.get("figure"),
-                "untrained": info.get("untrained")})
+                "iters": info["iters"], "seeds": [], "rows": {}, "figure": None,
+                "untrained": None})
             if mine["iters"] != info["iters"]:
                 raise MergeError(f"{path}: {dataset} ran {info['iters']} iterations, another "
                                  f"file {mine['iters']}; merge runs of one schedule only")
-            mine["figure"] = mine["figure"] or info.get("figure")
+            if any(run["dataset"] == dataset for run in kept):  # its figure shows a kept run
+                mine["figure"] = mine["figure"] or info.get("figure")
             mine["untrained"] = mine["untrained"] or info.get("untrained")
-        for run in data["runs"]:
+        for run in kept:
             key = (run["dataset"], run["row"])
             first = settings.setdefault(key, (_settings(run), path))
             if first[0] != _settings(run):
@@ -99,9 +115,16 @@ def merge(paths: list[Path]) -> dict[str, Any]:
                                  "run once")
             seen[seed_key] = path
             merged["runs"].append(run)
-    for dataset, info in merged["datasets"].items():
+    missing = [r for r in rows or [] if r not in found]
+    if missing:
+        raise MergeError(f"--rows {' '.join(missing)}: in none of the files (their rows: "
+                         f"{' '.join(sorted(found))})")
+    for dataset in list(merged["datasets"]):
+        info = merged["datasets"][dataset]
         info["seeds"] = sorted({r["seed"] for r in merged["runs"] if r["dataset"] == dataset})
-        if info["untrained"] is None:
+        if not info["seeds"]:  # every run of it left out by --rows
+            del merged["datasets"][dataset]
+        elif info["untrained"] is None:
             info.pop("untrained")
     tabulate(merged)
     return merged
@@ -112,14 +135,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path, help="quality.py result .json files")
     parser.add_argument("--name", required=True, help="merged results file name")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                        help="keep only these rows of every file (default: all)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     try:
-        merged = merge(args.results)
+        merged = merge(args.results, args.rows)
     except MergeError as exc:
         parser.error(str(exc))
     merged["command"] = ("python benchmarks/quality_merge.py "
-                         + " ".join(str(p) for p in args.results) + f" --name {args.name}")
+                         + " ".join(str(p) for p in args.results)
+                         + (f" --rows {' '.join(args.rows)}" if args.rows else "")
+                         + f" --name {args.name}")
     merged["merged_from"] = [str(p) for p in args.results]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(merged, indent=2))

@@ -123,3 +123,49 @@ def test_cli_writes_json_and_markdown(tmp_path: Path) -> None:
     assert data["merged_from"] == [str(a), str(b)]
     assert data["datasets"]["synthetic"]["paired"][ROWS["sim"][0]]["mean"] == pytest.approx(1.5)
     assert "| boxinst | 2 | 15.5 ± 0.7 |" in (out / "m.md").read_text()
+
+
+def test_sim_overrides_of_a_row_without_sim_do_not_block_the_merge(tmp_path: Path) -> None:
+    """A --set sim.x given to a whole invocation reaches its BoxInst row, where it is inert."""
+    a = _write(tmp_path / "a.json", [_run("boxinst", 0, 16.0)])
+    b = _write(tmp_path / "b.json", [_run("boxinst", 1, 14.0, ROWS["boxinst"][1]
+                                          + ["sim.tau_high_range=[1.01,1.01]"])])
+    assert merge([a, b])["datasets"]["synthetic"]["rows"][ROWS["boxinst"][0]]["n"] == 2
+    c = _write(tmp_path / "c.json", [_run("boxinst", 2, 15.0, ROWS["boxinst"][1]
+                                          + ["model.fpn_channels=32"])])
+    with pytest.raises(MergeError, match=re.escape("row boxinst of synthetic ran with")):
+        merge([a, c])  # a setting outside sim.* still counts
+
+
+def test_rows_keeps_only_the_named_rows(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a.json", [_run("boxinst", 0, 16.0), _run("pseudo", 0, 15.0)])
+    b = _write(tmp_path / "b.json", [_run("boxinst", 1, 14.0),  # pseudo: another setting
+                                     _run("pseudo", 1, 19.0, ["sim.tau_high_range=[1,1]"])])
+    with pytest.raises(MergeError, match="row pseudo of synthetic ran with"):
+        merge([a, b])
+    info = merge([a, b], rows=["boxinst"])["datasets"]["synthetic"]
+    assert list(info["rows"]) == [ROWS["boxinst"][0]] and info["seeds"] == [0, 1]
+    assert info["rows"][ROWS["boxinst"][0]]["segm/AP"] == pytest.approx(15.0)
+    with pytest.raises(MergeError, match=re.escape("--rows sim: in none of the files (their "
+                                                   "rows: boxinst pseudo)")):
+        merge([a, b], rows=["boxinst", "sim"])
+
+
+def test_rows_drops_a_dataset_left_without_runs(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a.json", [_run("boxinst", 0, 16.0)])
+    b = _write(tmp_path / "b.json", [_run("sim", 0, 40.0, dataset="nuclei")])
+    data = json.loads(b.read_text())
+    data["datasets"]["nuclei"] = data["datasets"].pop("synthetic")
+    b.write_text(json.dumps(data))
+    assert list(merge([a, b], rows=["boxinst"])["datasets"]) == ["synthetic"]
+    assert list(merge([a, b])["datasets"]) == ["synthetic", "nuclei"]
+
+
+def test_cli_rows_is_in_the_recorded_command(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a.json", [_run("boxinst", 0, 16.0), _run("sim", 0, 17.0)])
+    b = _write(tmp_path / "b.json", [_run("boxinst", 1, 15.0), _run("sim", 1, 17.0)])
+    out = tmp_path / "out"
+    assert main([str(a), str(b), "--rows", "sim", "--name", "m", "--out-dir", str(out)]) == 0
+    data = json.loads((out / "m.json").read_text())
+    assert data["command"].endswith(" --rows sim --name m")
+    assert {r["row"] for r in data["runs"]} == {"sim"}
