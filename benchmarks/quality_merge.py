@@ -5,15 +5,16 @@ their own ``--name``, then merge. Only runs of the same settings are merged: eve
 agree on ``--quick`` and on each dataset's iterations, and a row must have been run with the
 same config overrides in every file that has it (the seed and the run folder aside; ``sim.*``
 overrides of a row that turns SIM off, which cannot change it). A seed of a row may appear in
-one file only. ``--rows`` keeps only the named rows of every file (for example BoxInst's seed
-from a file whose other row ran with a diagnostic setting).
+one file only. ``--rows`` keeps only the named rows of every file, and ``FILE.json:ROW,ROW``
+only those rows of that file (for example BoxInst's seed from a file whose other row ran with a
+diagnostic setting).
 
     python benchmarks/quality.py --datasets synthetic --rows boxinst sim --seeds 2 3 \\
         --name quality_seeds23
     python benchmarks/quality_merge.py benchmarks/results/quality.json \\
         benchmarks/results/quality_seeds23.json --name quality_4seeds
-    python benchmarks/quality_merge.py benchmarks/results/quality_2400*.json \
-        --rows mask boxinst sim --name quality_2400_all
+    python benchmarks/quality_merge.py benchmarks/results/quality_2400.json \
+        benchmarks/results/quality_2400_bgonly_seed2.json:boxinst --rows boxinst --name b
 
 Writes ``benchmarks/results/<name>.json`` and ``.md`` (the same table as ``quality.py``: mean
 and spread per row, ratio to the fully supervised row, and each row minus BoxInst seed by seed).
@@ -66,13 +67,22 @@ def _load(path: Path) -> dict[str, Any]:
     return data
 
 
-def merge(paths: list[Path], rows: list[str] | None = None) -> dict[str, Any]:
+def _source(arg: str | Path) -> tuple[Path, list[str] | None]:
+    """``FILE.json`` -> (FILE.json, None); ``FILE.json:ROW,ROW`` -> (FILE.json, [ROW, ROW])."""
+    head, sep, tail = str(arg).rpartition(":")
+    if sep and head.endswith(".json") and tail:
+        return Path(head), tail.split(",")
+    return Path(arg), None
+
+
+def merge(paths: list[str] | list[Path], rows: list[str] | None = None) -> dict[str, Any]:
     """One results dict (as ``quality.py`` writes) holding the runs of every file in ``paths``
-    (only those of ``rows`` when given).
+    (only those of ``rows`` when given; a path ``FILE.json:ROW,ROW`` gives only those rows of
+    that file).
 
     Raises ``MergeError`` when the files disagree on ``--quick`` or a dataset's iterations,
     when a row was run with different settings, when a (dataset, row, seed) repeats, or when a
-    row of ``rows`` is in none of the files.
+    named row is in none of the files (or not in the file it was named for).
     """
     if len(paths) < 2:
         raise MergeError("give at least two result files to merge")
@@ -80,7 +90,8 @@ def merge(paths: list[Path], rows: list[str] | None = None) -> dict[str, Any]:
     settings: dict[tuple[str, str], tuple[list[str], Path]] = {}
     seen: dict[tuple[str, str, int], Path] = {}
     found: set[str] = set()  # every row of every file, for the --rows error
-    for path in paths:
+    for source in paths:
+        path, own = _source(source)
         data = _load(path)
         if "quick" in merged and merged["quick"] != data["quick"]:
             raise MergeError(f"{path}: --quick={data['quick']} but {paths[0]} has "
@@ -89,8 +100,13 @@ def merge(paths: list[Path], rows: list[str] | None = None) -> dict[str, Any]:
         merged.setdefault("workers", data.get("workers", 0))
         merged.setdefault("machine", data.get("machine", "unknown"))
         merged["total_seconds"] += data.get("total_seconds", 0.0)
-        found |= {run["row"] for run in data["runs"]}
-        kept = [run for run in data["runs"] if rows is None or run["row"] in rows]
+        present = {run["row"] for run in data["runs"]}
+        if own is not None and not set(own) <= present:
+            raise MergeError(f"{source}: no row {' '.join(sorted(set(own) - present))} in "
+                             f"{path} (its rows: {' '.join(sorted(present))})")
+        found |= present
+        kept = [run for run in data["runs"] if (rows is None or run["row"] in rows)
+                and (own is None or run["row"] in own)]
         for dataset, info in data["datasets"].items():
             mine = merged["datasets"].setdefault(dataset, {
                 "iters": info["iters"], "seeds": [], "rows": {}, "figure": None,
@@ -133,7 +149,8 @@ def merge(paths: list[Path], rows: list[str] | None = None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", type=Path, help="quality.py result .json files")
+    parser.add_argument("results", nargs="+", help="quality.py result .json files; "
+                        "FILE.json:ROW,ROW takes only those rows of the file")
     parser.add_argument("--name", required=True, help="merged results file name")
     parser.add_argument("--rows", nargs="+", default=None, metavar="ROW",
                         help="keep only these rows of every file (default: all)")

@@ -169,3 +169,17 @@ def test_cli_rows_is_in_the_recorded_command(tmp_path: Path) -> None:
     data = json.loads((out / "m.json").read_text())
     assert data["command"].endswith(" --rows sim --name m")
     assert {r["row"] for r in data["runs"]} == {"sim"}
+
+
+def test_rows_of_one_file(tmp_path: Path) -> None:
+    """FILE.json:ROW,ROW takes only those rows of that file; the others keep all theirs."""
+    a = _write(tmp_path / "a.json", [_run("boxinst", 0, 16.0), _run("pseudo", 0, 15.0)])
+    b = _write(tmp_path / "b.json", [_run("boxinst", 1, 14.0),
+                                     _run("pseudo", 1, 19.0, ["sim.tau_high_range=[1,1]"])])
+    info = merge([a, f"{b}:boxinst"])["datasets"]["synthetic"]
+    assert info["rows"][ROWS["boxinst"][0]]["n"] == 2
+    assert info["rows"][ROWS["pseudo"][0]]["n"] == 1
+    assert info["rows"][ROWS["pseudo"][0]]["segm/AP"] == pytest.approx(15.0)
+    with pytest.raises(MergeError, match=re.escape(f"{b}:boxinst,sim: no row sim in {b} (its "
+                                                   "rows: boxinst pseudo)")):
+        merge([a, f"{b}:boxinst,sim"])
