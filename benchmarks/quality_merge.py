@@ -13,8 +13,9 @@ diagnostic setting).
         --name quality_seeds23
     python benchmarks/quality_merge.py benchmarks/results/quality.json \\
         benchmarks/results/quality_seeds23.json --name quality_4seeds
-    python benchmarks/quality_merge.py benchmarks/results/quality_2400.json \
-        benchmarks/results/quality_2400_bgonly_seed2.json:boxinst --rows boxinst --name b
+    python benchmarks/quality_merge.py benchmarks/results/quality_2400.json \\
+        benchmarks/results/quality_2400_seed1.json \\
+        benchmarks/results/quality_2400_bgonly_seed2.json:boxinst --name quality_2400_3seeds
 
 Writes ``benchmarks/results/<name>.json`` and ``.md`` (the same table as ``quality.py``: mean
 and spread per row, ratio to the fully supervised row, and each row minus BoxInst seed by seed).
