@@ -276,8 +276,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Quality benchmark{' (quick)' if results['quick'] else ''}", "",
              f"Command: `{results['command']}`  ",
              f"Machine: {results['machine']}  ",
-             f"Total time: {results['total_seconds'] / 60:.1f} min with {results['workers']} "
-             "worker processes of one thread each"
+             f"Total time: {results['total_seconds'] / 60:.1f} min with "
+             + (f"{results['workers']} worker processes" if results["workers"]
+                else "a different number of worker processes per file") + " of one thread each"
              + (" (the sum over the merged files: " + ", ".join(
                  f"`{f}`" for f in results["merged_from"]) + ")"
                 if results.get("merged_from") else ""), "",

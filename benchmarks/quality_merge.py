@@ -98,7 +98,8 @@ def merge(paths: list[str] | list[Path], rows: list[str] | None = None) -> dict[
             raise MergeError(f"{path}: --quick={data['quick']} but {paths[0]} has "
                              f"--quick={merged['quick']}; merge runs of one schedule only")
         merged.setdefault("quick", data["quick"])
-        merged.setdefault("workers", data.get("workers", 0))
+        if merged.setdefault("workers", data.get("workers", 0)) != data.get("workers", 0):
+            merged["workers"] = 0  # the files ran with different numbers: the table says so
         merged.setdefault("machine", data.get("machine", "unknown"))
         merged["total_seconds"] += data.get("total_seconds", 0.0)
         present = {run["row"] for run in data["runs"]}

@@ -183,3 +183,17 @@ def test_rows_of_one_file(tmp_path: Path) -> None:
     with pytest.raises(MergeError, match=re.escape(f"{b}:boxinst,sim: no row sim in {b} (its "
                                                    "rows: boxinst pseudo)")):
         merge([a, f"{b}:boxinst,sim"])
+
+
+def test_total_time_names_the_workers_only_when_the_files_agree(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a.json", [_run("boxinst", 0, 16.0)])
+    b = _write(tmp_path / "b.json", [_run("boxinst", 1, 15.0)])
+    merged = merge([a, b])
+    text = markdown({**merged, "command": "merge", "merged_from": [str(a), str(b)]})
+    assert "Total time: 2.0 min with 2 worker processes of one thread each (the sum" in text
+    data = json.loads(b.read_text())
+    b.write_text(json.dumps({**data, "workers": 3}))
+    merged = merge([a, b])
+    text = markdown({**merged, "command": "merge", "merged_from": [str(a), str(b)]})
+    assert "Total time: 2.0 min with a different number of worker processes per file of one " \
+           "thread each (the sum" in text
