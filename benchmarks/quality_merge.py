@@ -116,7 +116,9 @@ def merge(paths: list[str] | list[Path], rows: list[str] | None = None) -> dict[
             if mine["iters"] != info["iters"]:
                 raise MergeError(f"{path}: {dataset} ran {info['iters']} iterations, another "
                                  f"file {mine['iters']}; merge runs of one schedule only")
-            if any(run["dataset"] == dataset for run in kept):  # its figure shows a kept run
+            # The figure shows the file's first SIM run: keep it only with a SIM run kept.
+            if any(run["dataset"] == dataset and "sim.enabled=false" not in run["overrides"]
+                   for run in kept):
                 mine["figure"] = mine["figure"] or info.get("figure")
             mine["untrained"] = mine["untrained"] or info.get("untrained")
         for run in kept:
