@@ -98,7 +98,8 @@ def merge(paths: list[str] | list[Path], rows: list[str] | None = None) -> dict[
             raise MergeError(f"{path}: --quick={data['quick']} but {paths[0]} has "
                              f"--quick={merged['quick']}; merge runs of one schedule only")
         merged.setdefault("quick", data["quick"])
-        if merged.setdefault("workers", data.get("workers", 0)) != data.get("workers", 0):
+        workers = data.get("workers", 0)
+        if merged.setdefault("workers", workers) != workers:
             merged["workers"] = 0  # the files ran with different numbers: the table says so
         merged.setdefault("machine", data.get("machine", "unknown"))
         merged["total_seconds"] += data.get("total_seconds", 0.0)
@@ -116,9 +117,8 @@ def merge(paths: list[str] | list[Path], rows: list[str] | None = None) -> dict[
             if mine["iters"] != info["iters"]:
                 raise MergeError(f"{path}: {dataset} ran {info['iters']} iterations, another "
                                  f"file {mine['iters']}; merge runs of one schedule only")
-            # The figure shows the file's first SIM run: keep it only with a SIM run kept.
-            if any(run["dataset"] == dataset and "sim.enabled=false" not in run["overrides"]
-                   for run in kept):
+            # quality.py draws the figure from the "sim" row's first seed: keep it with that row.
+            if any(run["dataset"] == dataset and run["row"] == "sim" for run in kept):
                 mine["figure"] = mine["figure"] or info.get("figure")
             mine["untrained"] = mine["untrained"] or info.get("untrained")
         for run in kept:

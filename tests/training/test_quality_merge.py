@@ -201,9 +201,11 @@ def test_total_time_names_the_workers_only_when_the_files_agree(tmp_path: Path) 
 
 def test_figure_comes_from_a_file_whose_runs_are_kept(tmp_path: Path) -> None:
     a = _write(tmp_path / "a.json", [_run("boxinst", 0, 16.0)])
-    b = _write(tmp_path / "b.json", [_run("boxinst", 1, 15.0), _run("sim", 1, 17.0)])
+    b = _write(tmp_path / "b.json", [_run("boxinst", 1, 15.0), _run("sim", 1, 17.0),
+                                     _run("pseudo", 1, 16.0)])
     data = json.loads(b.read_text())
-    data["datasets"]["synthetic"]["figure"] = "sim_maps_b.png"
+    data["datasets"]["synthetic"]["figure"] = "sim_maps_b.png"  # quality.py: the "sim" row's
     b.write_text(json.dumps(data))
     assert merge([a, b])["datasets"]["synthetic"]["figure"] == "sim_maps_b.png"
     assert merge([a, f"{b}:boxinst"])["datasets"]["synthetic"]["figure"] is None
+    assert merge([a, f"{b}:boxinst,pseudo"])["datasets"]["synthetic"]["figure"] is None
