@@ -101,6 +101,7 @@ def test_every_row_is_a_valid_config(key: str) -> None:
                                                          "simbg_alpha1"))
         assert cfg.sim.alpha == {"alpha0": 0.0, "alpha1": 1.0, "simbg_alpha0": 0.0,
                                  "simbg_alpha1": 1.0}.get(key, 0.5)
+        assert cfg.sim.num_prototypes == {"protos1": 1, "protos50": 50}.get(key, 10)
     assert set(QUICK_ROWS["synthetic"]) <= set(FULL_ROWS["synthetic"]) == set(ROWS)
 
 
