@@ -7,7 +7,8 @@ same config overrides in every file that has it (the seed and the run folder asi
 overrides of a row that turns SIM off, which cannot change it). A seed of a row may appear in
 one file only. ``--rows`` keeps only the named rows of every file, and ``FILE.json:ROW,ROW``
 only those rows of that file (for example BoxInst's seed from a file whose other row ran with a
-diagnostic setting).
+diagnostic setting); ``--datasets`` keeps only the named datasets (their iterations alone must
+agree).
 
     python benchmarks/quality.py --datasets synthetic --rows boxinst sim --seeds 2 3 \\
         --name quality_seeds23
@@ -76,14 +77,16 @@ def _source(arg: str | Path) -> tuple[Path, list[str] | None]:
     return Path(arg), None
 
 
-def merge(paths: list[str] | list[Path], rows: list[str] | None = None) -> dict[str, Any]:
+def merge(paths: list[str] | list[Path], rows: list[str] | None = None,
+          datasets: list[str] | None = None) -> dict[str, Any]:
     """One results dict (as ``quality.py`` writes) holding the runs of every file in ``paths``
-    (only those of ``rows`` when given; a path ``FILE.json:ROW,ROW`` gives only those rows of
-    that file).
+    (only those of ``rows`` and of ``datasets`` when given; a path ``FILE.json:ROW,ROW`` gives
+    only those rows of that file).
 
-    Raises ``MergeError`` when the files disagree on ``--quick`` or a dataset's iterations,
-    when a row was run with different settings, when a (dataset, row, seed) repeats, or when a
-    named row is in none of the files (or not in the file it was named for).
+    Raises ``MergeError`` when the files disagree on ``--quick`` or a kept dataset's
+    iterations, when a row was run with different settings, when a (dataset, row, seed)
+    repeats, or when a named row or dataset is in none of the files (or a row not in the file
+    it was named for).
     """
     if len(paths) < 2:
         raise MergeError("give at least two result files to merge")
@@ -91,6 +94,7 @@ def merge(paths: list[str] | list[Path], rows: list[str] | None = None) -> dict[
     settings: dict[tuple[str, str], tuple[list[str], Path]] = {}
     seen: dict[tuple[str, str, int], Path] = {}
     found: set[str] = set()  # every row of every file, for the --rows error
+    found_datasets: set[str] = set()  # and every dataset, for the --datasets error
     for source in paths:
         path, own = _source(source)
         data = _load(path)
@@ -108,9 +112,13 @@ def merge(paths: list[str] | list[Path], rows: list[str] | None = None) -> dict[
             raise MergeError(f"{source}: no row {' '.join(sorted(set(own) - present))} in "
                              f"{path} (its rows: {' '.join(sorted(present))})")
         found |= present
+        found_datasets |= set(data["datasets"])
         kept = [run for run in data["runs"] if (rows is None or run["row"] in rows)
-                and (own is None or run["row"] in own)]
+                and (own is None or run["row"] in own)
+                and (datasets is None or run["dataset"] in datasets)]
         for dataset, info in data["datasets"].items():
+            if datasets is not None and dataset not in datasets:
+                continue
             mine = merged["datasets"].setdefault(dataset, {
                 "iters": info["iters"], "seeds": [], "rows": {}, "figure": None,
                 "untrained": None})
@@ -139,6 +147,10 @@ def merge(paths: list[str] | list[Path], rows: list[str] | None = None) -> dict[
     if missing:
         raise MergeError(f"--rows {' '.join(missing)}: in none of the files (their rows: "
                          f"{' '.join(sorted(found))})")
+    missing = [d for d in datasets or [] if d not in found_datasets]
+    if missing:
+        raise MergeError(f"--datasets {' '.join(missing)}: in none of the files (their "
+                         f"datasets: {' '.join(sorted(found_datasets))})")
     for dataset in list(merged["datasets"]):
         info = merged["datasets"][dataset]
         info["seeds"] = sorted({r["seed"] for r in merged["runs"] if r["dataset"] == dataset})
@@ -158,15 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="merged results file name")
     parser.add_argument("--rows", nargs="+", default=None, metavar="ROW",
                         help="keep only these rows of every file (default: all)")
+    parser.add_argument("--datasets", nargs="+", default=None, metavar="DATASET",
+                        help="keep only these datasets of every file (default: all)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     try:
-        merged = merge(args.results, args.rows)
+        merged = merge(args.results, args.rows, args.datasets)
     except MergeError as exc:
         parser.error(str(exc))
     merged["command"] = ("python benchmarks/quality_merge.py "
                          + " ".join(str(p) for p in args.results)
                          + (f" --rows {' '.join(args.rows)}" if args.rows else "")
+                         + (f" --datasets {' '.join(args.datasets)}" if args.datasets else "")
                          + f" --name {args.name}")
     merged["merged_from"] = [str(p) for p in args.results]
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -161,6 +161,43 @@ def test_rows_drops_a_dataset_left_without_runs(tmp_path: Path) -> None:
     assert list(merge([a, b])["datasets"]) == ["synthetic", "nuclei"]
 
 
+def _two_datasets(path: Path, synthetic_iters: int, nuclei_seed: int) -> Path:
+    """A file with a synthetic BoxInst run (at ``synthetic_iters``) and a nuclei SIM run."""
+    _write(path, [_run("boxinst", 0, 16.0), _run("sim", nuclei_seed, 40.0 + nuclei_seed,
+                                                 dataset="nuclei")], iters=synthetic_iters)
+    data = json.loads(path.read_text())
+    data["datasets"]["nuclei"] = {**data["datasets"]["synthetic"], "iters": 300}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_datasets_keeps_only_the_named_datasets(tmp_path: Path) -> None:
+    """Only the kept datasets' schedules must agree: 600 and 2400 synthetic iterations do not
+    block a merge of the nuclei runs."""
+    a = _two_datasets(tmp_path / "a.json", 600, 0)
+    b = _two_datasets(tmp_path / "b.json", 2400, 1)
+    with pytest.raises(MergeError, match="synthetic ran 2400 iterations"):
+        merge([a, b])
+    merged = merge([a, b], datasets=["nuclei"])
+    assert list(merged["datasets"]) == ["nuclei"]
+    assert {(r["dataset"], r["seed"]) for r in merged["runs"]} == {("nuclei", 0), ("nuclei", 1)}
+    assert merged["datasets"]["nuclei"]["rows"][ROWS["sim"][0]]["segm/AP"] == pytest.approx(40.5)
+    with pytest.raises(MergeError, match=re.escape("--datasets voc: in none of the files "
+                                                   "(their datasets: nuclei synthetic)")):
+        merge([a, b], datasets=["nuclei", "voc"])
+
+
+def test_cli_datasets_is_in_the_recorded_command(tmp_path: Path) -> None:
+    a = _two_datasets(tmp_path / "a.json", 600, 0)
+    b = _two_datasets(tmp_path / "b.json", 600, 1)
+    out = tmp_path / "out"
+    assert main([str(a), str(b), "--datasets", "nuclei", "--name", "m",
+                 "--out-dir", str(out)]) == 0
+    data = json.loads((out / "m.json").read_text())
+    assert data["command"].endswith(" --datasets nuclei --name m")
+    assert "## synthetic" not in (out / "m.md").read_text()
+
+
 def test_cli_rows_is_in_the_recorded_command(tmp_path: Path) -> None:
     a = _write(tmp_path / "a.json", [_run("boxinst", 0, 16.0), _run("sim", 0, 17.0)])
     b = _write(tmp_path / "b.json", [_run("boxinst", 1, 15.0), _run("sim", 1, 17.0)])
