@@ -1,6 +1,7 @@
 """app: the Gradio front end (draw boxes on an image, get one mask per box).
 
-It calls only ``serving``'s public API (``Segmenter``, ``Prediction``, ``serving.visualize``,
+It calls only ``serving``'s public API (``Segmenter``, ``Prediction``,
+``serving.formats.visualize``,
 ``serving.errors``). :mod:`app.handlers` holds the request logic as plain functions,
 :mod:`app.ui` the page and its API endpoints, :mod:`app.main` the command line
 (``python -m app --model PATH``). Gradio is imported only by ``app.ui`` and ``app.main``.

@@ -25,7 +25,7 @@ from PIL import Image
 
 from serving import Prediction, Segmenter, load_image
 from serving.errors import BoxError, ImageError, InputError
-from serving.visualize import draw_predictions, masks_to_label_image
+from serving.formats.visualize import draw_predictions, masks_to_label_image
 
 log = logging.getLogger("app")
 

@@ -52,7 +52,7 @@ def _raw_upload(image: Any) -> str | None:
     """Replacement of the annotator's ``preprocess_image``: hand over the uploaded file's path.
 
     The component's own version decodes with PIL (opaque errors for corrupt files, 16-bit data
-    clipped); ``serving.images.load_image`` does it with clear one-line errors instead.
+    clipped); ``serving.inference.images.load_image`` does it with clear one-line errors instead.
     """
     return None if image is None else str(image.path)
 

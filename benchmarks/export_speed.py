@@ -40,7 +40,7 @@ from common import (  # noqa: E402
 from export import export_onnx  # noqa: E402
 from export.verify import compare_automatic, mask_iou  # noqa: E402
 from serving import InferenceConfig, ModelConfig, Segmenter, build_condinst  # noqa: E402
-from serving.checkpoint import save_checkpoint  # noqa: E402
+from serving.model.checkpoint import save_checkpoint  # noqa: E402
 
 CASES = {
     "mobilenet_v2_fpn@512x512": ("mobilenet_v2", (512, 512)),

@@ -41,8 +41,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import serving.inference.postprocess as postprocess_module  # noqa: E402
 import serving.model.heads as heads_module  # noqa: E402
-import serving.postprocess as postprocess_module  # noqa: E402
 import serving.segmenter as segmenter_module  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     interleaved_times,
@@ -53,9 +53,9 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.speed import MODELS, bench_image, build_checkpoint, prompt_boxes  # noqa: E402
 from serving import ModelConfig, Segmenter, build_condinst  # noqa: E402
+from serving.inference.postprocess import postprocess_masks, segment_boxes  # noqa: E402
+from serving.inference.transforms import pad_batch, preprocess, resize_image, resized_shape  # noqa: E402
 from serving.model.ops import aligned_bilinear  # noqa: E402
-from serving.postprocess import postprocess_masks, segment_boxes  # noqa: E402
-from serving.transforms import pad_batch, preprocess, resize_image, resized_shape  # noqa: E402
 from training.sim.ema import EMATeacher  # noqa: E402
 
 

@@ -25,12 +25,12 @@ from scipy.stats import mannwhitneyu
 
 from serving.model import CondInst
 from training.config import TrainConfig
-from training.criterion import fcos_assign_batch, targets_from_batch, upsample_features
 from training.data import CocoInstanceDataset
 from training.data.augment import ResizeShortestEdge
 from training.data.collate import collate
+from training.losses.criterion import fcos_assign_batch, targets_from_batch, upsample_features
 from training.sim.prototypes import l2_normalize_vectors
-from training.sim_step import SIMState, compute_sim_maps
+from training.sim.step import SIMState, compute_sim_maps
 
 TILE = 112
 COLUMNS = ("image + box", "M_S", "M_I", "pseudo mask", "ground truth")

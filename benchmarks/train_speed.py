@@ -14,7 +14,7 @@ objects cut from the batch (ellipses inside the boxes), so pasting starts at onc
 are timed side by side: round r runs boxinst, sim, sim+paste once each; medians over rounds.
 
 SIM's parts are measured with the ``torch.profiler.record_function`` ranges in
-``training/train.py`` and ``training/sim_step.py`` (``sim.teacher_forward``, ``sim.instance_map``,
+``training/train.py`` and ``training/sim/step.py`` (``sim.teacher_forward``, ``sim.instance_map``,
 ...) over a few ``sim+paste`` steps; each share is the range's time over the profiled step time.
 
 Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` over the timed steps; on the CPU each
@@ -69,7 +69,7 @@ from training.data.collate import Batch  # noqa: E402
 from training.data.loader import build_train_loader  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
 from training.run_state import RunState  # noqa: E402
-from training.sim_step import SIMState  # noqa: E402
+from training.sim.step import SIMState  # noqa: E402
 from training.train import _train_step  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
@@ -77,7 +77,7 @@ VARIANTS: dict[str, list[str]] = {
     "sim": ["sim.paste_prob=0.0"],
     "sim+paste": ["sim.paste_prob=1.0"],
 }
-#: record_function ranges of one SIM step (see training/train.py and training/sim_step.py).
+#: record_function ranges of one SIM step (see training/train.py and training/sim/step.py).
 PARTS = (
     "sim.copy_paste", "student.forward", "losses.fcos_boxinst", "sim.losses",
     "sim.teacher_forward", "sim.instance_map", "sim.semantic_map", "sim.pseudo_masks",

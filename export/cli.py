@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_output_dir(args.output)
     images = collect_images(args.verify) if args.verify else []
     if images:
-        from serving.images import load_image
+        from serving.inference.images import load_image
 
         for path in images:  # fail on unreadable images now, not after exporting
             load_image(path)

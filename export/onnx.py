@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from serving.backends.exported import build_sidecar
-from serving.checkpoint import CheckpointInfo, atomic_write, load_checkpoint
 from serving.config import InferenceConfig, config_to_dict
 from serving.errors import CheckpointError, InputError
+from serving.files import atomic_write
 from serving.model import CondInst
+from serving.model.checkpoint import CheckpointInfo, load_checkpoint
 
 from .nms import ONNX_TRANSLATIONS, register_torchscript_symbolic
 from .wrapper import (

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from serving.backends.exported import file_sha256, read_sidecar
-from serving.checkpoint import atomic_write
 from serving.errors import CheckpointError, InputError
+from serving.files import atomic_write
 
 OPS_FILE = Path(__file__).parent / "data" / "tensorrt_onnx_ops.json"
 #: TensorRT's TopK limit (operators.md: "`K` input must be less than 3840").

@@ -22,7 +22,7 @@ from serving import Segmenter
 from serving.backends.exported import StaticShapeBackend
 from serving.config import config_to_dict
 from serving.errors import InputError, SimError
-from serving.images import IMAGE_EXTENSIONS, ImageLike, load_image
+from serving.inference.images import IMAGE_EXTENSIONS, ImageLike, load_image
 from serving.prediction import Prediction
 
 

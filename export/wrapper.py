@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from serving.config import InferenceConfig
+from serving.inference.postprocess import clip_boxes, level_topk_candidates, segment_boxes
 from serving.model import CondInst, decode_boxes
-from serving.postprocess import clip_boxes, level_topk_candidates, segment_boxes
 
 from .nms import multiclass_nms_keep
 

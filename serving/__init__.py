@@ -8,7 +8,7 @@ inference backend (PyTorch, ONNX Runtime, TensorRT), visualisation and the comma
 
 from .config import InferenceConfig, ModelConfig
 from .errors import BoxError, CheckpointError, ImageError, InputError, SimError
-from .images import load_image
+from .inference.images import load_image
 from .model import CondInst, CondInstOutputs, build_condinst
 from .prediction import Prediction
 from .segmenter import Segmenter

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from .errors import SimError
 
 COMMANDS = {
-    "predict": ("serving.cli_predict", "batch inference on images (automatic or box-prompted)"),
-    "label": ("serving.cli_label", "auto-label a box-only COCO dataset with masks"),
-    "serve": ("serving.server", "HTTP inference server with dynamic batching"),
-    "info": ("serving.cli_info", "describe a model file"),
+    "predict": ("serving.cli.predict", "batch inference on images (automatic or box-prompted)"),
+    "label": ("serving.cli.label", "auto-label a box-only COCO dataset with masks"),
+    "serve": ("serving.server.app", "HTTP inference server with dynamic batching"),
+    "info": ("serving.cli.info", "describe a model file"),
 }
 
 

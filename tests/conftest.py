@@ -9,6 +9,8 @@ import pytest
 import torch
 from sim_testing import TINY_CLASSES, make_tiny_checkpoint, tiny_model_config  # noqa: F401
 
+pytest_plugins = ["training_fixtures"]
+
 # Honour OMP_NUM_THREADS (the documented test command sets 1): two spinning threads on a
 # busy 2-core machine cost ~10x the CPU time.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0)

@@ -24,7 +24,7 @@ def make_tiny_checkpoint(path, seed: int = 0, detections: bool = True,
     """Write a random-weight checkpoint. With ``detections`` the class bias is raised so the
     automatic mode returns instances (an untrained model otherwise scores below 0.05)."""
     from serving import InferenceConfig, build_condinst
-    from serving.checkpoint import save_checkpoint
+    from serving.model.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     cfg = tiny_model_config()

@@ -26,7 +26,7 @@ HEAVY = ("pycocotools", "onnxruntime", "tensorrt", "fastapi", "uvicorn")
 NEVER_IN_SERVING = ("training", "export", "app", "accelerate", "gradio")
 #: serving modules allowed to import HEAVY at module level (they are loaded lazily).
 LAZY_PATTERNS = ("serving.backends.onnxruntime_backend", "serving.backends.tensorrt_backend",
-                 "serving.server*")
+                 "serving.server.app*")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from serving import InferenceConfig, Segmenter
 from serving.backends.torch_backend import TorchBackend
-from serving.cocoeval import evaluate_coco
 from serving.errors import SimError
+from serving.formats.cocoeval import evaluate_coco
 from serving.model import CondInst
 
 from .data.coco import CocoIndex
@@ -84,8 +84,8 @@ def evaluate_untrained(cfg: TrainConfig, path: str | Path) -> dict[str, float]:
     random heads), saved as a checkpoint at ``path`` and evaluated on ``cfg.data``'s val split:
     the floor that trained models are compared with. Sets ``cfg.model.num_classes`` from the
     training data."""
-    from serving.checkpoint import save_checkpoint
     from serving.model import build_condinst
+    from serving.model.checkpoint import save_checkpoint
 
     from .data import CocoInstanceDataset
 

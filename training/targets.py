@@ -1,6 +1,7 @@
 """FCOS target assignment and CondInst's training-time positive sampling (SIM_SPEC 3-4).
 
-The candidate test (centre sampling + level ranges) is ``serving.assign.candidate_matrix``,
+The candidate test (centre sampling + level ranges) is
+``serving.inference.assign.candidate_matrix``,
 the same function box-prompted inference uses, so a prompt box is segmented with the locations
 training assigns to it.
 """
@@ -12,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from serving.assign import candidate_matrix
+from serving.inference.assign import candidate_matrix
 
 
 class FCOSTargets(NamedTuple):

@@ -23,19 +23,19 @@ from accelerate.utils import set_seed
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from serving.checkpoint import save_checkpoint
 from serving.config import ModelConfig, config_to_dict
 from serving.errors import SimError
 from serving.model import CondInst, build_condinst
+from serving.model.checkpoint import save_checkpoint
 
 from .config import TrainConfig, load_config, save_config
-from .criterion import bottom_removed_valid, compute_losses, targets_from_batch
 from .data import CocoInstanceDataset
 from .data.loader import build_train_loader
 from .evaluate import evaluate_model
+from .losses.criterion import bottom_removed_valid, compute_losses, targets_from_batch
 from .optim import build_optimizer, build_scheduler
 from .run_state import RunState, latest_checkpoint, save_state_atomic
-from .sim_step import SIMState, sim_losses
+from .sim.step import SIMState, sim_losses
 
 #: Set to 1 to make every process write ``<output_dir>/debug/prototypes_rank{r}.pt`` at the end
 #: of training: its prototypes and the image ids of every batch it trained on. Custom checkpoint

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-from ..postprocess import Detections, PromptDetections
+from ..inference.postprocess import Detections, PromptDetections
 
 
 class Backend(Protocol):

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..config import InferenceConfig, ModelConfig, config_from_dict, config_to_dict
 from ..errors import CheckpointError, InputError, SimError
-from ..postprocess import Detections, PromptDetections
+from ..inference.postprocess import Detections, PromptDetections
 
 SIDECAR_FORMAT = "sim-condinst-export"
 SIDECAR_VERSION = 1

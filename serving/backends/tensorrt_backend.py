@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..config import InferenceConfig
 from ..errors import CheckpointError, InputError
-from ..postprocess import Detections, PromptDetections
+from ..inference.postprocess import Detections, PromptDetections
 from .exported import (
     ExportSidecar,
     StaticShapeBackend,

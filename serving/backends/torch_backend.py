@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from ..config import InferenceConfig
+from ..inference.postprocess import Detections, PromptDetections, detect, segment_boxes
 from ..model import CondInst
-from ..postprocess import Detections, PromptDetections, detect, segment_boxes
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -18,7 +18,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 class TorchBackend:
-    """Runs a :class:`CondInst` and :mod:`serving.postprocess` under ``inference_mode``."""
+    """Runs a :class:`CondInst` and :mod:`serving.inference.postprocess` under
+    ``inference_mode``."""
 
     name = "torch"
 

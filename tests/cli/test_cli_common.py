@@ -13,17 +13,10 @@ import pytest
 from cli_data import decode, mixed_folder, one_torch_thread, plain_folder
 
 from serving import Segmenter
-from serving.cli_common import (
-    ProgressLog,
-    check_writable_file,
-    coco_box,
-    find_images,
-    prefetch,
-    read_coco_json,
-    run_batch,
-)
+from serving.cli.common import ProgressLog, check_writable_file, find_images, prefetch, run_batch
 from serving.errors import BoxError, DatasetError, InputError
-from serving.polygons import mask_to_polygons
+from serving.formats.coco import coco_box, read_coco_json
+from serving.formats.polygons import mask_to_polygons
 
 
 @pytest.fixture(autouse=True)
@@ -196,7 +189,7 @@ def test_write_json_is_atomic_and_not_private(tmp_path):
     import os
     import stat
 
-    from serving.cli_common import write_json
+    from serving.files import write_json
 
     target = tmp_path / "results.json"
     write_json(target, [{"a": 1}])

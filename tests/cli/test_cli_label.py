@@ -11,8 +11,8 @@ import pytest
 from cli_data import cache_model_loads, decode, one_torch_thread, rle, shapes_dataset
 
 from serving import Segmenter
-from serving.cli_label import labels_to_results, main, run_label
-from serving.cocoeval import evaluate_coco
+from serving.cli.label import labels_to_results, main, run_label
+from serving.formats.cocoeval import evaluate_coco
 
 
 @pytest.fixture(autouse=True)

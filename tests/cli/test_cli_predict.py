@@ -19,9 +19,10 @@ from cli_data import (
 )
 from PIL import Image
 
-from serving import Segmenter, cli_predict
-from serving.cli_predict import main
-from serving.cocoeval import evaluate_coco
+from serving import Segmenter
+from serving.cli import predict as cli_predict
+from serving.cli.predict import main
+from serving.formats.cocoeval import evaluate_coco
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from cli_data import rle
 
-from serving.cocoeval import evaluate_coco, metric_keys
 from serving.errors import DatasetError
+from serving.formats.cocoeval import evaluate_coco, metric_keys
 
 
 def _square(h, w, x0, y0, x1, y1):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from export.__main__ import main
 from export.verify import VerificationError, verify_export
-from serving.checkpoint import load_checkpoint, save_checkpoint
+from serving.model.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _error_line(capsys) -> str:

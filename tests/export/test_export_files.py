@@ -12,8 +12,8 @@ from onnx import TensorProto, helper
 
 from export import check_tensorrt_ops, export_onnx
 from export.tensorrt import graph_op_types, tensorrt_op_table
-from serving.checkpoint import read_checkpoint_info
 from serving.errors import CheckpointError, InputError
+from serving.model.checkpoint import read_checkpoint_info
 
 
 def _dims(value_info):
@@ -113,7 +113,7 @@ def test_dynamo_export_matches_torchscript_export(tiny_checkpoint, tiny_export, 
         pytest.skip("the shared export already uses the dynamo exporter")
     from export.onnx import _export_graph
     from export.wrapper import AUTO_INPUTS, AUTO_OUTPUTS, AutomaticGraph
-    from serving.checkpoint import load_checkpoint
+    from serving.model.checkpoint import load_checkpoint
 
     model, info = load_checkpoint(tiny_checkpoint)
     images = np.random.default_rng(0).uniform(0, 255, (2, 3, 256, 320)).astype(np.float32)

@@ -71,7 +71,7 @@ def test_graph_outputs_match_eager_wrapper(tiny_checkpoint, tiny_export):
     import onnxruntime as ort
 
     from export.wrapper import AutomaticGraph
-    from serving.checkpoint import load_checkpoint
+    from serving.model.checkpoint import load_checkpoint
 
     model, info = load_checkpoint(tiny_checkpoint)
     graph = AutomaticGraph(model, info.inference).eval()

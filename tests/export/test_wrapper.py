@@ -7,8 +7,8 @@ from torchvision.ops import batched_nms
 
 from export.nms import multiclass_nms_keep
 from export.wrapper import AutomaticGraph, PromptGraph, valid_pixels
-from serving.checkpoint import load_checkpoint
-from serving.postprocess import clip_boxes, detect, level_topk_candidates, segment_boxes
+from serving.inference.postprocess import clip_boxes, detect, level_topk_candidates, segment_boxes
+from serving.model.checkpoint import load_checkpoint
 
 
 def _batch(seed: int = 0):

@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
 from serving import Prediction, Segmenter  # noqa: E402
-from serving.server import create_app  # noqa: E402
-from serving.server_requests import ServerSettings  # noqa: E402
+from serving.server.app import create_app  # noqa: E402
+from serving.server.requests import ServerSettings  # noqa: E402
 
 
 def encode(image: np.ndarray, fmt: str = "PNG") -> bytes:

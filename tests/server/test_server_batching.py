@@ -11,7 +11,7 @@ import pytest
 from server_helpers import assert_same_answer, encode, scene, serve
 
 from serving import Prediction, Segmenter
-from serving.server_batching import (
+from serving.server.batching import (
     BatcherBusy,
     BatcherClosed,
     DynamicBatcher,
@@ -156,7 +156,7 @@ def test_full_queue_answers_503_busy_and_recovers(counted) -> None:
 def test_readyz_is_503_until_warm_up_finishes(tiny_checkpoint) -> None:
     from fastapi.testclient import TestClient
 
-    from serving.server import create_app
+    from serving.server.app import create_app
 
     seg = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
     release = threading.Event()
@@ -181,7 +181,7 @@ def test_readyz_is_503_until_warm_up_finishes(tiny_checkpoint) -> None:
 def test_failed_warm_up_is_reported_by_readyz(tiny_checkpoint) -> None:
     from fastapi.testclient import TestClient
 
-    from serving.server import create_app
+    from serving.server.app import create_app
 
     seg = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
 

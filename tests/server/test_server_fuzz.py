@@ -25,8 +25,8 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 )
 
 from serving import Segmenter  # noqa: E402
-from serving.server import create_app  # noqa: E402
-from serving.server_requests import ServerSettings  # noqa: E402
+from serving.server.app import create_app  # noqa: E402
+from serving.server.requests import ServerSettings  # noqa: E402
 
 MAX_EXAMPLES = 30
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from serving.assign import (
+from serving.inference.assign import (
     candidate_matrix,
     iou_weights,
     level_ranges,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from serving import BoxError, InputError, Segmenter
-from serving.segmenter import validate_boxes
+from serving.inference.boxes import validate_boxes
 
 SIZE = (120, 160)  # (height, width)
 

@@ -12,14 +12,14 @@ from safetensors.torch import save_file
 from sim_testing import TINY_CLASSES, tiny_model_config
 
 from serving import CheckpointError, InferenceConfig, InputError, Segmenter, build_condinst
-from serving.checkpoint import (
+from serving.config import ModelConfig
+from serving.files import atomic_write
+from serving.model.checkpoint import (
     FORMAT_VERSION,
-    atomic_write,
     load_checkpoint,
     read_checkpoint_info,
     save_checkpoint,
 )
-from serving.config import ModelConfig
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from serving import ModelConfig, build_condinst
+from serving.inference.postprocess import postprocess_masks
 from serving.model.heads import DynamicMaskHead
 from serving.model.ops import aligned_bilinear
-from serving.postprocess import postprocess_masks
 
 
 def reference_postprocess_masks(mask_probs, resized_size, orig_size, threshold=0.5,
@@ -133,7 +133,7 @@ def test_prompted_masks_skip_unused_slots_with_the_same_result(batch, boxes_per_
     """``segment_boxes`` in eager inference computes only the valid location slots of each
     box; with autograd it runs the fixed-shape graph path. Both give the same tensors."""
     from serving import InferenceConfig
-    from serving.postprocess import PROMPT_CHUNK_BYTES, segment_boxes
+    from serving.inference.postprocess import PROMPT_CHUNK_BYTES, segment_boxes
 
     torch.manual_seed(batch)
     cfg = ModelConfig(backbone="mobilenet_v2", num_classes=3, fpn_channels=16, head_convs=1,
@@ -172,7 +172,7 @@ def test_prompted_masks_skip_unused_slots_with_the_same_result(batch, boxes_per_
 def test_preprocess_equals_resize_then_pad(shapes, min_size, max_size):
     import numpy as np
 
-    from serving.transforms import pad_batch, preprocess, resize_image, resized_shape
+    from serving.inference.transforms import pad_batch, preprocess, resize_image, resized_shape
 
     rng = np.random.default_rng(len(shapes))
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]

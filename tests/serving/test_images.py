@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import serving.images as images_mod
+import serving.inference.images as images_mod
 from serving import ImageError, load_image
 
 

@@ -10,9 +10,14 @@ import torch
 from sim_testing import tiny_model_config
 
 from serving import InferenceConfig, build_condinst
-from serving.assign import candidate_matrix
+from serving.inference.assign import candidate_matrix
+from serving.inference.postprocess import (
+    detect,
+    level_topk_candidates,
+    postprocess_masks,
+    segment_boxes,
+)
 from serving.model.ops import box_iou_pairwise
-from serving.postprocess import detect, level_topk_candidates, postprocess_masks, segment_boxes
 
 H = W = 64  # padded input; P3 is 8x8 (indices 0..63), P4 4x4 (64..79), P5 2x2, P6, P7
 

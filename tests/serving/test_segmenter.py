@@ -13,7 +13,7 @@ from sim_testing import TINY_CLASSES, tiny_model_config
 
 from serving import InferenceConfig, Prediction, Segmenter, build_condinst
 from serving.__main__ import main as cli_main
-from serving.checkpoint import save_checkpoint
+from serving.model.checkpoint import save_checkpoint
 
 BOXES = [[30, 20, 80, 60], [90, 50, 150, 110], [5, 5, 25, 30], [40.5, 70.25, 120.75, 118]]
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from serving.transforms import pad_batch, preprocess, resize_image, resized_shape, scale_boxes
+from serving.inference.transforms import (
+    pad_batch,
+    preprocess,
+    resize_image,
+    resized_shape,
+    scale_boxes,
+)
 
 
 def test_resized_shape_detectron2_rule():

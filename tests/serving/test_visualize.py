@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from serving import Prediction
-from serving.visualize import draw_predictions, masks_to_label_image, palette
+from serving.formats.visualize import draw_predictions, masks_to_label_image, palette
 
 
 def make_pred() -> tuple[np.ndarray, Prediction]:

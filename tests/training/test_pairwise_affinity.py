@@ -16,7 +16,7 @@ import torch
 from train_helpers import SIM_EXERCISE, Recorder
 
 from training.config import ConfigError, TrainConfig, load_config
-from training.criterion import _teacher_feature_similarity
+from training.losses.criterion import _teacher_feature_similarity
 from training.train import train
 
 
@@ -67,8 +67,8 @@ def _run(tiny_cfg, out: Path, monkeypatch, *overrides: str) -> list:
 @pytest.mark.slow
 def test_feature_affinity_of_one_equals_colour_affinity(tiny_cfg, tmp_path: Path,
                                                         monkeypatch) -> None:
-    import training.criterion as criterion
-    from training.sim_step import SIMState
+    import training.losses.criterion as criterion
+    from training.sim.step import SIMState
 
     colour = _run(tiny_cfg, tmp_path / "colour", monkeypatch)
     calls = []

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from serving import ModelConfig, build_condinst
-from training.criterion import Positives
+from training.losses.criterion import Positives
 from training.sim import EMATeacher, MemoryBank
 from training.sim.ema import ema_step
 from training.sim.pseudo import PseudoMask, full_resolution_masks, instance_importance
-from training.sim_step import _push_bank
+from training.sim.step import _push_bank
 
 
 def _tiny_model():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from training.config import SIMConfig
-from training.sim_step import _update_prototypes
+from training.sim.step import _update_prototypes
 
 
 class _Recorder:

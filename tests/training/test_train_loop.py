@@ -75,8 +75,8 @@ def test_run_folder(tiny_run, tiny_data) -> None:
 
 def test_final_checkpoint_serves(tiny_run, tiny_data) -> None:
     from serving import Segmenter
-    from serving.checkpoint import read_checkpoint_info
-    from serving.images import load_image
+    from serving.inference.images import load_image
+    from serving.model.checkpoint import read_checkpoint_info
     from training.data.coco import CocoIndex
 
     path = Path(tiny_run.result["checkpoint"])
@@ -184,7 +184,7 @@ def test_pseudo_foreground_switch(tiny_cfg, tmp_path: Path, monkeypatch,
                                   foreground: bool) -> None:
     """``sim.pseudo_foreground=false`` drops the foreground labels from the pseudo loss only:
     its W never covers the pseudo mask, while copy-paste still stores the pseudo masks."""
-    import training.sim_step as sim_step
+    import training.sim.step as sim_step
 
     calls = []
     original = sim_step.bce_dice_loss
@@ -211,7 +211,7 @@ def test_pseudo_foreground_switch(tiny_cfg, tmp_path: Path, monkeypatch,
 def test_oracle_semantic_map_is_the_ground_truth(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
     """The diagnostic ``sim.oracle_semantic_map``: M_S is each instance's ground-truth mask
     (binary, inside its box, smaller than the box), not the prototypes' map."""
-    import training.sim_step as sim_step
+    import training.sim.step as sim_step
 
     seen = []
     original = sim_step.compute_sim_maps
@@ -283,7 +283,7 @@ def test_resume_matches_uninterrupted_run(tiny_run, tiny_cfg, tmp_path: Path,
 
 # --------------------------------------------------------------------------- NaN / inf
 def test_nan_loss_stops_with_step_and_name(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
-    import training.criterion as criterion
+    import training.losses.criterion as criterion
 
     original = criterion.projection_loss
     calls = []
@@ -318,7 +318,7 @@ def test_on_end_hook_gets_the_trained_model_and_sim_state(tiny_cfg, tmp_path: Pa
     from PIL import Image
 
     from benchmarks.sim_figure import COLUMNS, TILE, render_sim_maps
-    from training.sim_step import SIMState
+    from training.sim.step import SIMState
 
     calls = []
 

@@ -9,7 +9,7 @@ Randomness comes from the ``rng`` argument (``random.Random`` or ``torch.Generat
 is None, from this module's generator, which :func:`seed_augmentations` reseeds; the data
 training loader passes a generator seeded per (seed, epoch, sample) instead
 (see :class:`training.data.loader.TrainLoader`).
-Resize sizes follow detectron2's ``ResizeShortestEdge`` and reuse :mod:`serving.transforms`, so
+Resize sizes follow detectron2's ``ResizeShortestEdge`` and reuse :mod:`serving.inference.transforms`, so
 training and serving see the same geometry.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Protocol, Union
 import torch
 import torch.nn.functional as F
 
-from serving.transforms import resize_image, resized_shape
+from serving.inference.transforms import resize_image, resized_shape
 
 RandomSource = Union[random.Random, torch.Generator, None]
 Sample = dict[str, Any]

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from serving.errors import DatasetError
-from serving.images import load_image
+from serving.inference.images import load_image
 
 PathOrDict = Union[str, os.PathLike, Mapping[str, Any]]
 REQUIRED_KEYS = ("images", "annotations", "categories")

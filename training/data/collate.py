@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from serving.transforms import SIZE_DIVISIBILITY, pad_batch
+from serving.inference.transforms import SIZE_DIVISIBILITY, pad_batch
 
 
 

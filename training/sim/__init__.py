@@ -6,7 +6,7 @@
 - :mod:`~training.sim.copypaste`: memory bank and online copy-paste (7.8).
 - :mod:`~training.sim.ema`: the momentum teacher (7.1).
 
-The instance map M_I is computed by ``serving.assign.weighted_instance_map``.
+The instance map M_I is computed by ``serving.inference.assign.weighted_instance_map``.
 """
 
 from __future__ import annotations

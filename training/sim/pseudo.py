@@ -4,7 +4,7 @@ SIM_SPEC 7.6 (and the paper's Eq. 7). Inputs are per ground-truth instance on th
 mask-logit grid ``(h, w)``:
 
 - ``M_I``: the teacher's instance map, the IoU-weighted average of the mask probabilities of the
-  instance's positive locations (computed by ``serving.assign.weighted_instance_map``);
+  instance's positive locations (computed by ``serving.inference.assign.weighted_instance_map``);
 - ``M_S``: the semantic map from the class prototypes
   (:meth:`training.sim.prototypes.PrototypeMemory.semantic_map`);
 - the box mask of the instance.

@@ -30,29 +30,27 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .cli_common import (
+from ..errors import BoxError, ImageError, InputError, SimError
+from ..files import write_json
+from ..formats.coco import check_image_size, coco_box, read_coco_json
+from ..inference.images import load_image
+from ..prediction import Prediction
+from ..segmenter import Segmenter
+from .common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     ImageFile,
     ProgressLog,
     add_run_options,
-    check_image_size,
     check_model_path,
     check_writable_dir,
-    coco_box,
     find_images,
     one_line,
     prefetch,
-    read_coco_json,
     report,
     run_batch,
     run_exit_code,
-    write_json,
 )
-from .errors import BoxError, ImageError, InputError, SimError
-from .images import load_image
-from .prediction import Prediction
-from .segmenter import Segmenter
 
 PROGRESS_FILE = ".progress.jsonl"
 WRITE_EVERY_S = 30.0
@@ -148,7 +146,7 @@ class _PredictRun:
         if self.save_vis:
             vis = f"vis/{f.name}.jpg"
             (self.out / vis).parent.mkdir(parents=True, exist_ok=True)
-            from .visualize import draw_predictions
+            from ..formats.visualize import draw_predictions
 
             Image.fromarray(draw_predictions(image, pred)).save(self.out / vis, quality=90)
         if self.save_masks:

@@ -10,7 +10,7 @@ Order of checks for ``POST /v1/segment`` (cheapest first, all before any batchin
 6. boxes are checked and clipped (422 naming the box index), labels resolved (422).
 
 Every error is an :class:`ApiError` rendered as ``{"error": {"code", "message", "field"}}``.
-Imported only by :mod:`serving.server`.
+Imported only by :mod:`serving.server.app`.
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from .errors import BoxError, ImageError, InputError
-from .images import MAX_IMAGE_PIXELS, load_image
-from .segmenter import Segmenter, validate_boxes
-from .server_batching import JobResult, SegmentJob
-from .server_schemas import (
+from ..errors import BoxError, ImageError, InputError
+from ..inference.boxes import validate_boxes
+from ..inference.images import MAX_IMAGE_PIXELS, load_image
+from ..segmenter import Segmenter
+from .batching import JobResult, SegmentJob
+from .schemas import (
     RLE,
     Instance,
     SegmentJSONRequest,

@@ -7,7 +7,7 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .prediction import Prediction
+from ..prediction import Prediction
 
 
 def palette(n: int) -> np.ndarray:

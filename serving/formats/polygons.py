@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 #: Douglas-Peucker tolerance in pixels.
 SIMPLIFY_TOLERANCE = 0.5

@@ -5,7 +5,7 @@
 must enforce size limits while reading), so :func:`segment_request_body` writes both into the
 OpenAPI schema by hand, from the same models the server validates with.
 
-Imported only by :mod:`serving.server` (pydantic comes with FastAPI).
+Imported only by :mod:`serving.server.app` (pydantic comes with FastAPI).
 """
 
 from __future__ import annotations

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from ..config import InferenceConfig
+from ..model.condinst import CondInst, CondInstOutputs
+from ..model.ops import aligned_bilinear, decode_boxes, eager_no_grad
 from .assign import iou_weights, prompt_locations, weighted_instance_map
-from .config import InferenceConfig
-from .model.condinst import CondInst, CondInstOutputs
-from .model.ops import aligned_bilinear, decode_boxes, eager_no_grad
 
 
 class Detections(NamedTuple):

@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from .segmenter import Segmenter
+from ..segmenter import Segmenter
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,7 @@ logged in ``.<output name>.progress.jsonl`` next to the output, so an interrupte
 
 ``--evaluate``: mask AP of the labels against the input's own masks (they are never read
 for labelling), or ``--evaluate MASKS_JSON`` against withheld masks of the same images (same
-image ids), with :func:`serving.cocoeval.evaluate_coco`, the evaluation command's code.
+image ids), with :func:`serving.formats.cocoeval.evaluate_coco`, the evaluation command's code.
 
 Exit codes: 0 every box labelled; 1 error before any work; 2 bad command line; 3 done, but some
 images failed or some boxes were rejected; 130 interrupted (rerun to continue).
@@ -35,26 +35,24 @@ from typing import Any
 
 import numpy as np
 
-from .cli_common import (
+from ..errors import BoxError, InputError, SimError
+from ..files import write_json
+from ..formats.coco import check_image_size, coco_box, read_coco_json
+from ..inference.images import load_image
+from ..segmenter import Segmenter
+from .common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     ProgressLog,
     add_run_options,
-    check_image_size,
     check_model_path,
     check_writable_file,
-    coco_box,
     one_line,
     prefetch,
-    read_coco_json,
     report,
     run_batch,
     run_exit_code,
-    write_json,
 )
-from .errors import BoxError, InputError, SimError
-from .images import load_image
-from .segmenter import Segmenter
 
 
 @dataclass
@@ -77,7 +75,7 @@ class LabelSummary:
 def _encode(mask: np.ndarray, fmt: str) -> tuple[Any, bool]:
     """COCO segmentation of an (H, W) bool mask; returns (segmentation, fell back to RLE)."""
     if fmt == "polygon":
-        from .polygons import mask_to_polygons
+        from ..formats.polygons import mask_to_polygons
 
         polygons = mask_to_polygons(mask)
         if polygons:
@@ -130,7 +128,7 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str =
         raise InputError(f"images {image_dir}: not a folder; pass the dataset's image folder")
     dataset = read_coco_json(annotations, "annotations")
     if fmt == "polygon":
-        from .polygons import require_polygon_support
+        from ..formats.polygons import require_polygon_support
 
         require_polygon_support()
     gt = None
@@ -257,7 +255,7 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str =
     summary.labelled = len(labelled_ids)
     write_json(out, result)
     if gt is not None:
-        from .cocoeval import evaluate_coco
+        from ..formats.cocoeval import evaluate_coco
 
         summary.metrics = evaluate_coco(gt, labels_to_results(result, labelled_ids),
                                         iou_types=("segm",))

@@ -1,7 +1,8 @@
 """SIM's part of a training iteration: teacher, M_I / M_S, pseudo and paste losses, prototype
 and memory-bank updates, and online copy-paste (SIM_SPEC section 7, "Our decisions").
 
-The instance map M_I reuses ``serving.assign.iou_weights`` / ``weighted_instance_map``, the
+The instance map M_I reuses ``serving.inference.assign.iou_weights`` /
+``weighted_instance_map``, the
 code box-prompted inference runs, so self-correction and prompting are one mechanism.
 """
 
@@ -15,16 +16,16 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from serving.assign import iou_weights, weighted_instance_map
+from serving.inference.assign import iou_weights, weighted_instance_map
 from serving.model import CondInst
 from serving.model.ops import decode_boxes
 
-from .config import TrainConfig
-from .criterion import Positives, StepOutput, Targets, upsample_features
-from .data.collate import derive_seed
-from .losses import bce_dice_loss, zero_with_grad
-from .sim import EMATeacher, MemoryBank, PrototypeMemory, paste
-from .sim.pseudo import PseudoMask, full_resolution_masks, instance_importance, pseudo_masks
+from ..config import TrainConfig
+from ..data.collate import derive_seed
+from ..losses import bce_dice_loss, zero_with_grad
+from ..losses.criterion import Positives, StepOutput, Targets, upsample_features
+from . import EMATeacher, MemoryBank, PrototypeMemory, paste
+from .pseudo import PseudoMask, full_resolution_masks, instance_importance, pseudo_masks
 
 #: Pixels used per step for the prototype update (a deterministic subsample above this).
 MAX_PROTOTYPE_PIXELS = 32768

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .prediction import Prediction
-from .segmenter import Segmenter
+from ..prediction import Prediction
+from ..segmenter import Segmenter
 
 log = logging.getLogger("serving.server")
 

@@ -16,8 +16,9 @@ from torch import Tensor
 from serving.model import CondInst, CondInstOutputs
 from serving.model.ops import decode_boxes
 
-from .config import TrainConfig
-from .losses import (
+from ..config import TrainConfig
+from ..targets import assign_targets, mask_centers, sample_positives
+from . import (
     boxes_to_bitmasks,
     centerness_target,
     dice_coefficient,
@@ -29,7 +30,6 @@ from .losses import (
     projection_loss,
     zero_with_grad,
 )
-from .targets import assign_targets, mask_centers, sample_positives
 
 ReduceMean = Callable[[Tensor], Tensor]
 
@@ -140,7 +140,7 @@ def compute_losses(model: CondInst, outputs: CondInstOutputs, images_uint8: Tens
                    color_valid: Tensor, targets: Targets, cfg: TrainConfig, step: int,
                    reduce_mean: ReduceMean = _identity,
                    teacher_mask_feats: Tensor | None = None) -> StepOutput:
-    """FCOS + mask losses of one batch (SIM losses are added by :mod:`training.sim_step`).
+    """FCOS + mask losses of one batch (SIM losses are added by :mod:`training.sim.step`).
 
     Args:
         images_uint8: (B, 3, H, W) RGB 0-255 padded batch (for colour affinity).

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import InferenceConfig, ModelConfig, config_from_dict, config_to_dict
-from .errors import CheckpointError, SimError
-from .model import CondInst, build_condinst
+from ..config import InferenceConfig, ModelConfig, config_from_dict, config_to_dict
+from ..errors import CheckpointError, SimError
+from ..files import atomic_write
+from . import CondInst, build_condinst
 
 FORMAT_NAME = "sim-condinst"
 FORMAT_VERSION = 1
@@ -37,18 +37,6 @@ class CheckpointInfo:
     extra: dict[str, Any]
 
 
-def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename the temp file onto ``path`` (same folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_checkpoint(path: str | os.PathLike, model: CondInst, model_cfg: ModelConfig,

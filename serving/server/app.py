@@ -9,8 +9,8 @@ Endpoints:
   ``GET /readyz``: 200 once a warm-up forward pass has run, else 503;
 - ``GET /openapi.json`` and ``/docs``: the schema of all of the above.
 
-Concurrent requests are batched (:mod:`serving.server_batching`); bad input is rejected before
-batching (:mod:`serving.server_requests`). Listens on 127.0.0.1 unless told otherwise.
+Concurrent requests are batched (:mod:`serving.server.batching`); bad input is rejected before
+batching (:mod:`serving.server.requests`). Listens on 127.0.0.1 unless told otherwise.
 FastAPI and uvicorn are imported only here (``serving.__main__`` imports this lazily).
 """
 
@@ -34,11 +34,11 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import SimError
-from .images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE
-from .segmenter import Segmenter
-from .server_batching import BatcherBusy, BatcherClosed, DynamicBatcher
-from .server_requests import (
+from ..errors import SimError
+from ..inference.images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE
+from ..segmenter import Segmenter
+from .batching import BatcherBusy, BatcherClosed, DynamicBatcher
+from .requests import (
     JSON_TYPE,
     MULTIPART_TYPE,
     ApiError,
@@ -47,7 +47,7 @@ from .server_requests import (
     parse_segment_request,
     prepare_job,
 )
-from .server_schemas import (
+from .schemas import (
     Health,
     InputRules,
     Limits,
@@ -262,5 +262,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     del segmenter  # only checked that it loads; each worker loads its own
     os.environ[SETTINGS_ENV] = json.dumps(
         {"model": str(args.model), "device": args.device, "settings": asdict(settings)})
-    uvicorn.run("serving.server:app_from_env", factory=True, workers=args.workers, **common)
+    uvicorn.run("serving.server.app:app_from_env", factory=True, workers=args.workers, **common)
     return 0

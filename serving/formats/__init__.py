@@ -1,0 +1,1 @@
+"""Input and output formats: COCO JSON (box files, results, evaluation), polygons, pictures."""
