@@ -14,7 +14,7 @@ from pathlib import Path
 
 from serving.errors import InputError
 
-from .onnx import DEFAULT_OPSET, EXPORTERS, MIN_OPSET, check_output_dir, export_onnx
+from .onnx import DEFAULT_OPSET, MIN_OPSET, check_output_dir, export_onnx
 from .tensorrt import build_tensorrt_engine, graph_op_types, import_tensorrt
 from .verify import collect_images, verify_export
 
@@ -29,8 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="file stem (default: the checkpoint's)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, >= {MIN_OPSET} (default {DEFAULT_OPSET})")
-    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
-                   help="torch.onnx exporter (default dynamo; torchscript exports faster)")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--dynamic", dest="dynamic", action="store_true", default=True,
                        help="dynamic batch and image size (default)")
@@ -70,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = export_onnx(args.checkpoint, args.output, name=args.name, opset=args.opset,
                          max_detections=args.max_detections, dynamic=args.dynamic,
                          image_size=tuple(args.image_size) if args.image_size else None,
-                         batch_size=args.batch_size, exporter=args.exporter)
+                         batch_size=args.batch_size)
     for kind, path in result.graphs.items():
         print(f"wrote {path} ({kind}; ops: {', '.join(graph_op_types(path))})")
     print(f"wrote {result.sidecar}")
