@@ -25,7 +25,7 @@ from ..errors import InputError, SimError
 from ..files import UMASK, atomic_write
 from ..inference.images import IMAGE_EXTENSIONS
 from ..prediction import Prediction
-from ..segmenter import Segmenter
+from ..segmenter import Segmenter, run_isolated
 
 #: Exit codes of the batch commands: done, error before work, some inputs failed, Ctrl-C.
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -241,7 +241,7 @@ def run_batch(seg: Segmenter, images: Sequence[np.ndarray], prompts: Sequence[Pr
               batch_size: int, score_threshold: float | None = None,
               ) -> list[Prediction | Exception]:
     """Predict a batch; an image that makes the batch fail is isolated and returned as its
-    exception while the others succeed.
+    exception while the others succeed (:func:`serving.segmenter.run_isolated`).
 
     Args:
         images: (H, W, 3) uint8 RGB arrays.
@@ -249,9 +249,18 @@ def run_batch(seg: Segmenter, images: Sequence[np.ndarray], prompts: Sequence[Pr
             with :func:`coco_box` / ``validate_boxes``. More boxes than the model's
             ``max_prompt_boxes`` are run in several passes and merged, in order.
     """
+    def run(pairs: list[tuple[np.ndarray, Prompt | None]]) -> list[Prediction]:
+        return _predict_in_passes(seg, pairs, batch_size, score_threshold)
+
+    return run_isolated(run, list(zip(images, prompts, strict=True)))
+
+
+def _predict_in_passes(seg: Segmenter, pairs: list[tuple[np.ndarray, Prompt | None]],
+                       batch_size: int, score_threshold: float | None) -> list[Prediction]:
+    """One ``predict_batch`` call; prompts over ``max_prompt_boxes`` split and merged back."""
     limit = max(int(seg.cfg.max_prompt_boxes), 1)
     arrays, boxes, labels, owner = [], [], [], []
-    for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+    for i, (image, prompt) in enumerate(pairs):
         if prompt is None:
             arrays.append(image)
             boxes.append(None)
@@ -264,17 +273,11 @@ def run_batch(seg: Segmenter, images: Sequence[np.ndarray], prompts: Sequence[Pr
             boxes.append(prompt[0][s:s + limit])
             labels.append(prompt[1][s:s + limit])
             owner.append(i)
-    try:
-        any_prompt = any(b is not None for b in boxes)
-        preds = seg.predict_batch(arrays, boxes=boxes if any_prompt else None,
-                                  labels=labels if any_prompt else None,
-                                  batch_size=batch_size, score_threshold=score_threshold)
-    except Exception as exc:  # noqa: BLE001 - isolate the image that failed
-        if len(images) == 1:
-            return [exc]
-        return [run_batch(seg, [im], [p], batch_size, score_threshold)[0]
-                for im, p in zip(images, prompts, strict=True)]
-    grouped: list[list[Prediction]] = [[] for _ in images]
+    any_prompt = any(b is not None for b in boxes)
+    preds = seg.predict_batch(arrays, boxes=boxes if any_prompt else None,
+                              labels=labels if any_prompt else None,
+                              batch_size=batch_size, score_threshold=score_threshold)
+    grouped: list[list[Prediction]] = [[] for _ in pairs]
     for i, pred in zip(owner, preds, strict=True):
         grouped[i].append(pred)
     return [_merge(parts) for parts in grouped]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..prediction import Prediction
-from ..segmenter import Segmenter
+from ..segmenter import Segmenter, run_isolated
 
 log = logging.getLogger("serving.server")
 
@@ -80,15 +80,6 @@ class BatcherStats:
     retried_batches: int = 0
     max_batch_size: int = 0
     sizes: dict[int, int] = field(default_factory=dict)
-
-
-def filter_by_score(pred: Prediction, threshold: float | None) -> Prediction:
-    """Keep instances with ``score >= threshold`` (what ``Segmenter.predict`` does)."""
-    if threshold is None:
-        return pred
-    keep = pred.scores >= threshold
-    return Prediction(pred.boxes[keep], pred.scores[keep], pred.labels[keep], pred.masks[keep],
-                      pred.class_names)
 
 
 class DynamicBatcher:
@@ -228,26 +219,16 @@ class DynamicBatcher:
 
     # ------------------------------------------------------------------ worker thread
     def _predict(self, jobs: list[SegmentJob]) -> list[Prediction]:
-        preds = self.segmenter.predict_batch(
+        return self.segmenter.predict_batch(
             [j.image for j in jobs], boxes=[j.boxes for j in jobs],
-            labels=[j.labels for j in jobs], batch_size=len(jobs))
-        return [filter_by_score(p, j.score_threshold) if j.boxes is None else p
-                for p, j in zip(preds, jobs, strict=True)]
+            labels=[j.labels for j in jobs], batch_size=len(jobs),
+            score_threshold=[j.score_threshold for j in jobs])
 
     def _execute(self, jobs: list[SegmentJob]) -> list[Prediction | BaseException]:
         """Run a batch; on failure retry each job alone so only the bad one errors."""
-        try:
-            return list(self._predict(jobs))
-        except Exception as exc:
-            if len(jobs) == 1:
-                return [exc]
+        def note_retry(exc: Exception) -> None:
+            self.stats.retried_batches += 1
             log.warning("batch of %d failed (%s: %s); retrying its jobs one by one",
                         len(jobs), type(exc).__name__, exc)
-        self.stats.retried_batches += 1
-        outcomes: list[Prediction | BaseException] = []
-        for job in jobs:
-            try:
-                outcomes.extend(self._predict([job]))
-            except Exception as exc:
-                outcomes.append(exc)
-        return outcomes
+
+        return list(run_isolated(self._predict, jobs, on_retry=note_retry))
