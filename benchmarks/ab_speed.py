@@ -3,8 +3,9 @@
 The ``serving/`` folder of ``--ref`` is extracted with ``git archive`` into a temporary folder and
 imported under another name (``serving_ref``; the package uses relative imports only), so both
 versions run in one process on the same checkpoint, images and threads. Each round calls every
-(version, case) once, in the same order (:func:`benchmarks.common.interleaved_times`); the
-figure is the median over rounds and the ratio is ``working tree / ref`` (below 1: faster now).
+(version, case) once, the order reversed every other round (A B B A ...: whatever favours the
+first or the second call of a round cancels out); the figure is the median over rounds and the
+ratio is ``working tree / ref`` (below 1: faster now).
 
 Cases (torch eager, fp32, ``Segmenter.predict_batch`` on in-memory arrays, as ``speed.py``):
 
@@ -31,6 +32,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    interleaved_times,
     machine_info,
     machine_markdown,
     markdown_table,
@@ -66,6 +68,22 @@ def import_ref(ref: str, work: Path) -> Any:
 def commit_of(ref: str) -> str:
     return subprocess.run(["git", "-C", str(ROOT), "rev-parse", ref], check=True,
                           capture_output=True, text=True).stdout.strip()
+
+
+def alternating_times(calls: dict[str, Callable[[], Any]], rounds: int, warmup: int,
+                      on_result: Callable[[str, Any], None]) -> dict[str, list[float]]:
+    """Wall-clock seconds of each call per round, the order reversed every other round."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(warmup + rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            result = calls[name]()
+            elapsed = time.perf_counter() - start
+            on_result(name, result)
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times
 
 
 def cases(image: np.ndarray, mixed: np.ndarray, batch: int) -> dict[str, list[np.ndarray]]:
@@ -101,7 +119,7 @@ def bench(name: str, args: argparse.Namespace, ref_module: Any, work: Path) -> l
             store[key] = sum(len(p) for p in preds)
 
         print(f"{name} batch {batch}: {list(calls)} x {args.rounds} rounds", file=sys.stderr)
-        times = interleaved_times(calls, args.rounds, args.warmup, None, record)
+        times = alternating_times(calls, args.rounds, args.warmup, record)
         for case in dict.fromkeys(k.split("/")[0] for k in calls):
             ref_t, now_t = times[f"{case}/ref"], times[f"{case}/now"]
             rows.append({
@@ -122,8 +140,9 @@ def report(result: dict[str, Any]) -> str:
         f"# A/B inference speed: working tree vs `{result['ref']}` ({result['ref_commit'][:10]})",
         "", f"Command: `{result['command']}`", "", machine_markdown(result["machine"]), "",
         "torch eager fp32 on the CPU, `Segmenter.predict_batch` end to end on in-memory "
-        f"arrays; both versions interleaved in one process, {result['rounds']} rounds after "
-        f"{result['warmup']} warm-up round(s), medians. The machine was shared with other "
+        f"arrays; both versions interleaved in one process (the order reversed every other "
+        f"round), {result['rounds']} rounds after {result['warmup']} warm-up round(s), "
+        "medians. The machine was shared with other "
         "jobs: absolute times are noisy, the ratios (now / ref; below 1 = faster now) are the "
         "result. `auto`: the same image `batch` times; `mixed`: landscape and portrait "
         "alternating (the working tree runs each orientation on its own canvas).", "",

@@ -80,11 +80,11 @@ def parity(ref_seg: Segmenter, ort_seg: Segmenter, image: np.ndarray,
 
 
 def run_case(name: str, backbone: str, size: tuple[int, int], rounds: int, threads: int,
-             exporter: str, workdir: Path) -> dict:
+             workdir: Path) -> dict:
     h, w = size
     ckpt = make_checkpoint(backbone, size, workdir / f"{backbone}.safetensors")
     start = time.perf_counter()
-    result = export_onnx(ckpt, workdir / backbone, exporter=exporter, check_tensorrt=False)
+    result = export_onnx(ckpt, workdir / backbone, check_tensorrt=False)
     export_s = time.perf_counter() - start
     torch_seg = Segmenter.from_checkpoint(ckpt, device="cpu")
     ort_seg = Segmenter.from_onnx(result.sidecar, device="cpu", threads=threads)
@@ -115,8 +115,6 @@ def main() -> int:
     parser.add_argument("--rounds-r50", type=int, default=3, help="timed rounds, ResNet-50")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="threads for both torch and ONNX Runtime")
-    parser.add_argument("--exporter", default="torchscript", choices=("dynamo", "torchscript"),
-                        help="exporter (the graphs are the same; torchscript exports faster)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -127,11 +125,10 @@ def main() -> int:
         for name in args.cases:
             backbone, size = CASES[name]
             rounds = args.rounds_r50 if backbone == "resnet50" else args.rounds
-            results.append(run_case(name, backbone, size, rounds, args.threads, args.exporter,
-                                    Path(tmp)))
+            results.append(run_case(name, backbone, size, rounds, args.threads, Path(tmp)))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "threads": args.threads, "exporter": args.exporter,
+    payload = {"machine": info, "threads": args.threads, "exporter": "dynamo",
                "weights": "random (class bias raised: 100 detections per image)",
                "results": results}
     (out / "export_speed.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
@@ -150,7 +147,7 @@ def main() -> int:
         f"Random weights (class bias raised so each image keeps 100 detections), 80 classes, "
         f"{args.threads} threads for both backends, `Segmenter.predict` end to end (same "
         f"preprocessing and mask resizing), median of the rounds after one warm-up round, "
-        f"variants interleaved; exporter: {args.exporter}.",
+        "variants interleaved; exporter: dynamo (python -m export's default).",
         markdown_table(["model @ input", "mode", "torch eager ms", "onnxruntime ms",
                         "speed-up", "rounds"], rows),
         "Parity on the benchmark image:",

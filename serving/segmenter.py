@@ -220,7 +220,9 @@ class Segmenter:
 
         Raises:
             InputError: list lengths that do not match the images, labels without boxes, a
-                bad ``batch_size``; ``ImageError`` / ``BoxError`` for a bad image or box.
+                bad ``batch_size``; ``BoxError`` for a bad box; ``ImageError`` for an image
+                that cannot be read, or whose aspect ratio is beyond about ``max_size / 8``
+                (see :func:`serving.inference.transforms.resized_shape`).
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size={batch_size!r} must be an integer of at least 1")
@@ -228,8 +230,8 @@ class Segmenter:
         while window := list(itertools.islice(jobs, batch_size)):
             yield from self._run_window([self._load(*job) for job in window])
 
-    def _load(self, index: int, source: ImageLike, boxes: BoxesLike | None,
-              labels: LabelsLike | None, threshold: float | None) -> _Item:
+    def _load(self, source: ImageLike, boxes: BoxesLike | None, labels: LabelsLike | None,
+              threshold: float | None) -> _Item:
         """Decode and check one image and its prompts (at load time, before any batch runs)."""
         array = load_image(source)
         height, width = array.shape[:2]
@@ -335,9 +337,9 @@ def _entry(name: str, values: Sequence[Any] | None, index: int) -> Any:
 
 
 def _jobs(images: Iterable[ImageLike], boxes: Any, labels: Any, thresholds: Any,
-          ) -> Iterator[tuple[int, ImageLike, Any, Any, float | None]]:
-    """(index, image, boxes, labels, threshold) per image, every list length checked (up
-    front when ``images`` has a length, else as the images arrive and at the end)."""
+          ) -> Iterator[tuple[ImageLike, Any, Any, float | None]]:
+    """(image, boxes, labels, threshold) per image, every list length checked (up front when
+    ``images`` has a length, else as the images arrive and at the end)."""
     count = len(images) if isinstance(images, Sized) else None
     if labels is not None and boxes is None:
         raise InputError("labels: given without boxes; labels name the class of each prompt "
@@ -353,7 +355,7 @@ def _jobs(images: Iterable[ImageLike], boxes: Any, labels: Any, thresholds: Any,
         if label is not None and box is None:
             raise InputError(f"labels[{index}]: given for image {index}, which has no boxes; "
                              "pass its boxes or None as its labels")
-        yield index, image, box, label, thresholds if scalar else threshold
+        yield image, box, label, thresholds if scalar else threshold
     for name, values in columns.items():
         if values is not None and len(values) != index + 1:
             raise InputError(f"{name}: {len(values)} entries for {index + 1} images; give one "
