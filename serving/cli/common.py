@@ -1,14 +1,14 @@
-"""Building blocks shared by ``python -m serving predict`` and ``python -m serving label``.
+"""Building blocks shared by ``sim predict`` and ``sim label``.
 
-Finding images, checking that outputs are writable before any work, reading COCO box files,
-prefetching image decoding in threads, running a batch with per-image failure isolation, and
-the append-only progress log that lets an interrupted run resume.
+Exit codes and shared options, checking that outputs are writable before any work, finding
+images, prefetching image decoding in threads and running a batch with per-image failure
+isolation. The pipeline built from them is :mod:`serving.cli.jobs`; resuming and
+multi-process runs are :mod:`serving.cli.runner`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -17,12 +17,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from ..errors import InputError, SimError
-from ..files import UMASK, atomic_write
 from ..inference.images import IMAGE_EXTENSIONS
 from ..prediction import Prediction
 from ..segmenter import Segmenter
@@ -184,13 +183,6 @@ def find_images(inputs: Sequence[str], exclude: Path | None = None) -> list[Imag
     return files
 
 
-# ----------------------------------------------------------------------------- COCO boxes
-
-
-
-
-
-
 # ----------------------------------------------------------------------------- running
 def prefetch(items: Iterable[T], load: Callable[[T], np.ndarray], workers: int, depth: int,
              ) -> Iterator[tuple[T, np.ndarray | None, BaseException | None]]:
@@ -278,83 +270,3 @@ def run_batch(seg: Segmenter, images: Sequence[np.ndarray], prompts: Sequence[Pr
     for i, pred in zip(owner, preds, strict=True):
         grouped[i].append(pred)
     return [_merge(parts) for parts in grouped]
-
-
-# ----------------------------------------------------------------------------- state
-class ProgressLog:
-    """Append-only JSON-lines record of finished work, so a rerun skips it.
-
-    The first line holds ``{"signature": ...}`` (what produced the records: model, inputs,
-    settings); each further line is one finished item ``{"key": ..., ...}``, appended with
-    flush + fsync. A line cut short by a crash is dropped when the log is read back.
-    """
-
-    def __init__(self, path: str | os.PathLike, signature: dict[str, Any]) -> None:
-        self.path = Path(path)
-        self.signature = json.loads(json.dumps(signature))  # as it will read back
-
-    def load(self) -> dict[str, dict[str, Any]]:
-        """Records by key (later lines win). Raises :class:`InputError` if the log was written
-        by a run with another signature. Creates the log (header only) if it is missing."""
-        records: dict[str, dict[str, Any]] = {}
-        if not self.path.exists():
-            self._rewrite(records)
-            return records
-        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
-        header = None
-        clean = self.path.read_bytes().endswith(b"\n")
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                clean = False
-                continue
-            if header is None and isinstance(entry, dict) and "signature" in entry:
-                header = entry["signature"]
-            elif isinstance(entry, dict) and "key" in entry:
-                records[str(entry["key"])] = entry
-        if header != self.signature:
-            changed = sorted(k for k in set(self.signature) | set(header or {})
-                             if (header or {}).get(k) != self.signature.get(k))
-            raise InputError(
-                f"output {self.path.parent}: holds work from a different run (differs in "
-                f"{', '.join(changed) or 'format'}); pass --overwrite or choose another output"
-            )
-        if not clean:  # drop a torn last line so later appends start on a fresh line
-            self._rewrite(records)
-        return records
-
-    def _rewrite(self, records: dict[str, dict[str, Any]]) -> None:
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps({"signature": self.signature}) + "\n")
-                for record in records.values():
-                    fh.write(json.dumps(record) + "\n")
-            os.chmod(tmp, 0o666 & ~UMASK)
-
-        atomic_write(self.path, write)
-
-    def append(self, record: dict[str, Any]) -> None:
-        """Durably add one finished item (``record["key"]`` identifies it)."""
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def read_any(self) -> list[dict[str, Any]]:
-        """Records of whatever run wrote the log (for ``--overwrite`` clean-up)."""
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(entry, dict) and "key" in entry:
-                out.append(entry)
-        return out
-
-
-
-

@@ -1,4 +1,4 @@
-"""``python -m serving label``: turn a box-only COCO dataset into a mask dataset.
+"""``sim label`` / ``python -m serving label``: turn a box-only COCO dataset into a mask dataset.
 
 Every non-crowd box annotation gets the box-prompted mask of the model (the annotation's
 category is the prompt's class when its name is one of the model's classes; otherwise the
@@ -12,8 +12,16 @@ model predicts it). The output is the input JSON with, on each labelled annotati
 
 Everything else (images, categories, ids, other fields, crowd annotations) is kept. An
 annotation with a bad box (reversed, zero-area, NaN, outside the image) or on an image that
-cannot be read is reported on stderr with its id and left as it was. Finished images are
-logged in ``.<output name>.progress.jsonl`` next to the output, so an interrupted run resumes.
+cannot be read is reported on stderr with its id and left as it was.
+
+Resuming: finished images are logged next to the output (``.<output name>.progress.jsonl``,
+one log per process). A rerun of the same command skips an image whose annotations and file
+are unchanged and redoes one whose annotations or file changed; a log written with another
+model or options is refused (``--overwrite`` starts again).
+
+Several processes: ``accelerate launch --num_processes N -m serving label ...`` (add
+``--multi_gpu`` on a machine without GPUs) splits the images between N processes and writes
+the same output one process writes (docs/cli.md, "Label a large dataset").
 
 ``--evaluate``: mask AP of the labels against the input's own masks (they are never read
 for labelling), or ``--evaluate MASKS_JSON`` against withheld masks of the same images (same
@@ -35,24 +43,24 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BoxError, InputError, SimError
+from ..errors import InputError, SimError
 from ..files import write_json
-from ..formats.coco import check_image_size, coco_box, read_coco_json
-from ..inference.images import load_image
+from ..formats.coco import read_coco_json
 from ..segmenter import Segmenter
 from .common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
-    ProgressLog,
     add_run_options,
     check_model_path,
     check_writable_file,
-    one_line,
-    prefetch,
     report,
-    run_batch,
     run_exit_code,
 )
+from .jobs import Job, Outcome, class_lookup, run_jobs
+from .main import prog
+from .progress import file_stamp, fingerprint
+from .runner import JobRunner, RunPlan
+from .shards import Shard, current_shard
 
 
 @dataclass
@@ -66,10 +74,25 @@ class LabelSummary:
     metrics: dict[str, float] | None = None
     interrupted: bool = False
     output: Path = Path(".")
+    #: False in the processes other than 0 of a multi-process run: they write no output.
+    merged: bool = True
 
     @property
     def exit_code(self) -> int:
         return run_exit_code(self.interrupted, self.failed_images, self.rejected)
+
+
+@dataclass(frozen=True)
+class LabelOptions:
+    """The ``label`` command's options (see :func:`build_parser`)."""
+
+    fmt: str = "rle"
+    evaluate: bool | str = False
+    batch_size: int = 4
+    device: str = "auto"
+    workers: int = 2
+    overwrite: bool = False
+    progress: bool = True
 
 
 def _encode(mask: np.ndarray, fmt: str) -> tuple[Any, bool]:
@@ -104,20 +127,13 @@ def _has_masks(dataset: dict[str, Any]) -> bool:
     return bool(anns) and all(a.get("segmentation") for a in anns)
 
 
-def run_label(model: str, annotations: str, images: str, output: str, fmt: str = "rle",
-              evaluate: bool | str = False, batch_size: int = 4, device: str = "auto",
-              workers: int = 2, overwrite: bool = False, progress: bool = True,
-              ) -> LabelSummary:
-    """Run the ``label`` command (see the module docstring); returns its summary.
-
-    ``evaluate``: ``True`` compares with the input's masks, a path with that COCO JSON's.
-
-    Raises :class:`SimError` subclasses (one-line messages) for problems found before work.
-    """
-    if batch_size < 1:
-        raise InputError(f"--batch-size {batch_size}: must be at least 1")
-    if fmt not in ("rle", "polygon"):
-        raise InputError(f"--format {fmt}: choose rle or polygon")
+def _checked_inputs(model: str, annotations: str, images: str, output: str,
+                    opts: LabelOptions) -> tuple[Path, Path, Path, dict[str, Any]]:
+    """Check every path and option before any work; returns (model, images, output, dataset)."""
+    if opts.batch_size < 1:
+        raise InputError(f"--batch-size {opts.batch_size}: must be at least 1")
+    if opts.fmt not in ("rle", "polygon"):
+        raise InputError(f"--format {opts.fmt}: choose rle or polygon")
     out = check_writable_file(output)
     if out.exists() and Path(annotations).exists() and out.samefile(annotations):
         raise InputError(f"output {out}: is the input annotations file; write the labels to "
@@ -127,147 +143,166 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str =
     if not image_dir.is_dir():
         raise InputError(f"images {image_dir}: not a folder; pass the dataset's image folder")
     dataset = read_coco_json(annotations, "annotations")
-    if fmt == "polygon":
+    if opts.fmt == "polygon":
         from ..formats.polygons import require_polygon_support
 
         require_polygon_support()
-    gt = None
-    if evaluate:
-        gt_name = annotations if evaluate is True else str(evaluate)
-        gt = dataset if evaluate is True else read_coco_json(gt_name, "masks")
-        if not _has_masks(gt):
-            raise InputError(f"--evaluate: {gt_name} lacks masks on some annotations, so there "
-                             "is nothing to compare with; pass --evaluate MASKS_JSON")
-    signature = {"command": "label", "model": str(model_path.resolve()),
-                 "annotations": str(Path(annotations).resolve()), "format": fmt}
-    log = ProgressLog(out.parent / f".{out.name}.progress.jsonl", signature)
-    if overwrite:
-        log.path.unlink(missing_ok=True)
-    records = log.load()
+    return model_path, image_dir, out, dataset
 
-    seg = Segmenter.load(model_path, device=device)
-    cat_names = {c["id"]: str(c["name"]) for c in dataset["categories"]}
-    anns_by_image: dict[Any, list[dict[str, Any]]] = {img["id"]: [] for img in dataset["images"]}
-    summary = LabelSummary(0, output=out)
+
+def _ground_truth(dataset: dict[str, Any], annotations: str,
+                  evaluate: bool | str) -> dict[str, Any] | None:
+    """The masks ``--evaluate`` compares with (checked before any work), or ``None``."""
+    if not evaluate:
+        return None
+    gt_name = annotations if evaluate is True else str(evaluate)
+    gt = dataset if evaluate is True else read_coco_json(gt_name, "masks")
+    if not _has_masks(gt):
+        raise InputError(f"--evaluate: {gt_name} lacks masks on some annotations, so there "
+                         "is nothing to compare with; pass --evaluate MASKS_JSON")
+    return gt
+
+
+def label_jobs(dataset: dict[str, Any], image_dir: Path,
+               ) -> tuple[list[Job], list[tuple[Any, str]]]:
+    """One job per image (its non-crowd annotations prompt the model), and the annotations
+    that name an image id missing from ``images`` (rejected: ``(id, reason)``)."""
+    anns: dict[Any, list[dict[str, Any]]] = {img["id"]: [] for img in dataset["images"]}
+    orphans = []
     for ann in dataset["annotations"]:
-        if ann["image_id"] not in anns_by_image:
-            summary.rejected.append((ann["id"], f"image id {ann['image_id']} not in 'images'"))
-            report(f"rejected: annotation {ann['id']}: image id {ann['image_id']} is not in "
-                   "'images'; left unchanged")
+        if ann["image_id"] not in anns:
+            orphans.append((ann["id"], f"image id {ann['image_id']} not in 'images'"))
         elif not ann.get("iscrowd", 0):
-            anns_by_image[ann["image_id"]].append(ann)
-    todo = [img for img in dataset["images"] if str(img["id"]) not in records]
+            anns[ann["image_id"]].append(ann)
+    jobs = []
+    for img in dataset["images"]:
+        path = image_dir / str(img["file_name"])
+        own = anns[img["id"]]
+        stamp = file_stamp(path) if own else None
+        jobs.append(Job(str(img["id"]), path, fingerprint(img, own, stamp), img, own,
+                        skip=not own))
+    return jobs, orphans
 
-    def load(img: dict[str, Any]) -> np.ndarray:
-        if not anns_by_image[img["id"]]:
-            return np.zeros((0, 0, 3), np.uint8)  # nothing to label: do not decode
-        image = load_image(image_dir / str(img["file_name"]))
-        check_image_size(img, image, str(image_dir / str(img["file_name"])))
-        return image
 
-    from tqdm import tqdm
+def _entry(outcome: Outcome, fmt: str) -> dict[str, Any]:
+    """The progress-log entry of a finished image: its labelled annotations and rejections."""
+    if outcome.error is not None:
+        return {"error": outcome.error}
+    labelled = []
+    pred = outcome.prediction
+    for i, ann_id in enumerate(outcome.prompt_ids):
+        assert pred is not None
+        segm, fallback = _encode(pred.masks[i], fmt)
+        labelled.append({"id": ann_id, "segmentation": segm, "area": int(pred.masks[i].sum()),
+                         "score": round(float(pred.scores[i]), 5), "rle": fallback})
+    return {"anns": labelled, "rejected": outcome.rejected}
 
-    bar = tqdm(total=len(dataset["images"]), initial=len(dataset["images"]) - len(todo),
-               unit="img", desc="label", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
 
-    def flush(batch: list[tuple[dict[str, Any], np.ndarray]]) -> None:
-        prompts, kept_ids, rejected = [], [], []
-        for img, image in batch:
-            boxes, labels, ids, bad = [], [], [], []
-            for ann in anns_by_image[img["id"]]:
-                try:
-                    boxes.append(coco_box(ann, image.shape[:2]))
-                except BoxError as exc:
-                    report(f"rejected: {exc}; left without segmentation")
-                    bad.append({"id": ann["id"], "reason": str(exc)})
-                    continue
-                name = cat_names.get(ann.get("category_id"))
-                labels.append(seg.class_names.index(name) if name in seg.class_names else -1)
-                ids.append(ann["id"])
-            prompts.append((np.array(boxes, np.float32).reshape(-1, 4),
-                            np.array(labels, np.int64)))
-            kept_ids.append(ids)
-            rejected.append(bad)
-        preds = run_batch(seg, [im for _, im in batch], prompts, batch_size)
-        for (img, _), pred, ids, bad in zip(batch, preds, kept_ids, rejected, strict=True):
-            if isinstance(pred, Exception):
-                report(f"skipped: image {img['file_name']} (id {img['id']}): {one_line(pred)}")
-                summary.failed_images.append((str(img["file_name"]), one_line(pred)))
-                bar.update(1)
-                continue
-            labelled = []
-            for i, ann_id in enumerate(ids):
-                segm, fallback = _encode(pred.masks[i], fmt)
-                labelled.append({"id": ann_id, "segmentation": segm,
-                                 "area": int(pred.masks[i].sum()),
-                                 "score": round(float(pred.scores[i]), 5), "rle": fallback})
-            record = {"key": str(img["id"]), "anns": labelled, "rejected": bad}
-            log.append(record)
-            records[record["key"]] = record
-            bar.update(1)
+def _report(outcome: Outcome, shard: Shard) -> None:
+    """Tell the user at once about a failed image or a refused box."""
+    where = f"[process {shard.rank}] " if shard.world > 1 else ""
+    img = outcome.job.entry or {}
+    if outcome.error is not None:
+        report(f"{where}skipped: image {img.get('file_name')} (id {img.get('id')}): "
+               f"{outcome.error}; its {len(outcome.job.anns or [])} boxes are left without "
+               "segmentation")
+    for bad in outcome.rejected:
+        report(f"{where}rejected: {bad['reason']}; left without segmentation")
 
-    batch: list[tuple[dict[str, Any], np.ndarray]] = []
-    try:
-        for img, image, error in prefetch(todo, load, workers, 2 * batch_size + workers):
-            if error is not None:
-                reason = one_line(error)
-                report(f"skipped: {reason}; its {len(anns_by_image[img['id']])} boxes are left "
-                       "without segmentation")
-                summary.failed_images.append((str(img["file_name"]), reason))
-                bar.update(1)
-                continue
-            if image.size == 0:  # no boxes on this image
-                record = {"key": str(img["id"]), "anns": [], "rejected": []}
-                log.append(record)
-                records[record["key"]] = record
-                bar.update(1)
-                continue
-            batch.append((img, image))  # type: ignore[arg-type]
-            if len(batch) == batch_size:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        report("interrupted: finished images are saved in the progress log; rerun the same "
-               "command to continue")
-    finally:
-        bar.close()
-    if summary.interrupted:
-        return summary
 
+def merge_labels(dataset: dict[str, Any], jobs: list[Job], records: dict[str, dict[str, Any]],
+                 summary: LabelSummary) -> dict[str, Any]:
+    """The output dataset: ``dataset`` with every logged mask written into its annotation."""
     result = copy.deepcopy(dataset)
     by_id = {ann["id"]: ann for ann in result["annotations"]}
-    labelled_ids = set()
-    for img in dataset["images"]:
-        record = records.get(str(img["id"]))
+    labelled = set()
+    for job in jobs:
+        record = records.get(job.key)
         if record is None:
             continue
         for entry in record["anns"]:
-            ann = by_id[entry["id"]]
-            ann.update(segmentation=entry["segmentation"], area=entry["area"],
-                       score=entry["score"])
-            labelled_ids.add(entry["id"])
+            by_id[entry["id"]].update(segmentation=entry["segmentation"], area=entry["area"],
+                                      score=entry["score"])
+            labelled.add(entry["id"])
             summary.rle_fallback += bool(entry["rle"])
         summary.rejected += [(bad["id"], bad["reason"]) for bad in record["rejected"]]
-    summary.labelled = len(labelled_ids)
+    summary.labelled = len(labelled)
+    return result
+
+
+def run_label(model: str, annotations: str, images: str, output: str, fmt: str = "rle",
+              evaluate: bool | str = False, batch_size: int = 4, device: str = "auto",
+              workers: int = 2, overwrite: bool = False, progress: bool = True,
+              shard: Shard | None = None) -> LabelSummary:
+    """Run the ``label`` command (see the module docstring); returns its summary.
+
+    ``evaluate``: ``True`` compares with the input's masks, a path with that COCO JSON's.
+    ``shard``: this process's place among several (default: from the launcher's environment).
+    Only process 0 writes the output and evaluates; the others return an empty summary.
+
+    Raises :class:`SimError` subclasses (one-line messages) for problems found before work.
+    """
+    opts = LabelOptions(fmt, evaluate, batch_size, device, workers, overwrite, progress)
+    model_path, image_dir, out, dataset = _checked_inputs(model, annotations, images, output,
+                                                          opts)
+    gt = _ground_truth(dataset, annotations, evaluate)
+    shard = shard or current_shard(device)
+    jobs, orphans = label_jobs(dataset, image_dir)
+    signature = {"command": "label", "model": str(model_path.resolve()),
+                 "model_stamp": file_stamp(model_path), "format": fmt,
+                 "annotations": str(Path(annotations).resolve())}
+    runner = JobRunner(RunPlan(out.parent, f".{out.name}.progress", signature, jobs), shard,
+                       progress, desc="label")
+    if overwrite:
+        runner.clear(lambda log: None)
+    summary = LabelSummary(0, output=out)
+    mine = runner.start()
+    if shard.is_main:
+        for ann_id, reason in orphans:
+            report(f"rejected: annotation {ann_id}: {reason}; left unchanged")
+    seg = Segmenter.load(model_path, device=shard.device or device)
+    class_of = class_lookup(dataset["categories"], seg.class_names)
+    try:
+        for outcome in run_jobs(seg, mine, class_of, batch_size, workers):
+            _report(outcome, shard)
+            runner.record(outcome.job, _entry(outcome, fmt))
+    except KeyboardInterrupt:
+        runner.close()
+        summary.interrupted = True
+        report("interrupted: finished images are saved in the progress log; rerun the same "
+               "command to continue")
+        return summary
+    records = runner.finish()
+    if not shard.is_main:
+        summary.merged = False
+        return summary
+    names = {job.key: str((job.entry or {}).get("file_name")) for job in jobs}
+    summary.failed_images = [(names[key], r["error"]) for key, r in records.failures.items()]
+    summary.rejected = list(orphans)
+    result = merge_labels(dataset, jobs, records.results, summary)
     write_json(out, result)
     if gt is not None:
         from ..formats.cocoeval import evaluate_coco
 
-        summary.metrics = evaluate_coco(gt, labels_to_results(result, labelled_ids),
+        result_ids = {e["id"] for r in records.results.values() for e in r["anns"]}
+        summary.metrics = evaluate_coco(gt, labels_to_results(result, result_ids),
                                         iou_types=("segm",))
     return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m serving label",
+        prog=prog("python -m serving label"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Auto-label a box-only COCO dataset: one box-prompted mask per box. Exit "
                     "codes: 0 ok, 1 error before work, 2 bad arguments, 3 some images failed "
-                    "or boxes were rejected, 130 interrupted (rerun to continue).")
+                    "or boxes were rejected, 130 interrupted (rerun to continue).",
+        epilog="examples:\n"
+               "  sim label --model model.safetensors --annotations boxes.json --images imgs/ "
+               "--output labelled.json\n"
+               "  sim label ... --evaluate              # mask AP against the input's masks\n"
+               "  accelerate launch --multi_gpu --num_processes 2 -m serving label ...  "
+               "# 2 processes")
     parser.add_argument("--model", required=True, metavar="PATH",
                         help="checkpoint (.safetensors), ONNX file (.onnx) or TensorRT engine")
     parser.add_argument("--annotations", required=True, metavar="BOXES_COCO_JSON",
@@ -287,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m serving label``; returns the exit code."""
+    """Entry point of ``sim label``; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
         summary = run_label(args.model, args.annotations, args.images, args.output,
@@ -301,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the first image (while loading the model, ...)
         print("interrupted before any image was finished", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if summary.interrupted:
+    if summary.interrupted or not summary.merged:
         return summary.exit_code
     print(f"label: {summary.labelled} annotations labelled, {len(summary.rejected)} rejected, "
           f"{len(summary.failed_images)} images failed; wrote {summary.output}")

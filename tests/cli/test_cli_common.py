@@ -13,7 +13,7 @@ import pytest
 from cli_data import decode, mixed_folder, one_torch_thread, plain_folder
 
 from serving import Segmenter
-from serving.cli.common import ProgressLog, check_writable_file, find_images, prefetch, run_batch
+from serving.cli.common import check_writable_file, find_images, prefetch, run_batch
 from serving.errors import BoxError, DatasetError, InputError
 from serving.formats.coco import coco_box, read_coco_json
 from serving.formats.polygons import mask_to_polygons
@@ -150,23 +150,6 @@ def test_run_batch_isolates_a_failing_image_and_splits_many_boxes(tiny_checkpoin
     np.testing.assert_allclose(out[0].scores, whole.scores, atol=1e-5)
     inter = (out[0].masks & whole.masks).sum()
     assert inter >= 0.99 * max(whole.masks.sum(), 1)
-
-
-def test_progress_log_resume_torn_line_and_signature(tmp_path):
-    log = ProgressLog(tmp_path / ".progress.jsonl", {"model": "a", "t": 0.5})
-    assert log.load() == {}
-    log.append({"key": "x", "v": 1})
-    log.append({"key": "y", "v": 2})
-    with open(log.path, "a") as fh:
-        fh.write('{"key": "z", "v"')  # a crash in the middle of a line
-    assert set(ProgressLog(log.path, {"model": "a", "t": 0.5}).load()) == {"x", "y"}
-    assert log.path.read_text().endswith("\n")
-    log.append({"key": "z", "v": 3})
-    assert ProgressLog(log.path, {"model": "a", "t": 0.5}).load()["z"]["v"] == 3
-    with pytest.raises(InputError, match="differs in model.*--overwrite"):
-        ProgressLog(log.path, {"model": "b", "t": 0.5}).load()
-    lines = [json.loads(x) for x in log.path.read_text().splitlines()]
-    assert lines[0] == {"signature": {"model": "a", "t": 0.5}}
 
 
 def test_mask_to_polygons_outer_boundaries():
