@@ -48,6 +48,10 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="redo every image instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="split the images between N processes (accelerate launch; one "
+                             "per GPU, or several on a CPU); same outputs as one process")
+
 
 #: A prompt for one image: (boxes (M, 4) float32 XYXY original pixels, labels (M,) int64).
 Prompt = tuple[np.ndarray, np.ndarray]

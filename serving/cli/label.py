@@ -60,7 +60,7 @@ from .jobs import Job, Outcome, class_lookup, run_jobs
 from .main import prog
 from .progress import file_stamp, fingerprint
 from .runner import JobRunner, RunPlan
-from .shards import Shard, current_shard
+from .shards import Shard, current_shard, run_sharded
 
 
 @dataclass
@@ -323,13 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sim label``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.processes < 1:
+        print(f"error: --processes {args.processes}: must be at least 1", file=sys.stderr)
+        return EXIT_ERROR
+    return run_sharded("label", argv, args.processes, args.device,
+                       lambda shard: _label_command(args, shard))
+
+
+def _label_command(args: argparse.Namespace, shard: Shard) -> int:
     try:
         summary = run_label(args.model, args.annotations, args.images, args.output,
                             fmt=args.format, evaluate=args.evaluate,
                             batch_size=args.batch_size, device=args.device,
                             workers=args.workers, overwrite=args.overwrite,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, shard=shard)
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR

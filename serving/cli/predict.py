@@ -54,7 +54,7 @@ from .jobs import Job, Outcome, class_lookup, run_jobs
 from .main import prog
 from .progress import ProgressLog, WorkRecords, file_stamp, fingerprint
 from .runner import JobRunner, RunPlan
-from .shards import Shard, current_shard
+from .shards import Shard, current_shard, run_sharded
 
 PROGRESS_STEM = ".progress"
 WRITE_EVERY_S = 30.0
@@ -358,13 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sim predict``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.processes < 1:
+        print(f"error: --processes {args.processes}: must be at least 1", file=sys.stderr)
+        return EXIT_ERROR
+    return run_sharded("predict", argv, args.processes, args.device,
+                       lambda shard: _predict_command(args, shard))
+
+
+def _predict_command(args: argparse.Namespace, shard: Shard) -> int:
     try:
         summary = run_predict(args.model, args.input, args.output, boxes=args.boxes,
                               batch_size=args.batch_size, device=args.device,
                               score_threshold=args.score_threshold, save_vis=args.save_vis,
                               save_masks=args.save_masks, workers=args.workers,
-                              overwrite=args.overwrite, progress=not args.no_progress)
+                              overwrite=args.overwrite, progress=not args.no_progress,
+                              shard=shard)
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
