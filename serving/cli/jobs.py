@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import BoxError
-from ..formats.coco import check_image_size, coco_box
+from ..formats.coco import check_image_size, coco_box, unknown_categories
 from ..inference.images import load_image
 from ..prediction import Prediction
 from ..segmenter import Segmenter
-from .common import one_line, prefetch, run_batch
+from .common import one_line, prefetch, report, run_batch
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,15 @@ def class_lookup(categories: Sequence[dict[str, Any]], class_names: Sequence[str
     names = {c["id"]: str(c["name"]) for c in categories}
     index = {name: i for i, name in enumerate(class_names)}
     return lambda ann: index.get(names.get(ann.get("category_id"), ""), -1)
+
+
+def note_unknown_categories(coco: dict[str, Any]) -> None:
+    """Say once how many annotations name a category missing from ``categories``."""
+    unknown = unknown_categories(coco)
+    if unknown:
+        ids = ", ".join(str(c) for c in sorted(unknown)[:5])
+        report(f"note: {sum(unknown.values())} annotations have a category_id that is not in "
+               f"'categories' ({ids}); the model predicts their class")
 
 
 def _prompt(outcome: Outcome, class_of: ClassOf) -> tuple[np.ndarray, np.ndarray]:

@@ -56,7 +56,7 @@ from .common import (
     report,
     run_exit_code,
 )
-from .jobs import Job, Outcome, class_lookup, run_jobs
+from .jobs import Job, Outcome, class_lookup, note_unknown_categories, run_jobs
 from .main import prog
 from .progress import file_stamp, fingerprint
 from .runner import JobRunner, RunPlan
@@ -260,6 +260,7 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str =
     if shard.is_main:
         for ann_id, reason in orphans:
             report(f"rejected: annotation {ann_id}: {reason}; left unchanged")
+        note_unknown_categories(dataset)
     seg = Segmenter.load(model_path, device=shard.device or device)
     class_of = class_lookup(dataset["categories"], seg.class_names)
     try:

@@ -50,7 +50,7 @@ from .common import (
     report,
     run_exit_code,
 )
-from .jobs import Job, Outcome, class_lookup, run_jobs
+from .jobs import Job, Outcome, class_lookup, note_unknown_categories, run_jobs
 from .main import prog
 from .progress import ProgressLog, WorkRecords, file_stamp, fingerprint
 from .runner import JobRunner, RunPlan
@@ -142,10 +142,10 @@ def _categories(class_names: Sequence[str], coco: dict[str, Any] | None,
     return ids, categories
 
 
-def _plan(inputs: Sequence[str], out: Path, opts: PredictOptions,
+def _plan(inputs: Sequence[str], out: Path, opts: PredictOptions, notes: bool = True,
           ) -> tuple[list[Job], dict[str, ImageFile], dict[str, Any] | None]:
     """Jobs for the input images (prompted by their boxes when ``--boxes`` is given), the
-    files by job key, and the boxes JSON."""
+    files by job key, and the boxes JSON. ``notes``: report what is skipped (process 0)."""
     files = find_images(inputs, exclude=out)
     coco = read_coco_json(opts.boxes, "boxes") if opts.boxes else None
     matched: dict[Path, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
@@ -154,9 +154,11 @@ def _plan(inputs: Sequence[str], out: Path, opts: PredictOptions,
         if not matched:
             raise InputError(f"boxes {opts.boxes}: no input image matches a file_name in it; "
                              "check --input or the JSON's file names")
-        if len(matched) < len(files):
+        if len(matched) < len(files) and notes:
             report(f"note: {len(files) - len(matched)} images have no entry in {opts.boxes}; "
                    "skipped")
+        if notes:
+            note_unknown_categories(coco)
         files = [f for f in files if f.path in matched]
     jobs = []
     for f in files:
@@ -282,8 +284,8 @@ def run_predict(model: str, inputs: Sequence[str], output: str, boxes: str | Non
         raise InputError(f"--batch-size {batch_size}: must be at least 1")
     out = check_writable_dir(output)
     model_path = check_model_path(model)
-    jobs, files, coco = _plan(inputs, out, opts)
     shard = shard or current_shard(device)
+    jobs, files, coco = _plan(inputs, out, opts, notes=shard.is_main)
     signature = {"command": "predict", "model": str(model_path.resolve()),
                  "model_stamp": file_stamp(model_path),
                  "boxes": str(Path(boxes).resolve()) if boxes else None,

@@ -61,7 +61,9 @@ def test_coco_box_checks_and_clips():
                                [0, 40, 80, 50])  # clipped to the image
     cases = {3: ([10, 10, -5, 5], "negative width/height"), 4: ([10, 10, 0, 5], "zero"),
              5: ([math.nan, 1, 2, 3], "NaN"), 6: ([200, 200, 10, 10], "outside the 80x50"),
-             7: ("10 10 5 5", "not \\[x, y, width, height\\]"), 8: ([1, 2, 3], "not")}
+             7: ("10 10 5 5", "not \\[x, y, width, height\\]"), 8: ([1, 2, 3], "not"),
+             10: ("1234", "'1234' is not"), 11: ([1, 2, True, 4], "not"),
+             12: ([1, "2", 3, 4], "not")}
     for ann_id, (bbox, reason) in cases.items():
         with pytest.raises(BoxError, match=f"^annotation {ann_id}: bbox .*{reason}"):
             coco_box({"id": ann_id, "bbox": bbox}, size)
@@ -73,8 +75,19 @@ def test_read_coco_json_errors(tmp_path):
     p = tmp_path / "boxes.json"
     for text, message in [("{not json", "not valid JSON"), ("[]", "needs an 'images' list"),
                           ('{"images": [{"id": 1}]}', "lacks 'file_name'"),
-                          ('{"images": [{"id": "a", "file_name": "x"}]}', "integers"),
-                          ('{"images": [], "annotations": [{"id": 1}]}', "lacks 'image_id'")]:
+                          ('{"images": [{"id": "a", "file_name": "x"}]}', "has id 'a'; it must be an integer"),
+                          ('{"images": [], "annotations": [{"id": 1}]}', "lacks 'image_id'"),
+                          ('{"images": [], "annotations": [{"id": [1], "image_id": 1}]}',
+                           r"annotations\[0\] has id \[1\]; it must be an integer"),
+                          ('{"images": [], "annotations": [{"id": 1, "image_id": [2]}]}',
+                           r"has image_id \[2\]"),
+                          ('{"images": [{"id": 1, "file_name": "a", "height": "96"}]}',
+                           "has height '96'"),
+                          ('{"images": [], "categories": [{"id": 1.5, "name": "x"}]}',
+                           "has id 1.5"),
+                          ('{"images": [], "categories": [{"id": 1, "name": "x"}, '
+                           '{"id": 1, "name": "y"}]}', "duplicate category ids"),
+                          ("[" * 100_000 + "]" * 100_000, "not valid JSON")]:
         p.write_text(text)
         with pytest.raises(DatasetError, match=message):
             read_coco_json(p, "boxes")

@@ -226,3 +226,25 @@ def test_label_bad_image_and_interrupted_run(tmp_path, tiny_checkpoint, dataset,
     assert "segmentation" not in result[60]  # on the unreadable image: left as it was
     assert all("segmentation" in result[i] for i in range(1, 10))
     assert "1 images failed" in stdout
+
+
+def test_unknown_category_is_noted_and_a_string_bbox_rejected(tmp_path, tiny_checkpoint,
+                                                              dataset, capsys):
+    path, data = dataset
+    data = _box_only(data)
+    data["annotations"] += [
+        {"id": 70, "image_id": 100, "category_id": 7, "bbox": [10, 10, 20, 20]},
+        {"id": 71, "image_id": 100, "category_id": 1, "bbox": "1234"},
+    ]
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps(data))
+    out = tmp_path / "labels.json"
+    code = main(["--model", str(tiny_checkpoint), "--annotations", str(boxes), "--images",
+                 str(tmp_path / "data" / "images"), "--output", str(out), "--device", "cpu",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "note: 1 annotations have a category_id that is not in 'categories' (7)" in err
+    assert "rejected: annotation 71: bbox '1234' is not [x, y, width, height]" in err
+    result = {a["id"]: a for a in json.loads(out.read_text())["annotations"]}
+    assert "segmentation" in result[70] and "segmentation" not in result[71]
