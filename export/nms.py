@@ -1,7 +1,8 @@
 """Class-aware NMS as one graph operator: a ``torch.library`` custom op and its ONNX form.
 
 The eager post-processing (:func:`serving.inference.postprocess.detect`) filters candidates
-with boolean indexing and calls ``torchvision.ops.batched_nms``, whose output size depends on the data.
+with boolean indexing and calls ``torchvision.ops.batched_nms``, whose output size depends on
+the data.
 The export graph instead keeps every candidate slot and asks for a keep *mask*:
 ``multiclass_nms_keep(boxes (B, S, 4), scores (B, C, S), iou, max_per_class) -> (B, S) bool``.
 It exports to the standard ONNX ``NonMaxSuppression`` with its batch and class dimensions

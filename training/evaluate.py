@@ -52,7 +52,7 @@ def evaluate_model(model: CondInst, class_names: Sequence[str], cfg: InferenceCo
     device = next(model.parameters()).device
     segmenter = Segmenter(TorchBackend(model, cfg, device=device), class_names, cfg)
     results = predict_dataset(segmenter, annotations, images, category_ids, max_images)
-    return _percent(evaluate_coco(_ground_truth(annotations, max_images), results))
+    return _percent(evaluate_coco(_ground_truth(annotations, max_images), results, f1=True))
 
 
 def _ground_truth(annotations: str | Path, max_images: int | None) -> dict[str, Any] | str:
@@ -67,7 +67,10 @@ def _ground_truth(annotations: str | Path, max_images: int | None) -> dict[str, 
 
 
 def _percent(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: (100.0 * v if v >= 0 else v) for k, v in metrics.items()}
+    """AP and F1 values in percent (``-1`` stays: no instance of that size); score
+    thresholds stay scores."""
+    return {k: (v if v < 0 or k.endswith("_threshold") else 100.0 * v)
+            for k, v in metrics.items()}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images: str | Path,
@@ -76,7 +79,7 @@ def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images:
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device)
     category_ids = segmenter.info.get("extra", {}).get("category_ids")
     results = predict_dataset(segmenter, annotations, images, category_ids, max_images)
-    return _percent(evaluate_coco(_ground_truth(annotations, max_images), results))
+    return _percent(evaluate_coco(_ground_truth(annotations, max_images), results, f1=True))
 
 
 def evaluate_untrained(cfg: TrainConfig, path: str | Path) -> dict[str, float]:

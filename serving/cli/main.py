@@ -20,7 +20,8 @@ from ..errors import SimError
 @dataclass(frozen=True)
 class Command:
     """A sub-command: the module whose ``main(argv)`` runs it, a one-line summary, and the
-    install extra it needs (named in the error when an import fails)."""
+    install extra it needs beyond the core package ("" for none; named in the error when an
+    import fails)."""
 
     module: str
     summary: str
@@ -34,13 +35,11 @@ COMMANDS: dict[str, Command] = {
     "export": Command("export.__main__", "export to ONNX / TensorRT and verify against PyTorch",
                       "export"),
     "predict": Command("serving.cli.predict", "segment images: automatic, or one mask per box",
-                       "serve"),
-    "label": Command("serving.cli.label", "auto-label a box-only COCO dataset with masks",
-                     "serve"),
+                       ""),
+    "label": Command("serving.cli.label", "auto-label a box-only COCO dataset with masks", ""),
     "serve": Command("serving.server.app", "HTTP inference server with dynamic batching", "serve"),
     "app": Command("app.main", "web app: upload an image, draw boxes, get masks", "app"),
-    "info": Command("serving.cli.info", "describe a model file (classes, sizes, thresholds)",
-                    "serve"),
+    "info": Command("serving.cli.info", "describe a model file (classes, sizes, thresholds)", ""),
     "quickstart": Command("training.quickstart",
                           "train, evaluate, export and predict on the built-in data", "all"),
 }
@@ -87,8 +86,9 @@ def _load(name: str):
     except ModuleNotFoundError as exc:
         missing = exc.name or "a module"
         project = missing.split(".")[0] in ("training", "export", "app", "serving")
+        extra = f"[{cmd.extra}]" if cmd.extra else ""
         fix = ("install the project from a source checkout (pip install -e '.[all]')" if project
-               else f"pip install 'sim-boxseg[{cmd.extra}]'")
+               else f"pip install 'sim-boxseg{extra}'")
         raise SimError(f"sim {name}: needs {missing}, which is not installed; {fix}") from None
 
 

@@ -75,7 +75,8 @@ def test_read_coco_json_errors(tmp_path):
     p = tmp_path / "boxes.json"
     for text, message in [("{not json", "not valid JSON"), ("[]", "needs an 'images' list"),
                           ('{"images": [{"id": 1}]}', "lacks 'file_name'"),
-                          ('{"images": [{"id": "a", "file_name": "x"}]}', "has id 'a'; it must be an integer"),
+                          ('{"images": [{"id": "a", "file_name": "x"}]}',
+                           "has id 'a'; it must be an integer"),
                           ('{"images": [], "annotations": [{"id": 1}]}', "lacks 'image_id'"),
                           ('{"images": [], "annotations": [{"id": [1], "image_id": 1}]}',
                            r"annotations\[0\] has id \[1\]; it must be an integer"),
