@@ -45,7 +45,8 @@ import numpy as np
 
 from ..errors import InputError, SimError
 from ..files import write_json
-from ..formats.coco import read_coco_json
+from ..formats.coco import boxes_by_image, read_coco_json
+from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..segmenter import Segmenter
 from .common import (
     EXIT_ERROR,
@@ -53,12 +54,14 @@ from .common import (
     add_run_options,
     check_model_path,
     check_writable_file,
+    load_model,
     report,
     run_exit_code,
 )
 from .jobs import Job, Outcome, class_lookup, note_unknown_categories, run_jobs
+from .label_report import EMPTY_FRACTION, LabelReport, is_empty
 from .main import prog
-from .progress import file_stamp, fingerprint
+from .progress import WorkRecords, file_stamp, fingerprint
 from .runner import JobRunner, RunPlan
 from .shards import Shard, current_shard, run_sharded
 
@@ -71,6 +74,11 @@ class LabelSummary:
     failed_images: list[tuple[str, str]] = field(default_factory=list)
     rejected: list[tuple[Any, str]] = field(default_factory=list)
     rle_fallback: int = 0
+    #: Annotations whose mask is empty or near-empty (see :mod:`serving.cli.label_report`).
+    empty: list[Any] = field(default_factory=list)
+    report: LabelReport | None = None
+    #: One-line warnings about the input against the model's own data (sizes, scores).
+    advice: list[str] = field(default_factory=list)
     metrics: dict[str, float] | None = None
     interrupted: bool = False
     output: Path = Path(".")
@@ -93,6 +101,8 @@ class LabelOptions:
     workers: int = 2
     overwrite: bool = False
     progress: bool = True
+    skip_empty: bool = False
+    image_size: tuple[int, ...] | None = None
 
 
 def _encode(mask: np.ndarray, fmt: str) -> tuple[Any, bool]:
@@ -193,8 +203,10 @@ def _entry(outcome: Outcome, fmt: str) -> dict[str, Any]:
     for i, ann_id in enumerate(outcome.prompt_ids):
         assert pred is not None
         segm, fallback = _encode(pred.masks[i], fmt)
-        labelled.append({"id": ann_id, "segmentation": segm, "area": int(pred.masks[i].sum()),
-                         "score": round(float(pred.scores[i]), 5), "rle": fallback})
+        area = int(pred.masks[i].sum())
+        labelled.append({"id": ann_id, "segmentation": segm, "area": area,
+                         "score": round(float(pred.scores[i]), 5), "rle": fallback,
+                         "empty": is_empty(area, pred.boxes[i])})
     return {"anns": labelled, "rejected": outcome.rejected}
 
 
@@ -211,83 +223,147 @@ def _report(outcome: Outcome, shard: Shard) -> None:
 
 
 def merge_labels(dataset: dict[str, Any], jobs: list[Job], records: dict[str, dict[str, Any]],
-                 summary: LabelSummary) -> dict[str, Any]:
-    """The output dataset: ``dataset`` with every logged mask written into its annotation."""
+                 summary: LabelSummary, skip_empty: bool = False) -> dict[str, Any]:
+    """The output dataset: ``dataset`` with every logged mask written into its annotation
+    (an empty one flagged ``"sim_empty": true``, or left out with ``skip_empty``); fills the
+    summary's counts and per-class / per-image report."""
     result = copy.deepcopy(dataset)
     by_id = {ann["id"]: ann for ann in result["annotations"]}
-    labelled = set()
+    names = {c["id"]: str(c["name"]) for c in dataset["categories"]}
+    report = summary.report = LabelReport()
     for job in jobs:
         record = records.get(job.key)
         if record is None:
             continue
         for entry in record["anns"]:
-            by_id[entry["id"]].update(segmentation=entry["segmentation"], area=entry["area"],
-                                      score=entry["score"])
-            labelled.add(entry["id"])
+            ann = by_id[entry["id"]]
+            empty = bool(entry.get("empty"))
+            report.add(names.get(ann.get("category_id"), "(unknown)"),
+                       str(job.entry.get("file_name") if job.entry else job.key), entry["id"],
+                       entry["score"], empty)
             summary.rle_fallback += bool(entry["rle"])
+            if empty and skip_empty:
+                continue
+            ann.update(segmentation=entry["segmentation"], area=entry["area"],
+                       score=entry["score"])
+            if empty:
+                ann["sim_empty"] = True
         summary.rejected += [(bad["id"], bad["reason"]) for bad in record["rejected"]]
-    summary.labelled = len(labelled)
+    summary.empty = list(report.empty)
+    summary.labelled = len(report.scores) - (len(report.empty) if skip_empty else 0)
     return result
+
+
+def _runner(model_path: Path, annotations: str, out: Path, opts: LabelOptions,
+            jobs: list[Job], shard: Shard) -> JobRunner:
+    """The job runner; its signature holds everything that shapes a label but the
+    per-image inputs (those are in each job's fingerprint)."""
+    signature = {"command": "label", "model": str(model_path.resolve()),
+                 "model_stamp": file_stamp(model_path), "format": opts.fmt,
+                 "annotations": str(Path(annotations).resolve()),
+                 "image_size": list(opts.image_size) if opts.image_size else None}
+    runner = JobRunner(RunPlan(out.parent, f".{out.name}.progress", signature, jobs), shard,
+                       opts.progress, desc="label")
+    if opts.overwrite:
+        runner.clear(lambda log: None)
+    return runner
+
+
+def _before_work(seg: Segmenter, dataset: dict[str, Any], orphans: list[tuple[Any, str]],
+                 summary: LabelSummary) -> None:
+    """Process 0's notes before the work: refused annotations, unknown categories, and
+    whether the boxes' sizes suit the model's input size."""
+    for ann_id, reason in orphans:
+        report(f"rejected: annotation {ann_id}: {reason}; left unchanged")
+    note_unknown_categories(dataset)
+    sizes = box_sizes(boxes_by_image(dataset), seg.cfg.min_size, seg.cfg.max_size)
+    advice = size_advice(calibration_of(seg), sizes, seg.cfg.min_size, seg.cfg.max_size)
+    if advice:
+        summary.advice.append(advice)
+        report(f"note: {advice}")
+
+
+def _label_share(seg: Segmenter, jobs: list[Job], runner: JobRunner, dataset: dict[str, Any],
+                 opts: LabelOptions, shard: Shard) -> bool:
+    """Label this process's images; False when interrupted (the work so far is kept)."""
+    class_of = class_lookup(dataset["categories"], seg.class_names)
+    try:
+        for outcome in run_jobs(seg, jobs, class_of, opts.batch_size, opts.workers):
+            _report(outcome, shard)
+            runner.record(outcome.job, _entry(outcome, opts.fmt))
+    except KeyboardInterrupt:
+        runner.close()
+        report("interrupted: finished images are saved in the progress log; rerun the same "
+               "command to continue")
+        return False
+    return True
+
+
+def _write_output(seg: Segmenter, summary: LabelSummary, dataset: dict[str, Any],
+                  jobs: list[Job], records: WorkRecords, gt: dict[str, Any] | None,
+                  opts: LabelOptions) -> None:
+    """Process 0: merge every process's labels into the output, report and evaluate."""
+    names = {job.key: str((job.entry or {}).get("file_name")) for job in jobs}
+    summary.failed_images += [(names[k], r["error"]) for k, r in records.failures.items()]
+    result = merge_labels(dataset, jobs, records.results, summary, opts.skip_empty)
+    result.setdefault("info", {})
+    if isinstance(result["info"], dict):
+        result["info"]["sim_label"] = {"model": str(seg.info.get("path", "")),
+                                       "image_size": [seg.cfg.min_size, seg.cfg.max_size],
+                                       "empty_fraction": EMPTY_FRACTION}
+    write_json(summary.output, result)
+    assert summary.report is not None
+    summary.report.write(report_path(summary.output))
+    advice = score_advice(calibration_of(seg), summary.report.scores)
+    if advice:
+        summary.advice.append(advice)
+    if gt is not None:
+        from ..formats.cocoeval import evaluate_coco
+
+        ids = {e["id"] for r in records.results.values() for e in r["anns"]}
+        summary.metrics = evaluate_coco(gt, labels_to_results(result, ids), iou_types=("segm",))
+
+
+def report_path(output: Path) -> Path:
+    """Where the per-class / per-image report of ``output`` goes."""
+    return output.with_name(output.stem + ".report.json")
 
 
 def run_label(model: str, annotations: str, images: str, output: str, fmt: str = "rle",
               evaluate: bool | str = False, batch_size: int = 4, device: str = "auto",
               workers: int = 2, overwrite: bool = False, progress: bool = True,
+              skip_empty: bool = False, image_size: Sequence[int] | None = None,
               shard: Shard | None = None) -> LabelSummary:
     """Run the ``label`` command (see the module docstring); returns its summary.
 
     ``evaluate``: ``True`` compares with the input's masks, a path with that COCO JSON's.
+    ``image_size``: ``(short side, long-side cap)`` at inference, instead of the model's.
     ``shard``: this process's place among several (default: from the launcher's environment).
     Only process 0 writes the output and evaluates; the others return an empty summary.
 
     Raises :class:`SimError` subclasses (one-line messages) for problems found before work.
     """
-    opts = LabelOptions(fmt, evaluate, batch_size, device, workers, overwrite, progress)
+    opts = LabelOptions(fmt, evaluate, batch_size, device, workers, overwrite, progress,
+                        skip_empty, tuple(image_size) if image_size else None)
     model_path, image_dir, out, dataset = _checked_inputs(model, annotations, images, output,
                                                           opts)
     gt = _ground_truth(dataset, annotations, evaluate)
     shard = shard or current_shard(device)
     jobs, orphans = label_jobs(dataset, image_dir)
-    signature = {"command": "label", "model": str(model_path.resolve()),
-                 "model_stamp": file_stamp(model_path), "format": fmt,
-                 "annotations": str(Path(annotations).resolve())}
-    runner = JobRunner(RunPlan(out.parent, f".{out.name}.progress", signature, jobs), shard,
-                       progress, desc="label")
-    if overwrite:
-        runner.clear(lambda log: None)
-    summary = LabelSummary(0, output=out)
+    runner = _runner(model_path, annotations, out, opts, jobs, shard)
+    summary = LabelSummary(0, rejected=list(orphans), output=out)
     mine = runner.start()
+    seg = load_model(model_path, shard.device or device, opts.image_size)
     if shard.is_main:
-        for ann_id, reason in orphans:
-            report(f"rejected: annotation {ann_id}: {reason}; left unchanged")
-        note_unknown_categories(dataset)
-    seg = Segmenter.load(model_path, device=shard.device or device)
-    class_of = class_lookup(dataset["categories"], seg.class_names)
-    try:
-        for outcome in run_jobs(seg, mine, class_of, batch_size, workers):
-            _report(outcome, shard)
-            runner.record(outcome.job, _entry(outcome, fmt))
-    except KeyboardInterrupt:
-        runner.close()
+        _before_work(seg, dataset, orphans, summary)
+    if not _label_share(seg, mine, runner, dataset, opts, shard):
         summary.interrupted = True
-        report("interrupted: finished images are saved in the progress log; rerun the same "
-               "command to continue")
         return summary
     records = runner.finish()
-    if not shard.is_main:
+    if shard.is_main:
+        _write_output(seg, summary, dataset, jobs, records, gt, opts)
+    else:
         summary.merged = False
-        return summary
-    names = {job.key: str((job.entry or {}).get("file_name")) for job in jobs}
-    summary.failed_images = [(names[key], r["error"]) for key, r in records.failures.items()]
-    summary.rejected = list(orphans)
-    result = merge_labels(dataset, jobs, records.results, summary)
-    write_json(out, result)
-    if gt is not None:
-        from ..formats.cocoeval import evaluate_coco
-
-        result_ids = {e["id"] for r in records.results.values() for e in r["anns"]}
-        summary.metrics = evaluate_coco(gt, labels_to_results(result, result_ids),
-                                        iou_types=("segm",))
     return summary
 
 
@@ -318,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="MASKS_JSON",
                         help="report mask AP of the labels against the input's masks, or "
                              "against MASKS_JSON (same image ids)")
+    parser.add_argument("--skip-empty", action="store_true",
+                        help="leave boxes whose mask is empty or near-empty without a "
+                             "segmentation (default: write it, flagged \"sim_empty\": true)")
     add_run_options(parser)
     return parser
 
@@ -339,7 +418,8 @@ def _label_command(args: argparse.Namespace, shard: Shard) -> int:
                             fmt=args.format, evaluate=args.evaluate,
                             batch_size=args.batch_size, device=args.device,
                             workers=args.workers, overwrite=args.overwrite,
-                            progress=not args.no_progress, shard=shard)
+                            progress=not args.no_progress, skip_empty=args.skip_empty,
+                            image_size=args.image_size, shard=shard)
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -348,13 +428,28 @@ def _label_command(args: argparse.Namespace, shard: Shard) -> int:
         return EXIT_INTERRUPTED
     if summary.interrupted or not summary.merged:
         return summary.exit_code
-    print(f"label: {summary.labelled} annotations labelled, {len(summary.rejected)} rejected, "
-          f"{len(summary.failed_images)} images failed; wrote {summary.output}")
+    _print_summary(summary)
+    return summary.exit_code
+
+
+def _print_summary(summary: LabelSummary) -> None:
+    """The end-of-run report on stdout (warnings on stderr)."""
+    empty = len(summary.empty)
+    left_out = summary.report is not None and summary.labelled < len(summary.report.scores)
+    note = (f" ({empty} empty or near-empty left out)" if left_out else
+            f" ({empty} of them empty or near-empty, flagged sim_empty)" if empty else "")
+    print(f"label: {summary.labelled} annotations labelled{note}, {len(summary.rejected)} "
+          f"rejected, {len(summary.failed_images)} images failed; wrote {summary.output}")
+    if summary.report is not None and summary.report.scores:
+        print("\n".join(summary.report.lines()))
+        print(f"per-image report: {report_path(summary.output)}")
     if summary.rle_fallback:
         print(f"note: {summary.rle_fallback} masks had no polygon (empty or too thin) and "
               "were written as RLE")
+    for advice in summary.advice:
+        print(f"warning: {advice}", file=sys.stderr)
     if summary.metrics is not None:
-        print("mask AP of the labels (pycocotools COCOeval; -1 = no instance of that size):")
+        print("mask AP of the labels in percent (pycocotools COCOeval; -1 = no instance of "
+              "that size):")
         for key, value in summary.metrics.items():
-            print(f"{key:<10} {value:.4f}")
-    return summary.exit_code
+            print(f"{key:<10} {value * 100 if value >= 0 else value:6.1f}")

@@ -196,8 +196,11 @@ class _Writer:
         assert pred is not None and image is not None
         f, image_id = self.files[job.key], self.ids[job.key]
         results = pred.to_coco(image_id, self.category_ids)
+        anns = {ann["id"]: ann for ann in job.anns or []}
         for res, pid in zip(results, outcome.prompt_ids, strict=False):
             res["prompt_id"] = pid
+            if anns[pid].get("category_id") is not None:  # the box's own category, as label
+                res["category_id"] = anns[pid]["category_id"]
         file_name = job.entry["file_name"] if job.entry is not None else f.rel
         return {"file_name": file_name, "image_id": image_id, "height": int(image.shape[0]),
                 "width": int(image.shape[1]), "results": results, "vis": self._vis(f, image, pred),

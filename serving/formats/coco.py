@@ -126,3 +126,22 @@ def check_image_size(entry: dict[str, Any], image: np.ndarray, name: str) -> Non
             f"image {name}: decoded size {image.shape[1]}x{image.shape[0]} differs from the "
             f"JSON's {w}x{h}; fix the JSON's width/height (EXIF rotation is applied when "
             "decoding)")
+
+
+def boxes_by_image(data: dict[str, Any]) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """Per image with ``height`` and ``width``: its non-crowd, well-formed boxes as (M, 4)
+    XYXY original pixels, and its (height, width). For size statistics, not for prompting."""
+    sizes = {img["id"]: (img.get("height"), img.get("width")) for img in data["images"]}
+    boxes: dict[Any, list[list[float]]] = {}
+    for ann in data["annotations"]:
+        bbox = ann.get("bbox")
+        if ann.get("iscrowd", 0) or not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+            continue
+        try:
+            x, y, w, h = (float(v) for v in bbox)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite([x, y, w, h]).all() and w > 0 and h > 0:
+            boxes.setdefault(ann.get("image_id"), []).append([x, y, x + w, y + h])
+    return [(np.asarray(b, np.float64), sizes[i]) for i, b in boxes.items()
+            if i in sizes and _is_int(sizes[i][0]) and _is_int(sizes[i][1])]

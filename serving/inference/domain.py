@@ -102,3 +102,11 @@ def score_advice(calibration: Mapping[str, Any], scores: Iterable[float]) -> str
     return (f"out of domain: the median box score is {median:.2f} on these images against "
             f"{reference:.2f} on the model's validation images; the model has probably not "
             "seen images like these: train on your own images (docs/your_data.md)")
+
+
+def calibration_of(segmenter: Any) -> dict[str, Any]:
+    """The calibration a loaded model carries (empty when it was trained without one): a
+    checkpoint's ``extra["calibration"]`` or an export sidecar's ``calibration``."""
+    info = getattr(segmenter, "info", {}) or {}
+    found = info.get("calibration") or (info.get("extra") or {}).get("calibration")
+    return dict(found) if isinstance(found, Mapping) else {}
