@@ -310,7 +310,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # ``--resume key=value ...``: the option took the first override as its value.
+        args.overrides.insert(0, args.resume)
+        args.resume = "auto"
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
