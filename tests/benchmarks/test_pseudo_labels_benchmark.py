@@ -67,6 +67,7 @@ def test_calibration_bins() -> None:
     assert got == expected
 
 
+@pytest.mark.slow
 def test_on_a_trained_run(tiny_run, tmp_path: Path) -> None:
     cfg, sim, step = load_run(tiny_run.out)
     assert step == 6
@@ -113,6 +114,7 @@ def test_bad_run_folders(tiny_cfg, tmp_path: Path) -> None:
         load_run(tmp_path)
 
 
+@pytest.mark.slow
 def test_quality_benchmark_records_the_label_precision(tiny_run) -> None:
     from benchmarks.quality import PSEUDO_LABEL_KEYS, sim_diagnostics
 

@@ -61,6 +61,7 @@ def test_tensorrt_format_without_tensorrt(tiny_checkpoint, tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # failed before exporting anything
 
 
+@pytest.mark.slow
 def test_export_and_verify_end_to_end(tiny_checkpoint, tmp_path, sample_image, capsys,
                                       exporter):
     image = tmp_path / "img.png"
