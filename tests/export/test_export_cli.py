@@ -82,6 +82,7 @@ def test_export_and_verify_end_to_end(tiny_checkpoint, tmp_path, sample_image, c
     assert json.loads((out / "tiny.json").read_text())["inference_config"]["max_detections"] == 10
 
 
+@pytest.mark.slow
 def test_verify_fails_on_another_model(tiny_checkpoint, tiny_export, tmp_path, sample_image):
     model, info = load_checkpoint(tiny_checkpoint)
     with torch.no_grad():  # another model: shifted box regression
