@@ -33,9 +33,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from serving.config import config_to_dict
 from serving.errors import CheckpointError
 
-from .config import TrainConfig, config_as_dict
+from .config import TrainConfig
 from .run_state import RunState
 
 if TYPE_CHECKING:
@@ -141,7 +142,7 @@ def _write_manifest(folder: Path, run: TrainingRun) -> None:
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                 "run_state": run.state.state_dict(),
                 "num_processes": run.accelerator.num_processes,
-                "config": config_as_dict(run.cfg), "files": files}
+                "config": config_to_dict(run.cfg), "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -230,7 +231,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 def _check_same_run(folder: Path, manifest: dict[str, Any], cfg: TrainConfig,
                     num_processes: int) -> None:
-    diffs = config_differences(manifest["config"], config_as_dict(cfg))
+    diffs = config_differences(manifest["config"], config_to_dict(cfg))
     if diffs:
         more = f"; {len(diffs) - 2} more" if len(diffs) > 2 else ""
         raise CheckpointError(

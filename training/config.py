@@ -22,7 +22,14 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 
-from serving.config import InferenceConfig, ModelConfig, Range, check_fields, schema_hints
+from serving.config import (
+    InferenceConfig,
+    ModelConfig,
+    Range,
+    check_fields,
+    config_to_dict,
+    schema_hints,
+)
 from serving.errors import InputError
 
 #: Shortest default phase (pairwise warm-up, SIM start) in iterations; see
@@ -413,13 +420,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
     return _build(TrainConfig, resolved, "")
 
 
-def config_as_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists), ready for YAML/JSON."""
-    from serving.config import config_to_dict
-
-    return config_to_dict(cfg)
-
-
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(config_as_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -32,7 +32,7 @@ from serving.model.checkpoint import save_checkpoint
 
 from .callbacks import Callback, CallbackList, TrainingRun
 from .checkpoints import ResumePoint, restore, save_checkpoint_folder, select_resume_point
-from .config import PRESET_HELP, TrainConfig, config_as_dict, load_config, save_config
+from .config import PRESET_HELP, TrainConfig, load_config, save_config
 from .data import CocoInstanceDataset
 from .data.collate import Batch
 from .data.loader import build_train_loader
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, preset=args.preset)
         if args.print_config:
-            print(yaml.safe_dump(config_as_dict(cfg), sort_keys=False), end="")
+            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
             return 0
         result = train(cfg, resume=args.resume)
     except SimError as exc:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import SIM_EXERCISE, Recorder
 
+from serving.config import config_to_dict
 from training.callbacks import Callback
 from training.checkpoints import (
     CHECKPOINT_DIR,
@@ -25,7 +26,7 @@ from training.checkpoints import (
     memory_bank_file,
     read_tensor_state,
 )
-from training.config import config_as_dict, load_config
+from training.config import load_config
 from training.train import TrainingError, train
 
 pytestmark = pytest.mark.slow
@@ -78,7 +79,7 @@ def test_run_folder(tiny_run, tiny_data) -> None:
                          "random_states_0.pkl", SIM_STATE, memory_bank_file(0), MANIFEST}
         manifest = json.loads((ckpt / MANIFEST).read_text())
         assert set(manifest["files"]) == names - {MANIFEST}
-        assert manifest["config"] == config_as_dict(cfg)
+        assert manifest["config"] == config_to_dict(cfg)
         assert manifest["num_processes"] == 1
     assert run_state(root / "step_0000003") == {"step": 3, "epoch": 0, "batches_in_epoch": 3}
     assert run_state(root / "step_0000006") == {"step": 6, "epoch": 1, "batches_in_epoch": 1}
