@@ -186,6 +186,7 @@ def test_other_packages_respect_the_direction(package, forbidden):
 
 
 # ------------------------------------------------------------------ at runtime
+@pytest.mark.slow
 def test_import_serving_without_optional_or_project_packages():
     """The brief's check (accelerate, gradio, pycocotools, onnxruntime set to None in
     sys.modules, then ``import serving; from serving import Segmenter``), extended to every

@@ -61,6 +61,7 @@ def test_tensorrt_format_without_tensorrt(tiny_checkpoint, tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # failed before exporting anything
 
 
+@pytest.mark.slow
 def test_export_and_verify_end_to_end(tiny_checkpoint, tmp_path, sample_image, capsys,
                                       exporter):
     image = tmp_path / "img.png"
@@ -81,6 +82,7 @@ def test_export_and_verify_end_to_end(tiny_checkpoint, tmp_path, sample_image, c
     assert json.loads((out / "tiny.json").read_text())["inference_config"]["max_detections"] == 10
 
 
+@pytest.mark.slow
 def test_verify_fails_on_another_model(tiny_checkpoint, tiny_export, tmp_path, sample_image):
     model, info = load_checkpoint(tiny_checkpoint)
     with torch.no_grad():  # another model: shifted box regression
