@@ -23,6 +23,7 @@ import numpy as np
 from serving import Segmenter
 from serving.inference.domain import box_sizes, quantiles
 
+from .config import DataConfig
 from .data.coco import CocoIndex
 
 #: Validation images whose boxes prompt the model for the score reference (enough for
@@ -56,15 +57,21 @@ def prompt_scores(segmenter: Segmenter, annotations: str | Path, images: str | P
     return quantiles(scores)
 
 
-def calibration(segmenter: Segmenter, metrics: dict[str, float], val_json: str | Path,
-                val_images: str | Path, train_json: str | Path, min_sizes: Sequence[int],
-                max_size: int) -> dict[str, Any]:
-    """The ``extra["calibration"]`` entry (see the module docstring) from an evaluation's
-    ``metrics`` (``evaluate_model(..., f1=True)``) and the data."""
+def validation_calibration(segmenter: Segmenter, metrics: dict[str, float],
+                           val_json: str | Path, val_images: str | Path) -> dict[str, Any]:
+    """What a validation run tells: the F1-best score threshold and its F1 (percent) from an
+    evaluation's ``metrics`` (``segm/F1_threshold``, ``segm/F1``), and the prompted scores."""
     return {
         "score_threshold": round(float(metrics.get("segm/F1_threshold", 1.0)), 4),
         "f1": round(float(metrics.get("segm/F1", 0.0)), 2),
         "prompt_scores": prompt_scores(segmenter, val_json, val_images),
-        "object_sizes": object_sizes(train_json, min_sizes, max_size),
         "validation": str(val_json),
     }
+
+
+def calibration(segmenter: Segmenter, metrics: dict[str, float], data: DataConfig,
+                ) -> dict[str, Any]:
+    """The ``extra["calibration"]`` entry (see the module docstring) of a model trained on
+    ``data`` and validated with ``metrics``."""
+    return {**validation_calibration(segmenter, metrics, data.val_json, data.val_images),
+            "object_sizes": object_sizes(data.train_json, data.min_sizes, data.max_size)}

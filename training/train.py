@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,11 +24,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from serving import Segmenter
+from serving.backends.torch_backend import TorchBackend
+from serving.cli.shards import multi_process_cpu
 from serving.config import ModelConfig, config_to_dict
 from serving.errors import SimError
 from serving.model import build_condinst
 from serving.model.checkpoint import save_checkpoint
 
+from .calibration import calibration
 from .callbacks import Callback, CallbackList, TrainingRun
 from .checkpoints import ResumePoint, restore, save_checkpoint_folder, select_resume_point
 from .config import PRESET_HELP, TrainConfig, load_config, save_config
@@ -72,21 +75,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
 
 
 # --------------------------------------------------------------------------- setup
-def _multi_process_cpu() -> bool:
-    """True when several processes were launched (``WORLD_SIZE > 1``) on a machine without an
-    accelerator device.
-
-    Accelerate forms a gloo process group on CPUs only when told to use the CPU; otherwise
-    ``accelerate launch --multi_gpu --num_processes 2`` (or ``torchrun``) on such a machine
-    starts independent single-process runs that overwrite each other's output. (With
-    ``accelerate launch --cpu --num_processes N --mpirun_hostfile H`` MPI starts the processes
-    and Accelerate forms the group itself; without a hostfile ``--cpu`` starts ONE process.)
-    """
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-
-
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
-    return Accelerator(cpu=_multi_process_cpu(), mixed_precision=cfg.mixed_precision,
+    return Accelerator(cpu=multi_process_cpu(), mixed_precision=cfg.mixed_precision,
                        gradient_accumulation_steps=cfg.optim.grad_accum_steps,
                        log_with="tensorboard", project_dir=cfg.output_dir)
 
@@ -237,30 +227,47 @@ def _log_scalars(run: TrainingRun, losses: dict[str, torch.Tensor], bar: tqdm,
 
 # --------------------------------------------------------------------------- the end
 def _finish(run: TrainingRun, hooks: Callback) -> Path:
-    """Last checkpoint folder, the final model, the callbacks' end, the final evaluation."""
+    """Last checkpoint folder, the final evaluation, the final model (with its calibration),
+    the callbacks' end."""
     cfg = run.cfg
     if run.saved_step != run.state.step:
         save_checkpoint_folder(run)
-    final = _save_final_model(run)
-    hooks.on_train_end(run)
     if cfg.data.val_json and (not cfg.eval_every or run.state.step % cfg.eval_every):
         _evaluate(run)
+    final = _save_final_model(run)
+    hooks.on_train_end(run)
     run.accelerator.end_training()
     return final
 
 
 def _save_final_model(run: TrainingRun) -> Path:
     """``model_final.safetensors``: the student's weights, its model and inference configs,
-    class names and what the run knows about itself (``extra``), written by the main
-    process."""
+    class names and what the run knows about itself (``extra``: the training config, step,
+    category ids and, after a validation, the calibration of :mod:`training.calibration`),
+    written by the main process."""
     path = run.output_dir / "model_final.safetensors"
     if run.accelerator.is_main_process:
         extra = {"train_config": config_to_dict(run.cfg), "step": run.state.step,
                  "category_ids": run.dataset.label_to_category_id}
+        found = _calibrate(run)
+        if found:
+            extra["calibration"] = found
         save_checkpoint(path, run.student, run.cfg.model, run.dataset.class_names,
                         run.cfg.inference, extra=extra)
     run.accelerator.wait_for_everyone()
     return path
+
+
+def _calibrate(run: TrainingRun) -> dict[str, Any] | None:
+    """The model's calibration from the last validation (None without one)."""
+    cfg = run.cfg
+    if not cfg.data.val_json or not run.metrics:
+        return None
+    run.student.eval()
+    device = next(run.student.parameters()).device
+    segmenter = Segmenter(TorchBackend(run.student, cfg.inference, device=device),
+                          run.dataset.class_names, cfg.inference)
+    return calibration(segmenter, run.metrics, cfg.data)
 
 
 def _evaluate(run: TrainingRun) -> None:
