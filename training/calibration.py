@@ -8,6 +8,7 @@ server) holds:
   pictures, the app's slider and the server use it when the user gives no threshold;
 - ``prompt_scores``: quantiles of the box-prompted score on the validation boxes, the
   reference that tells an out-of-domain run (scores far below) from a normal one;
+  ``auto_scores``: the same for each validation image's best automatic-mode score;
 - ``object_sizes``: quantiles of the training boxes' ``sqrt(w * h)`` at the network input,
   next to the model's inference size, so a user's boxes can be compared with them.
 """
@@ -57,6 +58,19 @@ def prompt_scores(segmenter: Segmenter, annotations: str | Path, images: str | P
     return quantiles(scores)
 
 
+def auto_scores(segmenter: Segmenter, annotations: str | Path, images: str | Path,
+                max_images: int = PROMPT_IMAGES) -> dict[str, float]:
+    """Quantiles of each validation image's best automatic-mode score (the reference for
+    runs without boxes)."""
+    index = CocoIndex(annotations)
+    ids = list(index.images)[:max_images]
+    best = []
+    for image_id in ids:
+        pred = segmenter.predict(Path(images) / index.images[image_id][0])
+        best.append(float(pred.scores.max()) if len(pred) else 0.0)
+    return quantiles(best)
+
+
 def validation_calibration(segmenter: Segmenter, metrics: dict[str, float],
                            val_json: str | Path, val_images: str | Path) -> dict[str, Any]:
     """What a validation run tells: the F1-best score threshold and its F1 (percent) from an
@@ -65,6 +79,7 @@ def validation_calibration(segmenter: Segmenter, metrics: dict[str, float],
         "score_threshold": round(float(metrics.get("segm/F1_threshold", 1.0)), 4),
         "f1": round(float(metrics.get("segm/F1", 0.0)), 2),
         "prompt_scores": prompt_scores(segmenter, val_json, val_images),
+        "auto_scores": auto_scores(segmenter, val_json, val_images),
         "validation": str(val_json),
     }
 

@@ -37,7 +37,8 @@ from PIL import Image
 
 from ..errors import InputError, SimError
 from ..files import write_json
-from ..formats.coco import read_coco_json
+from ..formats.coco import boxes_by_image, read_coco_json
+from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..segmenter import Segmenter
 from .common import (
     EXIT_ERROR,
@@ -47,6 +48,7 @@ from .common import (
     check_model_path,
     check_writable_dir,
     find_images,
+    load_model,
     report,
     run_exit_code,
 )
@@ -74,6 +76,8 @@ class PredictSummary:
     output: Path = Path(".")
     #: False in the processes other than 0 of a multi-process run: they write no output.
     merged: bool = True
+    #: One-line warnings about the input against the model's own data (sizes, scores).
+    advice: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -93,6 +97,7 @@ class PredictOptions:
     workers: int = 2
     overwrite: bool = False
     progress: bool = True
+    image_size: tuple[int, ...] | None = None
 
 
 def _norm_name(file_name: str) -> str:
@@ -261,6 +266,18 @@ def _report(outcome: Outcome, shard: Shard) -> None:
         report(f"{where}rejected: {path}: {bad['reason']}")
 
 
+def _score_check(seg: Segmenter, records: WorkRecords, prompted: bool) -> list[str]:
+    """The out-of-domain warning for the finished images' scores (see
+    :func:`serving.inference.domain.score_advice`), as a list of at most one line."""
+    results = [r["results"] for r in records.results.values()]
+    if prompted:
+        scores = [res["score"] for rs in results for res in rs]
+    else:
+        scores = [max((res["score"] for res in rs), default=0.0) for rs in results]
+    advice = score_advice(calibration_of(seg), scores, "prompt" if prompted else "auto")
+    return [advice] if advice else []
+
+
 def _summarise(summary: PredictSummary, jobs: list[Job], records: WorkRecords) -> None:
     mine = [r for r in records.results.values() if r.get("run") == records.run]
     summary.done_now = len(mine)
@@ -274,6 +291,7 @@ def run_predict(model: str, inputs: Sequence[str], output: str, boxes: str | Non
                 batch_size: int = 4, device: str = "auto", score_threshold: float | None = None,
                 save_vis: bool = False, save_masks: str | None = None, workers: int = 2,
                 overwrite: bool = False, progress: bool = True,
+                image_size: Sequence[int] | None = None,
                 shard: Shard | None = None) -> PredictSummary:
     """Run the ``predict`` command (see the module docstring); returns its summary.
 
@@ -282,7 +300,8 @@ def run_predict(model: str, inputs: Sequence[str], output: str, boxes: str | Non
     work; per-image problems are reported on stderr and counted instead.
     """
     opts = PredictOptions(boxes, batch_size, device, score_threshold, save_vis,
-                          save_masks is not None, workers, overwrite, progress)
+                          save_masks is not None, workers, overwrite, progress,
+                          tuple(image_size) if image_size else None)
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}: must be at least 1")
     out = check_writable_dir(output)
@@ -292,7 +311,8 @@ def run_predict(model: str, inputs: Sequence[str], output: str, boxes: str | Non
     signature = {"command": "predict", "model": str(model_path.resolve()),
                  "model_stamp": file_stamp(model_path),
                  "boxes": str(Path(boxes).resolve()) if boxes else None,
-                 "score_threshold": score_threshold}
+                 "score_threshold": score_threshold,
+                 "image_size": list(opts.image_size) if opts.image_size else None}
 
     def is_done(job: Job, rec: dict[str, Any]) -> bool:
         return (not save_vis or rec.get("vis") is not None) and \
@@ -304,7 +324,13 @@ def run_predict(model: str, inputs: Sequence[str], output: str, boxes: str | Non
         runner.clear(lambda log: _clear(out, log))
     mine = runner.start()
     summary = PredictSummary(len(jobs), runner.done_before, 0, 0, output=out)
-    seg = Segmenter.load(model_path, device=shard.device or device)
+    seg = load_model(model_path, shard.device or device, opts.image_size)
+    if coco is not None and shard.is_main:
+        sizes = box_sizes(boxes_by_image(coco), seg.cfg.min_size, seg.cfg.max_size)
+        advice = size_advice(calibration_of(seg), sizes, seg.cfg.min_size, seg.cfg.max_size)
+        if advice:
+            summary.advice.append(advice)
+            report(f"note: {advice}")
     category_ids, categories = _categories(seg.class_names, coco)
     writer = _Writer(out, files, _image_ids(jobs, runner.records), category_ids, opts)
     class_of = class_lookup(coco["categories"], seg.class_names) if coco else lambda a: -1
@@ -326,6 +352,7 @@ def run_predict(model: str, inputs: Sequence[str], output: str, boxes: str | Non
     if shard.is_main:
         write_outputs(out, jobs, records.results, categories)
         _summarise(summary, jobs, records)
+        summary.advice += _score_check(seg, records, prompted=coco is not None)
     else:
         summary.merged = False
     return summary
@@ -379,7 +406,7 @@ def _predict_command(args: argparse.Namespace, shard: Shard) -> int:
                               score_threshold=args.score_threshold, save_vis=args.save_vis,
                               save_masks=args.save_masks, workers=args.workers,
                               overwrite=args.overwrite, progress=not args.no_progress,
-                              shard=shard)
+                              image_size=args.image_size, shard=shard)
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -393,4 +420,6 @@ def _predict_command(args: argparse.Namespace, shard: Shard) -> int:
           f"{summary.instances} instances")
     print(f"results: {summary.output / 'results.json'} (images: "
           f"{summary.output / 'images.json'})")
+    for advice in summary.advice:
+        print(f"warning: {advice}", file=sys.stderr)
     return summary.exit_code

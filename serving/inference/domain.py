@@ -4,7 +4,8 @@ A checkpoint's calibration (``extra["calibration"]``, written by training's eval
 
 - ``object_sizes``: quantiles (``p10``, ``p50``, ``p90``) of the training boxes' size
   ``sqrt(width * height)`` in network-input pixels (after the training resize);
-- ``prompt_scores``: quantiles of the box-prompted score on the validation boxes;
+- ``prompt_scores``: quantiles of the box-prompted score on the validation boxes, and
+  ``auto_scores`` of each validation image's best automatic-mode score;
 - ``score_threshold`` / ``f1``: the automatic-mode score threshold that maximises F1 on the
   validation split (mask IoU 0.5), used by default for pictures, the app and the server.
 
@@ -89,17 +90,23 @@ def size_advice(calibration: Mapping[str, Any], sizes: np.ndarray, min_size: int
             "usually gain up to about 1.25x; check on a few images with masks)")
 
 
-def score_advice(calibration: Mapping[str, Any], scores: Iterable[float]) -> str | None:
-    """One line when the run's median prompted score sits far below the validation median
-    (the model has probably never seen images like these); else None."""
-    reference = calibration.get("prompt_scores", {}).get("p50")
+def score_advice(calibration: Mapping[str, Any], scores: Iterable[float], mode: str = "prompt",
+                 min_count: int = MIN_PROMPTS) -> str | None:
+    """One line when the run's median score sits far below the validation median (the model
+    has probably never seen images like these); else None.
+
+    ``mode``: ``"prompt"`` (``scores`` are box-prompted scores) or ``"auto"`` (each image's
+    best automatic-mode score). ``min_count``: fewest scores worth judging.
+    """
+    reference = calibration.get(f"{mode}_scores", {}).get("p50")
     values = np.asarray(list(scores), dtype=np.float64)
-    if not reference or values.size < MIN_PROMPTS:
+    if not reference or values.size < min_count:
         return None
     median = float(np.median(values))
     if median >= SCORE_FACTOR * reference:
         return None
-    return (f"out of domain: the median box score is {median:.2f} on these images against "
+    what = "box score" if mode == "prompt" else "best score per image"
+    return (f"out of domain: the median {what} is {median:.2f} on these images against "
             f"{reference:.2f} on the model's validation images; the model has probably not "
             "seen images like these: train on your own images (docs/your_data.md)")
 
