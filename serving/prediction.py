@@ -26,8 +26,9 @@ class Prediction:
         labels: (N,) int64 indices into ``class_names``.
         masks: (N, H, W) bool at the original image size. Built from the crops on first
             access and kept (N x H x W bytes: 12 GB for 256 masks of an 8000x6000 image);
-            prefer :meth:`mask`, ``instance_masks``, :meth:`to_coco` or :attr:`areas` for
-            large images.
+            from then on it is the prediction's masks (edits to it are what :meth:`mask`,
+            :attr:`areas`, :meth:`to_coco` and :meth:`select` see). For large images prefer
+            :meth:`mask`, :attr:`instance_masks`, :meth:`to_coco` or :attr:`areas`.
         instance_masks: the masks as crops (:class:`serving.masks.InstanceMasks`).
         class_names: names of the model's classes.
     """
@@ -35,8 +36,8 @@ class Prediction:
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
-    instance_masks: InstanceMasks
     class_names: tuple[str, ...] = ()
+    _crops: InstanceMasks = field(default=None, repr=False)  # type: ignore[assignment]
     _dense: list = field(default_factory=list, repr=False)  # [masks] once built
 
     def __init__(self, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
@@ -47,7 +48,7 @@ class Prediction:
             raise ValueError(f"{len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels "
                              f"and {len(masks)} masks: need one of each per instance")
         for name, value in (("boxes", boxes), ("scores", scores), ("labels", labels),
-                            ("instance_masks", masks), ("class_names", tuple(class_names)),
+                            ("class_names", tuple(class_names)), ("_crops", masks),
                             ("_dense", [])):
             object.__setattr__(self, name, value)
 
@@ -58,12 +59,17 @@ class Prediction:
     def masks(self) -> np.ndarray:
         """(N, H, W) bool full-size masks, built on first access (see the class docstring)."""
         if not self._dense:
-            self._dense.append(self.instance_masks.dense())
+            self._dense.append(self._crops.dense())
         return self._dense[0]
+
+    @property
+    def instance_masks(self) -> InstanceMasks:
+        """The masks as per-instance crops (re-cut from :attr:`masks` once that was built)."""
+        return InstanceMasks.from_dense(self._dense[0]) if self._dense else self._crops
 
     def mask(self, i: int) -> np.ndarray:
         """(H, W) bool full-size mask of instance i (H x W bytes; nothing else is built)."""
-        return self.instance_masks.mask(i)
+        return self._dense[0][i].copy() if self._dense else self._crops.mask(i)
 
     def select(self, index: Any) -> Prediction:
         """The instances picked by ``index`` (slice, int indices or (N,) bool), masks as crops."""
@@ -73,12 +79,14 @@ class Prediction:
     @property
     def image_size(self) -> tuple[int, int]:
         """(height, width) of the original image."""
-        return self.instance_masks.image_size
+        return self._crops.image_size
 
     @property
     def areas(self) -> np.ndarray:
         """(N,) int64 mask areas in pixels."""
-        return self.instance_masks.areas()
+        if self._dense:
+            return self._dense[0].sum(axis=(1, 2), dtype=np.int64)
+        return self._crops.areas()
 
     @property
     def label_names(self) -> list[str]:
@@ -91,9 +99,10 @@ class Prediction:
         ``segmentation`` whose ``counts`` is a str (JSON-ready). Encoded from the crops, one
         instance at a time. Needs pycocotools."""
         results = []
+        masks = self.instance_masks
         for i in range(len(self)):
             x1, y1, x2, y2 = (float(v) for v in self.boxes[i])
-            rle = self.instance_masks.rle(i)
+            rle = masks.rle(i)
             rle["counts"] = rle["counts"].decode("ascii")
             label = int(self.labels[i])
             cat = int(category_ids[label]) if category_ids is not None else label + 1

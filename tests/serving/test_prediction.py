@@ -128,8 +128,8 @@ def test_crops_are_tight_and_select_keeps_them() -> None:
                       np.zeros(6, np.int64), masks)
     keep = pred.scores >= 3
     kept = pred.select(keep)
-    assert len(kept) == 3 and np.array_equal(kept.masks, dense[keep])
     assert kept.instance_masks.crops[0] is masks.crops[3]  # no copy, nothing made dense
+    assert len(kept) == 3 and np.array_equal(kept.masks, dense[keep])
     assert np.array_equal(pred.select([5, 0]).masks, dense[[5, 0]])
     both = InstanceMasks.concatenate([masks.select(slice(0, 2)), masks.select(slice(2, None))])
     assert np.array_equal(both.dense(), dense)
@@ -173,3 +173,22 @@ def test_inconsistent_instances_are_refused() -> None:
     with pytest.raises(ValueError, match="one of each per instance"):
         Prediction(np.zeros((2, 4), np.float32), np.ones(2, np.float32),
                    np.zeros(2, np.int64), np.zeros((1, 4, 4), bool))
+
+
+def test_edits_to_the_built_masks_are_the_predictions_masks() -> None:
+    """``pred.masks`` was a plain array before masks were kept as crops: code that edits it
+    in place still changes what the prediction reports."""
+    dense = random_masks(2)
+    pred = Prediction(np.zeros((6, 4), np.float32), np.ones(6, np.float32),
+                      np.zeros(6, np.int64), InstanceMasks.from_dense(dense))
+    pred.masks[0] = False
+    pred.masks[3, 1, 2] = True
+    expected = dense.copy()
+    expected[0] = False
+    expected[3, 1, 2] = True
+    assert pred.areas.tolist() == expected.sum(axis=(1, 2)).tolist()
+    assert not pred.mask(0).any() and pred.mask(3)[1, 2]
+    rles = mask_util.encode(np.asfortranarray(expected.transpose(1, 2, 0).astype(np.uint8)))
+    assert [r["segmentation"]["counts"] for r in pred.to_coco(1)] == [
+        r["counts"].decode("ascii") for r in rles]
+    assert np.array_equal(pred.select([3]).masks, expected[[3]])
