@@ -8,7 +8,7 @@ Endpoints:
 - ``GET /v1/stats``: batching counters; ``GET /healthz``: liveness;
   ``GET /readyz``: 200 once a warm-up forward pass has run, else 503 (also while stopping);
 - ``GET /openapi.json``, ``/docs`` and ``/redoc``: the schema of all of the above (the pages
-  work offline, :mod:`serving.server.docs`).
+  work offline, :mod:`serving.server.app_docs`).
 
 Concurrent requests are batched (:mod:`serving.server.batching`); bad input is rejected before
 batching (:mod:`serving.server.requests`, limits in :mod:`serving.server.limits`). Listens on
@@ -39,8 +39,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import SimError
 from ..inference.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 from ..segmenter import Segmenter
+from .app_docs import add_offline_docs
 from .batching import BatcherBusy, BatcherClosed, DynamicBatcher
-from .docs import add_offline_docs
 from .limits import ServerSettings
 from .requests import (
     JSON_TYPE,
@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = _settings(parser, args)
     import uvicorn
 
-    from .runtime import DrainingServer, IdleTimeoutH11Protocol
+    from .app_runtime import DrainingServer, IdleTimeoutH11Protocol
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: the API has no authentication; put it "

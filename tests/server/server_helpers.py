@@ -105,7 +105,7 @@ def uvicorn_thread(app, on_drain=lambda: None, grace_s: float = 0.0,
 
     import uvicorn
 
-    from serving.server.runtime import DrainingServer, IdleTimeoutH11Protocol
+    from serving.server.app_runtime import DrainingServer, IdleTimeoutH11Protocol
 
     port = free_port()
     cfg = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",

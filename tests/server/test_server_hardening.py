@@ -265,7 +265,7 @@ def test_docs_load_only_local_assets(client) -> None:
 
 
 def test_docs_without_the_assets_package_is_a_plain_page(segmenter, monkeypatch) -> None:  # noqa: F811
-    monkeypatch.setattr("serving.server.docs.assets_dir", lambda: None)
+    monkeypatch.setattr("serving.server.app_docs.assets_dir", lambda: None)
     with serve(segmenter, warmup=False) as plain:
         page = plain.get("/docs")
         assert page.status_code == 200 and "<script" not in page.text
