@@ -20,7 +20,7 @@ from .config import InferenceConfig, config_to_dict
 from .errors import InputError
 from .inference.boxes import BoxesLike, validate_boxes
 from .inference.images import ImageLike, load_image
-from .inference.postprocess import postprocess_masks
+from .inference.paste import mask_crops
 from .inference.transforms import preprocess, scale_boxes
 from .prediction import Prediction
 
@@ -204,10 +204,10 @@ class Segmenter:
             if score_threshold is not None:
                 keep = det.scores >= score_threshold
             boxes = scale_boxes(det.boxes[keep].float().cpu().numpy(), size, orig)
-            masks = postprocess_masks(det.mask_probs[keep], size, orig, self.cfg.mask_threshold)
+            masks = mask_crops(det.mask_probs[keep], size, orig, self.cfg.mask_threshold)
             preds.append(Prediction(boxes, det.scores[keep].float().cpu().numpy(),
                                     det.labels[keep].cpu().numpy().astype(np.int64),
-                                    masks.cpu().numpy(), self.class_names))
+                                    masks, self.class_names))
         return preds
 
     def _run_prompted(self, chunk: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
@@ -227,9 +227,9 @@ class Segmenter:
         for b, ((arr, bx, _), size) in enumerate(zip(chunk, sizes)):
             n = len(bx)
             clip = torch.from_numpy(bx) if self.cfg.clip_to_box else None
-            masks = postprocess_masks(out.mask_probs[b, :n].cpu(), size, arr.shape[:2],
-                                      self.cfg.mask_threshold, clip_boxes=clip)
+            masks = mask_crops(out.mask_probs[b, :n].cpu(), size, arr.shape[:2],
+                               self.cfg.mask_threshold, clip_boxes=clip)
             preds.append(Prediction(bx.copy(), out.scores[b, :n].float().cpu().numpy(),
                                     out.labels[b, :n].cpu().numpy().astype(np.int64),
-                                    masks.numpy(), self.class_names))
+                                    masks, self.class_names))
         return preds

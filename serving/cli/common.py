@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import InputError, SimError
 from ..inference.images import IMAGE_EXTENSIONS
+from ..masks import InstanceMasks
 from ..prediction import Prediction
 from ..segmenter import Segmenter
 
@@ -268,7 +269,8 @@ def _merge(parts: list[Prediction]) -> Prediction:
     return Prediction(np.concatenate([p.boxes for p in parts]),
                       np.concatenate([p.scores for p in parts]),
                       np.concatenate([p.labels for p in parts]),
-                      np.concatenate([p.masks for p in parts]), parts[0].class_names)
+                      InstanceMasks.concatenate([p.instance_masks for p in parts]),
+                      parts[0].class_names)
 
 
 def run_batch(seg: Segmenter, images: Sequence[np.ndarray], prompts: Sequence[Prompt | None],

@@ -200,10 +200,11 @@ def _entry(outcome: Outcome, fmt: str) -> dict[str, Any]:
         return {"error": outcome.error}
     labelled = []
     pred = outcome.prediction
+    areas = pred.areas if pred is not None else None
     for i, ann_id in enumerate(outcome.prompt_ids):
-        assert pred is not None
-        segm, fallback = _encode(pred.masks[i], fmt)
-        area = int(pred.masks[i].sum())
+        assert pred is not None and areas is not None
+        segm, fallback = _encode(pred.mask(i), fmt)  # one full-size mask at a time
+        area = int(areas[i])
         labelled.append({"id": ann_id, "segmentation": segm, "area": area,
                          "score": round(float(pred.scores[i]), 5), "rle": fallback,
                          "empty": is_empty(area, pred.boxes[i])})

@@ -228,7 +228,7 @@ class _Writer:
         for i in range(len(pred)):
             rel = f"masks/{f.name}_{i}.png"
             (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pred.masks[i].astype(np.uint8) * 255).save(self.out / rel)
+            Image.fromarray(pred.mask(i).astype(np.uint8) * 255).save(self.out / rel)
             paths.append(rel)
         return paths
 
