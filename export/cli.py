@@ -22,7 +22,8 @@ from .verify import collect_images, verify_export
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="training checkpoint (.safetensors)")
+    p.add_argument("--model", "--checkpoint", dest="checkpoint", required=True,
+                   help="training checkpoint (.safetensors)")
     p.add_argument("--format", choices=("onnx", "tensorrt", "all"), default="onnx",
                    help="onnx; tensorrt (builds the ONNX first); all (same as tensorrt)")
     p.add_argument("--output", default="exported", help="output folder (default: exported)")

@@ -22,7 +22,7 @@ from .config import InferenceConfig, config_to_dict
 from .errors import InputError
 from .inference.boxes import BoxesLike, validate_boxes
 from .inference.images import ImageLike, describe_image, load_image
-from .inference.postprocess import postprocess_masks
+from .inference.paste import mask_crops
 from .inference.transforms import canvas_size, preprocess, resized_shape, scale_boxes
 from .prediction import Prediction
 
@@ -272,10 +272,10 @@ class Segmenter:
             orig = item.array.shape[:2]
             det = det.above(item.threshold)
             boxes = scale_boxes(det.boxes.float().cpu().numpy(), size, orig)
-            masks = postprocess_masks(det.mask_probs, size, orig, self.cfg.mask_threshold)
+            masks = mask_crops(det.mask_probs, size, orig, self.cfg.mask_threshold)
             preds.append(Prediction(boxes, det.scores.float().cpu().numpy(),
                                     det.labels.cpu().numpy().astype(np.int64),
-                                    masks.cpu().numpy(), self.class_names))
+                                    masks, self.class_names))
         return preds
 
     def _run_prompted(self, items: list[_Item]) -> list[Prediction]:
@@ -295,11 +295,11 @@ class Segmenter:
         for b, ((arr, bx, _), size) in enumerate(zip(chunk, sizes)):
             n = len(bx)
             clip = torch.from_numpy(bx) if self.cfg.clip_to_box else None
-            masks = postprocess_masks(out.mask_probs[b, :n].cpu(), size, arr.shape[:2],
-                                      self.cfg.mask_threshold, clip_boxes=clip)
+            masks = mask_crops(out.mask_probs[b, :n].cpu(), size, arr.shape[:2],
+                               self.cfg.mask_threshold, clip_boxes=clip)
             preds.append(Prediction(bx.copy(), out.scores[b, :n].float().cpu().numpy(),
                                     out.labels[b, :n].cpu().numpy().astype(np.int64),
-                                    masks.numpy(), self.class_names))
+                                    masks, self.class_names))
         return preds
 
 

@@ -1,14 +1,14 @@
-"""Building blocks shared by ``python -m serving predict`` and ``python -m serving label``.
+"""Building blocks shared by ``sim predict`` and ``sim label``.
 
-Finding images, checking that outputs are writable before any work, reading COCO box files,
-prefetching image decoding in threads, running a batch with per-image failure isolation, and
-the append-only progress log that lets an interrupted run resume.
+Exit codes and shared options, checking that outputs are writable before any work, finding
+images, prefetching image decoding in threads and running a batch with per-image failure
+isolation. The pipeline built from them is :mod:`serving.cli.jobs`; resuming and
+multi-process runs are :mod:`serving.cli.runner`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from ..errors import InputError, SimError
-from ..files import UMASK, atomic_write
 from ..inference.images import IMAGE_EXTENSIONS
+from ..masks import InstanceMasks
 from ..prediction import Prediction
 from ..segmenter import Segmenter, run_isolated
 
@@ -49,6 +49,48 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="redo every image instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_image_size_option(parser)
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="split the images between N processes (accelerate launch; one "
+                             "per GPU, or several on a CPU); same outputs as one process")
+
+
+def add_image_size_option(parser: argparse.ArgumentParser) -> None:
+    """``--image-size SHORT [LONG]``: the inference resize, instead of the model's own."""
+    parser.add_argument(
+        "--image-size", type=int, nargs="+", default=None, metavar=("SHORT", "LONG"),
+        help="resize the shorter side to SHORT (longer side at most LONG, default SHORT x the "
+             "model's ratio) instead of the model's size; for objects smaller or larger than "
+             "in training (see 'sim info')")
+
+
+def image_size_overrides(image_size: Sequence[int] | None, model_sizes: tuple[int, int],
+                         ) -> dict[str, int]:
+    """``Segmenter.load`` overrides for ``--image-size SHORT [LONG]`` (``{}`` when not given).
+
+    ``model_sizes``: the model's own (min_size, max_size), whose ratio sets a missing LONG.
+    Raises :class:`InputError` for more than two values or sizes below 32.
+    """
+    if not image_size:
+        return {}
+    if len(image_size) > 2:
+        raise InputError(f"--image-size {' '.join(map(str, image_size))}: give SHORT or "
+                         "SHORT LONG")
+    short = int(image_size[0])
+    long = int(image_size[1]) if len(image_size) == 2 else \
+        int(round(short * model_sizes[1] / model_sizes[0]))
+    if short < 32 or long < short:
+        raise InputError(f"--image-size {short} {long}: need 32 <= SHORT <= LONG")
+    return {"min_size": short, "max_size": long}
+
+
+def load_model(path: str | os.PathLike, device: str, image_size: Sequence[int] | None = None,
+               ) -> Segmenter:
+    """``Segmenter.load`` with the batch commands' options applied."""
+    seg = Segmenter.load(path, device=device)
+    overrides = image_size_overrides(image_size, (seg.cfg.min_size, seg.cfg.max_size))
+    return Segmenter.load(path, device=device, **overrides) if overrides else seg
+
 
 #: A prompt for one image: (boxes (M, 4) float32 XYXY original pixels, labels (M,) int64).
 Prompt = tuple[np.ndarray, np.ndarray]
@@ -184,13 +226,6 @@ def find_images(inputs: Sequence[str], exclude: Path | None = None) -> list[Imag
     return files
 
 
-# ----------------------------------------------------------------------------- COCO boxes
-
-
-
-
-
-
 # ----------------------------------------------------------------------------- running
 def prefetch(items: Iterable[T], load: Callable[[T], np.ndarray], workers: int, depth: int,
              ) -> Iterator[tuple[T, np.ndarray | None, BaseException | None]]:
@@ -234,7 +269,8 @@ def _merge(parts: list[Prediction]) -> Prediction:
     return Prediction(np.concatenate([p.boxes for p in parts]),
                       np.concatenate([p.scores for p in parts]),
                       np.concatenate([p.labels for p in parts]),
-                      np.concatenate([p.masks for p in parts]), parts[0].class_names)
+                      InstanceMasks.concatenate([p.instance_masks for p in parts]),
+                      parts[0].class_names)
 
 
 def run_batch(seg: Segmenter, images: Sequence[np.ndarray], prompts: Sequence[Prompt | None],
@@ -281,83 +317,3 @@ def _predict_in_passes(seg: Segmenter, pairs: list[tuple[np.ndarray, Prompt | No
     for i, pred in zip(owner, preds, strict=True):
         grouped[i].append(pred)
     return [_merge(parts) for parts in grouped]
-
-
-# ----------------------------------------------------------------------------- state
-class ProgressLog:
-    """Append-only JSON-lines record of finished work, so a rerun skips it.
-
-    The first line holds ``{"signature": ...}`` (what produced the records: model, inputs,
-    settings); each further line is one finished item ``{"key": ..., ...}``, appended with
-    flush + fsync. A line cut short by a crash is dropped when the log is read back.
-    """
-
-    def __init__(self, path: str | os.PathLike, signature: dict[str, Any]) -> None:
-        self.path = Path(path)
-        self.signature = json.loads(json.dumps(signature))  # as it will read back
-
-    def load(self) -> dict[str, dict[str, Any]]:
-        """Records by key (later lines win). Raises :class:`InputError` if the log was written
-        by a run with another signature. Creates the log (header only) if it is missing."""
-        records: dict[str, dict[str, Any]] = {}
-        if not self.path.exists():
-            self._rewrite(records)
-            return records
-        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
-        header = None
-        clean = self.path.read_bytes().endswith(b"\n")
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                clean = False
-                continue
-            if header is None and isinstance(entry, dict) and "signature" in entry:
-                header = entry["signature"]
-            elif isinstance(entry, dict) and "key" in entry:
-                records[str(entry["key"])] = entry
-        if header != self.signature:
-            changed = sorted(k for k in set(self.signature) | set(header or {})
-                             if (header or {}).get(k) != self.signature.get(k))
-            raise InputError(
-                f"output {self.path.parent}: holds work from a different run (differs in "
-                f"{', '.join(changed) or 'format'}); pass --overwrite or choose another output"
-            )
-        if not clean:  # drop a torn last line so later appends start on a fresh line
-            self._rewrite(records)
-        return records
-
-    def _rewrite(self, records: dict[str, dict[str, Any]]) -> None:
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps({"signature": self.signature}) + "\n")
-                for record in records.values():
-                    fh.write(json.dumps(record) + "\n")
-            os.chmod(tmp, 0o666 & ~UMASK)
-
-        atomic_write(self.path, write)
-
-    def append(self, record: dict[str, Any]) -> None:
-        """Durably add one finished item (``record["key"]`` identifies it)."""
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def read_any(self) -> list[dict[str, Any]]:
-        """Records of whatever run wrote the log (for ``--overwrite`` clean-up)."""
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(entry, dict) and "key" in entry:
-                out.append(entry)
-        return out
-
-
-
-

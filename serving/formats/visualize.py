@@ -23,7 +23,7 @@ def draw_predictions(image: np.ndarray, pred: Prediction, alpha: float = 0.5,
 
     Args:
         image: (H, W, 3) uint8 RGB, the original image the prediction refers to.
-        pred: masks (N, H, W) and boxes in the same frame.
+        pred: masks and boxes in the frame of ``image``.
         alpha: mask opacity.
 
     Returns:
@@ -31,11 +31,13 @@ def draw_predictions(image: np.ndarray, pred: Prediction, alpha: float = 0.5,
     """
     if image.shape[:2] != pred.image_size and len(pred):
         raise ValueError(f"image {image.shape[:2]} and prediction {pred.image_size} sizes differ")
-    out = image.astype(np.float32).copy()
+    out = image.astype(np.float32)
     colors = palette(max(len(pred), 1))
-    for i in range(len(pred)):
-        m = pred.masks[i]
-        out[m] = out[m] * (1 - alpha) + colors[i].astype(np.float32) * alpha
+    masks = pred.instance_masks
+    for i in range(len(pred)):  # blend each mask inside its crop only
+        y0, x0, y1, x1 = masks.box(i)
+        region, m = out[y0:y1, x0:x1], masks.crops[i]
+        region[m] = region[m] * (1 - alpha) + colors[i].astype(np.float32) * alpha
     canvas = Image.fromarray(np.rint(out).clip(0, 255).astype(np.uint8))  # round, not floor
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
@@ -57,6 +59,8 @@ def draw_predictions(image: np.ndarray, pred: Prediction, alpha: float = 0.5,
 def masks_to_label_image(pred: Prediction) -> np.ndarray:
     """(H, W) uint16 instance-id image: 0 background, i + 1 for instance i (later ones on top)."""
     out = np.zeros(pred.image_size, dtype=np.uint16)
+    masks = pred.instance_masks
     for i in range(len(pred)):
-        out[pred.masks[i]] = i + 1
+        y0, x0, y1, x1 = masks.box(i)
+        out[y0:y1, x0:x1][masks.crops[i]] = i + 1
     return out

@@ -11,8 +11,9 @@ Steps follow SIM_SPEC section 5:
 2. Class-aware NMS at IoU 0.6 (:func:`serving.inference.nms.class_nms_keep`), the top
    ``max_detections`` kept slots per image (a fixed-size top-K, padded).
 3. Dynamic mask head on the kept detections -> probabilities at stride 4.
-4. :func:`postprocess_masks`: aligned x4 upsampling to the padded input, crop to the resized
-   image, bilinear resize to the original size, threshold 0.5.
+4. :func:`serving.inference.paste.mask_crops`: aligned x4 upsampling to the padded input,
+   crop to the resized image, bilinear resize to the original size, threshold 0.5, computed
+   per instance inside its region only (:func:`postprocess_masks` is its dense form).
 
 Eager inference swaps two operators inside the same steps, with the same results: NMS runs
 torchvision's ``batched_nms`` on the valid candidates, and the mask head runs only on used
@@ -28,14 +29,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import InferenceConfig
 from ..model.condinst import CondInst, CondInstOutputs
-from ..model.ops import aligned_bilinear, decode_boxes, eager_no_grad
+from ..model.ops import decode_boxes, eager_no_grad
 from .assign import iou_weights, prompt_locations, weighted_instance_map
 from .nms import class_nms_keep
+from .paste import mask_crops
 
 
 class Detections(NamedTuple):
@@ -317,15 +318,13 @@ def _prompt_maps_eager(model: CondInst, outputs: CondInstOutputs, index: Tensor,
     return out.view(bsz, m, h4, w4)
 
 
-#: On the CPU, float intermediates of :func:`postprocess_masks` are kept below this many bytes
-#: per chunk: fresh allocations of tens of MB cost more in page faults than the arithmetic.
-CPU_CHUNK_BYTES = 16 << 20
-
-
 def postprocess_masks(mask_probs: Tensor, resized_size: tuple[int, int],
                       orig_size: tuple[int, int], threshold: float = 0.5,
                       clip_boxes: Tensor | None = None, chunk: int = 16) -> Tensor:
-    """Stride-4 mask probabilities of the padded input -> boolean masks of the original image.
+    """Stride-4 mask probabilities of the padded input -> full-size boolean masks.
+
+    :func:`serving.inference.paste.mask_crops` (which the ``Segmenter`` uses: masks as
+    per-instance crops, memory bounded by their extents) made dense.
 
     Args:
         mask_probs: (K, H/4, W/4) float probabilities.
@@ -333,54 +332,11 @@ def postprocess_masks(mask_probs: Tensor, resized_size: tuple[int, int],
         orig_size: (H0, W0) of the original image.
         threshold: probability threshold (0.5).
         clip_boxes: optional (K, 4) XYXY boxes in original pixels; masks are zeroed outside.
-        chunk: at most this many masks processed at a time, bounding peak memory (on the CPU
-            also at most ``CPU_CHUNK_BYTES`` of upsampled float masks).
+        chunk: unused (kept for callers of the earlier chunked version).
 
     Returns:
-        (K, H0, W0) bool.
+        (K, H0, W0) bool on ``mask_probs``' device (K x H0 x W0 bytes).
     """
-    h0, w0 = orig_size
-    num = mask_probs.shape[0]
-    out = torch.zeros((num, h0, w0), dtype=torch.bool, device=mask_probs.device)
-    if clip_boxes is not None:
-        ys = torch.arange(h0, device=mask_probs.device, dtype=torch.float32) + 0.5
-        xs = torch.arange(w0, device=mask_probs.device, dtype=torch.float32) + 0.5
-    if mask_probs.device.type == "cpu":
-        per_mask = 4 * ((4 * mask_probs.shape[-2] + 3) * (4 * mask_probs.shape[-1] + 3) + h0 * w0)
-        chunk = max(1, min(chunk, CPU_CHUNK_BYTES // per_mask))
-    same_size = tuple(resized_size) == (h0, w0)
-    for start in range(0, num, chunk):
-        probs = mask_probs[start:start + chunk, None].float()
-        masks = out[start:start + chunk]
-        if same_size:  # no final resize: threshold at stride 1, then shift (exact, see below)
-            _upsample4_threshold_into(masks, probs, threshold)
-        else:
-            part = aligned_bilinear(probs, 4)[:, :, : resized_size[0], : resized_size[1]]
-            part = F.interpolate(part, size=(h0, w0), mode="bilinear", align_corners=False)
-            masks.copy_(part[:, 0] > threshold)
-        if clip_boxes is not None:
-            bx = clip_boxes[start:start + chunk].float()
-            inside_y = (ys[None] >= bx[:, 1:2]) & (ys[None] <= bx[:, 3:4])  # (k, H0)
-            inside_x = (xs[None] >= bx[:, 0:1]) & (xs[None] <= bx[:, 2:3])  # (k, W0)
-            masks &= inside_y[:, :, None] & inside_x[:, None, :]
-    return out
-
-
-def _upsample4_threshold_into(out: Tensor, probs: Tensor, threshold: float) -> None:
-    """``out[...] = aligned_bilinear(probs, 4)[:, 0, :h, :w] > threshold`` for out (n, h, w).
-
-    :func:`aligned_bilinear` interpolates to (4h'+1, 4w'+1), replicate-pads two rows and
-    columns at the top and left and crops, so output pixel (i, j) is the interpolated value at
-    (max(i - 2, 0), max(j - 2, 0)). Thresholding commutes with that copy, so this thresholds
-    the interpolated map once and shifts the booleans: the same masks without the float pad
-    copy and the identity resize (a quarter of the memory traffic).
-    """
-    h, w = out.shape[-2:]
-    x = F.pad(probs, (0, 1, 0, 1), mode="replicate")
-    size = (4 * probs.shape[-2] + 1, 4 * probs.shape[-1] + 1)
-    above = F.interpolate(x, size=size, mode="bilinear", align_corners=True)[:, 0] > threshold
-    a, b = min(2, h), min(2, w)
-    out[:, a:, b:] = above[:, : h - a, : w - b]
-    out[:, :a, b:] = above[:, :1, : w - b]
-    out[:, a:, :b] = above[:, : h - a, :1]
-    out[:, :a, :b] = above[:, :1, :1]
+    del chunk
+    crops = mask_crops(mask_probs, resized_size, orig_size, threshold, clip_boxes)
+    return torch.from_numpy(crops.dense()).to(mask_probs.device)

@@ -65,11 +65,18 @@ def valid_pixels(images: Tensor, image_sizes: Tensor) -> Tensor:
 
 
 def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """(3, H, W) uint8 or float 0-255 -> (3, h, w) float32 0-255, bilinear with antialiasing."""
-    x = image.float()[None]
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return x[0].clamp_(0, 255)
+    """(3, H, W) uint8 or float 0-255 -> (3, h, w) float32 0-255, bilinear with antialiasing.
+
+    One channel at a time (the same values as all three at once): the float copy of a large
+    uint8 image is one channel's, not three (192 MB instead of 576 MB at 8000x6000).
+    """
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image.float().clamp_(0, 255)
+    out = torch.empty((image.shape[0], *size), dtype=torch.float32, device=image.device)
+    for c in range(image.shape[0]):
+        out[c] = F.interpolate(image[c][None, None].float(), size=size, mode="bilinear",
+                               align_corners=False, antialias=True)[0, 0]
+    return out.clamp_(0, 255)
 
 
 def pad_batch(images: list[Tensor], divisibility: int = SIZE_DIVISIBILITY) -> tuple[Tensor, Tensor]:

@@ -6,12 +6,14 @@ Endpoints:
   optional prompt boxes / labels / score threshold -> instances with COCO RLE masks and timing;
 - ``GET /v1/model``: classes, backbone, backend, device, input rules and limits;
 - ``GET /v1/stats``: batching counters; ``GET /healthz``: liveness;
-  ``GET /readyz``: 200 once a warm-up forward pass has run, else 503;
-- ``GET /openapi.json`` and ``/docs``: the schema of all of the above.
+  ``GET /readyz``: 200 once a warm-up forward pass has run, else 503 (also while stopping);
+- ``GET /openapi.json``, ``/docs`` and ``/redoc``: the schema of all of the above (the pages
+  work offline, :mod:`serving.server.app_docs`).
 
 Concurrent requests are batched (:mod:`serving.server.batching`); bad input is rejected before
-batching (:mod:`serving.server.requests`). Listens on 127.0.0.1 unless told otherwise.
-FastAPI and uvicorn are imported only here (``serving.__main__`` imports this lazily).
+batching (:mod:`serving.server.requests`, limits in :mod:`serving.server.limits`). Listens on
+127.0.0.1 unless told otherwise. FastAPI and uvicorn are imported only by this package
+(``serving.__main__`` imports it lazily).
 """
 
 from __future__ import annotations
@@ -35,14 +37,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SimError
-from ..inference.images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE
+from ..inference.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 from ..segmenter import Segmenter
+from .app_docs import add_offline_docs
 from .batching import BatcherBusy, BatcherClosed, DynamicBatcher
+from .limits import ServerSettings
 from .requests import (
     JSON_TYPE,
     MULTIPART_TYPE,
     ApiError,
-    ServerSettings,
     build_response,
     parse_segment_request,
     prepare_job,
@@ -82,26 +85,36 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
     settings = settings or ServerSettings()
     max_boxes = settings.boxes_limit(segmenter)
     batcher = DynamicBatcher(segmenter, settings.max_batch, settings.max_wait_ms,
-                             settings.max_queue)
+                             settings.max_queue, max_batch_cost=settings.max_mask_pixels,
+                             large_cost=settings.large_cost, large_boxes=settings.large_boxes)
     state: dict[str, Any] = {"status": "warming_up", "detail": "warm-up pass not finished"}
 
     async def warm_up() -> None:
         try:
             if settings.warmup:
                 await batcher.run_in_worker(_warm_up, segmenter)
-            state.update(status="ready", detail=None)
+            if state["status"] == "warming_up":
+                state.update(status="ready", detail=None)
         except Exception as exc:  # reported by /readyz; the server stays up
             log.error("warm-up failed: %s: %s", type(exc).__name__, exc)
             state.update(status="failed", detail=f"warm-up failed: {type(exc).__name__}: {exc}")
 
+    def begin_draining() -> None:
+        """Readiness off (503) while requests are still served: the shutdown's first step."""
+        state.update(status="shutting_down", detail="the server is stopping; send new "
+                     "requests to another instance")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.update(status="warming_up", detail="warm-up pass not finished")
         await batcher.start()
+        if not settings.warmup:
+            state.update(status="ready", detail=None)
         task = asyncio.create_task(warm_up())
         try:
             yield
         finally:
-            state.update(status="shutting_down", detail="the server is stopping")
+            begin_draining()
             await task
             await batcher.close()  # finishes every queued and running job
 
@@ -111,8 +124,12 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
         description="Instance masks from images, automatically or from prompt boxes. Errors are "
                     '`{"error": {"code", "message", "field"}}`.',
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    add_offline_docs(app)
     app.state.batcher = batcher
+    app.state.begin_draining = begin_draining
     app.state.segmenter = segmenter
     app.state.settings = settings
 
@@ -136,7 +153,7 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
                                         f"({type(exc).__name__}); the server is still running"))
 
     @app.post("/v1/segment", response_model=SegmentResponse, summary="Segment one image",
-              responses=error_responses(400, 413, 415, 422, 500, 503),
+              responses=error_responses(400, 408, 413, 415, 422, 500, 503),
               openapi_extra=segment_request_body(max_boxes))
     async def segment(request: Request) -> SegmentResponse:
         """Automatic instance segmentation, or one mask per prompt box (in order).
@@ -145,7 +162,8 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
         ``labels`` as JSON, ``score_threshold``) or ``application/json`` (``image`` as base64).
         """
         start = time.perf_counter()
-        raw = await parse_segment_request(request, settings.max_body_bytes)
+        raw = await parse_segment_request(request, settings.max_body_bytes,
+                                          settings.body_timeout_s)
         job = await run_in_threadpool(prepare_job, raw, segmenter, settings)
         try:
             result = await batcher.submit(job)
@@ -173,13 +191,16 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
                              min_image_side=MIN_IMAGE_SIDE, resize_min_size=info["min_size"],
                              resize_max_size=info["max_size"]),
             limits=Limits(max_body_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels,
-                          max_boxes=max_boxes, max_batch=settings.max_batch,
-                          max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue))
+                          max_boxes=max_boxes, max_mask_pixels=settings.max_mask_pixels,
+                          max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                          max_queue=settings.max_queue, keep_alive_s=settings.keep_alive_s,
+                          body_timeout_s=settings.body_timeout_s))
 
     @app.get("/v1/stats", response_model=Stats, summary="Batching counters since start")
     async def stats() -> Stats:
         s = batcher.stats
         return Stats(requests=s.jobs, batches=s.batches, failed=s.failed,
+                     large_requests=s.large_jobs,
                      mean_batch_size=round(s.jobs / s.batches, 3) if s.batches else 0.0,
                      max_batch_size=s.max_batch_size, queued=batcher.queued,
                      batch_sizes={str(k): v for k, v in sorted(s.sizes.items())})
@@ -218,11 +239,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes, each with its own model")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body")
     p.add_argument("--max-pixels", type=int, default=ServerSettings.max_pixels,
-                   help="largest image, width x height")
+                   help=f"largest image, width x height (at most {MAX_IMAGE_PIXELS})")
     p.add_argument("--max-boxes", type=int, default=None,
                    help="prompt boxes per request (default: the model's limit)")
+    p.add_argument("--max-mask-pixels", type=int, default=ServerSettings.max_mask_pixels,
+                   help="pixels one request's masks may cover: prompt-box areas summed "
+                        "(automatic mode: the image); bounds mask memory at a byte per pixel")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a batch; more are answered 503 busy")
+    p.add_argument("--timeout-keep-alive", type=float, default=ServerSettings.keep_alive_s,
+                   help="seconds before an idle connection (no request under way) is closed")
+    p.add_argument("--body-timeout", type=float, default=ServerSettings.body_timeout_s,
+                   help="seconds for a request body to arrive (else 408)")
+    p.add_argument("--shutdown-grace", type=float, default=ServerSettings.shutdown_grace_s,
+                   help="on SIGTERM, seconds of /readyz 503 while still serving, before the "
+                        "server stops accepting (with --workers 1)")
     p.add_argument("--graceful-timeout", type=int, default=30,
                    help="seconds to finish in-flight requests on shutdown")
     p.add_argument("--log-level", default="info",
@@ -230,32 +261,52 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the server until interrupted (Ctrl-C / SIGTERM finish in-flight requests first)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    for name in ("max_batch", "workers", "max_pixels", "max_queue"):
+def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerSettings:
+    """The checked flags as :class:`ServerSettings` (bad values: a usage error, exit 2)."""
+    for name in ("max_batch", "workers", "max_pixels", "max_queue", "max_mask_pixels"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_wait_ms < 0 or args.max_body_mb <= 0:
         parser.error("--max-wait-ms must be >= 0 and --max-body-mb > 0")
     if args.max_boxes is not None and args.max_boxes < 1:
         parser.error("--max-boxes must be at least 1")
+    if args.max_pixels > MAX_IMAGE_PIXELS:
+        parser.error(f"--max-pixels {args.max_pixels} is above the image decoder's ceiling of "
+                     f"{MAX_IMAGE_PIXELS} pixels; use at most {MAX_IMAGE_PIXELS}")
+    if args.timeout_keep_alive <= 0 or args.body_timeout <= 0 or args.shutdown_grace < 0:
+        parser.error("--timeout-keep-alive and --body-timeout must be > 0, --shutdown-grace "
+                     ">= 0")
+    return ServerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                          max_body_mb=args.max_body_mb, max_pixels=args.max_pixels,
+                          max_boxes=args.max_boxes, max_queue=args.max_queue,
+                          max_mask_pixels=args.max_mask_pixels,
+                          keep_alive_s=args.timeout_keep_alive, body_timeout_s=args.body_timeout,
+                          shutdown_grace_s=args.shutdown_grace)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until interrupted. SIGTERM: readiness off for ``--shutdown-grace``
+    seconds while still serving, then in-flight requests finish; Ctrl-C skips the grace."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    settings = _settings(parser, args)
     import uvicorn
+
+    from .app_runtime import DrainingServer, IdleTimeoutH11Protocol
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: the API has no authentication; put it "
               "behind a proxy that adds it", file=sys.stderr)
-    settings = ServerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                              max_body_mb=args.max_body_mb, max_pixels=args.max_pixels,
-                              max_boxes=args.max_boxes, max_queue=args.max_queue)
     segmenter = Segmenter.load(args.model, device=args.device)  # bad model: error before binding
     common = dict(host=args.host, port=args.port, log_level=args.log_level,
-                  timeout_graceful_shutdown=args.graceful_timeout)
+                  timeout_graceful_shutdown=args.graceful_timeout, http=IdleTimeoutH11Protocol,
+                  timeout_keep_alive=settings.keep_alive_s)
     if args.workers == 1:
-        config = uvicorn.Config(create_app(segmenter, settings), **common)
+        app = create_app(segmenter, settings)
+        server = DrainingServer(uvicorn.Config(app, **common), app.state.begin_draining,
+                                settings.shutdown_grace_s)
         try:
-            uvicorn.Server(config).run()  # SIGTERM: drains, then re-raises (exit by SIGTERM)
+            server.run()  # SIGTERM: grace, drains, then re-raises (exit by SIGTERM)
         except KeyboardInterrupt:  # Ctrl-C, after the same graceful shutdown
             return 130
         return 0

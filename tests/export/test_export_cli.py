@@ -60,6 +60,7 @@ def test_tensorrt_format_without_tensorrt(tiny_checkpoint, tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # failed before exporting anything
 
 
+@pytest.mark.slow
 def test_export_and_verify_end_to_end(cli_export):
     """The session export: ``python -m export`` with its defaults, then --verify on 2 images."""
     assert cli_export.code == 0, cli_export.stdout
@@ -102,6 +103,7 @@ def test_options_reach_the_exporter(tiny_checkpoint, tmp_path, monkeypatch, caps
         main(["--checkpoint", str(tiny_checkpoint), "--exporter", "torchscript"])
 
 
+@pytest.mark.slow
 def test_verify_fails_on_another_model(tiny_checkpoint, tiny_export, tmp_path, sample_image):
     model, info = load_checkpoint(tiny_checkpoint)
     with torch.no_grad():  # another model: shifted box regression

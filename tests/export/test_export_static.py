@@ -20,6 +20,7 @@ def static_export(tiny_checkpoint, tmp_path_factory):
                        batch_size=2)
 
 
+@pytest.mark.slow
 def test_static_export_matches_pytorch_on_the_same_canvas(tiny_checkpoint, static_export,
                                                           test_images):
     seg = Segmenter.from_onnx(static_export.sidecar, device="cpu")

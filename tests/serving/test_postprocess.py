@@ -297,11 +297,3 @@ def test_postprocess_masks_clip_boxes():
     expected = torch.zeros(64, 64, dtype=torch.bool)
     expected[5:31, 10:20] = True  # pixel centres (x + 0.5, y + 0.5) inside the box
     assert torch.equal(out[0], expected)
-
-
-def test_postprocess_masks_chunks_agree():
-    torch.manual_seed(0)
-    probs = torch.rand(5, 8, 8)
-    a = postprocess_masks(probs, (30, 32), (45, 50), chunk=2)
-    b = postprocess_masks(probs, (30, 32), (45, 50), chunk=16)
-    assert torch.equal(a, b)

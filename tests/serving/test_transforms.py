@@ -83,3 +83,14 @@ def test_scale_boxes_round_trip():
     assert up.tolist() == [[15, 40, 45, 80]]
     np.testing.assert_allclose(scale_boxes(up, (200, 300), (100, 200)), boxes)
     assert scale_boxes(np.zeros((0, 4)), (1, 1), (2, 2)).shape == (0, 4)
+
+
+def test_resize_image_one_channel_at_a_time_equals_all_at_once():
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    for size, out in (((3, 300, 400), (100, 133)), ((3, 50, 60), (120, 144))):
+        image = torch.randint(0, 256, size, generator=gen, dtype=torch.uint8)
+        whole = F.interpolate(image.float()[None], size=out, mode="bilinear",
+                              align_corners=False, antialias=True)[0].clamp_(0, 255)
+        assert torch.equal(resize_image(image, out), whole)
