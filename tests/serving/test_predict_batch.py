@@ -10,30 +10,17 @@ import weakref
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from sim_testing import TINY_CLASSES, tiny_model_config
 
 import serving.segmenter as segmenter_mod
-from serving import InferenceConfig, Segmenter, SimError, build_condinst
+from serving import Segmenter, SimError
 from serving.errors import ImageError, InputError
-from serving.model.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")
-def seg(tmp_path_factory) -> Segmenter:
+def seg(varied_checkpoint) -> Segmenter:
     """A tiny model whose masks depend on the location (min_size 128, max_size 256)."""
-    torch.manual_seed(3)
-    cfg = tiny_model_config()
-    model = build_condinst(cfg).eval()
-    with torch.no_grad():
-        model.head.cls_logits.bias.fill_(1.0)
-        model.head.controller.bias.normal_(0, 1.0)
-        model.head.controller.weight.mul_(30)
-    path = tmp_path_factory.mktemp("batch") / "varied.safetensors"
-    save_checkpoint(path, model, cfg, list(TINY_CLASSES),
-                    InferenceConfig(min_size=128, max_size=256, max_detections=20))
-    return Segmenter.from_checkpoint(path, device="cpu")
+    return Segmenter.from_checkpoint(varied_checkpoint, device="cpu")
 
 
 def picture(height: int, width: int, seed: int) -> np.ndarray:
