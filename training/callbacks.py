@@ -80,8 +80,9 @@ class Callback:
         its last batch (scalar tensors, detached from the graph only when you detach them)."""
 
     def on_train_end(self, run: TrainingRun) -> None:
-        """After the last step, its checkpoint folder and ``model_final.safetensors``, before
-        the final evaluation. The student may be switched to eval mode here."""
+        """After the last step, its checkpoint folder, the final evaluation (``run.metrics``)
+        and ``model_final.safetensors`` with its calibration. The student may be switched to
+        eval mode here."""
 
 
 class CallbackList(Callback):

@@ -171,10 +171,14 @@ def test_small_square_image(tiny_checkpoint):
 
 # ------------------------------------------------------------------ command line
 def test_cli_info_and_error(varied_checkpoint, tmp_path, capsys):
-    assert cli_main(["info", str(varied_checkpoint)]) == 0
+    assert cli_main(["info", str(varied_checkpoint), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["classes"] == list(TINY_CLASSES) and info["backend"] == "torch"
     assert info["min_size"] == 128 and info["max_prompt_boxes"] == 256
+    assert info["calibration"] == {}  # trained without a validation split
+    assert cli_main(["info", "--model", str(varied_checkpoint)]) == 0
+    text = capsys.readouterr().out
+    assert f"classes:    {', '.join(TINY_CLASSES)}" in text and "calibration: none" in text
     assert cli_main(["info", str(tmp_path / "missing.safetensors")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint ") and "not found" in err

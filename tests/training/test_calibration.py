@@ -62,3 +62,15 @@ def test_eval_calibrate_updates_the_checkpoint_and_keeps_its_sizes(tiny_run, tin
     onnx.write_bytes(b"x")
     assert main(["--model", str(onnx), "--annotations", str(tiny_data.val_json), "--images",
                  str(tiny_data.images), "--calibrate"]) == 1
+
+
+def test_info_prints_the_calibration(tiny_run, capsys) -> None:
+    from serving.cli.main import main as sim
+
+    model = tiny_run.out / "model_final.safetensors"
+    calib = read_checkpoint_info(model).extra["calibration"]
+    assert sim(["info", str(model)]) == 0
+    text = capsys.readouterr().out
+    assert f"score threshold: {calib['score_threshold']} (F1 {calib['f1']} %" in text
+    sizes = calib["object_sizes"]
+    assert f"p10/p50/p90 = {sizes['p10']} / {sizes['p50']} / {sizes['p90']} px" in text
