@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import numbers
 import os
@@ -21,6 +22,7 @@ from .backends import Backend
 from .config import InferenceConfig, config_to_dict
 from .errors import InputError
 from .inference.boxes import BoxesLike, validate_boxes
+from .inference.domain import calibration_of
 from .inference.images import ImageLike, describe_image, load_image
 from .inference.paste import mask_crops
 from .inference.transforms import canvas_size, preprocess, resized_shape, scale_boxes
@@ -56,6 +58,16 @@ def run_isolated(run: Callable[[list[T]], list[R]], items: Sequence[T],
         except Exception as exc:  # noqa: BLE001 - reported per item
             outcomes.append(exc)
     return outcomes
+
+
+def _class_index(value: Any, i: int) -> int:
+    """A label given as a number: an integral class index (bools, NaN, 1.5, {} refused)."""
+    number = value.item() if isinstance(value, np.generic) else value
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or \
+            not float(number).is_integer():
+        raise InputError(f"label {i}: {value!r} is not a class index or name; give an integer "
+                         "index, a class name, or -1/None to let the model choose")
+    return int(number)
 
 
 class Segmenter:
@@ -104,8 +116,25 @@ class Segmenter:
         return load_tensorrt_segmenter(cls, path, **overrides)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto", **overrides: Any) -> Segmenter:
-        """Pick the backend from the file extension (.safetensors, .onnx, .engine/.plan)."""
+    def load(cls, path: str | os.PathLike, device: str = "auto",
+             image_size: int | Sequence[int] | None = None, **overrides: Any) -> Segmenter:
+        """Pick the backend from the file extension (.safetensors, .onnx, .engine/.plan).
+
+        ``image_size``: ``short`` or ``(short, long)``, the test-time resize instead of the
+        model's own (:meth:`with_image_size`); ``overrides`` replace ``InferenceConfig``
+        fields (thresholds, limits).
+        """
+        seg = cls._load_file(path, device, overrides)
+        if image_size is None:
+            return seg
+        sizes = [int(image_size)] if isinstance(image_size, int) else [int(v) for v in image_size]
+        if not 1 <= len(sizes) <= 2:
+            raise InputError(f"image_size {list(sizes)}: give SHORT or (SHORT, LONG)")
+        return seg.with_image_size(*sizes)
+
+    @classmethod
+    def _load_file(cls, path: str | os.PathLike, device: str, overrides: dict[str, Any],
+              ) -> Segmenter:
         suffix = Path(path).suffix.lower()
         if suffix == ".onnx":
             return cls.from_onnx(path, device=device, **overrides)
@@ -123,7 +152,36 @@ class Segmenter:
             ".onnx file or a TensorRT .engine"
         )
 
+    def with_image_size(self, short: int, long: int | None = None) -> Segmenter:
+        """The same model resizing images to shorter side ``short`` and longer side at most
+        ``long`` (default: ``short`` times this model's ``max_size / min_size``), for objects
+        much smaller or larger than in training. Shares the loaded model.
+
+        Raises :class:`InputError` unless ``32 <= short <= long``.
+        """
+        if long is None:
+            long = int(round(short * self.cfg.max_size / self.cfg.min_size))
+        if not 32 <= short <= long:
+            raise InputError(f"image size {short} {long}: need 32 <= SHORT <= LONG (SHORT is "
+                             "the shorter side, LONG the cap on the longer side)")
+        cfg = dataclasses.replace(self.cfg, min_size=int(short), max_size=int(long))
+        return type(self)(self.backend, self.class_names, cfg, self.info)
+
     # ----------------------------------------------------------------- info
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """What training's evaluation stored about the model's own data (empty without it):
+        ``score_threshold`` (best F1 on validation), ``prompt_scores`` / ``auto_scores`` and
+        ``object_sizes`` quantiles (see :mod:`serving.inference.domain`)."""
+        return calibration_of(self)
+
+    @property
+    def display_threshold(self) -> float:
+        """Automatic mode's score threshold for what people look at (pictures, the app, the
+        server's default): the calibrated F1-best threshold, else the model's own."""
+        found = self.calibration.get("score_threshold")
+        return float(found) if found is not None else float(self.cfg.score_threshold)
+
     @property
     def model_info(self) -> dict[str, Any]:
         """Backbone, classes, backend, device and input rules, for UIs and servers."""
@@ -136,6 +194,7 @@ class Segmenter:
             "max_size": self.cfg.max_size,
             "max_prompt_boxes": self.cfg.max_prompt_boxes,
             "score_threshold": self.cfg.score_threshold,
+            "display_threshold": self.display_threshold,
         }
 
     def _labels(self, labels: LabelsLike, count: int) -> np.ndarray:
@@ -156,7 +215,7 @@ class Segmenter:
                     )
                 out[i] = self.class_names.index(value)
             else:
-                idx = int(value)
+                idx = _class_index(value, i)
                 if not -1 <= idx < len(self.class_names):
                     raise InputError(
                         f"label {i}: class index {idx} out of range 0..{len(self.class_names) - 1}"

@@ -64,32 +64,10 @@ def add_image_size_option(parser: argparse.ArgumentParser) -> None:
              "in training (see 'sim info')")
 
 
-def image_size_overrides(image_size: Sequence[int] | None, model_sizes: tuple[int, int],
-                         ) -> dict[str, int]:
-    """``Segmenter.load`` overrides for ``--image-size SHORT [LONG]`` (``{}`` when not given).
-
-    ``model_sizes``: the model's own (min_size, max_size), whose ratio sets a missing LONG.
-    Raises :class:`InputError` for more than two values or sizes below 32.
-    """
-    if not image_size:
-        return {}
-    if len(image_size) > 2:
-        raise InputError(f"--image-size {' '.join(map(str, image_size))}: give SHORT or "
-                         "SHORT LONG")
-    short = int(image_size[0])
-    long = int(image_size[1]) if len(image_size) == 2 else \
-        int(round(short * model_sizes[1] / model_sizes[0]))
-    if short < 32 or long < short:
-        raise InputError(f"--image-size {short} {long}: need 32 <= SHORT <= LONG")
-    return {"min_size": short, "max_size": long}
-
-
 def load_model(path: str | os.PathLike, device: str, image_size: Sequence[int] | None = None,
                ) -> Segmenter:
-    """``Segmenter.load`` with the batch commands' options applied."""
-    seg = Segmenter.load(path, device=device)
-    overrides = image_size_overrides(image_size, (seg.cfg.min_size, seg.cfg.max_size))
-    return Segmenter.load(path, device=device, **overrides) if overrides else seg
+    """``Segmenter.load`` with the batch commands' ``--device`` and ``--image-size``."""
+    return Segmenter.load(path, device=device, image_size=image_size or None)
 
 
 #: A prompt for one image: (boxes (M, 4) float32 XYXY original pixels, labels (M,) int64).

@@ -8,7 +8,10 @@ Writes into ``--output``:
   box-prompted mode), rewritten atomically every 30 s and at the end;
 - ``images.json``: the ``images`` (id, file_name, height, width) and ``categories`` those
   results refer to, so ``COCO("images.json").loadRes("results.json")`` works without a GT;
-- ``vis/<name>.jpg`` overlays (``--save-vis``) and ``masks/<name>_<i>.png`` instance masks
+- ``vis/<name>.jpg`` (or ``.png``) pictures (``--save-vis [jpg|png]``): in automatic mode only
+  the instances scoring at least ``--vis-threshold`` (default: the model's calibrated
+  F1-best threshold; ``results.json`` keeps every instance), labels sized to the image
+  (``--vis-labels off`` hides them); ``masks/<name>_<i>.png`` instance masks
   (``--save-masks png``; 0/255, ``i`` = the result's index within the image);
 - ``.progress.jsonl`` (one per process): one line per finished image (fsync'ed); a rerun
   skips images whose file (and prompt boxes) did not change.
@@ -27,7 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -39,6 +42,7 @@ from ..errors import InputError, SimError
 from ..files import write_json
 from ..formats.coco import boxes_by_image, read_coco_json
 from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
+from ..prediction import Prediction
 from ..segmenter import Segmenter
 from .common import (
     EXIT_ERROR,
@@ -86,18 +90,39 @@ class PredictSummary:
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """The ``predict`` command's options (see :func:`build_parser`)."""
+    """The ``predict`` command's options (see :func:`build_parser`).
+
+    ``save_vis``: ``"jpg"``, ``"png"`` or ``None`` (``True`` means ``"jpg"``); ``save_masks``:
+    ``"png"``/``True`` or ``None``/``False``.
+    """
 
     boxes: str | None = None
     batch_size: int = 4
     device: str = "auto"
     score_threshold: float | None = None
-    save_vis: bool = False
-    save_masks: bool = False
+    save_vis: str | bool | None = None
+    save_masks: str | bool | None = None
     workers: int = 2
     overwrite: bool = False
     progress: bool = True
     image_size: tuple[int, ...] | None = None
+    vis_labels: bool = True
+    vis_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        vis = "jpg" if self.save_vis is True else (self.save_vis or None)
+        if vis not in (None, "jpg", "png"):
+            raise InputError(f"--save-vis {vis}: choose jpg or png")
+        object.__setattr__(self, "save_vis", vis)
+        object.__setattr__(self, "save_masks", bool(self.save_masks))
+        if self.image_size:
+            object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
+        for name in ("score_threshold", "vis_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise InputError(f"--{name.replace('_', '-')} {value}: give a score in [0, 1]")
 
 
 def _norm_name(file_name: str) -> str:
@@ -190,9 +215,9 @@ class _Writer:
     """Writes what one finished image produces: pictures, mask PNGs and its log entry."""
 
     def __init__(self, out: Path, files: dict[str, ImageFile], ids: dict[str, int],
-                 category_ids: list[int], opts: PredictOptions) -> None:
+                 category_ids: list[int], opts: PredictOptions, vis_threshold: float) -> None:
         self.out, self.files, self.ids = out, files, ids
-        self.category_ids, self.opts = category_ids, opts
+        self.category_ids, self.opts, self.vis_threshold = category_ids, opts, vis_threshold
 
     def entry(self, outcome: Outcome) -> dict[str, Any]:
         if outcome.error is not None:
@@ -208,17 +233,24 @@ class _Writer:
                 res["category_id"] = anns[pid]["category_id"]
         file_name = job.entry["file_name"] if job.entry is not None else f.rel
         return {"file_name": file_name, "image_id": image_id, "height": int(image.shape[0]),
-                "width": int(image.shape[1]), "results": results, "vis": self._vis(f, image, pred),
+                "width": int(image.shape[1]), "results": results,
+                "vis": self._vis(f, image, pred, automatic=job.anns is None),
                 "masks": self._masks(f, pred), "rejected": outcome.rejected}
 
-    def _vis(self, f: ImageFile, image: np.ndarray, pred: Any) -> str | None:
+    def _vis(self, f: ImageFile, image: np.ndarray, pred: Prediction,
+             automatic: bool) -> str | None:
+        """The picture of one image; automatic mode shows what scores at least the display
+        threshold (``--vis-threshold``, else the model's calibrated one)."""
         if not self.opts.save_vis:
             return None
         from ..formats.visualize import draw_predictions
 
-        rel = f"vis/{f.name}.jpg"
+        if automatic:
+            pred = pred.select(pred.scores >= self.vis_threshold)
+        rel = f"vis/{f.name}.{self.opts.save_vis}"
         (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(draw_predictions(image, pred)).save(self.out / rel, quality=90)
+        picture = Image.fromarray(draw_predictions(image, pred, show_labels=self.opts.vis_labels))
+        picture.save(self.out / rel, **({"quality": 90} if self.opts.save_vis == "jpg" else {}))
         return rel
 
     def _masks(self, f: ImageFile, pred: Any) -> list[str] | None:
@@ -287,74 +319,99 @@ def _summarise(summary: PredictSummary, jobs: list[Job], records: WorkRecords) -
                                  for j in jobs if j.key in records.results)
 
 
-def run_predict(model: str, inputs: Sequence[str], output: str, boxes: str | None = None,
-                batch_size: int = 4, device: str = "auto", score_threshold: float | None = None,
-                save_vis: bool = False, save_masks: str | None = None, workers: int = 2,
-                overwrite: bool = False, progress: bool = True,
-                image_size: Sequence[int] | None = None,
-                shard: Shard | None = None) -> PredictSummary:
-    """Run the ``predict`` command (see the module docstring); returns its summary.
-
-    ``shard``: this process's place among several (default: from the launcher's environment).
-    Raises :class:`SimError` subclasses (one-line messages) for problems found before any
-    work; per-image problems are reported on stderr and counted instead.
-    """
-    opts = PredictOptions(boxes, batch_size, device, score_threshold, save_vis,
-                          save_masks is not None, workers, overwrite, progress,
-                          tuple(image_size) if image_size else None)
-    if batch_size < 1:
-        raise InputError(f"--batch-size {batch_size}: must be at least 1")
-    out = check_writable_dir(output)
-    model_path = check_model_path(model)
-    shard = shard or current_shard(device)
-    jobs, files, coco = _plan(inputs, out, opts, notes=shard.is_main)
+def _runner(model_path: Path, out: Path, jobs: list[Job], opts: PredictOptions,
+            shard: Shard) -> JobRunner:
+    """The job runner; its signature holds what shapes every result (per-image inputs are in
+    each job's fingerprint); an image counts as done once its asked-for files exist."""
     signature = {"command": "predict", "model": str(model_path.resolve()),
                  "model_stamp": file_stamp(model_path),
-                 "boxes": str(Path(boxes).resolve()) if boxes else None,
-                 "score_threshold": score_threshold,
+                 "boxes": str(Path(opts.boxes).resolve()) if opts.boxes else None,
+                 "score_threshold": opts.score_threshold,
                  "image_size": list(opts.image_size) if opts.image_size else None}
 
     def is_done(job: Job, rec: dict[str, Any]) -> bool:
-        return (not save_vis or rec.get("vis") is not None) and \
-            (not opts.save_masks or rec.get("masks") is not None)
+        vis = rec.get("vis")
+        return (not opts.save_vis or (vis is not None and vis.endswith("." + opts.save_vis))) \
+            and (not opts.save_masks or rec.get("masks") is not None)
 
-    runner = JobRunner(RunPlan(out, PROGRESS_STEM, signature, jobs, is_done), shard, progress,
-                       desc="predict")
-    if overwrite:
+    runner = JobRunner(RunPlan(out, PROGRESS_STEM, signature, jobs, is_done), shard,
+                       opts.progress, desc="predict")
+    if opts.overwrite:
         runner.clear(lambda log: _clear(out, log))
-    mine = runner.start()
-    summary = PredictSummary(len(jobs), runner.done_before, 0, 0, output=out)
-    seg = load_model(model_path, shard.device or device, opts.image_size)
-    if coco is not None and shard.is_main:
-        sizes = box_sizes(boxes_by_image(coco), seg.cfg.min_size, seg.cfg.max_size)
-        advice = size_advice(calibration_of(seg), sizes, seg.cfg.min_size, seg.cfg.max_size)
-        if advice:
-            summary.advice.append(advice)
-            report(f"note: {advice}")
-    category_ids, categories = _categories(seg.class_names, coco)
-    writer = _Writer(out, files, _image_ids(jobs, runner.records), category_ids, opts)
+    return runner
+
+
+def _size_check(seg: Segmenter, coco: dict[str, Any] | None, summary: PredictSummary) -> None:
+    """Process 0, with prompt boxes: warn when their sizes do not suit the model's input."""
+    if coco is None:
+        return
+    sizes = box_sizes(boxes_by_image(coco), seg.cfg.min_size, seg.cfg.max_size)
+    advice = size_advice(calibration_of(seg), sizes, seg.cfg.min_size, seg.cfg.max_size)
+    if advice:
+        summary.advice.append(advice)
+        report(f"note: {advice}")
+
+
+def _predict_share(seg: Segmenter, mine: list[Job], runner: JobRunner, writer: _Writer,
+                   coco: dict[str, Any] | None, opts: PredictOptions,
+                   flush: Callable[[dict[str, dict[str, Any]]], None]) -> WorkRecords | None:
+    """Segment this process's images; process 0 rewrites the outputs every 30 s. Returns the
+    whole job's records, or None when interrupted (the work so far is kept)."""
+    shard = runner.shard
     class_of = class_lookup(coco["categories"], seg.class_names) if coco else lambda a: -1
     last_write = time.monotonic()
     try:
-        for outcome in run_jobs(seg, mine, class_of, batch_size, workers, score_threshold):
+        for outcome in run_jobs(seg, mine, class_of, opts.batch_size, opts.workers,
+                                opts.score_threshold):
             _report(outcome, shard)
             runner.record(outcome.job, writer.entry(outcome))
             if shard.is_main and time.monotonic() - last_write > WRITE_EVERY_S:
-                write_outputs(out, jobs, runner.records.results, categories)
+                flush(runner.records.results)
                 last_write = time.monotonic()
-        records = runner.finish()
+        return runner.finish()
     except KeyboardInterrupt:
         runner.close()
+        return None
+
+
+def run_predict(model: str, inputs: Sequence[str], output: str, shard: Shard | None = None,
+                **options: Any) -> PredictSummary:
+    """Run the ``predict`` command (see the module docstring); returns its summary.
+
+    ``options``: the fields of :class:`PredictOptions` (``boxes``, ``batch_size``, ``device``,
+    ``save_vis``, ``image_size``, ...). ``shard``: this process's place among several
+    (default: from the launcher's environment). Raises :class:`SimError` subclasses
+    (one-line messages) for problems found before any work; per-image problems are reported
+    on stderr and counted instead.
+    """
+    opts = PredictOptions(**options)
+    out = check_writable_dir(output)
+    model_path = check_model_path(model)
+    shard = shard or current_shard(opts.device)
+    jobs, files, coco = _plan(inputs, out, opts, notes=shard.is_main)
+    runner = _runner(model_path, out, jobs, opts, shard)
+    mine = runner.start()
+    summary = PredictSummary(len(jobs), runner.done_before, 0, 0, output=out)
+    seg = load_model(model_path, shard.device or opts.device, opts.image_size)
+    if shard.is_main:
+        _size_check(seg, coco, summary)
+    category_ids, categories = _categories(seg.class_names, coco)
+    shown = seg.display_threshold if opts.vis_threshold is None else opts.vis_threshold
+    writer = _Writer(out, files, _image_ids(jobs, runner.records), category_ids, opts, shown)
+    records = _predict_share(seg, mine, runner, writer, coco, opts,
+                             lambda done: write_outputs(out, jobs, done, categories))
+    if records is None:
         summary.interrupted = True
         report(f"interrupted: {summary.done_before + runner.records.this_run()} of {len(jobs)} "
                "images are saved; rerun the same command to continue")
         records = runner.records
-    if shard.is_main:
-        write_outputs(out, jobs, records.results, categories)
-        _summarise(summary, jobs, records)
-        summary.advice += _score_check(seg, records, prompted=coco is not None)
-    else:
+    if not shard.is_main:
         summary.merged = False
+        return summary
+    write_outputs(out, jobs, records.results, categories)
+    _summarise(summary, jobs, records)
+    if not summary.interrupted:
+        summary.advice += _score_check(seg, records, prompted=coco is not None)
     return summary
 
 
@@ -381,7 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt boxes: COCO JSON whose images match inputs by file_name")
     parser.add_argument("--score-threshold", type=float, default=None, metavar="T",
                         help="automatic mode: drop instances scoring below T")
-    parser.add_argument("--save-vis", action="store_true", help="write vis/<name>.jpg overlays")
+    parser.add_argument("--save-vis", nargs="?", const="jpg", default=None,
+                        choices=["jpg", "png"],
+                        help="write vis/<name>.jpg (or .png) pictures of the masks")
+    parser.add_argument("--vis-threshold", type=float, default=None, metavar="T",
+                        help="pictures of automatic mode show instances scoring at least T "
+                             "(default: the model's calibrated threshold; see 'sim info')")
+    parser.add_argument("--vis-labels", choices=["on", "off"], default="on",
+                        help="write class and score labels on the pictures (default on)")
     parser.add_argument("--save-masks", choices=["png"], default=None,
                         help="write masks/<name>_<i>.png per instance")
     add_run_options(parser)
@@ -401,12 +465,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _predict_command(args: argparse.Namespace, shard: Shard) -> int:
     try:
-        summary = run_predict(args.model, args.input, args.output, boxes=args.boxes,
-                              batch_size=args.batch_size, device=args.device,
+        summary = run_predict(args.model, args.input, args.output, shard=shard,
+                              boxes=args.boxes, batch_size=args.batch_size, device=args.device,
                               score_threshold=args.score_threshold, save_vis=args.save_vis,
                               save_masks=args.save_masks, workers=args.workers,
                               overwrite=args.overwrite, progress=not args.no_progress,
-                              image_size=args.image_size, shard=shard)
+                              image_size=args.image_size, vis_labels=args.vis_labels == "on",
+                              vis_threshold=args.vis_threshold)
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR

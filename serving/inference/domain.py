@@ -113,7 +113,9 @@ def score_advice(calibration: Mapping[str, Any], scores: Iterable[float], mode: 
 
 def calibration_of(segmenter: Any) -> dict[str, Any]:
     """The calibration a loaded model carries (empty when it was trained without one): a
-    checkpoint's ``extra["calibration"]`` or an export sidecar's ``calibration``."""
+    checkpoint's ``extra["calibration"]``, or the one an export copied from its checkpoint."""
     info = getattr(segmenter, "info", {}) or {}
-    found = info.get("calibration") or (info.get("extra") or {}).get("calibration")
+    extra = info.get("extra") or {}
+    found = (info.get("calibration") or extra.get("calibration")
+             or (extra.get("checkpoint_extra") or {}).get("calibration"))
     return dict(found) if isinstance(found, Mapping) else {}

@@ -36,6 +36,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..cli.common import add_image_size_option
+from ..cli.main import prog
 from ..errors import SimError
 from ..inference.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 from ..segmenter import Segmenter
@@ -185,7 +187,7 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
         info = segmenter.model_info
         return ModelInfo(
             classes=info["classes"], backbone=str(info["backbone"]), backend=info["backend"],
-            device=str(info["device"]), score_threshold=float(info["score_threshold"]),
+            device=str(info["device"]), score_threshold=float(info["display_threshold"]),
             input=InputRules(content_types=[MULTIPART_TYPE, JSON_TYPE],
                              image_formats=[e.lstrip(".") for e in IMAGE_EXTENSIONS],
                              min_image_side=MIN_IMAGE_SIDE, resize_min_size=info["min_size"],
@@ -222,17 +224,23 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
 def app_from_env() -> FastAPI:
     """uvicorn factory for ``--workers > 1``: each worker process loads its own model."""
     cfg = json.loads(os.environ[SETTINGS_ENV])
-    segmenter = Segmenter.load(cfg["model"], device=cfg["device"])
+    segmenter = Segmenter.load(cfg["model"], device=cfg["device"],
+                               image_size=cfg.get("image_size"))
     return create_app(segmenter, ServerSettings(**cfg["settings"]))
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serving serve",
-                                description="HTTP inference server with dynamic batching.")
+    p = argparse.ArgumentParser(
+        prog=prog("python -m serving serve"), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="HTTP inference server with dynamic batching.",
+        epilog="examples:\n  sim serve --model model.onnx                 # 127.0.0.1:8000\n"
+               "  sim serve --model model.safetensors --host 0.0.0.0 --max-batch 16\n"
+               "  curl -s localhost:8000/v1/segment -F image=@a.png -F 'boxes=[[10,20,210,180]]'")
     p.add_argument("--model", required=True, help=".safetensors checkpoint, .onnx or .engine")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_image_size_option(p)
     p.add_argument("--max-batch", type=int, default=8, help="images per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long the first queued request waits for others")
@@ -297,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: the API has no authentication; put it "
               "behind a proxy that adds it", file=sys.stderr)
-    segmenter = Segmenter.load(args.model, device=args.device)  # bad model: error before binding
+    segmenter = Segmenter.load(args.model, device=args.device,  # bad model: error before binding
+                               image_size=args.image_size)
     common = dict(host=args.host, port=args.port, log_level=args.log_level,
                   timeout_graceful_shutdown=args.graceful_timeout, http=IdleTimeoutH11Protocol,
                   timeout_keep_alive=settings.keep_alive_s)
@@ -312,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     del segmenter  # only checked that it loads; each worker loads its own
     os.environ[SETTINGS_ENV] = json.dumps(
-        {"model": str(args.model), "device": args.device, "settings": asdict(settings)})
+        {"model": str(args.model), "device": args.device, "image_size": args.image_size,
+         "settings": asdict(settings)})
     uvicorn.run("serving.server.app:app_from_env", factory=True, workers=args.workers, **common)
     return 0

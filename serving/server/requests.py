@@ -305,8 +305,9 @@ def prepare_job(raw: RawSegmentRequest, segmenter: Segmenter,
         if opts.labels is not None:
             raise ApiError(422, "invalid_labels", "labels: given without boxes; send one label "
                            "per box in 'boxes', or drop 'labels' for automatic mode", "labels")
-        job = SegmentJob(image, None, None, opts.score_threshold,
-                         mask_pixels(None, image.shape[:2]))
+        threshold = segmenter.display_threshold if opts.score_threshold is None \
+            else opts.score_threshold  # none given: the model's calibrated threshold
+        job = SegmentJob(image, None, None, threshold, mask_pixels(None, image.shape[:2]))
         _check_mask_pixels(job, settings.max_mask_pixels)
         return job
     limit = settings.boxes_limit(segmenter)

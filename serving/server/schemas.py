@@ -25,7 +25,8 @@ Label = Optional[Union[StrictInt, StrictStr]]
 BOXES_DOC = ("Prompt boxes, XYXY in original-image pixels: one mask per box, in order. Boxes "
              "partly outside the image are clipped. Omit (or null) for automatic mode.")
 LABELS_DOC = "One class per box: a class name, a class index, or null to let the model predict it."
-THRESHOLD_DOC = "Automatic mode only: drop instances scoring below this (0..1)."
+THRESHOLD_DOC = ("Automatic mode only: drop instances scoring below this (0..1); default: the "
+                 "model's calibrated threshold (score_threshold in GET /v1/model).")
 
 
 # --------------------------------------------------------------------------- requests
@@ -131,7 +132,9 @@ class ModelInfo(BaseModel):
     backbone: str
     backend: str
     device: str
-    score_threshold: float
+    score_threshold: float = Field(description="automatic mode's default threshold: the one "
+                                   "that maximised F1 on the model's validation split, else the "
+                                   "model's candidate threshold")
     input: InputRules
     limits: Limits
 
