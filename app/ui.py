@@ -30,7 +30,6 @@ from .handlers import AUTO_LABEL, TABLE_HEADERS, Handlers, read_upload
 log = logging.getLogger("app")
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
-DEFAULT_THRESHOLD = 0.3
 IMAGE_HEIGHT = 420  # px: the drawing canvas's largest height; larger images are scaled
 INTRO = ("Upload an image (or pick an example), **draw a box** around each object and get its "
          "mask. Double-click a box to choose its class (`auto` lets the model decide); drag a "
@@ -142,8 +141,9 @@ def build_app(handlers: Handlers, examples: list[dict[str, Any]] | None = None) 
                     annotator.preprocess_image = _raw_upload  # see _raw_upload
                     automatic = gr.Checkbox(False, label="Automatic mode (ignore boxes, find "
                                             "every instance)", elem_id="automatic")
-                    threshold = gr.Slider(0.0, 1.0, DEFAULT_THRESHOLD, step=0.01,
-                                          label="Score threshold (automatic mode)")
+                    threshold = gr.Slider(0.0, 1.0, handlers.default_threshold, step=0.01,
+                                          label="Score threshold (automatic mode; the "
+                                                "default is the model's calibrated one)")
                     run = gr.Button("Run", variant="primary", elem_id="run")
                 with gr.Column(scale=1):
                     overlay = gr.Image(label="Masks", type="numpy", format="png",
@@ -165,7 +165,7 @@ def build_app(handlers: Handlers, examples: list[dict[str, Any]] | None = None) 
                                          placeholder='[[10, 20, 110, 90], {"box": [5, 5, 50, '
                                                      '60], "label": "' + classes[0] + '"}]')
                     j_mode = gr.Radio(["boxes", "automatic"], value="boxes", label="Mode")
-                    j_threshold = gr.Slider(0.0, 1.0, DEFAULT_THRESHOLD, step=0.01,
+                    j_threshold = gr.Slider(0.0, 1.0, handlers.default_threshold, step=0.01,
                                             label="Score threshold (automatic mode)")
                     j_run = gr.Button("Run", variant="primary")
                 with gr.Column():
