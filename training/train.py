@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from serving import Segmenter
 from serving.backends.torch_backend import TorchBackend
+from serving.cli.main import prog
 from serving.cli.shards import multi_process_cpu
 from serving.config import ModelConfig, config_to_dict
 from serving.errors import SimError
@@ -305,9 +306,15 @@ def _flat_scalars(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     presets = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
     parser = argparse.ArgumentParser(
-        prog="python -m training",
+        prog=prog("python -m training"), formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train CondInst with SIM / BoxInst (box supervision) or full masks.",
-    )
+        epilog="examples:\n"
+               "  sim train --config configs/quickstart_cpu.yaml                  # the paper's SIM\n"
+               "  sim train --config configs/quickstart_cpu.yaml --preset sim_bg  # our variant\n"
+               "  sim train --config configs/quickstart_nuclei.yaml optim.max_iter=600\n"
+               "  sim train --config configs/quickstart_cpu.yaml --resume        # continue\n"
+               "  accelerate launch --num_processes 8 -m training --config "
+               "configs/sim_r50_fpn_1x.yaml")
     parser.add_argument("--config", help="YAML experiment file (see configs/)")
     parser.add_argument("--preset", help=f"named starting point, applied before the file and "
                                          f"the overrides ({presets})")
