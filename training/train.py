@@ -309,7 +309,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog=prog("python -m training"), formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train CondInst with SIM / BoxInst (box supervision) or full masks.",
         epilog="examples:\n"
-               "  sim train --config configs/quickstart_cpu.yaml                  # the paper's SIM\n"
+               "  sim train --config configs/quickstart_cpu.yaml   # the paper's SIM\n"
                "  sim train --config configs/quickstart_cpu.yaml --preset sim_bg  # our variant\n"
                "  sim train --config configs/quickstart_nuclei.yaml optim.max_iter=600\n"
                "  sim train --config configs/quickstart_cpu.yaml --resume        # continue\n"
