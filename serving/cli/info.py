@@ -15,8 +15,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..inference.domain import calibration_of
+from ..formats.coco import boxes_by_image, read_coco_json
+from ..inference.domain import box_sizes, calibration_of, quantiles, size_advice
 from ..segmenter import Segmenter
+from .common import add_image_size_option
 from .main import prog
 
 
@@ -48,23 +50,44 @@ def _lines(info: dict[str, Any]) -> list[str]:
     return out
 
 
+def size_lines(seg: Segmenter, annotations: str) -> list[str]:
+    """The boxes of a COCO file against the model's training objects, at its input size."""
+    sizes = box_sizes(boxes_by_image(read_coco_json(annotations, "annotations")),
+                      seg.cfg.min_size, seg.cfg.max_size)
+    if not sizes.size:
+        return [f"{annotations}: no boxes on images with width and height"]
+    q = quantiles(sizes)
+    lines = [f"{annotations}: {sizes.size} boxes, sqrt(w*h) at the model's input "
+             f"p10/p50/p90 = {q['p10']:.1f} / {q['p50']:.1f} / {q['p90']:.1f} px"]
+    advice = size_advice(seg.calibration, sizes, seg.cfg.min_size, seg.cfg.max_size)
+    return lines + ([f"note: {advice}"] if advice else [])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog("python -m serving info"), description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  sim info runs/quickstart/model_final.safetensors\n"
-               "  sim info --model exported/model_final.auto.onnx --json")
+               "  sim info --model exported/model_final.auto.onnx --json\n"
+               "  sim info MODEL --annotations my_boxes.json   # are my objects the right size?\n"
+               "  sim info MODEL --annotations my_boxes.json --image-size 512")
     parser.add_argument("path", nargs="?", metavar="MODEL",
                         help="checkpoint (.safetensors), .onnx or TensorRT engine")
     parser.add_argument("--model", help="the same as MODEL")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, ... (default cpu)")
     parser.add_argument("--json", action="store_true", help="print everything as JSON")
+    parser.add_argument("--annotations", metavar="COCO_JSON",
+                        help="also compare this dataset's box sizes with the training objects")
+    add_image_size_option(parser)
     args = parser.parse_args(argv)
     model = args.model or args.path
     if model is None:
         parser.error("give the model file: sim info MODEL")
-    info = describe(Segmenter.load(model, device=args.device))
+    seg = Segmenter.load(model, device=args.device, image_size=args.image_size)
+    info = describe(seg)
     print(json.dumps(info, indent=2) if args.json else "\n".join(_lines(info)))
+    if args.annotations:
+        print("\n".join(size_lines(seg, args.annotations)))
     return 0
 
 

@@ -74,3 +74,18 @@ def test_info_prints_the_calibration(tiny_run, capsys) -> None:
     assert f"score threshold: {calib['score_threshold']} (F1 {calib['f1']} %" in text
     sizes = calib["object_sizes"]
     assert f"p10/p50/p90 = {sizes['p10']} / {sizes['p50']} / {sizes['p90']} px" in text
+
+
+def test_info_compares_a_dataset_with_the_training_objects(tiny_run, tiny_data, capsys) -> None:
+    from serving.cli.main import main as sim
+
+    model = str(tiny_run.out / "model_final.safetensors")
+    train_p50 = read_checkpoint_info(model).extra["calibration"]["object_sizes"]["p50"]
+    assert sim(["info", model, "--annotations", str(tiny_data.train_json)]) == 0
+    text = capsys.readouterr().out
+    assert "boxes, sqrt(w*h) at the model's input p10/p50/p90" in text
+    assert "note:" not in text  # the training data at (about) the training size
+    assert sim(["info", model, "--annotations", str(tiny_data.train_json), "--image-size",
+                "32"]) == 0  # a quarter of the size: objects far smaller than in training
+    text = capsys.readouterr().out
+    assert "smaller than in training" in text and f"({train_p50:.0f} px)" in text
