@@ -43,14 +43,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, SimError
+from ..errors import InputError
 from ..files import write_json
 from ..formats.coco import boxes_by_image, read_coco_json
 from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..segmenter import Segmenter
 from .common import (
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
     add_run_options,
     check_model_path,
     check_writable_file,
@@ -63,7 +61,7 @@ from .label_report import EMPTY_FRACTION, LabelReport, is_empty
 from .main import prog
 from .progress import WorkRecords, file_stamp, fingerprint
 from .runner import JobRunner, RunPlan
-from .shards import Shard, current_shard, run_sharded
+from .shards import Shard, batch_command, current_shard
 
 
 @dataclass
@@ -404,33 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sim label``; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.processes < 1:
-        print(f"error: --processes {args.processes}: must be at least 1", file=sys.stderr)
-        return EXIT_ERROR
-    return run_sharded("label", argv, args.processes, args.device,
-                       lambda shard: _label_command(args, shard))
+    return batch_command("label", argv, build_parser(), _run_from_args, _print_summary)
 
 
-def _label_command(args: argparse.Namespace, shard: Shard) -> int:
-    try:
-        summary = run_label(args.model, args.annotations, args.images, args.output,
-                            fmt=args.format, evaluate=args.evaluate,
-                            batch_size=args.batch_size, device=args.device,
-                            workers=args.workers, overwrite=args.overwrite,
-                            progress=not args.no_progress, skip_empty=args.skip_empty,
-                            image_size=args.image_size, shard=shard)
-    except SimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:  # before the first image (while loading the model, ...)
-        print("interrupted before any image was finished", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if summary.interrupted or not summary.merged:
-        return summary.exit_code
-    _print_summary(summary)
-    return summary.exit_code
+def _run_from_args(args: argparse.Namespace, shard: Shard) -> LabelSummary:
+    return run_label(args.model, args.annotations, args.images, args.output, fmt=args.format,
+                     evaluate=args.evaluate, batch_size=args.batch_size, device=args.device,
+                     workers=args.workers, overwrite=args.overwrite,
+                     progress=not args.no_progress, skip_empty=args.skip_empty,
+                     image_size=args.image_size, shard=shard)
 
 
 def _print_summary(summary: LabelSummary) -> None:

@@ -38,15 +38,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError, SimError
+from ..errors import InputError
 from ..files import write_json
 from ..formats.coco import boxes_by_image, read_coco_json
 from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..prediction import Prediction
 from ..segmenter import Segmenter
 from .common import (
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
     ImageFile,
     add_run_options,
     check_model_path,
@@ -60,7 +58,7 @@ from .jobs import Job, Outcome, class_lookup, note_unknown_categories, run_jobs
 from .main import prog
 from .progress import ProgressLog, WorkRecords, file_stamp, fingerprint
 from .runner import JobRunner, RunPlan
-from .shards import Shard, current_shard, run_sharded
+from .shards import Shard, batch_command, current_shard
 
 PROGRESS_STEM = ".progress"
 WRITE_EVERY_S = 30.0
@@ -454,32 +452,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sim predict``; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.processes < 1:
-        print(f"error: --processes {args.processes}: must be at least 1", file=sys.stderr)
-        return EXIT_ERROR
-    return run_sharded("predict", argv, args.processes, args.device,
-                       lambda shard: _predict_command(args, shard))
+    return batch_command("predict", argv, build_parser(), _run_from_args, _print_summary)
 
 
-def _predict_command(args: argparse.Namespace, shard: Shard) -> int:
-    try:
-        summary = run_predict(args.model, args.input, args.output, shard=shard,
-                              boxes=args.boxes, batch_size=args.batch_size, device=args.device,
-                              score_threshold=args.score_threshold, save_vis=args.save_vis,
-                              save_masks=args.save_masks, workers=args.workers,
-                              overwrite=args.overwrite, progress=not args.no_progress,
-                              image_size=args.image_size, vis_labels=args.vis_labels == "on",
-                              vis_threshold=args.vis_threshold)
-    except SimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:  # before the first image (while loading the model, ...)
-        print("interrupted before any image was finished", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if not summary.merged:
-        return summary.exit_code
+def _run_from_args(args: argparse.Namespace, shard: Shard) -> PredictSummary:
+    return run_predict(args.model, args.input, args.output, shard=shard, boxes=args.boxes,
+                       batch_size=args.batch_size, device=args.device,
+                       score_threshold=args.score_threshold, save_vis=args.save_vis,
+                       save_masks=args.save_masks, workers=args.workers,
+                       overwrite=args.overwrite, progress=not args.no_progress,
+                       image_size=args.image_size, vis_labels=args.vis_labels == "on",
+                       vis_threshold=args.vis_threshold)
+
+
+def _print_summary(summary: PredictSummary) -> None:
     print(f"predict: {summary.done_now} images segmented now, {summary.done_before} earlier, "
           f"{len(summary.failed)} failed, {summary.rejected_boxes} boxes rejected; "
           f"{summary.instances} instances")
@@ -487,4 +473,3 @@ def _predict_command(args: argparse.Namespace, shard: Shard) -> int:
           f"{summary.output / 'images.json'})")
     for advice in summary.advice:
         print(f"warning: {advice}", file=sys.stderr)
-    return summary.exit_code

@@ -17,7 +17,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -151,3 +151,35 @@ def run_sharded(command: str, argv: Sequence[str], processes: int, device: str,
         return launch(command, argv, processes)
     shard = current_shard(device)
     return exit_code(body(shard), shard)
+
+
+def batch_command(command: str, argv: Sequence[str] | None, parser: Any,
+                  run: Callable[[Any, Shard], Any], show: Callable[[Any], None]) -> int:
+    """The entry of ``sim predict`` / ``sim label``: parse ``argv``, relaunch in several
+    processes for ``--processes N``, run ``run(args, shard)`` (a summary with ``exit_code``,
+    ``interrupted`` and ``merged``) and let process 0 ``show`` it. Bad input before any work
+    is one ``error:`` line (exit 1); Ctrl-C before the first image exits 130."""
+    import sys
+
+    from ..errors import SimError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.processes < 1:
+        print(f"error: --processes {args.processes}: must be at least 1", file=sys.stderr)
+        return 1
+
+    def body(shard: Shard) -> int:
+        try:
+            summary = run(args, shard)
+        except SimError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # before the first image (while loading the model, ...)
+            print("interrupted before any image was finished", file=sys.stderr)
+            return 130
+        if summary.merged and not summary.interrupted:
+            show(summary)
+        return int(summary.exit_code)
+
+    return run_sharded(command, argv, args.processes, args.device, body)
