@@ -146,49 +146,33 @@ def _glob_base(pattern: str) -> Path:
     return Path(*keep) if keep else Path(".")
 
 
-def find_images(inputs: Sequence[str], exclude: Path | None = None) -> list[ImageFile]:
-    """Resolve folders (recursive), glob patterns and files into a sorted list of images.
-
-    Folders and globs keep files whose extension is in ``IMAGE_EXTENSIONS`` (any case); a file
-    named explicitly is kept whatever its extension. Files under ``exclude`` (the output
-    folder) are skipped. Raises :class:`InputError` for a missing path or when nothing matches.
-    """
+def _candidates(spec: str) -> list[tuple[Path, str]] | None:
+    """(file, path below the folder or glob base) for a folder or glob ``spec``; ``None``
+    for a single file; :class:`InputError` when it matches nothing that exists."""
     import glob
 
-    found: dict[Path, str] = {}
-    skip = exclude.resolve() if exclude is not None else None
-    for spec in inputs:
-        path = Path(spec)
-        if path.is_dir():
-            pairs = [(f, f.relative_to(path).as_posix()) for f in path.rglob("*")]
-        elif path.is_file():
-            found.setdefault(path.resolve(), path.name)
-            continue
-        elif any(c in spec for c in "*?["):
-            base = _glob_base(spec)
-            pairs = []
-            for match in glob.glob(spec, recursive=True):
-                f = Path(match)
-                try:
-                    rel = f.relative_to(base).as_posix()
-                except ValueError:
-                    rel = f.name
-                pairs.append((f, rel))
-        else:
-            raise InputError(f"input {spec}: no such file or folder; check the path")
-        for f, rel in pairs:
-            if not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            resolved = f.resolve()
-            if skip is not None and resolved.is_relative_to(skip):
-                continue
-            found.setdefault(resolved, rel)
-    if not found:
-        raise InputError(
-            f"input {' '.join(inputs)}: no images found (looked for "
-            f"{', '.join(IMAGE_EXTENSIONS)}); check the folder or pattern"
-        )
-    ordered = sorted(found.items(), key=lambda item: str(item[0]))
+    path = Path(spec)
+    if path.is_dir():
+        return [(f, f.relative_to(path).as_posix()) for f in path.rglob("*")]
+    if path.is_file():
+        return None
+    if not any(c in spec for c in "*?["):
+        raise InputError(f"input {spec}: no such file or folder; check the path")
+    base = _glob_base(spec)
+    pairs = []
+    for match in glob.glob(spec, recursive=True):
+        f = Path(match)
+        try:
+            rel = f.relative_to(base).as_posix()
+        except ValueError:
+            rel = f.name
+        pairs.append((f, rel))
+    return pairs
+
+
+def _output_names(ordered: list[tuple[Path, str]]) -> list[ImageFile]:
+    """Unique picture names: ``rel`` without its extension, the extension appended where two
+    files share a stem (``a.jpg`` / ``a.png``), a counter where even that collides."""
     stems = [Path(rel).with_suffix("").as_posix() for _, rel in ordered]
     counts: dict[str, int] = {}
     for stem in stems:
@@ -202,6 +186,34 @@ def find_images(inputs: Sequence[str], exclude: Path | None = None) -> list[Imag
         used.add(name)
         files.append(ImageFile(path, rel, name))
     return files
+
+
+def find_images(inputs: Sequence[str], exclude: Path | None = None) -> list[ImageFile]:
+    """Resolve folders (recursive), glob patterns and files into a sorted list of images.
+
+    Folders and globs keep files whose extension is in ``IMAGE_EXTENSIONS`` (any case); a file
+    named explicitly is kept whatever its extension. Files under ``exclude`` (the output
+    folder) are skipped. Raises :class:`InputError` for a missing path or when nothing matches.
+    """
+    found: dict[Path, str] = {}
+    skip = exclude.resolve() if exclude is not None else None
+    for spec in inputs:
+        pairs = _candidates(spec)
+        if pairs is None:
+            found.setdefault(Path(spec).resolve(), Path(spec).name)
+            continue
+        for f, rel in pairs:
+            if not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            resolved = f.resolve()
+            if skip is None or not resolved.is_relative_to(skip):
+                found.setdefault(resolved, rel)
+    if not found:
+        raise InputError(
+            f"input {' '.join(inputs)}: no images found (looked for "
+            f"{', '.join(IMAGE_EXTENSIONS)}); check the folder or pattern"
+        )
+    return _output_names(sorted(found.items(), key=lambda item: str(item[0])))
 
 
 # ----------------------------------------------------------------------------- running

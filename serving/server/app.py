@@ -82,58 +82,49 @@ def _warm_up(segmenter: Segmenter) -> None:
     segmenter.predict(image, boxes=[[w / 4, h / 4, 3 * w / 4, 3 * h / 4]])
 
 
-def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> FastAPI:
-    """The ASGI application serving ``segmenter`` (see the module docstring for endpoints)."""
-    settings = settings or ServerSettings()
-    max_boxes = settings.boxes_limit(segmenter)
-    batcher = DynamicBatcher(segmenter, settings.max_batch, settings.max_wait_ms,
-                             settings.max_queue, max_batch_cost=settings.max_mask_pixels,
-                             large_cost=settings.large_cost, large_boxes=settings.large_boxes)
-    state: dict[str, Any] = {"status": "warming_up", "detail": "warm-up pass not finished"}
+class _Lifecycle:
+    """Readiness of one app: warming up, ready, failed or shutting down (``/readyz``)."""
 
-    async def warm_up() -> None:
+    def __init__(self, segmenter: Segmenter, settings: ServerSettings,
+                 batcher: DynamicBatcher) -> None:
+        self.segmenter, self.settings, self.batcher = segmenter, settings, batcher
+        self.status, self.detail = "warming_up", "warm-up pass not finished"
+
+    def set(self, status: str, detail: str | None = None) -> None:
+        self.status, self.detail = status, detail
+
+    async def warm_up(self) -> None:
         try:
-            if settings.warmup:
-                await batcher.run_in_worker(_warm_up, segmenter)
-            if state["status"] == "warming_up":
-                state.update(status="ready", detail=None)
+            if self.settings.warmup:
+                await self.batcher.run_in_worker(_warm_up, self.segmenter)
+            if self.status == "warming_up":
+                self.set("ready")
         except Exception as exc:  # reported by /readyz; the server stays up
             log.error("warm-up failed: %s: %s", type(exc).__name__, exc)
-            state.update(status="failed", detail=f"warm-up failed: {type(exc).__name__}: {exc}")
+            self.set("failed", f"warm-up failed: {type(exc).__name__}: {exc}")
 
-    def begin_draining() -> None:
+    def begin_draining(self) -> None:
         """Readiness off (503) while requests are still served: the shutdown's first step."""
-        state.update(status="shutting_down", detail="the server is stopping; send new "
-                     "requests to another instance")
+        self.set("shutting_down", "the server is stopping; send new requests to another "
+                 "instance")
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        state.update(status="warming_up", detail="warm-up pass not finished")
-        await batcher.start()
-        if not settings.warmup:
-            state.update(status="ready", detail=None)
-        task = asyncio.create_task(warm_up())
+    async def lifespan(self, app: FastAPI):
+        self.set("warming_up", "warm-up pass not finished")
+        await self.batcher.start()
+        if not self.settings.warmup:
+            self.set("ready")
+        task = asyncio.create_task(self.warm_up())
         try:
             yield
         finally:
-            begin_draining()
+            self.begin_draining()
             await task
-            await batcher.close()  # finishes every queued and running job
+            await self.batcher.close()  # finishes every queued and running job
 
-    app = FastAPI(
-        title="SIM box-supervised instance segmentation",
-        version="1",
-        description="Instance masks from images, automatically or from prompt boxes. Errors are "
-                    '`{"error": {"code", "message", "field"}}`.',
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-    )
-    add_offline_docs(app)
-    app.state.batcher = batcher
-    app.state.begin_draining = begin_draining
-    app.state.segmenter = segmenter
-    app.state.settings = settings
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as ``{"error": {"code", "message", "field"}}`` with its status."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -154,6 +145,9 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
         return _error_response(ApiError(500, "internal_error", f"internal error "
                                         f"({type(exc).__name__}); the server is still running"))
 
+
+def _add_segment_route(app: FastAPI, segmenter: Segmenter, settings: ServerSettings,
+                       batcher: DynamicBatcher, max_boxes: int) -> None:
     @app.post("/v1/segment", response_model=SegmentResponse, summary="Segment one image",
               responses=error_responses(400, 408, 413, 415, 422, 500, 503),
               openapi_extra=segment_request_body(max_boxes))
@@ -182,21 +176,28 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
         return await run_in_threadpool(
             build_response, job, result, (time.perf_counter() - start) * 1000.0)
 
+
+def _model_info(segmenter: Segmenter, settings: ServerSettings, max_boxes: int) -> ModelInfo:
+    info = segmenter.model_info
+    return ModelInfo(
+        classes=info["classes"], backbone=str(info["backbone"]), backend=info["backend"],
+        device=str(info["device"]), score_threshold=float(info["display_threshold"]),
+        input=InputRules(content_types=[MULTIPART_TYPE, JSON_TYPE],
+                         image_formats=[e.lstrip(".") for e in IMAGE_EXTENSIONS],
+                         min_image_side=MIN_IMAGE_SIDE, resize_min_size=info["min_size"],
+                         resize_max_size=info["max_size"]),
+        limits=Limits(max_body_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels,
+                      max_boxes=max_boxes, max_mask_pixels=settings.max_mask_pixels,
+                      max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                      max_queue=settings.max_queue, keep_alive_s=settings.keep_alive_s,
+                      body_timeout_s=settings.body_timeout_s))
+
+
+def _add_status_routes(app: FastAPI, info: ModelInfo, batcher: DynamicBatcher,
+                       lifecycle: _Lifecycle) -> None:
     @app.get("/v1/model", response_model=ModelInfo, summary="Model, input rules and limits")
     async def model_info() -> ModelInfo:
-        info = segmenter.model_info
-        return ModelInfo(
-            classes=info["classes"], backbone=str(info["backbone"]), backend=info["backend"],
-            device=str(info["device"]), score_threshold=float(info["display_threshold"]),
-            input=InputRules(content_types=[MULTIPART_TYPE, JSON_TYPE],
-                             image_formats=[e.lstrip(".") for e in IMAGE_EXTENSIONS],
-                             min_image_side=MIN_IMAGE_SIDE, resize_min_size=info["min_size"],
-                             resize_max_size=info["max_size"]),
-            limits=Limits(max_body_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels,
-                          max_boxes=max_boxes, max_mask_pixels=settings.max_mask_pixels,
-                          max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                          max_queue=settings.max_queue, keep_alive_s=settings.keep_alive_s,
-                          body_timeout_s=settings.body_timeout_s))
+        return info
 
     @app.get("/v1/stats", response_model=Stats, summary="Batching counters since start")
     async def stats() -> Stats:
@@ -214,10 +215,36 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
     @app.get("/readyz", response_model=Readiness, summary="Readiness (model warmed up)",
              responses={503: {"model": Readiness, "description": "not ready yet, or stopping"}})
     async def readyz() -> Any:
-        body = Readiness(ready=state["status"] == "ready", status=state["status"],
-                         detail=state["detail"])
+        body = Readiness(ready=lifecycle.status == "ready", status=lifecycle.status,
+                         detail=lifecycle.detail)
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
+
+def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> FastAPI:
+    """The ASGI application serving ``segmenter`` (see the module docstring for endpoints)."""
+    settings = settings or ServerSettings()
+    max_boxes = settings.boxes_limit(segmenter)
+    batcher = DynamicBatcher(segmenter, settings.max_batch, settings.max_wait_ms,
+                             settings.max_queue, max_batch_cost=settings.max_mask_pixels,
+                             large_cost=settings.large_cost, large_boxes=settings.large_boxes)
+    lifecycle = _Lifecycle(segmenter, settings, batcher)
+    app = FastAPI(
+        title="SIM box-supervised instance segmentation",
+        version="1",
+        description="Instance masks from images, automatically or from prompt boxes. Errors are "
+                    '`{"error": {"code", "message", "field"}}`.',
+        lifespan=lifecycle.lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    add_offline_docs(app)
+    app.state.batcher = batcher
+    app.state.begin_draining = lifecycle.begin_draining
+    app.state.segmenter = segmenter
+    app.state.settings = settings
+    _add_error_handlers(app)
+    _add_segment_route(app, segmenter, settings, batcher, max_boxes)
+    _add_status_routes(app, _model_info(segmenter, settings, max_boxes), batcher, lifecycle)
     return app
 
 

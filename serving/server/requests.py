@@ -174,7 +174,8 @@ def _form_json(name: str, text: str) -> Any:
                        name) from None
 
 
-async def _parse_multipart(request: Request, body: bytes) -> RawSegmentRequest:
+async def _read_form(request: Request, body: bytes) -> Any:
+    """The multipart form of an already-read ``body`` (400 if it is not multipart)."""
     sent = False
 
     async def replay() -> dict[str, Any]:
@@ -185,8 +186,8 @@ async def _parse_multipart(request: Request, body: bytes) -> RawSegmentRequest:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form(max_files=len(FORM_FIELDS),
-                                                        max_fields=8)
+        return await Request(request.scope, replay).form(max_files=len(FORM_FIELDS),
+                                                         max_fields=8)
     except HTTPException as exc:
         raise ApiError(400, "malformed_body", f"body: malformed multipart ({exc.detail}); send "
                        "multipart/form-data with the image file in field 'image'", "body") from None
@@ -194,35 +195,50 @@ async def _parse_multipart(request: Request, body: bytes) -> RawSegmentRequest:
         raise ApiError(400, "malformed_body", f"body: malformed multipart ({type(exc).__name__});"
                        " send multipart/form-data with the image in field 'image'",
                        "body") from None
+
+
+def _check_form_keys(form: Any) -> None:
+    """Only the known fields, each once; the options as text, not files (422 otherwise)."""
+    for key in form.keys():
+        if key not in FORM_FIELDS:
+            raise ApiError(422, "unknown_field", f"{key}: unknown field; accepted fields are "
+                           + ", ".join(FORM_FIELDS), key)
+        if len(form.getlist(key)) > 1:
+            raise ApiError(422, "duplicate_field", f"{key}: sent more than once; send it once",
+                           key)
+    for name in ("boxes", "labels", "score_threshold"):
+        if isinstance(form.get(name), UploadFile):
+            raise ApiError(422, "invalid_field", f"{name}: sent as a file; send it as a plain "
+                           "form field", name)
+
+
+def _form_options(form: Any) -> dict[str, Any]:
+    """``boxes`` and ``labels`` (JSON text) and ``score_threshold`` (a number) of the form."""
+    fields: dict[str, Any] = {}
+    for name in ("boxes", "labels"):
+        value = form.get(name)
+        if isinstance(value, str) and value.strip():
+            fields[name] = _form_json(name, value)
+    threshold = form.get("score_threshold")
+    if isinstance(threshold, str) and threshold.strip():
+        try:
+            fields["score_threshold"] = float(threshold)
+        except ValueError:
+            raise ApiError(422, "invalid_field", f"score_threshold: '{threshold[:20]}' is not "
+                           f"a number; {FIXES['score_threshold']}", "score_threshold") from None
+    return fields
+
+
+async def _parse_multipart(request: Request, body: bytes) -> RawSegmentRequest:
+    form = await _read_form(request, body)
     try:
-        for key in form.keys():
-            if key not in FORM_FIELDS:
-                raise ApiError(422, "unknown_field", f"{key}: unknown field; accepted fields are "
-                               + ", ".join(FORM_FIELDS), key)
-            if len(form.getlist(key)) > 1:
-                raise ApiError(422, "duplicate_field", f"{key}: sent more than once; send it once",
-                               key)
+        _check_form_keys(form)
         image = form.get("image")
         if image is None:
             raise ApiError(422, "missing_field", f"image: required; {FIXES['image']} in "
                            "multipart field 'image'", "image")
         data = await image.read() if isinstance(image, UploadFile) else image.encode("utf-8")
-        fields: dict[str, Any] = {}
-        for name in ("boxes", "labels"):
-            value = form.get(name)
-            if isinstance(value, str) and value.strip():
-                fields[name] = _form_json(name, value)
-        threshold = form.get("score_threshold")
-        if isinstance(threshold, str) and threshold.strip():
-            try:
-                fields["score_threshold"] = float(threshold)
-            except ValueError:
-                raise ApiError(422, "invalid_field", f"score_threshold: '{threshold[:20]}' is not "
-                               f"a number; {FIXES['score_threshold']}", "score_threshold") from None
-        for name in ("boxes", "labels", "score_threshold"):
-            if isinstance(form.get(name), UploadFile):
-                raise ApiError(422, "invalid_field", f"{name}: sent as a file; send it as a plain "
-                               "form field", name)
+        fields = _form_options(form)
     finally:
         await form.close()
     try:
