@@ -13,8 +13,9 @@ configuration is a whole command, start-up included, run as a user runs it:
 
 Configurations are run round-robin (A B C A B C ...) and reported by their median, so load that
 comes and goes hits all alike. Reported: wall time, images/s and its ratio to one process, the
-idle share (how long processes wait for the slowest, from their logs' end marks) and whether
-the output is byte-identical to the one-process output (batch size 1).
+same with each configuration's start-up (the same command on 2 images, timed in the same
+round) taken off, the idle share (how long processes wait for the slowest, from their logs'
+end marks) and whether the output is byte-identical to the one-process output (batch size 1).
 
     python benchmarks/label_scale.py                       # 96 images, 1 and 2 processes
     python benchmarks/label_scale.py --processes 1 2 4 --rounds 3
@@ -48,6 +49,8 @@ from serving import InferenceConfig, ModelConfig, build_condinst  # noqa: E402
 from serving.model.checkpoint import save_checkpoint  # noqa: E402
 
 CLASSES = ("a", "b", "c")
+#: processes -> the machine's parallel ceiling measured in each round (see parallel_ceiling).
+CEILING: dict[int, list[float]] = {}
 
 
 def make_model(path: Path) -> Path:
@@ -83,9 +86,34 @@ def make_dataset(root: Path, count: int) -> Path:
     return path
 
 
-def run_one(processes: int, share: str, model: Path, data: Path, out: Path) -> dict[str, Any]:
+def _burn(n: int) -> None:
+    x = 0
+    for i in range(n):
+        x += i * i
+
+
+def parallel_ceiling(processes: int, n: int = 20_000_000) -> float:
+    """How much more pure-Python work ``processes`` processes get done than one, in the same
+    time: the most any multi-process run can gain on this machine (2.0 on two free cores)."""
+    import multiprocessing as mp
+
+    def run(k: int) -> float:
+        procs = [mp.Process(target=_burn, args=(n,)) for _ in range(k)]
+        start = time.perf_counter()
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+        return time.perf_counter() - start
+
+    one, many = run(1), run(processes)
+    return round(processes * one / many, 2)
+
+
+def run_one(processes: int, share: str, model: Path, data: Path, out: Path,
+            boxes: str = "boxes.json") -> dict[str, Any]:
     """One whole ``sim label`` command; its wall time and each process's finish time."""
-    args = ["--share", share, "--model", str(model), "--annotations", str(data / "boxes.json"),
+    args = ["--share", share, "--model", str(model), "--annotations", str(data / boxes),
             "--images", str(data / "images"), "--output", str(out), "--batch-size", "1",
             "--device", "cpu", "--workers", "1", "--no-progress"]
     worker = ["-m", "benchmarks.label_scale_worker", *args]
@@ -110,11 +138,19 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     model = make_model(work / "model.safetensors")
     data = work / "data"
     make_dataset(data, args.images)
+    full = json.loads((data / "boxes.json").read_text())
+    first = {img["id"] for img in full["images"][:2]}
+    (data / "two.json").write_text(json.dumps({
+        **full, "images": full["images"][:2],
+        "annotations": [a for a in full["annotations"] if a["image_id"] in first]}))
     configs = [(1, "interleaved")] + [(p, s) for p in args.processes if p > 1
                                       for s in args.shares]
     runs: dict[tuple[int, str], list[dict[str, Any]]] = {c: [] for c in configs}
     reference: bytes | None = None
     for _ in range(args.rounds):
+        for p in args.processes:
+            if p > 1:
+                CEILING.setdefault(p, []).append(parallel_ceiling(p))
         for processes, share in configs:
             out = work / "out" / f"p{processes}_{share}" / "labels.json"
             shutil.rmtree(out.parent, ignore_errors=True)
@@ -123,6 +159,9 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             if reference is None:
                 reference = out.read_bytes()
             result["identical"] = out.read_bytes() == reference
+            shutil.rmtree(out.parent)
+            out.parent.mkdir(parents=True)
+            result["startup_s"] = run_one(processes, share, model, data, out, "two.json")["wall_s"]
             runs[(processes, share)].append(result)
             print(f"{processes} x {share}: {result['wall_s']:.1f} s", flush=True)
     return [summarise(p, s, rs, args.images) for (p, s), rs in runs.items()]
@@ -131,33 +170,42 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 def summarise(processes: int, share: str, runs: list[dict[str, Any]],
               images: int) -> dict[str, Any]:
     wall = statistics.median(r["wall_s"] for r in runs)
+    net = statistics.median(r["wall_s"] - r["startup_s"] for r in runs)
     idle = [1 - statistics.mean(r["finish_s"]) / max(r["finish_s"]) if r["finish_s"] else 0
             for r in runs]
     return {"processes": processes, "share": share, "wall_s": round(wall, 2),
-            "images_per_s": round(images / wall, 3), "idle_share": round(statistics.median(idle),
-                                                                           3),
+            "images_per_s": round(images / wall, 3), "net_s": round(net, 2),
+            "net_images_per_s": round(images / net, 3),
+            "idle_share": round(statistics.median(idle), 3),
             "identical_output": all(r["identical"] for r in runs), "runs": runs}
 
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any]) -> None:
-    base = next(r["images_per_s"] for r in rows if r["processes"] == 1)
+    base = next(r for r in rows if r["processes"] == 1)
     for r in rows:
-        r["ratio_to_one_process"] = round(r["images_per_s"] / base, 3)
+        r["ratio_to_one_process"] = round(r["images_per_s"] / base["images_per_s"], 3)
+        r["net_ratio_to_one_process"] = round(r["net_images_per_s"] / base["net_images_per_s"],
+                                              3)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/label_scale.py " + " ".join(sys.argv[1:])
+    ceiling = {p: statistics.median(v) for p, v in CEILING.items()}
     (out / f"{args.name}.json").write_text(json.dumps(
-        {"command": command.strip(), "machine": info, "images": args.images, "rows": rows},
-        indent=2))
+        {"command": command.strip(), "machine": info, "images": args.images, "rows": rows,
+         "parallel_ceiling": ceiling}, indent=2))
     table = markdown_table(
-        ["processes", "share", "wall s (median)", "images/s", "x one process", "idle share",
-         "output = one process"],
+        ["processes", "share", "wall s (median)", "images/s", "x one process",
+         "images/s without start-up", "x one process", "idle share", "output = one process"],
         [[r["processes"], r["share"], r["wall_s"], r["images_per_s"], r["ratio_to_one_process"],
-          r["idle_share"], "yes" if r["identical_output"] else "NO"] for r in rows])
+          r["net_images_per_s"], r["net_ratio_to_one_process"], r["idle_share"],
+          "yes" if r["identical_output"] else "NO"] for r in rows])
     text = (f"# Auto-labelling throughput by process count\n\n`{command.strip()}`\n\n"
             f"{machine_markdown(info)}\n\n{args.images} images (2 to ~40 boxes each, growing "
             f"along the list), batch size 1, one torch thread per process, {args.rounds} "
-            f"round(s), start-up included.\n\n{table}\n")
+            f"round(s), start-up included.\n\n{table}\n\nParallel ceiling of this machine in "
+            f"the same rounds (pure-Python work done by N processes over one, the most any run "
+            f"can gain; 2.0 on two free cores): "
+            + ", ".join(f"{p} processes {c:.2f}x" for p, c in sorted(ceiling.items())) + "\n")
     (out / f"{args.name}.md").write_text(text)
     print(text)
 
