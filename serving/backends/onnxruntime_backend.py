@@ -167,5 +167,5 @@ def load_onnx_segmenter(cls: type, path: str | os.PathLike, device: str = "auto"
         backend = StaticShapeBackend(backend, *static)
     info = {"backbone": sidecar.model.backbone, "path": str(sidecar.path),
             "providers": backend.providers if hasattr(backend, "providers") else None,
-            "extra": sidecar.extra}
+            "precision": sidecar.precision, "extra": sidecar.extra}
     return cls(backend, sidecar.class_names, cfg, info)
