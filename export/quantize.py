@@ -20,6 +20,7 @@ feed those (``keep_prediction_convs``; box regression, class logits, controller 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -69,11 +70,56 @@ class QuantizeOptions:
 
 @dataclass
 class GraphPlan:
-    """The nodes of one graph to quantise, and what was kept in fp32 (node names)."""
+    """What to quantise in one graph (node names).
 
+    ``region``: the nodes handed to the quantiser, closed under dependencies (the network, or
+    the whole graph with ``quantize_mask_head``); ``quantize``: the nodes inside it that run in
+    int8; ``kept_convs``: prediction convolutions kept in fp32.
+    """
+
+    region: set[str] = field(default_factory=set)
     quantize: list[str] = field(default_factory=list)
     kept_convs: list[str] = field(default_factory=list)
     op_types: list[str] = field(default_factory=list)
+
+
+def optimize_model(path: str | os.PathLike) -> Any:
+    """The graph at ``path`` after ONNX Runtime's *basic* optimisations (standard ONNX
+    operators only): constants folded, batch norms (exported as Mul/Add) folded into their
+    convolutions, identities removed. Quantising before this would put Q/DQ pairs between a
+    convolution and its folded batch norm and keep both in fp32."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(Path(tmp) / "basic.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath)
+
+
+def region_signature(model: Any) -> str:
+    """SHA-256 of a (sub-)model's computation: nodes with their attributes and inputs, where
+    initializers count by content rather than name (two exports of one network name their
+    constants differently)."""
+    from onnx import numpy_helper
+
+    digest = hashlib.sha256(repr([i.name for i in model.graph.input]).encode())
+    inits = {}
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        inits[init.name] = hashlib.sha256(
+            f"{array.dtype}{array.shape}".encode() + array.tobytes()).hexdigest()
+    entries = []
+    for node in model.graph.node:  # order-free: names and edges define the graph
+        inputs = [inits.get(name, name) for name in node.input]
+        attrs = [a.SerializeToString() for a in node.attribute]
+        entries.append(repr((node.op_type, node.name, inputs, list(node.output), attrs)))
+    for entry in sorted(entries):
+        digest.update(entry.encode())
+    return digest.hexdigest()
 
 
 def prepare_model(model: Any) -> Any:
@@ -83,10 +129,14 @@ def prepare_model(model: Any) -> Any:
     import onnx
 
     inits = {init.name: init for init in model.graph.initializer}
+    used = {n.name for n in model.graph.node if n.name}
     keep = []
     for i, node in enumerate(model.graph.node):
         if not node.name:
             node.name = f"{node.op_type}_unnamed_{i}"
+            while node.name in used:
+                node.name += "_"
+            used.add(node.name)
         if node.op_type == "Identity" and node.input[0] in inits:
             copy = onnx.TensorProto()
             copy.CopyFrom(inits[node.input[0]])
@@ -117,8 +167,7 @@ def _float_tensors(model: Any) -> set[str]:
     """Names of the float32 tensors of ``model`` (ONNX shape inference)."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = inferred.graph
+    graph = onnx.shape_inference.infer_shapes(model).graph
     infos = [*graph.value_info, *graph.input, *graph.output]
     floats = {vi.name for vi in infos if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     return floats | {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
@@ -135,7 +184,7 @@ def plan_graph(model: Any, options: QuantizeOptions) -> GraphPlan:
     producer = {out: node for node in nodes for out in node.output}
     # Nodes strictly upstream of some convolution; a conv outside it is a prediction conv.
     upstream = _ancestors(nodes, [producer[i] for c in convs for i in c.input if i in producer])
-    plan = GraphPlan(op_types=list(NETWORK_OPS))
+    plan = GraphPlan(region=network, op_types=list(NETWORK_OPS))
     for node in nodes:
         if node.name not in network or node.op_type not in NETWORK_OPS:
             continue
@@ -149,9 +198,64 @@ def plan_graph(model: Any, options: QuantizeOptions) -> GraphPlan:
             continue
         plan.quantize.append(node.name)
     if options.quantize_mask_head:
+        plan.region = {n.name for n in nodes}
         plan.quantize += [n.name for n in nodes if n.op_type == "MatMul" and n.name not in network]
         plan.op_types.append("MatMul")
     return plan
+
+
+def split_model(model: Any, region: set[str]) -> Any:
+    """The sub-model of the ``region`` nodes (closed under dependencies): the graph inputs and
+    initializers they use, and as outputs every tensor they make that the rest of the graph
+    (or the graph's output) reads. Tensor and node names are unchanged."""
+    import onnx
+
+    inside = [n for n in model.graph.node if n.name in region]
+    if len(inside) == len(model.graph.node):
+        return model
+    rest = [n for n in model.graph.node if n.name not in region]
+    read_outside = {i for n in rest for i in n.input} | {o.name for o in model.graph.output}
+    used = {i for n in inside for i in n.input}
+    typed = onnx.shape_inference.infer_shapes(model).graph
+    infos = {vi.name: vi for vi in [*typed.value_info, *typed.output]}
+    outputs = [infos[o] for n in inside for o in n.output if o in read_outside]
+    graph = onnx.helper.make_graph(
+        inside, "network", [i for i in model.graph.input if i.name in used], outputs,
+        initializer=[i for i in model.graph.initializer if i.name in used])
+    sub = onnx.helper.make_model(graph, opset_imports=model.opset_import)
+    sub.ir_version = model.ir_version
+    return sub
+
+
+def splice_model(model: Any, region: set[str], quantized: Any) -> Any:
+    """``model`` with its ``region`` nodes replaced by the quantised sub-model's nodes (the
+    sub-model keeps the names of the tensors the rest of the graph reads). The rest keeps
+    its own initializers: a quantised-side initializer of the same name is renamed."""
+    import onnx
+
+    if len(region) == len(model.graph.node):
+        return quantized
+    rest = [n for n in model.graph.node if n.name not in region]
+    read = {i for n in rest for i in n.input}
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in quantized.graph.node]
+    inits = [onnx.TensorProto.FromString(i.SerializeToString())
+             for i in quantized.graph.initializer]
+    clash = {i.name for i in inits} & read
+    for init in inits:
+        if init.name in clash:
+            init.name += "__int8"
+    for node in nodes:
+        for k, name in enumerate(node.input):
+            if name in clash:
+                node.input[k] = name + "__int8"
+    have = {i.name for i in inits} | {o for n in nodes for o in n.output}
+    extra = [i for i in model.graph.initializer if i.name in read and i.name not in have]
+    graph = onnx.helper.make_graph([*nodes, *rest], model.graph.name, list(model.graph.input),
+                                   list(model.graph.output), initializer=[*inits, *extra])
+    merged = onnx.helper.make_model(graph, opset_imports=quantized.opset_import)
+    merged.ir_version = max(model.ir_version, quantized.ir_version)
+    merged.metadata_props.extend(model.metadata_props)
+    return merged
 
 
 def _reader(feeds: Iterator[dict[str, Any]]) -> Any:
@@ -174,22 +278,18 @@ def _stamp(model: Any, values: dict[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
-def quantize_graph(src: Path, dst: Path, feeds: Iterator[dict[str, Any]],
-                   options: QuantizeOptions, metadata: dict[str, str]) -> GraphPlan:
-    """Calibrate ``src`` on ``feeds`` and write the QDQ graph to ``dst`` (atomically, then
-    checked with ``onnx.checker``). Returns the plan that was applied."""
+def _quantize_static(model: Any, feeds: Iterator[dict[str, Any]], plan: GraphPlan,
+                     options: QuantizeOptions) -> Any:
+    """Run ``quantize_static`` on ``model`` (a ModelProto) and return the QDQ ModelProto."""
     import logging
 
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    if options.method not in METHODS:
-        raise InputError(f"calibration method {options.method!r}: choose one of "
-                         f"{', '.join(METHODS)}")
-    model = prepare_model(onnx.load(str(src)))
-    plan = plan_graph(model, options)
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[options.method]
+    names = {i.name for i in model.graph.input}
+    reader = _reader({k: v for k, v in feed.items() if k in names} for feed in feeds)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantiser's advice warnings go to the root logger
@@ -197,7 +297,7 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterator[dict[str, Any]],
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "quantized.onnx"
             quantize_static(
-                model, out, _reader(feeds), quant_format=QuantFormat.QDQ,
+                model, out, reader, quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=plan.op_types, nodes_to_quantize=plan.quantize,
                 per_channel=options.per_channel, reduce_range=False,
                 activation_type=QuantType.QInt8 if options.symmetric else QuantType.QUInt8,
@@ -205,14 +305,44 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterator[dict[str, Any]],
                 extra_options={"ActivationSymmetric": options.symmetric,
                                "WeightSymmetric": True, "CalibMaxIntermediateOutputs": 16},
             )
-            quantized = onnx.load(str(out))
+            return onnx.load(str(out))
     finally:
         root.setLevel(level)
-    _stamp(quantized, metadata)
-    quantized.producer_name = "sim-boxseg export (int8)"
-    atomic_write(dst, lambda tmp: onnx.save(quantized, tmp))
-    onnx.checker.check_model(str(dst))
-    return plan
+
+
+def quantize_model(model: Any, feeds: Iterator[dict[str, Any]], options: QuantizeOptions,
+                   reuse: dict[str, Any] | None = None) -> tuple[Any, GraphPlan]:
+    """Quantise an exported graph (``onnx.ModelProto``) calibrated on ``feeds``.
+
+    Only the planned region (:func:`plan_graph`) goes through the quantiser, as a sub-model
+    (:func:`split_model`), and is spliced back; the rest of the graph is unchanged. ``reuse``
+    maps a region's SHA-256 to its quantised sub-model, so the automatic and prompt graphs of
+    one export (the same network) are calibrated and quantised once.
+
+    Returns:
+        (the QDQ model, the plan that was applied).
+    """
+    if options.method not in METHODS:
+        raise InputError(f"calibration method {options.method!r}: choose one of "
+                         f"{', '.join(METHODS)}")
+    model = prepare_model(model)
+    plan = plan_graph(model, options)
+    sub = split_model(model, plan.region)
+    key = region_signature(sub)
+    reuse = {} if reuse is None else reuse
+    if key not in reuse:
+        reuse[key] = _quantize_static(sub, feeds, plan, options)
+    return splice_model(model, plan.region, reuse[key]), plan
+
+
+def _write(model: Any, path: Path, metadata: dict[str, str]) -> None:
+    """Stamp the graph metadata, write atomically, run the ONNX checker."""
+    import onnx
+
+    _stamp(model, metadata)
+    model.producer_name = "sim-boxseg export (int8)"
+    atomic_write(path, lambda tmp: onnx.save(model, tmp))
+    onnx.checker.check_model(str(path))
 
 
 def _int8_sidecar(sidecar: ExportSidecar, export_id: str, graphs: dict[str, Path],
@@ -258,12 +388,13 @@ def quantize_export(export: str | os.PathLike, calibration: CalibrationSet | str
     export_id = uuid.uuid4().hex
     result = ExportResult(sidecar=sidecar.path.with_name(stem + ".json"))
     kept: dict[str, Any] = {}
+    reuse: dict[str, Any] = {}
     for kind, suffix in (("automatic", "auto"), ("prompt", "prompt")):
         dst = sidecar.path.with_name(f"{stem}.{suffix}.onnx")
-        meta = {"format": "sim-condinst-export", "graph": kind, "export_id": export_id,
-                "precision": "int8"}
-        plan = quantize_graph(sidecar.file(kind), dst, calibration_feeds(cal, sidecar, kind),
-                              options, meta)
+        quantized, plan = quantize_model(optimize_model(sidecar.file(kind)),
+                                         calibration_feeds(cal, sidecar, kind), options, reuse)
+        _write(quantized, dst, {"format": "sim-condinst-export", "graph": kind,
+                                "export_id": export_id, "precision": "int8"})
         result.graphs[kind] = dst
         kept[kind] = {"quantized_nodes": len(plan.quantize), "fp32_convs": plan.kept_convs}
     record = {"tool": "onnxruntime.quantization.quantize_static",

@@ -45,10 +45,13 @@ class Segmenter:
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto",
-                        dtype: torch.dtype | None = None, **overrides: Any) -> Segmenter:
+                        dtype: str | torch.dtype | None = None, **overrides: Any) -> Segmenter:
         """Load a training checkpoint (``.safetensors``) into the PyTorch backend.
 
-        ``overrides`` replace fields of the checkpoint's ``InferenceConfig``.
+        ``dtype``: "fp32" (default), "bf16" (CUDA, or a CPU with native bf16 instructions) or
+        "fp16" (CUDA): the network runs in autocast, post-processing in fp32; an unsupported
+        choice raises ``InputError`` with the reason. ``overrides`` replace fields of the
+        checkpoint's ``InferenceConfig``.
         """
         from .backends.torch_backend import TorchBackend
         from .model.checkpoint import load_checkpoint
@@ -56,7 +59,8 @@ class Segmenter:
         model, ckpt = load_checkpoint(path)
         cfg = InferenceConfig(**{**config_to_dict(ckpt.inference), **overrides})
         backend = TorchBackend(model, cfg, device=device, dtype=dtype)
-        info = {"backbone": ckpt.model.backbone, "path": str(path), "extra": ckpt.extra}
+        info = {"backbone": ckpt.model.backbone, "path": str(path), "extra": ckpt.extra,
+                "precision": backend.precision}
         return cls(backend, ckpt.class_names, cfg, info)
 
     @classmethod
@@ -75,15 +79,26 @@ class Segmenter:
         return load_tensorrt_segmenter(cls, path, **overrides)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto", **overrides: Any) -> Segmenter:
-        """Pick the backend from the file extension (.safetensors, .onnx, .engine/.plan)."""
+    def load(cls, path: str | os.PathLike, device: str = "auto",
+             dtype: str | torch.dtype | None = None, **overrides: Any) -> Segmenter:
+        """Pick the backend from the file extension (.safetensors, .onnx, .engine/.plan).
+
+        ``dtype`` ("fp32", "bf16", "fp16") applies to checkpoints (see :meth:`from_checkpoint`);
+        exported models run at the precision they were exported with.
+        """
         suffix = Path(path).suffix.lower()
+        if suffix in (".onnx", ".engine", ".plan", ".trt") and dtype not in (None, "fp32",
+                                                                             torch.float32):
+            raise InputError(
+                f"dtype={dtype}: applies to PyTorch checkpoints (.safetensors); {Path(path).name} "
+                "runs at its exported precision (python -m export --int8 makes an INT8 one)"
+            )
         if suffix == ".onnx":
             return cls.from_onnx(path, device=device, **overrides)
         if suffix in (".engine", ".plan", ".trt"):
             return cls.from_tensorrt(path, **overrides)
         if suffix in (".safetensors", ".pt", ".pth"):
-            return cls.from_checkpoint(path, device=device, **overrides)
+            return cls.from_checkpoint(path, device=device, dtype=dtype, **overrides)
         raise InputError(
             f"model {path}: unknown file type '{suffix}'; pass a .safetensors checkpoint, an "
             ".onnx file or a TensorRT .engine"

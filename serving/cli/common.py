@@ -44,6 +44,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The options ``predict`` and ``label`` share: batching, device, decoding, resuming."""
     parser.add_argument("--batch-size", type=int, default=4, metavar="N")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="PyTorch checkpoints: bf16 (CPUs with AVX512_BF16/AMX, GPUs) or "
+                             "fp16 (GPUs) autocast for the network (default fp32)")
     parser.add_argument("--workers", type=int, default=2, metavar="N",
                         help="image-decoding threads (0: decode in the main thread)")
     parser.add_argument("--overwrite", action="store_true",

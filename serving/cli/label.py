@@ -106,6 +106,7 @@ def _has_masks(dataset: dict[str, Any]) -> bool:
 
 def run_label(model: str, annotations: str, images: str, output: str, fmt: str = "rle",
               evaluate: bool | str = False, batch_size: int = 4, device: str = "auto",
+              dtype: str = "fp32",
               workers: int = 2, overwrite: bool = False, progress: bool = True,
               ) -> LabelSummary:
     """Run the ``label`` command (see the module docstring); returns its summary.
@@ -145,7 +146,7 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str =
         log.path.unlink(missing_ok=True)
     records = log.load()
 
-    seg = Segmenter.load(model_path, device=device)
+    seg = Segmenter.load(model_path, device=device, dtype=dtype)
     cat_names = {c["id"]: str(c["name"]) for c in dataset["categories"]}
     anns_by_image: dict[Any, list[dict[str, Any]]] = {img["id"]: [] for img in dataset["images"]}
     summary = LabelSummary(0, output=out)
@@ -293,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = run_label(args.model, args.annotations, args.images, args.output,
                             fmt=args.format, evaluate=args.evaluate,
                             batch_size=args.batch_size, device=args.device,
+                            dtype=args.dtype,
                             workers=args.workers, overwrite=args.overwrite,
                             progress=not args.no_progress)
     except SimError as exc:

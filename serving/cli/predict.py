@@ -186,6 +186,7 @@ def _clear(out: Path, log: ProgressLog) -> None:
 
 def run_predict(model: str, inputs: Sequence[str], output: str, boxes: str | None = None,
                 batch_size: int = 4, device: str = "auto", score_threshold: float | None = None,
+                dtype: str = "fp32",
                 save_vis: bool = False, save_masks: str | None = None, workers: int = 2,
                 overwrite: bool = False, progress: bool = True) -> PredictSummary:
     """Run the ``predict`` command (see the module docstring); returns its summary.
@@ -217,7 +218,7 @@ def run_predict(model: str, inputs: Sequence[str], output: str, boxes: str | Non
         _clear(out, log)
     records = log.load()
 
-    seg = Segmenter.load(model_path, device=device)
+    seg = Segmenter.load(model_path, device=device, dtype=dtype)
     category_ids, categories = _categories(seg.class_names, coco)
     run = _PredictRun(seg, out, log, records, category_ids, save_vis, save_masks is not None)
     ids = {r["key"]: r["image_id"] for r in records.values()}
@@ -346,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = run_predict(args.model, args.input, args.output, boxes=args.boxes,
                               batch_size=args.batch_size, device=args.device,
+                              dtype=args.dtype,
                               score_threshold=args.score_threshold, save_vis=args.save_vis,
                               save_masks=args.save_masks, workers=args.workers,
                               overwrite=args.overwrite, progress=not args.no_progress)

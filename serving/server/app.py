@@ -201,7 +201,7 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
 def app_from_env() -> FastAPI:
     """uvicorn factory for ``--workers > 1``: each worker process loads its own model."""
     cfg = json.loads(os.environ[SETTINGS_ENV])
-    segmenter = Segmenter.load(cfg["model"], device=cfg["device"])
+    segmenter = Segmenter.load(cfg["model"], device=cfg["device"], dtype=cfg.get("dtype"))
     return create_app(segmenter, ServerSettings(**cfg["settings"]))
 
 
@@ -212,6 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="checkpoints: bf16/fp16 autocast for the network (default fp32)")
     p.add_argument("--max-batch", type=int, default=8, help="images per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long the first queued request waits for others")
@@ -249,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = ServerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                               max_body_mb=args.max_body_mb, max_pixels=args.max_pixels,
                               max_boxes=args.max_boxes, max_queue=args.max_queue)
-    segmenter = Segmenter.load(args.model, device=args.device)  # bad model: error before binding
+    # bad model or unsupported --dtype: error before binding
+    segmenter = Segmenter.load(args.model, device=args.device, dtype=args.dtype)
     common = dict(host=args.host, port=args.port, log_level=args.log_level,
                   timeout_graceful_shutdown=args.graceful_timeout)
     if args.workers == 1:
@@ -261,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     del segmenter  # only checked that it loads; each worker loads its own
     os.environ[SETTINGS_ENV] = json.dumps(
-        {"model": str(args.model), "device": args.device, "settings": asdict(settings)})
+        {"model": str(args.model), "device": args.device, "dtype": args.dtype,
+         "settings": asdict(settings)})
     uvicorn.run("serving.server.app:app_from_env", factory=True, workers=args.workers, **common)
     return 0
