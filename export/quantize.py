@@ -303,7 +303,7 @@ def _quantize_static(model: Any, feeds: Iterator[dict[str, Any]], plan: GraphPla
                 activation_type=QuantType.QInt8 if options.symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8, calibrate_method=method,
                 extra_options={"ActivationSymmetric": options.symmetric,
-                               "WeightSymmetric": True, "CalibMaxIntermediateOutputs": 16},
+                               "WeightSymmetric": True},
             )
             return onnx.load(str(out))
     finally:
@@ -360,7 +360,8 @@ def _int8_sidecar(sidecar: ExportSidecar, export_id: str, graphs: dict[str, Path
 def quantize_export(export: str | os.PathLike, calibration: CalibrationSet | str | os.PathLike,
                     *, count: int = DEFAULT_CALIBRATION_COUNT,
                     images_root: str | os.PathLike | None = None,
-                    options: QuantizeOptions | None = None) -> ExportResult:
+                    options: QuantizeOptions | None = None,
+                    name: str | None = None) -> ExportResult:
     """Write ``<name>.int8.auto.onnx``, ``<name>.int8.prompt.onnx`` and ``<name>.int8.json``
     next to the fp32 export ``export`` (its sidecar, a graph of it, or its folder).
 
@@ -369,6 +370,7 @@ def quantize_export(export: str | os.PathLike, calibration: CalibrationSet | str
             ``count`` of them, found under ``images_root`` for a JSON).
         options: :class:`QuantizeOptions` (defaults: minmax, per-channel, uint8 activations,
             prediction convolutions and the dynamic mask head in fp32).
+        name: file stem of the INT8 files (default ``<fp32 stem>.int8``).
 
     Returns:
         :class:`export.onnx.ExportResult` of the INT8 files. Its sidecar records
@@ -384,7 +386,7 @@ def quantize_export(export: str | os.PathLike, calibration: CalibrationSet | str
                          "export (the .json python -m export wrote without --int8)")
     cal = calibration if isinstance(calibration, CalibrationSet) else \
         load_calibration_set(calibration, count, images_root)
-    stem = sidecar.path.name[: -len(".json")] + ".int8"
+    stem = name or sidecar.path.name[: -len(".json")] + ".int8"
     export_id = uuid.uuid4().hex
     result = ExportResult(sidecar=sidecar.path.with_name(stem + ".json"))
     kept: dict[str, Any] = {}
