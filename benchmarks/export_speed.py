@@ -177,7 +177,10 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
                                                                                           sizes)
     loads = [os.getloadavg()[0]]
     with torch.inference_mode():
-        times = interleaved_times(variants, rounds=rounds, warmup=1)
+        # A pause after each call (outside the timing) lets the previous variant's idle
+        # worker threads (ONNX Runtime and OpenMP spin before sleeping) stop competing.
+        times = interleaved_times(variants, rounds=rounds, warmup=1,
+                                  on_result=lambda *_: time.sleep(args.gap_ms / 1000))
     loads.append(os.getloadavg()[0])
     stats = {k: summarize(v) for k, v in times.items()}
     for value in stats.values():
@@ -213,7 +216,8 @@ def markdown(payload: dict) -> str:
         f"Random weights (class bias raised: 100 detections per image), {payload['threads']} "
         f"threads for every backend, `Segmenter.predict` end to end (same preprocessing and "
         f"mask resizing), median of the rounds after one warm-up round, all variants "
-        f"interleaved in one process (A B C D ... per round). CPU bf16 instructions: {bf16}. "
+        f"interleaved in one process (A B C D ... per round, {payload.get('gap_ms', 0):g} ms "
+        f"untimed pause after each call). CPU bf16 instructions: {bf16}. "
         f"Ratios: against fp32 of the same runtime. conv GFLOP/s = the model's convolution "
         f"FLOPs / the row's median time. Load average (1 min) before -> after each case: "
         f"{'; '.join(loads)}; the machine is shared, so compare ratios, not absolute times.",
@@ -236,13 +240,15 @@ def main() -> int:
     parser.add_argument("--exporter", default="torchscript", choices=("dynamo", "torchscript"),
                         help="exporter (the graphs are the same; torchscript exports faster)")
     parser.add_argument("--calibration-count", type=int, default=8)
+    parser.add_argument("--gap-ms", type=float, default=200.0,
+                        help="untimed pause after every call (default 200 ms)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--name", default="export_speed")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     payload = {"machine": machine_info(), "command": "python " + " ".join(sys.argv),
-               "threads": args.threads, "exporter": args.exporter,
+               "threads": args.threads, "exporter": args.exporter, "gap_ms": args.gap_ms,
                "bf16_support": cpu_bf16_support(),
                "weights": "random (class bias raised: 100 detections per image)", "results": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,8 @@ validation split (every image), COCO mask and box AP of:
   ``--calibration-count`` images of the **training** split (never the images scored), in the
   default setting and the variants the INT8 design was decided with: prediction convolutions
   also in int8 (``+pred-convs``), the dynamic mask head's MatMuls also in int8
-  (``+mask-head``), percentile calibration (``percentile``);
+  (``+mask-head``), depthwise convolutions also in int8 (``+depthwise``, the default before
+  it was measured slower), percentile calibration (``percentile``);
 - plus the INT8 verification figures (:mod:`export.verify_int8`) of each INT8 variant on the
   first ``--verify-images`` validation images.
 
@@ -53,6 +54,7 @@ VARIANTS = {
     "default": QuantizeOptions(),
     "+pred-convs": QuantizeOptions(keep_prediction_convs=False),
     "+mask-head": QuantizeOptions(quantize_mask_head=True),
+    "+depthwise": QuantizeOptions(quantize_depthwise=True),
     "percentile": QuantizeOptions(method="percentile"),
 }
 
@@ -108,15 +110,20 @@ def markdown(payload: dict[str, Any]) -> str:
     parts = ["# Accuracy cost of bf16 and INT8 (CPU)", machine_markdown(payload["machine"]),
              f"Command: `{payload['command']}`",
              "Mask and box AP (percent, COCO) on every image of each validation split; INT8 is "
-             "calibrated on training images. Deltas are against PyTorch fp32."]
+             "calibrated on training images. Deltas are against PyTorch fp32. The verify "
+             "columns are `export.verify_int8` on the first validation images (INT8 "
+             "tolerances: agreement >= 0.9, mask IoUs >= 0.85). Checkpoints: "
+             + ", ".join(f"`{r['checkpoint']}`" for r in payload["results"])
+             + " (`python -m training --config configs/quickstart_cpu.yaml output_dir=runs/q`, "
+             "`python -m training --config configs/bench_nuclei.yaml output_dir=runs/nuclei`)."]
     for res in payload["results"]:
         ref = res["rows"]["torch fp32"]["metrics"]
         table = []
         for label, row in res["rows"].items():
             m = row["metrics"]
             checks = row.get("verify", {})
-            table.append([label, m["segm/AP"], m["segm/AP"] - ref["segm/AP"], m["bbox/AP"],
-                          m["bbox/AP"] - ref["bbox/AP"],
+            table.append([label, f"{m['segm/AP']:.2f}", f"{m['segm/AP'] - ref['segm/AP']:+.2f}",
+                          f"{m['bbox/AP']:.2f}", f"{m['bbox/AP'] - ref['bbox/AP']:+.2f}",
                           checks.get("detection agreement", {}).get("value"),
                           checks.get("mask IoU (automatic, mean)", {}).get("value"),
                           checks.get("mask IoU (prompt, mean)", {}).get("value")])
@@ -140,7 +147,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="precision")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite <name>.md from an existing <name>.json")
     args = parser.parse_args()
+    out = Path(args.output)
+    if args.render:
+        payload = json.loads((out / f"{args.name}.json").read_text(encoding="utf-8"))
+        (out / f"{args.name}.md").write_text(markdown(payload) + "\n", encoding="utf-8")
+        return 0
     torch.set_num_threads(args.threads)
     checkpoints = args.checkpoints or [DATASETS[d][1] for d in args.datasets]
     payload: dict[str, Any] = {"machine": machine_info(),
@@ -148,7 +162,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for dataset, checkpoint in zip(args.datasets, checkpoints, strict=True):
             payload["results"].append(run_dataset(dataset, checkpoint, args, Path(tmp)))
-    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
     text = markdown(payload)

@@ -12,15 +12,15 @@ quantised with ``onnxruntime.quantization.quantize_static``: QDQ format, uint8 a
 What is quantised is chosen on the graph's structure, not on node names: the **network** is
 every node a convolution depends on, plus the convolutions. Inside it, convolutions, their
 Relu/Clip, max-pooling, resizing and the Adds of two activations (residuals, FPN sums) run in
-int8; GroupNorm stays fp32. Everything after the last convolutions stays fp32: box decoding,
-scores, top-k, NMS, the IoU weighting of prompts, the dynamic mask head (unless
-``quantize_mask_head``) and, by default, the prediction convolutions themselves whose outputs
-feed those (``keep_prediction_convs``; box regression, class logits, controller weights).
+int8; GroupNorm and (by default) depthwise convolutions stay fp32. Everything after the last
+convolutions stays fp32: box decoding, scores, top-k, NMS, the IoU weighting of prompts, the
+dynamic mask head (unless ``quantize_mask_head``) and, by default, the prediction
+convolutions whose outputs feed those (``keep_prediction_convs``; box regression, class
+logits, controller weights).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -41,6 +41,14 @@ from .calibration import (
     load_calibration_set,
 )
 from .onnx import ExportResult
+from .onnx_graph import (
+    ancestors,
+    optimize_model,
+    prepare_model,
+    region_signature,
+    splice_model,
+    split_model,
+)
 
 METHODS = ("minmax", "percentile", "entropy")
 #: Operator types quantised inside the network (Add only when both inputs are activations).
@@ -53,13 +61,16 @@ class QuantizeOptions:
 
     ``method``: calibration (minmax, percentile = 99.999th, entropy); ``keep_prediction_convs``:
     the convolutions that produce class logits, box regression, centerness, controller
-    weights and mask features stay fp32; ``quantize_mask_head``: also run the dynamic mask
+    weights and mask features stay fp32; ``quantize_depthwise``: also run depthwise
+    convolutions in int8 (off: ONNX Runtime's int8 depthwise kernel is slower than its fp32
+    one on x86, measured in docs/export.md); ``quantize_mask_head``: also run the dynamic mask
     head's MatMuls in int8; ``symmetric``: int8 activations with zero point 0 (what TensorRT's
     explicit quantisation needs) instead of uint8 asymmetric (faster on x86 CPUs).
     """
 
     method: str = "minmax"
     keep_prediction_convs: bool = True
+    quantize_depthwise: bool = False
     quantize_mask_head: bool = False
     symmetric: bool = False
     per_channel: bool = True
@@ -74,93 +85,15 @@ class GraphPlan:
 
     ``region``: the nodes handed to the quantiser, closed under dependencies (the network, or
     the whole graph with ``quantize_mask_head``); ``quantize``: the nodes inside it that run in
-    int8; ``kept_convs``: prediction convolutions kept in fp32.
+    int8; ``kept_convs``: prediction convolutions kept in fp32; ``kept_depthwise``: depthwise
+    convolutions kept in fp32.
     """
 
     region: set[str] = field(default_factory=set)
     quantize: list[str] = field(default_factory=list)
     kept_convs: list[str] = field(default_factory=list)
+    kept_depthwise: list[str] = field(default_factory=list)
     op_types: list[str] = field(default_factory=list)
-
-
-def optimize_model(path: str | os.PathLike) -> Any:
-    """The graph at ``path`` after ONNX Runtime's *basic* optimisations (standard ONNX
-    operators only): constants folded, batch norms (exported as Mul/Add) folded into their
-    convolutions, identities removed. Quantising before this would put Q/DQ pairs between a
-    convolution and its folded batch norm and keep both in fp32."""
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(Path(tmp) / "basic.onnx")
-        options.log_severity_level = 3
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return onnx.load(options.optimized_model_filepath)
-
-
-def region_signature(model: Any) -> str:
-    """SHA-256 of a (sub-)model's computation: nodes with their attributes and inputs, where
-    initializers count by content rather than name (two exports of one network name their
-    constants differently)."""
-    from onnx import numpy_helper
-
-    digest = hashlib.sha256(repr([i.name for i in model.graph.input]).encode())
-    inits = {}
-    for init in model.graph.initializer:
-        array = numpy_helper.to_array(init)
-        inits[init.name] = hashlib.sha256(
-            f"{array.dtype}{array.shape}".encode() + array.tobytes()).hexdigest()
-    entries = []
-    for node in model.graph.node:  # order-free: names and edges define the graph
-        inputs = [inits.get(name, name) for name in node.input]
-        attrs = [a.SerializeToString() for a in node.attribute]
-        entries.append(repr((node.op_type, node.name, inputs, list(node.output), attrs)))
-    for entry in sorted(entries):
-        digest.update(entry.encode())
-    return digest.hexdigest()
-
-
-def prepare_model(model: Any) -> Any:
-    """Name unnamed nodes and turn ``Identity(initializer)`` into initializers (the
-    TorchScript exporter shares equal constants that way; the quantiser needs weights and
-    biases as initializers). Modifies and returns ``model`` (an ``onnx.ModelProto``)."""
-    import onnx
-
-    inits = {init.name: init for init in model.graph.initializer}
-    used = {n.name for n in model.graph.node if n.name}
-    keep = []
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            node.name = f"{node.op_type}_unnamed_{i}"
-            while node.name in used:
-                node.name += "_"
-            used.add(node.name)
-        if node.op_type == "Identity" and node.input[0] in inits:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(inits[node.input[0]])
-            copy.name = node.output[0]
-            model.graph.initializer.append(copy)
-        else:
-            keep.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    return model
-
-
-def _ancestors(nodes: list[Any], seeds: list[Any]) -> set[str]:
-    """Names of ``seeds`` and every node they depend on."""
-    producer = {out: node for node in nodes for out in node.output}
-    seen: set[str] = set()
-    stack = list(seeds)
-    while stack:
-        node = stack.pop()
-        if node.name in seen:
-            continue
-        seen.add(node.name)
-        stack += [producer[name] for name in node.input if name in producer]
-    return seen
 
 
 def _float_tensors(model: Any) -> set[str]:
@@ -180,10 +113,10 @@ def plan_graph(model: Any, options: QuantizeOptions) -> GraphPlan:
     constants = {init.name for init in model.graph.initializer}
     constants |= {out for node in nodes if node.op_type == "Constant" for out in node.output}
     convs = [n for n in nodes if n.op_type == "Conv"]
-    network = _ancestors(nodes, convs)
+    network = ancestors(nodes, convs)
     producer = {out: node for node in nodes for out in node.output}
     # Nodes strictly upstream of some convolution; a conv outside it is a prediction conv.
-    upstream = _ancestors(nodes, [producer[i] for c in convs for i in c.input if i in producer])
+    upstream = ancestors(nodes, [producer[i] for c in convs for i in c.input if i in producer])
     plan = GraphPlan(region=network, op_types=list(NETWORK_OPS))
     for node in nodes:
         if node.name not in network or node.op_type not in NETWORK_OPS:
@@ -196,66 +129,16 @@ def plan_graph(model: Any, options: QuantizeOptions) -> GraphPlan:
                 node.name not in upstream:
             plan.kept_convs.append(node.name)
             continue
+        if node.op_type == "Conv" and not options.quantize_depthwise and \
+                any(a.name == "group" and a.i > 1 for a in node.attribute):
+            plan.kept_depthwise.append(node.name)
+            continue
         plan.quantize.append(node.name)
     if options.quantize_mask_head:
         plan.region = {n.name for n in nodes}
         plan.quantize += [n.name for n in nodes if n.op_type == "MatMul" and n.name not in network]
         plan.op_types.append("MatMul")
     return plan
-
-
-def split_model(model: Any, region: set[str]) -> Any:
-    """The sub-model of the ``region`` nodes (closed under dependencies): the graph inputs and
-    initializers they use, and as outputs every tensor they make that the rest of the graph
-    (or the graph's output) reads. Tensor and node names are unchanged."""
-    import onnx
-
-    inside = [n for n in model.graph.node if n.name in region]
-    if len(inside) == len(model.graph.node):
-        return model
-    rest = [n for n in model.graph.node if n.name not in region]
-    read_outside = {i for n in rest for i in n.input} | {o.name for o in model.graph.output}
-    used = {i for n in inside for i in n.input}
-    typed = onnx.shape_inference.infer_shapes(model).graph
-    infos = {vi.name: vi for vi in [*typed.value_info, *typed.output]}
-    outputs = [infos[o] for n in inside for o in n.output if o in read_outside]
-    graph = onnx.helper.make_graph(
-        inside, "network", [i for i in model.graph.input if i.name in used], outputs,
-        initializer=[i for i in model.graph.initializer if i.name in used])
-    sub = onnx.helper.make_model(graph, opset_imports=model.opset_import)
-    sub.ir_version = model.ir_version
-    return sub
-
-
-def splice_model(model: Any, region: set[str], quantized: Any) -> Any:
-    """``model`` with its ``region`` nodes replaced by the quantised sub-model's nodes (the
-    sub-model keeps the names of the tensors the rest of the graph reads). The rest keeps
-    its own initializers: a quantised-side initializer of the same name is renamed."""
-    import onnx
-
-    if len(region) == len(model.graph.node):
-        return quantized
-    rest = [n for n in model.graph.node if n.name not in region]
-    read = {i for n in rest for i in n.input}
-    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in quantized.graph.node]
-    inits = [onnx.TensorProto.FromString(i.SerializeToString())
-             for i in quantized.graph.initializer]
-    clash = {i.name for i in inits} & read
-    for init in inits:
-        if init.name in clash:
-            init.name += "__int8"
-    for node in nodes:
-        for k, name in enumerate(node.input):
-            if name in clash:
-                node.input[k] = name + "__int8"
-    have = {i.name for i in inits} | {o for n in nodes for o in n.output}
-    extra = [i for i in model.graph.initializer if i.name in read and i.name not in have]
-    graph = onnx.helper.make_graph([*nodes, *rest], model.graph.name, list(model.graph.input),
-                                   list(model.graph.output), initializer=[*inits, *extra])
-    merged = onnx.helper.make_model(graph, opset_imports=quantized.opset_import)
-    merged.ir_version = max(model.ir_version, quantized.ir_version)
-    merged.metadata_props.extend(model.metadata_props)
-    return merged
 
 
 def _reader(feeds: Iterator[dict[str, Any]]) -> Any:
@@ -398,7 +281,8 @@ def quantize_export(export: str | os.PathLike, calibration: CalibrationSet | str
         _write(quantized, dst, {"format": "sim-condinst-export", "graph": kind,
                                 "export_id": export_id, "precision": "int8"})
         result.graphs[kind] = dst
-        kept[kind] = {"quantized_nodes": len(plan.quantize), "fp32_convs": plan.kept_convs}
+        kept[kind] = {"quantized_nodes": len(plan.quantize), "fp32_convs": plan.kept_convs,
+                      "fp32_depthwise_convs": len(plan.kept_depthwise)}
     record = {"tool": "onnxruntime.quantization.quantize_static",
               "onnxruntime_version": onnxruntime.__version__, "format": "QDQ",
               "activations": "int8 symmetric" if options.symmetric else "uint8 asymmetric",
