@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--share", choices=("on", "off"), default="off",
                    help="'on' asks Gradio for a public *.gradio.live link (needs internet)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="checkpoints: bf16 (CPUs with AVX512_BF16/AMX, GPUs) or fp16 (GPUs)")
     p.add_argument("--max-upload-mb", type=float, default=20.0,
                    help="largest accepted upload in megabytes")
     p.add_argument("--max-side", type=int, default=4096,
@@ -72,7 +74,7 @@ def create_app(args: argparse.Namespace) -> Any:
 
     overrides = {} if args.max_boxes is None else {"max_prompt_boxes": args.max_boxes}
     segmenter = Segmenter.load(args.model, device=args.device, image_size=args.image_size,
-                               **overrides)
+                               dtype=args.dtype, **overrides)
     handlers = Handlers(segmenter, max_side=args.max_side, output_dir=args.output_dir)
     demo = build_app(handlers)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)

@@ -1,15 +1,26 @@
-"""ONNX Runtime vs PyTorch eager latency on the CPU (not a test).
+"""CPU latency by backend and precision: PyTorch fp32 / bf16, ONNX Runtime fp32 / INT8 (not a test).
 
-Two models with **random weights** (no training needed; the class-logit bias is raised so every
-image yields ``max_detections`` = 100 detections, the post-processing load of a trained model at
-score threshold 0.05): MobileNetV2-FPN at 512x512 and ResNet-50-FPN at 800x1333, 80 classes,
-the full architecture of the paper (FPN 256, 4-conv towers). Each model is exported once; then,
-side by side in one process (``benchmarks/common.py``: round r runs every variant once), we
-time ``Segmenter.predict`` in automatic mode and with 10 prompt boxes, PyTorch eager vs ONNX
-Runtime, same thread count. Reported: median ms per image and the speed-up, plus the parity of
-the two backends on the benchmark image. Writes ``benchmarks/results/export_speed.{json,md}``.
+Three models with **random weights** (the class-logit bias is raised so every image keeps
+``max_detections`` = 100 detections, the post-processing load of a trained model at score
+threshold 0.05): MobileNetV2-FPN at 512x512 and ResNet-50-FPN at 800x1333 with the paper's
+heads (FPN 256, 4-conv towers, 80 classes), and the quickstart's light heads (FPN 64, 2-conv
+towers, 6 classes, ``configs/quickstart_cpu.yaml``) at 256x256. Each model is exported once
+and quantised to INT8 (calibrated on ``--calibration-count`` noise images: with random weights
+the calibration data only has to exist). Then, side by side in one process
+(``benchmarks/common.py``: round r runs every variant once, A B C D A B C D ...), we time
+``Segmenter.predict`` end to end in automatic mode and with 10 prompt boxes for:
 
-    python benchmarks/export_speed.py                  # ~10 minutes on 2 busy cores
+    torch fp32 | torch bf16 (autocast, where the CPU has bf16) | onnxruntime fp32 | onnxruntime int8
+
+at the same thread count, plus each backend's ``detect`` alone in automatic mode (network and
+in-graph post-processing, without the ``Segmenter``'s mask pasting at the original size, which
+is the same for every backend). Reported: median ms per image, the speed-ups (INT8 / fp32 ORT,
+bf16 / fp32 torch), the conv GFLOP/s each reaches (the model's convolution FLOPs divided by
+the **end-to-end** time: a lower bound of what its convolution kernels run at), the load
+average during the run, and INT8's agreement with fp32 on the benchmark image. Writes
+``benchmarks/results/export_speed.{json,md}``; on a shared machine rerun it when quiet:
+
+    python benchmarks/export_speed.py                  # ~15 minutes on 2 busy cores
     python benchmarks/export_speed.py --rounds 10 --rounds-r50 3 --threads 2
 """
 
@@ -17,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,25 +52,43 @@ from common import (  # noqa: E402
 )
 
 from export import export_onnx  # noqa: E402
+from export.quantize import quantize_export  # noqa: E402
 from export.verify import compare_automatic, mask_iou  # noqa: E402
+from export.verify_int8 import compare_int8  # noqa: E402
 from serving import InferenceConfig, ModelConfig, Segmenter, build_condinst  # noqa: E402
+from serving.backends.torch_backend import cpu_bf16_support  # noqa: E402
 from serving.model.checkpoint import save_checkpoint  # noqa: E402
 
+#: case -> (backbone, (height, width)); the quickstart case uses the quickstart's light heads.
 CASES = {
     "mobilenet_v2_fpn@512x512": ("mobilenet_v2", (512, 512)),
+    "quickstart_light@256x256": ("mobilenet_v2", (256, 256)),
     "resnet50_fpn@800x1333": ("resnet50", (800, 1333)),
 }
+LIGHT = {"quickstart_light@256x256"}
+MODES = ("automatic", "prompt(10)", "automatic, backend only")
 
 
-def make_checkpoint(backbone: str, size: tuple[int, int], path: Path) -> Path:
-    """Random-weight 80-class checkpoint whose automatic mode keeps 100 detections."""
+def model_config(case: str, backbone: str) -> ModelConfig:
+    """The paper's heads (80 classes), or the quickstart's light heads (its YAML, 6 classes)."""
+    if case not in LIGHT:
+        return ModelConfig(backbone=backbone, num_classes=80)
+    light = yaml.safe_load((REPO / "configs" / "quickstart_cpu.yaml").read_text())["model"]
+    light.pop("backbone_weights", None)
+    return ModelConfig(**{**light, "num_classes": 6})
+
+
+def make_checkpoint(backbone: str, size: tuple[int, int], path: Path,
+                    cfg: ModelConfig | None = None) -> Path:
+    """Random-weight checkpoint whose automatic mode keeps 100 detections."""
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone=backbone, num_classes=80)
+    cfg = cfg or ModelConfig(backbone=backbone, num_classes=80)
     model = build_condinst(cfg).eval()
     with torch.no_grad():
         model.head.cls_logits.bias.fill_(1.0)
     infer = InferenceConfig(min_size=min(size), max_size=max(size), max_detections=100)
-    return save_checkpoint(path, model, cfg, [f"class{i}" for i in range(80)], infer)
+    names = [f"class{i}" for i in range(cfg.num_classes)]
+    return save_checkpoint(path, model, cfg, names, infer)
 
 
 def prompt_boxes(h: int, w: int, n: int = 10) -> np.ndarray:
@@ -66,95 +98,170 @@ def prompt_boxes(h: int, w: int, n: int = 10) -> np.ndarray:
     return np.concatenate((xy, np.minimum(xy + wh, (w, h))), axis=1).astype(np.float32)
 
 
-def parity(ref_seg: Segmenter, ort_seg: Segmenter, image: np.ndarray,
-           boxes: np.ndarray) -> dict:
-    ref, got = ref_seg.predict(image), ort_seg.predict(image)
-    matched, box_diff, iou, score_diff = compare_automatic(ref, got)
-    pref, pgot = ref_seg.predict(image, boxes=boxes), ort_seg.predict(image, boxes=boxes)
-    return {"automatic": {"torch": len(ref), "onnx": len(got), "matched": matched,
-                          "max_box_diff_px": box_diff, "min_mask_iou": iou,
-                          "max_score_diff": score_diff},
-            "prompt": {"boxes": len(boxes),
-                       "min_mask_iou": min(mask_iou(a, b) for a, b in zip(pref.masks, pgot.masks)),
-                       "max_score_diff": float(np.abs(pref.scores - pgot.scores).max())}}
+def conv_gflop(seg: Segmenter, h: int, w: int) -> float:
+    """Convolution FLOPs (2 x multiply-adds) of one forward at the padded input size."""
+    total = [0]
+
+    def hook(mod: torch.nn.Conv2d, _inp, out: torch.Tensor) -> None:
+        total[0] += 2 * out.numel() * mod.weight[0].numel()
+
+    model = seg.backend.model
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, torch.nn.Conv2d)]
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, -(-h // 32) * 32, -(-w // 32) * 32))
+    for handle in handles:
+        handle.remove()
+    return total[0] / 1e9
 
 
-def run_case(name: str, backbone: str, size: tuple[int, int], rounds: int, threads: int,
-             workdir: Path) -> dict:
-    h, w = size
-    ckpt = make_checkpoint(backbone, size, workdir / f"{backbone}.safetensors")
+def agreement(ref: Segmenter, int8: Segmenter, image: np.ndarray, boxes: np.ndarray) -> dict:
+    """INT8 vs fp32 ONNX Runtime on the benchmark image (random weights: a smoke check)."""
+    a, b = ref.predict(image), int8.predict(image)
+    row = compare_int8("bench", a, b, score=0.3)
+    matched, box_diff, iou, _ = compare_automatic(a, b)
+    pa, pb = ref.predict(image, boxes=boxes), int8.predict(image, boxes=boxes)
+    return {"detections": [len(a), len(b)], "confident_matched": [row.matched_torch,
+                                                                    row.torch_confident],
+            "nearest_max_box_diff_px": box_diff,
+            "prompt_mean_mask_iou": float(np.mean([mask_iou(x, y)
+                                                   for x, y in zip(pa.masks, pb.masks)]))}
+
+
+def calibration_images(folder: Path, size: tuple[int, int], count: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def build_variants(name: str, args: argparse.Namespace, workdir: Path) -> tuple[dict, dict]:
+    """Segmenters of one case: {label: Segmenter}, plus facts (export/quantise seconds)."""
+    backbone, (h, w) = CASES[name]
+    ckpt = make_checkpoint(backbone, (h, w), workdir / f"{backbone}.safetensors",
+                           model_config(name, backbone))
     start = time.perf_counter()
-    result = export_onnx(ckpt, workdir / backbone, check_tensorrt=False)
+    exported = export_onnx(ckpt, workdir / "onnx", check_tensorrt=False)
     export_s = time.perf_counter() - start
-    torch_seg = Segmenter.from_checkpoint(ckpt, device="cpu")
-    ort_seg = Segmenter.from_onnx(result.sidecar, device="cpu", threads=threads)
+    start = time.perf_counter()
+    cal = calibration_images(workdir / "cal", (h, w), args.calibration_count)
+    quantized = quantize_export(exported.sidecar, cal, count=args.calibration_count)
+    quantize_s = time.perf_counter() - start
+    segs = {"torch fp32": Segmenter.from_checkpoint(ckpt, device="cpu")}
+    if cpu_bf16_support() is not None:
+        segs["torch bf16"] = Segmenter.from_checkpoint(ckpt, device="cpu", dtype="bf16")
+    segs["onnxruntime fp32"] = Segmenter.from_onnx(exported.sidecar, device="cpu",
+                                                   threads=args.threads)
+    segs["onnxruntime int8"] = Segmenter.from_onnx(quantized.sidecar, device="cpu",
+                                                   threads=args.threads)
+    facts = {"export_seconds": round(export_s, 1), "quantize_seconds": round(quantize_s, 1),
+             "conv_gflop": round(conv_gflop(segs["torch fp32"], h, w), 2)}
+    return segs, facts
+
+
+def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) -> dict:
+    _, (h, w) = CASES[name]
+    segs, facts = build_variants(name, args, workdir)
     image = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
     boxes = prompt_boxes(h, w)
-    checks = parity(torch_seg, ort_seg, image, boxes)
-    variants = {
-        "torch automatic": lambda: torch_seg.predict(image),
-        "onnxruntime automatic": lambda: ort_seg.predict(image),
-        "torch prompt(10)": lambda: torch_seg.predict(image, boxes=boxes),
-        "onnxruntime prompt(10)": lambda: ort_seg.predict(image, boxes=boxes),
-    }
+    checks = agreement(segs["onnxruntime fp32"], segs["onnxruntime int8"], image, boxes)
+    batch, _, sizes = segs["torch fp32"]._preprocess([image])
+    variants = {}
+    for label, seg in segs.items():
+        variants[f"{label} | automatic"] = lambda s=seg: s.predict(image)
+        variants[f"{label} | prompt(10)"] = lambda s=seg: s.predict(image, boxes=boxes)
+        # The backend alone (network + in-graph post-processing, no mask pasting): the part
+        # that precision changes.
+        variants[f"{label} | automatic, backend only"] = lambda s=seg: s.backend.detect(batch,
+                                                                                          sizes)
+    loads = [os.getloadavg()[0]]
     with torch.inference_mode():
-        times = interleaved_times(variants, rounds=rounds, warmup=1)
+        # A pause after each call (outside the timing) lets the previous variant's idle
+        # worker threads (ONNX Runtime and OpenMP spin before sleeping) stop competing.
+        times = interleaved_times(variants, rounds=rounds, warmup=1,
+                                  on_result=lambda *_: time.sleep(args.gap_ms / 1000))
+    loads.append(os.getloadavg()[0])
     stats = {k: summarize(v) for k, v in times.items()}
-    speedup = {mode: stats[f"torch {mode}"]["median_ms"] / stats[f"onnxruntime {mode}"]["median_ms"]
-               for mode in ("automatic", "prompt(10)")}
-    print(f"{name}: " + ", ".join(f"{k} {v['median_ms']:.0f} ms" for k, v in stats.items())
-          + f"; speed-up {speedup}", flush=True)
-    return {"case": name, "backbone": backbone, "image_size": [h, w], "rounds": rounds,
-            "export_seconds": round(export_s, 1), "stats": stats, "speedup": speedup,
-            "parity": checks, "ort_providers": ort_seg.info.get("providers")}
+    for value in stats.values():
+        value["conv_gflops"] = facts["conv_gflop"] / value["median_ms"] * 1000
+    speedup: dict[str, float] = {}
+    for mode in MODES:
+        for stat, tag in (("median_ms", ""), ("min_ms", " (min)")):
+            int8 = stats[f"onnxruntime int8 | {mode}"][stat]
+            speedup[f"int8/fp32 ort {mode}{tag}"] = stats[f"onnxruntime fp32 | {mode}"][stat] / int8
+            if f"torch bf16 | {mode}" in stats:
+                speedup[f"bf16/fp32 torch {mode}{tag}"] = (stats[f"torch fp32 | {mode}"][stat]
+                                                           / stats[f"torch bf16 | {mode}"][stat])
+    print(f"{name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()), flush=True)
+    return {"case": name, "image_size": [h, w], "rounds": rounds, **facts, "stats": stats,
+            "speedup": speedup, "int8_agreement": checks, "load_average_1m": loads,
+            "ort_providers": segs["onnxruntime fp32"].info.get("providers")}
+
+
+def markdown(payload: dict) -> str:
+    rows = []
+    for r in payload["results"]:
+        for key, s in r["stats"].items():
+            label, mode = key.split(" | ")
+            base = "torch fp32" if label.startswith("torch") else "onnxruntime fp32"
+            ratio = r["stats"][f"{base} | {mode}"]["median_ms"] / s["median_ms"]
+            rows.append([r["case"], mode, label, s["median_ms"], s["min_ms"], s["max_ms"],
+                         f"{ratio:.2f}x", round(s["conv_gflops"])])
+    loads = [f"{r['case']}: {r['load_average_1m'][0]:.1f} -> {r['load_average_1m'][1]:.1f}"
+             for r in payload["results"]]
+    bf16 = payload["bf16_support"] or "none (bf16 rows skipped)"
+    return "\n\n".join([
+        "# CPU latency: PyTorch fp32 / bf16 vs ONNX Runtime fp32 / INT8",
+        machine_markdown(payload["machine"]), f"Command: `{payload['command']}`",
+        f"Random weights (class bias raised: 100 detections per image), {payload['threads']} "
+        f"threads for every backend, `Segmenter.predict` end to end (same preprocessing and "
+        f"mask resizing), median of the rounds after one warm-up round, all variants "
+        f"interleaved in one process (A B C D ... per round, {payload.get('gap_ms', 0):g} ms "
+        f"untimed pause after each call). CPU bf16 instructions: {bf16}. "
+        f"Ratios: against fp32 of the same runtime. conv GFLOP/s = the model's convolution "
+        f"FLOPs / the row's median time. Load average (1 min) before -> after each case: "
+        f"{'; '.join(loads)}; the machine is shared, so compare ratios, not absolute times.",
+        "Speed-ups from the medians, and in brackets from the fastest round of each variant "
+        "(less sensitive to other jobs on a shared machine); targets: INT8 ORT >= 2x fp32 ORT, "
+        "bf16 torch >= 1.4x fp32 torch:",
+        markdown_table(["model @ input", "ratio", *MODES], [
+            [r["case"], ratio, *[f"{r['speedup'][f'{ratio} {m}']:.2f}x "
+                                 f"({r['speedup'][f'{ratio} {m} (min)']:.2f}x)" for m in MODES]]
+            for r in payload["results"] for ratio in ("int8/fp32 ort", "bf16/fp32 torch")
+            if f"{ratio} automatic" in r["speedup"]]),
+        markdown_table(["model @ input", "mode", "backend", "median ms", "min ms", "max ms",
+                        "vs fp32", "conv GFLOP/s"], rows),
+    ])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10, help="timed rounds, MobileNetV2")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (MobileNetV2 cases)")
     parser.add_argument("--rounds-r50", type=int, default=3, help="timed rounds, ResNet-50")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="threads for both torch and ONNX Runtime")
+                        help="threads for torch and ONNX Runtime")
+    parser.add_argument("--calibration-count", type=int, default=8)
+    parser.add_argument("--gap-ms", type=float, default=200.0,
+                        help="untimed pause after every call (default 200 ms)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--name", default="export_speed")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    info = machine_info()
-    results = []
+    payload = {"machine": machine_info(), "command": "python " + " ".join(sys.argv),
+               "threads": args.threads, "exporter": "dynamo", "gap_ms": args.gap_ms,
+               "bf16_support": cpu_bf16_support(),
+               "weights": "random (class bias raised: 100 detections per image)", "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases:
-            backbone, size = CASES[name]
-            rounds = args.rounds_r50 if backbone == "resnet50" else args.rounds
-            results.append(run_case(name, backbone, size, rounds, args.threads, Path(tmp)))
+            rounds = args.rounds_r50 if CASES[name][0] == "resnet50" else args.rounds
+            payload["results"].append(run_case(name, rounds, args, Path(tmp) / name))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "threads": args.threads, "exporter": "dynamo",
-               "weights": "random (class bias raised: 100 detections per image)",
-               "results": results}
-    (out / "export_speed.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    rows = []
-    for r in results:
-        for mode in ("automatic", "prompt(10)"):
-            t = r["stats"][f"torch {mode}"]["median_ms"]
-            o = r["stats"][f"onnxruntime {mode}"]["median_ms"]
-            rows.append([r["case"], mode, t, o, r["speedup"][mode], r["rounds"]])
-    par = [[r["case"], r["parity"]["automatic"]["torch"], r["parity"]["automatic"]["onnx"],
-            r["parity"]["automatic"]["matched"], r["parity"]["automatic"]["max_box_diff_px"],
-            r["parity"]["automatic"]["min_mask_iou"], r["parity"]["prompt"]["min_mask_iou"]]
-           for r in results]
-    text = "\n\n".join([
-        "# ONNX Runtime vs PyTorch eager, CPU", machine_markdown(info),
-        f"Random weights (class bias raised so each image keeps 100 detections), 80 classes, "
-        f"{args.threads} threads for both backends, `Segmenter.predict` end to end (same "
-        f"preprocessing and mask resizing), median of the rounds after one warm-up round, "
-        "variants interleaved; exporter: dynamo (python -m export's default).",
-        markdown_table(["model @ input", "mode", "torch eager ms", "onnxruntime ms",
-                        "speed-up", "rounds"], rows),
-        "Parity on the benchmark image:",
-        markdown_table(["model", "torch dets", "onnx dets", "matched", "max box diff px",
-                        "min mask IoU (auto)", "min mask IoU (prompt)"], par),
-    ])
-    (out / "export_speed.md").write_text(text + "\n", encoding="utf-8")
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    text = markdown(payload)
+    (out / f"{args.name}.md").write_text(text + "\n", encoding="utf-8")
     print(text)
     return 0
 

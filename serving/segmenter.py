@@ -86,10 +86,13 @@ class Segmenter:
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto",
-                        dtype: torch.dtype | None = None, **overrides: Any) -> Segmenter:
+                        dtype: str | torch.dtype | None = None, **overrides: Any) -> Segmenter:
         """Load a training checkpoint (``.safetensors``) into the PyTorch backend.
 
-        ``overrides`` replace fields of the checkpoint's ``InferenceConfig``.
+        ``dtype``: "fp32" (default), "bf16" (CUDA, or a CPU with native bf16 instructions) or
+        "fp16" (CUDA): the network runs in autocast, post-processing in fp32; an unsupported
+        choice raises ``InputError`` with the reason. ``overrides`` replace fields of the
+        checkpoint's ``InferenceConfig``.
         """
         from .backends.torch_backend import TorchBackend
         from .model.checkpoint import load_checkpoint
@@ -97,7 +100,8 @@ class Segmenter:
         model, ckpt = load_checkpoint(path)
         cfg = InferenceConfig(**{**config_to_dict(ckpt.inference), **overrides})
         backend = TorchBackend(model, cfg, device=device, dtype=dtype)
-        info = {"backbone": ckpt.model.backbone, "path": str(path), "extra": ckpt.extra}
+        info = {"backbone": ckpt.model.backbone, "path": str(path), "extra": ckpt.extra,
+                "precision": backend.precision}
         return cls(backend, ckpt.class_names, cfg, info)
 
     @classmethod
@@ -117,14 +121,16 @@ class Segmenter:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto",
-             image_size: int | Sequence[int] | None = None, **overrides: Any) -> Segmenter:
+             image_size: int | Sequence[int] | None = None,
+             dtype: str | torch.dtype | None = None, **overrides: Any) -> Segmenter:
         """Pick the backend from the file extension (.safetensors, .onnx, .engine/.plan).
 
         ``image_size``: ``short`` or ``(short, long)``, the test-time resize instead of the
-        model's own (:meth:`with_image_size`); ``overrides`` replace ``InferenceConfig``
-        fields (thresholds, limits).
+        model's own (:meth:`with_image_size`). ``dtype`` ("fp32", "bf16", "fp16") applies to
+        checkpoints (see :meth:`from_checkpoint`); exported models run at the precision they
+        were exported with. ``overrides`` replace ``InferenceConfig`` fields.
         """
-        seg = cls._load_file(path, device, overrides)
+        seg = cls._load_file(path, device, dtype, overrides)
         if image_size is None:
             return seg
         sizes = [int(image_size)] if isinstance(image_size, int) else [int(v) for v in image_size]
@@ -133,15 +139,21 @@ class Segmenter:
         return seg.with_image_size(*sizes)
 
     @classmethod
-    def _load_file(cls, path: str | os.PathLike, device: str, overrides: dict[str, Any],
-              ) -> Segmenter:
+    def _load_file(cls, path: str | os.PathLike, device: str, dtype: str | torch.dtype | None,
+                   overrides: dict[str, Any]) -> Segmenter:
         suffix = Path(path).suffix.lower()
+        if suffix in (".onnx", ".engine", ".plan", ".trt") and dtype not in (None, "fp32",
+                                                                             torch.float32):
+            raise InputError(
+                f"dtype={dtype}: applies to PyTorch checkpoints (.safetensors); {Path(path).name} "
+                "runs at its exported precision (sim export --int8 makes an INT8 one)"
+            )
         if suffix == ".onnx":
             return cls.from_onnx(path, device=device, **overrides)
         if suffix in (".engine", ".plan", ".trt"):
             return cls.from_tensorrt(path, **overrides)
         if suffix == ".safetensors":
-            return cls.from_checkpoint(path, device=device, **overrides)
+            return cls.from_checkpoint(path, device=device, dtype=dtype, **overrides)
         if suffix in (".pt", ".pth"):
             raise InputError(
                 f"model {path}: PyTorch pickle files ({suffix}) are not loaded (unpickling can run "

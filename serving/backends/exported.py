@@ -10,7 +10,12 @@
                      "pixel_format": "RGB float 0-255, zero padding", ...},
      "graphs": {"automatic": {"file": "<name>.auto.onnx", "inputs": [...], "outputs": [...]},
                 "prompt": {...}},
-     "engines": {"automatic": {"file": "<name>.auto.engine", "sha256": "...", ...}, ...}}
+     "engines": {"automatic": {"file": "<name>.auto.engine", "sha256": "...", ...}, ...},
+     "precision": "fp32"}
+
+An INT8 export (``python -m export --int8``) has its own sidecar ``<name>.int8.json`` with
+``"precision": "int8"`` and a ``"quantization"`` record (calibration set and its SHA-256);
+its graphs have the same inputs and outputs as the fp32 ones.
 
 Each ONNX file carries the same ``export_id`` in its metadata, so a sidecar from another export
 is recognised. Thresholds used inside the graphs are fixed at export time: loading may raise
@@ -63,6 +68,10 @@ class ExportSidecar:
     graphs: dict[str, dict[str, Any]]
     engines: dict[str, dict[str, Any]]
     extra: dict[str, Any]
+    #: "fp32", or "int8" for graphs from ``python -m export --int8`` (ONNX Runtime QDQ).
+    precision: str = "fp32"
+    #: For INT8: tool, options, calibration set (source, count, SHA-256), fp32 nodes.
+    quantization: dict[str, Any] | None = None
 
     def file(self, kind: str, engine: bool = False) -> Path:
         """Path of the ``kind`` ("automatic"/"prompt") ONNX graph, or its TensorRT engine."""
@@ -117,6 +126,7 @@ def build_sidecar(*, export_id: str, class_names: list[str] | tuple[str, ...],
         "graphs": graphs,
         "engines": {},
         "extra": extra,
+        "precision": "fp32",
     }
 
 
@@ -150,7 +160,9 @@ def read_sidecar(path: str | os.PathLike) -> ExportSidecar:
         graphs = dict(data["graphs"])
         sidecar = ExportSidecar(side, version, str(data["export_id"]), names, model, inference,
                                 dict(data.get("input_rules", {})), graphs,
-                                dict(data.get("engines", {})), dict(data.get("extra", {})))
+                                dict(data.get("engines", {})), dict(data.get("extra", {})),
+                                precision=str(data.get("precision", "fp32")),
+                                quantization=data.get("quantization"))
     except (KeyError, TypeError, ValueError, SimError) as exc:
         raise CheckpointError(f"{side}: corrupt export sidecar ({exc}); re-export") from None
     if len(names) != model.num_classes:

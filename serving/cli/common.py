@@ -44,6 +44,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The options ``predict`` and ``label`` share: batching, device, decoding, resuming."""
     parser.add_argument("--batch-size", type=int, default=4, metavar="N")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="PyTorch checkpoints: bf16 (CPUs with AVX512_BF16/AMX, GPUs) or "
+                             "fp16 (GPUs) autocast for the network (default fp32)")
     parser.add_argument("--workers", type=int, default=2, metavar="N",
                         help="image-decoding threads (0: decode in the main thread)")
     parser.add_argument("--overwrite", action="store_true",
@@ -65,9 +68,10 @@ def add_image_size_option(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(path: str | os.PathLike, device: str, image_size: Sequence[int] | None = None,
-               ) -> Segmenter:
-    """``Segmenter.load`` with the batch commands' ``--device`` and ``--image-size``."""
-    return Segmenter.load(path, device=device, image_size=image_size or None)
+               dtype: str = "fp32") -> Segmenter:
+    """``Segmenter.load`` with the batch commands' ``--device``, ``--image-size`` and
+    ``--dtype``."""
+    return Segmenter.load(path, device=device, image_size=image_size or None, dtype=dtype)
 
 
 #: A prompt for one image: (boxes (M, 4) float32 XYXY original pixels, labels (M,) int64).

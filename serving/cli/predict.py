@@ -106,6 +106,7 @@ class PredictOptions:
     image_size: tuple[int, ...] | None = None
     vis_labels: bool = True
     vis_threshold: float | None = None
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         vis = "jpg" if self.save_vis is True else (self.save_vis or None)
@@ -325,7 +326,8 @@ def _runner(model_path: Path, out: Path, jobs: list[Job], opts: PredictOptions,
                  "model_stamp": file_stamp(model_path),
                  "boxes": str(Path(opts.boxes).resolve()) if opts.boxes else None,
                  "score_threshold": opts.score_threshold,
-                 "image_size": list(opts.image_size) if opts.image_size else None}
+                 "image_size": list(opts.image_size) if opts.image_size else None,
+                 "dtype": opts.dtype}
 
     def is_done(job: Job, rec: dict[str, Any]) -> bool:
         vis = rec.get("vis")
@@ -390,7 +392,7 @@ def run_predict(model: str, inputs: Sequence[str], output: str, shard: Shard | N
     runner = _runner(model_path, out, jobs, opts, shard)
     mine = runner.start()
     summary = PredictSummary(len(jobs), runner.done_before, 0, 0, output=out)
-    seg = load_model(model_path, shard.device or opts.device, opts.image_size)
+    seg = load_model(model_path, shard.device or opts.device, opts.image_size, opts.dtype)
     if shard.is_main:
         _size_check(seg, coco, summary)
     category_ids, categories = _categories(seg.class_names, coco)
@@ -462,7 +464,7 @@ def _run_from_args(args: argparse.Namespace, shard: Shard) -> PredictSummary:
                        save_masks=args.save_masks, workers=args.workers,
                        overwrite=args.overwrite, progress=not args.no_progress,
                        image_size=args.image_size, vis_labels=args.vis_labels == "on",
-                       vis_threshold=args.vis_threshold)
+                       vis_threshold=args.vis_threshold, dtype=args.dtype)
 
 
 def _print_summary(summary: PredictSummary) -> None:

@@ -94,7 +94,10 @@ class CondInst(nn.Module):
         locs, strides, levels = [], [], []
         for level, (feat, stride) in enumerate(zip(features, self.strides)):
             h, w = feat.shape[-2:]
-            loc = compute_locations(h, w, stride, feat.device, feat.dtype)
+            # Pixel coordinates need fp32 even under bf16/fp16 autocast (bf16 spacing is 8 px
+            # at 1024-2048).
+            loc = compute_locations(h, w, stride, feat.device,
+                                    torch.promote_types(feat.dtype, torch.float32))
             locs.append(loc)
             strides.append(torch.full_like(loc[:, 0], float(stride)))
             levels.append(torch.full_like(loc[:, 0], level, dtype=torch.int64))

@@ -252,7 +252,7 @@ def app_from_env() -> FastAPI:
     """uvicorn factory for ``--workers > 1``: each worker process loads its own model."""
     cfg = json.loads(os.environ[SETTINGS_ENV])
     segmenter = Segmenter.load(cfg["model"], device=cfg["device"],
-                               image_size=cfg.get("image_size"))
+                               image_size=cfg.get("image_size"), dtype=cfg.get("dtype"))
     return create_app(segmenter, ServerSettings(**cfg["settings"]))
 
 
@@ -268,6 +268,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     add_image_size_option(p)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="checkpoints: bf16/fp16 autocast for the network (default fp32)")
     p.add_argument("--max-batch", type=int, default=8, help="images per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long the first queued request waits for others")
@@ -332,8 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: the API has no authentication; put it "
               "behind a proxy that adds it", file=sys.stderr)
-    segmenter = Segmenter.load(args.model, device=args.device,  # bad model: error before binding
-                               image_size=args.image_size)
+    # bad model or unsupported --dtype: error before binding
+    segmenter = Segmenter.load(args.model, device=args.device, image_size=args.image_size,
+                               dtype=args.dtype)
     common = dict(host=args.host, port=args.port, log_level=args.log_level,
                   timeout_graceful_shutdown=args.graceful_timeout, http=IdleTimeoutH11Protocol,
                   timeout_keep_alive=settings.keep_alive_s)
@@ -349,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     del segmenter  # only checked that it loads; each worker loads its own
     os.environ[SETTINGS_ENV] = json.dumps(
         {"model": str(args.model), "device": args.device, "image_size": args.image_size,
+         "dtype": args.dtype,
          "settings": asdict(settings)})
     uvicorn.run("serving.server.app:app_from_env", factory=True, workers=args.workers, **common)
     return 0

@@ -1,0 +1,227 @@
+"""INT8 ONNX export end to end on a small random model: the files and sidecar, what stays fp32,
+serving through ``Segmenter`` with the same outputs contract, the INT8 verification passing on
+the model and failing on a broken or different one, and the ``--int8`` command line.
+
+The model is the tiny test architecture with its predictions made less degenerate (box
+regression bias 2: boxes of about four strides; class weights scaled so scores spread), so
+that matching detections by IoU is meaningful. One export + quantisation per session."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_image
+from PIL import Image
+from sim_testing import TINY_CLASSES, make_tiny_checkpoint, tiny_model_config
+
+from export.verify_int8 import INT8_TOLERANCES, verify_int8
+from serving import Segmenter
+from serving.backends.exported import read_sidecar
+from serving.errors import CheckpointError, InputError
+
+pytestmark = pytest.mark.slow  # the shared fixture exports and quantises (~20 s)
+
+
+@pytest.fixture(scope="session")
+def int8_model(tmp_path_factory, exporter):
+    """(checkpoint, fp32 ExportResult, INT8 ExportResult, calibration folder)."""
+    from export import export_onnx
+    from export.quantize import quantize_export
+    from serving import InferenceConfig, build_condinst
+    from serving.model.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("int8")
+    torch.manual_seed(0)
+    cfg = tiny_model_config()
+    model = build_condinst(cfg).eval()
+    with torch.no_grad():
+        model.head.cls_logits.weight.mul_(30.0)
+        model.head.cls_logits.bias.fill_(-1.0)
+        model.head.bbox_pred.bias.fill_(2.0)
+    ckpt = save_checkpoint(root / "sane.safetensors", model, cfg, list(TINY_CLASSES),
+                           InferenceConfig(min_size=128, max_size=256, max_detections=100))
+    fp32 = export_onnx(ckpt, root / "export", exporter=exporter)
+    cal = root / "cal"
+    cal.mkdir()
+    for i in range(4):
+        Image.fromarray(random_image(120 + 20 * i, 160, i)).save(cal / f"{i}.png")
+    return ckpt, fp32, quantize_export(fp32.sidecar, cal), cal
+
+
+@pytest.fixture(scope="session")
+def verify_images():
+    return [random_image(120 + 40 * i, 160, 20 + i) for i in range(3)]
+
+
+def _ops(path) -> dict[str, int]:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_files_and_sidecar(int8_model):
+    _, fp32, int8, cal = int8_model
+    assert int8.sidecar.name == "sane.int8.json"
+    assert {p.name for p in int8.graphs.values()} == {"sane.int8.auto.onnx",
+                                                      "sane.int8.prompt.onnx"}
+    assert all(p.parent == fp32.sidecar.parent for p in int8.paths)
+    side, base = read_sidecar(int8.sidecar), read_sidecar(fp32.sidecar)
+    assert (side.precision, base.precision) == ("int8", "fp32")
+    assert side.export_id != base.export_id and side.class_names == base.class_names
+    assert side.graphs["automatic"]["inputs"] == base.graphs["automatic"]["inputs"]
+    record = side.quantization
+    digests = [hashlib.sha256((cal / f"{i}.png").read_bytes()).hexdigest() for i in range(4)]
+    assert record["calibration"]["sha256"] == hashlib.sha256(
+        "\n".join(digests).encode()).hexdigest()
+    assert record["calibration"]["count"] == 4 and record["format"] == "QDQ"
+    assert record["source"]["export_id"] == base.export_id
+    assert record["graphs"]["automatic"]["quantized_nodes"] > 0
+
+
+def test_network_in_int8_and_post_processing_in_fp32(int8_model):
+    _, fp32, int8, _ = int8_model
+    ops, base = _ops(int8.graphs["automatic"]), _ops(fp32.graphs["automatic"])
+    assert ops["QuantizeLinear"] > 10 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
+    for op in ("NonMaxSuppression", "TopK", "MatMul", "Sigmoid"):  # untouched, fp32
+        assert ops.get(op) == base.get(op), op
+    import onnx
+
+    model = onnx.load(str(int8.graphs["automatic"]))
+    dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert matmuls and not any(i in dq_outputs for n in matmuls for i in n.input)  # mask head
+    kept = read_sidecar(int8.sidecar).quantization["graphs"]["automatic"]["fp32_convs"]
+    assert kept and all(any(k in name for k in ("cls_logits", "bbox_pred", "ctrness",
+                                                "controller", "mask_branch")) for name in kept)
+
+
+def test_segmenter_serves_int8_with_the_same_contract(int8_model, verify_images):
+    ckpt, _, int8, _ = int8_model
+    image = verify_images[1]
+    for path in (int8.sidecar, int8.graphs["automatic"], int8.graphs["prompt"]):
+        seg = Segmenter.load(path) if str(path).endswith(".onnx") else Segmenter.from_onnx(path)
+        assert seg.info["precision"] == "int8"
+    pred = seg.predict(image)
+    assert len(pred) > 0 and pred.boxes.dtype == np.float32 and pred.scores.dtype == np.float32
+    assert pred.labels.dtype == np.int64 and pred.masks.dtype == bool
+    assert pred.masks.shape[1:] == image.shape[:2]
+    assert (pred.boxes[:, 2] <= image.shape[1] + 1e-3).all()
+    boxes = np.array([[10, 10, 90, 100], [40, 60, 150, 150]], np.float32)
+    prompted = seg.predict(image, boxes=boxes, labels=[1, -1])
+    assert len(prompted) == 2 and prompted.labels[0] == 1
+    np.testing.assert_array_equal(prompted.boxes, boxes)
+    assert not prompted.masks[0][:, 100:].any()  # clipped to its box
+    with pytest.raises(InputError, match="exported precision"):
+        Segmenter.load(int8.graphs["automatic"], dtype="bf16")
+
+
+def test_int8_verification_passes_on_the_model(int8_model, verify_images):
+    ckpt, _, int8, _ = int8_model
+    report = verify_int8(ckpt, int8.sidecar, verify_images)
+    assert report.passed, report.table()
+    assert report.agreement >= INT8_TOLERANCES.min_agreement
+    assert report.tolerances is INT8_TOLERANCES
+    assert "PASS (INT8 tolerances)" in report.table()
+    report.raise_if_failed()
+
+
+def test_int8_verification_fails_on_another_model(int8_model, verify_images, tmp_path):
+    from export.verify import VerificationError
+
+    _, _, int8, _ = int8_model
+    other = make_tiny_checkpoint(tmp_path / "other.safetensors", seed=5)
+    report = verify_int8(other, int8.sidecar, verify_images)
+    assert not report.passed and report.agreement < 0.5
+    with pytest.raises(VerificationError, match="INT8 tolerances"):
+        report.raise_if_failed()
+
+
+def test_int8_verification_fails_with_a_wrong_calibration_scale(int8_model, verify_images,
+                                                                 tmp_path):
+    """Scale the first activation dequantisation by 4 (as a wrong calibration would)."""
+    import onnx
+    from onnx import numpy_helper
+
+    ckpt, _, int8, _ = int8_model
+    broken = tmp_path / "broken"
+    shutil.copytree(int8.sidecar.parent, broken)
+    path = broken / int8.graphs["automatic"].name
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    first = next(n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                 and n.input[0] not in inits)  # an activation, not a weight
+    scale = numpy_helper.to_array(inits[first.input[1]]) * 4
+    model.graph.initializer.append(numpy_helper.from_array(scale, "broken_scale"))
+    first.input[1] = "broken_scale"
+    onnx.save(model, str(path))
+    report = verify_int8(ckpt, broken / int8.sidecar.name, verify_images)
+    assert not report.passed, report.table()
+
+
+def test_int8_export_cannot_be_quantised_again(int8_model):
+    from export.quantize import quantize_export
+
+    _, _, int8, cal = int8_model
+    with pytest.raises(InputError, match="already int8"):
+        quantize_export(int8.sidecar, cal)
+
+
+def test_mixed_int8_and_fp32_files_are_refused(int8_model, tmp_path):
+    _, fp32, int8, _ = int8_model
+    mixed = tmp_path / "mixed"
+    shutil.copytree(int8.sidecar.parent, mixed)
+    shutil.copy(fp32.graphs["automatic"], mixed / int8.graphs["automatic"].name)
+    with pytest.raises(CheckpointError, match="does not belong"):
+        Segmenter.from_onnx(mixed / int8.sidecar.name)
+
+
+def test_export_cli_int8(int8_model, tmp_path, capsys):
+    from export.__main__ import main
+
+    ckpt, _, _, cal = int8_model
+    out = tmp_path / "out"
+    verify = tmp_path / "verify"
+    verify.mkdir()
+    Image.fromarray(random_image(150, 160, 31)).save(verify / "v.png")
+    argv = ["--checkpoint", str(ckpt), "--output", str(out), "--exporter", "torchscript",
+            "--int8", "--calibration", str(cal), "--calibration-count", "2",
+            "--verify", str(verify)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "sane.int8.auto.onnx" in text and "calibrating on 2 of 4 images" in text
+    assert "verify onnx-int8" in text and "PASS (INT8 tolerances)" in text
+    report = json.loads((out / "sane.verify.onnx-int8.json").read_text())
+    assert report["precision"] == "int8" and report["passed"]
+    assert read_sidecar(out / "sane.int8.json").quantization["calibration"]["count"] == 2
+
+
+def test_symmetric_int8_for_tensorrt_runs_on_onnxruntime(int8_model, verify_images, tmp_path):
+    """The TensorRT form (int8 activations, all zero points 0) is valid ONNX that ONNX
+    Runtime serves too, within the INT8 tolerances."""
+    import onnx
+    from onnx import numpy_helper
+
+    from export.quantize import QuantizeOptions, quantize_export
+
+    ckpt, fp32, _, cal = int8_model
+    work = tmp_path / "sym"
+    work.mkdir()
+    for path in fp32.paths:
+        shutil.copy(path, work / path.name)
+    sym = quantize_export(work / fp32.sidecar.name, cal,
+                          options=QuantizeOptions(symmetric=True))
+    assert read_sidecar(sym.sidecar).quantization["activations"] == "int8 symmetric"
+    model = onnx.load(str(sym.graphs["automatic"]))
+    inits = {i.name: i for i in model.graph.initializer}
+    zero_points = [numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    assert verify_int8(ckpt, sym.sidecar, verify_images).passed
