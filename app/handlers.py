@@ -26,6 +26,7 @@ from PIL import Image
 from serving import Prediction, Segmenter, load_image
 from serving.errors import BoxError, ImageError, InputError
 from serving.formats.visualize import draw_predictions, masks_to_label_image
+from serving.inference.domain import score_advice
 
 log = logging.getLogger("app")
 
@@ -231,6 +232,22 @@ class Handlers:
     def max_boxes(self) -> int:
         return int(self.segmenter.model_info["max_prompt_boxes"])
 
+    @property
+    def default_threshold(self) -> float:
+        """Automatic mode's threshold when none is given: the model's calibrated one."""
+        return round(self.segmenter.display_threshold, 2)
+
+    def domain_note(self, pred: Prediction, automatic: bool) -> str:
+        """`` Warning: ...`` when this image's scores sit far below the model's validation
+        scores (an out-of-domain image), else ``""``."""
+        calib = self.segmenter.calibration
+        if automatic:
+            best = [float(pred.scores.max()) if len(pred) else 0.0]
+            advice = score_advice(calib, best, "auto", min_count=1)
+        else:
+            advice = score_advice(calib, pred.scores, "prompt", min_count=1)
+        return f" Warning: {advice}" if advice else ""
+
     def model_markdown(self) -> str:
         """Model information for the page, as Markdown."""
         info = self.segmenter.model_info
@@ -260,7 +277,8 @@ class Handlers:
                 ``orientation``. Ignored in automatic mode.
             mode: ``"boxes"`` (one mask per box, in order) or ``"automatic"`` (every instance
                 scoring at least ``threshold``).
-            threshold: automatic mode's score threshold in [0, 1]; None = the model's.
+            threshold: automatic mode's score threshold in [0, 1]; None = the model's
+                calibrated one (:attr:`default_threshold`).
             orientation: quarter turns clockwise applied in the page's image viewer.
 
         Raises:
@@ -275,10 +293,10 @@ class Handlers:
         if mode == "automatic":
             if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
                 raise InputError(f"threshold {threshold}: give a score between 0 and 1")
-            pred = self._predict(arr, None, None, None if threshold is None else float(threshold))
-            what = f"automatic mode, {_count(len(pred), 'instance')} scoring at least " + (
-                f"{float(threshold):.2f}" if threshold is not None
-                else f"{self.segmenter.model_info['score_threshold']:.2f}")
+            cut = self.default_threshold if threshold is None else float(threshold)
+            pred = self._predict(arr, None, None, cut)
+            what = f"automatic mode, {_count(len(pred), 'instance')} scoring at least {cut:.2f}"
+            what += self.domain_note(pred, automatic=True)
         else:
             box_arr, labels = (parse_boxes_json(boxes) if isinstance(boxes, str)
                                else parse_boxes(boxes))
@@ -289,7 +307,7 @@ class Handlers:
                 raise BoxError("boxes: none drawn; draw a box around an object, or switch to "
                                "automatic mode")
             pred = self._predict(arr, box_arr, labels, None)
-            what = f"{_count(len(pred), 'box')} segmented"
+            what = f"{_count(len(pred), 'box')} segmented" + self.domain_note(pred, False)
         return self._write(arr, pred, file_name, what)
 
     def _write(self, arr: np.ndarray, pred: Prediction, file_name: str,

@@ -16,13 +16,17 @@ import os
 import sys
 from typing import Any
 
+from serving.cli.common import add_image_size_option
+from serving.cli.main import prog
 from serving.errors import SimError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m app",
-                                description="Serve the Gradio page (draw boxes, get masks).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog("python -m app"), description="Serve the Gradio page (draw boxes, get masks).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="examples: sim app --model runs/quickstart/model_final.safetensors; "
+               "sim app --model model.onnx --host 0.0.0.0 --port 7860")
     p.add_argument("--model", required=True,
                    help="model file: .safetensors checkpoint, .onnx or TensorRT .engine")
     p.add_argument("--host", default="127.0.0.1",
@@ -39,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest accepted image width or height in pixels")
     p.add_argument("--max-boxes", type=int, default=None,
                    help="most prompt boxes per image (default: the model's max_prompt_boxes)")
+    add_image_size_option(p)
     p.add_argument("--concurrency", type=int, default=2,
                    help="requests that run at the same time; the rest wait in the queue")
     p.add_argument("--queue-size", type=int, default=64,
@@ -68,7 +73,8 @@ def create_app(args: argparse.Namespace) -> Any:
     from .ui import build_app
 
     overrides = {} if args.max_boxes is None else {"max_prompt_boxes": args.max_boxes}
-    segmenter = Segmenter.load(args.model, device=args.device, dtype=args.dtype, **overrides)
+    segmenter = Segmenter.load(args.model, device=args.device, dtype=args.dtype,
+                               image_size=args.image_size, **overrides)
     handlers = Handlers(segmenter, max_side=args.max_side, output_dir=args.output_dir)
     demo = build_app(handlers)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)

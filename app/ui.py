@@ -30,7 +30,6 @@ from .handlers import AUTO_LABEL, TABLE_HEADERS, Handlers, read_upload
 log = logging.getLogger("app")
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
-DEFAULT_THRESHOLD = 0.3
 IMAGE_HEIGHT = 420  # px: the drawing canvas's largest height; larger images are scaled
 INTRO = ("Upload an image (or pick an example), **draw a box** around each object and get its "
          "mask. Double-click a box to choose its class (`auto` lets the model decide); drag a "
@@ -121,67 +120,78 @@ def make_api_handler(handlers: Handlers):
     return segment_json
 
 
+def _draw_tab(handlers: Handlers, examples: list[dict[str, Any]]) -> None:
+    """The "Draw boxes" tab: annotator and controls, overlay, table and downloads; runs on
+    every change and on the button (API name ``segment``)."""
+    classes = list(handlers.segmenter.class_names)
+    page_fn = make_page_handler(handlers)
+    with gr.Row():
+        with gr.Column(scale=1):
+            annotator = image_annotator(
+                label="Image: draw boxes", label_list=[AUTO_LABEL, *classes],
+                use_default_label=True, image_type="filepath", box_min_size=4,
+                sources=["upload", "clipboard"], show_remove_button=True,
+                height=IMAGE_HEIGHT, elem_id="annotator")
+            annotator.preprocess_image = _raw_upload  # see _raw_upload
+            automatic = gr.Checkbox(False, label="Automatic mode (ignore boxes, find every "
+                                    "instance)", elem_id="automatic")
+            threshold = gr.Slider(0.0, 1.0, handlers.default_threshold, step=0.01,
+                                  label="Score threshold (automatic mode; the default is the "
+                                        "model's calibrated one)")
+            run = gr.Button("Run", variant="primary", elem_id="run")
+        with gr.Column(scale=1):
+            overlay = gr.Image(label="Masks", type="numpy", format="png", interactive=False,
+                               elem_id="overlay")
+            status = gr.Markdown("Upload an image or pick an example.", label="Status",
+                                 elem_id="status")
+            table = gr.Dataframe(headers=TABLE_HEADERS, label="Instances", interactive=False,
+                                 elem_id="instances")
+            with gr.Row():
+                coco_file = gr.File(label="COCO JSON (RLE masks)", interactive=False)
+                png_file = gr.File(label="Instance-id PNG", interactive=False)
+    if examples:
+        gr.Examples([[e] for e in examples], inputs=[annotator], label="Examples")
+    outputs = [overlay, table, coco_file, png_file, status]
+    inputs = [annotator, automatic, threshold]
+    run.click(page_fn, inputs, outputs, api_name="segment")
+    for event in (annotator.change, automatic.change, threshold.release):
+        event(page_fn, inputs, outputs, trigger_mode="always_last", show_progress="minimal",
+              api_visibility="private")
+
+
+def _json_tab(handlers: Handlers) -> None:
+    """The "Boxes as JSON" tab, the form of the ``segment_json`` API."""
+    classes = list(handlers.segmenter.class_names)
+    with gr.Row():
+        with gr.Column():
+            j_image = gr.File(label="Image file", type="filepath")
+            j_boxes = gr.Textbox(label="Boxes (JSON)", lines=3,
+                                 placeholder='[[10, 20, 110, 90], {"box": [5, 5, 50, 60], '
+                                             '"label": "' + classes[0] + '"}]')
+            j_mode = gr.Radio(["boxes", "automatic"], value="boxes", label="Mode")
+            j_threshold = gr.Slider(0.0, 1.0, handlers.default_threshold, step=0.01,
+                                    label="Score threshold (automatic mode)")
+            j_run = gr.Button("Run", variant="primary")
+        with gr.Column():
+            j_overlay = gr.Image(label="Masks", type="numpy", format="png", interactive=False)
+            j_json = gr.JSON(label="COCO JSON")
+            j_png = gr.File(label="Instance-id PNG", interactive=False)
+    j_run.click(make_api_handler(handlers), [j_image, j_boxes, j_mode, j_threshold],
+                [j_overlay, j_json, j_png], api_name="segment_json")
+
+
 def build_app(handlers: Handlers, examples: list[dict[str, Any]] | None = None) -> gr.Blocks:
     """The page: annotator + controls on the left, overlay, table and downloads on the right,
     and a second tab with the JSON-boxes form that ``/segment_json`` also serves."""
-    classes = list(handlers.segmenter.class_names)
-    page_fn, api_fn = make_page_handler(handlers), make_api_handler(handlers)
     examples = load_examples() if examples is None else examples
     with gr.Blocks(title="SIM box-prompted segmentation", analytics_enabled=False,
                    delete_cache=(1800, 3600)) as demo:
         gr.Markdown("## Box-prompted instance segmentation\n" + INTRO)
         gr.Markdown(handlers.model_markdown(), elem_id="model-info")
         with gr.Tab("Draw boxes"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    annotator = image_annotator(
-                        label="Image: draw boxes", label_list=[AUTO_LABEL, *classes],
-                        use_default_label=True, image_type="filepath", box_min_size=4,
-                        sources=["upload", "clipboard"], show_remove_button=True,
-                        height=IMAGE_HEIGHT, elem_id="annotator")
-                    annotator.preprocess_image = _raw_upload  # see _raw_upload
-                    automatic = gr.Checkbox(False, label="Automatic mode (ignore boxes, find "
-                                            "every instance)", elem_id="automatic")
-                    threshold = gr.Slider(0.0, 1.0, DEFAULT_THRESHOLD, step=0.01,
-                                          label="Score threshold (automatic mode)")
-                    run = gr.Button("Run", variant="primary", elem_id="run")
-                with gr.Column(scale=1):
-                    overlay = gr.Image(label="Masks", type="numpy", format="png",
-                                       interactive=False, elem_id="overlay")
-                    status = gr.Markdown("Upload an image or pick an example.",
-                                         label="Status", elem_id="status")
-                    table = gr.Dataframe(headers=TABLE_HEADERS, label="Instances",
-                                         interactive=False, elem_id="instances")
-                    with gr.Row():
-                        coco_file = gr.File(label="COCO JSON (RLE masks)", interactive=False)
-                        png_file = gr.File(label="Instance-id PNG", interactive=False)
-            if examples:
-                gr.Examples([[e] for e in examples], inputs=[annotator], label="Examples")
+            _draw_tab(handlers, examples)
         with gr.Tab("Boxes as JSON"):
-            with gr.Row():
-                with gr.Column():
-                    j_image = gr.File(label="Image file", type="filepath")
-                    j_boxes = gr.Textbox(label="Boxes (JSON)", lines=3,
-                                         placeholder='[[10, 20, 110, 90], {"box": [5, 5, 50, '
-                                                     '60], "label": "' + classes[0] + '"}]')
-                    j_mode = gr.Radio(["boxes", "automatic"], value="boxes", label="Mode")
-                    j_threshold = gr.Slider(0.0, 1.0, DEFAULT_THRESHOLD, step=0.01,
-                                            label="Score threshold (automatic mode)")
-                    j_run = gr.Button("Run", variant="primary")
-                with gr.Column():
-                    j_overlay = gr.Image(label="Masks", type="numpy", format="png",
-                                         interactive=False)
-                    j_json = gr.JSON(label="COCO JSON")
-                    j_png = gr.File(label="Instance-id PNG", interactive=False)
-
-        outputs = [overlay, table, coco_file, png_file, status]
-        inputs = [annotator, automatic, threshold]
-        run.click(page_fn, inputs, outputs, api_name="segment")
-        for event in (annotator.change, automatic.change, threshold.release):
-            event(page_fn, inputs, outputs, trigger_mode="always_last",
-                  show_progress="minimal", api_visibility="private")
-        j_run.click(api_fn, [j_image, j_boxes, j_mode, j_threshold],
-                    [j_overlay, j_json, j_png], api_name="segment_json")
+            _json_tab(handlers)
 
         def model_info() -> dict:
             """Backbone, classes, backend, device and input limits of the served model."""

@@ -140,8 +140,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
         ckpt = make_checkpoint(backbone, (h, w), tmp_dir / "model.safetensors")
-        exported = export_onnx(ckpt, tmp_dir / "onnx", exporter="torchscript",
-                               check_tensorrt=False)
+        exported = export_onnx(ckpt, tmp_dir / "onnx", check_tensorrt=False)
         model = Segmenter.from_checkpoint(ckpt, device="cpu").backend.model
         image = np.random.default_rng(1).uniform(0, 255, (1, 3, h, w)).astype(np.float32)
         # Both backends get the batch as Segmenter builds it: padded to a multiple of 32 (the

@@ -142,7 +142,7 @@ def build_variants(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
     ckpt = make_checkpoint(backbone, (h, w), workdir / f"{backbone}.safetensors",
                            model_config(name, backbone))
     start = time.perf_counter()
-    exported = export_onnx(ckpt, workdir / "onnx", exporter=args.exporter, check_tensorrt=False)
+    exported = export_onnx(ckpt, workdir / "onnx", check_tensorrt=False)
     export_s = time.perf_counter() - start
     start = time.perf_counter()
     cal = calibration_images(workdir / "cal", (h, w), args.calibration_count)
@@ -241,8 +241,6 @@ def main() -> int:
     parser.add_argument("--rounds-r50", type=int, default=3, help="timed rounds, ResNet-50")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="threads for torch and ONNX Runtime")
-    parser.add_argument("--exporter", default="torchscript", choices=("dynamo", "torchscript"),
-                        help="exporter (the graphs are the same; torchscript exports faster)")
     parser.add_argument("--calibration-count", type=int, default=8)
     parser.add_argument("--gap-ms", type=float, default=200.0,
                         help="untimed pause after every call (default 200 ms)")
@@ -252,7 +250,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     payload = {"machine": machine_info(), "command": "python " + " ".join(sys.argv),
-               "threads": args.threads, "exporter": args.exporter, "gap_ms": args.gap_ms,
+               "threads": args.threads, "exporter": "dynamo", "gap_ms": args.gap_ms,
                "bf16_support": cpu_bf16_support(),
                "weights": "random (class bias raised: 100 detections per image)", "results": []}
     with tempfile.TemporaryDirectory() as tmp:

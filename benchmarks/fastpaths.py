@@ -7,8 +7,8 @@ switching the fast paths off with :func:`legacy_paths`); each pair is timed inte
 - ``preprocess``: per-image float copy + clamp + ``pad_batch`` vs writing into the batch;
 - ``mask_head``: one (P, 18, h*w) pass vs instance chunks with in-place bias/ReLU (no autograd);
 - ``segment_boxes``: every (box, slot) mask vs only the valid slots, in chunks of boxes;
-- ``postprocess_masks``: 16-mask chunks with the identity resize vs byte-bounded chunks,
-  threshold-then-shift;
+- ``postprocess_masks``: 16-mask chunks with the identity resize vs the per-region crops of
+  ``mask_crops`` (made dense here);
 - ``segmenter_auto`` / ``segmenter_prompt``: ``Segmenter.predict_batch`` end to end with every
   inference fast path off vs on;
 - ``teacher_forward``: SIM's teacher with vs without the class tower;
@@ -55,6 +55,7 @@ from benchmarks.speed import MODELS, bench_image, build_checkpoint, prompt_boxes
 from serving import ModelConfig, Segmenter, build_condinst  # noqa: E402
 from serving.inference.postprocess import postprocess_masks, segment_boxes  # noqa: E402
 from serving.inference.transforms import pad_batch, preprocess, resize_image, resized_shape  # noqa: E402
+from serving.masks import InstanceMasks  # noqa: E402
 from serving.model.ops import aligned_bilinear  # noqa: E402
 from training.sim.ema import EMATeacher  # noqa: E402
 
@@ -97,15 +98,16 @@ def legacy_paths() -> Iterator[None]:
     """Switch every inference fast path off: batched mask head, fixed-shape prompt path, the
     old mask post-processing and preprocessing inside ``Segmenter``."""
     saved = (heads_module.eager_no_grad, postprocess_module.eager_no_grad,
-             segmenter_module.postprocess_masks, segmenter_module.preprocess)
+             segmenter_module.mask_crops, segmenter_module.preprocess)
     heads_module.eager_no_grad = postprocess_module.eager_no_grad = lambda: False
-    segmenter_module.postprocess_masks = legacy_postprocess_masks
+    segmenter_module.mask_crops = lambda *a, **k: InstanceMasks.from_dense(
+        legacy_postprocess_masks(*a, **k).cpu().numpy())
     segmenter_module.preprocess = legacy_preprocess
     try:
         yield
     finally:
         (heads_module.eager_no_grad, postprocess_module.eager_no_grad,
-         segmenter_module.postprocess_masks, segmenter_module.preprocess) = saved
+         segmenter_module.mask_crops, segmenter_module.preprocess) = saved
 
 
 def legacy_ema_update(teacher: EMATeacher, student: torch.nn.Module, m: float) -> None:

@@ -175,8 +175,8 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, A
     bank, on the CPU. Relative data paths resolve from the repository root (where the
     benchmarks run)."""
     from serving.model import build_condinst
+    from training.checkpoints import latest_checkpoint
     from training.config import load_config
-    from training.run_state import latest_checkpoint
     from training.sim.step import SIMState
 
     run_dir = Path(run_dir)

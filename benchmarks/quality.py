@@ -25,7 +25,7 @@ with the same objects and clutter geometry, the clutter drawn in colours no obje
 BoxInst is limited by how much object and background differ in appearance.
 
 The row ``oraclems`` is a diagnostic too (it reads the training masks: M_S := ground truth,
-``sim.oracle_semantic_map``) and runs only when named with ``--rows``, like the investigation
+``benchmarks/oracle.py``) and runs only when named with ``--rows``, like the investigation
 rows ``tau01``, ``protopseudo``, ``pairfeat``, ``pasteonly``, ``pseudobg``, ``simbg`` and its
 alpha sweep ``simbg_alpha0`` / ``simbg_alpha1`` (alternatives to our defaults) and the
 prototype-count sweep ``protos1`` / ``protos50`` (the paper's L ablation; default L = 10).
@@ -47,7 +47,6 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -91,12 +90,16 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "protos50": ("sim, L = 50 prototypes per class", ["sim.num_prototypes=50"]),
     # Diagnostic row, NOT box supervision: M_S := ground-truth mask (copy-paste off, so compare
     # with "pseudo"). What SIM's pseudo-mask path can do when the semantic map is right.
+    # Trained inside benchmarks/oracle.py's oracle_semantic_map() (ROW_CONTEXTS).
     "oraclems": ("boxinst + pseudo, oracle M_S (diagnostic, reads masks)",
-                 ["sim.copy_paste=false", "sim.oracle_semantic_map=true"]),
+                 ["sim.copy_paste=false"]),
 }
 FULL_ROW = "mask"
 #: Rows that read ground-truth masks beyond the fully supervised row: only run when named.
 DIAGNOSTIC_ROWS = {"oraclems"}
+#: Rows trained inside a context manager of the benchmarks (name of a function in
+#: benchmarks/oracle.py).
+ROW_CONTEXTS = {"oraclems": "oracle_semantic_map"}
 #: Investigation rows (alternatives to our defaults, docs/training_notes.md): only run when
 #: named, so the default run stays the paper's table.
 INVESTIGATION_ROWS = {"tau01", "protopseudo", "pairfeat", "pasteonly", "pseudobg",
@@ -111,9 +114,10 @@ DATASETS: dict[str, tuple[str, list[str]]] = {
         "data.train_json=data/synthetic_distinct/train.json",
         "data.train_images=data/synthetic_distinct/images",
         "data.val_json=data/synthetic_distinct/val.json",
-        "data.val_images=data/synthetic_distinct/images",
-        "data.synthetic_background=distinct"]),
+        "data.val_images=data/synthetic_distinct/images"]),
 }
+#: Background variant of the synthetic generator per dataset (``prepare_dataset``).
+BACKGROUNDS = {"synthetic_distinct": "distinct"}
 DEFAULT_DATASETS = ["synthetic", "nuclei"]
 METRICS = ("segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm", "segm/APl", "bbox/AP")
 #: Pseudo-label measures (``benchmarks/pseudo_labels.py``) kept per SIM run.
@@ -160,7 +164,7 @@ def prepare_dataset(dataset: str) -> None:
 
         generate_dataset(Path(cfg.data.train_json).parent, cfg.data.synthetic_images,
                          seed=cfg.data.synthetic_seed, size=cfg.data.synthetic_size,
-                         background=cfg.data.synthetic_background)
+                         background=BACKGROUNDS.get(dataset, "shared"))
 
 
 def _single_thread() -> None:
@@ -169,16 +173,14 @@ def _single_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _on_end(model: Any, sim: Any, cfg: Any, figure: str | None,
-            diagnostics: dict[str, Any]) -> None:
-    """End of a run (``train(on_end=...)``): SIM's separability numbers, the precision of its
-    pseudo labels and, for the first SIM run of a dataset, the figure. None may cost the run's
-    metrics, so errors are warnings."""
+def sim_diagnostics(model: Any, sim: Any, cfg: Any, figure: str | None) -> dict[str, Any]:
+    """SIM's separability numbers, the precision of its pseudo labels and, when ``figure`` is
+    given, the figure of its maps, from a trained student and SIM state. None may cost the
+    run's metrics, so errors are warnings."""
     from benchmarks.pseudo_labels import pseudo_label_quality
     from benchmarks.sim_figure import render_sim_maps, semantic_separability
 
-    if sim is None:
-        return
+    diagnostics: dict[str, Any] = {}
     try:
         diagnostics.update(semantic_separability(sim, cfg))
     except Exception as exc:  # noqa: BLE001
@@ -197,20 +199,43 @@ def _on_end(model: Any, sim: Any, cfg: Any, figure: str | None,
         except Exception as exc:  # noqa: BLE001
             print(f"warning: SIM figure {figure} not written ({type(exc).__name__}: {exc})",
                   flush=True)
+    return diagnostics
+
+
+def _diagnostics_callback(figure: str | None) -> Any:
+    """A training callback that runs :func:`sim_diagnostics` at the end of a SIM run (main
+    process) and keeps the result in its ``diagnostics``."""
+    from training.callbacks import Callback
+
+    class SIMDiagnostics(Callback):
+        def __init__(self) -> None:
+            self.diagnostics: dict[str, Any] = {}
+
+        def on_train_end(self, run: Any) -> None:
+            if run.sim is not None and run.accelerator.is_main_process:
+                self.diagnostics = sim_diagnostics(run.student, run.sim, run.cfg, figure)
+
+    return SIMDiagnostics()
 
 
 def run_one(dataset: str, row: str, seed: int, extra: list[str], out: str,
             figure: str | None) -> dict[str, Any]:
     """Train and evaluate one (dataset, row, seed); runs in a worker process."""
+    import contextlib
+
+    import benchmarks.oracle
     from training.train import train
 
     run_dir = Path(out) / dataset / row / f"s{seed}"
     overrides = ROWS[row][1] + extra + [f"seed={seed}", f"output_dir={run_dir}"]
     cfg = dataset_config(dataset, overrides)
-    diagnostics: dict[str, Any] = {}
-    on_end = partial(_on_end, cfg=cfg, figure=figure, diagnostics=diagnostics)
+    callback = _diagnostics_callback(figure)
+    context = getattr(benchmarks.oracle, ROW_CONTEXTS[row])() if row in ROW_CONTEXTS \
+        else contextlib.nullcontext()
     start = time.perf_counter()
-    result = train(cfg, on_end=on_end)
+    with context:
+        result = train(cfg, callbacks=[callback])
+    diagnostics = callback.diagnostics
     return {"dataset": dataset, "row": row, "seed": seed, "metrics": result["metrics"],
             "seconds": round(time.perf_counter() - start, 1), "overrides": overrides,
             "separability": {k: v for k, v in diagnostics.items() if k != "pseudo_labels"}

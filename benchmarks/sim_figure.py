@@ -1,6 +1,6 @@
 """A picture of SIM at work: M_S, M_I and the pseudo mask of a few instances next to the truth.
 
-Called by ``benchmarks/quality.py`` at the end of a SIM run (``train(cfg, on_end=...)``), with
+Called by ``benchmarks/quality.py`` at the end of a SIM run (a training callback), with
 the trained student, its EMA teacher and prototypes. Each row is one validation instance,
 cropped around its box (shown at 4x the mask grid, nearest neighbour):
 

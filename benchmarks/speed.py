@@ -124,7 +124,7 @@ def build_checkpoint(name: str, work: Path, seed: int = 0) -> tuple[Path, dict[s
 
         def count(delta: float) -> int:
             shifted = out._replace(cls_logits=out.cls_logits + delta)
-            return len(detect(model, shifted, image_sizes, infer)[0].scores)
+            return int(detect(model, shifted, image_sizes, infer).num[0])
 
         lo, hi = -10.0, 20.0  # bisection on a bias shift: count grows with the shift
         for _ in range(14):
@@ -136,7 +136,7 @@ def build_checkpoint(name: str, work: Path, seed: int = 0) -> tuple[Path, dict[s
         model.head.cls_logits.bias += hi
     with torch.inference_mode():
         out = model(model.normalize(batch, valid))
-        found = len(detect(model, out, image_sizes, infer)[0].scores)
+        found = int(detect(model, out, image_sizes, infer).num[0])
     names = [f"class{i}" for i in range(NUM_CLASSES)]
     save_checkpoint(path, model, cfg, names, infer,
                     extra={"benchmark": "random weights, calibrated class bias"})

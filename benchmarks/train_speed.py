@@ -1,7 +1,7 @@
 """Training-step cost of SIM relative to BoxInst: time, peak memory and where SIM's time goes.
 
 Every variant trains the same network (same initial weights) on the same batch, through the
-training loop's own step (``training.train._train_step`` + backward + optimizer + EMA update):
+training loop's own step (``training.step.batch_losses`` + backward + optimizer + EMA update):
 
 - ``boxinst``: ``sim.enabled=false`` (projection + pairwise losses only);
 - ``sim``: SIM active (teacher, M_I, M_S, prototypes, pseudo loss, memory-bank push), no paste
@@ -70,7 +70,7 @@ from training.data.loader import build_train_loader  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
 from training.run_state import RunState  # noqa: E402
 from training.sim.step import SIMState  # noqa: E402
-from training.train import _train_step  # noqa: E402
+from training.step import batch_losses  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "boxinst": ["sim.enabled=false"],
@@ -176,8 +176,8 @@ class Trainer:
 
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
                             enabled=self.amp is not None):
-            losses = _train_step(self.model, self.model, self.batch, self.cfg, self.step_index,
-                                 self.sim, lambda t: t)
+            losses = batch_losses(self.model, self.model, self.batch, self.cfg, self.step_index,
+                                  self.sim, lambda t: t)
             total = sum(losses.values())
         with record_function("backward"):
             (self.scaler.scale(total) if self.scaler else total).backward()

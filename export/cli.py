@@ -18,7 +18,7 @@ from serving import Segmenter
 from serving.errors import InputError
 
 from .calibration import DEFAULT_CALIBRATION_COUNT, CalibrationSet, load_calibration_set
-from .onnx import DEFAULT_OPSET, EXPORTERS, MIN_OPSET, ExportResult, check_output_dir, export_onnx
+from .onnx import DEFAULT_OPSET, MIN_OPSET, ExportResult, check_output_dir, export_onnx
 from .quantize import METHODS, QuantizeOptions, quantize_export
 from .tensorrt import build_tensorrt_engine, graph_op_types, import_tensorrt
 from .verify import collect_images, verify_export
@@ -28,15 +28,14 @@ from .verify_int8 import verify_int8
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="training checkpoint (.safetensors)")
+    p.add_argument("--model", "--checkpoint", dest="checkpoint", required=True,
+                   help="training checkpoint (.safetensors)")
     p.add_argument("--format", choices=("onnx", "tensorrt", "all"), default="onnx",
                    help="onnx; tensorrt (builds the ONNX first); all (same as tensorrt)")
     p.add_argument("--output", default="exported", help="output folder (default: exported)")
     p.add_argument("--name", default=None, help="file stem (default: the checkpoint's)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, >= {MIN_OPSET} (default {DEFAULT_OPSET})")
-    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
-                   help="torch.onnx exporter (default dynamo; torchscript exports faster)")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--dynamic", dest="dynamic", action="store_true", default=True,
                        help="dynamic batch and image size (default)")
@@ -151,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = export_onnx(args.checkpoint, args.output, name=args.name, opset=args.opset,
                          max_detections=args.max_detections, dynamic=args.dynamic,
                          image_size=tuple(args.image_size) if args.image_size else None,
-                         batch_size=args.batch_size, exporter=args.exporter)
+                         batch_size=args.batch_size)
     for kind, path in result.graphs.items():
         print(f"wrote {path} ({kind}; ops: {', '.join(graph_op_types(path))})")
     print(f"wrote {result.sidecar}")

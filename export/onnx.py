@@ -3,10 +3,9 @@
 >>> result = export_onnx("runs/quickstart/model_final.safetensors", "exported/")
 >>> result.paths   # [exported/model_final.auto.onnx, exported/model_final.prompt.onnx, .json]
 
-Both graphs go through ``torch.onnx.export``: by default the dynamo exporter
-(``torch.export`` + onnxscript), or the TorchScript exporter with ``exporter="torchscript"``
-(about 20x faster to export; deprecated by PyTorch). Batch, image height/width and the number
-of prompt boxes are dynamic unless ``dynamic=False``.
+Both graphs go through ``torch.onnx.export``'s dynamo exporter (``torch.export`` +
+onnxscript), PyTorch's default and only maintained ONNX exporter. Batch, image height/width and
+the number of prompt boxes are dynamic unless ``dynamic=False``.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from serving.files import atomic_write
 from serving.model import CondInst
 from serving.model.checkpoint import CheckpointInfo, load_checkpoint
 
-from .nms import ONNX_TRANSLATIONS, register_torchscript_symbolic
+from .nms import ONNX_TRANSLATIONS
 from .wrapper import (
     AUTO_INPUTS,
     AUTO_OUTPUTS,
@@ -42,7 +41,6 @@ from .wrapper import (
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
-EXPORTERS = ("dynamo", "torchscript")
 #: Locations of the smallest padded input (32x32): 16 + 4 + 1 + 1 + 1.
 _MIN_LOCATIONS = 23
 
@@ -88,56 +86,36 @@ def _sample_inputs(batch: int, height: int, width: int, boxes: int):
     return images, sizes, prompt, labels
 
 
-def _export_graph(module: nn.Module, args: tuple, names: tuple[tuple[str, ...], tuple[str, ...]],
-                  exporter: str, opset: int, dynamic: bool):
-    """Run ``torch.onnx.export`` and return the ``onnx.ModelProto``."""
-    import onnx
-
-    inputs, outputs = names
-    if exporter == "dynamo":
-        dims: dict[str, Any] = {name: None for name in inputs}
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        if dynamic:
-            h32 = torch.export.Dim("height_32", min=1, max=512)
-            w32 = torch.export.Dim("width_32", min=1, max=512)
-            dims.update({"images": {0: batch, 2: 32 * h32, 3: 32 * w32},
-                         "image_sizes": {0: batch}})
-        if "boxes" in inputs:
-            num = torch.export.Dim("num_boxes", min=1, max=4096)
-            dims["boxes"] = {0: batch, 1: num} if dynamic else {1: num}
-            dims["box_labels"] = dims["boxes"]
-        if not any(dims.values()):
-            dims = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module, args, dynamo=True, opset_version=opset, input_names=list(inputs),
-                output_names=list(outputs), dynamic_shapes=dims or None,
-                custom_translation_table=ONNX_TRANSLATIONS, external_data=False,
-                optimize=True, verbose=False, report=False,
-            )
-        return program.model_proto
-    register_torchscript_symbolic(opset)
-    axes: dict[str, dict[int, str]] = {}
+def _dynamic_shapes(inputs: tuple[str, ...], dynamic: bool) -> dict[str, Any] | None:
+    """``torch.export`` dims: batch and image size (in steps of 32) when ``dynamic``, and the
+    number of prompt boxes always."""
+    dims: dict[str, Any] = {name: None for name in inputs}
+    batch = torch.export.Dim("batch", min=1, max=1024)
     if dynamic:
-        axes = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"}}
+        h32 = torch.export.Dim("height_32", min=1, max=512)
+        w32 = torch.export.Dim("width_32", min=1, max=512)
+        dims.update({"images": {0: batch, 2: 32 * h32, 3: 32 * w32}, "image_sizes": {0: batch}})
     if "boxes" in inputs:
-        axes["boxes"] = {0: "batch", 1: "num_boxes"} if dynamic else {1: "num_boxes"}
-        axes["box_labels"] = axes["boxes"]
-        for name in outputs:
-            axes[name] = dict(axes["boxes"])
-    elif dynamic:
-        axes.update({name: {0: "batch"} for name in outputs})
-        axes["masks"] = {0: "batch", 2: "mask_height", 3: "mask_width"}
-    import io
+        num = torch.export.Dim("num_boxes", min=1, max=4096)
+        dims["boxes"] = {0: batch, 1: num} if dynamic else {1: num}
+        dims["box_labels"] = dims["boxes"]
+    return dims if any(dims.values()) else None
 
-    buffer = io.BytesIO()
+
+def _export_graph(module: nn.Module, args: tuple, names: tuple[tuple[str, ...], tuple[str, ...]],
+                  opset: int, dynamic: bool):
+    """Run ``torch.onnx.export`` (the dynamo exporter: ``torch.export`` + onnxscript) and
+    return the ``onnx.ModelProto``."""
+    inputs, outputs = names
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, buffer, dynamo=False, opset_version=opset,
-                          input_names=list(inputs), output_names=list(outputs),
-                          dynamic_axes=axes or None, do_constant_folding=True)
-    return onnx.load_from_string(buffer.getvalue())
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=opset, input_names=list(inputs),
+            output_names=list(outputs), dynamic_shapes=_dynamic_shapes(inputs, dynamic),
+            custom_translation_table=ONNX_TRANSLATIONS, external_data=False,
+            optimize=True, verbose=False, report=False,
+        )
+    return program.model_proto
 
 
 def _finish(proto: Any, path: Path, kind: str, export_id: str) -> None:
@@ -172,8 +150,7 @@ def export_onnx(source: str | os.PathLike | tuple[CondInst, CheckpointInfo],
                 out_dir: str | os.PathLike, *, name: str | None = None,
                 opset: int = DEFAULT_OPSET, max_detections: int | None = None,
                 dynamic: bool = True, image_size: tuple[int, int] | None = None,
-                batch_size: int = 1, exporter: str = "dynamo",
-                check_tensorrt: bool = True) -> ExportResult:
+                batch_size: int = 1, check_tensorrt: bool = True) -> ExportResult:
     """Write ``<name>.auto.onnx``, ``<name>.prompt.onnx`` and the sidecar ``<name>.json``.
 
     Args:
@@ -184,7 +161,6 @@ def export_onnx(source: str | os.PathLike | tuple[CondInst, CheckpointInfo],
         dynamic: dynamic batch and image size (default). ``False`` fixes both to
             ``batch_size`` x ``image_size`` (default: max_size x max_size, rounded up to 32);
             the number of prompt boxes stays dynamic.
-        exporter: "dynamo" (default) or "torchscript".
         check_tensorrt: warn when a graph uses an operator TensorRT's ONNX parser lacks.
 
     Returns:
@@ -192,8 +168,6 @@ def export_onnx(source: str | os.PathLike | tuple[CondInst, CheckpointInfo],
     """
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise InputError(f"opset={opset}: must be at least {MIN_OPSET}; try --opset 18")
-    if exporter not in EXPORTERS:
-        raise InputError(f"exporter={exporter!r}: choose one of {', '.join(EXPORTERS)}")
     out = check_output_dir(out_dir)
     model, info, stem = _load(source)
     name = name or stem
@@ -232,7 +206,7 @@ def export_onnx(source: str | os.PathLike | tuple[CondInst, CheckpointInfo],
     for kind, (module, args, names) in specs.items():
         path = out / f"{name}.{'auto' if kind == 'automatic' else 'prompt'}.onnx"
         with torch.no_grad():
-            proto = _export_graph(module, args, names, exporter, opset, dynamic)
+            proto = _export_graph(module, args, names, opset, dynamic)
         _finish(proto, path, kind, export_id)
         result.graphs[kind] = path
         graphs_meta[kind] = {"file": path.name, "inputs": list(names[0]),
@@ -246,7 +220,7 @@ def export_onnx(source: str | os.PathLike | tuple[CondInst, CheckpointInfo],
                 warnings.warn(f"{path.name}: operators TensorRT's ONNX parser does not support: "
                               f"{', '.join(missing)}", stacklevel=2)
             result.unsupported_tensorrt_ops += [f"{kind}:{op}" for op in missing]
-    extra = {"opset": opset, "exporter": exporter, "torch_version": torch.__version__,
+    extra = {"opset": opset, "exporter": "dynamo", "torch_version": torch.__version__,
              "dynamic": dynamic, "checkpoint_extra": info.extra}
     sidecar = build_sidecar(export_id=export_id, class_names=info.class_names,
                             model=info.model, inference=cfg, graphs=graphs_meta, extra=extra)

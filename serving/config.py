@@ -3,21 +3,130 @@
 ``ModelConfig`` describes the architecture only and is stored inside every checkpoint, so a
 checkpoint rebuilds its own network. ``InferenceConfig`` holds post-processing thresholds and
 input sizes; it is also stored in checkpoints and can be overridden at load time.
+
+The field annotations are the schema: ``Literal[...]`` lists the allowed values and
+``Annotated[..., Range(...)]`` the allowed interval. :func:`check_fields` enforces both when a
+config is built (in ``__post_init__``, so also for configs read from checkpoint metadata), and
+``training.config`` reads the same annotations to type-check YAML files and overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 from .errors import InputError
 
-BACKBONES = ("mobilenet_v2", "resnet50", "resnet101", "resnet18")
+Backbone = Literal["mobilenet_v2", "resnet50", "resnet101", "resnet18"]
+BACKBONES: tuple[str, ...] = typing.get_args(Backbone)
 
 #: FCOS sizes of interest (SIM_SPEC section 3): level ranges on max(l, t, r, b) in pixels.
 SIZES_OF_INTEREST = (64, 128, 256, 512)
 STRIDES = (8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed interval of a numeric config field: ``Annotated[int, Range(ge=1)]``."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def violation(self, value: float) -> str | None:
+        """Why ``value`` lies outside the interval (``"must be >= 1"``), or None."""
+        low = (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+        high = (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+        if low and high:
+            return None
+        lo = f"[{_num(self.ge)}" if self.ge is not None else \
+            f"({_num(self.gt)}" if self.gt is not None else None
+        hi = f"{_num(self.le)}]" if self.le is not None else \
+            f"{_num(self.lt)})" if self.lt is not None else None
+        if lo and hi:
+            return f"must be within {lo}, {hi}"
+        if lo:
+            return f"must be {'>=' if lo[0] == '[' else '>'} {lo[1:]}"
+        return f"must be {'<=' if hi[-1] == ']' else '<'} {hi[:-1]}"  # type: ignore[index]
+
+
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _literal_choices(args: tuple[Any, ...]) -> str:
+    names = [repr(a) for a in args]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_ok(value: Any, tp: type) -> bool:
+    if tp is bool or tp is str:
+        return isinstance(value, tp)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if tp is int else isinstance(value, (int, float))
+
+
+def field_violation(value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit annotation ``hint`` (its type, ``Literal`` choices or
+    ``Range``; recursing into ``X | None`` and tuples), or None when it fits."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Annotated:
+        reason = field_violation(value, args[0])
+        ranges = [m for m in args[1:] if isinstance(m, Range)]
+        return reason or next((r for m in ranges for r in [m.violation(value)] if r), None)
+    if origin is Literal:
+        return None if value in args else f"use {_literal_choices(args)}"
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None if type(None) in args else "expected a value, got null"
+        arms = [a for a in args if a is not type(None)]
+        return field_violation(value, arms[0]) if len(arms) == 1 else None
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return "expected a list"
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        elif len(value) != len(args):
+            return f"expected {len(args)} values"
+        return next((r for v, a in zip(value, args) for r in [field_violation(v, a)] if r), None)
+    if hint in _TYPE_NAMES and not _type_ok(value, hint):
+        return f"expected {_TYPE_NAMES[hint]}"
+    return None
+
+
+@functools.cache
+def schema_hints(cls: type) -> dict[str, Any]:
+    """The annotations of dataclass ``cls``'s fields, ``Annotated`` metadata included."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def check_fields(cfg: Any) -> None:
+    """Raise :class:`InputError` for the first field of dataclass ``cfg`` outside its schema,
+    naming it as ``<cfg.SECTION>.<field>``."""
+    section = getattr(cfg, "SECTION", "")
+    for name, hint in schema_hints(type(cfg)).items():
+        value = getattr(cfg, name)
+        reason = field_violation(value, hint)
+        if reason:
+            where = f"{section}.{name}" if section else name
+            shown = "null" if value is None else repr(list(value) if isinstance(value, tuple)
+                                                      else value)
+            raise InputError(f"{where}={shown}: {reason}")
+
+
+Positive = Annotated[int, Range(ge=1)]
+Probability = Annotated[float, Range(ge=0.0, le=1.0)]
 
 
 @dataclass
@@ -28,7 +137,7 @@ class ModelConfig:
         backbone: one of ``BACKBONES``.
         backbone_weights: ``None`` (random init), ``"imagenet"`` (torchvision's weights from
             the local torch hub cache) or a path to a torchvision state dict file.
-        num_classes: number of object classes C.
+        num_classes: number of object classes C (1 to 10,000).
         fpn_channels: channels of P3-P7 and of the FCOS towers (256 in the paper).
         head_convs: convolutions in each FCOS tower (4 in the paper).
         mask_branch_channels / mask_branch_convs / mask_channels: mask branch (128, 4, 16).
@@ -36,32 +145,31 @@ class ModelConfig:
         freeze_at: 0 trains the whole backbone; 2 freezes the stem and res2 (detectron2's
             FREEZE_AT); for MobileNetV2, 2 freezes the stride-2 and stride-4 blocks.
         pixel_mean / pixel_std: RGB normalisation in 0-255 units (torchvision ImageNet).
+
+    The upper bounds are far above any published CondInst and keep a crafted or mistyped
+    config from allocating an enormous network.
     """
 
-    backbone: str = "resnet50"
+    SECTION: ClassVar[str] = "model"
+
+    backbone: Backbone = "resnet50"
     backbone_weights: str | None = None
-    num_classes: int = 80
-    fpn_channels: int = 256
-    head_convs: int = 4
-    mask_branch_channels: int = 128
-    mask_branch_convs: int = 4
-    mask_channels: int = 16
-    dynamic_channels: int = 8
-    dynamic_layers: int = 3
-    freeze_at: int = 2
-    prior_prob: float = 0.01
+    num_classes: Annotated[int, Range(ge=1, le=10_000)] = 80
+    fpn_channels: Annotated[int, Range(ge=1, le=2048)] = 256
+    head_convs: Annotated[int, Range(ge=0, le=16)] = 4
+    mask_branch_channels: Annotated[int, Range(ge=1, le=2048)] = 128
+    mask_branch_convs: Annotated[int, Range(ge=0, le=16)] = 4
+    mask_channels: Annotated[int, Range(ge=1, le=256)] = 16
+    dynamic_channels: Annotated[int, Range(ge=1, le=256)] = 8
+    dynamic_layers: Annotated[int, Range(ge=2, le=16)] = 3
+    freeze_at: Annotated[int, Range(ge=0, le=5)] = 2
+    prior_prob: Annotated[float, Range(gt=0.0, lt=1.0)] = 0.01
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    pixel_std: tuple[Annotated[float, Range(gt=0.0)], Annotated[float, Range(gt=0.0)],
+                     Annotated[float, Range(gt=0.0)]] = (58.395, 57.12, 57.375)
 
     def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise InputError(
-                f"model.backbone={self.backbone!r} is unknown; choose one of {', '.join(BACKBONES)}"
-            )
-        if self.num_classes < 1:
-            raise InputError(f"model.num_classes={self.num_classes} must be at least 1")
-        if self.dynamic_layers < 2:
-            raise InputError("model.dynamic_layers must be at least 2")
+        check_fields(self)
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)  # type: ignore[assignment]
         self.pixel_std = tuple(float(v) for v in self.pixel_std)  # type: ignore[assignment]
 
@@ -92,27 +200,24 @@ class InferenceConfig:
         max_prompt_boxes: largest number of prompt boxes accepted per image.
     """
 
-    score_threshold: float = 0.05
-    pre_nms_topk: int = 1000
-    nms_threshold: float = 0.6
-    max_detections: int = 100
-    mask_threshold: float = 0.5
-    min_size: int = 800
-    max_size: int = 1333
-    prompt_mu: float = 5.0
-    prompt_topk: int = 16
-    center_radius: float = 1.5
+    SECTION: ClassVar[str] = "inference"
+
+    score_threshold: Probability = 0.05
+    pre_nms_topk: Positive = 1000
+    nms_threshold: Probability = 0.6
+    max_detections: Positive = 100
+    mask_threshold: Probability = 0.5
+    min_size: Annotated[int, Range(ge=32)] = 800
+    max_size: Annotated[int, Range(ge=32)] = 1333
+    prompt_mu: Annotated[float, Range(ge=0.0)] = 5.0
+    prompt_topk: Positive = 16
+    center_radius: Annotated[float, Range(gt=0.0)] = 1.5
     clip_to_box: bool = True
-    max_prompt_boxes: int = 256
+    max_prompt_boxes: Positive = 256
 
     def __post_init__(self) -> None:
-        for name in ("score_threshold", "nms_threshold", "mask_threshold"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise InputError(f"inference.{name}={value} must be within [0, 1]")
-        if self.max_detections < 1 or self.pre_nms_topk < 1 or self.prompt_topk < 1:
-            raise InputError("inference.max_detections, pre_nms_topk, prompt_topk must be >= 1")
-        if self.min_size < 32 or self.max_size < self.min_size:
+        check_fields(self)
+        if self.max_size < self.min_size:
             raise InputError(
                 f"inference.min_size={self.min_size}, max_size={self.max_size}: need "
                 "32 <= min_size <= max_size"

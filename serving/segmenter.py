@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -19,14 +22,52 @@ from .backends import Backend
 from .config import InferenceConfig, config_to_dict
 from .errors import InputError
 from .inference.boxes import BoxesLike, validate_boxes
-from .inference.images import ImageLike, load_image
-from .inference.postprocess import postprocess_masks
-from .inference.transforms import preprocess, scale_boxes
+from .inference.domain import calibration_of
+from .inference.images import ImageLike, describe_image, load_image
+from .inference.paste import mask_crops
+from .inference.transforms import canvas_size, preprocess, resized_shape, scale_boxes
 from .prediction import Prediction
 
 LabelsLike = Any  # (M,) ints (class indices, -1 = predict) or class-name strings
+T = TypeVar("T")
+R = TypeVar("R")
 
 
+def run_isolated(run: Callable[[list[T]], list[R]], items: Sequence[T],
+                 on_retry: Callable[[Exception], None] | None = None) -> list[R | Exception]:
+    """``run(items)`` as one batch; if it raises, ``run([item])`` for each item alone, so only
+    the items that fail get their exception (in place of their result) and the others
+    succeed. The failure isolation of the batch CLI and the HTTP server.
+
+    Args:
+        run: maps a list of items to one result per item.
+        on_retry: called with the batch's exception before the one-by-one retry.
+    """
+    items = list(items)
+    try:
+        return list(run(items))
+    except Exception as exc:  # noqa: BLE001 - any failure: find the item that causes it
+        if len(items) == 1:
+            return [exc]
+        if on_retry is not None:
+            on_retry(exc)
+    outcomes: list[R | Exception] = []
+    for item in items:
+        try:
+            outcomes.extend(run([item]))
+        except Exception as exc:  # noqa: BLE001 - reported per item
+            outcomes.append(exc)
+    return outcomes
+
+
+def _class_index(value: Any, i: int) -> int:
+    """A label given as a number: an integral class index (bools, NaN, 1.5, {} refused)."""
+    number = value.item() if isinstance(value, np.generic) else value
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or \
+            not float(number).is_integer():
+        raise InputError(f"label {i}: {value!r} is not a class index or name; give an integer "
+                         "index, a class name, or -1/None to let the model choose")
+    return int(number)
 
 
 class Segmenter:
@@ -80,12 +121,27 @@ class Segmenter:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto",
-             dtype: str | torch.dtype | None = None, **overrides: Any) -> Segmenter:
+             dtype: str | torch.dtype | None = None,
+             image_size: int | Sequence[int] | None = None, **overrides: Any) -> Segmenter:
         """Pick the backend from the file extension (.safetensors, .onnx, .engine/.plan).
 
         ``dtype`` ("fp32", "bf16", "fp16") applies to checkpoints (see :meth:`from_checkpoint`);
-        exported models run at the precision they were exported with.
+        exported models run at the precision they were exported with. ``image_size``:
+        ``short`` or ``(short, long)``, the test-time resize instead of the model's own
+        (:meth:`with_image_size`); ``overrides`` replace ``InferenceConfig`` fields
+        (thresholds, limits).
         """
+        seg = cls._load_file(path, device, dtype, overrides)
+        if image_size is None:
+            return seg
+        sizes = [int(image_size)] if isinstance(image_size, int) else [int(v) for v in image_size]
+        if not 1 <= len(sizes) <= 2:
+            raise InputError(f"image_size {list(sizes)}: give SHORT or (SHORT, LONG)")
+        return seg.with_image_size(*sizes)
+
+    @classmethod
+    def _load_file(cls, path: str | os.PathLike, device: str,
+                   dtype: str | torch.dtype | None, overrides: dict[str, Any]) -> Segmenter:
         suffix = Path(path).suffix.lower()
         if suffix in (".onnx", ".engine", ".plan", ".trt") and dtype not in (None, "fp32",
                                                                              torch.float32):
@@ -97,14 +153,48 @@ class Segmenter:
             return cls.from_onnx(path, device=device, **overrides)
         if suffix in (".engine", ".plan", ".trt"):
             return cls.from_tensorrt(path, **overrides)
-        if suffix in (".safetensors", ".pt", ".pth"):
+        if suffix == ".safetensors":
             return cls.from_checkpoint(path, device=device, dtype=dtype, **overrides)
+        if suffix in (".pt", ".pth"):
+            raise InputError(
+                f"model {path}: PyTorch pickle files ({suffix}) are not loaded (unpickling can run "
+                "code); pass the .safetensors checkpoint that training writes"
+            )
         raise InputError(
             f"model {path}: unknown file type '{suffix}'; pass a .safetensors checkpoint, an "
             ".onnx file or a TensorRT .engine"
         )
 
+    def with_image_size(self, short: int, long: int | None = None) -> Segmenter:
+        """The same model resizing images to shorter side ``short`` and longer side at most
+        ``long`` (default: ``short`` times this model's ``max_size / min_size``), for objects
+        much smaller or larger than in training. Shares the loaded model.
+
+        Raises :class:`InputError` unless ``32 <= short <= long``.
+        """
+        if long is None:
+            long = int(round(short * self.cfg.max_size / self.cfg.min_size))
+        if not 32 <= short <= long:
+            raise InputError(f"image size {short} {long}: need 32 <= SHORT <= LONG (SHORT is "
+                             "the shorter side, LONG the cap on the longer side)")
+        cfg = dataclasses.replace(self.cfg, min_size=int(short), max_size=int(long))
+        return type(self)(self.backend, self.class_names, cfg, self.info)
+
     # ----------------------------------------------------------------- info
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """What training's evaluation stored about the model's own data (empty without it):
+        ``score_threshold`` (best F1 on validation), ``prompt_scores`` / ``auto_scores`` and
+        ``object_sizes`` quantiles (see :mod:`serving.inference.domain`)."""
+        return calibration_of(self)
+
+    @property
+    def display_threshold(self) -> float:
+        """Automatic mode's score threshold for what people look at (pictures, the app, the
+        server's default): the calibrated F1-best threshold, else the model's own."""
+        found = self.calibration.get("score_threshold")
+        return float(found) if found is not None else float(self.cfg.score_threshold)
+
     @property
     def model_info(self) -> dict[str, Any]:
         """Backbone, classes, backend, device and input rules, for UIs and servers."""
@@ -117,6 +207,7 @@ class Segmenter:
             "max_size": self.cfg.max_size,
             "max_prompt_boxes": self.cfg.max_prompt_boxes,
             "score_threshold": self.cfg.score_threshold,
+            "display_threshold": self.display_threshold,
         }
 
     def _labels(self, labels: LabelsLike, count: int) -> np.ndarray:
@@ -137,7 +228,7 @@ class Segmenter:
                     )
                 out[i] = self.class_names.index(value)
             else:
-                idx = int(value)
+                idx = _class_index(value, i)
                 if not -1 <= idx < len(self.class_names):
                     raise InputError(
                         f"label {i}: class index {idx} out of range 0..{len(self.class_names) - 1}"
@@ -155,49 +246,86 @@ class Segmenter:
             image: path, bytes, PIL image or (H, W, 3) uint8 RGB array.
             boxes: optional (M, 4) prompt boxes XYXY in original pixels: one mask per box, in
                 order. ``None`` runs automatic instance segmentation.
-            labels: optional class per box (index, name, or -1/None to predict it).
+            labels: optional class per box (index, name, or -1/None to predict it); only with
+                ``boxes``.
             score_threshold: automatic mode only: drop instances scoring below this.
+
+        Raises:
+            SimError: bad input (``ImageError``, ``BoxError``, ``InputError``), one line each.
         """
         batch_boxes = None if boxes is None else [boxes]
         batch_labels = None if labels is None else [labels]
         return self.predict_batch([image], boxes=batch_boxes, labels=batch_labels,
                                   batch_size=1, score_threshold=score_threshold)[0]
 
-    def predict_batch(self, images: Sequence[ImageLike],
+    def predict_batch(self, images: Iterable[ImageLike],
                       boxes: Sequence[BoxesLike | None] | None = None,
                       labels: Sequence[LabelsLike | None] | None = None, batch_size: int = 8,
-                      score_threshold: float | None = None) -> list[Prediction]:
-        """Segment many images, ``batch_size`` per forward pass; results in input order.
+                      score_threshold: float | Sequence[float | None] | None = None,
+                      ) -> list[Prediction]:
+        """Segment many images; results in input order. See :meth:`predict_stream`."""
+        return list(self.predict_stream(images, boxes=boxes, labels=labels,
+                                        batch_size=batch_size, score_threshold=score_threshold))
 
-        ``boxes[i]`` (and ``labels[i]``) prompt image i; ``None`` runs automatic mode for it.
+    def predict_stream(self, images: Iterable[ImageLike],
+                       boxes: Sequence[BoxesLike | None] | None = None,
+                       labels: Sequence[LabelsLike | None] | None = None, batch_size: int = 8,
+                       score_threshold: float | Sequence[float | None] | None = None,
+                       ) -> Iterator[Prediction]:
+        """Segment many images, yielding one :class:`Prediction` per image in input order.
+
+        Images are read ``batch_size`` at a time (a generator of paths works), so at most one
+        batch of decoded images is in memory however many are given. Within a batch, images
+        run together only when their padded canvases are equal (the canvas of an image
+        depends on its own size alone): a result never depends on the other images of its
+        batch.
+
+        Args:
+            images: paths, bytes, PIL images or (H, W, 3) uint8 RGB arrays (any iterable).
+            boxes: per image ``None`` (automatic mode) or (M, 4) prompt boxes; one entry per
+                image.
+            labels: per image ``None`` or one class per prompt box of that image; only for
+                images that have boxes.
+            batch_size: images per forward pass (at most).
+            score_threshold: automatic mode: a threshold for every image, or one per image
+                (``None`` entries keep everything).
+
+        Raises:
+            InputError: list lengths that do not match the images, labels without boxes, a
+                bad ``batch_size``; ``BoxError`` for a bad box; ``ImageError`` for an image
+                that cannot be read, or whose aspect ratio is beyond about ``max_size / 8``
+                (see :func:`serving.inference.transforms.resized_shape`).
         """
-        if batch_size < 1:
-            raise InputError(f"batch_size={batch_size} must be at least 1")
-        if boxes is not None and len(boxes) != len(images):
-            raise InputError(f"boxes: {len(boxes)} lists for {len(images)} images")
-        arrays = [load_image(im) for im in images]
-        prompts: list[tuple[np.ndarray, np.ndarray] | None] = []
-        for i, arr in enumerate(arrays):
-            if boxes is None or boxes[i] is None:
-                prompts.append(None)
-                continue
-            valid = validate_boxes(boxes[i], arr.shape[:2], self.cfg.max_prompt_boxes)
-            lab = self._labels(None if labels is None else labels[i], len(valid))
-            prompts.append((valid, lab))
-        results: list[Prediction | None] = [None] * len(arrays)
-        auto = [i for i, p in enumerate(prompts) if p is None]
-        prompted = [i for i, p in enumerate(prompts) if p is not None and len(p[0])]
-        for i, p in enumerate(prompts):
-            if p is not None and not len(p[0]):
-                results[i] = self._empty(arrays[i].shape[:2])
-        for start in range(0, len(auto), batch_size):
-            idx = auto[start:start + batch_size]
-            for i, pred in zip(idx, self._run_auto([arrays[i] for i in idx], score_threshold)):
-                results[i] = pred
-        for start in range(0, len(prompted), batch_size):
-            idx = prompted[start:start + batch_size]
-            chunk = [(arrays[i], *prompts[i]) for i in idx]  # type: ignore[misc]
-            for i, pred in zip(idx, self._run_prompted(chunk)):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size={batch_size!r} must be an integer of at least 1")
+        jobs = _jobs(images, boxes, labels, score_threshold)
+        while window := list(itertools.islice(jobs, batch_size)):
+            yield from self._run_window([self._load(*job) for job in window])
+
+    def _load(self, source: ImageLike, boxes: BoxesLike | None, labels: LabelsLike | None,
+              threshold: float | None) -> _Item:
+        """Decode and check one image and its prompts (at load time, before any batch runs)."""
+        array = load_image(source)
+        height, width = array.shape[:2]
+        size = resized_shape(height, width, self.cfg.min_size, self.cfg.max_size,
+                             describe_image(source))
+        if boxes is None:
+            return _Item(array, canvas_size(*size), None, threshold)
+        valid = validate_boxes(boxes, (height, width), self.cfg.max_prompt_boxes)
+        return _Item(array, canvas_size(*size), (valid, self._labels(labels, len(valid))), None)
+
+    def _run_window(self, items: list[_Item]) -> list[Prediction]:
+        """Predict ``items`` in groups of one mode and one canvas; results in input order."""
+        results: list[Prediction | None] = [None] * len(items)
+        groups: dict[tuple[bool, tuple[int, int]], list[int]] = {}
+        for i, item in enumerate(items):
+            if item.prompt is not None and not len(item.prompt[0]):
+                results[i] = self._empty(item.array.shape[:2])
+            else:
+                groups.setdefault((item.prompt is None, item.canvas), []).append(i)
+        for (automatic, _), members in groups.items():
+            run = self._run_auto if automatic else self._run_prompted
+            for i, pred in zip(members, run([items[i] for i in members]), strict=True):
                 results[i] = pred
         return results  # type: ignore[return-value]
 
@@ -208,25 +336,22 @@ class Segmenter:
     def _preprocess(self, arrays: list[np.ndarray]):
         return preprocess(arrays, self.cfg.min_size, self.cfg.max_size)
 
-    def _run_auto(self, arrays: list[np.ndarray],
-                  score_threshold: float | None) -> list[Prediction]:
-        batch, _, sizes = self._preprocess(arrays)
+    def _run_auto(self, items: list[_Item]) -> list[Prediction]:
+        batch, _, sizes = self._preprocess([item.array for item in items])
         dets = self.backend.detect(batch, sizes)
         preds = []
-        for arr, size, det in zip(arrays, sizes, dets):
-            orig = arr.shape[:2]
-            keep = torch.ones_like(det.scores, dtype=torch.bool)
-            if score_threshold is not None:
-                keep = det.scores >= score_threshold
-            boxes = scale_boxes(det.boxes[keep].float().cpu().numpy(), size, orig)
-            masks = postprocess_masks(det.mask_probs[keep], size, orig, self.cfg.mask_threshold)
-            preds.append(Prediction(boxes, det.scores[keep].float().cpu().numpy(),
-                                    det.labels[keep].cpu().numpy().astype(np.int64),
-                                    masks.cpu().numpy(), self.class_names))
+        for item, size, det in zip(items, sizes, dets):
+            orig = item.array.shape[:2]
+            det = det.above(item.threshold)
+            boxes = scale_boxes(det.boxes.float().cpu().numpy(), size, orig)
+            masks = mask_crops(det.mask_probs, size, orig, self.cfg.mask_threshold)
+            preds.append(Prediction(boxes, det.scores.float().cpu().numpy(),
+                                    det.labels.cpu().numpy().astype(np.int64),
+                                    masks, self.class_names))
         return preds
 
-    def _run_prompted(self, chunk: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                      ) -> list[Prediction]:
+    def _run_prompted(self, items: list[_Item]) -> list[Prediction]:
+        chunk = [(item.array, *item.prompt) for item in items]  # type: ignore[misc]
         batch, _, sizes = self._preprocess([c[0] for c in chunk])
         m = max(len(c[1]) for c in chunk)
         boxes_in = np.zeros((len(chunk), m, 4), np.float32)
@@ -242,9 +367,68 @@ class Segmenter:
         for b, ((arr, bx, _), size) in enumerate(zip(chunk, sizes)):
             n = len(bx)
             clip = torch.from_numpy(bx) if self.cfg.clip_to_box else None
-            masks = postprocess_masks(out.mask_probs[b, :n].cpu(), size, arr.shape[:2],
-                                      self.cfg.mask_threshold, clip_boxes=clip)
+            masks = mask_crops(out.mask_probs[b, :n].cpu(), size, arr.shape[:2],
+                               self.cfg.mask_threshold, clip_boxes=clip)
             preds.append(Prediction(bx.copy(), out.scores[b, :n].float().cpu().numpy(),
                                     out.labels[b, :n].cpu().numpy().astype(np.int64),
-                                    masks.numpy(), self.class_names))
+                                    masks, self.class_names))
         return preds
+
+
+class _Item(NamedTuple):
+    """One decoded image: (H, W, 3) uint8 ``array``, its padded ``canvas`` (H, W), its
+    ``prompt`` (boxes (M, 4) float32, labels (M,) int64) or ``None``, and its score
+    ``threshold`` (automatic mode)."""
+
+    array: np.ndarray
+    canvas: tuple[int, int]
+    prompt: tuple[np.ndarray, np.ndarray] | None
+    threshold: float | None
+
+
+def _per_image(name: str, values: Any, count: int | None) -> Sequence[Any] | None:
+    """``values`` as a per-image list (``None`` stays ``None``), its length checked."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes, Mapping)) or not (
+            hasattr(values, "__len__") and hasattr(values, "__getitem__")):
+        raise InputError(f"{name}: expected a list with one entry per image, got "
+                         f"{type(values).__name__}")
+    if count is not None and len(values) != count:
+        raise InputError(f"{name}: {len(values)} entries for {count} images; give one per image")
+    return values
+
+
+def _entry(name: str, values: Sequence[Any] | None, index: int) -> Any:
+    """``values[index]`` (``None`` when there is no list); a list too short is an error."""
+    if values is None:
+        return None
+    if index >= len(values):
+        raise InputError(f"{name}: {len(values)} entries for more images; give one per image")
+    return values[index]
+
+
+def _jobs(images: Iterable[ImageLike], boxes: Any, labels: Any, thresholds: Any,
+          ) -> Iterator[tuple[ImageLike, Any, Any, float | None]]:
+    """(image, boxes, labels, threshold) per image, every list length checked (up front when
+    ``images`` has a length, else as the images arrive and at the end)."""
+    count = len(images) if isinstance(images, Sized) else None
+    if labels is not None and boxes is None:
+        raise InputError("labels: given without boxes; labels name the class of each prompt "
+                         "box, pass boxes too (or drop labels)")
+    scalar = thresholds is None or isinstance(thresholds, numbers.Real)
+    columns = {"boxes": _per_image("boxes", boxes, count),
+               "labels": _per_image("labels", labels, count),
+               "score_threshold": None if scalar else _per_image("score_threshold", thresholds,
+                                                                   count)}
+    index = -1
+    for index, image in enumerate(images):
+        box, label, threshold = (_entry(name, values, index) for name, values in columns.items())
+        if label is not None and box is None:
+            raise InputError(f"labels[{index}]: given for image {index}, which has no boxes; "
+                             "pass its boxes or None as its labels")
+        yield image, box, label, thresholds if scalar else threshold
+    for name, values in columns.items():
+        if values is not None and len(values) != index + 1:
+            raise InputError(f"{name}: {len(values)} entries for {index + 1} images; give one "
+                             "per image")

@@ -1,6 +1,7 @@
 """The dependency direction of DESIGN.md section 2, enforced on the source (AST) and at runtime.
 
-- ``serving`` never imports ``training``, ``export``, ``app``, ``accelerate`` or ``gradio``;
+- ``serving`` never imports ``training``, ``export``, ``app`` or ``gradio``, and imports
+  ``accelerate`` only inside functions of ``serving.cli.shards`` (multi-process batch runs);
   it imports ``pycocotools``, ``onnxruntime``, ``tensorrt``, ``fastapi`` and ``uvicorn`` only
   inside functions, or at module level in the lazily loaded backend / server modules, which
   no other ``serving`` module imports at module level.
@@ -23,7 +24,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = ("serving", "training", "export", "app")
 HEAVY = ("pycocotools", "onnxruntime", "tensorrt", "fastapi", "uvicorn")
-NEVER_IN_SERVING = ("training", "export", "app", "accelerate", "gradio")
+NEVER_IN_SERVING = ("training", "export", "app", "gradio")
+#: The one serving module that may import accelerate, and only inside its functions.
+ACCELERATE_MODULE = "serving.cli.shards"
 #: serving modules allowed to import HEAVY at module level (they are loaded lazily).
 LAZY_PATTERNS = ("serving.backends.onnxruntime_backend", "serving.backends.tensorrt_backend",
                  "serving.server.app*")
@@ -152,9 +155,17 @@ def test_serving_exists_and_is_scanned():
     assert any(imp.targets[0] == "torch" for imp in imports_of("serving"))
 
 
-def test_serving_never_imports_training_export_app_accelerate_gradio():
+def test_serving_never_imports_training_export_app_gradio():
     bad = [fmt(imp) for imp in imports_of("serving")
            if any(top(t) in NEVER_IN_SERVING for t in imp.targets)]
+    assert not bad, bad
+
+
+def test_serving_imports_accelerate_only_lazily_for_multi_process_runs():
+    found = [imp for imp in imports_of("serving")
+             if any(top(t) == "accelerate" for t in imp.targets)]
+    assert found, "serving.cli.shards is expected to use accelerate for multi-process runs"
+    bad = [fmt(imp) for imp in found if imp.module != ACCELERATE_MODULE or not imp.lazy]
     assert not bad, bad
 
 
@@ -186,6 +197,7 @@ def test_other_packages_respect_the_direction(package, forbidden):
 
 
 # ------------------------------------------------------------------ at runtime
+@pytest.mark.slow
 def test_import_serving_without_optional_or_project_packages():
     """The brief's check (accelerate, gradio, pycocotools, onnxruntime set to None in
     sys.modules, then ``import serving; from serving import Segmenter``), extended to every

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
+
+from training.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -50,36 +51,50 @@ class StepRecord:
     teacher: dict[str, torch.Tensor] | None
 
 
+class SimulatedCrash(RuntimeError):
+    """Raised by :class:`Recorder` before step ``crash_at``."""
+
+
 @dataclass
-class Recorder:
-    """Wraps ``training.train._train_step``; optionally raises before step ``crash_at``."""
+class Recorder(Callback):
+    """A training callback that records every batch (step, image ids, losses, SIM state at
+    the first batch); optionally raises :class:`SimulatedCrash` before step ``crash_at``."""
 
     records: list[StepRecord] = field(default_factory=list)
     crash_at: int | None = None
     snapshot_first: bool = True
 
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> Recorder:
-        import training.train as train_mod
+    def on_batch_start(self, run, batch) -> None:
+        step, sim = run.state.step, run.sim
+        if self.crash_at is not None and step == self.crash_at:
+            raise SimulatedCrash(f"simulated crash before step {step + 1}")
+        snap = self.snapshot_first and not self.records and sim is not None
+        self.records.append(StepRecord(
+            step, {}, list(batch.image_ids),
+            sim.prototypes.prototypes.detach().clone() if snap else None,
+            len(sim.bank) if sim is not None else None,
+            {k: v.detach().clone() for k, v in sim.teacher.state_dict().items()}
+            if snap else None))
 
-        original = train_mod._train_step
+    def on_step_end(self, run, losses) -> None:
+        self.records[-1].losses = {k: float(v.detach()) for k, v in losses.items()}
 
-        def wrapped(model, unwrapped, batch, cfg, step, sim, reduce_mean):
-            if self.crash_at is not None and step == self.crash_at:
-                raise RuntimeError(f"simulated crash before step {step + 1}")
-            snap = self.snapshot_first and not self.records and sim is not None
-            record = StepRecord(
-                step, {}, list(batch.image_ids),
-                sim.prototypes.prototypes.detach().clone() if snap else None,
-                len(sim.bank) if sim is not None else None,
-                {k: v.detach().clone() for k, v in sim.teacher.state_dict().items()}
-                if snap else None)
-            losses = original(model, unwrapped, batch, cfg, step, sim, reduce_mean)
-            record.losses = {k: float(v.detach()) for k, v in losses.items()}
-            self.records.append(record)
-            return losses
 
-        monkeypatch.setattr(train_mod, "_train_step", wrapped)
-        return self
+class StopTraining(Exception):
+    """Raised by :class:`StopAtFirstBatch`."""
+
+
+class StopAtFirstBatch(Callback):
+    """Records the step and SIM state a (resumed) run starts from, then stops it."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.bank_size: int | None = None
+
+    def on_batch_start(self, run, batch) -> None:
+        self.step = run.state.step
+        self.bank_size = None if run.sim is None else len(run.sim.bank)
+        raise StopTraining
 
 
 @dataclass

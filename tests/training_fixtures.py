@@ -60,7 +60,6 @@ def tiny_run(tiny_cfg, tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
 
     out = tmp_path_factory.mktemp("run_a")
     cfg = tiny_cfg(out, *SIM_EXERCISE)
-    with pytest.MonkeyPatch.context() as mp:
-        rec = Recorder().install(mp)
-        result = train(cfg)
+    rec = Recorder()
+    result = train(cfg, callbacks=[rec])
     return TinyRun(cfg, out, result, rec.records)

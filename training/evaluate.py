@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from serving import InferenceConfig, Segmenter
 from serving.backends.torch_backend import TorchBackend
-from serving.errors import SimError
+from serving.cli.main import prog
+from serving.errors import InputError, SimError
 from serving.formats.cocoeval import evaluate_coco
 from serving.model import CondInst
 
@@ -52,7 +53,7 @@ def evaluate_model(model: CondInst, class_names: Sequence[str], cfg: InferenceCo
     device = next(model.parameters()).device
     segmenter = Segmenter(TorchBackend(model, cfg, device=device), class_names, cfg)
     results = predict_dataset(segmenter, annotations, images, category_ids, max_images)
-    return _percent(evaluate_coco(_ground_truth(annotations, max_images), results))
+    return _percent(evaluate_coco(_ground_truth(annotations, max_images), results, f1=True))
 
 
 def _ground_truth(annotations: str | Path, max_images: int | None) -> dict[str, Any] | str:
@@ -67,16 +68,37 @@ def _ground_truth(annotations: str | Path, max_images: int | None) -> dict[str, 
 
 
 def _percent(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: (100.0 * v if v >= 0 else v) for k, v in metrics.items()}
+    """AP and F1 values in percent (``-1`` stays: no instance of that size); score
+    thresholds stay scores."""
+    return {k: (v if v < 0 or k.endswith("_threshold") else 100.0 * v)
+            for k, v in metrics.items()}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images: str | Path,
-                        device: str = "auto", max_images: int | None = None) -> dict[str, float]:
-    """Mask and box AP (percent) of a checkpoint file."""
-    segmenter = Segmenter.from_checkpoint(checkpoint, device=device)
+                        device: str = "auto", max_images: int | None = None,
+                        calibrate: bool = False) -> dict[str, float]:
+    """Mask and box AP (percent) of a model file (``.safetensors``, ``.onnx``, TensorRT).
+
+    ``calibrate``: also store the validation calibration (the F1-best score threshold and the
+    prompted-score quantiles, :func:`training.calibration.validation_calibration`) in the
+    checkpoint's metadata, keeping what it already holds (``.safetensors`` only).
+    """
+    if calibrate and Path(checkpoint).suffix.lower() != ".safetensors":
+        raise InputError(f"--calibrate: {checkpoint} is not a .safetensors checkpoint; "
+                         "calibrate the checkpoint, then export it")
+    segmenter = Segmenter.load(checkpoint, device=device)
     category_ids = segmenter.info.get("extra", {}).get("category_ids")
     results = predict_dataset(segmenter, annotations, images, category_ids, max_images)
-    return _percent(evaluate_coco(_ground_truth(annotations, max_images), results))
+    metrics = _percent(evaluate_coco(_ground_truth(annotations, max_images), results, f1=True))
+    if calibrate:
+        from serving.model.checkpoint import read_checkpoint_info, update_checkpoint_extra
+
+        from .calibration import validation_calibration
+
+        found = validation_calibration(segmenter, metrics, annotations, images)
+        known = read_checkpoint_info(checkpoint).extra.get("calibration") or {}
+        update_checkpoint_extra(checkpoint, {"calibration": {**known, **found}})
+    return metrics
 
 
 def evaluate_untrained(cfg: TrainConfig, path: str | Path) -> dict[str, float]:
@@ -100,17 +122,29 @@ def evaluate_untrained(cfg: TrainConfig, path: str | Path) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="model .safetensors file")
+    parser = argparse.ArgumentParser(
+        prog=prog("python -m training.evaluate"), description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  sim eval --model runs/quickstart/model_final.safetensors "
+               "--annotations data/synthetic/val.json --images data/synthetic/images\n"
+               "  sim eval --model model.onnx --annotations val.json --images imgs/ "
+               "--output metrics.json\n"
+               "  sim eval --model model.safetensors ... --calibrate   # store the F1-best "
+               "threshold and score reference")
+    parser.add_argument("--model", "--checkpoint", dest="checkpoint", required=True,
+                        help="model file: .safetensors checkpoint, .onnx or TensorRT engine")
     parser.add_argument("--annotations", required=True, help="COCO JSON with masks")
     parser.add_argument("--images", required=True, help="folder of the images")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--output", help="write the metrics as JSON here")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="store the score threshold that maximises F1 and the prompted "
+                             "scores of this validation in the checkpoint's metadata")
     args = parser.parse_args(argv)
     try:
         metrics = evaluate_checkpoint(args.checkpoint, args.annotations, args.images,
-                                      args.device, args.max_images)
+                                      args.device, args.max_images, args.calibrate)
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,11 +1,16 @@
-"""``python -m training.quickstart``: the README's main job, end to end on the built-in data.
+"""``sim quickstart [--data synthetic|nuclei]``: the whole product path on built-in data.
 
-1. generate the synthetic dataset (boxes for training, masks kept for evaluation only);
-2. train the CPU quickstart model (MobileNetV2-FPN, offline ImageNet weights, SIM);
-3. evaluate mask and box AP on the validation split, next to the untrained model;
-4. export to ONNX and verify it against PyTorch (when the export extra is installed);
-5. run the batch command line on a few validation images, automatic and box-prompted,
-   and print where the results and pictures are.
+1. data: generate the synthetic dataset (or convert the real napari nuclei slices); training
+   reads boxes only, the masks are kept for evaluation;
+2. train: the quickstart model (MobileNetV2-FPN, offline ImageNet weights, SIM);
+3. evaluate: COCO mask and box AP on the validation split, next to the untrained model;
+4. export: ONNX with the default exporter, verified against PyTorch on validation images;
+5. predict: the batch command line on validation images, automatically and with the
+   validation boxes as prompts, with pictures;
+6. label: auto-label the validation boxes and measure the labels against the withheld masks.
+
+Each stage prints one line with its time; a stage that fails stops the run with a message
+naming it and a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -15,72 +20,169 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from serving import Segmenter
+from serving.cli.main import prog
 from serving.errors import SimError
 
-from .config import load_config
-from .evaluate import evaluate_untrained
-from .train import train
+from .config import TrainConfig, load_config
+
+CONFIGS = {"synthetic": "configs/quickstart_cpu.yaml", "nuclei": "configs/quickstart_nuclei.yaml"}
+#: Validation images the predict stage segments.
+PREDICT_IMAGES = 6
 
 
-def _run(cmd: list[str]) -> int:
-    print("$", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+class StageError(SimError):
+    """A quickstart stage failed; the message names the stage."""
+
+
+@dataclass
+class Run:
+    """What the stages share: the config, where things go, what earlier stages produced."""
+
+    cfg: TrainConfig
+    config_path: str
+    overrides: list[str]
+    out: Path
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def _sub(stage: str, cmd: list[str], ok: Sequence[int] = (0,)) -> None:
+    """Run a command of the product (as a user would) and fail the stage on a bad exit."""
+    print("  $ " + " ".join(cmd), flush=True)
+    code = subprocess.call(cmd)
+    if code not in ok:
+        raise StageError(f"stage '{stage}' failed: `{' '.join(cmd[:4])} ...` exited with "
+                         f"{code}; see its messages above")
+
+
+def stage_data(run: Run) -> str:
+    train_json = Path(run.cfg.data.train_json)
+    if train_json.is_file():
+        return f"{train_json.parent} (already there)"
+    if "nuclei" in run.config_path:
+        from .data.nuclei import convert_nuclei
+
+        stats = convert_nuclei(train_json.parent)["stats"]
+        return f"{train_json.parent}: " + ", ".join(f"{k} {n} images / {m} nuclei"
+                                                    for k, (n, m) in stats.items())
+    from .data.synthetic import generate_dataset
+
+    d = run.cfg.data
+    generate_dataset(train_json.parent, d.synthetic_images, seed=d.synthetic_seed,
+                     size=d.synthetic_size)
+    return f"{train_json.parent}: {d.synthetic_images} synthetic images"
+
+
+def stage_train(run: Run) -> str:
+    from .train import train
+
+    result = train(run.cfg)
+    run.results["checkpoint"] = result["checkpoint"]
+    run.results["trained"] = result["metrics"]
+    return result["checkpoint"]
+
+
+def stage_evaluate(run: Run) -> str:
+    from .evaluate import evaluate_untrained
+
+    fresh = load_config(run.config_path, run.overrides)
+    run.results["untrained"] = untrained = evaluate_untrained(
+        fresh, run.out / "model_untrained.safetensors")
+    trained = run.results["trained"]
+    return (f"mask AP {trained.get('segm/AP', float('nan')):.1f} trained vs "
+            f"{untrained.get('segm/AP', float('nan')):.1f} untrained (box AP "
+            f"{trained.get('bbox/AP', float('nan')):.1f} vs "
+            f"{untrained.get('bbox/AP', float('nan')):.1f})")
+
+
+def _val_images(run: Run) -> list[str]:
+    val = json.loads(Path(run.cfg.data.val_json).read_text())
+    return [str(Path(run.cfg.data.val_images) / img["file_name"])
+            for img in val["images"][:PREDICT_IMAGES]]
+
+
+def stage_export(run: Run) -> str:
+    folder = run.out / "export"
+    _sub("export", [sys.executable, "-m", "serving", "export", "--model",
+                    run.results["checkpoint"], "--output", str(folder), "--verify",
+                    *_val_images(run)[:2]])
+    return f"{folder} (verified against PyTorch)"
+
+
+def stage_predict(run: Run) -> str:
+    ckpt, images = run.results["checkpoint"], _val_images(run)
+    auto, prompted = run.out / "predictions", run.out / "predictions_prompted"
+    base = [sys.executable, "-m", "serving", "predict", "--model", ckpt, "--input", *images,
+            "--save-vis", "--no-progress"]
+    _sub("predict", [*base, "--output", str(auto)])
+    _sub("predict", [*base, "--boxes", run.cfg.data.val_json, "--output", str(prompted)])
+    run.results["pictures"] = [str(auto / "vis"), str(prompted / "vis")]
+    return f"{auto / 'vis'} (automatic), {prompted / 'vis'} (box-prompted)"
+
+
+def stage_label(run: Run) -> str:
+    out = run.out / "labelled_val.json"
+    _sub("label", [sys.executable, "-m", "serving", "label", "--model",
+                   run.results["checkpoint"], "--annotations", run.cfg.data.val_json,
+                   "--images", run.cfg.data.val_images, "--output", str(out), "--evaluate",
+                   "--no-progress", "--overwrite"])
+    return str(out)
+
+
+STAGES: list[tuple[str, Callable[[Run], str]]] = [
+    ("data", stage_data), ("train", stage_train), ("evaluate", stage_evaluate),
+    ("export", stage_export), ("predict", stage_predict), ("label", stage_label)]
+
+
+def run_stages(run: Run) -> dict[str, float]:
+    """Run every stage, printing one line each; returns seconds per stage."""
+    times: dict[str, float] = {}
+    for i, (name, stage) in enumerate(STAGES, 1):
+        print(f"[{i}/{len(STAGES)}] {name} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            what = stage(run)
+        except StageError:
+            raise
+        except SimError as exc:
+            raise StageError(f"stage '{name}' failed: {exc}") from None
+        times[name] = round(time.perf_counter() - start, 1)
+        print(f"[{i}/{len(STAGES)}] {name:<8} {times[name]:7.1f} s  {what}", flush=True)
+    return times
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.quickstart", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/quickstart_cpu.yaml")
+    parser = argparse.ArgumentParser(
+        prog=prog("python -m training.quickstart"), description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  sim quickstart                 # synthetic shapes, ~5-10 min on "
+               "2 CPU cores\n  sim quickstart --data nuclei   # real fluorescence nuclei\n"
+               "  sim quickstart optim.max_iter=100   # shorter training")
+    parser.add_argument("--data", choices=sorted(CONFIGS), default="synthetic",
+                        help="built-in dataset (default: synthetic)")
+    parser.add_argument("--config", default=None, help="training config (default: the data's)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
+    config = args.config or CONFIGS[args.data]
     start = time.perf_counter()
     try:
-        cfg = load_config(args.config, args.overrides)
-        result = train(cfg)
-        out = Path(cfg.output_dir)
-        ckpt = result["checkpoint"]
-        trained = result["metrics"]
-        untrained = evaluate_untrained(load_config(args.config, args.overrides),
-                                       out / "model_untrained.safetensors")
+        cfg = load_config(config, args.overrides)
+        run = Run(cfg, config, list(args.overrides), Path(cfg.output_dir))
+        times = run_stages(run)
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    summary = {"trained": trained, "untrained": untrained,
-               "train_and_eval_seconds": round(time.perf_counter() - start, 1)}
-    (out / "quickstart_summary.json").write_text(json.dumps(summary, indent=2))
-
-    val_json = json.loads(Path(cfg.data.val_json).read_text())
-    names = [img["file_name"] for img in val_json["images"][:6]]
-    images = [str(Path(cfg.data.val_images) / n) for n in names]
-    export_dir = out / "export"
-    exported = _run([sys.executable, "-m", "export", "--checkpoint", ckpt, "--format", "onnx",
-                     "--exporter", "torchscript",
-                     "--output", str(export_dir), "--verify", *images[:2]]) == 0
-    pred_dir = out / "predictions"
-    _run([sys.executable, "-m", "serving", "predict", "--model", ckpt, "--input", *images,
-          "--output", str(pred_dir), "--save-vis"])
-    prompt_dir = out / "predictions_prompted"
-    _run([sys.executable, "-m", "serving", "predict", "--model", ckpt, "--input", *images,
-          "--boxes", cfg.data.val_json, "--output", str(prompt_dir), "--save-vis"])
-
-    seg = Segmenter.from_checkpoint(ckpt, device="cpu")
-    print("\n=== quickstart done ===")
-    classes = ", ".join(seg.class_names)
-    print(f"model:        {ckpt}  ({seg.info.get('backbone')}, classes {classes})")
-    print(f"mask AP:      {trained.get('segm/AP', float('nan')):.1f} trained vs "
-          f"{untrained.get('segm/AP', float('nan')):.1f} untrained "
-          f"(box AP {trained.get('bbox/AP', float('nan')):.1f} vs "
-          f"{untrained.get('bbox/AP', float('nan')):.1f})")
-    print(f"metrics:      {out / 'metrics.json'}   summary: {out / 'quickstart_summary.json'}")
-    print(f"tensorboard:  tensorboard --logdir {out}")
-    if exported:
-        print(f"onnx:         {export_dir}")
-    print(f"pictures:     {pred_dir / 'vis'} (automatic), {prompt_dir / 'vis'} (box-prompted)")
-    print(f"time:         {time.perf_counter() - start:.0f} s")
+    total = round(time.perf_counter() - start, 1)
+    summary = {"trained": run.results["trained"], "untrained": run.results["untrained"],
+               "seconds": {**times, "total": total}}
+    (run.out / "quickstart_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nquickstart done in {total:.0f} s. Pictures: {run.results['pictures'][0]} and "
+          f"{run.results['pictures'][1]}; model: {run.results['checkpoint']}; summary: "
+          f"{run.out / 'quickstart_summary.json'}; tensorboard --logdir {run.out}")
     return 0
 
 

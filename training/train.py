@@ -2,7 +2,9 @@
 
 One flat loop on Hugging Face Accelerate (DDP on GPUs or CPU/gloo, bf16/fp16 autocast,
 gradient accumulation), with checkpoints that resume everything: model, EMA teacher,
-prototypes, optimizer, scheduler, iteration counter, RNG and the copy-paste memory bank.
+prototypes, optimizer, scheduler, iteration counters, RNG and the copy-paste memory bank
+(:mod:`training.checkpoints`). Tests, benchmarks and tools look inside through callbacks
+(:mod:`training.callbacks`).
 """
 
 from __future__ import annotations
@@ -10,271 +12,281 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.profiler import record_function
 from tqdm.auto import tqdm
 
+from serving import Segmenter
+from serving.backends.torch_backend import TorchBackend
+from serving.cli.main import prog
+from serving.cli.shards import multi_process_cpu
 from serving.config import ModelConfig, config_to_dict
 from serving.errors import SimError
-from serving.model import CondInst, build_condinst
+from serving.model import build_condinst
 from serving.model.checkpoint import save_checkpoint
 
-from .config import TrainConfig, load_config, save_config
+from .calibration import calibration
+from .callbacks import Callback, CallbackList, TrainingRun
+from .checkpoints import ResumePoint, restore, save_checkpoint_folder, select_resume_point
+from .config import PRESET_HELP, TrainConfig, load_config, save_config
 from .data import CocoInstanceDataset
+from .data.collate import Batch
 from .data.loader import build_train_loader
 from .evaluate import evaluate_model
-from .losses.criterion import bottom_removed_valid, compute_losses, targets_from_batch
 from .optim import build_optimizer, build_scheduler
-from .run_state import RunState, latest_checkpoint, save_state_atomic
-from .sim.step import SIMState, sim_losses
+from .run_state import RunState
+from .sim.step import SIMState
+from .step import TrainingError, batch_losses, check_finite
 
-#: Set to 1 to make every process write ``<output_dir>/debug/prototypes_rank{r}.pt`` at the end
-#: of training: its prototypes and the image ids of every batch it trained on. Custom checkpoint
-#: objects are saved from the main process only, so this per-rank dump is how the distributed
-#: test checks that prototypes agree across processes while the data differ.
-DEBUG_DUMP_ENV = "SIM_DEBUG_DUMP_PROTOTYPES"
-
-
-class TrainingError(SimError):
-    """Training cannot continue (NaN/inf loss, bad data)."""
-
-
-def _prepare_data(cfg: TrainConfig, accelerator: Accelerator) -> None:
-    """Generate the built-in synthetic dataset when the config asks for it and it is missing."""
-    train_json = Path(cfg.data.train_json)
-    if train_json.is_file() or cfg.data.synthetic_images <= 0:
-        return
-    if accelerator.is_main_process:
-        from .data.synthetic import generate_dataset
-
-        generate_dataset(train_json.parent, cfg.data.synthetic_images, seed=cfg.data.synthetic_seed,
-                         size=cfg.data.synthetic_size, background=cfg.data.synthetic_background)
-    accelerator.wait_for_everyone()
-
-
-def _multi_process_cpu() -> bool:
-    """True when several processes were launched (``WORLD_SIZE > 1``) on a machine without an
-    accelerator device.
-
-    Accelerate forms a gloo process group on CPUs only when told to use the CPU; otherwise
-    ``accelerate launch --multi_gpu --num_processes 2`` (or ``torchrun``) on such a machine
-    starts independent single-process runs that overwrite each other's output. (With
-    ``accelerate launch --cpu --num_processes N --mpirun_hostfile H`` MPI starts the processes
-    and Accelerate forms the group itself; without a hostfile ``--cpu`` starts ONE process.)
-    """
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+__all__ = ["TrainingError", "main", "train"]
 
 
 def train(cfg: TrainConfig, resume: str | None = None,
-          on_end: Callable[[CondInst, SIMState | None], None] | None = None) -> dict[str, Any]:
-    """Run training; returns the final metrics (and paths) as a dict.
+          callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Train ``cfg``; returns ``{"checkpoint": model_final path, "metrics": last evaluation,
+    "step": steps done}``.
 
-    ``on_end(model, sim)`` runs on the main process after the last step, before evaluation,
-    with the bare student and the SIM state (teacher, prototypes; None without SIM); the
-    quality benchmark renders its figure of SIM's maps there.
+    Args:
+        cfg: the experiment. ``cfg.model.num_classes`` is set from the training data.
+        resume: a checkpoint folder, ``"auto"`` (the newest intact one of ``cfg.output_dir``)
+            or None. The folder is checked in full before anything in the run folder changes.
+        callbacks: called on every process at fixed points of the loop.
     """
-    out = Path(cfg.output_dir)
-    accelerator = Accelerator(
-        cpu=_multi_process_cpu(),
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.optim.grad_accum_steps,
-        log_with="tensorboard",
-        project_dir=str(out),
-    )
+    accelerator = _make_accelerator(cfg)
     set_seed(cfg.seed)
-    _prepare_data(cfg, accelerator)
-    mode = "mask" if _needs_masks(cfg) else "box"
+    dataset = _load_dataset(cfg, accelerator)
+    point = select_resume_point(cfg, resume, accelerator.num_processes,
+                                accelerator.process_index, accelerator.print)
+    run = _build_run(cfg, accelerator, dataset)
+    if point is not None:
+        restore(run, point)
+    _open_run_folder(run, point)
+    hooks = CallbackList(callbacks)
+    _train_loop(run, hooks)
+    final = _finish(run, hooks)
+    return {"checkpoint": str(final), "metrics": run.metrics, "step": run.state.step}
+
+
+# --------------------------------------------------------------------------- setup
+def _make_accelerator(cfg: TrainConfig) -> Accelerator:
+    return Accelerator(cpu=multi_process_cpu(), mixed_precision=cfg.mixed_precision,
+                       gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+                       log_with="tensorboard", project_dir=cfg.output_dir)
+
+
+def _load_dataset(cfg: TrainConfig, accelerator: Accelerator) -> CocoInstanceDataset:
+    """The training set (box mode never reads segmentations); generates the built-in
+    synthetic data first when the config asks for it and it is missing. Sets
+    ``cfg.model.num_classes`` from the data."""
+    train_json = Path(cfg.data.train_json)
+    if not train_json.is_file() and cfg.data.synthetic_images > 0:
+        if accelerator.is_main_process:
+            from .data.synthetic import generate_dataset
+
+            generate_dataset(train_json.parent, cfg.data.synthetic_images,
+                             seed=cfg.data.synthetic_seed, size=cfg.data.synthetic_size)
+        accelerator.wait_for_everyone()
+    mode = "mask" if cfg.supervision == "mask" else "box"
     dataset = CocoInstanceDataset(cfg.data.train_json, cfg.data.train_images, mode=mode)
     if cfg.model.num_classes != dataset.num_classes:
         cfg.model = ModelConfig(**{**config_to_dict(cfg.model), "num_classes": dataset.num_classes})
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
-        accelerator.print(
-            f"data: {len(dataset)} images, {dataset.num_classes} classes "
-            f"({dataset.num_skipped_images} images without boxes skipped)"
-        )
+    return dataset
+
+
+def _build_run(cfg: TrainConfig, accelerator: Accelerator,
+               dataset: CocoInstanceDataset) -> TrainingRun:
+    """Model, SIM state, optimizer and scheduler (prepared by Accelerate) and the data stream."""
     model = build_condinst(cfg.model)
-    all_reduce_sum = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 \
-        else None
-    sim = SIMState(model, cfg, accelerator.device, accelerator.process_index, all_reduce_sum) \
-        if cfg.supervision == "box" and cfg.sim.enabled else None
+    sim = None
+    if cfg.uses_sim:
+        all_reduce_sum = (lambda t: accelerator.reduce(t, "sum")) \
+            if accelerator.num_processes > 1 else None
+        sim = SIMState(model, cfg, accelerator.device, accelerator.process_index, all_reduce_sum)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = RunState()
-    # RunState first, then SIM's objects: SIMState.load_checkpoint relies on this order
-    # (sim_step.FIRST_CUSTOM_CHECKPOINT).
-    accelerator.register_for_checkpointing(state)
-    if sim is not None:
-        for obj in sim.checkpoint_objects():
-            accelerator.register_for_checkpointing(obj)
-    if resume:
-        path = latest_checkpoint(out) if resume == "auto" else Path(resume)
-        if path is None:
-            accelerator.print("resume: no checkpoint found, starting from scratch")
-        else:
-            accelerator.load_state(str(path))
-            accelerator.print(f"resumed from {path} at step {state.step}")
-    if accelerator.is_main_process:
-        accelerator.init_trackers("tb", config=_flat_scalars(config_to_dict(cfg)))
-    unwrapped = accelerator.unwrap_model(model)
+    prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loader = build_train_loader(dataset, cfg, accelerator.process_index,
                                 accelerator.num_processes)
-    bar = tqdm(total=cfg.optim.max_iter, initial=state.step, desc="train",
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    reduce_mean = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 \
-        else (lambda t: t)
-    t_last, n_images = time.perf_counter(), 0
-    metrics: dict[str, Any] = {}
-    seen_ids: list[list[int]] = []
-    model.train()
+    return TrainingRun(cfg=cfg, accelerator=accelerator, model=prepared,
+                       student=accelerator.unwrap_model(prepared), optimizer=optimizer,
+                       scheduler=scheduler, sim=sim, state=RunState(), dataset=dataset,
+                       loader=loader, output_dir=Path(cfg.output_dir))
+
+
+def _open_run_folder(run: TrainingRun, point: ResumePoint | None) -> None:
+    """Write the resolved config, start tensorboard and say what is being trained (after the
+    resume checks, so a refused resume leaves the run folder untouched)."""
+    acc = run.accelerator
+    if point is not None:
+        acc.print(f"resumed from {point.path} at step {run.state.step}")
+    if acc.is_main_process:
+        save_config(run.cfg, run.output_dir / "config.yaml")
+        acc.init_trackers("tb", config=_flat_scalars(config_to_dict(run.cfg)))
+        data = run.dataset
+        acc.print(f"data: {len(data)} images, {data.num_classes} classes "
+                  f"({data.num_skipped_images} images without boxes skipped)")
+
+
+# --------------------------------------------------------------------------- the loop
+class _Throughput:
+    """Images per second between two log lines."""
+
+    def __init__(self) -> None:
+        self.start, self.images = time.perf_counter(), 0
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        value = self.images / max(now - self.start, 1e-9)
+        self.start, self.images = now, 0
+        return value
+
+
+def _train_loop(run: TrainingRun, hooks: Callback) -> None:
+    """Epochs of batches until ``optim.max_iter`` optimiser steps are done."""
+    bar = tqdm(total=run.cfg.optim.max_iter, initial=run.state.step, desc="train",
+               disable=not run.accelerator.is_local_main_process, dynamic_ncols=True)
+    speed = _Throughput()
+    run.model.train()
     try:  # close the bar on errors too (NaN stop, Ctrl-C): no stray output later
-        while state.step < cfg.optim.max_iter:
-            for batch in loader.iterate(state):
-                batch = batch.to(accelerator.device)
-                seen_ids.append(list(batch.image_ids))
-                with accelerator.accumulate(model):
-                    losses = _train_step(model, unwrapped, batch, cfg, state.step, sim, reduce_mean)
-                    total = sum(losses.values())
-                    _check_finite(losses, state.step, accelerator)
-                    accelerator.backward(total)
-                    if accelerator.sync_gradients and cfg.optim.clip_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                state.batches_in_epoch += 1
-                n_images += len(batch) * accelerator.num_processes
-                if not accelerator.sync_gradients:
+        while run.state.step < run.cfg.optim.max_iter:
+            for batch in run.loader.iterate(run.state):
+                losses = _train_on_batch(run, batch, hooks, speed)
+                if losses is None:  # gradients still accumulating
                     continue
-                state.step += 1
-                if sim is not None:
-                    sim.after_step(unwrapped)
+                run.state.step += 1
                 bar.update(1)
-                if state.step % cfg.log_every == 0 or state.step == cfg.optim.max_iter:
-                    now = time.perf_counter()
-                    scalars = {k: float(v.detach()) for k, v in losses.items()}
-                    scalars["lr"] = scheduler.get_last_lr()[0]
-                    scalars["images_per_s"] = n_images / max(now - t_last, 1e-9)
-                    t_last, n_images = now, 0
-                    accelerator.log(scalars, step=state.step)
-                    bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in scalars.items()
-                                     if k.startswith("loss_")} | {
-                                        "img/s": f"{scalars['images_per_s']:.1f}"})
-                if sim is not None and cfg.log_images_every and \
-                        state.step % cfg.log_images_every == 0 and accelerator.is_main_process:
-                    sim.log_images(accelerator, state.step)
-                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                    save_state_atomic(accelerator, out, state.step)
-                if cfg.eval_every and state.step % cfg.eval_every == 0 and cfg.data.val_json:
-                    metrics = _evaluate(accelerator, unwrapped, dataset.class_names, cfg,
-                                        state.step, dataset.label_to_category_id)
-                    model.train()
-                if state.step >= cfg.optim.max_iter:
+                _after_step(run, losses, bar, speed)
+                hooks.on_step_end(run, losses)
+                if run.state.step >= run.cfg.optim.max_iter:
                     break
             else:
-                state.next_epoch()
+                run.state.next_epoch()
     finally:
         bar.close()
-    save_state_atomic(accelerator, out, state.step)
-    if os.environ.get(DEBUG_DUMP_ENV) == "1" and sim is not None:
-        _dump_debug(out, accelerator.process_index, sim, seen_ids, state.step)
-    final = out / "model_final.safetensors"
-    if accelerator.is_main_process:
-        save_checkpoint(final, unwrapped, cfg.model, dataset.class_names, cfg.inference,
-                        extra={"train_config": config_to_dict(cfg), "step": state.step,
-                               "category_ids": dataset.label_to_category_id})
-    if on_end is not None and accelerator.is_main_process:
-        on_end(unwrapped, sim)
-        model.train()
-    if cfg.data.val_json and (not cfg.eval_every or cfg.optim.max_iter % cfg.eval_every):
-        metrics = _evaluate(accelerator, unwrapped, dataset.class_names, cfg, state.step,
-                            dataset.label_to_category_id)
-    accelerator.end_training()
-    return {"checkpoint": str(final), "metrics": metrics, "step": state.step}
 
 
-def _needs_masks(cfg: TrainConfig) -> bool:
-    """Training reads instance masks: full supervision, or the oracle-M_S diagnostic."""
-    return cfg.supervision == "mask" or (cfg.sim.enabled and cfg.sim.oracle_semantic_map)
+def _train_on_batch(run: TrainingRun, batch: Batch, hooks: Callback,
+                    speed: _Throughput) -> dict[str, torch.Tensor] | None:
+    """Forward, backward and (at the end of an accumulation) the optimiser step of one batch;
+    returns its losses when an optimiser step was taken, else None."""
+    acc, cfg = run.accelerator, run.cfg
+    batch = batch.to(acc.device)
+    hooks.on_batch_start(run, batch)
+    reduce_mean = (lambda t: acc.reduce(t, "mean")) if acc.num_processes > 1 else (lambda t: t)
+    with acc.accumulate(run.model):
+        losses = batch_losses(run.model, run.student, batch, cfg, run.state.step, run.sim,
+                              reduce_mean)
+        check_finite(losses, run.state.step, acc)
+        acc.backward(sum(losses.values()))
+        if acc.sync_gradients and cfg.optim.clip_grad_norm:
+            acc.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.state.batches_in_epoch += 1
+    speed.images += len(batch) * acc.num_processes
+    return losses if acc.sync_gradients else None
 
 
-def _train_step(model, unwrapped, batch, cfg: TrainConfig, step: int, sim: SIMState | None,
-                reduce_mean) -> dict[str, torch.Tensor]:
-    """Losses of one batch: copy-paste (SIM), student forward, FCOS + mask + SIM losses."""
-    h, w = batch.images.shape[-2:]
-    targets = targets_from_batch(batch.boxes, batch.labels, h, w,
-                                 batch.masks if _needs_masks(cfg) else None)
-    images = batch.images
-    if sim is not None:
-        with record_function("sim.copy_paste"):
-            images, targets = sim.copy_paste(images, batch.valid, targets, step)
-    color_valid = bottom_removed_valid(batch.valid, batch.image_sizes,
-                                       [s[0] for s in batch.orig_sizes],
-                                       cfg.boxinst.bottom_pixels_removed)
-    x = unwrapped.normalize(images, batch.valid)
-    with record_function("student.forward"):
-        outputs = model(x)
-    # The SIM code's colour x feature affinity reads the teacher at every step; its outputs
-    # are then reused by SIM's maps instead of a second teacher forward.
-    t_out = sim.teacher_forward(x) if sim is not None and \
-        cfg.boxinst.pairwise_affinity == "color_feature" else None
-    with record_function("losses.fcos_boxinst"):
-        result = compute_losses(unwrapped, outputs, images, color_valid, targets, cfg, step,
-                                reduce_mean, None if t_out is None else t_out.mask_feats)
-    losses = result.losses
-    if sim is not None:
-        with record_function("sim.losses"):
-            losses.update(sim_losses(sim, unwrapped, x, images, outputs, result, targets, cfg,
-                                     step, t_out))
-    return losses
+def _after_step(run: TrainingRun, losses: dict[str, torch.Tensor], bar: tqdm,
+                speed: _Throughput) -> None:
+    """EMA update, then the periodic work of the step just counted: logs, SIM's pictures,
+    checkpoint, evaluation."""
+    cfg, step = run.cfg, run.state.step
+    if run.sim is not None:
+        run.sim.after_step(run.student)
+    if step % cfg.log_every == 0 or step == cfg.optim.max_iter:
+        _log_scalars(run, losses, bar, speed)
+    if run.sim is not None and cfg.log_images_every and step % cfg.log_images_every == 0 \
+            and run.accelerator.is_main_process:
+        run.sim.log_images(run.accelerator, step)
+    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+        save_checkpoint_folder(run)
+    if cfg.eval_every and step % cfg.eval_every == 0 and cfg.data.val_json:
+        _evaluate(run)
+        run.model.train()
 
 
-def _dump_debug(out: Path, rank: int, sim: SIMState, seen_ids: list[list[int]],
-                step: int) -> None:
-    """Per-process prototypes (C, L, D) and image ids of each batch (see ``DEBUG_DUMP_ENV``)."""
-    (out / "debug").mkdir(parents=True, exist_ok=True)
-    torch.save({"prototypes": sim.prototypes.prototypes.detach().cpu(), "image_ids": seen_ids,
-                "step": step, "rank": rank}, out / "debug" / f"prototypes_rank{rank}.pt")
+def _log_scalars(run: TrainingRun, losses: dict[str, torch.Tensor], bar: tqdm,
+                 speed: _Throughput) -> None:
+    scalars = {k: float(v.detach()) for k, v in losses.items()}
+    scalars["lr"] = run.scheduler.get_last_lr()[0]
+    scalars["images_per_s"] = speed.rate()
+    run.accelerator.log(scalars, step=run.state.step)
+    shown = {k.replace("loss_", ""): f"{v:.3f}" for k, v in scalars.items()
+             if k.startswith("loss_")}
+    bar.set_postfix(shown | {"img/s": f"{scalars['images_per_s']:.1f}"})
 
 
-def _check_finite(losses: dict[str, torch.Tensor], step: int, accelerator: Accelerator) -> None:
-    bad = [name for name, v in losses.items() if not torch.isfinite(v.detach()).all()]
-    flag = torch.tensor(float(len(bad)), device=accelerator.device)
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, "sum")
-    if float(flag) > 0:
-        detail = ", ".join(f"{n}={float(losses[n].detach()):.4g}" for n in bad) or \
-            "on another process"
-        raise TrainingError(
-            f"step {step + 1}: non-finite loss ({detail}); lower optim.lr, enable "
-            "optim.clip_grad_norm, or resume from the last checkpoint with --resume auto"
-        )
+# --------------------------------------------------------------------------- the end
+def _finish(run: TrainingRun, hooks: Callback) -> Path:
+    """Last checkpoint folder, the final evaluation, the final model (with its calibration),
+    the callbacks' end."""
+    cfg = run.cfg
+    if run.saved_step != run.state.step:
+        save_checkpoint_folder(run)
+    if cfg.data.val_json and (not cfg.eval_every or run.state.step % cfg.eval_every):
+        _evaluate(run)
+    final = _save_final_model(run)
+    hooks.on_train_end(run)
+    run.accelerator.end_training()
+    return final
 
 
-def _evaluate(accelerator: Accelerator, model, class_names, cfg: TrainConfig, step: int,
-              category_ids: list[int]) -> dict[str, Any]:
-    metrics: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        model.eval()
-        metrics = evaluate_model(model, class_names, cfg.inference, cfg.data.val_json,
-                                 cfg.data.val_images, category_ids, cfg.data.max_val_images)
-        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        path = Path(cfg.output_dir) / "metrics.json"
-        path.write_text(json.dumps({"step": step, **metrics}, indent=2))
-        accelerator.print(f"step {step}: mask AP {metrics.get('segm/AP', float('nan')):.2f}, "
-                          f"box AP {metrics.get('bbox/AP', float('nan')):.2f} -> {path}")
-    accelerator.wait_for_everyone()
-    return metrics
+def _save_final_model(run: TrainingRun) -> Path:
+    """``model_final.safetensors``: the student's weights, its model and inference configs,
+    class names and what the run knows about itself (``extra``: the training config, step,
+    category ids and, after a validation, the calibration of :mod:`training.calibration`),
+    written by the main process."""
+    path = run.output_dir / "model_final.safetensors"
+    if run.accelerator.is_main_process:
+        extra = {"train_config": config_to_dict(run.cfg), "step": run.state.step,
+                 "category_ids": run.dataset.label_to_category_id}
+        found = _calibrate(run)
+        if found:
+            extra["calibration"] = found
+        save_checkpoint(path, run.student, run.cfg.model, run.dataset.class_names,
+                        run.cfg.inference, extra=extra)
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def _calibrate(run: TrainingRun) -> dict[str, Any] | None:
+    """The model's calibration from the last validation (None without one)."""
+    cfg = run.cfg
+    if not cfg.data.val_json or not run.metrics:
+        return None
+    run.student.eval()
+    device = next(run.student.parameters()).device
+    segmenter = Segmenter(TorchBackend(run.student, cfg.inference, device=device),
+                          run.dataset.class_names, cfg.inference)
+    return calibration(segmenter, run.metrics, cfg.data)
+
+
+def _evaluate(run: TrainingRun) -> None:
+    """COCO mask and box AP on the validation set (main process); sets ``run.metrics`` and
+    writes ``metrics.json``."""
+    acc, cfg = run.accelerator, run.cfg
+    if acc.is_main_process:
+        run.student.eval()
+        metrics = evaluate_model(run.student, run.dataset.class_names, cfg.inference,
+                                 cfg.data.val_json, cfg.data.val_images,
+                                 run.dataset.label_to_category_id, cfg.data.max_val_images)
+        acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=run.state.step)
+        path = run.output_dir / "metrics.json"
+        path.write_text(json.dumps({"step": run.state.step, **metrics}, indent=2))
+        acc.print(f"step {run.state.step}: mask AP {metrics.get('segm/AP', float('nan')):.2f}, "
+                  f"box AP {metrics.get('bbox/AP', float('nan')):.2f} -> {path}")
+        run.metrics = metrics
+    acc.wait_for_everyone()
 
 
 def _flat_scalars(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -290,22 +302,43 @@ def _flat_scalars(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# --------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    presets = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
     parser = argparse.ArgumentParser(
-        prog="python -m training",
+        prog=prog("python -m training"), formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train CondInst with SIM / BoxInst (box supervision) or full masks.",
-    )
+        epilog="examples:\n"
+               "  sim train --config configs/quickstart_cpu.yaml   # the paper's SIM\n"
+               "  sim train --config configs/quickstart_cpu.yaml --preset sim_bg  # our variant\n"
+               "  sim train --config configs/quickstart_nuclei.yaml optim.max_iter=600\n"
+               "  sim train --config configs/quickstart_cpu.yaml --resume        # continue\n"
+               "  accelerate launch --num_processes 8 -m training --config "
+               "configs/sim_r50_fpn_1x.yaml")
     parser.add_argument("--config", help="YAML experiment file (see configs/)")
+    parser.add_argument("--preset", help=f"named starting point, applied before the file and "
+                                         f"the overrides ({presets})")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
-                        help="resume from a checkpoint folder, or 'auto' for the latest one")
+                        help="resume from a checkpoint folder, or 'auto' for the newest intact "
+                             "one of output_dir")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # ``--resume key=value ...``: the option took the first override as its value.
+        args.overrides.insert(0, args.resume)
+        args.resume = "auto"
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, preset=args.preset)
+        if args.print_config:
+            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+            return 0
         result = train(cfg, resume=args.resume)
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)

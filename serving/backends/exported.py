@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,16 @@ from torch import Tensor
 
 from ..config import InferenceConfig, ModelConfig, config_from_dict, config_to_dict
 from ..errors import CheckpointError, InputError, SimError
-from ..inference.postprocess import Detections, PromptDetections
+from ..inference.postprocess import Detections, PaddedDetections, PromptDetections
 
 SIDECAR_FORMAT = "sim-condinst-export"
 SIDECAR_VERSION = 1
 GRAPH_KINDS = ("automatic", "prompt")
+#: Input and output names of the automatic and box-prompted graphs (``export/wrapper.py``).
+AUTO_INPUTS = ("images", "image_sizes")
+AUTO_OUTPUTS = ("boxes", "scores", "labels", "masks", "num_detections")
+PROMPT_INPUTS = ("images", "image_sizes", "boxes", "box_labels")
+PROMPT_OUTPUTS = ("masks", "scores", "labels")
 #: InferenceConfig fields compiled into the graphs (overriding them needs a re-export).
 GRAPH_FIELDS = ("pre_nms_topk", "nms_threshold", "prompt_mu", "prompt_topk", "center_radius")
 _SUFFIXES = (".auto.onnx", ".prompt.onnx", ".auto.engine", ".prompt.engine", ".onnx", ".engine",
@@ -79,10 +85,11 @@ class ExportSidecar:
 
 def sidecar_path(path: str | os.PathLike) -> Path:
     """The sidecar of a model path: ``x.json`` for ``x.auto.onnx``, ``x.onnx``, ``x.engine``,
-    a folder's only ``*.json``, or the path itself when it is a ``.json`` file."""
+    a folder's only ``*.json`` (``--verify`` reports ``*.verify.*.json`` aside), or the path
+    itself when it is a ``.json`` file."""
     path = Path(path)
     if path.is_dir():
-        found = sorted(path.glob("*.json"))
+        found = sorted(p for p in path.glob("*.json") if ".verify." not in p.name)
         if len(found) != 1:
             raise CheckpointError(
                 f"{path}: expected exactly one export sidecar (*.json) in the folder, found "
@@ -203,26 +210,24 @@ def resolve_inference(sidecar: ExportSidecar, overrides: dict[str, Any]) -> Infe
     return cfg
 
 
-def unpad_detections(boxes: Tensor, scores: Tensor, labels: Tensor, masks: Tensor,
-                     num: Tensor, cfg: InferenceConfig, exported: InferenceConfig,
-                     ) -> list[Detections]:
-    """Padded graph outputs -> one :class:`Detections` per image.
+def graph_detections(outputs: Sequence[Tensor], cfg: InferenceConfig,
+                     exported: InferenceConfig) -> list[Detections]:
+    """The automatic graph's outputs -> one :class:`Detections` per image.
 
     Args:
-        boxes (B, K, 4), scores (B, K), labels (B, K), masks (B, K, H/4, W/4), num (B,):
-            the automatic graph's outputs (scores sorted descending).
-        cfg: the serving config; exported: the config the graph was exported with. A higher
-            ``cfg.score_threshold`` keeps ``p > t`` i.e. ``score > sqrt(t)``, exactly as if the
-            graph had used it.
+        outputs: ``boxes`` (B, K, 4), ``scores`` (B, K), ``labels`` (B, K), ``masks``
+            (B, K, H/4, W/4), ``num_detections`` (B,): a
+            :class:`~serving.inference.postprocess.PaddedDetections` (scores sorted descending).
+        cfg: the serving config; exported: the config the graph was exported with. A lower
+            ``cfg.max_detections`` keeps the first slots, a higher ``cfg.score_threshold``
+            keeps ``p > t`` i.e. ``score > sqrt(t)``: exactly what a graph exported with them
+            returns.
     """
-    out = []
-    for b in range(boxes.shape[0]):
-        n = min(int(num[b]), cfg.max_detections)
-        if cfg.score_threshold > exported.score_threshold:
-            n = min(n, int((scores[b, :n] > cfg.score_threshold ** 0.5).sum()))
-        out.append(Detections(boxes[b, :n].float(), scores[b, :n].float(),
-                              labels[b, :n].long(), masks[b, :n].float()))
-    return out
+    padded = PaddedDetections(*outputs)
+    num = padded.num.long().clamp(max=cfg.max_detections)
+    if cfg.score_threshold > exported.score_threshold:
+        num = torch.minimum(num, (padded.scores > cfg.score_threshold ** 0.5).sum(dim=1))
+    return padded._replace(num=num).unpad()
 
 
 def check_image_batch(images: Tensor, image_sizes: list[tuple[int, int]]) -> None:

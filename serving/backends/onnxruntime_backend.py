@@ -24,9 +24,9 @@ from .exported import (
     StaticShapeBackend,
     as_torch,
     check_image_batch,
+    graph_detections,
     read_sidecar,
     resolve_inference,
-    unpad_detections,
 )
 
 CPU = "CPUExecutionProvider"
@@ -140,8 +140,7 @@ class OnnxRuntimeBackend:
 
     def detect(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[Detections]:
         outs = self.sessions["automatic"].run(None, self._feed(images, image_sizes))
-        boxes, scores, labels, masks, num = (as_torch(o, self.torch_device) for o in outs)
-        return unpad_detections(boxes, scores, labels, masks, num, self.cfg,
+        return graph_detections([as_torch(o, self.torch_device) for o in outs], self.cfg,
                                 self.sidecar.inference)
 
     def segment_boxes(self, images: Tensor, image_sizes: list[tuple[int, int]], boxes: Tensor,

@@ -18,13 +18,14 @@ from ..config import InferenceConfig
 from ..errors import CheckpointError, InputError
 from ..inference.postprocess import Detections, PromptDetections
 from .exported import (
+    AUTO_OUTPUTS,
     ExportSidecar,
     StaticShapeBackend,
     check_image_batch,
     file_sha256,
+    graph_detections,
     read_sidecar,
     resolve_inference,
-    unpad_detections,
 )
 
 
@@ -137,8 +138,7 @@ class TensorRTBackend:
         check_image_batch(images, image_sizes)
         out = self.engines["automatic"](images=images, image_sizes=self._sizes(image_sizes))
         named = dict(zip(self.engines["automatic"].outputs, out))
-        return unpad_detections(named["boxes"], named["scores"], named["labels"],
-                                named["masks"], named["num_detections"], self.cfg,
+        return graph_detections([named[name] for name in AUTO_OUTPUTS], self.cfg,
                                 self.sidecar.inference)
 
     def segment_boxes(self, images: Tensor, image_sizes: list[tuple[int, int]], boxes: Tensor,

@@ -19,6 +19,7 @@ from torch import Tensor
 from ..config import InferenceConfig
 from ..errors import InputError
 from ..inference.postprocess import Detections, PromptDetections, detect, segment_boxes
+from ..inference.transforms import valid_pixels
 from ..model import CondInst
 
 #: ``--dtype`` names -> the autocast dtype (None: plain fp32).
@@ -123,13 +124,9 @@ class TorchBackend:
         """"fp32", "bf16" or "fp16"."""
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
-    def _forward(self, images: Tensor, image_sizes: list[tuple[int, int]]):
+    def _forward(self, images: Tensor, image_sizes: Tensor):
         images = images.to(self.torch_device)
-        valid = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool,
-                            device=self.torch_device)
-        for i, (h, w) in enumerate(image_sizes):
-            valid[i, :h, :w] = True
-        x = self.model.normalize(images, valid)
+        x = self.model.normalize(images, valid_pixels(images, image_sizes))
         if self.dtype is not None:
             if self.torch_device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -140,13 +137,14 @@ class TorchBackend:
 
     @torch.inference_mode()
     def detect(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[Detections]:
-        outputs = self._forward(images, image_sizes)
-        sizes = torch.tensor(image_sizes, device=self.torch_device)
-        return detect(self.model, outputs, sizes, self.cfg)
+        sizes = torch.tensor(image_sizes, dtype=torch.int64, device=self.torch_device)
+        outputs = self._forward(images, sizes)
+        return detect(self.model, outputs, sizes, self.cfg).unpad()
 
     @torch.inference_mode()
     def segment_boxes(self, images: Tensor, image_sizes: list[tuple[int, int]], boxes: Tensor,
                       labels: Tensor) -> PromptDetections:
-        outputs = self._forward(images, image_sizes)
+        sizes = torch.tensor(image_sizes, dtype=torch.int64, device=self.torch_device)
+        outputs = self._forward(images, sizes)
         return segment_boxes(self.model, outputs, boxes.to(self.torch_device).float(),
                              labels.to(self.torch_device), self.cfg)

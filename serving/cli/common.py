@@ -1,14 +1,14 @@
-"""Building blocks shared by ``python -m serving predict`` and ``python -m serving label``.
+"""Building blocks shared by ``sim predict`` and ``sim label``.
 
-Finding images, checking that outputs are writable before any work, reading COCO box files,
-prefetching image decoding in threads, running a batch with per-image failure isolation, and
-the append-only progress log that lets an interrupted run resume.
+Exit codes and shared options, checking that outputs are writable before any work, finding
+images, prefetching image decoding in threads and running a batch with per-image failure
+isolation. The pipeline built from them is :mod:`serving.cli.jobs`; resuming and
+multi-process runs are :mod:`serving.cli.runner`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -17,15 +17,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from ..errors import InputError, SimError
-from ..files import UMASK, atomic_write
 from ..inference.images import IMAGE_EXTENSIONS
+from ..masks import InstanceMasks
 from ..prediction import Prediction
-from ..segmenter import Segmenter
+from ..segmenter import Segmenter, run_isolated
 
 #: Exit codes of the batch commands: done, error before work, some inputs failed, Ctrl-C.
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -52,6 +52,26 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="redo every image instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_image_size_option(parser)
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="split the images between N processes (accelerate launch; one "
+                             "per GPU, or several on a CPU); same outputs as one process")
+
+
+def add_image_size_option(parser: argparse.ArgumentParser) -> None:
+    """``--image-size SHORT [LONG]``: the inference resize, instead of the model's own."""
+    parser.add_argument(
+        "--image-size", type=int, nargs="+", default=None, metavar=("SHORT", "LONG"),
+        help="resize the shorter side to SHORT (longer side at most LONG, default SHORT x the "
+             "model's ratio) instead of the model's size; for objects smaller or larger than "
+             "in training (see 'sim info')")
+
+
+def load_model(path: str | os.PathLike, device: str, image_size: Sequence[int] | None = None,
+               dtype: str = "fp32") -> Segmenter:
+    """``Segmenter.load`` with the batch commands' ``--device``, ``--image-size``, ``--dtype``."""
+    return Segmenter.load(path, device=device, image_size=image_size or None, dtype=dtype)
+
 
 #: A prompt for one image: (boxes (M, 4) float32 XYXY original pixels, labels (M,) int64).
 Prompt = tuple[np.ndarray, np.ndarray]
@@ -129,49 +149,33 @@ def _glob_base(pattern: str) -> Path:
     return Path(*keep) if keep else Path(".")
 
 
-def find_images(inputs: Sequence[str], exclude: Path | None = None) -> list[ImageFile]:
-    """Resolve folders (recursive), glob patterns and files into a sorted list of images.
-
-    Folders and globs keep files whose extension is in ``IMAGE_EXTENSIONS`` (any case); a file
-    named explicitly is kept whatever its extension. Files under ``exclude`` (the output
-    folder) are skipped. Raises :class:`InputError` for a missing path or when nothing matches.
-    """
+def _candidates(spec: str) -> list[tuple[Path, str]] | None:
+    """(file, path below the folder or glob base) for a folder or glob ``spec``; ``None``
+    for a single file; :class:`InputError` when it matches nothing that exists."""
     import glob
 
-    found: dict[Path, str] = {}
-    skip = exclude.resolve() if exclude is not None else None
-    for spec in inputs:
-        path = Path(spec)
-        if path.is_dir():
-            pairs = [(f, f.relative_to(path).as_posix()) for f in path.rglob("*")]
-        elif path.is_file():
-            found.setdefault(path.resolve(), path.name)
-            continue
-        elif any(c in spec for c in "*?["):
-            base = _glob_base(spec)
-            pairs = []
-            for match in glob.glob(spec, recursive=True):
-                f = Path(match)
-                try:
-                    rel = f.relative_to(base).as_posix()
-                except ValueError:
-                    rel = f.name
-                pairs.append((f, rel))
-        else:
-            raise InputError(f"input {spec}: no such file or folder; check the path")
-        for f, rel in pairs:
-            if not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            resolved = f.resolve()
-            if skip is not None and resolved.is_relative_to(skip):
-                continue
-            found.setdefault(resolved, rel)
-    if not found:
-        raise InputError(
-            f"input {' '.join(inputs)}: no images found (looked for "
-            f"{', '.join(IMAGE_EXTENSIONS)}); check the folder or pattern"
-        )
-    ordered = sorted(found.items(), key=lambda item: str(item[0]))
+    path = Path(spec)
+    if path.is_dir():
+        return [(f, f.relative_to(path).as_posix()) for f in path.rglob("*")]
+    if path.is_file():
+        return None
+    if not any(c in spec for c in "*?["):
+        raise InputError(f"input {spec}: no such file or folder; check the path")
+    base = _glob_base(spec)
+    pairs = []
+    for match in glob.glob(spec, recursive=True):
+        f = Path(match)
+        try:
+            rel = f.relative_to(base).as_posix()
+        except ValueError:
+            rel = f.name
+        pairs.append((f, rel))
+    return pairs
+
+
+def _output_names(ordered: list[tuple[Path, str]]) -> list[ImageFile]:
+    """Unique picture names: ``rel`` without its extension, the extension appended where two
+    files share a stem (``a.jpg`` / ``a.png``), a counter where even that collides."""
     stems = [Path(rel).with_suffix("").as_posix() for _, rel in ordered]
     counts: dict[str, int] = {}
     for stem in stems:
@@ -187,11 +191,32 @@ def find_images(inputs: Sequence[str], exclude: Path | None = None) -> list[Imag
     return files
 
 
-# ----------------------------------------------------------------------------- COCO boxes
+def find_images(inputs: Sequence[str], exclude: Path | None = None) -> list[ImageFile]:
+    """Resolve folders (recursive), glob patterns and files into a sorted list of images.
 
-
-
-
+    Folders and globs keep files whose extension is in ``IMAGE_EXTENSIONS`` (any case); a file
+    named explicitly is kept whatever its extension. Files under ``exclude`` (the output
+    folder) are skipped. Raises :class:`InputError` for a missing path or when nothing matches.
+    """
+    found: dict[Path, str] = {}
+    skip = exclude.resolve() if exclude is not None else None
+    for spec in inputs:
+        pairs = _candidates(spec)
+        if pairs is None:
+            found.setdefault(Path(spec).resolve(), Path(spec).name)
+            continue
+        for f, rel in pairs:
+            if not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            resolved = f.resolve()
+            if skip is None or not resolved.is_relative_to(skip):
+                found.setdefault(resolved, rel)
+    if not found:
+        raise InputError(
+            f"input {' '.join(inputs)}: no images found (looked for "
+            f"{', '.join(IMAGE_EXTENSIONS)}); check the folder or pattern"
+        )
+    return _output_names(sorted(found.items(), key=lambda item: str(item[0])))
 
 
 # ----------------------------------------------------------------------------- running
@@ -237,14 +262,15 @@ def _merge(parts: list[Prediction]) -> Prediction:
     return Prediction(np.concatenate([p.boxes for p in parts]),
                       np.concatenate([p.scores for p in parts]),
                       np.concatenate([p.labels for p in parts]),
-                      np.concatenate([p.masks for p in parts]), parts[0].class_names)
+                      InstanceMasks.concatenate([p.instance_masks for p in parts]),
+                      parts[0].class_names)
 
 
 def run_batch(seg: Segmenter, images: Sequence[np.ndarray], prompts: Sequence[Prompt | None],
               batch_size: int, score_threshold: float | None = None,
               ) -> list[Prediction | Exception]:
     """Predict a batch; an image that makes the batch fail is isolated and returned as its
-    exception while the others succeed.
+    exception while the others succeed (:func:`serving.segmenter.run_isolated`).
 
     Args:
         images: (H, W, 3) uint8 RGB arrays.
@@ -252,9 +278,18 @@ def run_batch(seg: Segmenter, images: Sequence[np.ndarray], prompts: Sequence[Pr
             with :func:`coco_box` / ``validate_boxes``. More boxes than the model's
             ``max_prompt_boxes`` are run in several passes and merged, in order.
     """
+    def run(pairs: list[tuple[np.ndarray, Prompt | None]]) -> list[Prediction]:
+        return _predict_in_passes(seg, pairs, batch_size, score_threshold)
+
+    return run_isolated(run, list(zip(images, prompts, strict=True)))
+
+
+def _predict_in_passes(seg: Segmenter, pairs: list[tuple[np.ndarray, Prompt | None]],
+                       batch_size: int, score_threshold: float | None) -> list[Prediction]:
+    """One ``predict_batch`` call; prompts over ``max_prompt_boxes`` split and merged back."""
     limit = max(int(seg.cfg.max_prompt_boxes), 1)
     arrays, boxes, labels, owner = [], [], [], []
-    for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+    for i, (image, prompt) in enumerate(pairs):
         if prompt is None:
             arrays.append(image)
             boxes.append(None)
@@ -267,97 +302,11 @@ def run_batch(seg: Segmenter, images: Sequence[np.ndarray], prompts: Sequence[Pr
             boxes.append(prompt[0][s:s + limit])
             labels.append(prompt[1][s:s + limit])
             owner.append(i)
-    try:
-        any_prompt = any(b is not None for b in boxes)
-        preds = seg.predict_batch(arrays, boxes=boxes if any_prompt else None,
-                                  labels=labels if any_prompt else None,
-                                  batch_size=batch_size, score_threshold=score_threshold)
-    except Exception as exc:  # noqa: BLE001 - isolate the image that failed
-        if len(images) == 1:
-            return [exc]
-        return [run_batch(seg, [im], [p], batch_size, score_threshold)[0]
-                for im, p in zip(images, prompts, strict=True)]
-    grouped: list[list[Prediction]] = [[] for _ in images]
+    any_prompt = any(b is not None for b in boxes)
+    preds = seg.predict_batch(arrays, boxes=boxes if any_prompt else None,
+                              labels=labels if any_prompt else None,
+                              batch_size=batch_size, score_threshold=score_threshold)
+    grouped: list[list[Prediction]] = [[] for _ in pairs]
     for i, pred in zip(owner, preds, strict=True):
         grouped[i].append(pred)
     return [_merge(parts) for parts in grouped]
-
-
-# ----------------------------------------------------------------------------- state
-class ProgressLog:
-    """Append-only JSON-lines record of finished work, so a rerun skips it.
-
-    The first line holds ``{"signature": ...}`` (what produced the records: model, inputs,
-    settings); each further line is one finished item ``{"key": ..., ...}``, appended with
-    flush + fsync. A line cut short by a crash is dropped when the log is read back.
-    """
-
-    def __init__(self, path: str | os.PathLike, signature: dict[str, Any]) -> None:
-        self.path = Path(path)
-        self.signature = json.loads(json.dumps(signature))  # as it will read back
-
-    def load(self) -> dict[str, dict[str, Any]]:
-        """Records by key (later lines win). Raises :class:`InputError` if the log was written
-        by a run with another signature. Creates the log (header only) if it is missing."""
-        records: dict[str, dict[str, Any]] = {}
-        if not self.path.exists():
-            self._rewrite(records)
-            return records
-        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
-        header = None
-        clean = self.path.read_bytes().endswith(b"\n")
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                clean = False
-                continue
-            if header is None and isinstance(entry, dict) and "signature" in entry:
-                header = entry["signature"]
-            elif isinstance(entry, dict) and "key" in entry:
-                records[str(entry["key"])] = entry
-        if header != self.signature:
-            changed = sorted(k for k in set(self.signature) | set(header or {})
-                             if (header or {}).get(k) != self.signature.get(k))
-            raise InputError(
-                f"output {self.path.parent}: holds work from a different run (differs in "
-                f"{', '.join(changed) or 'format'}); pass --overwrite or choose another output"
-            )
-        if not clean:  # drop a torn last line so later appends start on a fresh line
-            self._rewrite(records)
-        return records
-
-    def _rewrite(self, records: dict[str, dict[str, Any]]) -> None:
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps({"signature": self.signature}) + "\n")
-                for record in records.values():
-                    fh.write(json.dumps(record) + "\n")
-            os.chmod(tmp, 0o666 & ~UMASK)
-
-        atomic_write(self.path, write)
-
-    def append(self, record: dict[str, Any]) -> None:
-        """Durably add one finished item (``record["key"]`` identifies it)."""
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def read_any(self) -> list[dict[str, Any]]:
-        """Records of whatever run wrote the log (for ``--overwrite`` clean-up)."""
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(entry, dict) and "key" in entry:
-                out.append(entry)
-        return out
-
-
-
-

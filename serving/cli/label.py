@@ -1,4 +1,4 @@
-"""``python -m serving label``: turn a box-only COCO dataset into a mask dataset.
+"""``sim label`` / ``python -m serving label``: turn a box-only COCO dataset into a mask dataset.
 
 Every non-crowd box annotation gets the box-prompted mask of the model (the annotation's
 category is the prompt's class when its name is one of the model's classes; otherwise the
@@ -12,8 +12,16 @@ model predicts it). The output is the input JSON with, on each labelled annotati
 
 Everything else (images, categories, ids, other fields, crowd annotations) is kept. An
 annotation with a bad box (reversed, zero-area, NaN, outside the image) or on an image that
-cannot be read is reported on stderr with its id and left as it was. Finished images are
-logged in ``.<output name>.progress.jsonl`` next to the output, so an interrupted run resumes.
+cannot be read is reported on stderr with its id and left as it was.
+
+Resuming: finished images are logged next to the output (``.<output name>.progress.jsonl``,
+one log per process). A rerun of the same command skips an image whose annotations and file
+are unchanged and redoes one whose annotations or file changed; a log written with another
+model or options is refused (``--overwrite`` starts again).
+
+Several processes: ``accelerate launch --num_processes N -m serving label ...`` (add
+``--multi_gpu`` on a machine without GPUs) splits the images between N processes and writes
+the same output one process writes (docs/cli.md, "Label a large dataset").
 
 ``--evaluate``: mask AP of the labels against the input's own masks (they are never read
 for labelling), or ``--evaluate MASKS_JSON`` against withheld masks of the same images (same
@@ -35,24 +43,25 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BoxError, InputError, SimError
+from ..errors import InputError
 from ..files import write_json
-from ..formats.coco import check_image_size, coco_box, read_coco_json
-from ..inference.images import load_image
+from ..formats.coco import boxes_by_image, read_coco_json
+from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..segmenter import Segmenter
 from .common import (
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
-    ProgressLog,
     add_run_options,
     check_model_path,
     check_writable_file,
-    one_line,
-    prefetch,
+    load_model,
     report,
-    run_batch,
     run_exit_code,
 )
+from .jobs import Job, Outcome, class_lookup, note_unknown_categories, run_jobs
+from .label_report import EMPTY_FRACTION, LabelReport, is_empty
+from .main import prog
+from .progress import WorkRecords, file_stamp, fingerprint
+from .runner import JobRunner, RunPlan
+from .shards import Shard, batch_command, current_shard
 
 
 @dataclass
@@ -63,13 +72,36 @@ class LabelSummary:
     failed_images: list[tuple[str, str]] = field(default_factory=list)
     rejected: list[tuple[Any, str]] = field(default_factory=list)
     rle_fallback: int = 0
+    #: Annotations whose mask is empty or near-empty (see :mod:`serving.cli.label_report`).
+    empty: list[Any] = field(default_factory=list)
+    report: LabelReport | None = None
+    #: One-line warnings about the input against the model's own data (sizes, scores).
+    advice: list[str] = field(default_factory=list)
     metrics: dict[str, float] | None = None
     interrupted: bool = False
     output: Path = Path(".")
+    #: False in the processes other than 0 of a multi-process run: they write no output.
+    merged: bool = True
 
     @property
     def exit_code(self) -> int:
         return run_exit_code(self.interrupted, self.failed_images, self.rejected)
+
+
+@dataclass(frozen=True)
+class LabelOptions:
+    """The ``label`` command's options (see :func:`build_parser`)."""
+
+    fmt: str = "rle"
+    evaluate: bool | str = False
+    batch_size: int = 4
+    device: str = "auto"
+    workers: int = 2
+    overwrite: bool = False
+    progress: bool = True
+    skip_empty: bool = False
+    image_size: tuple[int, ...] | None = None
+    dtype: str = "fp32"
 
 
 def _encode(mask: np.ndarray, fmt: str) -> tuple[Any, bool]:
@@ -104,21 +136,13 @@ def _has_masks(dataset: dict[str, Any]) -> bool:
     return bool(anns) and all(a.get("segmentation") for a in anns)
 
 
-def run_label(model: str, annotations: str, images: str, output: str, fmt: str = "rle",
-              evaluate: bool | str = False, batch_size: int = 4, device: str = "auto",
-              dtype: str = "fp32",
-              workers: int = 2, overwrite: bool = False, progress: bool = True,
-              ) -> LabelSummary:
-    """Run the ``label`` command (see the module docstring); returns its summary.
-
-    ``evaluate``: ``True`` compares with the input's masks, a path with that COCO JSON's.
-
-    Raises :class:`SimError` subclasses (one-line messages) for problems found before work.
-    """
-    if batch_size < 1:
-        raise InputError(f"--batch-size {batch_size}: must be at least 1")
-    if fmt not in ("rle", "polygon"):
-        raise InputError(f"--format {fmt}: choose rle or polygon")
+def _checked_inputs(model: str, annotations: str, images: str, output: str,
+                    opts: LabelOptions) -> tuple[Path, Path, Path, dict[str, Any]]:
+    """Check every path and option before any work; returns (model, images, output, dataset)."""
+    if opts.batch_size < 1:
+        raise InputError(f"--batch-size {opts.batch_size}: must be at least 1")
+    if opts.fmt not in ("rle", "polygon"):
+        raise InputError(f"--format {opts.fmt}: choose rle or polygon")
     out = check_writable_file(output)
     if out.exists() and Path(annotations).exists() and out.samefile(annotations):
         raise InputError(f"output {out}: is the input annotations file; write the labels to "
@@ -128,147 +152,234 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str =
     if not image_dir.is_dir():
         raise InputError(f"images {image_dir}: not a folder; pass the dataset's image folder")
     dataset = read_coco_json(annotations, "annotations")
-    if fmt == "polygon":
+    if opts.fmt == "polygon":
         from ..formats.polygons import require_polygon_support
 
         require_polygon_support()
-    gt = None
-    if evaluate:
-        gt_name = annotations if evaluate is True else str(evaluate)
-        gt = dataset if evaluate is True else read_coco_json(gt_name, "masks")
-        if not _has_masks(gt):
-            raise InputError(f"--evaluate: {gt_name} lacks masks on some annotations, so there "
-                             "is nothing to compare with; pass --evaluate MASKS_JSON")
-    signature = {"command": "label", "model": str(model_path.resolve()),
-                 "annotations": str(Path(annotations).resolve()), "format": fmt}
-    log = ProgressLog(out.parent / f".{out.name}.progress.jsonl", signature)
-    if overwrite:
-        log.path.unlink(missing_ok=True)
-    records = log.load()
+    return model_path, image_dir, out, dataset
 
-    seg = Segmenter.load(model_path, device=device, dtype=dtype)
-    cat_names = {c["id"]: str(c["name"]) for c in dataset["categories"]}
-    anns_by_image: dict[Any, list[dict[str, Any]]] = {img["id"]: [] for img in dataset["images"]}
-    summary = LabelSummary(0, output=out)
+
+def _ground_truth(dataset: dict[str, Any], annotations: str,
+                  evaluate: bool | str) -> dict[str, Any] | None:
+    """The masks ``--evaluate`` compares with (checked before any work), or ``None``."""
+    if not evaluate:
+        return None
+    gt_name = annotations if evaluate is True else str(evaluate)
+    gt = dataset if evaluate is True else read_coco_json(gt_name, "masks")
+    if not _has_masks(gt):
+        raise InputError(f"--evaluate: {gt_name} lacks masks on some annotations, so there "
+                         "is nothing to compare with; pass --evaluate MASKS_JSON")
+    return gt
+
+
+def label_jobs(dataset: dict[str, Any], image_dir: Path,
+               ) -> tuple[list[Job], list[tuple[Any, str]]]:
+    """One job per image (its non-crowd annotations prompt the model), and the annotations
+    that name an image id missing from ``images`` (rejected: ``(id, reason)``)."""
+    anns: dict[Any, list[dict[str, Any]]] = {img["id"]: [] for img in dataset["images"]}
+    orphans = []
     for ann in dataset["annotations"]:
-        if ann["image_id"] not in anns_by_image:
-            summary.rejected.append((ann["id"], f"image id {ann['image_id']} not in 'images'"))
-            report(f"rejected: annotation {ann['id']}: image id {ann['image_id']} is not in "
-                   "'images'; left unchanged")
+        if ann["image_id"] not in anns:
+            orphans.append((ann["id"], f"image id {ann['image_id']} not in 'images'"))
         elif not ann.get("iscrowd", 0):
-            anns_by_image[ann["image_id"]].append(ann)
-    todo = [img for img in dataset["images"] if str(img["id"]) not in records]
+            anns[ann["image_id"]].append(ann)
+    jobs = []
+    for img in dataset["images"]:
+        path = image_dir / str(img["file_name"])
+        own = anns[img["id"]]
+        stamp = file_stamp(path) if own else None
+        jobs.append(Job(str(img["id"]), path, fingerprint(img, own, stamp), img, own,
+                        skip=not own))
+    return jobs, orphans
 
-    def load(img: dict[str, Any]) -> np.ndarray:
-        if not anns_by_image[img["id"]]:
-            return np.zeros((0, 0, 3), np.uint8)  # nothing to label: do not decode
-        image = load_image(image_dir / str(img["file_name"]))
-        check_image_size(img, image, str(image_dir / str(img["file_name"])))
-        return image
 
-    from tqdm import tqdm
+def _entry(outcome: Outcome, fmt: str) -> dict[str, Any]:
+    """The progress-log entry of a finished image: its labelled annotations and rejections."""
+    if outcome.error is not None:
+        return {"error": outcome.error}
+    labelled = []
+    pred = outcome.prediction
+    areas = pred.areas if pred is not None else None
+    for i, ann_id in enumerate(outcome.prompt_ids):
+        assert pred is not None and areas is not None
+        segm, fallback = _encode(pred.mask(i), fmt)  # one full-size mask at a time
+        area = int(areas[i])
+        labelled.append({"id": ann_id, "segmentation": segm, "area": area,
+                         "score": round(float(pred.scores[i]), 5), "rle": fallback,
+                         "empty": is_empty(area, pred.boxes[i])})
+    return {"anns": labelled, "rejected": outcome.rejected}
 
-    bar = tqdm(total=len(dataset["images"]), initial=len(dataset["images"]) - len(todo),
-               unit="img", desc="label", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
 
-    def flush(batch: list[tuple[dict[str, Any], np.ndarray]]) -> None:
-        prompts, kept_ids, rejected = [], [], []
-        for img, image in batch:
-            boxes, labels, ids, bad = [], [], [], []
-            for ann in anns_by_image[img["id"]]:
-                try:
-                    boxes.append(coco_box(ann, image.shape[:2]))
-                except BoxError as exc:
-                    report(f"rejected: {exc}; left without segmentation")
-                    bad.append({"id": ann["id"], "reason": str(exc)})
-                    continue
-                name = cat_names.get(ann.get("category_id"))
-                labels.append(seg.class_names.index(name) if name in seg.class_names else -1)
-                ids.append(ann["id"])
-            prompts.append((np.array(boxes, np.float32).reshape(-1, 4),
-                            np.array(labels, np.int64)))
-            kept_ids.append(ids)
-            rejected.append(bad)
-        preds = run_batch(seg, [im for _, im in batch], prompts, batch_size)
-        for (img, _), pred, ids, bad in zip(batch, preds, kept_ids, rejected, strict=True):
-            if isinstance(pred, Exception):
-                report(f"skipped: image {img['file_name']} (id {img['id']}): {one_line(pred)}")
-                summary.failed_images.append((str(img["file_name"]), one_line(pred)))
-                bar.update(1)
-                continue
-            labelled = []
-            for i, ann_id in enumerate(ids):
-                segm, fallback = _encode(pred.masks[i], fmt)
-                labelled.append({"id": ann_id, "segmentation": segm,
-                                 "area": int(pred.masks[i].sum()),
-                                 "score": round(float(pred.scores[i]), 5), "rle": fallback})
-            record = {"key": str(img["id"]), "anns": labelled, "rejected": bad}
-            log.append(record)
-            records[record["key"]] = record
-            bar.update(1)
+def _report(outcome: Outcome, shard: Shard) -> None:
+    """Tell the user at once about a failed image or a refused box."""
+    where = f"[process {shard.rank}] " if shard.world > 1 else ""
+    img = outcome.job.entry or {}
+    if outcome.error is not None:
+        report(f"{where}skipped: image {img.get('file_name')} (id {img.get('id')}): "
+               f"{outcome.error}; its {len(outcome.job.anns or [])} boxes are left without "
+               "segmentation")
+    for bad in outcome.rejected:
+        report(f"{where}rejected: {bad['reason']}; left without segmentation")
 
-    batch: list[tuple[dict[str, Any], np.ndarray]] = []
-    try:
-        for img, image, error in prefetch(todo, load, workers, 2 * batch_size + workers):
-            if error is not None:
-                reason = one_line(error)
-                report(f"skipped: {reason}; its {len(anns_by_image[img['id']])} boxes are left "
-                       "without segmentation")
-                summary.failed_images.append((str(img["file_name"]), reason))
-                bar.update(1)
-                continue
-            if image.size == 0:  # no boxes on this image
-                record = {"key": str(img["id"]), "anns": [], "rejected": []}
-                log.append(record)
-                records[record["key"]] = record
-                bar.update(1)
-                continue
-            batch.append((img, image))  # type: ignore[arg-type]
-            if len(batch) == batch_size:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        report("interrupted: finished images are saved in the progress log; rerun the same "
-               "command to continue")
-    finally:
-        bar.close()
-    if summary.interrupted:
-        return summary
 
+def merge_labels(dataset: dict[str, Any], jobs: list[Job], records: dict[str, dict[str, Any]],
+                 summary: LabelSummary, skip_empty: bool = False) -> dict[str, Any]:
+    """The output dataset: ``dataset`` with every logged mask written into its annotation
+    (an empty one flagged ``"sim_empty": true``, or left out with ``skip_empty``); fills the
+    summary's counts and per-class / per-image report."""
     result = copy.deepcopy(dataset)
     by_id = {ann["id"]: ann for ann in result["annotations"]}
-    labelled_ids = set()
-    for img in dataset["images"]:
-        record = records.get(str(img["id"]))
+    names = {c["id"]: str(c["name"]) for c in dataset["categories"]}
+    report = summary.report = LabelReport()
+    for job in jobs:
+        record = records.get(job.key)
         if record is None:
             continue
         for entry in record["anns"]:
             ann = by_id[entry["id"]]
+            empty = bool(entry.get("empty"))
+            report.add(names.get(ann.get("category_id"), "(unknown)"),
+                       str(job.entry.get("file_name") if job.entry else job.key), entry["id"],
+                       entry["score"], empty)
+            summary.rle_fallback += bool(entry["rle"])
+            if empty and skip_empty:
+                continue
             ann.update(segmentation=entry["segmentation"], area=entry["area"],
                        score=entry["score"])
-            labelled_ids.add(entry["id"])
-            summary.rle_fallback += bool(entry["rle"])
+            if empty:
+                ann["sim_empty"] = True
         summary.rejected += [(bad["id"], bad["reason"]) for bad in record["rejected"]]
-    summary.labelled = len(labelled_ids)
-    write_json(out, result)
+    summary.empty = list(report.empty)
+    summary.labelled = len(report.scores) - (len(report.empty) if skip_empty else 0)
+    return result
+
+
+def _runner(model_path: Path, annotations: str, out: Path, opts: LabelOptions,
+            jobs: list[Job], shard: Shard) -> JobRunner:
+    """The job runner; its signature holds everything that shapes a label but the
+    per-image inputs (those are in each job's fingerprint)."""
+    signature = {"command": "label", "model": str(model_path.resolve()),
+                 "model_stamp": file_stamp(model_path), "format": opts.fmt,
+                 "annotations": str(Path(annotations).resolve()),
+                 "image_size": list(opts.image_size) if opts.image_size else None}
+    runner = JobRunner(RunPlan(out.parent, f".{out.name}.progress", signature, jobs), shard,
+                       opts.progress, desc="label")
+    if opts.overwrite:
+        runner.clear(lambda log: None)
+    return runner
+
+
+def _before_work(seg: Segmenter, dataset: dict[str, Any], orphans: list[tuple[Any, str]],
+                 summary: LabelSummary) -> None:
+    """Process 0's notes before the work: refused annotations, unknown categories, and
+    whether the boxes' sizes suit the model's input size."""
+    for ann_id, reason in orphans:
+        report(f"rejected: annotation {ann_id}: {reason}; left unchanged")
+    note_unknown_categories(dataset)
+    sizes = box_sizes(boxes_by_image(dataset), seg.cfg.min_size, seg.cfg.max_size)
+    advice = size_advice(calibration_of(seg), sizes, seg.cfg.min_size, seg.cfg.max_size)
+    if advice:
+        summary.advice.append(advice)
+        report(f"note: {advice}")
+
+
+def _label_share(seg: Segmenter, jobs: list[Job], runner: JobRunner, dataset: dict[str, Any],
+                 opts: LabelOptions, shard: Shard) -> bool:
+    """Label this process's images; False when interrupted (the work so far is kept)."""
+    class_of = class_lookup(dataset["categories"], seg.class_names)
+    try:
+        for outcome in run_jobs(seg, jobs, class_of, opts.batch_size, opts.workers):
+            _report(outcome, shard)
+            runner.record(outcome.job, _entry(outcome, opts.fmt))
+    except KeyboardInterrupt:
+        runner.close()
+        report("interrupted: finished images are saved in the progress log; rerun the same "
+               "command to continue")
+        return False
+    return True
+
+
+def _write_output(seg: Segmenter, summary: LabelSummary, dataset: dict[str, Any],
+                  jobs: list[Job], records: WorkRecords, gt: dict[str, Any] | None,
+                  opts: LabelOptions) -> None:
+    """Process 0: merge every process's labels into the output, report and evaluate."""
+    names = {job.key: str((job.entry or {}).get("file_name")) for job in jobs}
+    summary.failed_images += [(names[k], r["error"]) for k, r in records.failures.items()]
+    result = merge_labels(dataset, jobs, records.results, summary, opts.skip_empty)
+    result.setdefault("info", {})
+    if isinstance(result["info"], dict):
+        result["info"]["sim_label"] = {"model": str(seg.info.get("path", "")),
+                                       "image_size": [seg.cfg.min_size, seg.cfg.max_size],
+                                       "empty_fraction": EMPTY_FRACTION}
+    write_json(summary.output, result)
+    assert summary.report is not None
+    summary.report.write(report_path(summary.output))
+    advice = score_advice(calibration_of(seg), summary.report.scores)
+    if advice:
+        summary.advice.append(advice)
     if gt is not None:
         from ..formats.cocoeval import evaluate_coco
 
-        summary.metrics = evaluate_coco(gt, labels_to_results(result, labelled_ids),
-                                        iou_types=("segm",))
+        ids = {e["id"] for r in records.results.values() for e in r["anns"]}
+        summary.metrics = evaluate_coco(gt, labels_to_results(result, ids), iou_types=("segm",))
+
+
+def report_path(output: Path) -> Path:
+    """Where the per-class / per-image report of ``output`` goes."""
+    return output.with_name(output.stem + ".report.json")
+
+
+def run_label(model: str, annotations: str, images: str, output: str, fmt: str = "rle",
+              evaluate: bool | str = False, batch_size: int = 4, device: str = "auto",
+              workers: int = 2, overwrite: bool = False, progress: bool = True,
+              skip_empty: bool = False, image_size: Sequence[int] | None = None,
+              shard: Shard | None = None, dtype: str = "fp32") -> LabelSummary:
+    """Run the ``label`` command (see the module docstring); returns its summary.
+
+    ``evaluate``: ``True`` compares with the input's masks, a path with that COCO JSON's.
+    ``image_size``: ``(short side, long-side cap)`` at inference, instead of the model's.
+    ``shard``: this process's place among several (default: from the launcher's environment).
+    Only process 0 writes the output and evaluates; the others return an empty summary.
+
+    Raises :class:`SimError` subclasses (one-line messages) for problems found before work.
+    """
+    opts = LabelOptions(fmt, evaluate, batch_size, device, workers, overwrite, progress,
+                        skip_empty, tuple(image_size) if image_size else None, dtype)
+    model_path, image_dir, out, dataset = _checked_inputs(model, annotations, images, output,
+                                                          opts)
+    gt = _ground_truth(dataset, annotations, evaluate)
+    shard = shard or current_shard(device)
+    jobs, orphans = label_jobs(dataset, image_dir)
+    runner = _runner(model_path, annotations, out, opts, jobs, shard)
+    summary = LabelSummary(0, rejected=list(orphans), output=out)
+    mine = runner.start()
+    seg = load_model(model_path, shard.device or device, opts.image_size, opts.dtype)
+    if shard.is_main:
+        _before_work(seg, dataset, orphans, summary)
+    if not _label_share(seg, mine, runner, dataset, opts, shard):
+        summary.interrupted = True
+        return summary
+    records = runner.finish()
+    if shard.is_main:
+        _write_output(seg, summary, dataset, jobs, records, gt, opts)
+    else:
+        summary.merged = False
     return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m serving label",
+        prog=prog("python -m serving label"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Auto-label a box-only COCO dataset: one box-prompted mask per box. Exit "
                     "codes: 0 ok, 1 error before work, 2 bad arguments, 3 some images failed "
-                    "or boxes were rejected, 130 interrupted (rerun to continue).")
+                    "or boxes were rejected, 130 interrupted (rerun to continue).",
+        epilog="examples:\n"
+               "  sim label --model model.safetensors --annotations boxes.json --images imgs/ "
+               "--output labelled.json\n"
+               "  sim label ... --evaluate              # mask AP against the input's masks\n"
+               "  accelerate launch --multi_gpu --num_processes 2 -m serving label ...  "
+               "# 2 processes")
     parser.add_argument("--model", required=True, metavar="PATH",
                         help="checkpoint (.safetensors), ONNX file (.onnx) or TensorRT engine")
     parser.add_argument("--annotations", required=True, metavar="BOXES_COCO_JSON",
@@ -283,35 +394,44 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="MASKS_JSON",
                         help="report mask AP of the labels against the input's masks, or "
                              "against MASKS_JSON (same image ids)")
+    parser.add_argument("--skip-empty", action="store_true",
+                        help="leave boxes whose mask is empty or near-empty without a "
+                             "segmentation (default: write it, flagged \"sim_empty\": true)")
     add_run_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m serving label``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        summary = run_label(args.model, args.annotations, args.images, args.output,
-                            fmt=args.format, evaluate=args.evaluate,
-                            batch_size=args.batch_size, device=args.device,
-                            dtype=args.dtype,
-                            workers=args.workers, overwrite=args.overwrite,
-                            progress=not args.no_progress)
-    except SimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:  # before the first image (while loading the model, ...)
-        print("interrupted before any image was finished", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if summary.interrupted:
-        return summary.exit_code
-    print(f"label: {summary.labelled} annotations labelled, {len(summary.rejected)} rejected, "
-          f"{len(summary.failed_images)} images failed; wrote {summary.output}")
+    """Entry point of ``sim label``; returns the exit code."""
+    return batch_command("label", argv, build_parser(), _run_from_args, _print_summary)
+
+
+def _run_from_args(args: argparse.Namespace, shard: Shard) -> LabelSummary:
+    return run_label(args.model, args.annotations, args.images, args.output, fmt=args.format,
+                     evaluate=args.evaluate, batch_size=args.batch_size, device=args.device,
+                     workers=args.workers, overwrite=args.overwrite,
+                     progress=not args.no_progress, skip_empty=args.skip_empty,
+                     image_size=args.image_size, shard=shard, dtype=args.dtype)
+
+
+def _print_summary(summary: LabelSummary) -> None:
+    """The end-of-run report on stdout (warnings on stderr)."""
+    empty = len(summary.empty)
+    left_out = summary.report is not None and summary.labelled < len(summary.report.scores)
+    note = (f" ({empty} empty or near-empty left out)" if left_out else
+            f" ({empty} of them empty or near-empty, flagged sim_empty)" if empty else "")
+    print(f"label: {summary.labelled} annotations labelled{note}, {len(summary.rejected)} "
+          f"rejected, {len(summary.failed_images)} images failed; wrote {summary.output}")
+    if summary.report is not None and summary.report.scores:
+        print("\n".join(summary.report.lines()))
+        print(f"per-image report: {report_path(summary.output)}")
     if summary.rle_fallback:
         print(f"note: {summary.rle_fallback} masks had no polygon (empty or too thin) and "
               "were written as RLE")
+    for advice in summary.advice:
+        print(f"warning: {advice}", file=sys.stderr)
     if summary.metrics is not None:
-        print("mask AP of the labels (pycocotools COCOeval; -1 = no instance of that size):")
+        print("mask AP of the labels in percent (pycocotools COCOeval; -1 = no instance of "
+              "that size):")
         for key, value in summary.metrics.items():
-            print(f"{key:<10} {value:.4f}")
-    return summary.exit_code
+            print(f"{key:<10} {value * 100 if value >= 0 else value:6.1f}")

@@ -1,4 +1,5 @@
-"""``python -m serving predict``: batch inference on a folder, glob or list of images.
+"""``sim predict`` / ``python -m serving predict``: batch inference on a folder, glob or list of
+images.
 
 Writes into ``--output``:
 
@@ -7,9 +8,16 @@ Writes into ``--output``:
   box-prompted mode), rewritten atomically every 30 s and at the end;
 - ``images.json``: the ``images`` (id, file_name, height, width) and ``categories`` those
   results refer to, so ``COCO("images.json").loadRes("results.json")`` works without a GT;
-- ``vis/<name>.jpg`` overlays (``--save-vis``) and ``masks/<name>_<i>.png`` instance masks
+- ``vis/<name>.jpg`` (or ``.png``) pictures (``--save-vis [jpg|png]``): in automatic mode only
+  the instances scoring at least ``--vis-threshold`` (default: the model's calibrated
+  F1-best threshold; ``results.json`` keeps every instance), labels sized to the image
+  (``--vis-labels off`` hides them); ``masks/<name>_<i>.png`` instance masks
   (``--save-masks png``; 0/255, ``i`` = the result's index within the image);
-- ``.progress.jsonl``: one line per finished image (fsync'ed); a rerun skips those images.
+- ``.progress.jsonl`` (one per process): one line per finished image (fsync'ed); a rerun
+  skips images whose file (and prompt boxes) did not change.
+
+Several processes: ``accelerate launch --num_processes N -m serving predict ...`` (add
+``--multi_gpu`` on a machine without GPUs) splits the images and writes the same outputs.
 
 Exit codes: 0 all images done; 1 error before any work (bad option, missing model, no images,
 malformed boxes JSON, unwritable output); 2 bad command line; 3 finished, but some images
@@ -22,7 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -30,29 +38,29 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import BoxError, ImageError, InputError, SimError
+from ..errors import InputError
 from ..files import write_json
-from ..formats.coco import check_image_size, coco_box, read_coco_json
-from ..inference.images import load_image
+from ..formats.coco import boxes_by_image, read_coco_json
+from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..prediction import Prediction
 from ..segmenter import Segmenter
 from .common import (
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
     ImageFile,
-    ProgressLog,
     add_run_options,
     check_model_path,
     check_writable_dir,
     find_images,
-    one_line,
-    prefetch,
+    load_model,
     report,
-    run_batch,
     run_exit_code,
 )
+from .jobs import Job, Outcome, class_lookup, note_unknown_categories, run_jobs
+from .main import prog
+from .progress import ProgressLog, WorkRecords, file_stamp, fingerprint
+from .runner import JobRunner, RunPlan
+from .shards import Shard, batch_command, current_shard
 
-PROGRESS_FILE = ".progress.jsonl"
+PROGRESS_STEM = ".progress"
 WRITE_EVERY_S = 30.0
 
 
@@ -68,10 +76,52 @@ class PredictSummary:
     rejected_boxes: int = 0
     interrupted: bool = False
     output: Path = Path(".")
+    #: False in the processes other than 0 of a multi-process run: they write no output.
+    merged: bool = True
+    #: One-line warnings about the input against the model's own data (sizes, scores).
+    advice: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
         return run_exit_code(self.interrupted, self.failed, self.rejected_boxes)
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """The ``predict`` command's options (see :func:`build_parser`).
+
+    ``save_vis``: ``"jpg"``, ``"png"`` or ``None`` (``True`` means ``"jpg"``); ``save_masks``:
+    ``"png"``/``True`` or ``None``/``False``.
+    """
+
+    boxes: str | None = None
+    batch_size: int = 4
+    device: str = "auto"
+    score_threshold: float | None = None
+    save_vis: str | bool | None = None
+    save_masks: str | bool | None = None
+    workers: int = 2
+    overwrite: bool = False
+    progress: bool = True
+    image_size: tuple[int, ...] | None = None
+    vis_labels: bool = True
+    vis_threshold: float | None = None
+    dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        vis = "jpg" if self.save_vis is True else (self.save_vis or None)
+        if vis not in (None, "jpg", "png"):
+            raise InputError(f"--save-vis {vis}: choose jpg or png")
+        object.__setattr__(self, "save_vis", vis)
+        object.__setattr__(self, "save_masks", bool(self.save_masks))
+        if self.image_size:
+            object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
+        for name in ("score_threshold", "vis_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise InputError(f"--{name.replace('_', '-')} {value}: give a score in [0, 1]")
 
 
 def _norm_name(file_name: str) -> str:
@@ -121,210 +171,263 @@ def _categories(class_names: Sequence[str], coco: dict[str, Any] | None,
     return ids, categories
 
 
-class _PredictRun:
-    """State of one run: where outputs go and what has been finished."""
+def _plan(inputs: Sequence[str], out: Path, opts: PredictOptions, notes: bool = True,
+          ) -> tuple[list[Job], dict[str, ImageFile], dict[str, Any] | None]:
+    """Jobs for the input images (prompted by their boxes when ``--boxes`` is given), the
+    files by job key, and the boxes JSON. ``notes``: report what is skipped (process 0)."""
+    files = find_images(inputs, exclude=out)
+    coco = read_coco_json(opts.boxes, "boxes") if opts.boxes else None
+    matched: dict[Path, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    if coco is not None:
+        matched = _match_boxes(files, coco)
+        if not matched:
+            raise InputError(f"boxes {opts.boxes}: no input image matches a file_name in it; "
+                             "check --input or the JSON's file names")
+        if len(matched) < len(files) and notes:
+            report(f"note: {len(files) - len(matched)} images have no entry in {opts.boxes}; "
+                   "skipped")
+        if notes:
+            note_unknown_categories(coco)
+        files = [f for f in files if f.path in matched]
+    jobs = []
+    for f in files:
+        entry, anns = matched.get(f.path, (None, None))
+        jobs.append(Job(str(f.path), f.path, fingerprint(file_stamp(f.path), entry, anns),
+                        entry, anns))
+    return jobs, {str(f.path): f for f in files}, coco
 
-    def __init__(self, seg: Segmenter, out: Path, log: ProgressLog,
-                 records: dict[str, dict[str, Any]], category_ids: list[int],
-                 save_vis: bool, save_masks: bool) -> None:
-        self.seg, self.out, self.log, self.records = seg, out, log, records
-        self.category_ids, self.save_vis, self.save_masks = category_ids, save_vis, save_masks
-        self.instances = 0
 
-    def is_done(self, key: str) -> bool:
-        rec = self.records.get(key)
-        return (rec is not None and (not self.save_vis or rec.get("vis") is not None)
-                and (not self.save_masks or rec.get("masks") is not None))
+def _image_ids(jobs: list[Job], records: WorkRecords) -> dict[str, int]:
+    """COCO image id of each job: the boxes JSON's, the one an earlier run gave it, or the
+    next free one in input order (so every process of a run assigns the same ids)."""
+    ids = {key: int(r["image_id"]) for key, r in records.results.items()}
+    next_id = max(ids.values(), default=0) + 1
+    for job in jobs:
+        if job.entry is not None:
+            ids[job.key] = job.entry["id"]
+        elif job.key not in ids:
+            ids[job.key], next_id = next_id, next_id + 1
+    return ids
 
-    def finish(self, f: ImageFile, image_id: int, file_name: str, image: np.ndarray,
-               pred: Prediction, prompt_ids: list[Any] | None,
-               rejected: list[dict[str, Any]]) -> None:
+
+class _Writer:
+    """Writes what one finished image produces: pictures, mask PNGs and its log entry."""
+
+    def __init__(self, out: Path, files: dict[str, ImageFile], ids: dict[str, int],
+                 category_ids: list[int], opts: PredictOptions, vis_threshold: float) -> None:
+        self.out, self.files, self.ids = out, files, ids
+        self.category_ids, self.opts, self.vis_threshold = category_ids, opts, vis_threshold
+
+    def entry(self, outcome: Outcome) -> dict[str, Any]:
+        if outcome.error is not None:
+            return {"error": outcome.error}
+        pred, image, job = outcome.prediction, outcome.image, outcome.job
+        assert pred is not None and image is not None
+        f, image_id = self.files[job.key], self.ids[job.key]
         results = pred.to_coco(image_id, self.category_ids)
-        for res, pid in zip(results, prompt_ids or [], strict=False):
+        anns = {ann["id"]: ann for ann in job.anns or []}
+        for res, pid in zip(results, outcome.prompt_ids, strict=False):
             res["prompt_id"] = pid
-        vis = masks = None
-        if self.save_vis:
-            vis = f"vis/{f.name}.jpg"
-            (self.out / vis).parent.mkdir(parents=True, exist_ok=True)
-            from ..formats.visualize import draw_predictions
+            if anns[pid].get("category_id") is not None:  # the box's own category, as label
+                res["category_id"] = anns[pid]["category_id"]
+        file_name = job.entry["file_name"] if job.entry is not None else f.rel
+        return {"file_name": file_name, "image_id": image_id, "height": int(image.shape[0]),
+                "width": int(image.shape[1]), "results": results,
+                "vis": self._vis(f, image, pred, automatic=job.anns is None),
+                "masks": self._masks(f, pred), "rejected": outcome.rejected}
 
-            Image.fromarray(draw_predictions(image, pred)).save(self.out / vis, quality=90)
-        if self.save_masks:
-            masks = []
-            for i in range(len(pred)):
-                rel = f"masks/{f.name}_{i}.png"
-                (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pred.masks[i].astype(np.uint8) * 255).save(self.out / rel)
-                masks.append(rel)
-        record = {"key": str(f.path), "file_name": file_name, "image_id": image_id,
-                  "height": int(image.shape[0]), "width": int(image.shape[1]),
-                  "results": results, "vis": vis, "masks": masks, "rejected": rejected}
-        self.log.append(record)  # the record is written last: it implies the files exist
-        self.records[record["key"]] = record
-        self.instances += len(results)
+    def _vis(self, f: ImageFile, image: np.ndarray, pred: Prediction,
+             automatic: bool) -> str | None:
+        """The picture of one image; automatic mode shows what scores at least the display
+        threshold (``--vis-threshold``, else the model's calibrated one)."""
+        if not self.opts.save_vis:
+            return None
+        from ..formats.visualize import draw_predictions
 
-    def write_outputs(self, files: list[ImageFile], categories: list[dict[str, Any]]) -> None:
-        recs = [self.records[str(f.path)] for f in files if str(f.path) in self.records]
-        recs.sort(key=lambda r: r["image_id"])
-        write_json(self.out / "results.json", [res for r in recs for res in r["results"]])
-        write_json(self.out / "images.json", {
-            "images": [{"id": r["image_id"], "file_name": r["file_name"], "height": r["height"],
-                        "width": r["width"]} for r in recs],
-            "categories": categories,
-        })
+        if automatic:
+            pred = pred.select(pred.scores >= self.vis_threshold)
+        rel = f"vis/{f.name}.{self.opts.save_vis}"
+        (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+        picture = Image.fromarray(draw_predictions(image, pred, show_labels=self.opts.vis_labels))
+        picture.save(self.out / rel, **({"quality": 90} if self.opts.save_vis == "jpg" else {}))
+        return rel
+
+    def _masks(self, f: ImageFile, pred: Any) -> list[str] | None:
+        if not self.opts.save_masks:
+            return None
+        paths = []
+        for i in range(len(pred)):
+            rel = f"masks/{f.name}_{i}.png"
+            (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pred.mask(i).astype(np.uint8) * 255).save(self.out / rel)
+            paths.append(rel)
+        return paths
+
+
+def write_outputs(out: Path, jobs: list[Job], records: dict[str, dict[str, Any]],
+                  categories: list[dict[str, Any]]) -> None:
+    """``results.json`` and ``images.json`` from the finished images' records, by image id."""
+    recs = sorted((records[j.key] for j in jobs if j.key in records),
+                  key=lambda r: r["image_id"])
+    write_json(out / "results.json", [res for r in recs for res in r["results"]])
+    write_json(out / "images.json", {
+        "images": [{"id": r["image_id"], "file_name": r["file_name"], "height": r["height"],
+                    "width": r["width"]} for r in recs],
+        "categories": categories,
+    })
 
 
 def _clear(out: Path, log: ProgressLog) -> None:
     """``--overwrite``: delete what an earlier run in ``out`` wrote (and only that)."""
-    for rec in log.read_any():
+    for rec in log.every_record():
         for rel in [rec.get("vis")] + list(rec.get("masks") or []):
             if rel:
                 (out / rel).unlink(missing_ok=True)
-    for name in (PROGRESS_FILE, "results.json", "images.json"):
+    for name in ("results.json", "images.json"):
         (out / name).unlink(missing_ok=True)
 
 
-def run_predict(model: str, inputs: Sequence[str], output: str, boxes: str | None = None,
-                batch_size: int = 4, device: str = "auto", score_threshold: float | None = None,
-                dtype: str = "fp32",
-                save_vis: bool = False, save_masks: str | None = None, workers: int = 2,
-                overwrite: bool = False, progress: bool = True) -> PredictSummary:
+def _report(outcome: Outcome, shard: Shard) -> None:
+    where = f"[process {shard.rank}] " if shard.world > 1 else ""
+    path = str(outcome.job.path)
+    if outcome.error is not None:
+        line = outcome.error if path in outcome.error else f"image {path}: {outcome.error}"
+        report(f"{where}skipped: {line}")
+    for bad in outcome.rejected:
+        report(f"{where}rejected: {path}: {bad['reason']}")
+
+
+def _score_check(seg: Segmenter, records: WorkRecords, prompted: bool) -> list[str]:
+    """The out-of-domain warning for the finished images' scores (see
+    :func:`serving.inference.domain.score_advice`), as a list of at most one line."""
+    results = [r["results"] for r in records.results.values()]
+    if prompted:
+        scores = [res["score"] for rs in results for res in rs]
+    else:
+        scores = [max((res["score"] for res in rs), default=0.0) for rs in results]
+    advice = score_advice(calibration_of(seg), scores, "prompt" if prompted else "auto")
+    return [advice] if advice else []
+
+
+def _summarise(summary: PredictSummary, jobs: list[Job], records: WorkRecords) -> None:
+    mine = [r for r in records.results.values() if r.get("run") == records.run]
+    summary.done_now = len(mine)
+    summary.instances = sum(len(r["results"]) for r in mine)
+    summary.failed = [(key, r["error"]) for key, r in records.failures.items()]
+    summary.rejected_boxes = sum(len(records.results[j.key].get("rejected") or [])
+                                 for j in jobs if j.key in records.results)
+
+
+def _runner(model_path: Path, out: Path, jobs: list[Job], opts: PredictOptions,
+            shard: Shard) -> JobRunner:
+    """The job runner; its signature holds what shapes every result (per-image inputs are in
+    each job's fingerprint); an image counts as done once its asked-for files exist."""
+    signature = {"command": "predict", "model": str(model_path.resolve()),
+                 "model_stamp": file_stamp(model_path),
+                 "boxes": str(Path(opts.boxes).resolve()) if opts.boxes else None,
+                 "score_threshold": opts.score_threshold,
+                 "image_size": list(opts.image_size) if opts.image_size else None}
+
+    def is_done(job: Job, rec: dict[str, Any]) -> bool:
+        vis = rec.get("vis")
+        return (not opts.save_vis or (vis is not None and vis.endswith("." + opts.save_vis))) \
+            and (not opts.save_masks or rec.get("masks") is not None)
+
+    runner = JobRunner(RunPlan(out, PROGRESS_STEM, signature, jobs, is_done), shard,
+                       opts.progress, desc="predict")
+    if opts.overwrite:
+        runner.clear(lambda log: _clear(out, log))
+    return runner
+
+
+def _size_check(seg: Segmenter, coco: dict[str, Any] | None, summary: PredictSummary) -> None:
+    """Process 0, with prompt boxes: warn when their sizes do not suit the model's input."""
+    if coco is None:
+        return
+    sizes = box_sizes(boxes_by_image(coco), seg.cfg.min_size, seg.cfg.max_size)
+    advice = size_advice(calibration_of(seg), sizes, seg.cfg.min_size, seg.cfg.max_size)
+    if advice:
+        summary.advice.append(advice)
+        report(f"note: {advice}")
+
+
+def _predict_share(seg: Segmenter, mine: list[Job], runner: JobRunner, writer: _Writer,
+                   coco: dict[str, Any] | None, opts: PredictOptions,
+                   flush: Callable[[dict[str, dict[str, Any]]], None]) -> WorkRecords | None:
+    """Segment this process's images; process 0 rewrites the outputs every 30 s. Returns the
+    whole job's records, or None when interrupted (the work so far is kept)."""
+    shard = runner.shard
+    class_of = class_lookup(coco["categories"], seg.class_names) if coco else lambda a: -1
+    last_write = time.monotonic()
+    try:
+        for outcome in run_jobs(seg, mine, class_of, opts.batch_size, opts.workers,
+                                opts.score_threshold):
+            _report(outcome, shard)
+            runner.record(outcome.job, writer.entry(outcome))
+            if shard.is_main and time.monotonic() - last_write > WRITE_EVERY_S:
+                flush(runner.records.results)
+                last_write = time.monotonic()
+        return runner.finish()
+    except KeyboardInterrupt:
+        runner.close()
+        return None
+
+
+def run_predict(model: str, inputs: Sequence[str], output: str, shard: Shard | None = None,
+                **options: Any) -> PredictSummary:
     """Run the ``predict`` command (see the module docstring); returns its summary.
 
-    Raises :class:`SimError` subclasses (one-line messages) for problems found before any
-    work; per-image problems are reported on stderr and counted instead.
+    ``options``: the fields of :class:`PredictOptions` (``boxes``, ``batch_size``, ``device``,
+    ``save_vis``, ``image_size``, ...). ``shard``: this process's place among several
+    (default: from the launcher's environment). Raises :class:`SimError` subclasses
+    (one-line messages) for problems found before any work; per-image problems are reported
+    on stderr and counted instead.
     """
-    if batch_size < 1:
-        raise InputError(f"--batch-size {batch_size}: must be at least 1")
+    opts = PredictOptions(**options)
     out = check_writable_dir(output)
     model_path = check_model_path(model)
-    files = find_images(inputs, exclude=out)
-    coco = read_coco_json(boxes, "boxes") if boxes else None
-    matched = {}
-    if coco is not None:
-        matched = _match_boxes(files, coco)
-        if not matched:
-            raise InputError(f"boxes {boxes}: no input image matches a file_name in it; check "
-                             "--input or the JSON's file names")
-        if len(matched) < len(files):
-            report(f"note: {len(files) - len(matched)} images have no entry in {boxes}; "
-                   "skipped")
-        files = [f for f in files if f.path in matched]
-    signature = {"command": "predict", "model": str(model_path.resolve()),
-                 "boxes": str(Path(boxes).resolve()) if boxes else None,
-                 "score_threshold": score_threshold}
-    log = ProgressLog(out / PROGRESS_FILE, signature)
-    if overwrite:
-        _clear(out, log)
-    records = log.load()
-
-    seg = Segmenter.load(model_path, device=device, dtype=dtype)
+    shard = shard or current_shard(opts.device)
+    jobs, files, coco = _plan(inputs, out, opts, notes=shard.is_main)
+    runner = _runner(model_path, out, jobs, opts, shard)
+    mine = runner.start()
+    summary = PredictSummary(len(jobs), runner.done_before, 0, 0, output=out)
+    seg = load_model(model_path, shard.device or opts.device, opts.image_size, opts.dtype)
+    if shard.is_main:
+        _size_check(seg, coco, summary)
     category_ids, categories = _categories(seg.class_names, coco)
-    run = _PredictRun(seg, out, log, records, category_ids, save_vis, save_masks is not None)
-    ids = {r["key"]: r["image_id"] for r in records.values()}
-    next_id = max(ids.values(), default=0) + 1
-    for f in files:
-        if coco is not None:
-            ids[str(f.path)] = matched[f.path][0]["id"]
-        elif str(f.path) not in ids:
-            ids[str(f.path)], next_id = next_id, next_id + 1
-    todo = [f for f in files if not run.is_done(str(f.path))]
-    summary = PredictSummary(len(files), len(files) - len(todo), 0, 0, output=out)
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(files), initial=summary.done_before, unit="img", desc="predict",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
-
-    def fail(f: ImageFile, exc: BaseException) -> None:
-        reason = one_line(exc)
-        line = reason if str(f.path) in reason else f"image {f.path}: {reason}"
-        report(f"skipped: {line}")
-        summary.failed.append((str(f.path), reason))
-        bar.update(1)
-
-    def flush(batch: list[tuple[ImageFile, np.ndarray]]) -> None:
-        prompts, prompt_ids, rejected = [], [], []
-        cats = {c["id"]: str(c["name"]) for c in coco["categories"]} if coco else {}
-        checked = []
-        for f, image in batch:
-            try:
-                if coco is not None:
-                    check_image_size(matched[f.path][0], image, str(f.path))
-                checked.append((f, image))
-            except ImageError as exc:
-                fail(f, exc)
-        batch = checked
-        if not batch:
-            return
-        for f, image in batch:
-            if coco is None:
-                prompts.append(None)
-                prompt_ids.append(None)
-                rejected.append([])
-                continue
-            kept, pids, labels, bad = [], [], [], []
-            for ann in matched[f.path][1]:
-                try:
-                    kept.append(coco_box(ann, image.shape[:2]))
-                except BoxError as exc:
-                    report(f"rejected: {f.path}: {exc}")
-                    bad.append({"id": ann["id"], "reason": str(exc)})
-                    continue
-                pids.append(ann["id"])
-                name = cats.get(ann.get("category_id"))
-                labels.append(seg.class_names.index(name) if name in seg.class_names else -1)
-            prompts.append((np.array(kept, np.float32).reshape(-1, 4),
-                            np.array(labels, np.int64)))
-            prompt_ids.append(pids)
-            rejected.append(bad)
-        preds = run_batch(seg, [im for _, im in batch], prompts, batch_size, score_threshold)
-        for (f, image), pred, pids, bad in zip(batch, preds, prompt_ids, rejected, strict=True):
-            if isinstance(pred, Exception):
-                fail(f, pred)
-                continue
-            file_name = matched[f.path][0]["file_name"] if coco is not None else f.rel
-            run.finish(f, ids[str(f.path)], file_name, image, pred, pids, bad)
-            summary.done_now += 1
-            bar.update(1)
-
-    last_write = time.monotonic()
-    batch: list[tuple[ImageFile, np.ndarray]] = []
-    try:
-        for f, image, error in prefetch(todo, lambda f: load_image(f.path), workers,
-                                        depth=2 * batch_size + max(workers, 0)):
-            if error is not None:
-                fail(f, error)
-                continue
-            batch.append((f, image))  # type: ignore[arg-type]
-            if len(batch) == batch_size:
-                flush(batch)
-                batch = []
-                if time.monotonic() - last_write > WRITE_EVERY_S:
-                    run.write_outputs(files, categories)
-                    last_write = time.monotonic()
-        if batch:
-            flush(batch)
-    except KeyboardInterrupt:
+    shown = seg.display_threshold if opts.vis_threshold is None else opts.vis_threshold
+    writer = _Writer(out, files, _image_ids(jobs, runner.records), category_ids, opts, shown)
+    records = _predict_share(seg, mine, runner, writer, coco, opts,
+                             lambda done: write_outputs(out, jobs, done, categories))
+    if records is None:
         summary.interrupted = True
-        report(f"interrupted: {summary.done_before + summary.done_now} of {len(files)} images "
-               "are saved; rerun the same command to continue")
-    finally:
-        bar.close()
-        run.write_outputs(files, categories)
-    summary.instances = run.instances
-    summary.rejected_boxes = sum(len(records[str(f.path)].get("rejected") or [])
-                                 for f in files if str(f.path) in records)
+        report(f"interrupted: {summary.done_before + runner.records.this_run()} of {len(jobs)} "
+               "images are saved; rerun the same command to continue")
+        records = runner.records
+    if not shard.is_main:
+        summary.merged = False
+        return summary
+    write_outputs(out, jobs, records.results, categories)
+    _summarise(summary, jobs, records)
+    if not summary.interrupted:
+        summary.advice += _score_check(seg, records, prompted=coco is not None)
     return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m serving predict",
+        prog=prog("python -m serving predict"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Segment images (automatic, or one mask per box of a COCO JSON) and write "
                     "COCO results with RLE masks. Exit codes: 0 ok, 1 error before work, "
                     "2 bad arguments, 3 some images failed or boxes were rejected, "
-                    "130 interrupted (rerun to continue).")
+                    "130 interrupted (rerun to continue).",
+        epilog="examples:\n"
+               "  sim predict --model model.onnx --input photos/ --output out/ --save-vis\n"
+               "  sim predict --model model.safetensors --input 'imgs/**/*.jpg' "
+               "--boxes boxes.json --output out/\n"
+               "  accelerate launch --multi_gpu --num_processes 2 -m serving predict ...  "
+               "# 2 processes")
     parser.add_argument("--model", required=True, metavar="PATH",
                         help="checkpoint (.safetensors), ONNX file (.onnx) or TensorRT engine")
     parser.add_argument("--input", required=True, nargs="+", metavar="DIR|GLOB|FILE",
@@ -334,7 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt boxes: COCO JSON whose images match inputs by file_name")
     parser.add_argument("--score-threshold", type=float, default=None, metavar="T",
                         help="automatic mode: drop instances scoring below T")
-    parser.add_argument("--save-vis", action="store_true", help="write vis/<name>.jpg overlays")
+    parser.add_argument("--save-vis", nargs="?", const="jpg", default=None,
+                        choices=["jpg", "png"],
+                        help="write vis/<name>.jpg (or .png) pictures of the masks")
+    parser.add_argument("--vis-threshold", type=float, default=None, metavar="T",
+                        help="pictures of automatic mode show instances scoring at least T "
+                             "(default: the model's calibrated threshold; see 'sim info')")
+    parser.add_argument("--vis-labels", choices=["on", "off"], default="on",
+                        help="write class and score labels on the pictures (default on)")
     parser.add_argument("--save-masks", choices=["png"], default=None,
                         help="write masks/<name>_<i>.png per instance")
     add_run_options(parser)
@@ -342,24 +452,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m serving predict``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        summary = run_predict(args.model, args.input, args.output, boxes=args.boxes,
-                              batch_size=args.batch_size, device=args.device,
-                              dtype=args.dtype,
-                              score_threshold=args.score_threshold, save_vis=args.save_vis,
-                              save_masks=args.save_masks, workers=args.workers,
-                              overwrite=args.overwrite, progress=not args.no_progress)
-    except SimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:  # before the first image (while loading the model, ...)
-        print("interrupted before any image was finished", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    """Entry point of ``sim predict``; returns the exit code."""
+    return batch_command("predict", argv, build_parser(), _run_from_args, _print_summary)
+
+
+def _run_from_args(args: argparse.Namespace, shard: Shard) -> PredictSummary:
+    return run_predict(args.model, args.input, args.output, shard=shard, boxes=args.boxes,
+                       batch_size=args.batch_size, device=args.device,
+                       score_threshold=args.score_threshold, save_vis=args.save_vis,
+                       save_masks=args.save_masks, workers=args.workers,
+                       overwrite=args.overwrite, progress=not args.no_progress,
+                       image_size=args.image_size, vis_labels=args.vis_labels == "on",
+                       vis_threshold=args.vis_threshold, dtype=args.dtype)
+
+
+def _print_summary(summary: PredictSummary) -> None:
     print(f"predict: {summary.done_now} images segmented now, {summary.done_before} earlier, "
           f"{len(summary.failed)} failed, {summary.rejected_boxes} boxes rejected; "
           f"{summary.instances} instances")
     print(f"results: {summary.output / 'results.json'} (images: "
           f"{summary.output / 'images.json'})")
-    return summary.exit_code
+    for advice in summary.advice:
+        print(f"warning: {advice}", file=sys.stderr)

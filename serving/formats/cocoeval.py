@@ -87,9 +87,42 @@ def _segm_bbox(segm: Any, height: int | None, width: int | None) -> list[float]:
     return [float(v) for v in mask_util.toBbox(rle)]
 
 
+def best_f1(evaluator: Any) -> tuple[float, float]:
+    """The score threshold that maximises F1 at IoU 0.5, over every class and image of an
+    evaluated ``COCOeval`` (area "all", the largest ``maxDets``), and that F1.
+
+    Keeping the detections scoring at or above the threshold gives the best F1: precision
+    ``TP / (TP + FP)`` and recall ``TP / GT`` over the whole dataset, a detection being a true
+    positive when COCOeval matched it to a ground-truth instance at IoU 0.5. Only cuts between
+    different scores are considered (ties stay together). Returns ``(threshold, F1)``;
+    ``(1.0, 0.0)`` when there is no detection or no ground truth.
+    """
+    area_all = evaluator.params.areaRng[0]
+    max_det = evaluator.params.maxDets[-1]
+    scores, hits, total_gt = [], [], 0
+    for entry in evaluator.evalImgs:
+        if entry is None or entry["aRng"] != area_all or entry["maxDet"] != max_det:
+            continue
+        total_gt += int((np.asarray(entry["gtIgnore"]) == 0).sum())
+        keep = ~np.asarray(entry["dtIgnore"], dtype=bool).reshape(-1, len(entry["dtIds"]))[0]
+        matched = np.asarray(entry["dtMatches"]).reshape(-1, len(entry["dtIds"]))[0] > 0
+        scores += list(np.asarray(entry["dtScores"], dtype=float)[keep])
+        hits += list(matched[keep])
+    if not scores or total_gt == 0:
+        return 1.0, 0.0
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    ranked = np.asarray(scores)[order]
+    tp = np.cumsum(np.asarray(hits)[order])
+    kept = np.arange(1, len(ranked) + 1)
+    f1 = 2 * tp / (kept + total_gt)  # = 2PR / (P + R)
+    cut = np.append(ranked[1:] != ranked[:-1], True)  # the last of each group of equal scores
+    best = int(np.flatnonzero(cut)[np.argmax(f1[cut])])
+    return float(ranked[best]), float(f1[best])
+
+
 def evaluate_coco(gt: dict[str, Any] | str | os.PathLike, results: Sequence[dict[str, Any]],
                   iou_types: Sequence[str] = IOU_TYPES, verbose: bool = False,
-                  ) -> dict[str, float]:
+                  f1: bool = False) -> dict[str, float]:
     """COCO AP of ``results`` against ``gt``.
 
     Args:
@@ -100,27 +133,41 @@ def evaluate_coco(gt: dict[str, Any] | str | os.PathLike, results: Sequence[dict
             images absent from ``gt`` are dropped. Not modified.
         iou_types: any of ``"bbox"``, ``"segm"``.
         verbose: print pycocotools' summary tables to stdout.
+        f1: also return ``"<iou_type>/F1"`` and ``"<iou_type>/F1_threshold"``: the best F1 at
+            IoU 0.5 and the score threshold that reaches it (:func:`best_f1`).
 
     Returns:
         ``{"<iou_type>/<metric>": value}`` for metrics AP, AP50, AP75, APs, APm, APl, as
         fractions in [0, 1]; ``-1.0`` where ``gt`` has no instance of that size. Empty
-        ``results`` give 0.0 for every key.
+        ``results`` give 0.0 for every key (and an F1 threshold of 1.0).
     """
     unknown = [t for t in iou_types if t not in IOU_TYPES]
     if unknown or not iou_types:
         raise ValueError(f"iou_types {list(iou_types)}: choose from {IOU_TYPES}")
-    try:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    except ImportError:  # pragma: no cover - pycocotools is a core dependency
-        raise DatasetError("COCO evaluation needs pycocotools; pip install pycocotools") from None
-
     data = _load_gt(gt)
     _complete_gt(data, iou_types)
-    image_ids = {img["id"] for img in data["images"]}
-    dets = [dict(r) for r in results if r.get("image_id") in image_ids]
+    dets = _checked_results(data, results)
     metrics = dict.fromkeys(metric_keys(iou_types), 0.0)
+    if f1:
+        for iou_type in iou_types:
+            metrics.update({f"{iou_type}/F1": 0.0, f"{iou_type}/F1_threshold": 1.0})
+    if not dets:
+        return metrics
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        for iou_type in iou_types:
+            metrics.update(_evaluate_one(data, dets, iou_type, verbose, f1))
+    return metrics
+
+
+def _checked_results(data: dict[str, Any], results: Sequence[dict[str, Any]],
+                     ) -> list[dict[str, Any]]:
+    """Copies of the results on ``data``'s images, each with a ``bbox`` (from its mask when
+    it has none). Raises :class:`DatasetError` for an entry without category, score or any
+    geometry."""
+    image_ids = {img["id"] for img in data["images"]}
     sizes = {img["id"]: (img.get("height"), img.get("width")) for img in data["images"]}
+    dets = [dict(r) for r in results if r.get("image_id") in image_ids]
     for r in dets:
         for key in ("category_id", "score"):
             if key not in r:
@@ -131,30 +178,34 @@ def evaluate_coco(gt: dict[str, Any] | str | os.PathLike, results: Sequence[dict
                     f"results: an entry on image {r['image_id']} has neither bbox nor "
                     "segmentation")
             r["bbox"] = _segm_bbox(r["segmentation"], *sizes[r["image_id"]])
-    if not dets:
-        return metrics
+    return dets
 
-    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    with quiet:
-        coco_gt = COCO()
-        coco_gt.dataset = data
-        coco_gt.createIndex()
-        for iou_type in iou_types:
-            usable = dets
-            if iou_type == "segm":
-                usable = [r for r in dets if r.get("segmentation")]
-                if not usable:
-                    continue
-            # loadRes keeps a given bbox (and takes the result's area from it), as detectron2
-            # and mmdetection do; every entry has one, so mixed lists are read the same way.
-            usable = [dict(r) for r in usable]  # loadRes/COCOeval add keys in place
-            coco_dt = coco_gt.loadRes(usable)
-            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
-            evaluator.evaluate()
-            evaluator.accumulate()
-            if verbose:
-                print(f"== {iou_type} ==")
-            evaluator.summarize()
-            for name, value in zip(METRIC_NAMES, np.asarray(evaluator.stats[:6]), strict=True):
-                metrics[f"{iou_type}/{name}"] = float(value)
-    return metrics
+
+def _evaluate_one(data: dict[str, Any], dets: list[dict[str, Any]], iou_type: str,
+                  verbose: bool, f1: bool) -> dict[str, float]:
+    """One ``COCOeval`` run: the six AP metrics of ``iou_type`` (and its best F1)."""
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:  # pragma: no cover - pycocotools is a core dependency
+        raise DatasetError("COCO evaluation needs pycocotools; pip install pycocotools") from None
+    usable = [r for r in dets if r.get("segmentation")] if iou_type == "segm" else dets
+    if not usable:
+        return {}
+    coco_gt = COCO()
+    coco_gt.dataset = data
+    coco_gt.createIndex()
+    # loadRes keeps a given bbox (and takes the result's area from it), as detectron2 and
+    # mmdetection do; every entry has one, so mixed lists are read the same way.
+    coco_dt = coco_gt.loadRes([dict(r) for r in usable])  # loadRes/COCOeval add keys in place
+    evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    if verbose:
+        print(f"== {iou_type} ==")
+    evaluator.summarize()
+    out = {f"{iou_type}/{name}": float(value)
+           for name, value in zip(METRIC_NAMES, np.asarray(evaluator.stats[:6]), strict=True)}
+    if f1:
+        out[f"{iou_type}/F1_threshold"], out[f"{iou_type}/F1"] = best_f1(evaluator)
+    return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from pathlib import Path
 from typing import Union
 
@@ -29,7 +28,8 @@ MIN_IMAGE_SIDE = 8
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _describe(source: ImageLike) -> str:
+def describe_image(source: ImageLike) -> str:
+    """How error messages name an image: its path, ``<N bytes>`` or ``<type name>``."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     if isinstance(source, bytes):
@@ -86,22 +86,31 @@ def _array_to_rgb(arr: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _check_size(arr: np.ndarray, name: str) -> np.ndarray:
-    h, w = arr.shape[:2]
-    if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
+def _check_pixels(width: int, height: int, name: str) -> None:
+    if height < MIN_IMAGE_SIDE or width < MIN_IMAGE_SIDE:
         raise ImageError(
-            f"image {name}: {w}x{h} pixels is too small; both sides must be at least "
+            f"image {name}: {width}x{height} pixels is too small; both sides must be at least "
             f"{MIN_IMAGE_SIDE} pixels"
         )
-    if h * w > MAX_IMAGE_PIXELS:
+    if height * width > MAX_IMAGE_PIXELS:
         raise ImageError(
-            f"image {name}: {w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels; "
-            "downscale it first"
+            f"image {name}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} "
+            "pixels; downscale it first"
         )
+
+
+def _check_size(arr: np.ndarray, name: str) -> np.ndarray:
+    _check_pixels(arr.shape[1], arr.shape[0], name)
     return arr
 
 
 def _open_pil(data: Union[str, os.PathLike, bytes], name: str) -> np.ndarray:
+    """Decode a file or encoded bytes. Thread-safe: no process-wide state is changed.
+
+    Two guards run before any pixel is decoded: PIL's own decompression-bomb check inside
+    ``Image.open`` (its process-wide ``Image.MAX_IMAGE_PIXELS``, left as the application set
+    it) and ours, ``MAX_IMAGE_PIXELS``, on the size the file's header declares.
+    """
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.is_file():
@@ -113,36 +122,25 @@ def _open_pil(data: Union[str, os.PathLike, bytes], name: str) -> np.ndarray:
         if len(data) == 0:
             raise ImageError(f"image {name}: empty upload (0 bytes); send the image file")
         fp = io.BytesIO(data)
-    old_limit = Image.MAX_IMAGE_PIXELS
     try:
-        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
-                w, h = img.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise ImageError(
-                        f"image {name}: {w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS} "
-                        "pixels; downscale it first"
-                    )
-                img.load()
-                return _pil_to_rgb(img, name)
-    except ImageError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
-        if isinstance(exc, UnidentifiedImageError):
-            raise ImageError(
-                f"image {name}: not a readable image (supported: JPEG, PNG, BMP, TIFF, WebP)"
-            ) from None
-        raise ImageError(f"image {name}: too large to decode safely; downscale it") from None
+        with Image.open(fp) as img:  # reads the header only
+            _check_pixels(*img.size, name)
+            img.load()
+            return _pil_to_rgb(img, name)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(
+            f"image {name}: refused by the decompression-bomb guard (more pixels than "
+            f"Pillow allows, and our limit is {MAX_IMAGE_PIXELS}); downscale it first"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"image {name}: not a readable image (supported: JPEG, PNG, BMP, TIFF, WebP)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(
             f"image {name}: corrupt or truncated ({reason}); re-export the file"
         ) from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old_limit
 
 
 def load_image(source: ImageLike) -> np.ndarray:
@@ -156,7 +154,7 @@ def load_image(source: ImageLike) -> np.ndarray:
     Raises:
         ImageError: the source cannot be decoded, is empty, too small or too large.
     """
-    name = _describe(source)
+    name = describe_image(source)
     if isinstance(source, np.ndarray):
         arr = _array_to_rgb(source, name)
     elif isinstance(source, Image.Image):

@@ -1,14 +1,23 @@
 """The one post-processing implementation: automatic detection and box-prompted masks.
 
-Used by the ``Segmenter`` torch backend, by training's evaluation and (through the same
-functions) by the export wrapper. Steps follow SIM_SPEC section 5:
+Used by every backend: the torch backend runs these functions eagerly, the export wrapper
+(``export/wrapper.py``) traces the very same functions into the ONNX graphs, and ONNX Runtime
+and TensorRT return the graph's outputs in the same :class:`PaddedDetections` layout.
+Steps follow SIM_SPEC section 5:
 
-1. ``p = sigmoid(cls) * sigmoid(ctr)``, candidates ``p > score_threshold``, at most
-   ``pre_nms_topk`` per level; boxes decoded from the location; score ``sqrt(p)``.
-2. Class-aware NMS at IoU 0.6, top ``max_detections`` per image.
+1. ``p = sigmoid(cls) * sigmoid(ctr)``, the top ``pre_nms_topk`` (location, class) pairs of each
+   level, candidates ``p > score_threshold`` with a non-empty box; boxes decoded from the
+   location; score ``sqrt(p)``. Every slot is kept with a validity mask (fixed shapes).
+2. Class-aware NMS at IoU 0.6 (:func:`serving.inference.nms.class_nms_keep`), the top
+   ``max_detections`` kept slots per image (a fixed-size top-K, padded).
 3. Dynamic mask head on the kept detections -> probabilities at stride 4.
-4. :func:`postprocess_masks`: aligned x4 upsampling to the padded input, crop to the resized
-   image, bilinear resize to the original size, threshold 0.5.
+4. :func:`serving.inference.paste.mask_crops`: aligned x4 upsampling to the padded input,
+   crop to the resized image, bilinear resize to the original size, threshold 0.5, computed
+   per instance inside its region only (:func:`postprocess_masks` is its dense form).
+
+Eager inference swaps two operators inside the same steps, with the same results: NMS runs
+torchvision's ``batched_nms`` on the valid candidates, and the mask head runs only on used
+slots (see :func:`serving.model.ops.eager_no_grad`).
 
 Box-prompted mode (:func:`segment_boxes`) takes, for each prompt box, the FCOS locations that
 training would assign to it and averages their masks with weights ``exp(mu * IoU)`` (the
@@ -20,14 +29,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import batched_nms
 
 from ..config import InferenceConfig
 from ..model.condinst import CondInst, CondInstOutputs
-from ..model.ops import aligned_bilinear, decode_boxes, eager_no_grad
+from ..model.ops import decode_boxes, eager_no_grad
 from .assign import iou_weights, prompt_locations, weighted_instance_map
+from .nms import class_nms_keep
+from .paste import mask_crops
 
 
 class Detections(NamedTuple):
@@ -44,6 +53,42 @@ class Detections(NamedTuple):
     scores: Tensor
     labels: Tensor
     mask_probs: Tensor
+
+    def above(self, min_score: float | None) -> Detections:
+        """The detections scoring at least ``min_score`` (all of them when ``None``): the one
+        score filter behind ``Segmenter.predict(..., score_threshold=...)``."""
+        if min_score is None:
+            return self
+        keep = self.scores >= min_score
+        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep],
+                          self.mask_probs[keep])
+
+
+class PaddedDetections(NamedTuple):
+    """Automatic detections of a batch, padded to K = ``max_detections`` slots per image: what
+    :func:`detect` returns and what the exported automatic graph outputs (same names).
+
+    Attributes:
+        boxes: (B, K, 4) float XYXY input pixels; 0 in unused slots.
+        scores: (B, K) float sorted descending; 0 in unused slots.
+        labels: (B, K) int64 class indices; -1 in unused slots.
+        mask_probs: (B, K, H/4, W/4) float probabilities at stride 4; 0 in unused slots.
+        num: (B,) int64 used slots per image (they come first).
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    mask_probs: Tensor
+    num: Tensor
+
+    def unpad(self) -> list[Detections]:
+        """One :class:`Detections` per image: its first ``num[b]`` slots (views, no copy)."""
+        out = []
+        for b, n in enumerate(self.num.tolist()):
+            out.append(Detections(self.boxes[b, :n].float(), self.scores[b, :n].float(),
+                                  self.labels[b, :n].long(), self.mask_probs[b, :n].float()))
+        return out
 
 
 class PromptDetections(NamedTuple):
@@ -65,13 +110,14 @@ def level_topk_candidates(probs: Tensor, levels: Tensor, num_levels: int, topk: 
     """Top-``topk`` (location, class) pairs of each level, as fixed-shape tensors.
 
     Entries of other levels count as score 0, so a level with fewer than ``topk`` pairs fills
-    its slots with zero scores; callers drop them with ``scores > threshold``.
+    its slots with zero scores; callers drop them with ``scores > threshold``. Levels are
+    taken one at a time, so the peak extra memory is one copy of ``probs``.
 
     Args:
         probs: (..., N, C) candidate scores (>= 0); levels: (N,) level of each location.
         num_levels: number of pyramid levels L; topk: pairs kept per level.
         pad: always return ``topk`` slots per level (zero-padded, index clamped into range)
-            even when ``N*C < topk``. The export graph uses this so that the shapes do not
+            even when ``N*C < topk``. :func:`detect` uses this so that the shapes do not
             depend on the image size; the kept scores are the same.
 
     Returns:
@@ -79,19 +125,17 @@ def level_topk_candidates(probs: Tensor, levels: Tensor, num_levels: int, topk: 
         k = topk with ``pad``, else min(topk, N*C).
     """
     n, c = probs.shape[-2:]
-    in_level = levels[None, :] == torch.arange(num_levels, device=levels.device)[:, None]
-    per_level = probs.unsqueeze(-3) * in_level[..., None].to(probs.dtype)  # (..., L, N, C)
-    per_level = per_level.flatten(-2)  # (..., L, N*C)
-    if pad:
-        k = topk
-        filler = per_level.new_zeros((*per_level.shape[:-1], topk))
-        per_level = torch.cat((per_level, filler), dim=-1)
-    else:
-        k = min(topk, n * c)
-    scores, index = per_level.topk(k, dim=-1)  # (..., L, k)
-    if pad:
-        index = index.clamp(max=n * c - 1)
-    return scores.flatten(-2), index.flatten(-2)
+    k = topk if pad else min(topk, n * c)
+    all_scores, all_index = [], []
+    for level in range(num_levels):
+        in_level = (levels == level).to(probs.dtype)[:, None]  # (N, 1)
+        flat = (probs * in_level).flatten(-2)  # (..., N*C)
+        if pad:
+            flat = torch.cat((flat, flat.new_zeros((*flat.shape[:-1], topk))), dim=-1)
+        scores, index = flat.topk(k, dim=-1)
+        all_scores.append(scores)
+        all_index.append(index.clamp(max=n * c - 1) if pad else index)
+    return torch.cat(all_scores, dim=-1), torch.cat(all_index, dim=-1)
 
 
 def clip_boxes(boxes: Tensor, heights: Tensor, widths: Tensor) -> Tensor:
@@ -103,46 +147,98 @@ def clip_boxes(boxes: Tensor, heights: Tensor, widths: Tensor) -> Tensor:
                         torch.minimum(y2, h)), dim=-1)
 
 
+def take(values: Tensor, index: Tensor) -> Tensor:
+    """Per-image gather: values (B, N, ...) and index (B, S) -> (B, S, ...)."""
+    shape = index.shape + values.shape[2:]
+    flat = index.reshape(*index.shape, *([1] * (values.dim() - 2)))
+    return values.gather(1, flat.expand(shape))
+
+
+def _candidates(model: CondInst, outputs: CondInstOutputs, image_sizes: Tensor,
+                cfg: InferenceConfig) -> tuple[Tensor, ...]:
+    """Step 1: (B, S) slots: scores (sqrt(p), 0 where invalid), locations, labels, valid, and
+    the (B, S, 4) boxes clipped to each resized image."""
+    num_classes = outputs.cls_logits.shape[-1]
+    probs = outputs.cls_logits.sigmoid() * outputs.ctrness.sigmoid()[..., None]  # (B, N, C)
+    scores, flat = level_topk_candidates(probs, outputs.levels, len(model.strides),
+                                         cfg.pre_nms_topk, pad=True)  # (B, S)
+    loc, label = flat // num_classes, flat % num_classes
+    boxes = decode_boxes(outputs.locations[loc], take(outputs.box_reg, loc),
+                         outputs.strides[loc])
+    boxes = clip_boxes(boxes, image_sizes[:, 0:1], image_sizes[:, 1:2])  # (B, S, 4)
+    valid = (scores > cfg.score_threshold) & (boxes[..., 2] > boxes[..., 0]) & (
+        boxes[..., 3] > boxes[..., 1])
+    scores = torch.where(valid, scores.sqrt(), torch.zeros_like(scores))
+    return scores, loc, label, valid, boxes
+
+
+def _top_k(keep: Tensor, k: int, *slots: Tensor) -> tuple[Tensor, ...]:
+    """Step 2b: the ``k`` best kept slots of each image, best first, padded.
+
+    Args:
+        keep: (B, S) bool; slots: (B, S, ...) tensors, the first one the scores.
+
+    Returns:
+        ``used`` (B, k) bool, ``num`` (B,) int64 and each slot tensor gathered to (B, k, ...).
+    """
+    scores = slots[0]
+    ranked = torch.where(keep, scores, torch.full_like(scores, -1.0))
+    if ranked.shape[1] < k:  # fewer slots than K (a tiny pre_nms_topk): pad with -1
+        ranked = torch.cat((ranked, ranked.new_full((ranked.shape[0], k), -1.0)), dim=1)
+        slots = tuple(torch.cat((t, t.new_zeros((t.shape[0], k, *t.shape[2:]))), dim=1)
+                      for t in slots)
+    top = ranked.topk(k, dim=1).indices  # (B, K), sorted descending
+    num = keep.sum(dim=1).clamp(max=k)
+    used = torch.arange(k, device=num.device)[None, :] < num[:, None]  # (B, K)
+    return (used, num, *(take(t, top) for t in slots))
+
+
+def _detection_masks(model: CondInst, outputs: CondInstOutputs, loc: Tensor,
+                     used: Tensor) -> Tensor:
+    """Step 3: (B, K, H/4, W/4) mask probabilities of the detections at locations ``loc``
+    (B, K); 0 in unused slots. Eagerly only the used slots run the mask head."""
+    bsz, k = loc.shape
+    image = torch.arange(bsz, device=loc.device)[:, None].expand_as(loc)
+    if eager_no_grad():
+        sel_b, sel_k = used.nonzero().unbind(1)
+        sel_loc = loc[sel_b, sel_k]
+        logits = model.mask_head(outputs.mask_feats, outputs.controller[sel_b, sel_loc],
+                                 outputs.locations[sel_loc], outputs.levels[sel_loc], sel_b)
+        masks = logits.new_zeros((bsz, k, *logits.shape[-2:]))
+        masks[sel_b, sel_k] = logits[:, 0].sigmoid()
+        return masks
+    logits = model.mask_head(outputs.mask_feats, take(outputs.controller, loc).flatten(0, 1),
+                             outputs.locations[loc].flatten(0, 1),
+                             outputs.levels[loc].flatten(0, 1), image.flatten())  # (B*K,1,h,w)
+    masks = logits.sigmoid().reshape(bsz, k, *logits.shape[-2:])
+    return masks * used[..., None, None].to(masks.dtype)
+
+
 def detect(model: CondInst, outputs: CondInstOutputs, image_sizes: Tensor,
-           cfg: InferenceConfig) -> list[Detections]:
-    """Automatic instance segmentation of a batch.
+           cfg: InferenceConfig) -> PaddedDetections:
+    """Automatic instance segmentation of a batch: steps 1-3 (see the module docstring).
 
     Args:
         model: the network (its ``mask_head`` is run on the kept detections).
         outputs: ``model(images)``.
-        image_sizes: (B, 2) int (height, width) of each resized image before padding.
-        cfg: thresholds and limits.
+        image_sizes: (B, 2) int64 (height, width) of each resized image before padding.
+        cfg: thresholds and limits (``score_threshold``, ``pre_nms_topk``, ``nms_threshold``,
+            ``max_detections``).
+
+    Returns:
+        :class:`PaddedDetections` in the network-input frame; ``.unpad()`` gives one
+        :class:`Detections` per image.
     """
-    num_levels = len(model.strides)
-    cls_prob = outputs.cls_logits.sigmoid()
-    ctr_prob = outputs.ctrness.sigmoid()
-    num_classes = cls_prob.shape[-1]
-    kept_boxes, kept_scores, kept_labels, kept_locs, kept_img = [], [], [], [], []
-    for b in range(cls_prob.shape[0]):  # loop over images; everything inside is vectorised
-        probs = cls_prob[b] * ctr_prob[b][:, None]  # (N, C)
-        scores, flat = level_topk_candidates(probs, outputs.levels, num_levels, cfg.pre_nms_topk)
-        keep = scores > cfg.score_threshold
-        scores, flat = scores[keep], flat[keep]
-        loc, label = flat // num_classes, flat % num_classes
-        boxes = decode_boxes(outputs.locations[loc], outputs.box_reg[b, loc], outputs.strides[loc])
-        boxes = clip_boxes(boxes, image_sizes[b, 0], image_sizes[b, 1])
-        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        boxes, scores, loc, label = boxes[nonempty], scores[nonempty], loc[nonempty], label[
-            nonempty]
-        scores = scores.sqrt()
-        keep = batched_nms(boxes.float(), scores.float(), label, cfg.nms_threshold)
-        keep = keep[: cfg.max_detections]
-        kept_boxes.append(boxes[keep])
-        kept_scores.append(scores[keep])
-        kept_labels.append(label[keep])
-        kept_locs.append(loc[keep])
-        kept_img.append(torch.full_like(keep, b))
-    loc = torch.cat(kept_locs)
-    logits = model.mask_head(outputs.mask_feats, outputs.controller[torch.cat(kept_img), loc],
-                             outputs.locations[loc], outputs.levels[loc], torch.cat(kept_img))
-    probs_all = logits[:, 0].sigmoid().split([len(k) for k in kept_locs])
-    return [Detections(bx, sc, lb, mp) for bx, sc, lb, mp in
-            zip(kept_boxes, kept_scores, kept_labels, probs_all)]
+    scores, loc, label, valid, boxes = _candidates(model, outputs, image_sizes, cfg)
+    keep = class_nms_keep(boxes, scores, label, valid, outputs.cls_logits.shape[-1],
+                          cfg.nms_threshold)
+    used, num, scores, boxes, label, loc = _top_k(keep, cfg.max_detections, scores, boxes,
+                                                  label, loc)
+    boxes = boxes * used[..., None].to(boxes.dtype)
+    scores = torch.where(used, scores, torch.zeros_like(scores))
+    label = torch.where(used, label, torch.full_like(label, -1))
+    masks = _detection_masks(model, outputs, loc, used)
+    return PaddedDetections(boxes, scores, label, masks, num)
 
 
 def segment_boxes(model: CondInst, outputs: CondInstOutputs, boxes: Tensor,
@@ -222,15 +318,13 @@ def _prompt_maps_eager(model: CondInst, outputs: CondInstOutputs, index: Tensor,
     return out.view(bsz, m, h4, w4)
 
 
-#: On the CPU, float intermediates of :func:`postprocess_masks` are kept below this many bytes
-#: per chunk: fresh allocations of tens of MB cost more in page faults than the arithmetic.
-CPU_CHUNK_BYTES = 16 << 20
-
-
 def postprocess_masks(mask_probs: Tensor, resized_size: tuple[int, int],
                       orig_size: tuple[int, int], threshold: float = 0.5,
                       clip_boxes: Tensor | None = None, chunk: int = 16) -> Tensor:
-    """Stride-4 mask probabilities of the padded input -> boolean masks of the original image.
+    """Stride-4 mask probabilities of the padded input -> full-size boolean masks.
+
+    :func:`serving.inference.paste.mask_crops` (which the ``Segmenter`` uses: masks as
+    per-instance crops, memory bounded by their extents) made dense.
 
     Args:
         mask_probs: (K, H/4, W/4) float probabilities.
@@ -238,54 +332,11 @@ def postprocess_masks(mask_probs: Tensor, resized_size: tuple[int, int],
         orig_size: (H0, W0) of the original image.
         threshold: probability threshold (0.5).
         clip_boxes: optional (K, 4) XYXY boxes in original pixels; masks are zeroed outside.
-        chunk: at most this many masks processed at a time, bounding peak memory (on the CPU
-            also at most ``CPU_CHUNK_BYTES`` of upsampled float masks).
+        chunk: unused (kept for callers of the earlier chunked version).
 
     Returns:
-        (K, H0, W0) bool.
+        (K, H0, W0) bool on ``mask_probs``' device (K x H0 x W0 bytes).
     """
-    h0, w0 = orig_size
-    num = mask_probs.shape[0]
-    out = torch.zeros((num, h0, w0), dtype=torch.bool, device=mask_probs.device)
-    if clip_boxes is not None:
-        ys = torch.arange(h0, device=mask_probs.device, dtype=torch.float32) + 0.5
-        xs = torch.arange(w0, device=mask_probs.device, dtype=torch.float32) + 0.5
-    if mask_probs.device.type == "cpu":
-        per_mask = 4 * ((4 * mask_probs.shape[-2] + 3) * (4 * mask_probs.shape[-1] + 3) + h0 * w0)
-        chunk = max(1, min(chunk, CPU_CHUNK_BYTES // per_mask))
-    same_size = tuple(resized_size) == (h0, w0)
-    for start in range(0, num, chunk):
-        probs = mask_probs[start:start + chunk, None].float()
-        masks = out[start:start + chunk]
-        if same_size:  # no final resize: threshold at stride 1, then shift (exact, see below)
-            _upsample4_threshold_into(masks, probs, threshold)
-        else:
-            part = aligned_bilinear(probs, 4)[:, :, : resized_size[0], : resized_size[1]]
-            part = F.interpolate(part, size=(h0, w0), mode="bilinear", align_corners=False)
-            masks.copy_(part[:, 0] > threshold)
-        if clip_boxes is not None:
-            bx = clip_boxes[start:start + chunk].float()
-            inside_y = (ys[None] >= bx[:, 1:2]) & (ys[None] <= bx[:, 3:4])  # (k, H0)
-            inside_x = (xs[None] >= bx[:, 0:1]) & (xs[None] <= bx[:, 2:3])  # (k, W0)
-            masks &= inside_y[:, :, None] & inside_x[:, None, :]
-    return out
-
-
-def _upsample4_threshold_into(out: Tensor, probs: Tensor, threshold: float) -> None:
-    """``out[...] = aligned_bilinear(probs, 4)[:, 0, :h, :w] > threshold`` for out (n, h, w).
-
-    :func:`aligned_bilinear` interpolates to (4h'+1, 4w'+1), replicate-pads two rows and
-    columns at the top and left and crops, so output pixel (i, j) is the interpolated value at
-    (max(i - 2, 0), max(j - 2, 0)). Thresholding commutes with that copy, so this thresholds
-    the interpolated map once and shifts the booleans: the same masks without the float pad
-    copy and the identity resize (a quarter of the memory traffic).
-    """
-    h, w = out.shape[-2:]
-    x = F.pad(probs, (0, 1, 0, 1), mode="replicate")
-    size = (4 * probs.shape[-2] + 1, 4 * probs.shape[-1] + 1)
-    above = F.interpolate(x, size=size, mode="bilinear", align_corners=True)[:, 0] > threshold
-    a, b = min(2, h), min(2, w)
-    out[:, a:, b:] = above[:, : h - a, : w - b]
-    out[:, :a, b:] = above[:, :1, : w - b]
-    out[:, a:, :b] = above[:, : h - a, :1]
-    out[:, :a, :b] = above[:, :1, :1]
+    del chunk
+    crops = mask_crops(mask_probs, resized_size, orig_size, threshold, clip_boxes)
+    return torch.from_numpy(crops.dense()).to(mask_probs.device)

@@ -128,3 +128,20 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
             f"{len(missing)}: {missing[:2]}, unexpected {len(unexpected)}: {unexpected[:2]})"
         )
     return model.to(device).eval(), info
+
+
+def update_checkpoint_extra(path: str | os.PathLike, updates: dict[str, Any]) -> CheckpointInfo:
+    """Merge ``updates`` into a checkpoint's ``extra`` metadata (weights unchanged), rewriting
+    the file atomically; returns the new description."""
+    info = read_checkpoint_info(path)
+    try:
+        state = load_file(str(path), device="cpu")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot read weights ({exc})") from None
+    meta["extra"] = json.dumps({**info.extra, **updates})
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    return read_checkpoint_info(path)

@@ -6,12 +6,14 @@ Endpoints:
   optional prompt boxes / labels / score threshold -> instances with COCO RLE masks and timing;
 - ``GET /v1/model``: classes, backbone, backend, device, input rules and limits;
 - ``GET /v1/stats``: batching counters; ``GET /healthz``: liveness;
-  ``GET /readyz``: 200 once a warm-up forward pass has run, else 503;
-- ``GET /openapi.json`` and ``/docs``: the schema of all of the above.
+  ``GET /readyz``: 200 once a warm-up forward pass has run, else 503 (also while stopping);
+- ``GET /openapi.json``, ``/docs`` and ``/redoc``: the schema of all of the above (the pages
+  work offline, :mod:`serving.server.app_docs`).
 
 Concurrent requests are batched (:mod:`serving.server.batching`); bad input is rejected before
-batching (:mod:`serving.server.requests`). Listens on 127.0.0.1 unless told otherwise.
-FastAPI and uvicorn are imported only here (``serving.__main__`` imports this lazily).
+batching (:mod:`serving.server.requests`, limits in :mod:`serving.server.limits`). Listens on
+127.0.0.1 unless told otherwise. FastAPI and uvicorn are imported only by this package
+(``serving.__main__`` imports it lazily).
 """
 
 from __future__ import annotations
@@ -34,15 +36,18 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..cli.common import add_image_size_option
+from ..cli.main import prog
 from ..errors import SimError
-from ..inference.images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE
+from ..inference.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 from ..segmenter import Segmenter
+from .app_docs import add_offline_docs
 from .batching import BatcherBusy, BatcherClosed, DynamicBatcher
+from .limits import ServerSettings
 from .requests import (
     JSON_TYPE,
     MULTIPART_TYPE,
     ApiError,
-    ServerSettings,
     build_response,
     parse_segment_request,
     prepare_job,
@@ -77,44 +82,49 @@ def _warm_up(segmenter: Segmenter) -> None:
     segmenter.predict(image, boxes=[[w / 4, h / 4, 3 * w / 4, 3 * h / 4]])
 
 
-def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> FastAPI:
-    """The ASGI application serving ``segmenter`` (see the module docstring for endpoints)."""
-    settings = settings or ServerSettings()
-    max_boxes = settings.boxes_limit(segmenter)
-    batcher = DynamicBatcher(segmenter, settings.max_batch, settings.max_wait_ms,
-                             settings.max_queue)
-    state: dict[str, Any] = {"status": "warming_up", "detail": "warm-up pass not finished"}
+class _Lifecycle:
+    """Readiness of one app: warming up, ready, failed or shutting down (``/readyz``)."""
 
-    async def warm_up() -> None:
+    def __init__(self, segmenter: Segmenter, settings: ServerSettings,
+                 batcher: DynamicBatcher) -> None:
+        self.segmenter, self.settings, self.batcher = segmenter, settings, batcher
+        self.status, self.detail = "warming_up", "warm-up pass not finished"
+
+    def set(self, status: str, detail: str | None = None) -> None:
+        self.status, self.detail = status, detail
+
+    async def warm_up(self) -> None:
         try:
-            if settings.warmup:
-                await batcher.run_in_worker(_warm_up, segmenter)
-            state.update(status="ready", detail=None)
+            if self.settings.warmup:
+                await self.batcher.run_in_worker(_warm_up, self.segmenter)
+            if self.status == "warming_up":
+                self.set("ready")
         except Exception as exc:  # reported by /readyz; the server stays up
             log.error("warm-up failed: %s: %s", type(exc).__name__, exc)
-            state.update(status="failed", detail=f"warm-up failed: {type(exc).__name__}: {exc}")
+            self.set("failed", f"warm-up failed: {type(exc).__name__}: {exc}")
+
+    def begin_draining(self) -> None:
+        """Readiness off (503) while requests are still served: the shutdown's first step."""
+        self.set("shutting_down", "the server is stopping; send new requests to another "
+                 "instance")
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await batcher.start()
-        task = asyncio.create_task(warm_up())
+    async def lifespan(self, app: FastAPI):
+        self.set("warming_up", "warm-up pass not finished")
+        await self.batcher.start()
+        if not self.settings.warmup:
+            self.set("ready")
+        task = asyncio.create_task(self.warm_up())
         try:
             yield
         finally:
-            state.update(status="shutting_down", detail="the server is stopping")
+            self.begin_draining()
             await task
-            await batcher.close()  # finishes every queued and running job
+            await self.batcher.close()  # finishes every queued and running job
 
-    app = FastAPI(
-        title="SIM box-supervised instance segmentation",
-        version="1",
-        description="Instance masks from images, automatically or from prompt boxes. Errors are "
-                    '`{"error": {"code", "message", "field"}}`.',
-        lifespan=lifespan,
-    )
-    app.state.batcher = batcher
-    app.state.segmenter = segmenter
-    app.state.settings = settings
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as ``{"error": {"code", "message", "field"}}`` with its status."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -135,8 +145,11 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
         return _error_response(ApiError(500, "internal_error", f"internal error "
                                         f"({type(exc).__name__}); the server is still running"))
 
+
+def _add_segment_route(app: FastAPI, segmenter: Segmenter, settings: ServerSettings,
+                       batcher: DynamicBatcher, max_boxes: int) -> None:
     @app.post("/v1/segment", response_model=SegmentResponse, summary="Segment one image",
-              responses=error_responses(400, 413, 415, 422, 500, 503),
+              responses=error_responses(400, 408, 413, 415, 422, 500, 503),
               openapi_extra=segment_request_body(max_boxes))
     async def segment(request: Request) -> SegmentResponse:
         """Automatic instance segmentation, or one mask per prompt box (in order).
@@ -145,7 +158,8 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
         ``labels`` as JSON, ``score_threshold``) or ``application/json`` (``image`` as base64).
         """
         start = time.perf_counter()
-        raw = await parse_segment_request(request, settings.max_body_bytes)
+        raw = await parse_segment_request(request, settings.max_body_bytes,
+                                          settings.body_timeout_s)
         job = await run_in_threadpool(prepare_job, raw, segmenter, settings)
         try:
             result = await batcher.submit(job)
@@ -162,24 +176,34 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
         return await run_in_threadpool(
             build_response, job, result, (time.perf_counter() - start) * 1000.0)
 
+
+def _model_info(segmenter: Segmenter, settings: ServerSettings, max_boxes: int) -> ModelInfo:
+    info = segmenter.model_info
+    return ModelInfo(
+        classes=info["classes"], backbone=str(info["backbone"]), backend=info["backend"],
+        device=str(info["device"]), score_threshold=float(info["display_threshold"]),
+        input=InputRules(content_types=[MULTIPART_TYPE, JSON_TYPE],
+                         image_formats=[e.lstrip(".") for e in IMAGE_EXTENSIONS],
+                         min_image_side=MIN_IMAGE_SIDE, resize_min_size=info["min_size"],
+                         resize_max_size=info["max_size"]),
+        limits=Limits(max_body_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels,
+                      max_boxes=max_boxes, max_mask_pixels=settings.max_mask_pixels,
+                      max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                      max_queue=settings.max_queue, keep_alive_s=settings.keep_alive_s,
+                      body_timeout_s=settings.body_timeout_s))
+
+
+def _add_status_routes(app: FastAPI, info: ModelInfo, batcher: DynamicBatcher,
+                       lifecycle: _Lifecycle) -> None:
     @app.get("/v1/model", response_model=ModelInfo, summary="Model, input rules and limits")
     async def model_info() -> ModelInfo:
-        info = segmenter.model_info
-        return ModelInfo(
-            classes=info["classes"], backbone=str(info["backbone"]), backend=info["backend"],
-            device=str(info["device"]), score_threshold=float(info["score_threshold"]),
-            input=InputRules(content_types=[MULTIPART_TYPE, JSON_TYPE],
-                             image_formats=[e.lstrip(".") for e in IMAGE_EXTENSIONS],
-                             min_image_side=MIN_IMAGE_SIDE, resize_min_size=info["min_size"],
-                             resize_max_size=info["max_size"]),
-            limits=Limits(max_body_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels,
-                          max_boxes=max_boxes, max_batch=settings.max_batch,
-                          max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue))
+        return info
 
     @app.get("/v1/stats", response_model=Stats, summary="Batching counters since start")
     async def stats() -> Stats:
         s = batcher.stats
         return Stats(requests=s.jobs, batches=s.batches, failed=s.failed,
+                     large_requests=s.large_jobs,
                      mean_batch_size=round(s.jobs / s.batches, 3) if s.batches else 0.0,
                      max_batch_size=s.max_batch_size, queued=batcher.queued,
                      batch_sizes={str(k): v for k, v in sorted(s.sizes.items())})
@@ -191,40 +215,82 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
     @app.get("/readyz", response_model=Readiness, summary="Readiness (model warmed up)",
              responses={503: {"model": Readiness, "description": "not ready yet, or stopping"}})
     async def readyz() -> Any:
-        body = Readiness(ready=state["status"] == "ready", status=state["status"],
-                         detail=state["detail"])
+        body = Readiness(ready=lifecycle.status == "ready", status=lifecycle.status,
+                         detail=lifecycle.detail)
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
+
+def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> FastAPI:
+    """The ASGI application serving ``segmenter`` (see the module docstring for endpoints)."""
+    settings = settings or ServerSettings()
+    max_boxes = settings.boxes_limit(segmenter)
+    batcher = DynamicBatcher(segmenter, settings.max_batch, settings.max_wait_ms,
+                             settings.max_queue, max_batch_cost=settings.max_mask_pixels,
+                             large_cost=settings.large_cost, large_boxes=settings.large_boxes)
+    lifecycle = _Lifecycle(segmenter, settings, batcher)
+    app = FastAPI(
+        title="SIM box-supervised instance segmentation",
+        version="1",
+        description="Instance masks from images, automatically or from prompt boxes. Errors are "
+                    '`{"error": {"code", "message", "field"}}`.',
+        lifespan=lifecycle.lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    add_offline_docs(app)
+    app.state.batcher = batcher
+    app.state.begin_draining = lifecycle.begin_draining
+    app.state.segmenter = segmenter
+    app.state.settings = settings
+    _add_error_handlers(app)
+    _add_segment_route(app, segmenter, settings, batcher, max_boxes)
+    _add_status_routes(app, _model_info(segmenter, settings, max_boxes), batcher, lifecycle)
     return app
 
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for ``--workers > 1``: each worker process loads its own model."""
     cfg = json.loads(os.environ[SETTINGS_ENV])
-    segmenter = Segmenter.load(cfg["model"], device=cfg["device"], dtype=cfg.get("dtype"))
+    segmenter = Segmenter.load(cfg["model"], device=cfg["device"], dtype=cfg.get("dtype"),
+                               image_size=cfg.get("image_size"))
     return create_app(segmenter, ServerSettings(**cfg["settings"]))
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serving serve",
-                                description="HTTP inference server with dynamic batching.")
+    p = argparse.ArgumentParser(
+        prog=prog("python -m serving serve"), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="HTTP inference server with dynamic batching.",
+        epilog="examples:\n  sim serve --model model.onnx                 # 127.0.0.1:8000\n"
+               "  sim serve --model model.safetensors --host 0.0.0.0 --max-batch 16\n"
+               "  curl -s localhost:8000/v1/segment -F image=@a.png -F 'boxes=[[10,20,210,180]]'")
     p.add_argument("--model", required=True, help=".safetensors checkpoint, .onnx or .engine")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="checkpoints: bf16/fp16 autocast for the network (default fp32)")
+    add_image_size_option(p)
     p.add_argument("--max-batch", type=int, default=8, help="images per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long the first queued request waits for others")
     p.add_argument("--workers", type=int, default=1, help="processes, each with its own model")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body")
     p.add_argument("--max-pixels", type=int, default=ServerSettings.max_pixels,
-                   help="largest image, width x height")
+                   help=f"largest image, width x height (at most {MAX_IMAGE_PIXELS})")
     p.add_argument("--max-boxes", type=int, default=None,
                    help="prompt boxes per request (default: the model's limit)")
+    p.add_argument("--max-mask-pixels", type=int, default=ServerSettings.max_mask_pixels,
+                   help="pixels one request's masks may cover: prompt-box areas summed "
+                        "(automatic mode: the image); bounds mask memory at a byte per pixel")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a batch; more are answered 503 busy")
+    p.add_argument("--timeout-keep-alive", type=float, default=ServerSettings.keep_alive_s,
+                   help="seconds before an idle connection (no request under way) is closed")
+    p.add_argument("--body-timeout", type=float, default=ServerSettings.body_timeout_s,
+                   help="seconds for a request body to arrive (else 408)")
+    p.add_argument("--shutdown-grace", type=float, default=ServerSettings.shutdown_grace_s,
+                   help="on SIGTERM, seconds of /readyz 503 while still serving, before the "
+                        "server stops accepting (with --workers 1)")
     p.add_argument("--graceful-timeout", type=int, default=30,
                    help="seconds to finish in-flight requests on shutdown")
     p.add_argument("--log-level", default="info",
@@ -232,39 +298,61 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the server until interrupted (Ctrl-C / SIGTERM finish in-flight requests first)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    for name in ("max_batch", "workers", "max_pixels", "max_queue"):
+def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerSettings:
+    """The checked flags as :class:`ServerSettings` (bad values: a usage error, exit 2)."""
+    for name in ("max_batch", "workers", "max_pixels", "max_queue", "max_mask_pixels"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_wait_ms < 0 or args.max_body_mb <= 0:
         parser.error("--max-wait-ms must be >= 0 and --max-body-mb > 0")
     if args.max_boxes is not None and args.max_boxes < 1:
         parser.error("--max-boxes must be at least 1")
+    if args.max_pixels > MAX_IMAGE_PIXELS:
+        parser.error(f"--max-pixels {args.max_pixels} is above the image decoder's ceiling of "
+                     f"{MAX_IMAGE_PIXELS} pixels; use at most {MAX_IMAGE_PIXELS}")
+    if args.timeout_keep_alive <= 0 or args.body_timeout <= 0 or args.shutdown_grace < 0:
+        parser.error("--timeout-keep-alive and --body-timeout must be > 0, --shutdown-grace "
+                     ">= 0")
+    return ServerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                          max_body_mb=args.max_body_mb, max_pixels=args.max_pixels,
+                          max_boxes=args.max_boxes, max_queue=args.max_queue,
+                          max_mask_pixels=args.max_mask_pixels,
+                          keep_alive_s=args.timeout_keep_alive, body_timeout_s=args.body_timeout,
+                          shutdown_grace_s=args.shutdown_grace)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until interrupted. SIGTERM: readiness off for ``--shutdown-grace``
+    seconds while still serving, then in-flight requests finish; Ctrl-C skips the grace."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    settings = _settings(parser, args)
     import uvicorn
+
+    from .app_runtime import DrainingServer, IdleTimeoutH11Protocol
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: the API has no authentication; put it "
               "behind a proxy that adds it", file=sys.stderr)
-    settings = ServerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                              max_body_mb=args.max_body_mb, max_pixels=args.max_pixels,
-                              max_boxes=args.max_boxes, max_queue=args.max_queue)
     # bad model or unsupported --dtype: error before binding
-    segmenter = Segmenter.load(args.model, device=args.device, dtype=args.dtype)
+    segmenter = Segmenter.load(args.model, device=args.device, dtype=args.dtype,
+                               image_size=args.image_size)
     common = dict(host=args.host, port=args.port, log_level=args.log_level,
-                  timeout_graceful_shutdown=args.graceful_timeout)
+                  timeout_graceful_shutdown=args.graceful_timeout, http=IdleTimeoutH11Protocol,
+                  timeout_keep_alive=settings.keep_alive_s)
     if args.workers == 1:
-        config = uvicorn.Config(create_app(segmenter, settings), **common)
+        app = create_app(segmenter, settings)
+        server = DrainingServer(uvicorn.Config(app, **common), app.state.begin_draining,
+                                settings.shutdown_grace_s)
         try:
-            uvicorn.Server(config).run()  # SIGTERM: drains, then re-raises (exit by SIGTERM)
+            server.run()  # SIGTERM: grace, drains, then re-raises (exit by SIGTERM)
         except KeyboardInterrupt:  # Ctrl-C, after the same graceful shutdown
             return 130
         return 0
     del segmenter  # only checked that it loads; each worker loads its own
     os.environ[SETTINGS_ENV] = json.dumps(
         {"model": str(args.model), "device": args.device, "dtype": args.dtype,
+         "image_size": args.image_size,
          "settings": asdict(settings)})
     uvicorn.run("serving.server.app:app_from_env", factory=True, workers=args.workers, **common)
     return 0

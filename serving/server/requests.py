@@ -7,7 +7,8 @@ Order of checks for ``POST /v1/segment`` (cheapest first, all before any batchin
 3. the body is read with a running count -> 413 as soon as it passes the limit;
 4. the body is parsed (400 if it is not JSON / multipart) and its fields validated (422);
 5. the image header is read: too many pixels -> 413; then decoded (422 if it cannot be);
-6. boxes are checked and clipped (422 naming the box index), labels resolved (422).
+6. boxes are checked and clipped (422 naming the box index), labels resolved (422);
+7. the pixels the masks may cover (:func:`mask_pixels`) over ``--max-mask-pixels`` -> 413.
 
 Every error is an :class:`ApiError` rendered as ``{"error": {"code", "message", "field"}}``.
 Imported only by :mod:`serving.server.app`.
@@ -15,6 +16,7 @@ Imported only by :mod:`serving.server.app`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -30,9 +32,10 @@ from starlette.requests import Request
 
 from ..errors import BoxError, ImageError, InputError
 from ..inference.boxes import validate_boxes
-from ..inference.images import MAX_IMAGE_PIXELS, load_image
+from ..inference.images import load_image
 from ..segmenter import Segmenter
 from .batching import JobResult, SegmentJob
+from .limits import ServerSettings, header_size, mask_pixels
 from .schemas import (
     RLE,
     Instance,
@@ -68,28 +71,6 @@ class ApiError(Exception):
 
 
 @dataclass(frozen=True)
-class ServerSettings:
-    """Limits and batching of the server (the CLI flags of ``python -m serving serve``)."""
-
-    max_batch: int = 8
-    max_wait_ms: float = 10.0
-    max_body_mb: float = 20.0
-    max_pixels: int = MAX_IMAGE_PIXELS
-    max_boxes: int | None = None  # None: the model's InferenceConfig.max_prompt_boxes
-    max_queue: int = 64  # requests waiting for a batch; more get 503 (bounded memory)
-    warmup: bool = True
-
-    @property
-    def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * 1024 * 1024)
-
-    def boxes_limit(self, segmenter: Segmenter) -> int:
-        """Effective boxes-per-request limit: the smaller of this and the model's."""
-        model_limit = int(segmenter.cfg.max_prompt_boxes)
-        return model_limit if self.max_boxes is None else min(int(self.max_boxes), model_limit)
-
-
-@dataclass(frozen=True)
 class RawSegmentRequest:
     """A parsed, schema-valid request whose image is still encoded."""
 
@@ -104,18 +85,28 @@ def _too_large(size: str, limit: int) -> ApiError:
                     "(downscale or recompress it)", "body")
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refusing (413) from ``Content-Length`` or while reading."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """The request body, refusing (413) from ``Content-Length`` or while reading, and (408)
+    when it has not all arrived after ``timeout_s`` seconds."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > max_bytes:
         raise _too_large(f"{int(length)} bytes", max_bytes)
     chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > max_bytes:
-            raise _too_large(f"more than {total} bytes", max_bytes)
-        chunks.append(chunk)
+
+    async def read() -> None:
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise _too_large(f"more than {total} bytes", max_bytes)
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, "body_timeout", f"body: not received within {timeout_s:g} s; send "
+                       "the request at once (or raise the server's --body-timeout)",
+                       "body") from None
     return b"".join(chunks)
 
 
@@ -159,6 +150,10 @@ def _parse_json(body: bytes) -> RawSegmentRequest:
     except ValueError as exc:
         raise ApiError(400, "malformed_body", f"body: not valid JSON ({exc}); send a JSON object "
                        "like {\"image\": \"<base64>\"}", "body") from None
+    except RecursionError:
+        raise ApiError(400, "malformed_body", "body: JSON nested too deeply; send a JSON object "
+                       "like {\"image\": \"<base64>\", \"boxes\": [[x1, y1, x2, y2]]}",
+                       "body") from None
     try:
         req = SegmentJSONRequest.model_validate(data)
     except ValidationError as exc:
@@ -174,9 +169,13 @@ def _form_json(name: str, text: str) -> Any:
     except ValueError as exc:
         raise ApiError(422, "malformed_json", f"{name}: not valid JSON ({exc}); {FIXES[name]}",
                        name) from None
+    except RecursionError:
+        raise ApiError(422, "malformed_json", f"{name}: JSON nested too deeply; {FIXES[name]}",
+                       name) from None
 
 
-async def _parse_multipart(request: Request, body: bytes) -> RawSegmentRequest:
+async def _read_form(request: Request, body: bytes) -> Any:
+    """The multipart form of an already-read ``body`` (400 if it is not multipart)."""
     sent = False
 
     async def replay() -> dict[str, Any]:
@@ -187,7 +186,8 @@ async def _parse_multipart(request: Request, body: bytes) -> RawSegmentRequest:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+        return await Request(request.scope, replay).form(max_files=len(FORM_FIELDS),
+                                                         max_fields=8)
     except HTTPException as exc:
         raise ApiError(400, "malformed_body", f"body: malformed multipart ({exc.detail}); send "
                        "multipart/form-data with the image file in field 'image'", "body") from None
@@ -195,35 +195,50 @@ async def _parse_multipart(request: Request, body: bytes) -> RawSegmentRequest:
         raise ApiError(400, "malformed_body", f"body: malformed multipart ({type(exc).__name__});"
                        " send multipart/form-data with the image in field 'image'",
                        "body") from None
+
+
+def _check_form_keys(form: Any) -> None:
+    """Only the known fields, each once; the options as text, not files (422 otherwise)."""
+    for key in form.keys():
+        if key not in FORM_FIELDS:
+            raise ApiError(422, "unknown_field", f"{key}: unknown field; accepted fields are "
+                           + ", ".join(FORM_FIELDS), key)
+        if len(form.getlist(key)) > 1:
+            raise ApiError(422, "duplicate_field", f"{key}: sent more than once; send it once",
+                           key)
+    for name in ("boxes", "labels", "score_threshold"):
+        if isinstance(form.get(name), UploadFile):
+            raise ApiError(422, "invalid_field", f"{name}: sent as a file; send it as a plain "
+                           "form field", name)
+
+
+def _form_options(form: Any) -> dict[str, Any]:
+    """``boxes`` and ``labels`` (JSON text) and ``score_threshold`` (a number) of the form."""
+    fields: dict[str, Any] = {}
+    for name in ("boxes", "labels"):
+        value = form.get(name)
+        if isinstance(value, str) and value.strip():
+            fields[name] = _form_json(name, value)
+    threshold = form.get("score_threshold")
+    if isinstance(threshold, str) and threshold.strip():
+        try:
+            fields["score_threshold"] = float(threshold)
+        except ValueError:
+            raise ApiError(422, "invalid_field", f"score_threshold: '{threshold[:20]}' is not "
+                           f"a number; {FIXES['score_threshold']}", "score_threshold") from None
+    return fields
+
+
+async def _parse_multipart(request: Request, body: bytes) -> RawSegmentRequest:
+    form = await _read_form(request, body)
     try:
-        for key in form.keys():
-            if key not in FORM_FIELDS:
-                raise ApiError(422, "unknown_field", f"{key}: unknown field; accepted fields are "
-                               + ", ".join(FORM_FIELDS), key)
-            if len(form.getlist(key)) > 1:
-                raise ApiError(422, "duplicate_field", f"{key}: sent more than once; send it once",
-                               key)
+        _check_form_keys(form)
         image = form.get("image")
         if image is None:
             raise ApiError(422, "missing_field", f"image: required; {FIXES['image']} in "
                            "multipart field 'image'", "image")
         data = await image.read() if isinstance(image, UploadFile) else image.encode("utf-8")
-        fields: dict[str, Any] = {}
-        for name in ("boxes", "labels"):
-            value = form.get(name)
-            if isinstance(value, str) and value.strip():
-                fields[name] = _form_json(name, value)
-        threshold = form.get("score_threshold")
-        if isinstance(threshold, str) and threshold.strip():
-            try:
-                fields["score_threshold"] = float(threshold)
-            except ValueError:
-                raise ApiError(422, "invalid_field", f"score_threshold: '{threshold[:20]}' is not "
-                               f"a number; {FIXES['score_threshold']}", "score_threshold") from None
-        for name in ("boxes", "labels", "score_threshold"):
-            if isinstance(form.get(name), UploadFile):
-                raise ApiError(422, "invalid_field", f"{name}: sent as a file; send it as a plain "
-                               "form field", name)
+        fields = _form_options(form)
     finally:
         await form.close()
     try:
@@ -233,10 +248,11 @@ async def _parse_multipart(request: Request, body: bytes) -> RawSegmentRequest:
     return RawSegmentRequest(data, options)
 
 
-async def parse_segment_request(request: Request, max_bytes: int) -> RawSegmentRequest:
+async def parse_segment_request(request: Request, max_bytes: int,
+                                timeout_s: float | None = None) -> RawSegmentRequest:
     """Read and parse a ``POST /v1/segment`` body (multipart or JSON); see module docstring."""
     kind = media_type(request)
-    body = await read_body(request, max_bytes)
+    body = await read_body(request, max_bytes, timeout_s)
     if kind == MULTIPART_TYPE:
         return await _parse_multipart(request, body)
     return _parse_json(body)
@@ -254,21 +270,43 @@ def check_pixels(data: bytes, max_pixels: int) -> None:
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-    except Image.DecompressionBombError:
-        w = h = max_pixels + 1  # PIL refused it: far larger than any limit
+            size: tuple[int, int] | None = img.size
+    except Image.DecompressionBombError:  # PIL refused it: read the header size ourselves
+        size = header_size(data)
+        if size is None:
+            raise ApiError(413, "image_too_large", "image: larger than the decoder's "
+                           f"decompression-bomb limit; the limit is {max_pixels} pixels, "
+                           "downscale it", "image") from None
     except Exception:
         return  # not readable: load_image reports why
+    w, h = size
     if w * h > max_pixels:
         raise ApiError(413, "image_too_large", f"image: {w}x{h} = {w * h} pixels exceeds the "
                        f"limit of {max_pixels} pixels; downscale it", "image")
+
+
+def _check_mask_pixels(job: SegmentJob, limit: int) -> None:
+    """413 when ``job.cost`` is over ``limit`` (``--max-mask-pixels``)."""
+    if job.cost <= limit:
+        return
+    h, w = job.image.shape[:2]
+    if job.boxes is None:
+        raise ApiError(413, "masks_too_large", f"image: {w}x{h} = {job.cost} pixels exceeds "
+                       f"this server's mask limit of {limit} pixels per request "
+                       "(--max-mask-pixels); downscale it", "image")
+    raise ApiError(413, "masks_too_large", f"boxes: the {len(job.boxes)} boxes cover "
+                   f"{job.cost} pixels of the {w}x{h} image in total (box areas summed), over "
+                   f"this server's limit of {limit} pixels per request (--max-mask-pixels); "
+                   "send fewer or smaller boxes per request (split them over several "
+                   "requests) or a downscaled image", "boxes")
 
 
 def prepare_job(raw: RawSegmentRequest, segmenter: Segmenter,
                 settings: ServerSettings) -> SegmentJob:
     """Decode the image and check the boxes and labels: a job that cannot poison a batch.
 
-    Runs in a thread (image decoding is CPU work). Raises :class:`ApiError` (413/422).
+    Runs in a thread (image decoding is CPU work). Raises :class:`ApiError` (413/422). The
+    job's ``cost`` is :func:`mask_pixels`.
     """
     check_pixels(raw.image, settings.max_pixels)
     try:
@@ -283,7 +321,11 @@ def prepare_job(raw: RawSegmentRequest, segmenter: Segmenter,
         if opts.labels is not None:
             raise ApiError(422, "invalid_labels", "labels: given without boxes; send one label "
                            "per box in 'boxes', or drop 'labels' for automatic mode", "labels")
-        return SegmentJob(image, None, None, opts.score_threshold)
+        threshold = segmenter.display_threshold if opts.score_threshold is None \
+            else opts.score_threshold  # none given: the model's calibrated threshold
+        job = SegmentJob(image, None, None, threshold, mask_pixels(None, image.shape[:2]))
+        _check_mask_pixels(job, settings.max_mask_pixels)
+        return job
     limit = settings.boxes_limit(segmenter)
     if len(opts.boxes) > limit:
         raise ApiError(422, "too_many_boxes", f"boxes: {len(opts.boxes)} given, the limit is "
@@ -298,7 +340,10 @@ def prepare_job(raw: RawSegmentRequest, segmenter: Segmenter,
     except InputError as exc:
         raise ApiError(422, "invalid_labels", str(exc),
                        _indexed_field(str(exc), "label", "labels")) from None
-    return SegmentJob(image, boxes, labels, opts.score_threshold)
+    cost = mask_pixels(boxes, image.shape[:2], bool(segmenter.cfg.clip_to_box))
+    job = SegmentJob(image, boxes, labels, opts.score_threshold, cost)
+    _check_mask_pixels(job, settings.max_mask_pixels)
+    return job
 
 
 # --------------------------------------------------------------------------- answering

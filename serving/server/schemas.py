@@ -25,7 +25,8 @@ Label = Optional[Union[StrictInt, StrictStr]]
 BOXES_DOC = ("Prompt boxes, XYXY in original-image pixels: one mask per box, in order. Boxes "
              "partly outside the image are clipped. Omit (or null) for automatic mode.")
 LABELS_DOC = "One class per box: a class name, a class index, or null to let the model predict it."
-THRESHOLD_DOC = "Automatic mode only: drop instances scoring below this (0..1)."
+THRESHOLD_DOC = ("Automatic mode only: drop instances scoring below this (0..1); default: the "
+                 "model's calibrated threshold (score_threshold in GET /v1/model).")
 
 
 # --------------------------------------------------------------------------- requests
@@ -107,11 +108,15 @@ class ErrorResponse(BaseModel):
 
 class Limits(BaseModel):
     max_body_bytes: int
-    max_pixels: int
-    max_boxes: int
+    max_pixels: int = Field(description="largest image, width x height")
+    max_boxes: int = Field(description="prompt boxes per request")
+    max_mask_pixels: int = Field(description="pixels one request's masks may cover: prompt "
+                                 "box areas summed (automatic mode: the image)")
     max_batch: int
     max_wait_ms: float
     max_queue: int
+    keep_alive_s: float = Field(description="idle connections are closed after this")
+    body_timeout_s: float = Field(description="a request body must arrive within this")
 
 
 class InputRules(BaseModel):
@@ -127,7 +132,9 @@ class ModelInfo(BaseModel):
     backbone: str
     backend: str
     device: str
-    score_threshold: float
+    score_threshold: float = Field(description="automatic mode's default threshold: the one "
+                                   "that maximised F1 on the model's validation split, else the "
+                                   "model's candidate threshold")
     input: InputRules
     limits: Limits
 
@@ -148,13 +155,15 @@ class Stats(BaseModel):
     mean_batch_size: float
     max_batch_size: int
     failed: int
+    large_requests: int = Field(description="requests run alone in the large-request lane")
     queued: int
     batch_sizes: dict[str, int] = Field(description="batch size -> how many batches had it")
 
 
 ERROR_STATUSES = {
     400: "The body is not valid JSON or multipart.",
-    413: "The body or the image is larger than the server's limit.",
+    408: "The body did not arrive within the server's body timeout.",
+    413: "The body, the image or the area the masks cover is over the server's limit.",
     415: "Unsupported Content-Type (use multipart/form-data or application/json).",
     422: "An input is invalid (image, boxes, labels, score_threshold); see error.field.",
     500: "Inference failed for this request (the server keeps serving).",

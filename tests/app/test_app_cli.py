@@ -37,3 +37,22 @@ def test_bad_model_file_is_a_one_line_error(tmp_path, capsys, name, fragment):
     assert main(["--model", str(tmp_path / name)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and fragment in err and "\n" not in err
+
+
+def test_image_size_reaches_the_model(tiny_checkpoint, monkeypatch):
+    """``sim app --image-size`` loads the model at that input size (the page is not served)."""
+    from app.main import create_app, parse_args
+    from serving import Segmenter
+
+    load = Segmenter.load.__func__
+    seen: list = []
+
+    def spy(cls, path, **kwargs):
+        seg = load(cls, path, **kwargs)
+        seen.append((seg.cfg.min_size, seg.cfg.max_size))
+        return seg
+
+    monkeypatch.setattr(Segmenter, "load", classmethod(spy))
+    create_app(parse_args(["--model", str(tiny_checkpoint), "--device", "cpu", "--image-size",
+                           "64", "96"]))
+    assert seen == [(64, 96)]

@@ -257,3 +257,30 @@ def test_serial_backends_get_a_lock(tiny_segmenter, tmp_path):
     assert h._lock is not None and Handlers(tiny_segmenter, output_dir=tmp_path)._lock is None
     assert len(h.segment(two_rect_image(), BOXES).rows) == 2
     assert "backend `tensorrt`" in h.model_markdown()
+
+
+# ----------------------------------------------------------------- the model's own defaults
+def test_default_threshold_and_out_of_domain_note_come_from_the_calibration(tmp_path):
+    from sim_testing import make_tiny_checkpoint
+
+    from app.handlers import Handlers
+    from serving import Segmenter
+    from serving.model.checkpoint import update_checkpoint_extra
+
+    model = make_tiny_checkpoint(tmp_path / "m.safetensors", detections=False)  # low scores
+    image = two_rect_image()
+    plain = Handlers(Segmenter.load(model, device="cpu"), output_dir=tmp_path / "a")
+    assert plain.default_threshold == 0.05  # no calibration: the model's own threshold
+    res = plain.segment(image, BOXES)
+    assert "Warning" not in res.message
+    scores = [row[2] for row in res.rows]
+    assert max(scores) < 0.3
+    update_checkpoint_extra(model, {"calibration": {
+        "score_threshold": 0.02, "prompt_scores": {"p50": 0.8}}})
+    calibrated = Handlers(Segmenter.load(model, device="cpu"), output_dir=tmp_path / "b")
+    assert calibrated.default_threshold == 0.02
+    auto = calibrated.segment(image, None, mode="automatic")
+    assert "scoring at least 0.02" in auto.message
+    assert all(row[2] >= 0.02 for row in auto.rows)
+    prompted = calibrated.segment(image, BOXES)
+    assert "Warning: out of domain: the median box score is" in prompted.message

@@ -18,7 +18,8 @@ from benchmarks.pseudo_labels import (
     pseudo_label_quality,
     summarise,
 )
-from training.run_state import latest_checkpoint
+from serving.errors import CheckpointError
+from training.checkpoints import SIM_STATE, latest_checkpoint, read_tensor_state
 
 
 def test_count_labels_by_hand() -> None:
@@ -66,11 +67,11 @@ def test_calibration_bins() -> None:
     assert got == expected
 
 
+@pytest.mark.slow
 def test_on_a_trained_run(tiny_run, tmp_path: Path) -> None:
     cfg, sim, step = load_run(tiny_run.out)
     assert step == 6
-    saved = torch.load(latest_checkpoint(tiny_run.out) / "custom_checkpoint_2.pkl",
-                       weights_only=False)
+    saved = read_tensor_state(latest_checkpoint(tiny_run.out) / SIM_STATE)["prototypes"]
     assert torch.equal(sim.prototypes.state_dict()["prototypes"], saved["prototypes"])
     q = pseudo_label_quality(sim, cfg, (0.0, 0.5), max_images=4)
     a0, a5 = q["alphas"]["0.0"], q["alphas"]["0.5"]
@@ -84,8 +85,8 @@ def test_on_a_trained_run(tiny_run, tmp_path: Path) -> None:
     assert sum(c["pixels"] for c in q["m_inst_calibration"]) == \
         a0["object_pixels"] + a0["background_pixels"]
     # Above the largest blended value nothing is labelled foreground.
-    cfg, sim, _ = load_run(tiny_run.out, ["sim.tau_high_range=[1.01,1.01]"])
-    assert cfg.sim.tau_high_range == (1.01, 1.01)
+    cfg, sim, _ = load_run(tiny_run.out, ["sim.tau_high_range=[1.0,1.0]"])
+    assert cfg.sim.tau_high_range == (1.0, 1.0)
     none = pseudo_label_quality(sim, cfg, (0.5,), max_images=4)["alphas"]["0.5"]
     assert none["object_fg"] == 0.0 and none["background_fg"] == 0.0
     assert none["background_bg"] == pytest.approx(a5["background_bg"])
@@ -109,16 +110,16 @@ def test_bad_run_folders(tiny_cfg, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         load_run(tmp_path)
     (tmp_path / "checkpoints" / "step_0000001").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="no SIM state in this checkpoint"):
+    with pytest.raises(CheckpointError, match="no SIM state in this checkpoint"):
         load_run(tmp_path)
 
 
+@pytest.mark.slow
 def test_quality_benchmark_records_the_label_precision(tiny_run) -> None:
-    from benchmarks.quality import PSEUDO_LABEL_KEYS, _on_end
+    from benchmarks.quality import PSEUDO_LABEL_KEYS, sim_diagnostics
 
     cfg, sim, _ = load_run(tiny_run.out)
-    diagnostics: dict = {}
-    _on_end(None, sim, cfg, None, diagnostics)
+    diagnostics = sim_diagnostics(None, sim, cfg, None)
     expected = pseudo_label_quality(sim, cfg, (cfg.sim.alpha,))["alphas"][str(cfg.sim.alpha)]
     assert diagnostics["pseudo_labels"] == pytest.approx(
         {k: expected[k] for k in PSEUDO_LABEL_KEYS}, nan_ok=True)

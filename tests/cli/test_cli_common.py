@@ -13,7 +13,7 @@ import pytest
 from cli_data import decode, mixed_folder, one_torch_thread, plain_folder
 
 from serving import Segmenter
-from serving.cli.common import ProgressLog, check_writable_file, find_images, prefetch, run_batch
+from serving.cli.common import check_writable_file, find_images, prefetch, run_batch
 from serving.errors import BoxError, DatasetError, InputError
 from serving.formats.coco import coco_box, read_coco_json
 from serving.formats.polygons import mask_to_polygons
@@ -61,7 +61,9 @@ def test_coco_box_checks_and_clips():
                                [0, 40, 80, 50])  # clipped to the image
     cases = {3: ([10, 10, -5, 5], "negative width/height"), 4: ([10, 10, 0, 5], "zero"),
              5: ([math.nan, 1, 2, 3], "NaN"), 6: ([200, 200, 10, 10], "outside the 80x50"),
-             7: ("10 10 5 5", "not \\[x, y, width, height\\]"), 8: ([1, 2, 3], "not")}
+             7: ("10 10 5 5", "not \\[x, y, width, height\\]"), 8: ([1, 2, 3], "not"),
+             10: ("1234", "'1234' is not"), 11: ([1, 2, True, 4], "not"),
+             12: ([1, "2", 3, 4], "not")}
     for ann_id, (bbox, reason) in cases.items():
         with pytest.raises(BoxError, match=f"^annotation {ann_id}: bbox .*{reason}"):
             coco_box({"id": ann_id, "bbox": bbox}, size)
@@ -73,8 +75,20 @@ def test_read_coco_json_errors(tmp_path):
     p = tmp_path / "boxes.json"
     for text, message in [("{not json", "not valid JSON"), ("[]", "needs an 'images' list"),
                           ('{"images": [{"id": 1}]}', "lacks 'file_name'"),
-                          ('{"images": [{"id": "a", "file_name": "x"}]}', "integers"),
-                          ('{"images": [], "annotations": [{"id": 1}]}', "lacks 'image_id'")]:
+                          ('{"images": [{"id": "a", "file_name": "x"}]}',
+                           "has id 'a'; it must be an integer"),
+                          ('{"images": [], "annotations": [{"id": 1}]}', "lacks 'image_id'"),
+                          ('{"images": [], "annotations": [{"id": [1], "image_id": 1}]}',
+                           r"annotations\[0\] has id \[1\]; it must be an integer"),
+                          ('{"images": [], "annotations": [{"id": 1, "image_id": [2]}]}',
+                           r"has image_id \[2\]"),
+                          ('{"images": [{"id": 1, "file_name": "a", "height": "96"}]}',
+                           "has height '96'"),
+                          ('{"images": [], "categories": [{"id": 1.5, "name": "x"}]}',
+                           "has id 1.5"),
+                          ('{"images": [], "categories": [{"id": 1, "name": "x"}, '
+                           '{"id": 1, "name": "y"}]}', "duplicate category ids"),
+                          ("[" * 100_000 + "]" * 100_000, "not valid JSON")]:
         p.write_text(text)
         with pytest.raises(DatasetError, match=message):
             read_coco_json(p, "boxes")
@@ -150,23 +164,6 @@ def test_run_batch_isolates_a_failing_image_and_splits_many_boxes(tiny_checkpoin
     np.testing.assert_allclose(out[0].scores, whole.scores, atol=1e-5)
     inter = (out[0].masks & whole.masks).sum()
     assert inter >= 0.99 * max(whole.masks.sum(), 1)
-
-
-def test_progress_log_resume_torn_line_and_signature(tmp_path):
-    log = ProgressLog(tmp_path / ".progress.jsonl", {"model": "a", "t": 0.5})
-    assert log.load() == {}
-    log.append({"key": "x", "v": 1})
-    log.append({"key": "y", "v": 2})
-    with open(log.path, "a") as fh:
-        fh.write('{"key": "z", "v"')  # a crash in the middle of a line
-    assert set(ProgressLog(log.path, {"model": "a", "t": 0.5}).load()) == {"x", "y"}
-    assert log.path.read_text().endswith("\n")
-    log.append({"key": "z", "v": 3})
-    assert ProgressLog(log.path, {"model": "a", "t": 0.5}).load()["z"]["v"] == 3
-    with pytest.raises(InputError, match="differs in model.*--overwrite"):
-        ProgressLog(log.path, {"model": "b", "t": 0.5}).load()
-    lines = [json.loads(x) for x in log.path.read_text().splitlines()]
-    assert lines[0] == {"signature": {"model": "a", "t": 0.5}}
 
 
 def test_mask_to_polygons_outer_boundaries():

@@ -216,7 +216,8 @@ def test_box_prompted_predict(tmp_path, tiny_checkpoint, capsys):
     results = _load(out / "results.json")
     assert [r["prompt_id"] for r in results] == [1, 2, 3, 8]
     assert [r["image_id"] for r in results] == [10, 10, 10, 11]
-    assert [r["category_id"] for r in results[:2]] + [results[3]["category_id"]] == [1, 2, 3]
+    # every result keeps its box's category, as label does (4 "person" is not a model class)
+    assert [r["category_id"] for r in results] == [1, 2, 4, 3]
     assert results[0]["bbox"] == [5, 5, 30, 25]
     assert results[2]["bbox"] == [0, 30, 20, 20]  # clipped at x = 0
     for r in results:

@@ -108,3 +108,34 @@ def test_bad_inputs(gt, tmp_path):
         evaluate_coco(gt, [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}])
     with pytest.raises(ValueError, match="iou_types"):
         evaluate_coco(gt, [], iou_types=("keypoints",))
+
+
+def test_f1_threshold_is_the_best_cut_of_a_hand_counted_case():
+    """4 ground-truth squares; detections by score: 0.9 hit, 0.8 miss, 0.7 hit, 0.6 hit,
+    0.3 miss. F1 at each cut: 0.4, 0.33, 0.57, 0.75, 0.67 -> keep >= 0.6, F1 0.75."""
+    specs = [(10 + 12 * i, 10) for i in range(4)]
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+             "bbox": [x, y, 10, 10], "area": 100,
+             "segmentation": rle(_square(64, 64, x, y, x + 10, y + 10))}
+            for i, (x, y) in enumerate(specs)]
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": 64, "width": 64}],
+            "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
+
+    def det(score, box):
+        x, y = box
+        return {"image_id": 1, "category_id": 1, "score": score, "bbox": [x, y, 10, 10],
+                "segmentation": rle(_square(64, 64, x, y, x + 10, y + 10))}
+
+    results = [det(0.9, specs[0]), det(0.8, (40, 45)), det(0.7, specs[1]), det(0.6, specs[2]),
+               det(0.3, (5, 45))]
+    metrics = evaluate_coco(data, results, f1=True)
+    for t in ("bbox", "segm"):
+        assert metrics[f"{t}/F1_threshold"] == pytest.approx(0.6)
+        assert metrics[f"{t}/F1"] == pytest.approx(0.75)
+    # a tie is never split: with the last miss also at 0.6, keeping ">= 0.6" keeps both
+    # (F1 2*3 / (5 + 4) = 0.67), which still beats stopping at 0.7 (0.57)
+    results[4]["score"] = 0.6
+    metrics = evaluate_coco(data, results, iou_types=("segm",), f1=True)
+    assert metrics["segm/F1_threshold"] == pytest.approx(0.6)
+    assert metrics["segm/F1"] == pytest.approx(2 / 3)
+    assert evaluate_coco(data, [], iou_types=("segm",), f1=True)["segm/F1_threshold"] == 1.0

@@ -1,31 +1,32 @@
-"""Shared fixtures of the export tests: one tiny export per session, small test images."""
+"""Shared fixtures of the export tests: one export per session, made the way users make it.
+
+``python -m export`` (its ``main`` with default options: the dynamo exporter, dynamic batch and
+image size) runs once per session on the tiny checkpoint, with ``--verify`` on two images;
+every test that needs exported files uses those files, at whatever batch and size it likes.
+The dynamo exporter needs tens of seconds per graph on a small CPU, so every test that uses an
+export fixture is marked ``slow`` here (``pytest -m "not slow"`` never exports).
+"""
 
 from __future__ import annotations
 
-import os
+import contextlib
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-#: Exporter of the shared export. The TorchScript exporter takes ~15 s CPU for both graphs,
-#: the dynamo exporter a few minutes; ``SIM_TEST_EXPORTER=dynamo`` runs the suite with it
-#: (``test_dynamo_export`` covers the dynamo exporter in the default run).
-EXPORTER = os.environ.get("SIM_TEST_EXPORTER", "torchscript")
-
-
-@pytest.fixture(scope="session")
-def exporter() -> str:
-    """The exporter the shared export used ("torchscript" unless SIM_TEST_EXPORTER says)."""
-    return EXPORTER
+#: Fixtures that export; a test using any of them (even through another fixture) is slow.
+EXPORT_FIXTURES = {"cli_export", "tiny_export", "static_export"}
 
 
-@pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory, tiny_checkpoint, exporter):
-    """ExportResult of the tiny checkpoint (dynamic shapes, opset 18)."""
-    from export import export_onnx
-
-    out = tmp_path_factory.mktemp("export")
-    return export_onnx(tiny_checkpoint, out, exporter=exporter)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if EXPORT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def random_image(height: int, width: int, seed: int) -> np.ndarray:
@@ -37,10 +38,50 @@ def random_image(height: int, width: int, seed: int) -> np.ndarray:
     return img
 
 
+@dataclass
+class CliRun:
+    """One ``python -m export`` run: exit code, what it printed, its output folder, and how
+    long it took (seconds)."""
+
+    code: int
+    stdout: str
+    out: Path
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def cli_export(tmp_path_factory, tiny_checkpoint) -> CliRun:
+    """``python -m export --checkpoint tiny.safetensors --output <dir> --name tiny --verify a.png
+    b.png``: the default exporter and shapes, verified against PyTorch on two images."""
+    from export.__main__ import main
+
+    root = tmp_path_factory.mktemp("export")
+    images = [root / "a.png", root / "b.png"]
+    Image.fromarray(random_image(120, 160, 11)).save(images[0])
+    Image.fromarray(random_image(200, 90, 12)).save(images[1])
+    printed = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(printed):
+        code = main(["--checkpoint", str(tiny_checkpoint), "--output", str(root / "files"),
+                     "--name", "tiny", "--verify", *map(str, images)])
+    return CliRun(code, printed.getvalue(), root / "files", time.perf_counter() - start)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(cli_export):
+    """The session export's files as an ``ExportResult`` (two graphs and the sidecar)."""
+    from export import ExportResult
+
+    files = cli_export.out
+    return ExportResult(sidecar=files / "tiny.json",
+                        graphs={"automatic": files / "tiny.auto.onnx",
+                                "prompt": files / "tiny.prompt.onnx"})
+
+
 @pytest.fixture(scope="session")
 def test_images() -> dict[str, list[np.ndarray]]:
-    """Two groups of images with different padded input sizes (min 128, max 256 resize):
-    "small" pads to 128x192 / 64x256, "tall" to 256x96 / 256x256 in a batch."""
+    """Two groups of images of different padded input sizes (min 128, max 256 resize):
+    "small" pads to 128x192 / 64x256 / 128x192, "tall" to 256x96 / 160x128 / 256x96."""
     return {
         "small": [random_image(120, 160, 1), random_image(90, 400, 2), random_image(100, 140, 3)],
         "tall": [random_image(300, 100, 4), random_image(260, 220, 5), random_image(250, 90, 6)],

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from export.__main__ import main
 from export.verify import VerificationError, verify_export
@@ -61,26 +60,50 @@ def test_tensorrt_format_without_tensorrt(tiny_checkpoint, tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # failed before exporting anything
 
 
-def test_export_and_verify_end_to_end(tiny_checkpoint, tmp_path, sample_image, capsys,
-                                      exporter):
-    image = tmp_path / "img.png"
-    Image.fromarray(sample_image).save(image)
-    out = tmp_path / "out"
-    argv = ["--checkpoint", str(tiny_checkpoint), "--output", str(out), "--name", "tiny",
-            "--exporter", exporter, "--max-detections", "10", "--verify", str(image)]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
+@pytest.mark.slow
+def test_export_and_verify_end_to_end(cli_export):
+    """The session export: ``python -m export`` with its defaults, then --verify on 2 images."""
+    assert cli_export.code == 0, cli_export.stdout
+    printed = cli_export.stdout
     assert "NonMaxSuppression" in printed and "PASS" in printed
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert "warning" not in printed  # every operator is in TensorRT's ONNX parser
+    assert sorted(p.name for p in cli_export.out.iterdir()) == [
         "tiny.auto.onnx", "tiny.json", "tiny.prompt.onnx", "tiny.verify.onnx.json"]
-    report = json.loads((out / "tiny.verify.onnx.json").read_text())
-    assert report["passed"] and [r["mode"] for r in report["rows"]] == ["automatic", "prompt"]
-    auto = report["rows"][0]
-    assert auto["torch_count"] == auto["export_count"] == auto["matched"] == 10
-    assert auto["max_box_diff"] <= 0.5 and auto["min_mask_iou"] >= 0.99
-    assert json.loads((out / "tiny.json").read_text())["inference_config"]["max_detections"] == 10
+    report = json.loads((cli_export.out / "tiny.verify.onnx.json").read_text())
+    assert report["passed"] and [r["mode"] for r in report["rows"]] == ["automatic", "prompt"] * 2
+    for auto in report["rows"][::2]:
+        assert auto["torch_count"] == auto["export_count"] == auto["matched"] == 20
+        assert auto["max_box_diff"] <= 0.5 and auto["min_mask_iou"] >= 0.99
+    sidecar = json.loads((cli_export.out / "tiny.json").read_text())
+    assert sidecar["extra"]["exporter"] == "dynamo" and sidecar["extra"]["dynamic"] is True
+    print(f"python -m export of the tiny model (dynamo, both graphs, verify): "
+          f"{cli_export.seconds:.0f} s")
 
 
+def test_options_reach_the_exporter(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """What the command line passes on (checked without exporting)."""
+    import export.cli as cli
+    from export import ExportResult
+
+    seen = {}
+
+    def fake_export(checkpoint, output, **kwargs):
+        seen.update(kwargs)
+        return ExportResult(sidecar=tmp_path / "tiny.json")
+
+    monkeypatch.setattr(cli, "export_onnx", fake_export)
+    argv = ["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path), "--name", "tiny",
+            "--max-detections", "10", "--static", "--image-size", "256", "320",
+            "--batch-size", "2", "--opset", "17"]
+    assert main(argv) == 0
+    assert seen == {"name": "tiny", "opset": 17, "max_detections": 10, "dynamic": False,
+                    "image_size": (256, 320), "batch_size": 2}
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the TorchScript exporter is gone
+        main(["--checkpoint", str(tiny_checkpoint), "--exporter", "torchscript"])
+
+
+@pytest.mark.slow
 def test_verify_fails_on_another_model(tiny_checkpoint, tiny_export, tmp_path, sample_image):
     model, info = load_checkpoint(tiny_checkpoint)
     with torch.no_grad():  # another model: shifted box regression

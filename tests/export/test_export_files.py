@@ -1,11 +1,10 @@
 """What an export writes: two checked ONNX graphs with dynamic shapes, the sidecar, and a
-graph that TensorRT's ONNX parser can read."""
+graph that TensorRT's ONNX parser can read (the session export of ``python -m export``)."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -67,7 +66,6 @@ def test_every_op_is_supported_by_tensorrt(tiny_export):
     assert table["tensorrt_version"].startswith("10.") and "operators.md" in table["source"]
     for path in tiny_export.graphs.values():
         assert check_tensorrt_ops(path) == []
-    assert tiny_export.unsupported_tensorrt_ops == []
 
 
 def test_tensorrt_op_check_reports_unsupported_ops(tmp_path):
@@ -85,7 +83,6 @@ def test_tensorrt_op_check_reports_unsupported_ops(tmp_path):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"opset": 16}, InputError, "at least 17"),
-    ({"exporter": "jit"}, InputError, "choose one of dynamo, torchscript"),
     ({"max_detections": 0}, InputError, "at least 1"),
 ])
 def test_export_argument_errors(tiny_checkpoint, tmp_path, kwargs, error, match):
@@ -100,35 +97,3 @@ def test_export_input_errors(tmp_path, tiny_checkpoint):
     blocker.write_text("x")
     with pytest.raises(InputError, match="not writable"):
         export_onnx(tiny_checkpoint, blocker / "out")
-
-
-@pytest.mark.slow
-def test_dynamo_export_matches_torchscript_export(tiny_checkpoint, tiny_export, tmp_path,
-                                                 exporter):
-    """The default (dynamo) exporter's automatic graph gives the same outputs at a new size
-    (about two minutes of CPU: the dynamo exporter is slow on this graph)."""
-    import onnxruntime as ort
-
-    if exporter == "dynamo":
-        pytest.skip("the shared export already uses the dynamo exporter")
-    from export.onnx import _export_graph
-    from export.wrapper import AUTO_INPUTS, AUTO_OUTPUTS, AutomaticGraph
-    from serving.model.checkpoint import load_checkpoint
-
-    model, info = load_checkpoint(tiny_checkpoint)
-    images = np.random.default_rng(0).uniform(0, 255, (2, 3, 256, 320)).astype(np.float32)
-    import torch
-
-    sizes = torch.tensor([[256, 300], [224, 320]])
-    proto = _export_graph(AutomaticGraph(model, info.inference).eval(),
-                          (torch.from_numpy(images), sizes), (AUTO_INPUTS, AUTO_OUTPUTS),
-                          "dynamo", 18, True)
-    path = tmp_path / "dynamo.auto.onnx"
-    onnx.save(proto, str(path))
-    assert check_tensorrt_ops(path) == []
-    feed = {"images": images[:1, :, :128, :288].copy(), "image_sizes": np.array([[128, 270]])}
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
-    ref = ort.InferenceSession(str(tiny_export.graphs["automatic"]),
-                               providers=["CPUExecutionProvider"]).run(None, feed)
-    for a, b in zip(got, ref):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)

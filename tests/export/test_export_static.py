@@ -14,12 +14,13 @@ from serving.errors import InputError
 
 
 @pytest.fixture(scope="module")
-def static_export(tiny_checkpoint, tmp_path_factory, exporter):
+def static_export(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("static")
     return export_onnx(tiny_checkpoint, out, dynamic=False, image_size=(256, 256),
-                       batch_size=2, exporter=exporter)
+                       batch_size=2)
 
 
+@pytest.mark.slow
 def test_static_export_matches_pytorch_on_the_same_canvas(tiny_checkpoint, static_export,
                                                           test_images):
     seg = Segmenter.from_onnx(static_export.sidecar, device="cpu")

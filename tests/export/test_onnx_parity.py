@@ -1,7 +1,8 @@
-"""ONNX Runtime vs PyTorch on images of two padded sizes, batch sizes 1 and 3, both graphs.
+"""ONNX Runtime vs PyTorch on images of two padded sizes, batch sizes 1 and 3, both graphs,
+with the graphs of the default exporter (the session's ``python -m export``).
 
-The graphs are exported once (batch 2, 256x320) and run at other batches and sizes here, as in
-torchvision's test_onnx: a size frozen into the graph would fail or differ.
+The graphs are exported once (traced at batch 2, 256x320) and run at other batches and sizes
+here, as in torchvision's test_onnx: a size frozen into the graph would fail or differ.
 """
 
 from __future__ import annotations
@@ -66,8 +67,25 @@ def test_prompt_parity(segmenters, test_images, group, batch_size):
         assert all(m.any() for m in got.masks[:2])
 
 
+@pytest.mark.parametrize("prompted", [False, True])
+def test_onnx_results_do_not_depend_on_batch_partners(segmenters, test_images, prompted):
+    """Landscape and portrait images in one call give what each gives alone."""
+    _, ort_seg = segmenters
+    images = [test_images["small"][0], test_images["tall"][0], test_images["tall"][1]]
+    boxes = [prompts_for(im)[0][:2] for im in images] if prompted else None
+    alone = [ort_seg.predict(im, boxes=None if boxes is None else boxes[i])
+             for i, im in enumerate(images)]
+    together = ort_seg.predict_batch(images, boxes=boxes, batch_size=3)
+    for a, b in zip(alone, together, strict=True):
+        assert len(a) == len(b) > 0
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.masks, b.masks)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-5)
+
+
 def test_graph_outputs_match_eager_wrapper(tiny_checkpoint, tiny_export):
-    """The raw ONNX outputs equal the export wrapper run eagerly (padded layout, -1 labels)."""
+    """The raw ONNX outputs equal the export wrapper run in torch on its graph path (the
+    fixed-shape code that was traced; padded layout, -1 labels)."""
     import onnxruntime as ort
 
     from export.wrapper import AutomaticGraph
@@ -77,8 +95,8 @@ def test_graph_outputs_match_eager_wrapper(tiny_checkpoint, tiny_export):
     graph = AutomaticGraph(model, info.inference).eval()
     images = torch.rand(3, 3, 128, 288, generator=torch.Generator().manual_seed(0)) * 255
     sizes = torch.tensor([[128, 288], [100, 250], [128, 200]])
-    with torch.no_grad():
-        expected = graph(images, sizes)
+    with torch.enable_grad():  # not eager inference: the traced path (NMS as the graph op)
+        expected = [t.detach() for t in graph(images, sizes)]
     session = ort.InferenceSession(str(tiny_export.graphs["automatic"]),
                                    providers=["CPUExecutionProvider"])
     got = session.run(None, {"images": images.numpy(), "image_sizes": sizes.numpy()})

@@ -86,3 +86,39 @@ def assert_same_answer(body: dict, pred: Prediction) -> None:
 @pytest.fixture(scope="module")
 def segmenter(tiny_checkpoint) -> Segmenter:
     return Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def uvicorn_thread(app, on_drain=lambda: None, grace_s: float = 0.0,
+                   **config) -> Iterator[tuple[object, str]]:
+    """``app`` served by the server's own uvicorn setup (idle-timeout protocol, draining
+    server) on a free loopback port, in a thread; yields (server, base URL)."""
+    import threading
+
+    import uvicorn
+
+    from serving.server.app_runtime import DrainingServer, IdleTimeoutH11Protocol
+
+    port = free_port()
+    cfg = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                         http=IdleTimeoutH11Protocol, **config)
+    server = DrainingServer(cfg, on_drain, grace_s)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

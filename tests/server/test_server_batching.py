@@ -16,7 +16,6 @@ from serving.server.batching import (
     BatcherClosed,
     DynamicBatcher,
     SegmentJob,
-    filter_by_score,
 )
 
 N_CLIENTS = 8
@@ -207,14 +206,18 @@ class FakeSegmenter:
         self.batches: list[int] = []
         self.delay = delay
 
-    def predict_batch(self, images, boxes=None, labels=None, batch_size=8):
+    def predict_batch(self, images, boxes=None, labels=None, batch_size=8,
+                      score_threshold=None):
         self.batches.append(len(images))
         threading.Event().wait(self.delay)
+        thresholds = score_threshold or [None] * len(images)
         out = []
-        for im in images:
+        for im, t in zip(images, thresholds, strict=True):
             s = np.array([im.mean() / 255.0, 0.01], np.float32)
-            out.append(Prediction(np.zeros((2, 4), np.float32), s, np.zeros(2, np.int64),
-                                  np.zeros((2, *im.shape[:2]), bool), ("a",)))
+            keep = s >= (t if t is not None else 0)  # what Segmenter.predict_batch does
+            out.append(Prediction(np.zeros((2, 4), np.float32)[keep], s[keep],
+                                  np.zeros(2, np.int64)[keep],
+                                  np.zeros((2, *im.shape[:2]), bool)[keep], ("a",)))
         return out
 
 
@@ -292,9 +295,18 @@ def test_batcher_refuses_jobs_beyond_max_queue() -> None:
     assert len(asyncio.run(run())) == 3 and fake.batches == [3]
 
 
-def test_filter_by_score_keeps_scores_at_or_above_threshold() -> None:
-    pred = FakeSegmenter().predict_batch([np.full((8, 8, 3), 51, np.uint8)])[0]  # scores .2, .01
-    assert len(filter_by_score(pred, None)) == 2
-    kept = filter_by_score(pred, 0.2)
-    assert len(kept) == 1 and kept.masks.shape == (1, 8, 8)
-    assert len(filter_by_score(pred, 0.5)) == 0
+def test_each_job_gets_its_own_score_threshold() -> None:
+    """Jobs sharing a batch pass their own thresholds to predict_batch (scores .2 and .01)."""
+    fake = FakeSegmenter()
+
+    async def run():
+        batcher = DynamicBatcher(fake, max_batch=4, max_wait_ms=200)  # type: ignore[arg-type]
+        await batcher.start()
+        results = await asyncio.gather(*(batcher.submit(job(51, t))
+                                         for t in (None, 0.2, 0.5)))
+        await batcher.close()
+        return results
+
+    results = asyncio.run(run())
+    assert fake.batches == [3]
+    assert [len(r.prediction) for r in results] == [2, 1, 0]

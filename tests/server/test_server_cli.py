@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,17 +15,11 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-from server_helpers import encode, scene  # noqa: E402
+from server_helpers import encode, free_port, scene  # noqa: E402
 
 from serving.__main__ import main as serving_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_bad_model_path_is_a_one_line_error(tmp_path, capsys) -> None:
@@ -48,7 +41,8 @@ def test_sigterm_finishes_the_in_flight_request(tiny_checkpoint) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving", "serve", "--model", str(tiny_checkpoint), "--port",
-         str(port), "--device", "cpu", "--max-wait-ms", "2500", "--log-level", "info"],
+         str(port), "--device", "cpu", "--max-wait-ms", "2500", "--log-level", "info",
+         "--shutdown-grace", "0"],  # stop accepting at once: the drain itself is tested
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -88,3 +82,44 @@ def test_sigterm_finishes_the_in_flight_request(tiny_checkpoint) -> None:
     assert "Finished server process" in log
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{base}/healthz", timeout=2)
+
+
+@pytest.mark.slow
+def test_sigterm_turns_readiness_off_and_keeps_serving_for_the_grace_period(
+        tiny_checkpoint) -> None:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving", "serve", "--model", str(tiny_checkpoint), "--port",
+         str(port), "--device", "cpu", "--shutdown-grace", "3", "--log-level", "warning"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        ready = httpx.get(f"{base}/readyz", timeout=5)
+        served = httpx.post(f"{base}/v1/segment", timeout=30,
+                            files={"image": ("a.png", encode(scene(1)), "image/png")})
+        health = httpx.get(f"{base}/healthz", timeout=5)
+        in_grace = time.monotonic() - t0
+        code = proc.wait(60)
+        stopped = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stdout.read() if proc.stdout else ""
+    assert in_grace < 3, "the checks above ran after the grace period; rerun on a quieter machine"
+    assert ready.status_code == 503 and ready.json()["status"] == "shutting_down", log
+    assert served.status_code == 200 and health.status_code == 200, log
+    assert stopped >= 3 and code in (0, -signal.SIGTERM), log

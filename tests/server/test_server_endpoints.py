@@ -48,7 +48,8 @@ def test_health_model_and_stats(client, segmenter) -> None:  # noqa: F811
     assert info["classes"] == ["disc", "ring", "triangle"]
     assert (info["backbone"], info["backend"], info["device"]) == ("mobilenet_v2", "torch", "cpu")
     assert info["limits"] == {"max_body_bytes": 262144, "max_pixels": 120000, "max_boxes": 4,
-                              "max_batch": 8, "max_wait_ms": 10.0, "max_queue": 64}
+                              "max_mask_pixels": 2 ** 28, "max_batch": 8, "max_wait_ms": 10.0,
+                              "max_queue": 64, "keep_alive_s": 5.0, "body_timeout_s": 60.0}
     assert info["input"]["content_types"] == ["multipart/form-data", "application/json"]
     assert (info["input"]["resize_min_size"], info["input"]["resize_max_size"]) == (128, 256)
     stats = client.get("/v1/stats").json()

@@ -40,7 +40,9 @@ def _build_app():
 
     path = make_tiny_checkpoint(Path(_TMP.name) / "tiny.safetensors")
     seg = Segmenter.from_checkpoint(path, device="cpu")
-    return create_app(seg, ServerSettings(max_boxes=8, max_body_mb=1.0, max_wait_ms=2.0))
+    # no warm-up: each test case starts the app's lifespan, and /readyz is 503 until it ends
+    return create_app(seg, ServerSettings(max_boxes=8, max_body_mb=1.0, max_wait_ms=2.0,
+                                          warmup=False))
 
 
 _TMP = tempfile.TemporaryDirectory(prefix="server-fuzz-")

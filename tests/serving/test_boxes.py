@@ -132,7 +132,7 @@ def test_label_errors(seg, sample_image):
 
 
 def test_batch_argument_errors(seg, sample_image):
-    with pytest.raises(InputError, match="2 lists for 1 images"):
+    with pytest.raises(InputError, match="boxes: 2 entries for 1 images"):
         seg.predict_batch([sample_image], boxes=[None, None])
     with pytest.raises(InputError, match="batch_size=0"):
         seg.predict_batch([sample_image], batch_size=0)

@@ -66,6 +66,7 @@ def test_bf16_close_to_fp32_on_the_tiny_model(bf16_cpu, tiny_checkpoint, sample_
     bf16 = Segmenter.load(tiny_checkpoint, device="cpu", dtype="bf16")
     assert bf16.info["precision"] == "bf16" and fp32.info["precision"] == "fp32"
     batch, _, sizes = fp32._preprocess([sample_image])
+    sizes = torch.tensor(sizes, dtype=torch.int64)
     with torch.inference_mode():
         a = fp32.backend._forward(batch, sizes)
         b = bf16.backend._forward(batch, sizes)

@@ -203,22 +203,52 @@ def test_text_file_named_png(tmp_path):
 def test_enormous_image(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(path)
-    old = Image.MAX_IMAGE_PIXELS
-    monkeypatch.setattr(images_mod, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(images_mod, "MAX_IMAGE_PIXELS", 1000)  # our limit: checked on the header
     with pytest.raises(ImageError) as exc:
         load_image(path)
-    msg = one_line(exc)
-    assert "exceeds the limit" in msg or "too large" in msg
-    # far above the limit (PIL's own bomb error path) too
-    monkeypatch.setattr(images_mod, "MAX_IMAGE_PIXELS", 100)
-    with pytest.raises(ImageError) as exc:
-        load_image(path.read_bytes())
-    msg = one_line(exc)
-    assert "exceeds the limit" in msg or "too large" in msg
-    assert Image.MAX_IMAGE_PIXELS == old  # PIL's global is restored
+    assert "40x40 pixels exceeds the limit of 1000 pixels" in one_line(exc)
     with pytest.raises(ImageError) as exc:
         load_image(np.zeros((40, 40, 3), np.uint8))
     assert "exceeds the limit" in one_line(exc)
+    # Pillow's own decompression-bomb guard (as an application may set it) is honoured too
+    monkeypatch.setattr(images_mod, "MAX_IMAGE_PIXELS", 64_000_000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 px > 2 x 100: Pillow refuses
+    with pytest.raises(ImageError) as exc:
+        load_image(path.read_bytes())
+    assert "decompression-bomb guard" in one_line(exc)
+
+
+def test_loading_changes_no_process_wide_state_and_is_thread_safe(tmp_path, monkeypatch):
+    """Decoding in a thread pool leaves Pillow's global limit and the warning filters alone
+    (a watcher thread samples both all along) and gives each thread its own image."""
+    import threading
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 12_345_678)  # an application's own setting
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((30 + i, 20, 3), i, np.uint8)).save(paths[-1])
+    filters = list(warnings.filters)
+    seen, done = set(), threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.add((Image.MAX_IMAGE_PIXELS, tuple(warnings.filters) == tuple(filters)))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            arrays = list(pool.map(load_image, paths * 25))
+    finally:
+        done.set()
+        watcher.join()
+    assert seen == {(12_345_678, True)}
+    for k, arr in enumerate(arrays):
+        i = k % 8
+        assert arr.shape == (30 + i, 20, 3) and (arr == i).all()
 
 
 def test_tiny_image(tmp_path):

@@ -12,6 +12,8 @@ from sim_testing import tiny_model_config
 from serving import InferenceConfig, build_condinst
 from serving.inference.assign import candidate_matrix
 from serving.inference.postprocess import (
+    Detections,
+    clip_boxes,
     detect,
     level_topk_candidates,
     postprocess_masks,
@@ -63,66 +65,74 @@ def small_box(out, k: int):
     return (x - 3, y - 3, x + 3, y + 3)
 
 
-def run(model, out, **cfg):
-    with torch.no_grad():
-        return detect(model, out, torch.tensor([[H, W], [H, W]]), InferenceConfig(**cfg))
+@pytest.fixture(params=["eager", "graph"])
+def path(request):
+    """How :func:`detect` runs: eagerly (``batched_nms``, masks of used slots only) or on its
+    fixed-shape graph path (the ``sim::multiclass_nms_keep`` operator, masks of every slot,
+    as traced into the ONNX graph). Every detection test must pass on both."""
+    return torch.inference_mode if request.param == "eager" else torch.enable_grad
 
 
-def test_nms_same_class_keeps_the_higher_score(model, blank):
+def run(model, out, path, sizes=((H, W), (H, W)), **cfg) -> list[Detections]:
+    with path():
+        padded = detect(model, out, torch.tensor(sizes), InferenceConfig(**cfg))
+    return [Detections(*(t.detach() for t in d)) for d in padded.unpad()]
+
+
+def test_nms_same_class_keeps_the_higher_score(model, blank, path):
     put(blank, 0, p3(1, 1), 0, 0.81, (8, 8, 40, 40))    # score sqrt(0.81) = 0.9
     put(blank, 0, p3(2, 2), 0, 0.64, (10, 10, 40, 40))  # IoU 900/1024 > 0.6, score 0.8
-    dets = run(model, blank)
+    dets = run(model, blank, path)
     assert len(dets[0].boxes) == 1 and len(dets[1].boxes) == 0
     torch.testing.assert_close(dets[0].boxes[0], torch.tensor([8.0, 8.0, 40.0, 40.0]))
     torch.testing.assert_close(dets[0].scores, torch.tensor([0.9]))
     assert dets[0].labels.tolist() == [0]
 
 
-def test_nms_is_class_aware(model, blank):
+def test_nms_is_class_aware(model, blank, path):
     put(blank, 0, p3(1, 1), 0, 0.81, (8, 8, 40, 40))
     put(blank, 0, p3(2, 2), 2, 0.64, (10, 10, 40, 40))
-    dets = run(model, blank)
+    dets = run(model, blank, path)
     torch.testing.assert_close(dets[0].scores, torch.tensor([0.9, 0.8]))
     assert dets[0].labels.tolist() == [0, 2]
     # below the NMS IoU the same class survives too: IoU(8..40, 24..56 on x) = 512/1536
     blank.cls_logits[0, p3(2, 2), 2] = -20.0
     put(blank, 0, p3(2, 2), 0, 0.64, (24, 8, 56, 40))
     assert box_iou_pairwise(torch.tensor([8.0, 8, 40, 40]), torch.tensor([24.0, 8, 56, 40])) < 0.6
-    assert len(run(model, blank)[0].boxes) == 2
+    assert len(run(model, blank, path)[0].boxes) == 2
 
 
-def test_threshold_applies_to_the_product_and_score_is_sqrt(model, blank):
+def test_threshold_applies_to_the_product_and_score_is_sqrt(model, blank, path):
     # 0.2 * 0.2 = 0.04 < 0.05 (dropped although sqrt = 0.2 > 0.05); 0.3 * 0.3 = 0.09 kept
     put(blank, 0, p3(0, 0), 1, 0.2, small_box(blank, p3(0, 0)), p_ctr=0.2)
     put(blank, 0, p3(4, 4), 1, 0.3, small_box(blank, p3(4, 4)), p_ctr=0.3)
-    dets = run(model, blank)
+    dets = run(model, blank, path)
     assert len(dets[0].boxes) == 1
     torch.testing.assert_close(dets[0].scores, torch.tensor([0.3]))
     torch.testing.assert_close(dets[0].boxes[0], torch.tensor(small_box(blank, p3(4, 4))))
     # with a lower threshold both are there
-    assert len(run(model, blank, score_threshold=0.03)[0].boxes) == 2
+    assert len(run(model, blank, path, score_threshold=0.03)[0].boxes) == 2
 
 
-def test_per_level_topk_and_max_detections(model, blank):
+def test_per_level_topk_and_max_detections(model, blank, path):
     ks = [p3(0, 0), p3(0, 3), p3(0, 6), p3(3, 3)]
     for k, p in zip(ks, [0.9, 0.8, 0.7, 0.6]):
         put(blank, 0, k, 0, p, small_box(blank, k))
     k4 = 64 + 3 * 4 + 3  # P4 location (56, 56)
     put(blank, 0, k4, 0, 0.5, small_box(blank, k4))
-    dets = run(model, blank, pre_nms_topk=2)
+    dets = run(model, blank, path, pre_nms_topk=2)
     # two best of P3 and the P4 one
     torch.testing.assert_close(dets[0].scores, torch.tensor([0.9, 0.8, 0.5]).sqrt())
-    dets = run(model, blank)
+    dets = run(model, blank, path)
     assert len(dets[0].boxes) == 5
-    dets = run(model, blank, max_detections=3)
+    dets = run(model, blank, path, max_detections=3)
     torch.testing.assert_close(dets[0].scores, torch.tensor([0.9, 0.8, 0.7]).sqrt())
 
 
-def test_boxes_clipped_to_the_resized_image_and_masks(model, blank):
+def test_boxes_clipped_to_the_resized_image_and_masks(model, blank, path):
     put(blank, 1, p3(5, 5), 1, 0.81, (40, 30, 70, 60))
     put(blank, 1, p3(1, 1), 2, 0.64, (8, 8, 20, 20))
-    with torch.no_grad():
-        dets = detect(model, blank, torch.tensor([[H, W], [48, 60]]), InferenceConfig())
+    dets = run(model, blank, path, sizes=((H, W), (48, 60)))
     assert len(dets[0].boxes) == 0
     d = dets[1]
     torch.testing.assert_close(d.boxes, torch.tensor([[40.0, 30.0, 60.0, 48.0],
@@ -136,11 +146,43 @@ def test_boxes_clipped_to_the_resized_image_and_masks(model, blank):
     torch.testing.assert_close(d.mask_probs, ref)
 
 
-def test_no_candidates_gives_empty_detections(model, blank):
-    dets = run(model, blank)
+def test_no_candidates_gives_empty_detections(model, blank, path):
+    dets = run(model, blank, path)
     for d in dets:
         assert d.boxes.shape == (0, 4) and d.scores.shape == (0,) and d.labels.shape == (0,)
         assert d.mask_probs.shape == (0, H // 4, W // 4)
+
+
+def test_padded_layout_and_unused_slots(model, blank, path):
+    """detect() returns K = max_detections slots per image, the used ones first; unused
+    slots are zero (label -1): the automatic graph's output layout."""
+    put(blank, 0, p3(1, 1), 0, 0.81, (8, 8, 40, 40))
+    put(blank, 0, p3(6, 6), 2, 0.64, (44, 44, 60, 60))
+    put(blank, 1, p3(3, 3), 1, 0.49, small_box(blank, p3(3, 3)))
+    with path():
+        padded = detect(model, blank, torch.tensor([[H, W], [H, W]]),
+                        InferenceConfig(max_detections=4))
+    assert padded.boxes.shape == (2, 4, 4) and padded.mask_probs.shape == (2, 4, 16, 16)
+    assert padded.num.tolist() == [2, 1]
+    assert padded.labels.tolist() == [[0, 2, -1, -1], [1, -1, -1, -1]]
+    torch.testing.assert_close(padded.scores.detach(), torch.tensor([[0.9, 0.8, 0, 0],
+                                                                     [0.7, 0, 0, 0]]))
+    assert not padded.boxes[0, 2:].any() and not padded.boxes[1, 1:].any()
+    assert not padded.mask_probs[0, 2:].any() and padded.mask_probs[0, :2].all()
+    dets = padded.unpad()
+    assert [len(d.scores) for d in dets] == [2, 1]
+    torch.testing.assert_close(dets[0].boxes.detach(), torch.tensor([[8.0, 8, 40, 40],
+                                                                     [44, 44, 60, 60]]))
+
+
+def test_detections_above_a_score():
+    det = Detections(torch.arange(12.0).reshape(3, 4), torch.tensor([0.75, 0.5, 0.25]),
+                     torch.tensor([2, 0, 1]), torch.zeros(3, 4, 4))
+    assert det.above(None) is det
+    kept = det.above(0.5)  # score >= threshold
+    assert kept.scores.tolist() == [0.75, 0.5] and kept.labels.tolist() == [2, 0]
+    assert kept.boxes.shape == (2, 4) and kept.mask_probs.shape == (2, 4, 4)
+    assert len(det.above(0.8).scores) == 0
 
 
 def test_level_topk_candidates_fixed_shape():
@@ -149,6 +191,29 @@ def test_level_topk_candidates_fixed_shape():
     scores, flat = level_topk_candidates(probs, levels, num_levels=2, topk=2)
     assert scores.tolist() == pytest.approx([0.9, 0.8, 0.7, 0.4])
     assert flat.tolist() == [1, 2, 6, 5]
+
+
+def test_level_topk_candidates_padding_and_batching():
+    probs = torch.rand(2, 7, 3, generator=torch.Generator().manual_seed(0))
+    levels = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    s_pad, i_pad = level_topk_candidates(probs, levels, 3, 10, pad=True)
+    assert s_pad.shape == i_pad.shape == (2, 30) and int(i_pad.max()) <= 20
+    for b in range(2):
+        s, i = level_topk_candidates(probs[b], levels, 3, 10)  # unpadded: k = min(10, 21)
+        assert s.shape == (30,)
+        torch.testing.assert_close(s_pad[b], s)
+        keep = s > 0
+        torch.testing.assert_close(i_pad[b][keep], i[keep])
+        # level 2 holds one location x 3 classes: 3 positive slots, the rest zero
+        assert int((s[20:] > 0).sum()) == 3
+    s, _ = level_topk_candidates(probs[0], levels, 3, 40, pad=True)
+    assert s.shape == (120,)  # 40 slots per level although N*C = 21
+
+
+def test_clip_boxes_by_image_size():
+    boxes = torch.tensor([[[-5.0, 3, 300, 90]], [[10.0, -1, 20, 500]]])
+    clipped = clip_boxes(boxes, torch.tensor([[80], [100]]), torch.tensor([[256], [30]]))
+    assert clipped.tolist() == [[[0.0, 3, 256, 80]], [[10.0, 0, 20, 100]]]
 
 
 # ------------------------------------------------------------------ box-prompted mode
@@ -232,11 +297,3 @@ def test_postprocess_masks_clip_boxes():
     expected = torch.zeros(64, 64, dtype=torch.bool)
     expected[5:31, 10:20] = True  # pixel centres (x + 0.5, y + 0.5) inside the box
     assert torch.equal(out[0], expected)
-
-
-def test_postprocess_masks_chunks_agree():
-    torch.manual_seed(0)
-    probs = torch.rand(5, 8, 8)
-    a = postprocess_masks(probs, (30, 32), (45, 50), chunk=2)
-    b = postprocess_masks(probs, (30, 32), (45, 50), chunk=16)
-    assert torch.equal(a, b)

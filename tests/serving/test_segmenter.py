@@ -7,32 +7,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from sim_testing import TINY_CLASSES, tiny_model_config
+from sim_testing import TINY_CLASSES
 
-from serving import InferenceConfig, Prediction, Segmenter, build_condinst
+from serving import Prediction, Segmenter
 from serving.__main__ import main as cli_main
-from serving.model.checkpoint import save_checkpoint
 
 BOXES = [[30, 20, 80, 60], [90, 50, 150, 110], [5, 5, 25, 30], [40.5, 70.25, 120.75, 118]]
-
-
-@pytest.fixture(scope="module")
-def varied_checkpoint(tmp_path_factory):
-    """Like conftest's tiny checkpoint, with a controller that makes masks depend on the
-    location (random weights otherwise give masks that are all or nothing)."""
-    torch.manual_seed(1)
-    cfg = tiny_model_config()
-    model = build_condinst(cfg).eval()
-    with torch.no_grad():
-        model.head.cls_logits.bias.fill_(1.0)
-        model.head.controller.bias.normal_(0, 1.0)
-        model.head.controller.weight.mul_(30)
-    path = tmp_path_factory.mktemp("varied") / "varied.safetensors"
-    save_checkpoint(path, model, cfg, list(TINY_CLASSES),
-                    InferenceConfig(min_size=128, max_size=256, max_detections=20))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +171,14 @@ def test_small_square_image(tiny_checkpoint):
 
 # ------------------------------------------------------------------ command line
 def test_cli_info_and_error(varied_checkpoint, tmp_path, capsys):
-    assert cli_main(["info", str(varied_checkpoint)]) == 0
+    assert cli_main(["info", str(varied_checkpoint), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["classes"] == list(TINY_CLASSES) and info["backend"] == "torch"
     assert info["min_size"] == 128 and info["max_prompt_boxes"] == 256
+    assert info["calibration"] == {}  # trained without a validation split
+    assert cli_main(["info", "--model", str(varied_checkpoint)]) == 0
+    text = capsys.readouterr().out
+    assert f"classes:    {', '.join(TINY_CLASSES)}" in text and "calibration: none" in text
     assert cli_main(["info", str(tmp_path / "missing.safetensors")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint ") and "not found" in err

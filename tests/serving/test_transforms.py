@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from serving.errors import ImageError
 from serving.inference.transforms import (
+    canvas_size,
     pad_batch,
     preprocess,
     resize_image,
     resized_shape,
     scale_boxes,
+    valid_pixels,
 )
 
 
@@ -19,6 +23,27 @@ def test_resized_shape_detectron2_rule():
     assert resized_shape(100, 1000, 800, 1333) == (133, 1333)  # long side capped
     assert resized_shape(800, 800, 800, 1333) == (800, 800)
     assert resized_shape(120, 160, 128, 256) == (128, 171)
+
+
+def test_resized_shape_refuses_extreme_aspect_ratios():
+    """The shorter side must keep 8 px: up to about max_size / 8 (166:1 at 1333)."""
+    assert resized_shape(8, 1333, 800, 1333) == (8, 1333)  # 166.6:1 -> 8 px
+    assert resized_shape(8, 1400, 800, 1333) == (8, 1333)  # 7.6 px rounds to 8
+    with pytest.raises(ImageError, match=r"image strip\.png: 1500x8 pixels has an aspect ratio "
+                                         r"of 188:1, above this model's limit of 167:1"):
+        resized_shape(8, 1500, 800, 1333, name="strip.png")  # 7.1 px rounds to 7
+    with pytest.raises(ImageError, match="512:1"):
+        resized_shape(20, 10240, 128, 256)  # the issue's case: short side 0.5 -> 0 px
+
+
+def test_canvas_and_valid_pixels():
+    assert canvas_size(128, 171) == (128, 192) and canvas_size(64, 64) == (64, 64)
+    images = torch.zeros(2, 3, 4, 5)
+    valid = valid_pixels(images, torch.tensor([[2, 3], [4, 5]]))
+    expected = torch.zeros(2, 4, 5, dtype=torch.bool)
+    expected[0, :2, :3] = True
+    expected[1] = True
+    assert torch.equal(valid, expected)
 
 
 def test_pad_batch_to_multiples_of_32():
@@ -58,3 +83,14 @@ def test_scale_boxes_round_trip():
     assert up.tolist() == [[15, 40, 45, 80]]
     np.testing.assert_allclose(scale_boxes(up, (200, 300), (100, 200)), boxes)
     assert scale_boxes(np.zeros((0, 4)), (1, 1), (2, 2)).shape == (0, 4)
+
+
+def test_resize_image_one_channel_at_a_time_equals_all_at_once():
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    for size, out in (((3, 300, 400), (100, 133)), ((3, 50, 60), (120, 144))):
+        image = torch.randint(0, 256, size, generator=gen, dtype=torch.uint8)
+        whole = F.interpolate(image.float()[None], size=out, mode="bilinear",
+                              align_corners=False, antialias=True)[0].clamp_(0, 255)
+        assert torch.equal(resize_image(image, out), whole)

@@ -70,3 +70,31 @@ def test_masks_to_label_image():
     assert labels[6, 6] == 1 and labels[12, 17] == 2 and labels[25, 35] == 2
     assert labels[0, 0] == 0
     assert set(np.unique(labels).tolist()) == {0, 1, 2}
+
+
+def test_outlines_keep_small_masks_visible_and_text_scales_with_the_image():
+    from serving.formats.visualize import text_size
+
+    image = np.full((40, 50, 3), 93, np.uint8)
+    masks = np.zeros((1, 40, 50), bool)
+    masks[0, 20, 10:13] = True  # a 1x3 sliver: every pixel is outline, drawn in full colour
+    pred = Prediction(np.array([[10, 20, 13, 21]], np.float32), np.array([0.5], np.float32),
+                      np.array([0], np.int64), masks, ("a",))
+    out = draw_predictions(image, pred, show_boxes=False, show_labels=False)
+    assert (out[20, 10:13] == palette(1)[0]).all()
+    assert np.array_equal(out[~masks[0]], image[~masks[0]])
+    assert text_size(40, 50) == 10 and text_size(800, 1200) == 20 and text_size(9000, 9000) == 48
+
+
+def test_labels_sit_above_the_box_or_below_it_at_the_top_edge():
+    image = np.full((200, 200, 3), 0, np.uint8)
+    masks = np.zeros((2, 200, 200), bool)
+    masks[0, 100:120, 100:120] = True
+    masks[1, 0:20, 10:30] = True
+    pred = Prediction(np.array([[100, 100, 120, 120], [10, 0, 30, 20]], np.float32),
+                      np.array([0.9, 0.8], np.float32), np.array([0, 0], np.int64), masks,
+                      ("a",))
+    out = draw_predictions(image, pred, show_boxes=False, alpha=0.0)
+    assert out[85:99, 100:120].any()  # above the lower box
+    assert out[21:35, 10:30].any()  # below the box at the top edge
+    assert not out[121:140, 100:120].any()  # nothing below the lower box

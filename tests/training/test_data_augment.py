@@ -156,7 +156,7 @@ class SimpleState:
         self.epoch, self.batches_in_epoch = epoch, batches_in_epoch
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_loader_is_deterministic_per_seed_and_epoch(workers: int) -> None:
     def make(seed: int) -> TrainLoader:
         return TrainLoader(_RandomSizes(), _cfg(seed, workers), rank=0, world=1)

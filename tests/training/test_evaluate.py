@@ -16,7 +16,7 @@ from training.evaluate import main
 pytestmark = pytest.mark.slow
 
 KEYS = {f"{kind}/{name}" for kind in ("segm", "bbox")
-        for name in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+        for name in ("AP", "AP50", "AP75", "APs", "APm", "APl", "F1", "F1_threshold")}
 
 
 def test_cli_writes_the_metrics_of_the_run(tiny_run, tiny_data, tmp_path: Path) -> None:

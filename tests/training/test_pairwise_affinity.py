@@ -56,12 +56,12 @@ def test_teacher_feature_similarity_known_values() -> None:
         _teacher_feature_similarity(None, torch.Size((8, 8)), cfg)
 
 
-def _run(tiny_cfg, out: Path, monkeypatch, *overrides: str) -> list:
+def _run(tiny_cfg, out: Path, *overrides: str) -> list:
     cfg = tiny_cfg(out, "optim.max_iter=3", "data.val_json=null", "checkpoint_every=0",
                    "sim.start_iter=1", "boxinst.color_threshold=0.1", *SIM_EXERCISE, *overrides)
-    rec = Recorder(snapshot_first=False).install(monkeypatch)
-    train(cfg)
-    return list(rec.records)  # a later run's recorder wraps this one: snapshot
+    rec = Recorder(snapshot_first=False)
+    train(cfg, callbacks=[rec])
+    return rec.records
 
 
 @pytest.mark.slow
@@ -70,7 +70,7 @@ def test_feature_affinity_of_one_equals_colour_affinity(tiny_cfg, tmp_path: Path
     import training.losses.criterion as criterion
     from training.sim.step import SIMState
 
-    colour = _run(tiny_cfg, tmp_path / "colour", monkeypatch)
+    colour = _run(tiny_cfg, tmp_path / "colour")
     calls = []
     original_forward = SIMState.teacher_forward
 
@@ -82,7 +82,7 @@ def test_feature_affinity_of_one_equals_colour_affinity(tiny_cfg, tmp_path: Path
     monkeypatch.setattr(criterion, "feature_similarity",
                         lambda feats, k, d: torch.ones(feats.shape[0], k * k - 1,
                                                        *feats.shape[-2:]))
-    ones = _run(tiny_cfg, tmp_path / "ones", monkeypatch,
+    ones = _run(tiny_cfg, tmp_path / "ones",
                 "boxinst.pairwise_affinity=color_feature")
     # The teacher ran once per step (also before SIM starts), its outputs reused by SIM's maps.
     assert len(calls) == 3
@@ -103,9 +103,9 @@ def test_feature_affinity_of_one_equals_colour_affinity(tiny_cfg, tmp_path: Path
 
     monkeypatch.setattr(criterion, "pairwise_loss", recording_loss)
     current = "colour"
-    _run(tiny_cfg, tmp_path / "colour2", monkeypatch)
+    _run(tiny_cfg, tmp_path / "colour2")
     current = "real"
-    _run(tiny_cfg, tmp_path / "real", monkeypatch, "boxinst.pairwise_affinity=color_feature")
+    _run(tiny_cfg, tmp_path / "real", "boxinst.pairwise_affinity=color_feature")
     # Step 0 starts from the same weights and data: compare there.
     colour_sim, real_sim = seen["colour"][0], seen["real"][0]
     assert colour_sim.shape == real_sim.shape

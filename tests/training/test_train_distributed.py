@@ -5,9 +5,10 @@ Two launchers are tested. ``accelerate launch --cpu --num_processes 2 --mpirun_h
 starts the processes with MPI (Open MPI's ``mpirun``; accelerate 1.15 runs a single process for
 ``--cpu`` without a hostfile). ``--multi_gpu --num_processes 2`` starts them through
 torch.distributed.run, and ``training.train`` puts Accelerate on the CPU (gloo) when
-``WORLD_SIZE > 1`` and no accelerator device exists. Each process dumps its prototypes and the
-image ids it trained on (``SIM_DEBUG_DUMP_PROTOTYPES=1``), because Accelerate saves custom
-checkpoint objects from the main process only.
+``WORLD_SIZE > 1`` and no accelerator device exists. The launched script
+(``distributed_run.py``) trains with a callback that records each process's prototypes and the
+image ids it trained on; the checkpoint folder holds one RNG state and one memory bank per
+process.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 from train_helpers import REPO, SIM_EXERCISE, TINY_CONFIG
-
-from training.train import DEBUG_DUMP_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +39,7 @@ def free_port() -> int:
 def test_two_process_cpu_run_keeps_prototypes_identical(tiny_data, tmp_path: Path,
                                                         launcher: str) -> None:
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", DEBUG_DUMP_ENV: "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     if launcher == "torchrun":
         how = ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
@@ -54,13 +53,14 @@ def test_two_process_cpu_run_keeps_prototypes_identical(tiny_data, tmp_path: Pat
                    MASTER_PORT=str(free_port()))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *how,
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "training", "--config", str(TINY_CONFIG), *tiny_data.overrides(out),
+           str(Path(__file__).with_name("distributed_run.py")), "--config", str(TINY_CONFIG),
+           *tiny_data.overrides(out),
            "data.val_json=null", f"optim.max_iter={STEPS}", "checkpoint_every=0",
            "sim.start_iter=0", *SIM_EXERCISE]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
-    dumps = [torch.load(out / "debug" / f"prototypes_rank{r}.pt") for r in (0, 1)]
+    dumps = [torch.load(out / "per_rank" / f"rank{r}.pt") for r in (0, 1)]
     assert [d["rank"] for d in dumps] == [0, 1]
     assert [d["step"] for d in dumps] == [STEPS, STEPS]
     # Identical prototypes on both processes, and they did move from the seeded start.
@@ -76,7 +76,14 @@ def test_two_process_cpu_run_keeps_prototypes_identical(tiny_data, tmp_path: Pat
     assert len(ids[0]) == len(ids[1]) == STEPS
     for a, b in zip(*ids):
         assert len(a) == len(b) == 2 and not set(a) & set(b)
-    # A real 2-process run: one RNG state per process in the final checkpoint.
+    # A real 2-process run: one RNG state and one memory bank per process in the final
+    # checkpoint, whose saved prototypes are the ones both processes hold.
+    from training.checkpoints import SIM_STATE, read_tensor_state
+
     final = out / "checkpoints" / f"step_{STEPS:07d}"
-    assert (final / "random_states_0.pkl").is_file() and (final / "random_states_1.pkl").is_file()
+    for rank in (0, 1):
+        assert (final / f"random_states_{rank}.pkl").is_file()
+        assert (final / f"memory_bank_{rank}.safetensors").is_file()
+    saved = read_tensor_state(final / SIM_STATE)["prototypes"]["prototypes"]
+    assert torch.equal(saved, protos[0])
     assert (out / "model_final.safetensors").is_file()

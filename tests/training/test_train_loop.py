@@ -17,21 +17,35 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import SIM_EXERCISE, Recorder
 
+from serving.config import config_to_dict
+from training.callbacks import Callback
+from training.checkpoints import (
+    CHECKPOINT_DIR,
+    MANIFEST,
+    SIM_STATE,
+    memory_bank_file,
+    read_tensor_state,
+)
 from training.config import load_config
-from training.run_state import CHECKPOINT_DIR
 from training.train import TrainingError, train
 
 pytestmark = pytest.mark.slow
 
-# Order of the objects registered for checkpointing in train(): RunState, teacher, prototypes,
-# memory bank -> custom_checkpoint_{0,1,2,3}.pkl.
-RUN_STATE, TEACHER, PROTOTYPES, BANK = range(4)
 SIM_LOSSES = {"loss_pseudo", "loss_paste"}
 FCOS_LOSSES = {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
 
 
-def custom_state(checkpoint: Path, index: int):
-    return torch.load(checkpoint / f"custom_checkpoint_{index}.pkl", weights_only=False)
+def run_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / MANIFEST).read_text())["run_state"]
+
+
+def sim_state(checkpoint: Path) -> dict:
+    """{"teacher": state dict, "prototypes": {"prototypes": (C, L, D)}} of a checkpoint."""
+    return read_tensor_state(checkpoint / SIM_STATE)
+
+
+def bank_state(checkpoint: Path) -> dict:
+    return read_tensor_state(checkpoint / memory_bank_file(0))
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:
@@ -61,10 +75,14 @@ def test_run_folder(tiny_run, tiny_data) -> None:
     assert sorted(p.name for p in root.iterdir()) == ["step_0000003", "step_0000006"]
     for ckpt in root.iterdir():
         names = {p.name for p in ckpt.iterdir()}
-        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
-                *(f"custom_checkpoint_{i}.pkl" for i in range(4))} <= names
-    assert custom_state(root / "step_0000003", RUN_STATE)["step"] == 3
-    assert custom_state(root / "step_0000006", RUN_STATE)["step"] == 6
+        assert names == {"model.safetensors", "optimizer.bin", "scheduler.bin",
+                         "random_states_0.pkl", SIM_STATE, memory_bank_file(0), MANIFEST}
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        assert set(manifest["files"]) == names - {MANIFEST}
+        assert manifest["config"] == config_to_dict(cfg)
+        assert manifest["num_processes"] == 1
+    assert run_state(root / "step_0000003") == {"step": 3, "epoch": 0, "batches_in_epoch": 3}
+    assert run_state(root / "step_0000006") == {"step": 6, "epoch": 1, "batches_in_epoch": 1}
     # Final evaluation.
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 6
@@ -134,7 +152,7 @@ def test_losses_and_sim_parts_act(tiny_run) -> None:
     # Prototypes moved away from their seeded initialisation.
     from training.sim import PrototypeMemory
 
-    step6 = custom_state(tiny_run.out / CHECKPOINT_DIR / "step_0000006", PROTOTYPES)
+    step6 = sim_state(tiny_run.out / CHECKPOINT_DIR / "step_0000006")["prototypes"]
     init = PrototypeMemory(6, tiny_run.cfg.sim.num_prototypes, 16, seed=0).prototypes
     assert (step6["prototypes"] - init).abs().max() > 1e-3
     # The two images of a batch differ and the 6 steps cover more than one epoch of 10 images.
@@ -142,16 +160,16 @@ def test_losses_and_sim_parts_act(tiny_run) -> None:
 
 
 # --------------------------------------------------------------------------- short runs
-def _short_run(tiny_cfg, out: Path, monkeypatch, *overrides: str):
+def _short_run(tiny_cfg, out: Path, *overrides: str):
     cfg = tiny_cfg(out, "optim.max_iter=2", "data.val_json=null", "checkpoint_every=0",
                    "sim.start_iter=0", *overrides)
-    rec = Recorder(snapshot_first=False).install(monkeypatch)
-    result = train(cfg)
+    rec = Recorder(snapshot_first=False)
+    result = train(cfg, callbacks=[rec])
     return result, rec.records
 
 
-def test_mask_supervision(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
-    result, records = _short_run(tiny_cfg, tmp_path, monkeypatch, "supervision=mask")
+def test_mask_supervision(tiny_cfg, tmp_path: Path) -> None:
+    result, records = _short_run(tiny_cfg, tmp_path, "supervision=mask")
     assert result["step"] == 2 and Path(result["checkpoint"]).is_file()
     for r in records:
         assert set(r.losses) == FCOS_LOSSES | {"loss_mask"}
@@ -166,9 +184,9 @@ def test_mask_supervision(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
     ("sim.pseudo_loss=false", {"loss_pseudo"}, {"loss_paste", "loss_pairwise"}),
     ("boxinst.pairwise=false", {"loss_pairwise"}, {"loss_prj"} | SIM_LOSSES),
 ])
-def test_ablation_switches(tiny_cfg, tmp_path: Path, monkeypatch, override: str,
+def test_ablation_switches(tiny_cfg, tmp_path: Path, override: str,
                            absent: set[str], present: set[str]) -> None:
-    _, records = _short_run(tiny_cfg, tmp_path, monkeypatch, override, *SIM_EXERCISE)
+    _, records = _short_run(tiny_cfg, tmp_path, override, *SIM_EXERCISE)
     assert len(records) == 2
     for r in records:
         assert FCOS_LOSSES | present <= set(r.losses)
@@ -194,7 +212,7 @@ def test_pseudo_foreground_switch(tiny_cfg, tmp_path: Path, monkeypatch,
         return original(logits, target, weight)
 
     monkeypatch.setattr(sim_step, "bce_dice_loss", wrapped)
-    _, records = _short_run(tiny_cfg, tmp_path, monkeypatch, "optim.max_iter=3",
+    _, records = _short_run(tiny_cfg, tmp_path, "optim.max_iter=3",
                             f"sim.pseudo_foreground={str(foreground).lower()}", *SIM_EXERCISE,
                             # An untrained teacher's blended map lies within 0.50-0.58:
                             "sim.tau_high_range=[0.55, 0.55]", "sim.tau_low=0.54")
@@ -208,42 +226,13 @@ def test_pseudo_foreground_switch(tiny_cfg, tmp_path: Path, monkeypatch,
     assert all(r.losses["loss_pseudo"] > 0 for r in records)
 
 
-def test_oracle_semantic_map_is_the_ground_truth(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
-    """The diagnostic ``sim.oracle_semantic_map``: M_S is each instance's ground-truth mask
-    (binary, inside its box, smaller than the box), not the prototypes' map."""
-    import training.sim.step as sim_step
-
-    seen = []
-    original = sim_step.compute_sim_maps
-
-    def wrapped(sim, x, pos, targets, cfg, *args):
-        maps = original(sim, x, pos, targets, cfg, *args)
-        seen.append(maps)
-        return maps
-
-    monkeypatch.setattr(sim_step, "compute_sim_maps", wrapped)
-    _, records = _short_run(tiny_cfg, tmp_path, monkeypatch, "sim.copy_paste=false",
-                            "sim.oracle_semantic_map=true", *SIM_EXERCISE)
-    assert len(records) == 2 and seen
-    for maps in seen:
-        m_sem, box = maps.m_sem, maps.box_s4
-        assert set(m_sem.unique().tolist()) <= {0.0, 1.0}
-        assert bool((m_sem <= box).all())  # a visible mask lies inside its box
-        assert bool((m_sem.flatten(1).sum(1) > 0).all())
-        assert float(m_sem.sum()) < float(box.sum())  # the shapes, not the boxes
-    for r in records:
-        assert "loss_pseudo" in r.losses and "loss_paste" not in r.losses
-
-
 # --------------------------------------------------------------------------- resume
 def test_resume_matches_uninterrupted_run(tiny_run, tiny_cfg, tmp_path: Path,
                                           monkeypatch) -> None:
     cfg = tiny_cfg(tmp_path, *SIM_EXERCISE)  # run A's config, another folder
     # B1: crashes before the 4th step, after the step-3 checkpoint.
-    with monkeypatch.context() as mp:
-        Recorder(crash_at=3).install(mp)
-        with pytest.raises(RuntimeError, match="simulated crash before step 4"):
-            train(cfg)
+    with pytest.raises(RuntimeError, match="simulated crash before step 4"):
+        train(cfg, callbacks=[Recorder(crash_at=3)])
     root = tmp_path / CHECKPOINT_DIR
     assert [p.name for p in root.iterdir()] == ["step_0000003"]
     assert not (tmp_path / "model_final.safetensors").exists()
@@ -254,16 +243,15 @@ def test_resume_matches_uninterrupted_run(tiny_run, tiny_cfg, tmp_path: Path,
                         load_file(str(b3 / "model.safetensors")))
 
     # B2: resume from the latest checkpoint.
-    with monkeypatch.context() as mp:
-        rec = Recorder().install(mp)
-        result = train(tiny_cfg(tmp_path, *SIM_EXERCISE), resume="auto")
+    rec = Recorder()
+    result = train(tiny_cfg(tmp_path, *SIM_EXERCISE), resume="auto", callbacks=[rec])
     records = rec.records
     # The counters continue at step 3 (warm-ups and SIM gating do not restart).
     assert [r.step for r in records] == [3, 4, 5]
     first = records[0]
-    assert first.bank_size == len(custom_state(b3, BANK)["entries"]) > 0
-    assert torch.equal(first.prototypes, custom_state(b3, PROTOTYPES)["prototypes"])
-    assert_same_tensors(first.teacher, custom_state(b3, TEACHER))
+    assert first.bank_size == len(bank_state(b3)["entries"]) > 0
+    assert torch.equal(first.prototypes, sim_state(b3)["prototypes"]["prototypes"])
+    assert_same_tensors(first.teacher, sim_state(b3)["teacher"])
     # Same batches and the same losses as run A's steps 3-5.
     a_records = tiny_run.records[3:]
     assert [r.image_ids for r in records] == [r.image_ids for r in a_records]
@@ -274,11 +262,13 @@ def test_resume_matches_uninterrupted_run(tiny_run, tiny_cfg, tmp_path: Path,
     assert_same_tensors(load_file(str(tiny_run.out / "model_final.safetensors")),
                         load_file(result["checkpoint"]))
     a6, b6 = tiny_run.out / CHECKPOINT_DIR / "step_0000006", root / "step_0000006"
-    assert_same_tensors(custom_state(a6, TEACHER), custom_state(b6, TEACHER))
-    assert torch.equal(custom_state(a6, PROTOTYPES)["prototypes"],
-                       custom_state(b6, PROTOTYPES)["prototypes"])
-    assert_same_bank(custom_state(a6, BANK), custom_state(b6, BANK))
-    assert custom_state(b6, RUN_STATE) == custom_state(a6, RUN_STATE)
+    assert_same_tensors(sim_state(a6)["teacher"], sim_state(b6)["teacher"])
+    assert torch.equal(sim_state(a6)["prototypes"]["prototypes"],
+                       sim_state(b6)["prototypes"]["prototypes"])
+    assert_same_bank(bank_state(a6), bank_state(b6))
+    assert run_state(b6) == run_state(a6)
+    for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", SIM_STATE):
+        assert (a6 / name).read_bytes() == (b6 / name).read_bytes(), name
 
 
 # --------------------------------------------------------------------------- NaN / inf
@@ -304,41 +294,59 @@ def test_nan_loss_stops_with_step_and_name(tiny_cfg, tmp_path: Path, monkeypatch
     root = tmp_path / CHECKPOINT_DIR
     assert [p.name for p in root.iterdir()] == ["step_0000001"]
     ckpt = root / "step_0000001"
-    assert custom_state(ckpt, RUN_STATE)["step"] == 1
+    assert run_state(ckpt)["step"] == 1
     weights = load_file(str(ckpt / "model.safetensors"))
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
     assert not (tmp_path / "model_final.safetensors").exists()
 
 
-# --------------------------------------------------------------------------- end hook
-def test_on_end_hook_gets_the_trained_model_and_sim_state(tiny_cfg, tmp_path: Path,
-                                                          monkeypatch) -> None:
-    """``train(on_end=...)`` hands over the student and SIM state after the last step; the
-    quality benchmark's figure of M_S / M_I / pseudo mask / truth renders from them."""
+# --------------------------------------------------------------------------- callbacks
+class _EndOfTraining(Callback):
+    """Records what ``on_train_end`` sees and renders the quality benchmark's SIM figure."""
+
+    def __init__(self, figure: Path | None) -> None:
+        self.figure = figure
+        self.calls: list = []
+        self.steps: list[int] = []
+
+    def on_step_end(self, run, losses) -> None:
+        self.steps.append(run.state.step)
+
+    def on_train_end(self, run) -> None:
+        from benchmarks.sim_figure import render_sim_maps
+
+        final = run.output_dir / "model_final.safetensors"
+        self.calls.append((run.student.training, run.sim, final.is_file(), run.metrics))
+        if self.figure is not None:
+            render_sim_maps(run.student, run.sim, run.cfg, self.figure, num_instances=3)
+
+
+def test_callbacks_see_every_step_and_the_end(tiny_cfg, tmp_path: Path) -> None:
+    """``train(callbacks=...)`` reports each optimiser step and hands over the trained
+    student and SIM state after the final evaluation and the final model (whose calibration
+    needs that evaluation); the quality benchmark's figure of M_S / M_I / pseudo mask / truth
+    renders from them."""
     from PIL import Image
 
-    from benchmarks.sim_figure import COLUMNS, TILE, render_sim_maps
+    from benchmarks.sim_figure import COLUMNS, TILE
     from training.sim.step import SIMState
 
-    calls = []
-
-    def on_end(model, sim) -> None:
-        calls.append((model.training, sim))
-        render_sim_maps(model, sim, cfg, tmp_path / "maps.png", num_instances=3)
-
+    end = _EndOfTraining(tmp_path / "maps.png")
     cfg = tiny_cfg(tmp_path, "optim.max_iter=2", "checkpoint_every=0", "sim.start_iter=0",
                    *SIM_EXERCISE)
-    result = train(cfg, on_end=on_end)
-    assert len(calls) == 1 and isinstance(calls[0][1], SIMState)
-    assert result["metrics"]  # evaluation still runs after the hook (model back in eval/train)
+    result = train(cfg, callbacks=[end])
+    assert end.steps == [1, 2]
+    assert len(end.calls) == 1
+    _, sim, final_written, metrics_then = end.calls[0]
+    assert isinstance(sim, SIMState) and final_written
+    assert metrics_then and metrics_then == result["metrics"]  # evaluated before the end
     sheet = np.asarray(Image.open(tmp_path / "maps.png"))
     assert sheet.shape[1] == TILE * len(COLUMNS)
     rows = (sheet.shape[0] - 18) // TILE
     assert sheet.shape[0] == 18 + rows * TILE and 1 <= rows <= 3
     truth = sheet[18:, -TILE:]
     assert truth.max() == 255 and truth.min() == 0  # each truth tile shows mask and background
-    calls.clear()
+    boxinst = _EndOfTraining(None)
     train(tiny_cfg(tmp_path / "boxinst", "optim.max_iter=1", "checkpoint_every=0",
-                   "data.val_json=null", "sim.enabled=false"),
-          on_end=lambda model, sim: calls.append(sim))
-    assert calls == [None]  # no SIM state without SIM
+                   "data.val_json=null", "preset=boxinst"), callbacks=[boxinst])
+    assert [c[1] for c in boxinst.calls] == [None]  # no SIM state without SIM

@@ -17,8 +17,18 @@ from .augment import (
 )
 from .coco import CocoIndex, CocoInstanceDataset, decode_segmentation, load_coco_boxes, read_json
 from .collate import Batch, collate, derive_seed
-from .synthetic import CLASSES as SYNTHETIC_CLASSES
-from .synthetic import generate_dataset, generate_image
+
+#: Loaded on first use, so that ``python -m training.data.synthetic`` runs the module once.
+_SYNTHETIC = {"SYNTHETIC_CLASSES": "CLASSES", "generate_dataset": "generate_dataset",
+              "generate_image": "generate_image"}
+
+
+def __getattr__(name: str):
+    if name in _SYNTHETIC:
+        from . import synthetic
+
+        return getattr(synthetic, _SYNTHETIC[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Batch", "CocoIndex", "CocoInstanceDataset", "Compose", "RandomHorizontalFlip",

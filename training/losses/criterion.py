@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from serving.model import CondInst, CondInstOutputs
-from serving.model.ops import decode_boxes
 
 from ..config import TrainConfig
 from ..targets import assign_targets, mask_centers, sample_positives
@@ -116,13 +115,6 @@ def run_mask_head(model: CondInst, outputs: CondInstOutputs, pos: Positives) -> 
     return model.mask_head(outputs.mask_feats, outputs.controller[pos.image_index, pos.location],
                            outputs.locations[pos.location], outputs.levels[pos.location],
                            pos.image_index)
-
-
-def predicted_boxes(outputs: CondInstOutputs, pos: Positives) -> Tensor:
-    """(P, 4) boxes XYXY decoded at the positives."""
-    loc = pos.location
-    return decode_boxes(outputs.locations[loc], outputs.box_reg[pos.image_index, loc].detach(),
-                        outputs.strides[loc])
 
 
 def bottom_removed_valid(valid: Tensor, image_sizes: list[tuple[int, int]],

@@ -11,7 +11,9 @@ Deviations from the authors' code, per "Our decisions" (SIM_SPEC top and section
 
 - Prototypes are unit-norm **per vector** (:func:`l2_normalize_vectors` on the last axis). The
   code normalised ``(C, L, D)`` along ``L`` (item 3), so its "cosines" were plain dot products.
-- Temperature ``tau = 0.1`` in ``M_S`` (paper; the code has none, item 5).
+- Temperature ``tau = 1.0`` in ``M_S``, as ratified in SIM_SPEC after measurement: the
+  paper's 0.1 saturates the map (``training.config.SIMConfig.tau``); the code has none
+  (item 5).
 - Hard argmax Sinkhorn assignment instead of a Gumbel sample (item 2); log-domain fp32
   Sinkhorn (item 12).
 - With several processes the centroid sums and counts are summed over processes before the
@@ -65,7 +67,7 @@ class PrototypeMemory(nn.Module):
         num_prototypes: ``L`` per class (10).
         dim: ``D``, the mask-feature dimension (16).
         momentum: EMA momentum ``gamma`` of the update (0.999).
-        tau: temperature of the semantic map (0.1).
+        tau: temperature of the semantic map (1.0; the paper's is 0.1).
         epsilon: Sinkhorn temperature (0.05).
         sinkhorn_iters: Sinkhorn rounds (3).
         seed: seed of the deterministic initialisation (standard normal, then unit-normalised

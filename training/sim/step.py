@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from serving.errors import CheckpointError
 from serving.inference.assign import iou_weights, weighted_instance_map
 from serving.model import CondInst
 from serving.model.ops import decode_boxes
@@ -29,10 +30,6 @@ from .pseudo import PseudoMask, full_resolution_masks, instance_importance, pseu
 
 #: Pixels used per step for the prototype update (a deterministic subsample above this).
 MAX_PROTOTYPE_PIXELS = 32768
-#: Index of the first of :meth:`SIMState.checkpoint_objects` among Accelerate's custom
-#: checkpoint files (``custom_checkpoint_<i>.pkl``): ``training.train`` registers its
-#: ``RunState`` first, then these, in this order.
-FIRST_CUSTOM_CHECKPOINT = 1
 
 
 class SIMState:
@@ -53,20 +50,28 @@ class SIMState:
         self.all_reduce_sum = all_reduce_sum
         self.last_maps: dict[str, Tensor] = {}
 
-    def checkpoint_objects(self) -> list[Any]:
-        return [self.teacher, self.prototypes, self.bank]
+    def state_dict(self) -> dict[str, Any]:
+        """Teacher weights and prototypes: tensors only, the same on every process. (The
+        memory bank, ``self.bank``, differs per process and is saved on its own.)"""
+        return {"teacher": self.teacher.state_dict(), "prototypes": self.prototypes.state_dict()}
 
-    def load_checkpoint(self, checkpoint: str | Path) -> None:
-        """Restore teacher, prototypes and memory bank from a checkpoint folder of
-        ``training.train`` (``<output_dir>/checkpoints/step_*``), outside a training run (for
-        analysis; resuming goes through ``accelerator.load_state``)."""
-        for i, obj in enumerate(self.checkpoint_objects(), start=FIRST_CUSTOM_CHECKPOINT):
-            path = Path(checkpoint) / f"custom_checkpoint_{i}.pkl"
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path}: no SIM state in this checkpoint; pass a checkpoint folder of a "
-                    "SIM training run (<output_dir>/checkpoints/step_*)")
-            obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.teacher.load_state_dict(state["teacher"])
+        self.prototypes.load_state_dict(state["prototypes"])
+
+    def load_checkpoint(self, checkpoint: str | Path, rank: int = 0) -> None:
+        """Restore teacher, prototypes and process ``rank``'s memory bank from a checkpoint
+        folder of ``training.train`` (``<output_dir>/checkpoints/step_*``), outside a training
+        run (for analysis; resuming checks the whole folder first, ``training.checkpoints``)."""
+        from ..checkpoints import SIM_STATE, memory_bank_file, read_tensor_state
+
+        folder = Path(checkpoint)
+        if not (folder / SIM_STATE).is_file():
+            raise CheckpointError(
+                f"{folder}: no SIM state in this checkpoint; pass a checkpoint folder of a "
+                "SIM training run (<output_dir>/checkpoints/step_*)")
+        self.load_state_dict(read_tensor_state(folder / SIM_STATE))
+        self.bank.load_state_dict(read_tensor_state(folder / memory_bank_file(rank)))
 
     def active(self, step: int) -> bool:
         return step >= self.cfg.sim_start_iter
@@ -187,10 +192,6 @@ def compute_sim_maps(sim: SIMState, x: Tensor, pos: Positives, targets: Targets,
     with record_function("sim.semantic_map"):
         feats_t = upsample_features(t_out.mask_feats.float())  # (B, D, h, w) teacher Z'
         m_sem = sim.prototypes.semantic_map(feats_t, pos.gt_labels, pos.gt_image)
-        if cfg.sim.oracle_semantic_map:  # diagnostic: the ground truth as M_S
-            if targets.gt_masks is None:
-                raise ValueError("sim.oracle_semantic_map needs instance masks in the batch")
-            m_sem = torch.cat(targets.gt_masks)[:, 2::4, 2::4][:, :h, :w].float()
     with record_function("sim.pseudo_masks"):
         box_full = torch.cat(targets.box_masks)  # (G, H, W)
         box_s4 = box_full[:, 2::4, 2::4][:, :h, :w]

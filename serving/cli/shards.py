@@ -1,0 +1,185 @@
+"""Splitting ``predict`` / ``label`` between processes started by ``accelerate launch``.
+
+``accelerate launch --num_processes N -m serving label ...`` (``--multi_gpu`` on a machine
+without GPUs, which starts the processes through torchrun) runs N copies of the command. Each
+learns its rank from Accelerate's :class:`~accelerate.PartialState` (which also gives it its
+own GPU), takes every N-th image of the work left (:func:`take_share`), and writes its own
+progress log; process 0 then waits for every process's end mark and merges the logs into the
+outputs a single process writes. Accelerate is imported only when several processes run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+#: Environment variables that launchers (torchrun, MPI) set for every process.
+_WORLD_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+#: Where process 0 of a job started by :func:`launch` leaves the job's exit code (the
+#: launcher reports any non-zero exit as its own failure, so the code travels by file).
+EXIT_CODE_ENV = "SIM_JOB_EXIT_CODE_FILE"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in the job: ``rank`` of ``world`` processes, the run's id (the
+    same in every process) and the device the launcher gave it (``None``: the user's).
+    ``sync`` waits for every process (default: Accelerate's barrier when launched; tests that
+    run shares side by side in threads give a ``threading.Barrier``'s ``wait``)."""
+
+    rank: int = 0
+    world: int = 1
+    run: str = ""
+    device: str | None = None
+    sync: Callable[[], object] | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started (1 when run directly)."""
+    for name in _WORLD_VARS:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def multi_process_cpu() -> bool:
+    """True when several processes were launched on a machine without an accelerator: then
+    the process group must be formed on the CPU (gloo), which Accelerate does only when
+    told (``cpu=True``)."""
+    import torch
+
+    has_accelerator = getattr(torch, "accelerator", None)
+    available = has_accelerator.is_available() if has_accelerator else torch.cuda.is_available()
+    return launched_world_size() > 1 and not available
+
+
+def current_shard(device: str = "auto") -> Shard:
+    """This process's :class:`Shard`: one process unless a launcher started several.
+
+    With several processes, the run id is made by process 0 and broadcast, and ``device``
+    ``"auto"`` becomes the process's own device (``cuda:<local rank>`` on a GPU machine).
+    """
+    if launched_world_size() <= 1:
+        return Shard(run=uuid.uuid4().hex)
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState(cpu=multi_process_cpu())
+    token = [uuid.uuid4().hex if state.is_main_process else None]
+    broadcast_object_list(token, from_process=0)
+    own = str(state.device) if device == "auto" else None
+    return Shard(state.process_index, state.num_processes, str(token[0]), own)
+
+
+def take_share(items: Sequence[T], shard: Shard) -> list[T]:
+    """Every ``world``-th item starting at ``rank``: interleaved shares, so images of one
+    folder (often similar in size) are spread over all processes."""
+    return list(items[shard.rank::shard.world])
+
+
+def barrier(shard: Shard) -> None:
+    """Wait until every process reaches this point (no-op in one process)."""
+    if shard.sync is not None:
+        shard.sync()
+    elif shard.world > 1 and launched_world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def launch(command: str, argv: Sequence[str], processes: int) -> int:
+    """Run ``sim <command> argv`` in ``processes`` processes through ``accelerate launch``
+    (torchrun: one process per GPU, or gloo processes on a machine without GPUs) and return
+    the job's exit code (that of process 0, which merges the outputs)."""
+    import torch
+
+    from ..errors import InputError
+
+    gpus = torch.cuda.device_count()
+    if gpus and processes > gpus:
+        raise InputError(f"--processes {processes}: this machine has {gpus} GPUs; use at most "
+                         "one process per GPU")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+                str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", "0", "--multi_gpu"]
+    fd, code_file = tempfile.mkstemp(prefix="sim-exit-", suffix=".txt")
+    os.close(fd)
+    try:
+        env = {**os.environ, EXIT_CODE_ENV: code_file}
+        if not gpus:
+            env.setdefault("OMP_NUM_THREADS", "1")  # processes share the cores
+        status = subprocess.call([*launcher, "-m", "serving", command, *argv], env=env)
+        text = open(code_file, encoding="utf-8").read().strip()
+        return int(text) if text.isdigit() else (status or 1)
+    finally:
+        os.unlink(code_file)
+
+
+def exit_code(code: int, shard: Shard) -> int:
+    """The exit code a process of a :func:`launch`-ed job returns: process 0 writes the job's
+    code where the parent reads it and exits 0 (so the launcher does not report it as a
+    crash); other processes exit 0 unless interrupted. Outside a launched job: ``code``."""
+    path = os.environ.get(EXIT_CODE_ENV)
+    if not path or shard.world <= 1:
+        return code
+    if shard.is_main:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(str(code))
+        return 0
+    return code if code == 130 else 0
+
+
+def run_sharded(command: str, argv: Sequence[str], processes: int, device: str,
+                body: Callable[[Shard], int]) -> int:
+    """A batch command's entry: with ``--processes N`` (N > 1) relaunch it in N processes;
+    otherwise run ``body(shard)`` for this process and return its exit code (see
+    :func:`exit_code`)."""
+    if processes > 1 and launched_world_size() <= 1:
+        return launch(command, argv, processes)
+    shard = current_shard(device)
+    return exit_code(body(shard), shard)
+
+
+def batch_command(command: str, argv: Sequence[str] | None, parser: Any,
+                  run: Callable[[Any, Shard], Any], show: Callable[[Any], None]) -> int:
+    """The entry of ``sim predict`` / ``sim label``: parse ``argv``, relaunch in several
+    processes for ``--processes N``, run ``run(args, shard)`` (a summary with ``exit_code``,
+    ``interrupted`` and ``merged``) and let process 0 ``show`` it. Bad input before any work
+    is one ``error:`` line (exit 1); Ctrl-C before the first image exits 130."""
+    import sys
+
+    from ..errors import SimError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.processes < 1:
+        print(f"error: --processes {args.processes}: must be at least 1", file=sys.stderr)
+        return 1
+
+    def body(shard: Shard) -> int:
+        try:
+            summary = run(args, shard)
+        except SimError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # before the first image (while loading the model, ...)
+            print("interrupted before any image was finished", file=sys.stderr)
+            return 130
+        if summary.merged and not summary.interrupted:
+            show(summary)
+        return int(summary.exit_code)
+
+    return run_sharded(command, argv, args.processes, args.device, body)

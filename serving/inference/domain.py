@@ -1,0 +1,121 @@
+"""Is the user's data like the data the model was trained and validated on?
+
+A checkpoint's calibration (``extra["calibration"]``, written by training's evaluation) holds:
+
+- ``object_sizes``: quantiles (``p10``, ``p50``, ``p90``) of the training boxes' size
+  ``sqrt(width * height)`` in network-input pixels (after the training resize);
+- ``prompt_scores``: quantiles of the box-prompted score on the validation boxes, and
+  ``auto_scores`` of each validation image's best automatic-mode score;
+- ``score_threshold`` / ``f1``: the automatic-mode score threshold that maximises F1 on the
+  validation split (mask IoU 0.5), used by default for pictures, the app and the server.
+
+:func:`box_sizes` measures the same size on a user's boxes at the model's inference size;
+:func:`size_advice` and :func:`score_advice` turn a mismatch into one line that states the
+numbers and what to do. Nothing here changes a result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .transforms import resized_shape
+
+#: Object sizes further apart than this factor (either way) get an image-size suggestion.
+SIZE_FACTOR = 1.5
+#: A run whose median prompted score is below this fraction of the validation median is
+#: called out of domain.
+SCORE_FACTOR = 0.6
+#: Fewest prompts whose scores are judged (fewer say too little).
+MIN_PROMPTS = 10
+QUANTILES = {"p10": 10, "p50": 50, "p90": 90}
+
+
+def quantiles(values: Iterable[float]) -> dict[str, float]:
+    """``{"p10", "p50", "p90"}`` of ``values`` (empty -> ``{}``), rounded to 4 digits."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    if arr.size == 0:
+        return {}
+    return {k: round(float(np.percentile(arr, q)), 4) for k, q in QUANTILES.items()}
+
+
+def box_sizes(boxes_and_sizes: Iterable[tuple[np.ndarray, tuple[int, int]]],
+              min_size: int, max_size: int) -> np.ndarray:
+    """``sqrt(w * h)`` of every box at the network input.
+
+    Args:
+        boxes_and_sizes: per image, (M, 4) XYXY boxes in original pixels and the image's
+            (height, width).
+        min_size / max_size: the resize rule (shorter side / longer-side cap).
+
+    Returns:
+        (N,) float64 sizes in network-input pixels.
+    """
+    out = []
+    for boxes, (h, w) in boxes_and_sizes:
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        scale = resized_shape(h, w, min_size, max_size)[0] / h
+        side = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None)
+                       * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
+        out.append(side * scale)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def suggested_size(ratio: float, min_size: int, max_size: int) -> tuple[int, int]:
+    """Inference ``(min_size, max_size)`` scaled by ``ratio`` (multiples of 32, 64-4096)."""
+    def scale(v: int) -> int:
+        return int(min(max(round(v * ratio / 32) * 32, 64), 4096))
+
+    return scale(min_size), scale(max_size)
+
+
+def size_advice(calibration: Mapping[str, Any], sizes: np.ndarray, min_size: int,
+                max_size: int) -> str | None:
+    """One line when the input's median object is ``SIZE_FACTOR`` times smaller or larger
+    than the training data's at the network input, suggesting an inference size; else None."""
+    train = calibration.get("object_sizes", {}).get("p50")
+    if not train or sizes.size == 0:
+        return None
+    mine = float(np.median(sizes))
+    ratio = train / max(mine, 1e-6)
+    if 1 / SIZE_FACTOR <= ratio <= SIZE_FACTOR:
+        return None
+    lo, hi = suggested_size(ratio, min_size, max_size)
+    way = "smaller" if ratio > 1 else "larger"
+    return (f"object size: the median box is {mine:.0f} px at the model's input size "
+            f"({min_size}/{max_size}), {ratio if ratio > 1 else 1 / ratio:.1f}x {way} than in "
+            f"training ({train:.0f} px); try --image-size {lo} {hi} (box-prompted masks "
+            "usually gain up to about 1.25x; check on a few images with masks)")
+
+
+def score_advice(calibration: Mapping[str, Any], scores: Iterable[float], mode: str = "prompt",
+                 min_count: int = MIN_PROMPTS) -> str | None:
+    """One line when the run's median score sits far below the validation median (the model
+    has probably never seen images like these); else None.
+
+    ``mode``: ``"prompt"`` (``scores`` are box-prompted scores) or ``"auto"`` (each image's
+    best automatic-mode score). ``min_count``: fewest scores worth judging.
+    """
+    reference = calibration.get(f"{mode}_scores", {}).get("p50")
+    values = np.asarray(list(scores), dtype=np.float64)
+    if not reference or values.size < min_count:
+        return None
+    median = float(np.median(values))
+    if median >= SCORE_FACTOR * reference:
+        return None
+    what = "box score" if mode == "prompt" else "best score per image"
+    return (f"out of domain: the median {what} is {median:.2f} on these images against "
+            f"{reference:.2f} on the model's validation images; the model has probably not "
+            "seen images like these: train on your own images (docs/your_data.md)")
+
+
+def calibration_of(segmenter: Any) -> dict[str, Any]:
+    """The calibration a loaded model carries (empty when it was trained without one): a
+    checkpoint's ``extra["calibration"]``, or the one an export copied from its checkpoint."""
+    info = getattr(segmenter, "info", {}) or {}
+    extra = info.get("extra") or {}
+    found = (info.get("calibration") or extra.get("calibration")
+             or (extra.get("checkpoint_extra") or {}).get("calibration"))
+    return dict(found) if isinstance(found, Mapping) else {}

@@ -1,0 +1,150 @@
+"""``InstanceMasks``: the boolean masks of one image, each stored as the crop of its extent.
+
+A full-size mask of an 8000x6000 image is 48 MB; 256 of them are 12 GB, although each mask
+covers a small part of the image (a prompted mask never leaves its box). Here instance ``i``
+is the (h_i, w_i) bool crop of its own bounding box, placed at ``offsets[i] = (y0, x0)`` in
+the (H, W) image; every pixel outside the crop is False. Memory is the sum of the crops'
+areas in bytes. Full masks are built one instance at a time (:meth:`InstanceMasks.mask`) or
+all at once only when asked (:meth:`InstanceMasks.dense`); COCO RLE is encoded from the crop
+without building the full mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _tight(mask: np.ndarray) -> tuple[int, int, np.ndarray]:
+    """(y0, x0, crop) of a 2-D bool array cut to the bounding box of its True pixels
+    ((0, 0) crop at (0, 0) when it has none)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not rows.size:
+        return 0, 0, np.zeros((0, 0), bool)
+    cols = np.flatnonzero(mask.any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return int(y0), int(x0), mask[y0:y1, x0:x1]
+
+
+class InstanceMasks:
+    """N boolean masks of an (H, W) image, each kept as the crop of its bounding box.
+
+    Attributes:
+        crops: N (h_i, w_i) bool arrays; pixel (r, c) of crop i is image pixel
+            (y0_i + r, x0_i + c).
+        offsets: (N, 2) int64 (y0, x0) of each crop's top-left pixel in the image.
+        image_size: (H, W) of the image.
+    """
+
+    __slots__ = ("crops", "offsets", "image_size")
+
+    def __init__(self, crops: Sequence[np.ndarray], offsets: Any,
+                 image_size: tuple[int, int]) -> None:
+        h, w = (int(v) for v in image_size)
+        self.image_size = (h, w)
+        self.crops = tuple(np.asarray(c, dtype=bool) for c in crops)
+        self.offsets = np.asarray(offsets, dtype=np.int64).reshape(len(self.crops), 2)
+        for i, (crop, (y0, x0)) in enumerate(zip(self.crops, self.offsets)):
+            if crop.ndim != 2 or y0 < 0 or x0 < 0 or y0 + crop.shape[0] > h or (
+                    x0 + crop.shape[1] > w):
+                raise ValueError(f"mask {i}: crop {crop.shape} at ({y0}, {x0}) does not fit "
+                                 f"in a {h}x{w} image")
+
+    @classmethod
+    def from_dense(cls, masks: np.ndarray) -> InstanceMasks:
+        """From (N, H, W) bool masks (each cut to the bounding box of its True pixels)."""
+        masks = np.asarray(masks)
+        if masks.ndim != 3:
+            raise ValueError(f"masks: expected (N, H, W), got shape {masks.shape}")
+        parts = [_tight(m.astype(bool, copy=False)) for m in masks]
+        return cls([p[2] for p in parts], [(p[0], p[1]) for p in parts], masks.shape[1:])
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[InstanceMasks]) -> InstanceMasks:
+        """The instances of ``parts`` (all of one image size), in order."""
+        if not parts:
+            raise ValueError("concatenate needs at least one InstanceMasks")
+        size = parts[0].image_size
+        if any(p.image_size != size for p in parts):
+            raise ValueError(f"image sizes differ: {[p.image_size for p in parts]}")
+        return cls([c for p in parts for c in p.crops],
+                   np.concatenate([p.offsets for p in parts]).reshape(-1, 2), size)
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __repr__(self) -> str:
+        return (f"InstanceMasks({len(self)} masks of {self.image_size[0]}x{self.image_size[1]},"
+                f" {self.nbytes} bytes of crops)")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the crops."""
+        return sum(c.nbytes for c in self.crops)
+
+    def select(self, index: Any) -> InstanceMasks:
+        """The instances picked by ``index`` (a slice, int indices or an (N,) bool mask), as
+        numpy indexing of the first axis would pick them."""
+        picked = np.arange(len(self))[index]
+        return InstanceMasks([self.crops[i] for i in np.atleast_1d(picked)],
+                             self.offsets[np.atleast_1d(picked)], self.image_size)
+
+    def box(self, i: int) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1): the image rows y0..y1-1 and columns x0..x1-1 crop i covers."""
+        y0, x0 = (int(v) for v in self.offsets[i])
+        h, w = self.crops[i].shape
+        return y0, x0, y0 + h, x0 + w
+
+    def mask(self, i: int) -> np.ndarray:
+        """(H, W) bool: instance i at full size (H x W bytes)."""
+        out = np.zeros(self.image_size, bool)
+        y0, x0, y1, x1 = self.box(i)
+        out[y0:y1, x0:x1] = self.crops[i]
+        return out
+
+    def dense(self) -> np.ndarray:
+        """(N, H, W) bool: every instance at full size (N x H x W bytes)."""
+        out = np.zeros((len(self), *self.image_size), bool)
+        for i, crop in enumerate(self.crops):
+            y0, x0, y1, x1 = self.box(i)
+            out[i, y0:y1, x0:x1] = crop
+        return out
+
+    def areas(self) -> np.ndarray:
+        """(N,) int64 mask areas in pixels."""
+        return np.array([np.count_nonzero(c) for c in self.crops], dtype=np.int64)
+
+    def rle_counts(self, i: int) -> list[int]:
+        """Uncompressed COCO RLE counts of instance i: run lengths of the column-major (Fortran
+        order) full mask, starting with a run of False (0 long when pixel (0, 0) is True)."""
+        h, w = self.image_size
+        y0, x0 = (int(v) for v in self.offsets[i])
+        crop = self.crops[i]
+        ch = crop.shape[0]
+        # runs of True inside each crop column: +1 starts, -1 ends (exclusive), column-major
+        edges = np.diff(np.pad(crop.T.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+        col_s, row_s = np.nonzero(edges == 1)
+        col_e, row_e = np.nonzero(edges == -1)
+        starts = (x0 + col_s) * h + y0 + row_s  # flat Fortran index in the image
+        ends = (x0 + col_e) * h + y0 + row_e
+        if ch and starts.size:  # a run ending at the image bottom continues at the next top
+            joined = ends[:-1] == starts[1:]
+            starts = starts[np.concatenate(([True], ~joined))]
+            ends = ends[np.concatenate((~joined, [True]))]
+        bounds = np.empty(2 * starts.size + 2, dtype=np.int64)
+        bounds[0], bounds[-1] = 0, h * w
+        bounds[1:-1:2], bounds[2:-1:2] = starts, ends
+        counts = np.diff(bounds)
+        if counts.size > 1 and counts[-1] == 0:  # the mask ends on a True pixel
+            counts = counts[:-1]
+        return counts.tolist()
+
+    def rle(self, i: int) -> dict[str, Any]:
+        """Compressed COCO RLE of instance i (``{"size": [H, W], "counts": bytes}``), exactly
+        what ``pycocotools.mask.encode`` gives for the full mask. Needs pycocotools."""
+        from pycocotools import mask as mask_util  # lazy: only RLE output needs it
+
+        h, w = self.image_size
+        return mask_util.frPyObjects({"size": [h, w], "counts": self.rle_counts(i)}, h, w)

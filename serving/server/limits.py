@@ -1,0 +1,114 @@
+"""The HTTP server's limits: its settings, and the sizes it admits requests by.
+
+Imported by :mod:`serving.server.requests` and :mod:`serving.server.app`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..inference.images import MAX_IMAGE_PIXELS
+from ..segmenter import Segmenter
+
+#: Memory for the masks of the requests in flight (boolean crops: one byte per pixel).
+MASK_MEMORY_BYTES = 512 << 20
+#: Default ``--max-mask-pixels``: half the budget, as two requests can be in flight at once
+#: (a large one in its own lane and a batch of small ones, each batch at most this much).
+DEFAULT_MAX_MASK_PIXELS = MASK_MEMORY_BYTES // 2
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Limits, timeouts and batching of the server (the flags of ``python -m serving serve``).
+
+    Attributes:
+        max_mask_pixels: the pixels one request's masks may cover (:func:`mask_pixels`: box
+            areas summed; automatic mode: the image), which bounds its mask memory (a byte
+            per pixel) and work; more -> 413. Also the most a batch of small requests holds.
+        large_boxes: requests with more prompt boxes than this, or costing more than
+            ``max_mask_pixels // 8``, run alone in the large lane.
+        keep_alive_s: an idle connection (no request under way) is closed after this.
+        body_timeout_s: a request body must arrive within this (else 408).
+        shutdown_grace_s: on SIGTERM, ``/readyz`` answers 503 for this long while requests
+            are still served; then the server stops accepting and drains.
+    """
+
+    max_batch: int = 8
+    max_wait_ms: float = 10.0
+    max_body_mb: float = 20.0
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_boxes: int | None = None  # None: the model's InferenceConfig.max_prompt_boxes
+    max_queue: int = 64  # requests waiting for a batch; more get 503 (bounded memory)
+    warmup: bool = True
+    max_mask_pixels: int = DEFAULT_MAX_MASK_PIXELS
+    large_boxes: int = 32
+    keep_alive_s: float = 5.0
+    body_timeout_s: float = 60.0
+    shutdown_grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_pixels > MAX_IMAGE_PIXELS:
+            raise ValueError(f"max_pixels={self.max_pixels} is above the ceiling of "
+                             f"{MAX_IMAGE_PIXELS} pixels that the image decoder accepts; "
+                             f"use at most {MAX_IMAGE_PIXELS}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def large_cost(self) -> int:
+        """Requests whose :func:`mask_pixels` exceed this run alone in the large lane."""
+        return max(1, self.max_mask_pixels // 8)
+
+    def boxes_limit(self, segmenter: Segmenter) -> int:
+        """Effective boxes-per-request limit: the smaller of this and the model's."""
+        model_limit = int(segmenter.cfg.max_prompt_boxes)
+        return model_limit if self.max_boxes is None else min(int(self.max_boxes), model_limit)
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) declared by an image file's header, read by the first PIL format
+    plugin that accepts it, without PIL's decompression-bomb refusal (which hides the size);
+    ``None`` when no plugin reads it. Nothing is decoded."""
+    from PIL import Image
+
+    prefix = data[:16]
+    for loader in (Image.preinit, Image.init):
+        loader()
+        for fmt in list(Image.ID):
+            factory, accept = Image.OPEN[fmt]
+            if accept is not None and accept(prefix) is not True:
+                continue
+            try:
+                with factory(io.BytesIO(data), "") as img:
+                    return tuple(int(v) for v in img.size)  # type: ignore[return-value]
+            except Exception:  # noqa: BLE001 (this plugin cannot read it; try the next)
+                continue
+    return None
+
+
+def mask_pixels(boxes: np.ndarray | None, image_size: tuple[int, int],
+                clip_to_box: bool = True) -> int:
+    """The pixels a request's masks may cover: the cost the server admits and batches by.
+
+    Prompted masks clipped to their boxes cover at most the boxes' areas (in whole pixels,
+    summed over boxes); unclipped ones, the image per box. Automatic mode counts the image
+    once (its masks are kept as crops of their own extent).
+
+    Args:
+        boxes: (M, 4) XYXY original pixels, clipped to the image, or ``None`` (automatic).
+        image_size: (H, W) of the original image.
+    """
+    h, w = image_size
+    if boxes is None:
+        return h * w
+    if not clip_to_box:
+        return h * w * len(boxes)
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    widths = np.clip(np.ceil(b[:, 2]) - np.floor(b[:, 0]), 0, w)
+    heights = np.clip(np.ceil(b[:, 3]) - np.floor(b[:, 1]), 0, h)
+    return int(np.sum(widths * heights))

@@ -1,0 +1,78 @@
+"""Warnings when the user's data is unlike the model's: object sizes and prompt scores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from cli_data import one_torch_thread, shapes_dataset
+from sim_testing import make_tiny_checkpoint
+
+from serving.cli.label import main
+from serving.inference.domain import (
+    box_sizes,
+    calibration_of,
+    quantiles,
+    score_advice,
+    size_advice,
+    suggested_size,
+)
+from serving.model.checkpoint import update_checkpoint_extra
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
+
+
+def test_box_sizes_at_the_network_input():
+    boxes = np.array([[0, 0, 40, 10], [10, 10, 30, 30]])  # sqrt(400) = 20 px each
+    assert box_sizes([(boxes, (100, 200))], 50, 1000).tolist() == [10.0, 10.0]  # scale 0.5
+    assert box_sizes([(boxes, (100, 200))], 200, 300).tolist() == [30.0, 30.0]  # cap: 1.5
+    assert quantiles([]) == {} and quantiles([1, 2, 3])["p50"] == 2.0
+
+
+def test_size_advice_suggests_an_image_size_only_past_the_factor():
+    calib = {"object_sizes": {"p50": 40.0}}
+    assert size_advice(calib, np.full(5, 30.0), 256, 256) is None  # 1.33x: fine
+    line = size_advice(calib, np.full(5, 20.0), 256, 256)  # 2x smaller
+    assert line and "2.0x smaller than in training (40 px)" in line
+    assert "--image-size 512 512" in line and suggested_size(2.0, 256, 256) == (512, 512)
+    assert "larger" in size_advice(calib, np.full(5, 100.0), 256, 448)
+    assert size_advice({}, np.full(5, 1.0), 256, 256) is None  # no calibration: no advice
+
+
+def test_score_advice_says_out_of_domain_with_the_numbers():
+    calib = {"prompt_scores": {"p50": 0.5}}
+    assert score_advice(calib, [0.45] * 20) is None
+    line = score_advice(calib, [0.1] * 20)
+    assert line.startswith("out of domain: the median box score is 0.10 on these images "
+                           "against 0.50 on the model's validation images")
+    assert score_advice(calib, [0.1] * 5) is None  # too few boxes to judge
+
+
+def test_label_warns_when_scores_sit_far_below_the_validation_reference(tmp_path, capsys):
+    """The same tiny model and images, once with a validation reference its scores here
+    match, once with one they are far below: only the second run warns."""
+    boxes = shapes_dataset(tmp_path / "data", num_images=4)
+    model = make_tiny_checkpoint(tmp_path / "m.safetensors", detections=False)  # low scores
+    args = ["--model", str(model), "--annotations", str(boxes), "--images",
+            str(tmp_path / "data" / "images"), "--device", "cpu", "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "a.json")]) == 0
+    capsys.readouterr()
+    scores = [a["score"] for a in json.loads((tmp_path / "a.json").read_text())["annotations"]]
+    own = float(np.median(scores))
+    update_checkpoint_extra(model, {"calibration": {"prompt_scores": {"p50": own}}})
+    assert main([*args, "--output", str(tmp_path / "b.json")]) == 0
+    assert "out of domain" not in capsys.readouterr().err
+    assert own < 0.3
+    update_checkpoint_extra(model, {"calibration": {"prompt_scores": {"p50": 0.9}}})
+    assert main([*args, "--output", str(tmp_path / "c.json")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: out of domain: the median box score is {own:.2f} on these images " \
+           "against 0.90 on the model's validation images" in err
+    from serving import Segmenter
+
+    assert calibration_of(Segmenter.load(model, device="cpu")) == {
+        "prompt_scores": {"p50": 0.9}}

@@ -1,0 +1,153 @@
+"""``mask_crops``: masks computed per instance inside their region equal the whole-image
+pipeline bit for bit (every kernel variant and the fallback), and hold only their extent."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_fastpaths import reference_postprocess_masks
+
+import serving.inference.paste as paste
+from serving import Segmenter
+from serving.inference.paste import _axis, _cpu_fused, _fma32, _resize_exact, mask_crops
+
+
+def blob_probs(count: int, stride4: tuple[int, int], seed: int) -> torch.Tensor:
+    """(count, h4, w4) probabilities: a Gaussian blob of random place and size on low noise,
+    like a real mask (every third one plain uniform noise, every fifth with rows of 0.5)."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    h4, w4 = stride4
+    yy, xx = torch.meshgrid(torch.arange(h4), torch.arange(w4), indexing="ij")
+    probs = torch.rand((count, h4, w4), generator=gen)
+    for k in range(count):
+        if (seed + k) % 3:
+            cy, cx, r = rng.random() * h4, rng.random() * w4, 0.5 + rng.random() * h4 / 3
+            blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+            probs[k] = 0.9 * blob + 0.1 * probs[k]
+    if seed % 5 == 0:
+        probs[:, ::2] = 0.5  # exactly at the threshold: background
+    return probs
+
+
+def random_boxes(count: int, size: tuple[int, int], seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + 1)
+    h0, w0 = size
+    boxes = torch.rand((count, 4), generator=gen) * torch.tensor([w0, h0, w0, h0]) * 0.6
+    boxes[:, 2:] += boxes[:, :2] * 0.5 + 1.0
+    return boxes
+
+
+CASES = [  # (stride-4 map, resized, original)
+    ((8, 8), (30, 31), (30, 31)),          # same size, small map (PyTorch's small kernel)
+    ((40, 52), (157, 205), (157, 205)),    # same size, large map: windows of the map
+    ((25, 34), (100, 133), (600, 800)),    # x6 upscale, like 8000x6000 at 1333
+    ((40, 52), (157, 205), (61, 45)),      # downscale
+    ((8, 8), (30, 31), (40, 70)),          # original h + w <= 128: whole-image path
+    ((1, 1), (1, 1), (1, 1)),
+    ((36, 9), (141, 33), (900, 200)),      # tall and thin
+]
+
+
+def assert_equal_to_reference(probs, resized, orig, boxes) -> None:
+    expected = reference_postprocess_masks(probs, resized, orig, 0.5, boxes).numpy()
+    got = mask_crops(probs, resized, orig, 0.5, boxes)
+    assert got.image_size == orig and len(got) == len(probs)
+    assert np.array_equal(got.dense(), expected)
+    for i, crop in enumerate(got.crops):  # tight: every border row and column has a pixel
+        if crop.size:
+            assert crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any()
+        else:
+            assert not expected[i].any()
+
+
+@pytest.mark.parametrize("stride4, resized, orig", CASES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mask_crops_equal_the_whole_image_pipeline(stride4, resized, orig, seed) -> None:
+    probs = blob_probs(4, stride4, seed)
+    for boxes in (None, random_boxes(4, orig, seed)):
+        assert_equal_to_reference(probs, resized, orig, boxes)
+
+
+@pytest.mark.parametrize("variant", [True, False, None])
+def test_every_kernel_variant_and_the_fallback_give_the_same_masks(monkeypatch, variant):
+    """Forcing the other operation order makes only a few pixels' floats differ (the exact
+    recomputation runs); ``None`` forces the whole-image fallback. Only the variant this
+    process really has must match the reference: the masks agree for all three here because
+    a variant's order changes values by ~1e-7, far from the threshold on these maps."""
+    monkeypatch.setitem(paste._VARIANT, "cpu", variant)
+    probs = blob_probs(3, (25, 34), 3)
+    assert_equal_to_reference(probs, (100, 133), (300, 400), random_boxes(3, (300, 400), 3))
+
+
+def test_this_cpu_has_a_reproduced_kernel_variant() -> None:
+    """Otherwise every mask would take the slower whole-image fallback."""
+    assert _cpu_fused() is not None
+
+
+def test_exact_resize_reproduces_f_interpolate() -> None:
+    fused = _cpu_fused()
+    gen = torch.Generator().manual_seed(5)
+    # outputs with h + w > 128 (smaller ones take PyTorch's other kernel; mask_crops too)
+    for size, out in (((37, 51), (311, 97)), ((100, 133), (601, 799)), ((90, 70), (61, 97))):
+        x = torch.rand(size, generator=gen)
+        ref = F.interpolate(x[None, None], size=out, mode="bilinear", align_corners=False)[0, 0]
+        ys, xs = _axis(size[0], out[0], fused), _axis(size[1], out[1], fused)
+        rows, cols = np.meshgrid(np.arange(out[0]), np.arange(out[1]), indexing="ij")
+        got = _resize_exact(x.numpy(), paste._Axis(*(a[rows.ravel()] for a in ys)),
+                            paste._Axis(*(a[cols.ravel()] for a in xs)), fused)
+        assert np.array_equal(got.reshape(out), ref.numpy())
+
+
+def test_fma32_rounds_once() -> None:
+    a = np.float32(1 + 2.0 ** -12)
+    # a*a = 1 + 2^-11 + 2^-24: two roundings lose the 2^-24 term, one keeps it
+    assert _fma32(np.array([a]), np.array([a]), np.array([-(1 + 2.0 ** -11)], np.float32))[
+        0] == np.float32(2.0 ** -24)
+    # a*a is a float32 midpoint; + 2^-80 must round up (float64 alone would tie to even)
+    got = _fma32(np.array([a]), np.array([a]), np.array([2.0 ** -80], np.float32))[0]
+    assert got == np.float32(1 + 2.0 ** -11 + 2.0 ** -23)
+
+
+def test_prompted_crops_stay_inside_their_boxes_and_memory_follows_the_boxes() -> None:
+    probs = torch.full((3, 25, 34), 0.9)  # every pixel above the threshold
+    boxes = torch.tensor([[10.0, 20.0, 110.0, 70.0], [0.0, 0.0, 800.0, 600.0],
+                          [700.2, 500.7, 799.5, 599.5]])
+    crops = mask_crops(probs, (100, 133), (600, 800), 0.5, boxes)
+    assert [c.shape for c in crops.crops] == [(50, 100), (600, 800), (99, 100)]
+    assert crops.offsets.tolist() == [[20, 10], [0, 0], [501, 700]]
+    assert crops.nbytes == 50 * 100 + 600 * 800 + 99 * 100
+
+
+def test_empty_masks_cost_nothing() -> None:
+    crops = mask_crops(torch.zeros((5, 25, 34)), (100, 133), (6000, 8000), 0.5)
+    assert len(crops) == 5 and crops.nbytes == 0 and crops.areas().tolist() == [0] * 5
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_checkpoint) -> Segmenter:
+    return Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+def test_segmenter_masks_equal_the_whole_image_pipeline(segmenter, monkeypatch) -> None:
+    """``predict`` through crops == ``predict`` with the old full-size masks (resize path:
+    the 150x230 image is resized to the tiny model's input size)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (150, 230, 3), dtype=np.uint8)
+    image[30:100, 40:150] = (230, 40, 40)
+    boxes = [[40, 30, 150, 100], [0, 0, 230, 150], [100.5, 60.2, 180.7, 140.1]]
+    new = [segmenter.predict(image), segmenter.predict(image, boxes=boxes)]
+
+    def whole_image(mask_probs, resized, orig, threshold=0.5, clip_boxes=None):
+        dense = reference_postprocess_masks(mask_probs, resized, orig, threshold, clip_boxes)
+        return paste.InstanceMasks.from_dense(dense.numpy())
+
+    monkeypatch.setattr("serving.segmenter.mask_crops", whole_image)
+    old = [segmenter.predict(image), segmenter.predict(image, boxes=boxes)]
+    for a, b in zip(new, old):
+        assert len(a) == len(b) and np.array_equal(a.masks, b.masks)
+        assert [r["segmentation"] for r in a.to_coco(1)] == [
+            r["segmentation"] for r in b.to_coco(1)]
+    assert new[1].masks.any()
