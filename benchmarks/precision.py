@@ -75,7 +75,7 @@ def run_dataset(name: str, checkpoint: str, args: argparse.Namespace, work: Path
     config, _ = DATASETS[name]
     cfg = load_config(REPO / config)
     data = cfg.data
-    export = export_onnx(checkpoint, work / name, exporter="torchscript", check_tensorrt=False)
+    export = export_onnx(checkpoint, work / name, check_tensorrt=False)
     cal = load_calibration_set(data.train_json, args.calibration_count, data.train_images)
     val_paths = sorted(Path(data.val_images) / img["file_name"] for img in
                        json.loads(Path(data.val_json).read_text())["images"])

@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 from serving import Segmenter
 from serving.backends.exported import StaticShapeBackend
 from serving.config import config_to_dict
 from serving.inference.images import ImageLike, load_image
+from serving.model.ops import box_iou_pairwise
 from serving.prediction import Prediction
 
 from .verify import VerificationError, default_prompts, mask_iou
@@ -151,7 +151,8 @@ def match_confident(ref: Prediction, got: Prediction, score: float,
     at least one of the two scoring >= ``score``; highest IoU first."""
     if not len(ref) or not len(got):
         return []
-    iou = box_iou(torch.from_numpy(ref.boxes), torch.from_numpy(got.boxes)).numpy()
+    iou = box_iou_pairwise(torch.from_numpy(ref.boxes)[:, None],
+                           torch.from_numpy(got.boxes)[None, :]).numpy()  # (N_ref, N_got)
     ok = (ref.labels[:, None] == got.labels[None, :]) & (iou >= min_iou)
     ok &= (ref.scores[:, None] >= score) | (got.scores[None, :] >= score)
     pairs, used_i, used_j = [], set(), set()

@@ -4,34 +4,44 @@ the model and failing on a broken or different one, and the ``--int8`` command l
 
 The model is the tiny test architecture with its predictions made less degenerate (box
 regression bias 2: boxes of about four strides; class weights scaled so scores spread), so
-that matching detections by IoU is meaningful. One export + quantisation per session."""
+that matching detections by IoU is meaningful. One ``python -m export --int8 --calibration
+... --verify ...`` run per session makes every file the tests look at."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import random_image
+from int8_data import random_image
 from PIL import Image
 from sim_testing import TINY_CLASSES, make_tiny_checkpoint, tiny_model_config
 
+from export import ExportResult
 from export.verify_int8 import INT8_TOLERANCES, verify_int8
 from serving import Segmenter
 from serving.backends.exported import read_sidecar
 from serving.errors import CheckpointError, InputError
 
-pytestmark = pytest.mark.slow  # the shared fixture exports and quantises (~20 s)
+pytestmark = pytest.mark.slow  # the shared fixture exports (dynamo) and quantises
+
+
+def _files(out, stem: str) -> ExportResult:
+    return ExportResult(sidecar=out / f"{stem}.json",
+                        graphs={"automatic": out / f"{stem}.auto.onnx",
+                                "prompt": out / f"{stem}.prompt.onnx"})
 
 
 @pytest.fixture(scope="session")
-def int8_model(tmp_path_factory, exporter):
-    """(checkpoint, fp32 ExportResult, INT8 ExportResult, calibration folder)."""
-    from export import export_onnx
-    from export.quantize import quantize_export
+def int8_model(tmp_path_factory):
+    """(checkpoint, fp32 ExportResult, INT8 ExportResult, calibration folder, CLI stdout) of
+    ``python -m export --int8 --calibration cal --calibration-count 3 --verify v.png``."""
+    from export.__main__ import main
     from serving import InferenceConfig, build_condinst
     from serving.model.checkpoint import save_checkpoint
 
@@ -45,12 +55,19 @@ def int8_model(tmp_path_factory, exporter):
         model.head.bbox_pred.bias.fill_(2.0)
     ckpt = save_checkpoint(root / "sane.safetensors", model, cfg, list(TINY_CLASSES),
                            InferenceConfig(min_size=128, max_size=256, max_detections=100))
-    fp32 = export_onnx(ckpt, root / "export", exporter=exporter)
     cal = root / "cal"
     cal.mkdir()
     for i in range(4):
         Image.fromarray(random_image(120 + 20 * i, 160, i)).save(cal / f"{i}.png")
-    return ckpt, fp32, quantize_export(fp32.sidecar, cal), cal
+    Image.fromarray(random_image(150, 160, 31)).save(root / "v.png")
+    out = root / "out"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["--checkpoint", str(ckpt), "--output", str(out), "--int8",
+                     "--calibration", str(cal), "--calibration-count", "3",
+                     "--verify", str(root / "v.png")])
+    assert code == 0, printed.getvalue()
+    return ckpt, _files(out, "sane"), _files(out, "sane.int8"), cal, printed.getvalue()
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +85,7 @@ def _ops(path) -> dict[str, int]:
 
 
 def test_files_and_sidecar(int8_model):
-    _, fp32, int8, cal = int8_model
+    _, fp32, int8, cal, _ = int8_model
     assert int8.sidecar.name == "sane.int8.json"
     assert {p.name for p in int8.graphs.values()} == {"sane.int8.auto.onnx",
                                                       "sane.int8.prompt.onnx"}
@@ -78,16 +95,18 @@ def test_files_and_sidecar(int8_model):
     assert side.export_id != base.export_id and side.class_names == base.class_names
     assert side.graphs["automatic"]["inputs"] == base.graphs["automatic"]["inputs"]
     record = side.quantization
-    digests = [hashlib.sha256((cal / f"{i}.png").read_bytes()).hexdigest() for i in range(4)]
+    assert record["calibration"]["files"] == ["0.png", "2.png", "3.png"]  # 3 of 4, spread
+    digests = [hashlib.sha256((cal / name).read_bytes()).hexdigest()
+               for name in record["calibration"]["files"]]
     assert record["calibration"]["sha256"] == hashlib.sha256(
         "\n".join(digests).encode()).hexdigest()
-    assert record["calibration"]["count"] == 4 and record["format"] == "QDQ"
+    assert record["calibration"]["count"] == 3 and record["format"] == "QDQ"
     assert record["source"]["export_id"] == base.export_id
     assert record["graphs"]["automatic"]["quantized_nodes"] > 0
 
 
 def test_network_in_int8_and_post_processing_in_fp32(int8_model):
-    _, fp32, int8, _ = int8_model
+    _, fp32, int8, _, _ = int8_model
     ops, base = _ops(int8.graphs["automatic"]), _ops(fp32.graphs["automatic"])
     assert ops["QuantizeLinear"] > 10 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
     for op in ("NonMaxSuppression", "TopK", "MatMul", "Sigmoid"):  # untouched, fp32
@@ -98,13 +117,21 @@ def test_network_in_int8_and_post_processing_in_fp32(int8_model):
     dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
     assert matmuls and not any(i in dq_outputs for n in matmuls for i in n.input)  # mask head
+    # The prediction convolutions (4 per level x 5 levels + the mask branch output) keep fp32
+    # weights and outputs; the other convolutions get int8 weights (DequantizeLinear-fed).
     kept = read_sidecar(int8.sidecar).quantization["graphs"]["automatic"]["fp32_convs"]
-    assert kept and all(any(k in name for k in ("cls_logits", "bbox_pred", "ctrness",
-                                                "controller", "mask_branch")) for name in kept)
+    assert len(kept) == 21
+    by_name = {n.name: n for n in model.graph.node}
+    float_inits = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert all(by_name[name].input[1] in float_inits for name in kept)
+    q_inputs = {i for n in model.graph.node if n.op_type == "QuantizeLinear" for i in n.input}
+    assert not any(o in q_inputs for name in kept for o in by_name[name].output)
+    int8_convs = [n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in dq_outputs]
+    assert len(int8_convs) > 20
 
 
 def test_segmenter_serves_int8_with_the_same_contract(int8_model, verify_images):
-    ckpt, _, int8, _ = int8_model
+    ckpt, _, int8, _, _ = int8_model
     image = verify_images[1]
     for path in (int8.sidecar, int8.graphs["automatic"], int8.graphs["prompt"]):
         seg = Segmenter.load(path) if str(path).endswith(".onnx") else Segmenter.from_onnx(path)
@@ -124,7 +151,7 @@ def test_segmenter_serves_int8_with_the_same_contract(int8_model, verify_images)
 
 
 def test_int8_verification_passes_on_the_model(int8_model, verify_images):
-    ckpt, _, int8, _ = int8_model
+    ckpt, _, int8, _, _ = int8_model
     report = verify_int8(ckpt, int8.sidecar, verify_images)
     assert report.passed, report.table()
     assert report.agreement >= INT8_TOLERANCES.min_agreement
@@ -136,7 +163,7 @@ def test_int8_verification_passes_on_the_model(int8_model, verify_images):
 def test_int8_verification_fails_on_another_model(int8_model, verify_images, tmp_path):
     from export.verify import VerificationError
 
-    _, _, int8, _ = int8_model
+    _, _, int8, _, _ = int8_model
     other = make_tiny_checkpoint(tmp_path / "other.safetensors", seed=5)
     report = verify_int8(other, int8.sidecar, verify_images)
     assert not report.passed and report.agreement < 0.5
@@ -150,7 +177,7 @@ def test_int8_verification_fails_with_a_wrong_calibration_scale(int8_model, veri
     import onnx
     from onnx import numpy_helper
 
-    ckpt, _, int8, _ = int8_model
+    ckpt, _, int8, _, _ = int8_model
     broken = tmp_path / "broken"
     shutil.copytree(int8.sidecar.parent, broken)
     path = broken / int8.graphs["automatic"].name
@@ -169,13 +196,13 @@ def test_int8_verification_fails_with_a_wrong_calibration_scale(int8_model, veri
 def test_int8_export_cannot_be_quantised_again(int8_model):
     from export.quantize import quantize_export
 
-    _, _, int8, cal = int8_model
+    _, _, int8, cal, _ = int8_model
     with pytest.raises(InputError, match="already int8"):
         quantize_export(int8.sidecar, cal)
 
 
 def test_mixed_int8_and_fp32_files_are_refused(int8_model, tmp_path):
-    _, fp32, int8, _ = int8_model
+    _, fp32, int8, _, _ = int8_model
     mixed = tmp_path / "mixed"
     shutil.copytree(int8.sidecar.parent, mixed)
     shutil.copy(fp32.graphs["automatic"], mixed / int8.graphs["automatic"].name)
@@ -183,24 +210,13 @@ def test_mixed_int8_and_fp32_files_are_refused(int8_model, tmp_path):
         Segmenter.from_onnx(mixed / int8.sidecar.name)
 
 
-def test_export_cli_int8(int8_model, tmp_path, capsys):
-    from export.__main__ import main
-
-    ckpt, _, _, cal = int8_model
-    out = tmp_path / "out"
-    verify = tmp_path / "verify"
-    verify.mkdir()
-    Image.fromarray(random_image(150, 160, 31)).save(verify / "v.png")
-    argv = ["--checkpoint", str(ckpt), "--output", str(out), "--exporter", "torchscript",
-            "--int8", "--calibration", str(cal), "--calibration-count", "2",
-            "--verify", str(verify)]
-    assert main(argv) == 0
-    text = capsys.readouterr().out
-    assert "sane.int8.auto.onnx" in text and "calibrating on 2 of 4 images" in text
-    assert "verify onnx-int8" in text and "PASS (INT8 tolerances)" in text
-    report = json.loads((out / "sane.verify.onnx-int8.json").read_text())
+def test_export_cli_int8(int8_model):
+    _, fp32, int8, _, printed = int8_model
+    assert "sane.int8.auto.onnx" in printed and "calibrating on 3 of 4 images" in printed
+    assert "verify onnx-int8" in printed and "PASS (INT8 tolerances)" in printed
+    report = json.loads((fp32.sidecar.parent / "sane.verify.onnx-int8.json").read_text())
     assert report["precision"] == "int8" and report["passed"]
-    assert read_sidecar(out / "sane.int8.json").quantization["calibration"]["count"] == 2
+    assert json.loads((fp32.sidecar.parent / "sane.verify.onnx.json").read_text())["passed"]
 
 
 def test_symmetric_int8_for_tensorrt_runs_on_onnxruntime(int8_model, verify_images, tmp_path):
@@ -211,7 +227,7 @@ def test_symmetric_int8_for_tensorrt_runs_on_onnxruntime(int8_model, verify_imag
 
     from export.quantize import QuantizeOptions, quantize_export
 
-    ckpt, fp32, _, cal = int8_model
+    ckpt, fp32, _, cal, _ = int8_model
     work = tmp_path / "sym"
     work.mkdir()
     for path in fp32.paths:
