@@ -20,17 +20,25 @@ def tiny_model_config(num_classes: int = len(TINY_CLASSES)):
 
 
 def make_tiny_checkpoint(path, seed: int = 0, detections: bool = True,
-                         min_size: int = 128, max_size: int = 256):
+                         min_size: int = 128, max_size: int = 256, sharp: bool = False):
     """Write a random-weight checkpoint. With ``detections`` the class bias is raised so the
-    automatic mode returns instances (an untrained model otherwise scores below 0.05)."""
+    automatic mode returns instances (an untrained model otherwise scores below 0.05).
+
+    ``sharp`` makes the predictions less degenerate instead: class weights scaled by 30 (scores
+    spread over (0, 1)) and a box regression bias of 2 (boxes of about four strides), so that
+    matching detections by IoU between two runtimes is meaningful (INT8 verification)."""
     from serving import InferenceConfig, build_condinst
     from serving.model.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     cfg = tiny_model_config()
     model = build_condinst(cfg).eval()
-    if detections:
-        with torch.no_grad():
+    with torch.no_grad():
+        if sharp:
+            model.head.cls_logits.weight.mul_(30.0)
+            model.head.cls_logits.bias.fill_(-1.0)
+            model.head.bbox_pred.bias.fill_(2.0)
+        elif detections:
             model.head.cls_logits.bias.fill_(1.0)
     infer = InferenceConfig(min_size=min_size, max_size=max_size, max_detections=20)
     save_checkpoint(path, model, cfg, list(TINY_CLASSES), infer)

@@ -91,9 +91,10 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     if path.is_dir():
         found = sorted(p for p in path.glob("*.json") if ".verify." not in p.name)
         if len(found) != 1:
+            names = f" ({', '.join(p.name for p in found)})" if found else ""
             raise CheckpointError(
                 f"{path}: expected exactly one export sidecar (*.json) in the folder, found "
-                f"{len(found)}; pass the .json or .onnx file instead"
+                f"{len(found)}{names}; pass the .json or .onnx file of the one to load"
             )
         return found[0]
     name = path.name

@@ -1,8 +1,9 @@
 """Shared fixtures of the export tests: one export per session, made the way users make it.
 
 ``python -m export`` (its ``main`` with default options: the dynamo exporter, dynamic batch and
-image size) runs once per session on the tiny checkpoint, with ``--verify`` on two images;
-every test that needs exported files uses those files, at whatever batch and size it likes.
+image size, plus ``--int8 --calibration``) runs once per session on the tiny "sharp" checkpoint
+(``export_checkpoint``), with ``--verify`` on two images; every test that needs exported files
+(fp32 or INT8) uses those files, at whatever batch and size it likes.
 The dynamo exporter needs tens of seconds per graph on a small CPU, so every test that uses an
 export fixture is marked ``slow`` here (``pytest -m "not slow"`` never exports).
 """
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from export_images import random_image
 from PIL import Image
 
 #: Fixtures that export; a test using any of them (even through another fixture) is slow.
-EXPORT_FIXTURES = {"cli_export", "tiny_export", "static_export"}
+EXPORT_FIXTURES = {"cli_export", "tiny_export", "int8_export", "static_export"}
 
 
 def pytest_collection_modifyitems(items):
@@ -29,53 +31,72 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
-def random_image(height: int, width: int, seed: int) -> np.ndarray:
-    """(height, width, 3) uint8 RGB: noise plus two flat rectangles."""
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    img[height // 5: height // 2, width // 6: width // 2] = (220, 40, 40)
-    img[height // 2:, width // 2:] = (40, 200, 60)
-    return img
-
-
 @dataclass
 class CliRun:
-    """One ``python -m export`` run: exit code, what it printed, its output folder, and how
-    long it took (seconds)."""
+    """One ``python -m export`` run: exit code, what it printed, its output folder, the
+    calibration folder it used, and how long it took (seconds)."""
 
     code: int
     stdout: str
     out: Path
+    calibration: Path
     seconds: float
 
 
+def _files(out: Path, stem: str):
+    from export import ExportResult
+
+    return ExportResult(sidecar=out / f"{stem}.json",
+                        graphs={"automatic": out / f"{stem}.auto.onnx",
+                                "prompt": out / f"{stem}.prompt.onnx"})
+
+
 @pytest.fixture(scope="session")
-def cli_export(tmp_path_factory, tiny_checkpoint) -> CliRun:
-    """``python -m export --checkpoint tiny.safetensors --output <dir> --name tiny --verify a.png
-    b.png``: the default exporter and shapes, verified against PyTorch on two images."""
+def export_checkpoint(tmp_path_factory):
+    """The tiny architecture with spread scores and real-sized boxes (``sharp``), so that INT8
+    and fp32 detections can be matched; every export fixture exports it."""
+    from sim_testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("export_ckpt") / "tiny.safetensors",
+                                sharp=True)
+
+
+@pytest.fixture(scope="session")
+def cli_export(tmp_path_factory, export_checkpoint) -> CliRun:
+    """``python -m export --checkpoint tiny.safetensors --output <dir> --name tiny --int8
+    --calibration cal --calibration-count 3 --verify a.png b.png``: the default exporter and
+    shapes, quantised on 3 of 4 images, both verified against PyTorch on two images."""
     from export.__main__ import main
 
     root = tmp_path_factory.mktemp("export")
     images = [root / "a.png", root / "b.png"]
     Image.fromarray(random_image(120, 160, 11)).save(images[0])
     Image.fromarray(random_image(200, 90, 12)).save(images[1])
+    cal = root / "cal"
+    cal.mkdir()
+    for i in range(4):
+        Image.fromarray(random_image(120 + 20 * i, 160, i)).save(cal / f"{i}.png")
     printed = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(printed):
-        code = main(["--checkpoint", str(tiny_checkpoint), "--output", str(root / "files"),
-                     "--name", "tiny", "--verify", *map(str, images)])
-    return CliRun(code, printed.getvalue(), root / "files", time.perf_counter() - start)
+        code = main(["--checkpoint", str(export_checkpoint), "--output", str(root / "files"),
+                     "--name", "tiny", "--int8", "--calibration", str(cal),
+                     "--calibration-count", "3", "--verify", *map(str, images)])
+    return CliRun(code, printed.getvalue(), root / "files", cal, time.perf_counter() - start)
 
 
 @pytest.fixture(scope="session")
 def tiny_export(cli_export):
-    """The session export's files as an ``ExportResult`` (two graphs and the sidecar)."""
-    from export import ExportResult
+    """The session export's fp32 files as an ``ExportResult`` (two graphs and the sidecar)."""
+    assert cli_export.code == 0, cli_export.stdout
+    return _files(cli_export.out, "tiny")
 
-    files = cli_export.out
-    return ExportResult(sidecar=files / "tiny.json",
-                        graphs={"automatic": files / "tiny.auto.onnx",
-                                "prompt": files / "tiny.prompt.onnx"})
+
+@pytest.fixture(scope="session")
+def int8_export(cli_export):
+    """The session export's INT8 files as an ``ExportResult``."""
+    assert cli_export.code == 0, cli_export.stdout
+    return _files(cli_export.out, "tiny.int8")
 
 
 @pytest.fixture(scope="session")

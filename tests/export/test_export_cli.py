@@ -62,13 +62,15 @@ def test_tensorrt_format_without_tensorrt(tiny_checkpoint, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_export_and_verify_end_to_end(cli_export):
-    """The session export: ``python -m export`` with its defaults, then --verify on 2 images."""
+    """The session export: ``python -m export`` with its defaults and ``--int8``, then --verify
+    of both on 2 images."""
     assert cli_export.code == 0, cli_export.stdout
     printed = cli_export.stdout
     assert "NonMaxSuppression" in printed and "PASS" in printed
     assert "warning" not in printed  # every operator is in TensorRT's ONNX parser
     assert sorted(p.name for p in cli_export.out.iterdir()) == [
-        "tiny.auto.onnx", "tiny.json", "tiny.prompt.onnx", "tiny.verify.onnx.json"]
+        "tiny.auto.onnx", "tiny.int8.auto.onnx", "tiny.int8.json", "tiny.int8.prompt.onnx",
+        "tiny.json", "tiny.prompt.onnx", "tiny.verify.onnx-int8.json", "tiny.verify.onnx.json"]
     report = json.loads((cli_export.out / "tiny.verify.onnx.json").read_text())
     assert report["passed"] and [r["mode"] for r in report["rows"]] == ["automatic", "prompt"] * 2
     for auto in report["rows"][::2]:
@@ -76,7 +78,7 @@ def test_export_and_verify_end_to_end(cli_export):
         assert auto["max_box_diff"] <= 0.5 and auto["min_mask_iou"] >= 0.99
     sidecar = json.loads((cli_export.out / "tiny.json").read_text())
     assert sidecar["extra"]["exporter"] == "dynamo" and sidecar["extra"]["dynamic"] is True
-    print(f"python -m export of the tiny model (dynamo, both graphs, verify): "
+    print(f"python -m export of the tiny model (dynamo, both graphs, INT8, verify): "
           f"{cli_export.seconds:.0f} s")
 
 
@@ -104,8 +106,8 @@ def test_options_reach_the_exporter(tiny_checkpoint, tmp_path, monkeypatch, caps
 
 
 @pytest.mark.slow
-def test_verify_fails_on_another_model(tiny_checkpoint, tiny_export, tmp_path, sample_image):
-    model, info = load_checkpoint(tiny_checkpoint)
+def test_verify_fails_on_another_model(export_checkpoint, tiny_export, tmp_path, sample_image):
+    model, info = load_checkpoint(export_checkpoint)
     with torch.no_grad():  # another model: shifted box regression
         model.head.bbox_pred.bias.add_(0.5)
     other = save_checkpoint(tmp_path / "other.safetensors", model, info.model,
@@ -115,6 +117,6 @@ def test_verify_fails_on_another_model(tiny_checkpoint, tiny_export, tmp_path, s
     assert "FAIL" in report.table() and "| image 0 | automatic |" in report.table()
     with pytest.raises(VerificationError, match="differs from PyTorch on image 0"):
         report.raise_if_failed()
-    same = verify_export(tiny_checkpoint, tiny_export.sidecar,
+    same = verify_export(export_checkpoint, tiny_export.sidecar,
                          [np.ascontiguousarray(sample_image[:, ::-1])])
     assert same.passed

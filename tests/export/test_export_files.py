@@ -39,9 +39,9 @@ def test_graphs_pass_the_checker_with_named_dynamic_io(tiny_export):
     assert meta["graph"] == "automatic" and meta["format"] == "sim-condinst-export"
 
 
-def test_sidecar_content(tiny_checkpoint, tiny_export):
+def test_sidecar_content(export_checkpoint, tiny_export):
     data = json.loads(tiny_export.sidecar.read_text())
-    info = read_checkpoint_info(tiny_checkpoint)
+    info = read_checkpoint_info(export_checkpoint)
     assert data["format"] == "sim-condinst-export" and data["format_version"] == 1
     assert data["class_names"] == list(info.class_names) == ["disc", "ring", "triangle"]
     assert data["model_config"]["backbone"] == "mobilenet_v2"

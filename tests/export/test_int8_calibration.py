@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from int8_data import random_image
+from export_images import random_image
 from PIL import Image
 
 from export.calibration import _spaced, calibration_feeds, load_calibration_set

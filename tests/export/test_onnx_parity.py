@@ -18,8 +18,8 @@ BOX_TOL, IOU_MIN, SCORE_TOL = 0.5, 0.99, 1e-4
 
 
 @pytest.fixture(scope="module")
-def segmenters(tiny_checkpoint, tiny_export):
-    ref = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+def segmenters(export_checkpoint, tiny_export):
+    ref = Segmenter.from_checkpoint(export_checkpoint, device="cpu")
     ort = Segmenter.from_onnx(tiny_export.sidecar, device="cpu")
     return ref, ort
 
@@ -83,7 +83,7 @@ def test_onnx_results_do_not_depend_on_batch_partners(segmenters, test_images, p
         np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-5)
 
 
-def test_graph_outputs_match_eager_wrapper(tiny_checkpoint, tiny_export):
+def test_graph_outputs_match_eager_wrapper(export_checkpoint, tiny_export):
     """The raw ONNX outputs equal the export wrapper run in torch on its graph path (the
     fixed-shape code that was traced; padded layout, -1 labels)."""
     import onnxruntime as ort
@@ -91,7 +91,7 @@ def test_graph_outputs_match_eager_wrapper(tiny_checkpoint, tiny_export):
     from export.wrapper import AutomaticGraph
     from serving.model.checkpoint import load_checkpoint
 
-    model, info = load_checkpoint(tiny_checkpoint)
+    model, info = load_checkpoint(export_checkpoint)
     graph = AutomaticGraph(model, info.inference).eval()
     images = torch.rand(3, 3, 128, 288, generator=torch.Generator().manual_seed(0)) * 255
     sizes = torch.tensor([[128, 288], [100, 250], [128, 200]])

@@ -25,10 +25,14 @@ def _copy_export(result, dest):
     return dest / result.sidecar.name
 
 
-def test_load_by_any_export_path(tiny_export):
+def test_load_by_any_export_path(tiny_export, tmp_path):
     for path in (tiny_export.sidecar, tiny_export.graphs["automatic"],
-                 tiny_export.graphs["prompt"], tiny_export.sidecar.parent):
+                 tiny_export.graphs["prompt"]):
         assert sidecar_path(path) == tiny_export.sidecar
+    alone = _copy_export(tiny_export, tmp_path / "alone")
+    assert sidecar_path(alone.parent) == alone
+    with pytest.raises(CheckpointError, match=r"found 2 \(tiny.int8.json, tiny.json\); pass "):
+        sidecar_path(tiny_export.sidecar.parent)  # the fp32 and the INT8 export side by side
     seg = Segmenter.load(tiny_export.graphs["automatic"], device="cpu")
     info = seg.model_info
     assert info["backend"] == "onnxruntime" and info["device"] == "cpu"
@@ -109,11 +113,11 @@ def test_choose_providers():
         choose_providers([CPU], "gpu")
 
 
-def test_threshold_overrides_are_exact(tiny_checkpoint, tiny_export, sample_image):
-    ref = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu").predict(sample_image)
+def test_threshold_overrides_are_exact(export_checkpoint, tiny_export, sample_image):
+    ref = Segmenter.from_checkpoint(export_checkpoint, device="cpu").predict(sample_image)
     # a threshold between the 4th and 5th p = score**2 keeps exactly 4 detections
     t = float(ref.scores[3] ** 2 + ref.scores[4] ** 2) / 2
-    torch_pred = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu",
+    torch_pred = Segmenter.from_checkpoint(export_checkpoint, device="cpu",
                                            score_threshold=t).predict(sample_image)
     onnx_pred = Segmenter.from_onnx(tiny_export.sidecar, device="cpu",
                                     score_threshold=t).predict(sample_image)

@@ -2,27 +2,22 @@
 serving through ``Segmenter`` with the same outputs contract, the INT8 verification passing on
 the model and failing on a broken or different one, and the ``--int8`` command line.
 
-The model is the tiny test architecture with its predictions made less degenerate (box
-regression bias 2: boxes of about four strides; class weights scaled so scores spread), so
-that matching detections by IoU is meaningful. One ``python -m export --int8 --calibration
-... --verify ...`` run per session makes every file the tests look at."""
+The model is the tiny test architecture with its predictions made less degenerate
+(``make_tiny_checkpoint(sharp=True)``), so that matching detections by IoU is meaningful. The
+session's one ``python -m export --int8 --calibration ... --verify ...`` run makes every file
+the tests look at."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import shutil
 
 import numpy as np
 import pytest
-import torch
-from int8_data import random_image
-from PIL import Image
-from sim_testing import TINY_CLASSES, make_tiny_checkpoint, tiny_model_config
+from export_images import random_image
+from sim_testing import make_tiny_checkpoint
 
-from export import ExportResult
 from export.verify_int8 import INT8_TOLERANCES, verify_int8
 from serving import Segmenter
 from serving.backends.exported import read_sidecar
@@ -31,43 +26,12 @@ from serving.errors import CheckpointError, InputError
 pytestmark = pytest.mark.slow  # the shared fixture exports (dynamo) and quantises
 
 
-def _files(out, stem: str) -> ExportResult:
-    return ExportResult(sidecar=out / f"{stem}.json",
-                        graphs={"automatic": out / f"{stem}.auto.onnx",
-                                "prompt": out / f"{stem}.prompt.onnx"})
-
-
 @pytest.fixture(scope="session")
-def int8_model(tmp_path_factory):
+def int8_model(export_checkpoint, cli_export, tiny_export, int8_export):
     """(checkpoint, fp32 ExportResult, INT8 ExportResult, calibration folder, CLI stdout) of
-    ``python -m export --int8 --calibration cal --calibration-count 3 --verify v.png``."""
-    from export.__main__ import main
-    from serving import InferenceConfig, build_condinst
-    from serving.model.checkpoint import save_checkpoint
-
-    root = tmp_path_factory.mktemp("int8")
-    torch.manual_seed(0)
-    cfg = tiny_model_config()
-    model = build_condinst(cfg).eval()
-    with torch.no_grad():
-        model.head.cls_logits.weight.mul_(30.0)
-        model.head.cls_logits.bias.fill_(-1.0)
-        model.head.bbox_pred.bias.fill_(2.0)
-    ckpt = save_checkpoint(root / "sane.safetensors", model, cfg, list(TINY_CLASSES),
-                           InferenceConfig(min_size=128, max_size=256, max_detections=100))
-    cal = root / "cal"
-    cal.mkdir()
-    for i in range(4):
-        Image.fromarray(random_image(120 + 20 * i, 160, i)).save(cal / f"{i}.png")
-    Image.fromarray(random_image(150, 160, 31)).save(root / "v.png")
-    out = root / "out"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        code = main(["--checkpoint", str(ckpt), "--output", str(out), "--int8",
-                     "--calibration", str(cal), "--calibration-count", "3",
-                     "--verify", str(root / "v.png")])
-    assert code == 0, printed.getvalue()
-    return ckpt, _files(out, "sane"), _files(out, "sane.int8"), cal, printed.getvalue()
+    the session's ``python -m export --int8 --calibration cal --calibration-count 3 --verify
+    a.png b.png`` (tests/export/conftest.py)."""
+    return export_checkpoint, tiny_export, int8_export, cli_export.calibration, cli_export.stdout
 
 
 @pytest.fixture(scope="session")
@@ -86,9 +50,9 @@ def _ops(path) -> dict[str, int]:
 
 def test_files_and_sidecar(int8_model):
     _, fp32, int8, cal, _ = int8_model
-    assert int8.sidecar.name == "sane.int8.json"
-    assert {p.name for p in int8.graphs.values()} == {"sane.int8.auto.onnx",
-                                                      "sane.int8.prompt.onnx"}
+    assert int8.sidecar.name == "tiny.int8.json"
+    assert {p.name for p in int8.graphs.values()} == {"tiny.int8.auto.onnx",
+                                                      "tiny.int8.prompt.onnx"}
     assert all(p.parent == fp32.sidecar.parent for p in int8.paths)
     side, base = read_sidecar(int8.sidecar), read_sidecar(fp32.sidecar)
     assert (side.precision, base.precision) == ("int8", "fp32")
@@ -212,11 +176,11 @@ def test_mixed_int8_and_fp32_files_are_refused(int8_model, tmp_path):
 
 def test_export_cli_int8(int8_model):
     _, fp32, int8, _, printed = int8_model
-    assert "sane.int8.auto.onnx" in printed and "calibrating on 3 of 4 images" in printed
+    assert "tiny.int8.auto.onnx" in printed and "calibrating on 3 of 4 images" in printed
     assert "verify onnx-int8" in printed and "PASS (INT8 tolerances)" in printed
-    report = json.loads((fp32.sidecar.parent / "sane.verify.onnx-int8.json").read_text())
+    report = json.loads((fp32.sidecar.parent / "tiny.verify.onnx-int8.json").read_text())
     assert report["precision"] == "int8" and report["passed"]
-    assert json.loads((fp32.sidecar.parent / "sane.verify.onnx.json").read_text())["passed"]
+    assert json.loads((fp32.sidecar.parent / "tiny.verify.onnx.json").read_text())["passed"]
 
 
 def test_symmetric_int8_for_tensorrt_runs_on_onnxruntime(int8_model, verify_images, tmp_path):

@@ -54,7 +54,7 @@ def test_without_tensorrt_the_errors_say_how_to_install(monkeypatch):
 @needs_trt
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_tensorrt_engine_parity(tiny_checkpoint, tiny_export, tmp_path, test_images):
+def test_tensorrt_engine_parity(export_checkpoint, tiny_export, tmp_path, test_images):
     import shutil
 
     from export import build_tensorrt_engine, verify_export
@@ -68,7 +68,7 @@ def test_tensorrt_engine_parity(tiny_checkpoint, tiny_export, tmp_path, test_ima
     assert cache.is_file() and all(p.is_file() for p in engines.values())
     seg = Segmenter.from_tensorrt(engines["automatic"])
     assert seg.model_info["backend"] == "tensorrt"
-    report = verify_export(tiny_checkpoint, seg, test_images["small"] + test_images["tall"],
+    report = verify_export(export_checkpoint, seg, test_images["small"] + test_images["tall"],
                            device="cuda")
     assert report.passed, report.table()
     engines16 = build_tensorrt_engine(sidecar, fp16=True, timing_cache=cache)

@@ -51,7 +51,7 @@ def test_int8_build_without_tensorrt_says_how_to_install(tiny_export, monkeypatc
 @needs_trt
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_explicit_and_calibrated_int8_engines(tiny_checkpoint, tiny_export, tmp_path,
+def test_explicit_and_calibrated_int8_engines(export_checkpoint, tiny_export, tmp_path,
                                              test_images):
     from PIL import Image
 
@@ -73,7 +73,7 @@ def test_explicit_and_calibrated_int8_engines(tiny_checkpoint, tiny_export, tmp_
     engines = build_tensorrt_engine(qdq.sidecar)
     assert read_sidecar(qdq.sidecar).engines["automatic"]["precision"] == "int8 (explicit Q/DQ)"
     seg = Segmenter.from_tensorrt(engines["automatic"])
-    report = verify_int8(tiny_checkpoint, seg, test_images["small"], device="cuda")
+    report = verify_int8(export_checkpoint, seg, test_images["small"], device="cuda")
     assert report.rows and report.mask_iou > 0.5
     # Implicit: IInt8EntropyCalibrator2 over the same images, cache written next to the engine.
     engines = build_tensorrt_engine(sidecar, int8_calibration=cal)

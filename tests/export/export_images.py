@@ -1,4 +1,4 @@
-"""Images for the INT8 tests (calibration folders, verification images)."""
+"""Images for the export tests (calibration folders, verification images, parity inputs)."""
 
 from __future__ import annotations
 
