@@ -146,6 +146,51 @@ def check_output_dir(out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def _inference_config(info: CheckpointInfo, max_detections: int | None) -> InferenceConfig:
+    """The checkpoint's inference settings with ``max_detections`` overridden (the K baked into
+    the automatic graph); refuses settings the graphs cannot hold."""
+    overrides: dict[str, Any] = {}
+    if max_detections is not None:
+        if max_detections < 1:
+            raise InputError(f"max_detections={max_detections}: must be at least 1")
+        overrides["max_detections"] = int(max_detections)
+    cfg = InferenceConfig(**{**config_to_dict(info.inference), **overrides})
+    if cfg.prompt_topk > _MIN_LOCATIONS:
+        raise InputError(
+            f"prompt_topk={cfg.prompt_topk} exceeds the {_MIN_LOCATIONS} locations of the "
+            "smallest input; the graph needs prompt_topk <= 23"
+        )
+    return cfg
+
+
+def _trace_shape(cfg: InferenceConfig, dynamic: bool, image_size: tuple[int, int] | None,
+                 batch_size: int) -> tuple[int, int, int]:
+    """(batch, height, width) of the sample inputs: 2x256x320 for a dynamic export (any shape
+    runs later), else the fixed shape, ``image_size`` defaulting to max_size rounded up to 32."""
+    if dynamic:
+        return 2, 256, 320
+    side = math.ceil(cfg.max_size / 32) * 32
+    height, width = image_size or (side, side)
+    if height % 32 or width % 32 or batch_size < 1:
+        raise InputError(
+            f"image_size={height}x{width}, batch_size={batch_size}: need multiples of 32 and a "
+            "batch of at least 1"
+        )
+    return batch_size, height, width
+
+
+def _check_tensorrt(result: ExportResult) -> None:
+    """Warn about, and record in ``result``, operators TensorRT's ONNX parser lacks."""
+    from .tensorrt import check_tensorrt_ops
+
+    for kind, path in result.graphs.items():
+        missing = check_tensorrt_ops(path)
+        if missing:
+            warnings.warn(f"{path.name}: operators TensorRT's ONNX parser does not support: "
+                          f"{', '.join(missing)}", stacklevel=3)
+        result.unsupported_tensorrt_ops += [f"{kind}:{op}" for op in missing]
+
+
 def export_onnx(source: str | os.PathLike | tuple[CondInst, CheckpointInfo],
                 out_dir: str | os.PathLike, *, name: str | None = None,
                 opset: int = DEFAULT_OPSET, max_detections: int | None = None,
@@ -171,28 +216,8 @@ def export_onnx(source: str | os.PathLike | tuple[CondInst, CheckpointInfo],
     out = check_output_dir(out_dir)
     model, info, stem = _load(source)
     name = name or stem
-    overrides: dict[str, Any] = {}
-    if max_detections is not None:
-        if max_detections < 1:
-            raise InputError(f"max_detections={max_detections}: must be at least 1")
-        overrides["max_detections"] = int(max_detections)
-    cfg = InferenceConfig(**{**config_to_dict(info.inference), **overrides})
-    if cfg.prompt_topk > _MIN_LOCATIONS:
-        raise InputError(
-            f"prompt_topk={cfg.prompt_topk} exceeds the {_MIN_LOCATIONS} locations of the "
-            "smallest input; the graph needs prompt_topk <= 23"
-        )
-    if dynamic:
-        height, width, batch = 256, 320, 2
-    else:
-        side = math.ceil(cfg.max_size / 32) * 32
-        height, width = image_size or (side, side)
-        batch = batch_size
-        if height % 32 or width % 32 or batch < 1:
-            raise InputError(
-                f"image_size={height}x{width}, batch_size={batch}: need multiples of 32 and a "
-                "batch of at least 1"
-            )
+    cfg = _inference_config(info, max_detections)
+    batch, height, width = _trace_shape(cfg, dynamic, image_size, batch_size)
     images, sizes, boxes, labels = _sample_inputs(batch, height, width, 3)
     export_id = uuid.uuid4().hex
     specs = {
@@ -212,14 +237,7 @@ def export_onnx(source: str | os.PathLike | tuple[CondInst, CheckpointInfo],
         graphs_meta[kind] = {"file": path.name, "inputs": list(names[0]),
                              "outputs": list(names[1])}
     if check_tensorrt:
-        from .tensorrt import check_tensorrt_ops
-
-        for kind, path in result.graphs.items():
-            missing = check_tensorrt_ops(path)
-            if missing:
-                warnings.warn(f"{path.name}: operators TensorRT's ONNX parser does not support: "
-                              f"{', '.join(missing)}", stacklevel=2)
-            result.unsupported_tensorrt_ops += [f"{kind}:{op}" for op in missing]
+        _check_tensorrt(result)
     extra = {"opset": opset, "exporter": "dynamo", "torch_version": torch.__version__,
              "dynamic": dynamic, "checkpoint_extra": info.extra}
     sidecar = build_sidecar(export_id=export_id, class_names=info.class_names,
