@@ -9,7 +9,11 @@ split the boxes to label. Stages (each a ``sim`` command, timed):
 3. ``sim label --evaluate``: labels of the validation boxes, mask AP on the hand-masked images,
    at the model's size and at two other image sizes (picking the size on the hand masks);
 4. ``sim label`` of the training boxes, then ``sim train --preset mask`` on those labels
-   ("retrain on the labels"), evaluated on the validation masks.
+   ("retrain on the labels"), evaluated on the validation masks;
+5. the out-of-domain check across datasets: the quickstart's synthetic-shapes model labels the
+   nuclei boxes and the nuclei model labels the synthetic boxes (both should warn), next to the
+   nuclei model on the nuclei (which should not). Needs a quickstart run first
+   (``--synthetic-model``, default ``runs/quickstart/model_final.safetensors``; skipped without).
 
     python benchmarks/your_data.py                 # about 20 min on 2 CPU cores
 
@@ -72,7 +76,7 @@ def mask_ap(text: str) -> float:
     return float(line.split()[1])
 
 
-def run(work: Path) -> dict[str, Any]:
+def run(work: Path, synthetic_model: Path) -> dict[str, Any]:
     log: list[dict[str, Any]] = []
     data = ROOT / "data" / "nuclei"
     if not (data / "train.json").is_file():
@@ -104,8 +108,34 @@ def run(work: Path) -> dict[str, Any]:
         f"data.train_json={labelled}", f"output_dir={work / 'retrained'}", log=log)
     results["metrics"]["mask on SIM's labels"] = json.loads(
         (work / "retrained" / "metrics.json").read_text())
+    if synthetic_model.is_file():
+        results["domain"] = domain_check(work, synthetic_model, models["sim"], boxes, log)
     results["log"] = log
     return results
+
+
+def domain_check(work: Path, synthetic_model: Path, nuclei_model: str, nuclei_boxes: Path,
+                 log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each model labels each dataset's validation boxes; records whether ``label`` warned
+    "out of domain" and the warning's line."""
+    synthetic = ROOT / "data" / "synthetic"
+    runs = [("synthetic model", str(synthetic_model), "nuclei", nuclei_boxes,
+             ROOT / "data" / "nuclei" / "images"),
+            ("nuclei model", nuclei_model, "synthetic", synthetic / "val.json",
+             synthetic / "images"),
+            ("nuclei model", nuclei_model, "nuclei", nuclei_boxes,
+             ROOT / "data" / "nuclei" / "images")]
+    rows = []
+    for model_name, model, data_name, boxes, images in runs:
+        if not Path(boxes).is_file():
+            continue
+        text = sim("label", "--model", model, "--annotations", str(boxes), "--images",
+                   str(images), "--output", str(work / f"domain_{len(rows)}.json"),
+                   "--no-progress", log=log)
+        line = next((ln for ln in text.splitlines() if "out of domain" in ln), "")
+        rows.append({"model": model_name, "data": data_name, "warned": bool(line),
+                     "warning": line.strip()})
+    return rows
 
 
 def write(results: dict[str, Any], info: dict[str, Any], name: str) -> None:
@@ -117,12 +147,18 @@ def write(results: dict[str, Any], info: dict[str, Any], name: str) -> None:
             for k, m in results["metrics"].items()]
     label_rows = [[k, v] for k, v in results["label_ap"].items()]
     times = [[e["command"][:90], e["seconds"]] for e in results["log"]]
+    domain = ""
+    if results.get("domain"):
+        domain_rows = [[r["model"], r["data"], "yes" if r["warned"] else "no", r["warning"]]
+                       for r in results["domain"]]
+        domain = ("## Out-of-domain warning, each model on each dataset's validation boxes\n\n"
+                  + markdown_table(["model", "boxes of", "warns", "line"], domain_rows) + "\n\n")
     text = (f"# Your data, end to end: the nuclei\n\n`{command.strip()}`\n\n"
             f"{machine_markdown(info)}\n\n## Models (validation split, 300 iterations)\n\n"
             f"{markdown_table(['model', 'mask AP', 'box AP'], rows)}\n\n"
             f"## Labels of the validation boxes, mask AP on {HAND_MASKED} hand-masked images\n\n"
             f"{markdown_table(['model @ --image-size', 'mask AP'], label_rows)}\n\n"
-            f"## Sizes\n\n```\n{results['info'].strip()}\n```\n\n## Commands and times\n\n"
+            f"## Sizes\n\n```\n{results['info'].strip()}\n```\n\n{domain}## Commands and times\n\n"
             f"{markdown_table(['command', 'seconds'], times)}\n")
     (out / f"{name}.md").write_text(text)
     print(text)
@@ -132,11 +168,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="runs/your_data", help="folder for runs and labels")
     parser.add_argument("--name", default="your_data_nuclei")
+    parser.add_argument("--synthetic-model", default="runs/quickstart/model_final.safetensors",
+                        help="the quickstart's model, for the cross-dataset domain check")
     args = parser.parse_args()
     info = machine_info()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    write(run(work), info, args.name)
+    write(run(work, Path(args.synthetic_model)), info, args.name)
     return 0
 
 
