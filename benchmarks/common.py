@@ -8,11 +8,13 @@ the ratios between variants stay meaningful even when the absolute times do not.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,3 +131,12 @@ def machine_markdown(info: dict[str, Any]) -> str:
                  f"onnxruntime {info.get('onnxruntime')}, tensorrt {info.get('tensorrt')}, "
                  f"Python {info['python']}, {info['platform']}")
     return "\n".join(f"- {p}" for p in parts)
+
+
+def write_results(out: Path, name: str, payload: dict[str, Any], text: str) -> None:
+    """Write ``<out>/<name>.json`` (the payload) and ``<out>/<name>.md`` (``text``), and print
+    the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    (out / f"{name}.md").write_text(text + "\n", encoding="utf-8")
+    print(text)

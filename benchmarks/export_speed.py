@@ -27,7 +27,6 @@ average during the run, and INT8's agreement with fp32 on the benchmark image. W
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from common import (  # noqa: E402
     machine_markdown,
     markdown_table,
     summarize,
+    write_results,
 )
 
 from export import export_onnx  # noqa: E402
@@ -257,12 +257,7 @@ def main() -> int:
         for name in args.cases:
             rounds = args.rounds_r50 if CASES[name][0] == "resnet50" else args.rounds
             payload["results"].append(run_case(name, rounds, args, Path(tmp) / name))
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    text = markdown(payload)
-    (out / f"{args.name}.md").write_text(text + "\n", encoding="utf-8")
-    print(text)
+    write_results(Path(args.output), args.name, payload, markdown(payload))
     return 0
 
 

@@ -35,7 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, machine_markdown, markdown_table  # noqa: E402
+from common import (  # noqa: E402
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    write_results,
+)
 
 from export import export_onnx  # noqa: E402
 from export.calibration import load_calibration_set  # noqa: E402
@@ -162,11 +167,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for dataset, checkpoint in zip(args.datasets, checkpoints, strict=True):
             payload["results"].append(run_dataset(dataset, checkpoint, args, Path(tmp)))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    text = markdown(payload)
-    (out / f"{args.name}.md").write_text(text + "\n", encoding="utf-8")
-    print(text)
+    write_results(out, args.name, payload, markdown(payload))
     return 0
 
 

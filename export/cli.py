@@ -17,9 +17,10 @@ from typing import Any
 from serving import Segmenter
 from serving.cli.main import prog
 from serving.errors import InputError
+from serving.files import check_writable_dir
 
 from .calibration import DEFAULT_CALIBRATION_COUNT, CalibrationSet, load_calibration_set
-from .onnx import DEFAULT_OPSET, MIN_OPSET, ExportResult, check_output_dir, export_onnx
+from .onnx import DEFAULT_OPSET, MIN_OPSET, ExportResult, export_onnx
 from .quantize import METHODS, QuantizeOptions, quantize_export
 from .tensorrt import build_tensorrt_engine, graph_op_types, import_tensorrt
 from .verify import collect_images, verify_export
@@ -83,7 +84,7 @@ def _check_args(args: argparse.Namespace) -> CalibrationSet | None:
         raise InputError("--calibration is used by --int8; add --int8 or drop --calibration")
     if args.int8_calibrator and not (args.int8 and args.format != "onnx"):
         raise InputError("--int8-calibrator applies to --int8 --format tensorrt")
-    check_output_dir(args.output)
+    check_writable_dir(args.output)
     if not args.int8:
         return None
     return load_calibration_set(args.calibration, args.calibration_count,

@@ -25,7 +25,7 @@ from torch import nn
 from serving.backends.exported import build_sidecar
 from serving.config import InferenceConfig, config_to_dict
 from serving.errors import CheckpointError, InputError
-from serving.files import atomic_write
+from serving.files import atomic_write, check_writable_dir
 from serving.model import CondInst
 from serving.model.checkpoint import CheckpointInfo, load_checkpoint
 
@@ -131,21 +131,6 @@ def _finish(proto: Any, path: Path, kind: str, export_id: str) -> None:
     onnx.checker.check_model(str(path))
 
 
-def check_output_dir(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and make sure files can be written there."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise InputError(
-            f"output folder {out}: not writable ({exc.strerror or exc}); choose another --output"
-        ) from None
-    return out
-
-
 def _inference_config(info: CheckpointInfo, max_detections: int | None) -> InferenceConfig:
     """The checkpoint's inference settings with ``max_detections`` overridden (the K baked into
     the automatic graph); refuses settings the graphs cannot hold."""
@@ -213,7 +198,7 @@ def export_onnx(source: str | os.PathLike | tuple[CondInst, CheckpointInfo],
     """
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise InputError(f"opset={opset}: must be at least {MIN_OPSET}; try --opset 18")
-    out = check_output_dir(out_dir)
+    out = check_writable_dir(out_dir)
     model, info, stem = _load(source)
     name = name or stem
     cfg = _inference_config(info, max_detections)

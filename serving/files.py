@@ -1,5 +1,5 @@
-"""Writing files safely: atomic replacement (temp file + rename) and JSON with the permissions
-a plain ``open()`` would give."""
+"""Writing files safely: atomic replacement (temp file + rename), JSON with the permissions a
+plain ``open()`` would give, and checking an output folder or file is writable before any work."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from .errors import InputError
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
@@ -44,3 +46,34 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         os.chmod(tmp, 0o666 & ~UMASK)
 
     atomic_write(path, write)
+
+
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and prove a file can be written in it (before any work)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out}: exists and is not a folder; choose a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(
+            f"output {out}: not writable ({exc.strerror or exc}); choose a folder you can write to"
+        ) from None
+    return out
+
+
+def check_writable_file(path: str | os.PathLike) -> Path:
+    """Check that ``path`` can be (re)written: not a folder, and its folder is writable."""
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"output {out}: is a folder; give a file name such as labels.json")
+    try:
+        check_writable_dir(out.parent)
+    except InputError:
+        raise InputError(
+            f"output {out}: its folder is not writable; choose a path you can write to"
+        ) from None
+    return out

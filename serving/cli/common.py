@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -94,37 +93,6 @@ def report(line: str) -> None:
 
 
 # ----------------------------------------------------------------------------- paths
-def check_writable_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and prove a file can be written in it (before any work)."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out}: exists and is not a folder; choose a folder path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise InputError(
-            f"output {out}: not writable ({exc.strerror or exc}); choose a folder you can write to"
-        ) from None
-    return out
-
-
-def check_writable_file(path: str | os.PathLike) -> Path:
-    """Check that ``path`` can be (re)written: not a folder, and its folder is writable."""
-    out = Path(path)
-    if out.is_dir():
-        raise InputError(f"output {out}: is a folder; give a file name such as labels.json")
-    try:
-        check_writable_dir(out.parent)
-    except InputError:
-        raise InputError(
-            f"output {out}: its folder is not writable; choose a path you can write to"
-        ) from None
-    return out
-
-
 def check_model_path(path: str | os.PathLike) -> Path:
     model = Path(path)
     if not model.is_file():

@@ -44,14 +44,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..files import write_json
+from ..files import check_writable_file, write_json
 from ..formats.coco import boxes_by_image, read_coco_json
 from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..segmenter import Segmenter
 from .common import (
     add_run_options,
     check_model_path,
-    check_writable_file,
     load_model,
     report,
     run_exit_code,

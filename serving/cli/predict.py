@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
-from ..files import write_json
+from ..files import check_writable_dir, write_json
 from ..formats.coco import boxes_by_image, read_coco_json
 from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..prediction import Prediction
@@ -48,7 +48,6 @@ from .common import (
     ImageFile,
     add_run_options,
     check_model_path,
-    check_writable_dir,
     find_images,
     load_model,
     report,

@@ -13,8 +13,9 @@ import pytest
 from cli_data import decode, mixed_folder, one_torch_thread, plain_folder
 
 from serving import Segmenter
-from serving.cli.common import check_writable_file, find_images, prefetch, run_batch
+from serving.cli.common import find_images, prefetch, run_batch
 from serving.errors import BoxError, DatasetError, InputError
+from serving.files import check_writable_dir, check_writable_file
 from serving.formats.coco import coco_box, read_coco_json
 from serving.formats.polygons import mask_to_polygons
 
@@ -94,6 +95,17 @@ def test_read_coco_json_errors(tmp_path):
             read_coco_json(p, "boxes")
     with pytest.raises(DatasetError, match="file not found"):
         read_coco_json(tmp_path / "nope.json")
+
+
+def test_check_writable_dir(tmp_path):
+    made = tmp_path / "a" / "b"
+    assert check_writable_dir(made) == made and made.is_dir() and not list(made.iterdir())
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        check_writable_dir(blocker)
+    with pytest.raises(InputError, match="not writable"):
+        check_writable_dir(blocker / "out")
 
 
 def test_check_writable_file(tmp_path):
