@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
-import json
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from benchmarks.common import (  # noqa: E402
     machine_markdown,
     markdown_table,
     summarize,
+    write_results,
 )
 from benchmarks.speed import MODELS, bench_image, build_checkpoint  # noqa: E402
 
@@ -173,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:]), "ref": args.ref,
         "ref_commit": commit_of(args.ref), "machine": machine_info(torch.device("cpu")),
         "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup, "rows": rows}
-    out = ROOT / "benchmarks" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{args.name}.md").write_text(report(result))
-    print(report(result))
+    write_results(ROOT / "benchmarks" / "results", args.name, result, report(result))
     return 0
 
 

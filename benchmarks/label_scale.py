@@ -44,7 +44,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.common import machine_info, machine_markdown, markdown_table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    write_results,
+)
 from serving import InferenceConfig, ModelConfig, build_condinst  # noqa: E402
 from serving.model.checkpoint import save_checkpoint  # noqa: E402
 
@@ -186,13 +191,8 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, 
         r["ratio_to_one_process"] = round(r["images_per_s"] / base["images_per_s"], 3)
         r["net_ratio_to_one_process"] = round(r["net_images_per_s"] / base["net_images_per_s"],
                                               3)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/label_scale.py " + " ".join(sys.argv[1:])
     ceiling = {p: statistics.median(v) for p, v in CEILING.items()}
-    (out / f"{args.name}.json").write_text(json.dumps(
-        {"command": command.strip(), "machine": info, "images": args.images, "rows": rows,
-         "parallel_ceiling": ceiling}, indent=2))
     table = markdown_table(
         ["processes", "share", "wall s (median)", "images/s", "x one process",
          "images/s without start-up", "x one process", "idle share", "output = one process"],
@@ -206,8 +206,9 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, 
             f"the same rounds (pure-Python work done by N processes over one, the most any run "
             f"can gain; 2.0 on two free cores): "
             + ", ".join(f"{p} processes {c:.2f}x" for p, c in sorted(ceiling.items())) + "\n")
-    (out / f"{args.name}.md").write_text(text)
-    print(text)
+    payload = {"command": command.strip(), "machine": info, "images": args.images, "rows": rows,
+               "parallel_ceiling": ceiling}
+    write_results(ROOT / "benchmarks" / "results", args.name, payload, text.rstrip("\n"))
 
 
 def main() -> int:

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(*args.child)))
         return 0
     sys.path.insert(0, str(ROOT))
-    from benchmarks.common import machine_info
+    from benchmarks.common import machine_info, write_results
 
     counts = [1, 32] if args.quick else [1, 32, 256]
     work = Path(tempfile.mkdtemp(prefix="memory_bench_"))
@@ -223,12 +223,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine_info(), "image": f"{SIZE[1]}x{SIZE[0]} PNG, "
               f"{image.stat().st_size} bytes", "model": "random-weight MobileNetV2-FPN, "
               "min_size 800, max_size 1333", "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "memory_quick" if args.quick else "memory"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{stem}.md").write_text(report(result))
-    print(report(result))
+    write_results(Path(args.out), "memory_quick" if args.quick else "memory", result,
+                  report(result))
     return 0
 
 

@@ -55,6 +55,7 @@ from benchmarks.common import (  # noqa: E402
     machine_markdown,
     markdown_table,
     summarize,
+    write_results,
 )
 from serving import InferenceConfig, ModelConfig, Segmenter, build_condinst  # noqa: E402
 from serving.inference.postprocess import detect  # noqa: E402
@@ -421,11 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         "models": models, "rows": rows,
     }
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     stem = "speed_quick" if args.quick else "speed"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{stem}.md").write_text(report(result))
-    print(report(result))
+    write_results(out, stem, result, report(result))
     print(f"wrote {out / stem}.json and .md", file=sys.stderr)
     return 0
 

@@ -61,6 +61,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     summarize,
     synchronize,
+    write_results,
 )
 from serving.model import build_condinst  # noqa: E402
 from training.config import TrainConfig, load_config  # noqa: E402
@@ -446,11 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_instances": [int(b.shape[0]) for b in batch.boxes],
     }
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     stem = "train_speed_quick" if args.quick else "train_speed"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{stem}.md").write_text(report(result))
-    print(report(result))
+    write_results(out, stem, result, report(result))
     print(f"wrote {out / stem}.json and .md", file=sys.stderr)
     return 0
 

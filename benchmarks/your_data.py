@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info, machine_markdown, markdown_table  # noqa: E402
+from benchmarks.common import machine_info, machine_markdown, markdown_table, write_results  # noqa: E402
 
 HAND_MASKED = 5
 
@@ -162,8 +162,6 @@ def write(results: dict[str, Any], info: dict[str, Any], name: str,
           command: str | None = None) -> None:
     out = ROOT / "benchmarks" / "results"
     command = command or "python benchmarks/your_data.py " + " ".join(sys.argv[1:])
-    (out / f"{name}.json").write_text(json.dumps({"command": command.strip(), "machine": info,
-                                                  **results}, indent=2))
     rows = [[k, round(m["segm/AP"], 1), round(m["bbox/AP"], 1)]
             for k, m in results["metrics"].items()]
     label_rows = [[k, v] for k, v in results["label_ap"].items()]
@@ -188,8 +186,8 @@ def write(results: dict[str, Any], info: dict[str, Any], name: str,
             f"{markdown_table(['model @ --image-size', 'mask AP'], label_rows)}\n\n"
             f"## Sizes\n\n```\n{results['info'].strip()}\n```\n\n{domain}## Commands and times\n\n"
             f"{markdown_table(['command', 'seconds'], times)}\n")
-    (out / f"{name}.md").write_text(text)
-    print(text)
+    write_results(out, name, {"command": command.strip(), "machine": info, **results},
+                  text.rstrip("\n"))
 
 
 def main() -> int:
