@@ -62,3 +62,14 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = SIMPLIFY_TOLERANCE,
             continue
         polygons.append(np.stack([x, y], axis=1).round(2).ravel().tolist())
     return polygons
+
+
+def largest_polygon(polygons: list[list[float]]) -> list[float]:
+    """The polygon ``[x1, y1, x2, y2, ...]`` of largest area (shoelace) among ``polygons``;
+    formats that hold one polygon per object (YOLO segmentation, Label Studio polygons) keep
+    this part of a mask."""
+    def area(p: list[float]) -> float:
+        xs, ys = np.asarray(p[0::2], np.float64), np.asarray(p[1::2], np.float64)
+        return abs(float(np.sum(xs * np.roll(ys, 1) - np.roll(xs, 1) * ys))) / 2
+
+    return max(polygons, key=area)
