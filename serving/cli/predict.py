@@ -40,7 +40,8 @@ from PIL import Image
 
 from ..errors import InputError
 from ..files import check_writable_dir, write_json
-from ..formats.coco import boxes_by_image, read_coco_json
+from ..formats.boxsets import read_boxes
+from ..formats.coco import boxes_by_image
 from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..prediction import Prediction
 from ..segmenter import Segmenter
@@ -175,7 +176,7 @@ def _plan(inputs: Sequence[str], out: Path, opts: PredictOptions, notes: bool = 
     """Jobs for the input images (prompted by their boxes when ``--boxes`` is given), the
     files by job key, and the boxes JSON. ``notes``: report what is skipped (process 0)."""
     files = find_images(inputs, exclude=out)
-    coco = read_coco_json(opts.boxes, "boxes") if opts.boxes else None
+    coco = _read_prompt_boxes(opts.boxes, inputs) if opts.boxes else None
     matched: dict[Path, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     if coco is not None:
         matched = _match_boxes(files, coco)
@@ -194,6 +195,17 @@ def _plan(inputs: Sequence[str], out: Path, opts: PredictOptions, notes: bool = 
         jobs.append(Job(str(f.path), f.path, fingerprint(file_stamp(f.path), entry, anns),
                         entry, anns))
     return jobs, {str(f.path): f for f in files}, coco
+
+
+def _read_prompt_boxes(boxes: str, inputs: Sequence[str]) -> dict[str, Any]:
+    """``--boxes`` in any box format (:func:`serving.formats.boxsets.read_boxes`; YOLO and
+    Label Studio boxes are scaled by the images in the first input folder), as COCO. Entries
+    the reader refuses are reported and left out."""
+    folder = next((Path(i) for i in inputs if Path(i).is_dir()), Path("."))
+    boxset = read_boxes(boxes, folder, "auto", "boxes")
+    for where, reason in boxset.skipped:
+        report(f"skipped: {where}: {reason}")
+    return boxset.dataset
 
 
 def _image_ids(jobs: list[Job], records: WorkRecords) -> dict[str, int]:
@@ -433,8 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, nargs="+", metavar="DIR|GLOB|FILE",
                         help="folders (searched recursively), glob patterns or image files")
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--boxes", metavar="COCO_JSON",
-                        help="prompt boxes: COCO JSON whose images match inputs by file_name")
+    parser.add_argument("--boxes", metavar="BOXES",
+                        help="prompt boxes: a COCO JSON, YOLO labels folder or Label Studio "
+                             "export whose images match the inputs by file name")
     parser.add_argument("--score-threshold", type=float, default=None, metavar="T",
                         help="automatic mode: drop instances scoring below T")
     parser.add_argument("--save-vis", nargs="?", const="jpg", default=None,

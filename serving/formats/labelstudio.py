@@ -234,7 +234,7 @@ def polygon_result(polygons: list[list[float]], size: tuple[int, int], label: st
         return None
     poly = largest_polygon(polygons)
     w, h = size
-    points = [[round(poly[i] / w * 100, 4), round(poly[i + 1] / h * 100, 4)]
+    points = [[round(poly[i] / w * 100, 6), round(poly[i + 1] / h * 100, 6)]
               for i in range(0, len(poly), 2)]
     return {"id": result_id, "from_name": from_name, "to_name": to_name,
             "type": "polygonlabels", "original_width": int(w), "original_height": int(h),
