@@ -40,10 +40,12 @@ from ..errors import DatasetError, InputError
 from ..files import write_json
 from ..inference.images import IMAGE_EXTENSIONS
 from .boxsets import BoxSet, read_json_file, upright_size
-from .polygons import largest_polygon
+from .polygons import largest_polygon, scaled_up
 
 #: Default result names when no labelling config is given.
 DEFAULT_NAMES = {"brush": "mask", "polygon": "polygon", "to_name": "image"}
+#: Decimals of polygon points in percent (rounded up: :func:`scaled_up`).
+PERCENT_DECIMALS = 6
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
 _TAGS = {"brush": "BrushLabels", "polygon": "PolygonLabels", "rectangle": "RectangleLabels"}
 
@@ -234,8 +236,8 @@ def polygon_result(polygons: list[list[float]], size: tuple[int, int], label: st
         return None
     poly = largest_polygon(polygons)
     w, h = size
-    points = [[round(poly[i] / w * 100, 6), round(poly[i + 1] / h * 100, 6)]
-              for i in range(0, len(poly), 2)]
+    points = [list(p) for p in zip(scaled_up(poly[0::2], 100 / w, PERCENT_DECIMALS),
+                                   scaled_up(poly[1::2], 100 / h, PERCENT_DECIMALS))]
     return {"id": result_id, "from_name": from_name, "to_name": to_name,
             "type": "polygonlabels", "original_width": int(w), "original_height": int(h),
             "image_rotation": 0,

@@ -9,6 +9,8 @@ lazily; without it :func:`require_polygon_support` raises a one-line error.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import InputError
@@ -73,3 +75,14 @@ def largest_polygon(polygons: list[list[float]]) -> list[float]:
         return abs(float(np.sum(xs * np.roll(ys, 1) - np.roll(xs, 1) * ys))) / 2
 
     return max(polygons, key=area)
+
+
+def scaled_up(values: list[float], scale: float, decimals: int) -> list[float]:
+    """``values * scale`` (pixels to a normalised or percent frame) rounded *up* at
+    ``decimals``. Polygon vertices from :func:`mask_to_polygons` sit on pixel edges, where
+    pycocotools' rasteriser rounds half up; rounding them up keeps each vertex on the side of
+    the edge it came from, so the written polygon rasterises to the same pixels (rounding
+    to nearest moves half of them a pixel column inwards). The error is below
+    ``10**-decimals`` of the frame."""
+    factor = 10 ** decimals
+    return [math.ceil(v * scale * factor - 1e-6) / factor for v in values]

@@ -8,7 +8,8 @@ or up to two folders above it. Images are matched by their path below ``--images
 extension replaced by ``.txt``; an image without a ``.txt`` has no boxes.
 
 Out: a YOLO segmentation dataset folder: ``labels/<image path>.txt`` with one line per mask,
-``class x1 y1 x2 y2 ...`` (the mask's largest outer polygon, normalised, 6 decimals), the same
+``class x1 y1 x2 y2 ...`` (the mask's largest outer polygon, normalised, rounded up at 6
+decimals: :func:`serving.formats.polygons.scaled_up`), the same
 class indices as the input, ``classes.txt``, ``data.yaml`` and an ``images`` link to the image
 folder, so the folder trains as it is.
 
@@ -29,7 +30,7 @@ import yaml
 from ..errors import InputError
 from ..inference.images import IMAGE_EXTENSIONS
 from .boxsets import BoxSet, read_text_lines, upright_size
-from .polygons import largest_polygon
+from .polygons import largest_polygon, scaled_up
 
 #: Files that may name the classes, looked for in the labels folder and two folders above.
 NAME_FILES = ("classes.txt", "data.yaml", "dataset.yaml")
@@ -167,10 +168,9 @@ def _read_file(txt: Path, image_id: int, size: tuple[int, int] | None, n_classes
 def seg_line(cls: int, polygons: list[list[float]], width: int, height: int) -> str:
     """One YOLO segmentation line: the largest of the COCO ``polygons`` (pixels), normalised."""
     poly = largest_polygon(polygons)
-    coords = []
-    for i in range(0, len(poly), 2):
-        coords.append(min(max(poly[i] / width, 0.0), 1.0))
-        coords.append(min(max(poly[i + 1] / height, 0.0), 1.0))
+    xs = scaled_up(poly[0::2], 1.0 / width, DECIMALS)
+    ys = scaled_up(poly[1::2], 1.0 / height, DECIMALS)
+    coords = [min(max(v, 0.0), 1.0) for xy in zip(xs, ys) for v in xy]
     return " ".join([str(cls)] + [f"{v:.{DECIMALS}f}" for v in coords])
 
 
