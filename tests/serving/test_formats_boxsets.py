@@ -3,6 +3,7 @@ skipped by name, format detection, and the encodings checked against their decod
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -16,7 +17,6 @@ from serving.formats.labelstudio import (
     brush_result,
     ls_rle_to_mask,
     polygon_result,
-    read_labelstudio,
     result_names,
 )
 from serving.formats.yolo import read_yolo, seg_line
@@ -143,8 +143,9 @@ def test_detect_format_by_shape(tmp_path, yolo_dir):
         detect_format(tmp_path / "missing.json")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("label_studio_converter") is None,
+                    reason="label-studio-converter (extra labelstudio) is not installed")
 def test_brush_result_round_trips_through_the_converter_decoder():
-    pytest.importorskip("label_studio_converter")
     mask = np.zeros((37, 53), bool)
     mask[5:20, 7:30] = True
     mask[30, 50] = True
