@@ -1,0 +1,104 @@
+"""A real Label Studio for the tests: its own venv, a migrated database template, start/stop.
+
+Label Studio (the PyPI package) pins numpy and other packages below the project's versions,
+so ``.ci/install-dev.sh`` installs it into ``.venv-labelstudio`` next to ``.venv`` and runs
+``python tests/labelstudio_server.py prepare`` once: its first start migrates a fresh SQLite
+database (minutes), which is kept as a template. Each test session copies the template and
+starts in ~10 s: SQLite, 127.0.0.1, a free port, sign-up off, a fixed user and legacy token,
+and loopback ML backends allowed (``ML_BLOCK_LOCAL_IP=false``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("SIM_LABEL_STUDIO_VENV", ROOT / ".venv-labelstudio"))
+TEMPLATE = VENV / "sim-template"
+USER, PASSWORD = "sim@example.com", "sim-test-password"
+TOKEN = "5a1b2c3d4e5f60718293a4b5c6d7e8f901234567"
+
+
+def python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def available() -> bool:
+    return (VENV / "bin" / "label-studio").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_",
+                                                                       "PYTHON"))}
+    env.update(LABEL_STUDIO_BASE_DATA_DIR=str(data_dir),
+               LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true",
+               LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true", ML_BLOCK_LOCAL_IP="false",
+               SSRF_PROTECTION_ENABLED="false",
+               COLLECT_ANALYTICS="false", SENTRY_DSN="", FRONTEND_SENTRY_DSN="")
+    return env
+
+
+def start(data_dir: Path, port: int, timeout: float = 600.0) -> subprocess.Popen:
+    """Start Label Studio on 127.0.0.1:``port`` with its data in ``data_dir`` (copied from the
+    template when there is one) and wait until ``/health`` answers."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if (TEMPLATE / "label_studio.sqlite3").is_file() and data_dir != TEMPLATE:
+        shutil.copy2(TEMPLATE / "label_studio.sqlite3", data_dir / "label_studio.sqlite3")
+    log = (data_dir / "label_studio.log").open("wb")
+    proc = subprocess.Popen(
+        [str(VENV / "bin" / "label-studio"), "start", "--no-browser", "--internal-host",
+         "127.0.0.1", "-p", str(port), "--data-dir", str(data_dir), "--username", USER,
+         "--password", PASSWORD, "--user-token", TOKEN, "--enable-legacy-api-token"],
+        env=_env(data_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"label-studio exited with {proc.returncode}; see "
+                               f"{data_dir / 'label_studio.log'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    stop(proc)
+    raise RuntimeError(f"label-studio not up after {timeout:g} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process started by :func:`start` (its own process group, by id)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def prepare() -> float:
+    """Migrate the template database once (the slow first start); returns its seconds."""
+    if (TEMPLATE / "label_studio.sqlite3").is_file():
+        return 0.0
+    begin = time.monotonic()
+    stop(start(TEMPLATE, free_port(), timeout=1800.0))
+    return time.monotonic() - begin
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["prepare"]:
+        sys.exit("usage: python tests/labelstudio_server.py prepare")
+    print(f"label-studio template ready ({prepare():.0f} s)")

@@ -1,0 +1,163 @@
+"""Against a real Label Studio (the PyPI package, SQLite, 127.0.0.1): a project with
+RectangleLabels and BrushLabels gets images and box annotations through label-studio-sdk, the
+SIM backend (``sim serve --label-studio``) is connected, predictions are retrieved for every
+task, and each box's mask equals ``sim label``'s for the same image and box (IoU >= 0.99).
+The interactive path (a drawn rectangle in ``context``) and the file round trip (the export ->
+``sim label`` -> Label Studio predictions -> imported through the SDK) are checked too.
+
+``SIM_LS_SCREENSHOT=PATH`` also saves a picture of a labelled task in Label Studio's editor
+(headless Chromium), the one docs/labelling_tools.md shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import labelstudio_server as lss
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not lss.available(), reason="no .venv-labelstudio; run "
+                                 "bash .ci/install-dev.sh")]
+
+sys.path.insert(0, str(Path(__file__).parent / "cli"))
+from cli_data import shapes_dataset  # noqa: E402
+
+NAMES = {1: "disc", 2: "square", 3: "triangle"}
+LABELS = "".join(f'<Label value="{n}"/>' for n in NAMES.values())
+CONFIG = (f'<View><Image name="image" value="$image" zoom="true"/><RectangleLabels name="box" '
+          f'toName="image">{LABELS}</RectangleLabels><BrushLabels name="mask" toName="image">'
+          f'{LABELS}</BrushLabels></View>')
+STEPS = Path(__file__).parent / "labelstudio_steps.py"
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    port = lss.free_port()
+    begin = time.monotonic()
+    proc = lss.start(tmp_path_factory.mktemp("label-studio"), port)
+    print(f"label-studio up in {time.monotonic() - begin:.1f} s")
+    yield f"http://127.0.0.1:{port}"
+    lss.stop(proc)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_checkpoint, label_studio, tmp_path_factory):
+    port = lss.free_port()
+    log = (tmp_path_factory.mktemp("backend") / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving", "serve", "--model", str(tiny_checkpoint), "--device",
+         "cpu", "--port", str(port), "--label-studio", "--label-studio-url", label_studio,
+         "--label-studio-token", lss.TOKEN], stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.25)
+    yield url + "/labelstudio"
+    lss.stop(proc)
+
+
+def _steps(step: str, args: dict, tmp_path: Path) -> dict:
+    args = dict(args, out=str(tmp_path / f"{step}.out.json"))
+    (tmp_path / f"{step}.json").write_text(json.dumps(args))
+    done = subprocess.run([str(lss.python()), str(STEPS), step, str(tmp_path / f"{step}.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(Path(args["out"]).read_text())
+
+
+def _label(model, annotations: Path, images: Path, output: Path) -> None:
+    from serving.cli.label import main
+
+    code = main(["--model", str(model), "--annotations", str(annotations), "--images",
+                 str(images), "--output", str(output), "--device", "cpu", "--no-progress",
+                 "--workers", "0", "--label-config", str(output.parent / "config.xml")])
+    assert code == 0
+
+
+def test_label_studio_backend_and_round_trip(tiny_checkpoint, label_studio, backend,
+                                             tmp_path):
+    coco = json.loads(shapes_dataset(tmp_path / "data", num_images=3).read_text())
+    images = tmp_path / "data" / "images"
+    boxes = {img["file_name"]: [a["bbox"] + [NAMES[a["category_id"]]]
+                                for a in coco["annotations"] if a["image_id"] == img["id"]]
+             for img in coco["images"]}
+    sizes = {img["file_name"]: [img["width"], img["height"]] for img in coco["images"]}
+    args = {"url": label_studio, "token": lss.TOKEN, "config": CONFIG, "backend": backend,
+            "images": [str(images / n) for n in boxes], "boxes": boxes, "sizes": sizes}
+    begin = time.monotonic()
+    found = _steps("backend", args, tmp_path)
+    print(f"project, uploads, boxes, backend, predictions, export: "
+          f"{time.monotonic() - begin:.1f} s")
+    # sim label on the project's own export: the reference masks, box for box
+    (tmp_path / "export.json").write_text(json.dumps(found["export"]))
+    (tmp_path / "config.xml").write_text(CONFIG)
+    _label(tiny_checkpoint, tmp_path / "export.json", images, tmp_path / "labels.json")
+    from serving.formats.labelstudio import ls_rle_to_mask
+
+    reference = json.loads((tmp_path / "labels.json").read_text())
+    assert len(found["tasks"]) == len(reference) == 3
+    for task, ours in zip(found["tasks"], reference, strict=True):
+        (prediction,) = task["predictions"]
+        got, want = prediction["result"], ours["predictions"][0]["result"]
+        assert len(got) == len(want) == 3 and prediction["model_version"].startswith("sim-")
+        for a, b in zip(got, want, strict=True):
+            assert a["type"] == "brushlabels" and (a["from_name"], a["to_name"]) == \
+                ("mask", "image")
+            assert a["value"]["brushlabels"] == b["value"]["brushlabels"]
+            h, w = a["original_height"], a["original_width"]
+            assert _iou(ls_rle_to_mask(a["value"]["rle"], h, w),
+                        ls_rle_to_mask(b["value"]["rle"], h, w)) >= 0.99
+    # interactive: the rectangle drawn in the first task gets one mask, its first box's
+    (drawn,) = found["interactive"]["data"]["result"]
+    first = next(i for i, t in enumerate(found["tasks"]) if t["id"] == found["first_task"])
+    want = reference[first]["predictions"][0]["result"][0]
+    h, w = want["original_height"], want["original_width"]
+    assert _iou(ls_rle_to_mask(drawn["value"]["rle"], h, w),
+                ls_rle_to_mask(want["value"]["rle"], h, w)) >= 0.99
+    # round trip: sim label's predictions file imports through the SDK unchanged
+    back = _steps("import", {**args, "predictions": str(tmp_path / "labels.json")}, tmp_path)
+    assert len(back["tasks"]) == 3
+    for task, ours in zip(back["tasks"], reference, strict=True):
+        (prediction,) = task["predictions"]
+        assert [r["value"]["rle"] for r in prediction["result"]] == \
+            [r["value"]["rle"] for r in ours["predictions"][0]["result"]]
+        assert len(task["annotations"]) == 1  # the boxes came along
+    if os.environ.get("SIM_LS_SCREENSHOT"):
+        _screenshot(label_studio, found["project"], found["first_task"],
+                    Path(os.environ["SIM_LS_SCREENSHOT"]))
+
+
+def _screenshot(url: str, project: int, task: int, out: Path) -> None:
+    """A labelled task in Label Studio's editor, as headless Chromium shows it."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1280, "height": 760})
+        page.goto(f"{url}/user/login/")
+        page.fill("input[name=email]", lss.USER)
+        page.fill("input[name=password]", lss.PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_load_state("networkidle")
+        page.goto(f"{url}/projects/{project}/data?task={task}")
+        page.wait_for_timeout(8000)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(out))
+        browser.close()
