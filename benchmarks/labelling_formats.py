@@ -39,8 +39,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
-from benchmarks.common import machine_info, machine_markdown, markdown_table  # noqa: E402
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    write_results,
+)
 from serving.cli.label import run_label  # noqa: E402
 from serving.formats.cocoeval import evaluate_coco  # noqa: E402
 from serving.formats.labelstudio import ls_rle_to_mask  # noqa: E402

@@ -19,9 +19,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import labelstudio_server as lss
 import numpy as np
 import pytest
-import labelstudio_server as lss
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not lss.available(), reason="no .venv-labelstudio; run "
