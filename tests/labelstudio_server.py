@@ -10,6 +10,7 @@ and loopback ML backends allowed (``ML_BLOCK_LOCAL_IP=false``).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -87,6 +88,64 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def start_backend(model: Path, label_studio: str, log_dir: Path,
+                  timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """``sim serve --label-studio`` for ``label_studio`` on a free port (the project's own
+    Python); returns the process and the backend URL to give Label Studio."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = (log_dir / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving", "serve", "--model", str(model), "--device", "cpu",
+         "--port", str(port), "--label-studio", "--label-studio-url", label_studio,
+         "--label-studio-token", TOKEN], stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sim serve exited with {proc.returncode}; see {log_dir}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+                return proc, f"http://127.0.0.1:{port}/labelstudio"
+        except OSError:
+            time.sleep(0.25)
+    stop(proc)
+    raise RuntimeError(f"sim serve not ready after {timeout:g} s")
+
+
+def run_steps(step: str, args: dict, work: Path) -> dict:
+    """Run one step of ``tests/labelstudio_steps.py`` in the Label Studio venv; its JSON."""
+    args = dict(args, out=str(work / f"{step}.out.json"))
+    (work / f"{step}.json").write_text(json.dumps(args))
+    done = subprocess.run([str(python()), str(Path(__file__).parent / "labelstudio_steps.py"),
+                           step, str(work / f"{step}.json")], capture_output=True, text=True,
+                          timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"labelstudio_steps.py {step} failed: {done.stderr[-3000:]}")
+    return json.loads(Path(args["out"]).read_text())
+
+
+def screenshot(url: str, project: int, task: int, out: Path) -> None:
+    """A task in Label Studio's editor as headless Chromium shows it, saved as ``out``."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{url}/user/login/")
+        page.fill("input[name=email]", USER)
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_load_state("networkidle")
+        page.goto(f"{url}/projects/{project}/data?task={task}")
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(5000)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(out))
+        browser.close()
 
 
 def prepare() -> float:

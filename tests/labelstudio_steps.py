@@ -4,9 +4,11 @@
     python labelstudio_steps.py backend ARGS_JSON   # project, uploads, boxes, ML backend,
                                                     # predictions for every task, export
     python labelstudio_steps.py import ARGS_JSON    # import predictions into a new project
+    python labelstudio_steps.py accept ARGS_JSON    # add a task's predicted masks to its
+                                                    # annotation (for the docs' picture)
 
 Each writes its findings as JSON to ``args["out"]``. Not a test module: the tests in
-``test_labelstudio_real.py`` call it.
+``test_labelstudio_real.py`` and ``benchmarks/labelstudio_picture.py`` call it.
 """
 
 from __future__ import annotations
@@ -89,7 +91,17 @@ def import_predictions(args: dict) -> dict:
     return {"project": project.id, "tasks": [_task(args, auth, t["id"]) for t in back]}
 
 
+def accept(args: dict) -> dict:
+    """A reviewer's accept: the task's box annotation gets its prediction's masks added."""
+    ls, auth = _client(args)
+    task = _task(args, auth, args["task"])
+    annotation, prediction = task["annotations"][0], task["predictions"][0]
+    ls.annotations.update(id=annotation["id"], result=annotation["result"]
+                          + prediction["result"])
+    return {"annotation": annotation["id"]}
+
+
 if __name__ == "__main__":
     step, args = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
-    found = backend(args) if step == "backend" else import_predictions(args)
+    found = {"backend": backend, "import": import_predictions, "accept": accept}[step](args)
     Path(args["out"]).write_text(json.dumps(found))

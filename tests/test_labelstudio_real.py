@@ -4,19 +4,13 @@ SIM backend (``sim serve --label-studio``) is connected, predictions are retriev
 task, and each box's mask equals ``sim label``'s for the same image and box (IoU >= 0.99).
 The interactive path (a drawn rectangle in ``context``) and the file round trip (the export ->
 ``sim label`` -> Label Studio predictions -> imported through the SDK) are checked too.
-
-``SIM_LS_SCREENSHOT=PATH`` also saves a picture of a labelled task in Label Studio's editor
-(headless Chromium), the one docs/labelling_tools.md shows.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import labelstudio_server as lss
@@ -35,7 +29,6 @@ LABELS = "".join(f'<Label value="{n}"/>' for n in NAMES.values())
 CONFIG = (f'<View><Image name="image" value="$image" zoom="true"/><RectangleLabels name="box" '
           f'toName="image">{LABELS}</RectangleLabels><BrushLabels name="mask" toName="image">'
           f'{LABELS}</BrushLabels></View>')
-STEPS = Path(__file__).parent / "labelstudio_steps.py"
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,31 +47,14 @@ def label_studio(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend(tiny_checkpoint, label_studio, tmp_path_factory):
-    port = lss.free_port()
-    log = (tmp_path_factory.mktemp("backend") / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving", "serve", "--model", str(tiny_checkpoint), "--device",
-         "cpu", "--port", str(port), "--label-studio", "--label-studio-url", label_studio,
-         "--label-studio-token", lss.TOKEN], stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2):
-                break
-        except OSError:
-            time.sleep(0.25)
-    yield url + "/labelstudio"
+    proc, url = lss.start_backend(tiny_checkpoint, label_studio,
+                                  tmp_path_factory.mktemp("backend"))
+    yield url
     lss.stop(proc)
 
 
 def _steps(step: str, args: dict, tmp_path: Path) -> dict:
-    args = dict(args, out=str(tmp_path / f"{step}.out.json"))
-    (tmp_path / f"{step}.json").write_text(json.dumps(args))
-    done = subprocess.run([str(lss.python()), str(STEPS), step, str(tmp_path / f"{step}.json")],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(Path(args["out"]).read_text())
+    return lss.run_steps(step, args, tmp_path)
 
 
 def _label(model, annotations: Path, images: Path, output: Path) -> None:
@@ -138,26 +114,3 @@ def test_label_studio_backend_and_round_trip(tiny_checkpoint, label_studio, back
         assert [r["value"]["rle"] for r in prediction["result"]] == \
             [r["value"]["rle"] for r in ours["predictions"][0]["result"]]
         assert len(task["annotations"]) == 1  # the boxes came along
-    if os.environ.get("SIM_LS_SCREENSHOT"):
-        _screenshot(label_studio, found["project"], found["first_task"],
-                    Path(os.environ["SIM_LS_SCREENSHOT"]))
-
-
-def _screenshot(url: str, project: int, task: int, out: Path) -> None:
-    """A labelled task in Label Studio's editor, as headless Chromium shows it."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page(viewport={"width": 1280, "height": 760})
-        page.goto(f"{url}/user/login/")
-        page.fill("input[name=email]", lss.USER)
-        page.fill("input[name=password]", lss.PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_load_state("networkidle")
-        page.goto(f"{url}/projects/{project}/data?task={task}")
-        page.wait_for_timeout(8000)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(out))
-        browser.close()
