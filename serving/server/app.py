@@ -9,6 +9,8 @@ Endpoints:
   ``GET /readyz``: 200 once a warm-up forward pass has run, else 503 (also while stopping);
 - ``GET /openapi.json``, ``/docs`` and ``/redoc``: the schema of all of the above (the pages
   work offline, :mod:`serving.server.app_docs`).
+- with ``--label-studio``: ``/labelstudio/health``, ``/setup`` and ``/predict``, a Label Studio
+  ML backend (:mod:`serving.server.labelstudio`).
 
 Concurrent requests are batched (:mod:`serving.server.batching`); bad input is rejected before
 batching (:mod:`serving.server.requests`, limits in :mod:`serving.server.limits`). Listens on
