@@ -60,7 +60,7 @@ class BoxSet:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def detect_format(path: str | os.PathLike) -> str:
+def detect_format(path: str | os.PathLike, what: str = "annotations") -> str:
     """``coco``, ``yolo`` or ``labelstudio`` from the input's shape: a folder is YOLO, a JSON
     list is a Label Studio export, a JSON object with ``images`` is COCO. Raises
     :class:`InputError` (one line) for anything else."""
@@ -68,17 +68,17 @@ def detect_format(path: str | os.PathLike) -> str:
     if p.is_dir():
         return "yolo"
     if not p.is_file():
-        raise InputError(f"annotations {p}: no such file or folder; check the path")
+        raise InputError(f"{what} {p}: file not found; check the path")
     try:
         with p.open("rb") as fh:
             head = fh.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
     except OSError as exc:
-        raise InputError(f"annotations {p}: cannot be read ({exc.strerror or exc})") from None
+        raise InputError(f"{what} {p}: cannot be read ({exc.strerror or exc})") from None
     if head.startswith("["):
         return "labelstudio"
     if head.startswith("{"):
         return "coco"
-    raise InputError(f"annotations {p}: neither a COCO JSON (an object with 'images'), a Label "
+    raise InputError(f"{what} {p}: neither a COCO JSON (an object with 'images'), a Label "
                      "Studio JSON export (a list of tasks) nor a YOLO labels folder; pass one "
                      "of those, or name it with --input-format")
 
@@ -92,7 +92,7 @@ def read_boxes(path: str | os.PathLike, images: str | os.PathLike, fmt: str = "a
     """
     if fmt not in INPUT_FORMATS:
         raise InputError(f"--input-format {fmt}: choose one of {', '.join(INPUT_FORMATS)}")
-    kind = detect_format(path) if fmt == "auto" else fmt
+    kind = detect_format(path, what) if fmt == "auto" else fmt
     if kind == "coco":
         from .coco import read_coco_json
 

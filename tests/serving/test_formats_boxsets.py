@@ -139,7 +139,7 @@ def test_detect_format_by_shape(tmp_path, yolo_dir):
     assert detect_format(tmp_path / "ls.json") == "labelstudio"
     with pytest.raises(InputError, match="neither a COCO JSON"):
         detect_format(tmp_path / "notes.xml")
-    with pytest.raises(InputError, match="no such file"):
+    with pytest.raises(InputError, match="missing.json: file not found"):
         detect_format(tmp_path / "missing.json")
 
 
