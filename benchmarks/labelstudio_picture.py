@@ -32,7 +32,8 @@ def config(names: list[str]) -> str:
     boxes = "".join(f'<Label value="{n}" background="#00c8ff"/>' for n in names)
     masks = "".join(f'<Label value="{n}" background="#ff3b30"/>' for n in names)
     return (f'<View><Image name="image" value="$image" zoom="true"/><RectangleLabels '
-            f'name="box" toName="image" fillOpacity="0" strokeWidth="2">{boxes}'
+            f'name="box" toName="image" smart="true" fillOpacity="0" strokeWidth="2">'
+            f'{boxes}'
             f'</RectangleLabels><BrushLabels name="mask" toName="image">{masks}</BrushLabels>'
             '</View>')
 
