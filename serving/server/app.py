@@ -262,8 +262,11 @@ def app_from_env() -> FastAPI:
     cfg = json.loads(os.environ[SETTINGS_ENV])
     segmenter = Segmenter.load(cfg["model"], device=cfg["device"],
                                image_size=cfg.get("image_size"), dtype=cfg.get("dtype"))
-    return create_app(segmenter, ServerSettings(**cfg["settings"]),
-                      _label_studio_settings(cfg.get("label_studio")))
+    settings = ServerSettings(**cfg["settings"])
+    label_studio = _label_studio_settings(cfg.get("label_studio"))
+    if label_studio is None:
+        return create_app(segmenter, settings)
+    return create_app(segmenter, settings, label_studio)
 
 
 def _parser() -> argparse.ArgumentParser:
