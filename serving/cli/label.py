@@ -59,6 +59,7 @@ from ..formats.boxsets import (
     write_labels,
 )
 from ..formats.coco import boxes_by_image, read_coco_json
+from ..formats.labelstudio import read_label_config, result_names
 from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..segmenter import Segmenter
 from .common import (
@@ -179,23 +180,13 @@ def _checked_inputs(model: str, annotations: str, images: str, output: str,
         from ..formats.labelstudio import brush_module
 
         brush_module()
+    if opts.label_config is not None:
+        result_names(opts.label_config, "brush")  # not XML: stop before any work
     if opts.encoding == "polygon":
         from ..formats.polygons import require_polygon_support
 
         require_polygon_support()
     return model_path, image_dir, out, boxes, opts
-
-
-def _read_config(path: str | None) -> str | None:
-    """The text of a Label Studio labelling config file (``--label-config``), or ``None``."""
-    if path is None:
-        return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--label-config {path}: cannot be read "
-                         f"({getattr(exc, 'strerror', None) or exc}); pass the project's "
-                         "labelling config (Settings > Labeling Interface > Code)") from None
 
 
 def _ground_truth(dataset: dict[str, Any], annotations: str,
@@ -403,7 +394,7 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str |
 
     Raises :class:`SimError` subclasses (one-line messages) for problems found before work.
     """
-    config = _read_config(label_config)
+    config = read_label_config(label_config)
     opts = LabelOptions(fmt or "auto", evaluate, batch_size, device, workers, overwrite,
                         progress, skip_empty, tuple(image_size) if image_size else None, dtype,
                         input_format, config)

@@ -84,6 +84,18 @@ def result_names(label_config: str | None, kind: str) -> tuple[str, str | None]:
     return DEFAULT_NAMES.get(kind, "label"), None
 
 
+def read_label_config(path: str | os.PathLike | None) -> str | None:
+    """The text of a labelling config file (``--label-config``), or ``None`` for none."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--label-config {path}: cannot be read "
+                         f"({getattr(exc, 'strerror', None) or exc}); pass the project's "
+                         "labelling config (Settings > Labeling Interface > Code)") from None
+
+
 # ----------------------------------------------------------------------------- reading
 def image_ref(data: dict[str, Any]) -> str | None:
     """The image a task's ``data`` points to: ``data["image"]``, else its first value that

@@ -173,3 +173,25 @@ def test_predict_takes_yolo_boxes(tiny_checkpoint, sources, monkeypatch, capsys)
         x, y, w, h = res["bbox"]
         assert any(x >= bx - 1 and y >= by - 1 and x + w <= bx + bw + 1 and y + h <= by + bh + 1
                    for bx, by, bw, bh in by_image[res["image_id"]])
+
+
+def test_format_errors_before_work(tiny_checkpoint, sources, monkeypatch, capsys):
+    from serving import Segmenter
+
+    monkeypatch.setattr(Segmenter, "load", lambda *a, **k: pytest.fail("model loaded"))
+    root, images, _ = sources
+    (root / "bad.xml").write_text("<View>")
+    (root / "notes.xml").write_text("<annotation/>")
+    cases = [
+        ([root / "export.json", "--label-config", root / "missing.xml"], "cannot be read"),
+        ([root / "export.json", "--label-config", root / "bad.xml"], "not valid XML"),
+        ([root / "notes.xml"], "neither a COCO JSON"),
+        ([root / "yolo", "--output", root / "export.json"], "not a folder"),
+        ([root / "yolo", "--input-format", "labelstudio"], "annotations"),
+    ]
+    for (source, *extra), message in cases:
+        code = _label(tiny_checkpoint, source, images, root / "o.json", *map(str, extra))
+        assert code == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (root / "o.json").exists()
