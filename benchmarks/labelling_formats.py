@@ -225,9 +225,13 @@ def main() -> None:
                "mask_ap": ap, "agreement": agree, "seconds": times,
                "max_ap_difference": max(ap.values()) - min(ap.values()),
                "machine": machine_info()}
-    rows = [[name, ap[name], agree.get(name, {}).get("against"),
-             agree.get(name, {}).get("min_iou"), agree.get(name, {}).get("share_iou_ge_0.99"),
-             times[name]] for name in paths]
+    def fixed(value: float | None, digits: int) -> str | None:
+        return None if value is None else f"{value:.{digits}f}"
+
+    rows = [[name, fixed(ap[name], 2), agree.get(name, {}).get("against"),
+             fixed(agree.get(name, {}).get("min_iou"), 4),
+             fixed(agree.get(name, {}).get("share_iou_ge_0.99"), 3), fixed(times[name], 1)]
+            for name in paths]
     text = "\n".join([
         "# Labelling formats: the same boxes through COCO, YOLO and Label Studio", "",
         f"{len(gt['images'])} images, {payload['boxes']} boxes of `{args.data.name}/"
@@ -235,11 +239,10 @@ def main() -> None:
         "of every box's mask with the COCO path of the same encoding.", "",
         markdown_table(["path", "mask AP", "compared with", "min IoU", "share IoU >= 0.99",
                         "seconds"], rows), "",
-        f"Largest mask AP difference between paths: {payload['max_ap_difference']:.2f}.", "",
+        f"Largest mask AP difference between paths: {payload['max_ap_difference']:.2f} "
+        "(polygon against RLE encodings; the paths of one encoding agree exactly).", "",
         machine_markdown(payload["machine"]), "",
-        "`python benchmarks/labelling_formats.py --model "
-        f"{args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model} "
-        f"--data {args.data.relative_to(ROOT) if args.data.is_relative_to(ROOT) else args.data}`"])
+        "`python benchmarks/labelling_formats.py " + " ".join(sys.argv[1:]) + "`"])
     write_results(args.out, "labelling_formats", payload, text)
 
 
