@@ -53,30 +53,40 @@ def _env(data_dir: Path) -> dict[str, str]:
     return env
 
 
-def start(data_dir: Path, port: int, timeout: float = 600.0) -> subprocess.Popen:
+def launch(data_dir: Path, port: int) -> subprocess.Popen:
     """Start Label Studio on 127.0.0.1:``port`` with its data in ``data_dir`` (copied from the
-    template when there is one) and wait until ``/health`` answers."""
+    template when there is one); :func:`wait_up` waits for it."""
     data_dir.mkdir(parents=True, exist_ok=True)
     if (TEMPLATE / "label_studio.sqlite3").is_file() and data_dir != TEMPLATE:
         shutil.copy2(TEMPLATE / "label_studio.sqlite3", data_dir / "label_studio.sqlite3")
     log = (data_dir / "label_studio.log").open("wb")
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [str(VENV / "bin" / "label-studio"), "start", "--no-browser", "--internal-host",
          "127.0.0.1", "-p", str(port), "--data-dir", str(data_dir), "--username", USER,
          "--password", PASSWORD, "--user-token", TOKEN, "--enable-legacy-api-token"],
         env=_env(data_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_up(proc: subprocess.Popen, url: str, timeout: float = 600.0) -> None:
+    """Wait until ``url`` answers (the process must stay alive); stop it on a timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"label-studio exited with {proc.returncode}; see "
-                               f"{data_dir / 'label_studio.log'}")
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
+            with urllib.request.urlopen(url, timeout=2):
+                return
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.25)
     stop(proc)
-    raise RuntimeError(f"label-studio not up after {timeout:g} s")
+    raise RuntimeError(f"{url} not up after {timeout:g} s")
+
+
+def start(data_dir: Path, port: int, timeout: float = 600.0) -> subprocess.Popen:
+    """:func:`launch` and :func:`wait_up` for ``/health``."""
+    proc = launch(data_dir, port)
+    wait_up(proc, f"http://127.0.0.1:{port}/health", timeout)
+    return proc
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -90,10 +100,11 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def start_backend(model: Path, label_studio: str, log_dir: Path,
-                  timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """``sim serve --label-studio`` for ``label_studio`` on a free port (the project's own
-    Python); returns the process and the backend URL to give Label Studio."""
+def launch_backend(model: Path, label_studio: str, log_dir: Path,
+                   ) -> tuple[subprocess.Popen, str]:
+    """Start ``sim serve --label-studio`` for ``label_studio`` on a free port (the project's
+    own Python); returns the process and the server's URL (the backend is at
+    ``/labelstudio``; ``/readyz`` says when it is up)."""
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log = (log_dir / "serve.log").open("wb")
@@ -102,17 +113,15 @@ def start_backend(model: Path, label_studio: str, log_dir: Path,
          "--port", str(port), "--label-studio", "--label-studio-url", label_studio,
          "--label-studio-token", TOKEN], stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sim serve exited with {proc.returncode}; see {log_dir}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
-                return proc, f"http://127.0.0.1:{port}/labelstudio"
-        except OSError:
-            time.sleep(0.25)
-    stop(proc)
-    raise RuntimeError(f"sim serve not ready after {timeout:g} s")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_backend(model: Path, label_studio: str, log_dir: Path,
+                  timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """:func:`launch_backend` and wait until it is ready; returns the backend URL."""
+    proc, url = launch_backend(model, label_studio, log_dir)
+    wait_up(proc, url + "/readyz", timeout)
+    return proc, url + "/labelstudio"
 
 
 def run_steps(step: str, args: dict, work: Path) -> dict:

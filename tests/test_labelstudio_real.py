@@ -36,21 +36,22 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
+def servers(tiny_checkpoint, tmp_path_factory):
+    """Label Studio and ``sim serve --label-studio``, started side by side; their URLs."""
     port = lss.free_port()
+    url = f"http://127.0.0.1:{port}"
     begin = time.monotonic()
-    proc = lss.start(tmp_path_factory.mktemp("label-studio"), port)
-    print(f"label-studio up in {time.monotonic() - begin:.1f} s")
-    yield f"http://127.0.0.1:{port}"
-    lss.stop(proc)
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_checkpoint, label_studio, tmp_path_factory):
-    proc, url = lss.start_backend(tiny_checkpoint, label_studio,
-                                  tmp_path_factory.mktemp("backend"))
-    yield url
-    lss.stop(proc)
+    studio = lss.launch(tmp_path_factory.mktemp("label-studio"), port)
+    backend, backend_url = lss.launch_backend(tiny_checkpoint, url,
+                                              tmp_path_factory.mktemp("backend"))
+    try:
+        lss.wait_up(backend, backend_url + "/readyz")
+        lss.wait_up(studio, url + "/health")
+        print(f"label-studio and the backend up in {time.monotonic() - begin:.1f} s")
+        yield url, backend_url + "/labelstudio"
+    finally:
+        lss.stop(backend)
+        lss.stop(studio)
 
 
 def _steps(step: str, args: dict, tmp_path: Path) -> dict:
@@ -66,8 +67,8 @@ def _label(model, annotations: Path, images: Path, output: Path) -> None:
     assert code == 0
 
 
-def test_label_studio_backend_and_round_trip(tiny_checkpoint, label_studio, backend,
-                                             tmp_path):
+def test_label_studio_backend_and_round_trip(tiny_checkpoint, servers, tmp_path):
+    label_studio, backend = servers
     coco = json.loads(shapes_dataset(tmp_path / "data", num_images=3).read_text())
     images = tmp_path / "data" / "images"
     boxes = {img["file_name"]: [a["bbox"] + [NAMES[a["category_id"]]]
