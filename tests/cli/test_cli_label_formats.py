@@ -69,7 +69,6 @@ def _label(model, annotations, images, output, *extra):
                  "--workers", "0", *extra])
 
 
-@pytest.mark.slow
 def test_coco_yolo_and_labelstudio_paths_agree(tiny_checkpoint, sources, monkeypatch, capsys):
     cache_model_loads(monkeypatch)
     root, images, coco = sources
