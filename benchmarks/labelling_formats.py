@@ -230,15 +230,14 @@ def main() -> None:
 
     rows = [[name, fixed(ap[name], 2), agree.get(name, {}).get("against"),
              fixed(agree.get(name, {}).get("min_iou"), 4),
-             fixed(agree.get(name, {}).get("share_iou_ge_0.99"), 3), fixed(times[name], 1)]
-            for name in paths]
+             fixed(agree.get(name, {}).get("share_iou_ge_0.99"), 3)] for name in paths]
     text = "\n".join([
         "# Labelling formats: the same boxes through COCO, YOLO and Label Studio", "",
         f"{len(gt['images'])} images, {payload['boxes']} boxes of `{args.data.name}/"
         f"{args.split}`, model `{args.model.name}`. Mask AP against the withheld masks; IoU "
         "of every box's mask with the COCO path of the same encoding.", "",
-        markdown_table(["path", "mask AP", "compared with", "min IoU", "share IoU >= 0.99",
-                        "seconds"], rows), "",
+        markdown_table(["path", "mask AP", "compared with", "min IoU", "share IoU >= 0.99"],
+                       rows), "",
         f"Largest mask AP difference between paths: {payload['max_ap_difference']:.2f} "
         "(polygon against RLE encodings; the paths of one encoding agree exactly).", "",
         machine_markdown(payload["machine"]), "",
