@@ -29,7 +29,6 @@ import copy
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +198,6 @@ def main() -> None:
     args = parser.parse_args()
     gt = json.loads((args.data / f"{args.split}.json").read_text())
     images = args.data / "images"
-    times = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         src = write_sources(gt, work)
@@ -208,21 +206,17 @@ def main() -> None:
                 ("yolo", src["yolo"], "yolo_seg", "yolo"),
                 ("labelstudio file", src["ls"], "ls.json", "labelstudio")]
         for name, source, output, fmt in runs:
-            begin = time.perf_counter()
             summary = run_label(str(args.model), str(source), str(images), str(work / output),
                                 fmt=fmt, device="cpu", progress=False, workers=0)
-            times[name] = time.perf_counter() - begin
             assert summary.exit_code == 0, (name, summary.rejected, summary.failed_images)
-        begin = time.perf_counter()
         backend = backend_masks(args.model, gt, images, src["ls"])
-        times["labelstudio backend"] = time.perf_counter() - begin
         paths = read_paths(gt, work, backend)
     ap = {name: evaluate_coco(gt, results, iou_types=("segm",))["segm/AP"] * 100
           for name, results in paths.items()}
     agree = agreement(gt, paths)
     payload = {"model": str(args.model), "data": str(args.data), "split": args.split,
                "images": len(gt["images"]), "boxes": len(paths["coco rle"]),
-               "mask_ap": ap, "agreement": agree, "seconds": times,
+               "mask_ap": ap, "agreement": agree,
                "max_ap_difference": max(ap.values()) - min(ap.values()),
                "machine": machine_info()}
     def fixed(value: float | None, digits: int) -> str | None:
