@@ -168,3 +168,23 @@ def test_limits_and_bad_requests(segmenter):  # noqa: F811
     assert len(results[1]["result"]) == 1 and "error" not in results[1]
     assert "reads none" in results[2]["error"]
     assert malformed.status_code == 400 and no_tasks.status_code == 422
+
+
+def test_worker_processes_get_the_backend_routes(tiny_checkpoint, monkeypatch, tmp_path):
+    """``--workers N``: each worker builds its app from the environment, routes included."""
+    import json
+
+    from serving.server.app import SETTINGS_ENV, app_from_env
+
+    flags = {"url": "http://127.0.0.1:8080", "token": "k", "local_root": str(tmp_path)}
+    monkeypatch.setenv(SETTINGS_ENV, json.dumps({
+        "model": str(tiny_checkpoint), "device": "cpu", "dtype": "fp32",
+        "label_studio": flags, "settings": {"max_batch": 2}}))
+    app = app_from_env()
+    paths = {route.path for route in app.routes}
+    assert {"/labelstudio/health", "/labelstudio/setup", "/labelstudio/predict"} <= paths
+    ls = app.state.label_studio.ls
+    assert (ls.url, ls.token, ls.local_root) == (flags["url"], "k", tmp_path)
+    monkeypatch.setenv(SETTINGS_ENV, json.dumps({
+        "model": str(tiny_checkpoint), "device": "cpu", "settings": {}}))
+    assert "/labelstudio/health" not in {route.path for route in app_from_env().routes}
