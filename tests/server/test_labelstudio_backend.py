@@ -6,6 +6,7 @@ errors that never fail the batch."""
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,15 +26,26 @@ BRUSH_CONFIG = ('<View><Image name="img" value="$image"/><RectangleLabels name="
                 'toName="img"><Label value="disc"/></BrushLabels></View>')
 POLY_CONFIG = BRUSH_CONFIG.replace("BrushLabels", "PolygonLabels")
 TOKEN = "abc123"
+JWT = "header.payload.signature"  # a personal access token (refresh token)
 
 
 class _FakeLabelStudio(BaseHTTPRequestHandler):
-    """Serves ``/data/upload/1/scene.png`` to requests bearing ``Token abc123``."""
+    """Serves ``/data/upload/1/scene.png`` to requests bearing ``Token abc123`` or the access
+    token that ``/api/token/refresh`` gives for :data:`JWT`."""
 
     image = b""
 
+    def do_POST(self):  # noqa: N802 - a personal access token's refresh
+        length = int(self.headers.get("Content-Length", 0))
+        body = json.loads(self.rfile.read(length))
+        ok = self.path == "/api/token/refresh" and body.get("refresh") == JWT
+        self.send_response(200 if ok else 401)
+        self.end_headers()
+        if ok:
+            self.wfile.write(json.dumps({"access": "short-lived"}).encode())
+
     def do_GET(self):  # noqa: N802 (http.server's name)
-        if self.headers.get("Authorization") != f"Token {TOKEN}":
+        if self.headers.get("Authorization") not in (f"Token {TOKEN}", "Bearer short-lived"):
             self.send_response(401)
             self.end_headers()
             return
@@ -144,6 +156,17 @@ def test_images_from_label_studio_with_its_token_only(segmenter, tmp_path):  # n
         with backend(segmenter, LabelStudioSettings(url=url, token="wrong")) as client:
             refused = client.post("/labelstudio/predict", json={"tasks": [
                 _task(7, "/data/upload/1/scene.png", rects)]}).json()["results"]
+        with backend(segmenter, LabelStudioSettings(url=url, token=JWT)) as client:
+            personal = client.post("/labelstudio/predict", json={"tasks": [
+                _task(8, "/data/upload/1/scene.png", rects)]}).json()["results"]
+        with backend(segmenter, LabelStudioSettings(url=url)) as client:
+            client.post("/labelstudio/setup", json={"project": "1.0", "access_token": TOKEN,
+                                                    "hostname": "http://elsewhere.invalid"})
+            assert client.app.state.label_studio.source.setup_token is None  # not our host
+            client.post("/labelstudio/setup", json={"project": "1.0", "hostname": url,
+                                                    "access_token": TOKEN})
+            from_setup = client.post("/labelstudio/predict", json={"tasks": [
+                _task(9, "/data/upload/1/scene.png", rects)]}).json()["results"]
     assert [len(r["result"]) for r in results] == [1, 1, 0, 1, 0, 0]
     masks = [ls_rle_to_mask(results[i]["result"][0]["value"]["rle"], 120, 160)
              for i in (0, 1, 3)]
@@ -152,6 +175,10 @@ def test_images_from_label_studio_with_its_token_only(segmenter, tmp_path):  # n
     assert "outside --label-studio-root" in results[4]["error"]
     assert "answered 404" in results[5]["error"]
     assert "answered 401" in refused[0]["error"]
+    for answer in (personal, from_setup):  # a personal access token; /setup's token
+        assert "error" not in answer[0]
+        assert np.array_equal(ls_rle_to_mask(answer[0]["result"][0]["value"]["rle"], 120, 160),
+                              masks[0])
 
 
 def test_limits_and_bad_requests(segmenter):  # noqa: F811
