@@ -40,7 +40,7 @@ from PIL import Image
 
 from ..errors import InputError
 from ..files import check_writable_dir, write_json
-from ..formats.boxsets import read_boxes
+from ..formats.boxsets import OUTPUT_ENCODING, labelled_dataset, read_boxes, write_labels
 from ..formats.coco import boxes_by_image
 from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..prediction import Prediction
@@ -107,6 +107,8 @@ class PredictOptions:
     vis_labels: bool = True
     vis_threshold: float | None = None
     dtype: str = "fp32"
+    #: Prompted masks also as ``yolo`` / ``labelstudio`` / ``labelstudio-polygon`` labels.
+    fmt: str = "coco"
 
     def __post_init__(self) -> None:
         vis = "jpg" if self.save_vis is True else (self.save_vis or None)
@@ -118,6 +120,8 @@ class PredictOptions:
             object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         if self.batch_size < 1:
             raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.fmt != "coco" and not self.boxes:
+            raise InputError(f"--format {self.fmt}: labels need prompt boxes; add --boxes")
         for name in ("score_threshold", "vis_threshold"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -206,6 +210,20 @@ def _read_prompt_boxes(boxes: str, inputs: Sequence[str]) -> dict[str, Any]:
     for where, reason in boxset.skipped:
         report(f"skipped: {where}: {reason}")
     return boxset.dataset
+
+
+def _write_labels(out: Path, inputs: Sequence[str], records: WorkRecords,
+                  opts: PredictOptions) -> None:
+    """``--format``: the prompted masks as labels of the boxes' dataset, in ``out/yolo`` or
+    ``out/labelstudio.json`` (:func:`serving.formats.boxsets.write_labels`)."""
+    folder = next((Path(i) for i in inputs if Path(i).is_dir()), Path("."))
+    assert opts.boxes is not None
+    boxset = read_boxes(opts.boxes, folder, "auto", "boxes")
+    results = [res for rec in records.results.values() for res in rec["results"]]
+    labelled = labelled_dataset(boxset.dataset, results, OUTPUT_ENCODING[opts.fmt])
+    target = out / ("yolo" if opts.fmt == "yolo" else "labelstudio.json")
+    for note in write_labels(target, labelled, boxset, opts.fmt, folder):
+        report(f"note: {note}")
 
 
 def _image_ids(jobs: list[Job], records: WorkRecords) -> dict[str, int]:
@@ -420,6 +438,8 @@ def run_predict(model: str, inputs: Sequence[str], output: str, shard: Shard | N
         summary.merged = False
         return summary
     write_outputs(out, jobs, records.results, categories)
+    if opts.fmt != "coco":
+        _write_labels(out, inputs, records, opts)
     _summarise(summary, jobs, records)
     if not summary.interrupted:
         summary.advice += _score_check(seg, records, prompted=coco is not None)
@@ -448,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--boxes", metavar="BOXES",
                         help="prompt boxes: a COCO JSON, YOLO labels folder or Label Studio "
                              "export whose images match the inputs by file name")
+    parser.add_argument("--format", default="coco",
+                        choices=["coco", "yolo", "labelstudio", "labelstudio-polygon"],
+                        help="with --boxes: also write the masks as YOLO segmentation labels "
+                             "(OUT/yolo) or Label Studio predictions (OUT/labelstudio.json)")
     parser.add_argument("--score-threshold", type=float, default=None, metavar="T",
                         help="automatic mode: drop instances scoring below T")
     parser.add_argument("--save-vis", nargs="?", const="jpg", default=None,
@@ -476,7 +500,7 @@ def _run_from_args(args: argparse.Namespace, shard: Shard) -> PredictSummary:
                        save_masks=args.save_masks, workers=args.workers,
                        overwrite=args.overwrite, progress=not args.no_progress,
                        image_size=args.image_size, vis_labels=args.vis_labels == "on",
-                       vis_threshold=args.vis_threshold, dtype=args.dtype)
+                       vis_threshold=args.vis_threshold, dtype=args.dtype, fmt=args.format)
 
 
 def _print_summary(summary: PredictSummary) -> None:

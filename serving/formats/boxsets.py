@@ -19,6 +19,7 @@ labelled dataset as COCO, YOLO segmentation or Label Studio predictions.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -139,6 +140,32 @@ def write_labels(out: Path, labelled: dict[str, Any], boxes: BoxSet, fmt: str,
     kind = "polygon" if fmt.endswith("polygon") else "brush"
     return write_predictions(out, labelled, boxes, kind, options.get("label_config"),
                              options.get("model_version", "sim"))
+
+
+def labelled_dataset(dataset: dict[str, Any], results: list[dict[str, Any]],
+                     encoding: str) -> dict[str, Any]:
+    """``dataset`` with each prompted result's mask (COCO RLE), ``area`` and ``score`` on the
+    annotation its ``prompt_id`` names (``sim predict --boxes`` results), as ``encoding``
+    (``rle``, or ``polygon``: :func:`serving.formats.polygons.mask_to_polygons`, RLE kept
+    where a mask has no polygon)."""
+    from pycocotools import mask as mask_util
+
+    out = copy.deepcopy(dataset)
+    by_id = {ann["id"]: ann for ann in out["annotations"]}
+    for res in results:
+        ann = by_id.get(res.get("prompt_id"))
+        if ann is None:
+            continue
+        rle = dict(res["segmentation"])
+        if isinstance(rle["counts"], str):
+            rle["counts"] = rle["counts"].encode("ascii")
+        segm: Any = res["segmentation"]
+        if encoding == "polygon":
+            from .polygons import mask_to_polygons
+
+            segm = mask_to_polygons(mask_util.decode(rle).astype(bool)) or segm
+        ann.update(segmentation=segm, area=int(mask_util.area(rle)), score=res["score"])
+    return out
 
 
 def read_text_lines(path: Path, what: str) -> list[str]:

@@ -156,22 +156,25 @@ def test_bad_labelstudio_tasks_are_skipped_and_counted(tiny_checkpoint, sources,
     assert [len(t["predictions"][0]["result"]) for t in written] == [2, 3]
 
 
-def test_predict_takes_yolo_boxes(tiny_checkpoint, sources, monkeypatch, capsys):
+def test_predict_takes_yolo_boxes_and_writes_yolo_labels(tiny_checkpoint, sources,
+                                                        monkeypatch, capsys):
+    """``predict --boxes YOLO --format yolo`` writes the same YOLO-seg lines as ``label``."""
     cache_model_loads(monkeypatch)
     root, images, coco = sources
     code = predict_main(["--model", str(tiny_checkpoint), "--input", str(images), "--output",
                          str(root / "pred"), "--boxes", str(root / "yolo"), "--device", "cpu",
-                         "--no-progress", "--workers", "0"])
+                         "--no-progress", "--workers", "0", "--format", "yolo"])
     assert code == 0, capsys.readouterr().err
+    assert _label(tiny_checkpoint, root / "yolo", images, root / "seg") == 0
     results = json.loads((root / "pred" / "results.json").read_text())
     assert len(results) == len(coco["annotations"])
-    by_image = {}
-    for ann in coco["annotations"]:
-        by_image.setdefault(ann["image_id"] - 99, []).append(ann["bbox"])
-    for res in results:  # prompts kept their box: the result box lies inside it (+1 px)
-        x, y, w, h = res["bbox"]
-        assert any(x >= bx - 1 and y >= by - 1 and x + w <= bx + bw + 1 and y + h <= by + bh + 1
-                   for bx, by, bw, bh in by_image[res["image_id"]])
+    for name in ("shapes_0.txt", "shapes_1.txt"):
+        assert (root / "pred" / "yolo" / "labels" / name).read_text() == \
+            (root / "seg" / "labels" / name).read_text()
+    code = predict_main(["--model", str(tiny_checkpoint), "--input", str(images), "--output",
+                         str(root / "pred2"), "--device", "cpu", "--no-progress",
+                         "--format", "labelstudio"])
+    assert code == 1 and "add --boxes" in capsys.readouterr().err
 
 
 def test_format_errors_before_work(tiny_checkpoint, sources, monkeypatch, capsys):
