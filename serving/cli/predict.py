@@ -201,12 +201,16 @@ def _plan(inputs: Sequence[str], out: Path, opts: PredictOptions, notes: bool = 
     return jobs, {str(f.path): f for f in files}, coco
 
 
+def _box_images(inputs: Sequence[str]) -> Path:
+    """The folder YOLO and Label Studio boxes are scaled by: the first input folder."""
+    return next((Path(i) for i in inputs if Path(i).is_dir()), Path("."))
+
+
 def _read_prompt_boxes(boxes: str, inputs: Sequence[str]) -> dict[str, Any]:
     """``--boxes`` in any box format (:func:`serving.formats.boxsets.read_boxes`; YOLO and
     Label Studio boxes are scaled by the images in the first input folder), as COCO. Entries
     the reader refuses are reported and left out."""
-    folder = next((Path(i) for i in inputs if Path(i).is_dir()), Path("."))
-    boxset = read_boxes(boxes, folder, "auto", "boxes")
+    boxset = read_boxes(boxes, _box_images(inputs), "auto", "boxes")
     for where, reason in boxset.skipped:
         report(f"skipped: {where}: {reason}")
     return boxset.dataset
@@ -216,7 +220,7 @@ def _write_labels(out: Path, inputs: Sequence[str], records: WorkRecords,
                   opts: PredictOptions) -> None:
     """``--format``: the prompted masks as labels of the boxes' dataset, in ``out/yolo`` or
     ``out/labelstudio.json`` (:func:`serving.formats.boxsets.write_labels`)."""
-    folder = next((Path(i) for i in inputs if Path(i).is_dir()), Path("."))
+    folder = _box_images(inputs)
     assert opts.boxes is not None
     boxset = read_boxes(opts.boxes, folder, "auto", "boxes")
     results = [res for rec in records.results.values() for res in rec["results"]]

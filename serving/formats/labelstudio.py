@@ -190,7 +190,7 @@ def read_labelstudio(path: str | os.PathLike, images: str | os.PathLike) -> BoxS
         ref = image_ref(task["data"]) if isinstance(task, dict) and isinstance(
             task.get("data"), dict) else None
         if ref is None:
-            out.skipped.append((where, "no image in its data (expected data.image); skipped"))
+            out.skipped.append((where, "no image in its data (expected data.image)"))
             continue
         name = local_name(ref, image_dir)
         rects = box_results(task)

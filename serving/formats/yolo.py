@@ -139,7 +139,7 @@ def read_yolo(path: str | os.PathLike, images: str | os.PathLike) -> BoxSet:
         _read_file(txt, image_id, size, len(names), out)
     for txt in sorted(labels_dir.rglob("*.txt")):
         if txt.name not in NAME_FILES and txt.resolve() not in used:
-            out.skipped.append((str(txt), f"no image of that name under {image_dir}; skipped"))
+            out.skipped.append((str(txt), f"no image of that name under {image_dir}"))
     return out
 
 
@@ -156,7 +156,7 @@ def _read_file(txt: Path, image_id: int, size: tuple[int, int] | None, n_classes
             out.skipped.append((where, str(exc)))
             continue
         if size is None:
-            out.skipped.append((where, "its image cannot be read; skipped"))
+            out.skipped.append((where, "its image cannot be read"))
             continue
         box = _box(values, size)
         ann_id = len(out.dataset["annotations"]) + 1
