@@ -17,13 +17,12 @@ import sys
 from typing import Any
 
 from serving.cli.common import add_image_size_option
-from serving.cli.main import prog
 from serving.errors import SimError
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m app") -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog=prog("python -m app"), description="Serve the Gradio page (draw boxes, get masks).",
+        prog=prog, description="Serve the Gradio page (draw boxes, get masks).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="examples: sim app --model runs/quickstart/model_final.safetensors; "
                "sim app --model model.onnx --host 0.0.0.0 --port 7860")
@@ -91,9 +90,9 @@ def launch(demo: Any, args: argparse.Namespace, block: bool = True) -> Any:
                        footer_links=["api"], quiet=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m app") -> int:
+    """Entry point (``prog``: the name ``--help`` shows); returns the process exit code."""
+    args = parse_args(argv, prog)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

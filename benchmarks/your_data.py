@@ -45,7 +45,7 @@ HAND_MASKED = 5
 
 def sim(*args: str, log: list[dict[str, Any]], out: Path | None = None) -> str:
     """Run ``sim ARGS`` (one torch thread), record its time; returns its stdout."""
-    cmd = [sys.executable, "-m", "serving", *args]
+    cmd = [sys.executable, "-m", "sim_cli", *args]
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from serving import Segmenter
-from serving.cli.main import prog
 from serving.errors import InputError
 from serving.files import check_writable_dir
 
@@ -27,8 +26,8 @@ from .verify import collect_images, verify_export
 from .verify_int8 import verify_int8
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog("python -m export"), description=__doc__,
+def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", "--checkpoint", dest="checkpoint", required=True,
                    help="training checkpoint (.safetensors)")
@@ -137,8 +136,9 @@ def _verify(args: argparse.Namespace, images: list[Path], targets: dict[str, tup
     return not failed
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m export") -> int:
+    """``sim export``; ``prog`` is the name its ``--help`` shows. Returns the exit code."""
+    args = build_parser(prog).parse_args(argv)
     cal = _check_args(args)
     images = collect_images(args.verify) if args.verify else []
     if images:

@@ -1,5 +1,5 @@
-"""``python -m serving <command>``: the same dispatcher as the ``sim`` command
-(:mod:`serving.cli.main`)."""
+"""``python -m serving <command>``: the library's commands (predict, label, serve, info) through
+the dispatcher of :mod:`serving.cli.main`; ``sim`` (:mod:`sim_cli.main`) runs these and the rest."""
 
 import sys
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = ("serving", "training", "export", "app")
+PROJECT = ("serving", "training", "export", "app", "sim_cli")
 #: import name -> distribution name, where they differ.
 DIST = {"PIL": "pillow", "yaml": "pyyaml", "skimage": "scikit-image",
         "starlette": "fastapi"}  # starlette is FastAPI's own dependency, pinned by it
@@ -79,7 +79,7 @@ def test_floors_cover_the_apis_the_code_uses():
 def test_extras_and_licence_are_what_the_docs_promise():
     project = _pyproject()["project"]
     assert isinstance(project["license"], str)  # a table is deprecated by setuptools >= 77
-    assert project["scripts"]["sim"] == "serving.cli.main:main"
+    assert project["scripts"]["sim"] == "sim_cli.main:main"
     extras = set(project["optional-dependencies"])
     assert {"train", "export", "gpu", "app", "serve", "all", "dev"} <= extras
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from serving import InferenceConfig, Segmenter
 from serving.backends.torch_backend import TorchBackend
-from serving.cli.main import prog
 from serving.errors import InputError, SimError
 from serving.formats.cocoeval import evaluate_coco
 from serving.model import CondInst
@@ -121,9 +120,10 @@ def evaluate_untrained(cfg: TrainConfig, path: str | Path) -> dict[str, float]:
                                max_images=cfg.data.max_val_images)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m training.evaluate") -> int:
+    """``sim eval``; ``prog`` is the name its ``--help`` shows. Returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog=prog("python -m training.evaluate"), description=__doc__,
+        prog=prog, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  sim eval --model runs/quickstart/model_final.safetensors "
                "--annotations data/synthetic/val.json --images data/synthetic/images\n"

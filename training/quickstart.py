@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.cli.main import prog
 from serving.errors import SimError
 
 from .config import TrainConfig, load_config
@@ -50,13 +49,27 @@ class Run:
     results: dict[str, Any] = field(default_factory=dict)
 
 
-def _sub(stage: str, cmd: list[str], ok: Sequence[int] = (0,)) -> None:
-    """Run a command of the product (as a user would) and fail the stage on a bad exit."""
+def _sub(stage: str, cmd: list[str]) -> None:
+    """Run a command of a package above training (``python -m export``: training never
+    imports export) as a user would, and fail the stage on a bad exit."""
     print("  $ " + " ".join(cmd), flush=True)
     code = subprocess.call(cmd)
-    if code not in ok:
+    if code != 0:
         raise StageError(f"stage '{stage}' failed: `{' '.join(cmd[:4])} ...` exited with "
                          f"{code}; see its messages above")
+
+
+def _command(stage: str, name: str, main: Callable[..., int], argv: list[str]) -> None:
+    """Run the library's command ``sim <name> argv`` in this process through its Python
+    entry ``main`` and fail the stage on a non-zero exit code (bad arguments included)."""
+    print(f"  $ sim {name} " + " ".join(argv), flush=True)
+    try:
+        code = main(argv, prog=f"sim {name}")
+    except SystemExit as exc:  # argparse rejected the arguments
+        code = exc.code if isinstance(exc.code, int) else 2
+    if code != 0:
+        raise StageError(f"stage '{stage}' failed: `sim {name}` exited with {code}; see its "
+                         "messages above")
 
 
 def stage_data(run: Run) -> str:
@@ -107,7 +120,7 @@ def _val_images(run: Run) -> list[str]:
 
 def stage_export(run: Run) -> str:
     folder = run.out / "export"
-    _sub("export", [sys.executable, "-m", "serving", "export", "--model",
+    _sub("export", [sys.executable, "-m", "export", "--model",
                     run.results["checkpoint"], "--output", str(folder), "--verify",
                     *_val_images(run)[:2]])
     return f"{folder} (verified against PyTorch)"
@@ -116,20 +129,24 @@ def stage_export(run: Run) -> str:
 def stage_predict(run: Run) -> str:
     ckpt, images = run.results["checkpoint"], _val_images(run)
     auto, prompted = run.out / "predictions", run.out / "predictions_prompted"
-    base = [sys.executable, "-m", "serving", "predict", "--model", ckpt, "--input", *images,
-            "--save-vis", "--no-progress"]
-    _sub("predict", [*base, "--output", str(auto)])
-    _sub("predict", [*base, "--boxes", run.cfg.data.val_json, "--output", str(prompted)])
+    from serving.cli.predict import main as predict
+
+    base = ["--model", ckpt, "--input", *images, "--save-vis", "--no-progress"]
+    _command("predict", "predict", predict, [*base, "--output", str(auto)])
+    _command("predict", "predict", predict,
+             [*base, "--boxes", run.cfg.data.val_json, "--output", str(prompted)])
     run.results["pictures"] = [str(auto / "vis"), str(prompted / "vis")]
     return f"{auto / 'vis'} (automatic), {prompted / 'vis'} (box-prompted)"
 
 
 def stage_label(run: Run) -> str:
     out = run.out / "labelled_val.json"
-    _sub("label", [sys.executable, "-m", "serving", "label", "--model",
-                   run.results["checkpoint"], "--annotations", run.cfg.data.val_json,
-                   "--images", run.cfg.data.val_images, "--output", str(out), "--evaluate",
-                   "--no-progress", "--overwrite"])
+    from serving.cli.label import main as label
+
+    _command("label", "label", label, [
+        "--model", run.results["checkpoint"], "--annotations", run.cfg.data.val_json,
+        "--images", run.cfg.data.val_images, "--output", str(out), "--evaluate",
+        "--no-progress", "--overwrite"])
     return str(out)
 
 
@@ -155,9 +172,10 @@ def run_stages(run: Run) -> dict[str, float]:
     return times
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m training.quickstart") -> int:
+    """``sim quickstart``; ``prog`` is the name its ``--help`` shows. Returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog=prog("python -m training.quickstart"), description=__doc__,
+        prog=prog, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  sim quickstart                 # synthetic shapes, ~5-10 min on "
                "2 CPU cores\n  sim quickstart --data nuclei   # real fluorescence nuclei\n"

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 
 from serving import Segmenter
 from serving.backends.torch_backend import TorchBackend
-from serving.cli.main import prog
 from serving.cli.shards import multi_process_cpu
 from serving.config import ModelConfig, config_to_dict
 from serving.errors import SimError
@@ -303,10 +302,10 @@ def _flat_scalars(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- command line
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None, prog: str = "python -m training") -> argparse.Namespace:
     presets = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
     parser = argparse.ArgumentParser(
-        prog=prog("python -m training"), formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train CondInst with SIM / BoxInst (box supervision) or full masks.",
         epilog="examples:\n"
                "  sim train --config configs/quickstart_cpu.yaml   # the paper's SIM\n"
@@ -332,8 +331,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m training") -> int:
+    """``sim train``; ``prog`` is the name its ``--help`` shows. Returns the exit code."""
+    args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides, preset=args.preset)
         if args.print_config:

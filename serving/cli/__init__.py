@@ -1,2 +1,3 @@
-"""The command line: ``sim <command>`` / ``python -m serving <command>`` and the batch commands
-``predict``, ``label`` and ``info``. Each command's module is imported only when it runs."""
+"""The library's command line: ``python -m serving <command>`` (the dispatcher that ``sim``
+shares) and the commands ``predict``, ``label`` and ``info``. Each command's module is imported
+only when it runs."""

@@ -19,7 +19,6 @@ from ..formats.coco import boxes_by_image, read_coco_json
 from ..inference.domain import box_sizes, calibration_of, quantiles, size_advice
 from ..segmenter import Segmenter
 from .common import add_image_size_option
-from .main import prog
 
 
 def describe(seg: Segmenter) -> dict[str, Any]:
@@ -63,9 +62,10 @@ def size_lines(seg: Segmenter, annotations: str) -> list[str]:
     return lines + ([f"note: {advice}"] if advice else [])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m serving info") -> int:
+    """``sim info``; ``prog`` is the name its ``--help`` shows. Returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog=prog("python -m serving info"), description=__doc__,
+        prog=prog, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  sim info runs/quickstart/model_final.safetensors\n"
                "  sim info --model exported/model_final.auto.onnx --json\n"

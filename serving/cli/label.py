@@ -71,7 +71,6 @@ from .common import (
 )
 from .jobs import Job, Outcome, class_lookup, note_unknown_categories, run_jobs
 from .label_report import EMPTY_FRACTION, LabelReport, is_empty
-from .main import prog
 from .progress import WorkRecords, file_stamp, fingerprint
 from .runner import JobRunner, RunPlan
 from .shards import Shard, batch_command, current_shard
@@ -421,9 +420,9 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str |
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m serving label") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog("python -m serving label"),
+        prog=prog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Auto-label a box-only dataset (COCO, YOLO or a Label Studio export): one "
                     "box-prompted mask per box. Exit "
@@ -465,9 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``sim label``; returns the exit code."""
-    return batch_command("label", argv, build_parser(), _run_from_args, _print_summary)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m serving label") -> int:
+    """Entry point of ``sim label`` (``prog``: the name ``--help`` shows); returns the exit
+    code."""
+    return batch_command("label", argv, build_parser(prog), _run_from_args, _print_summary)
 
 
 def _run_from_args(args: argparse.Namespace, shard: Shard) -> LabelSummary:

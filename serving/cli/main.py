@@ -1,117 +1,128 @@
-"""``sim <command>``: the product's one command (``python -m serving <command>`` is the same).
+"""``python -m serving <command>``: the library's own commands (predict, label, serve, info),
+and the dispatcher that the product's ``sim`` command (:mod:`sim_cli.main`) shares.
 
-Each command is a module with ``main(argv) -> exit code``; the module is imported only when
-its command runs, so ``sim predict`` needs nothing of training, export or the app. The
-commands that live above the library (``train``, ``eval``, ``quickstart``, ``export``, ``app``)
-are named here by module path and loaded by name: the library's own code never imports them.
+Each command is a module with ``main(argv, prog) -> exit code`` (``prog``: the name its
+``--help`` shows). A :class:`Command` imports its module inside a function, only when the
+command runs, so ``sim predict`` needs nothing of the server, training, export or the app.
+The commands that live above the library (``train``, ``eval``, ``export``, ``app``,
+``quickstart``) are listed only by the front door, :mod:`sim_cli.main`: this package never
+imports them.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
-from collections.abc import Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..errors import SimError
 
 
+class CommandMain(Protocol):
+    """A command's entry: ``main(argv, prog)`` returns the exit code."""
+
+    def __call__(self, argv: Sequence[str] | None = ..., prog: str = ...) -> int | None: ...
+
+
 @dataclass(frozen=True)
 class Command:
-    """A sub-command: the module whose ``main(argv)`` runs it, a one-line summary, and the
-    install extra it needs beyond the core package ("" for none; named in the error when an
-    import fails)."""
+    """A sub-command: ``load()`` imports its module and returns its ``main``, a one-line
+    summary, and the install extra it needs beyond the core package ("" for none; named in
+    the error when an import fails)."""
 
-    module: str
+    load: Callable[[], CommandMain]
     summary: str
     extra: str
 
 
+def _predict() -> CommandMain:
+    from .predict import main
+
+    return main
+
+
+def _label() -> CommandMain:
+    from .label import main
+
+    return main
+
+
+def _serve() -> CommandMain:
+    from ..server.app import main
+
+    return main
+
+
+def _info() -> CommandMain:
+    from .info import main
+
+    return main
+
+
+#: The commands of ``python -m serving`` (``sim`` lists them too, after training's).
 COMMANDS: dict[str, Command] = {
-    "train": Command("training.train", "train a segmenter from box (or mask) annotations",
-                     "train"),
-    "eval": Command("training.evaluate", "COCO mask and box AP of a model on a dataset", "train"),
-    "export": Command("export.__main__", "export to ONNX / TensorRT and verify against PyTorch",
-                      "export"),
-    "predict": Command("serving.cli.predict", "segment images: automatic, or one mask per box",
-                       ""),
-    "label": Command("serving.cli.label", "auto-label a box-only COCO dataset with masks", ""),
-    "serve": Command("serving.server.app", "HTTP inference server with dynamic batching", "serve"),
-    "app": Command("app.main", "web app: upload an image, draw boxes, get masks", "app"),
-    "info": Command("serving.cli.info", "describe a model file (classes, sizes, thresholds)", ""),
-    "quickstart": Command("training.quickstart",
-                          "train, evaluate, export and predict on the built-in data", "all"),
+    "predict": Command(_predict, "segment images: automatic, or one mask per box", ""),
+    "label": Command(_label, "auto-label a box-only COCO dataset with masks", ""),
+    "serve": Command(_serve, "HTTP inference server with dynamic batching", "serve"),
+    "info": Command(_info, "describe a model file (classes, sizes, thresholds)", ""),
 }
 
 EXAMPLES = """\
 examples:
-  sim quickstart                                   # the whole path on the built-in data
-  sim train --config configs/quickstart_cpu.yaml --preset sim_bg
-  sim eval --model runs/quickstart/model_final.safetensors \\
-      --annotations data/synthetic/val.json --images data/synthetic/images
-  sim export --model runs/quickstart/model_final.safetensors --verify img.png
-  sim predict --model model.onnx --input photos/ --output out/ --save-vis
-  sim label --model model.safetensors --annotations boxes.json --images imgs/ \\
-      --output labelled.json
-  sim serve --model model.onnx --port 8000
-  sim app --model model.safetensors
+  python -m serving predict --model model.onnx --input photos/ --output out/ --save-vis
+  python -m serving serve --model model.onnx --port 8000
 
-'sim <command> --help' shows a command's options and examples."""
-
-#: The name a command's parser shows (``sim train`` when run through this dispatcher).
-_INVOKED_AS: ContextVar[str | None] = ContextVar("sim_invoked_as", default=None)
+The 'sim' command runs these and also train, eval, export, app and quickstart."""
 
 
-def prog(default: str) -> str:
-    """A command's program name for its ``--help``: ``sim <command>`` when it runs through
-    ``sim``, else ``default`` (for example ``python -m training``)."""
-    return _INVOKED_AS.get() or default
-
-
-def usage() -> str:
-    """The text of ``sim --help``: one line per command, then examples."""
-    lines = ["usage: sim <command> [options]", "",
+def usage(program: str, commands: Mapping[str, Command], examples: str) -> str:
+    """The text of ``<program> --help``: one line per command, then ``examples``."""
+    lines = [f"usage: {program} <command> [options]", "",
              "Box-supervised instance segmentation (CondInst + SIM): train from boxes, deploy "
              "masks.", "", "commands:"]
-    lines += [f"  {name:<11} {cmd.summary}" for name, cmd in COMMANDS.items()]
-    return "\n".join(lines + ["", EXAMPLES])
+    lines += [f"  {name:<11} {cmd.summary}" for name, cmd in commands.items()]
+    return "\n".join(lines + ["", examples])
 
 
-def _load(name: str):
+def _load(program: str, name: str, cmd: Command) -> CommandMain:
     """Import a command's module; a missing optional dependency becomes a one-line error."""
-    cmd = COMMANDS[name]
     try:
-        return importlib.import_module(cmd.module)
+        return cmd.load()
     except ModuleNotFoundError as exc:
         missing = exc.name or "a module"
-        project = missing.split(".")[0] in ("training", "export", "app", "serving")
+        project = missing.split(".")[0] in ("training", "export", "app", "serving", "sim_cli")
         extra = f"[{cmd.extra}]" if cmd.extra else ""
         fix = ("install the project from a source checkout (pip install -e '.[all]')" if project
                else f"pip install 'sim-boxseg{extra}'")
-        raise SimError(f"sim {name}: needs {missing}, which is not installed; {fix}") from None
+        raise SimError(f"{program} {name}: needs {missing}, which is not installed; "
+                       f"{fix}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``sim <command> [options]``; returns the command's exit code."""
+def dispatch(program: str, commands: Mapping[str, Command], argv: Sequence[str] | None,
+             examples: str) -> int:
+    """Run ``<program> <command> [options]`` from ``commands``; returns the exit code (2 for
+    an unknown command, 1 for a :class:`SimError`)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
-        print(usage())
+        print(usage(program, commands, examples))
         return 0
     name, rest = args[0], args[1:]
-    if name not in COMMANDS:
+    if name not in commands:
         import difflib
 
-        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        close = difflib.get_close_matches(name, list(commands), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        print(f"error: unknown command '{name}'{hint}; 'sim --help' lists the commands",
+        print(f"error: unknown command '{name}'{hint}; '{program} --help' lists the commands",
               file=sys.stderr)
         return 2
-    token = _INVOKED_AS.set(f"sim {name}")
     try:
-        return int(_load(name).main(rest) or 0)
+        return int(_load(program, name, commands[name])(rest, prog=f"{program} {name}") or 0)
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        _INVOKED_AS.reset(token)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m serving <command> [options]``; returns the command's exit code."""
+    return dispatch("python -m serving", COMMANDS, argv, EXAMPLES)

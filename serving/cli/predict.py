@@ -55,7 +55,6 @@ from .common import (
     run_exit_code,
 )
 from .jobs import Job, Outcome, class_lookup, note_unknown_categories, run_jobs
-from .main import prog
 from .progress import ProgressLog, WorkRecords, file_stamp, fingerprint
 from .runner import JobRunner, RunPlan
 from .shards import Shard, batch_command, current_shard
@@ -450,9 +449,9 @@ def run_predict(model: str, inputs: Sequence[str], output: str, shard: Shard | N
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m serving predict") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog("python -m serving predict"),
+        prog=prog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Segment images (automatic, or one mask per box of a COCO JSON) and write "
                     "COCO results with RLE masks. Exit codes: 0 ok, 1 error before work, "
@@ -492,9 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``sim predict``; returns the exit code."""
-    return batch_command("predict", argv, build_parser(), _run_from_args, _print_summary)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m serving predict") -> int:
+    """Entry point of ``sim predict`` (``prog``: the name ``--help`` shows); returns the exit
+    code."""
+    return batch_command("predict", argv, build_parser(prog), _run_from_args, _print_summary)
 
 
 def _run_from_args(args: argparse.Namespace, shard: Shard) -> PredictSummary:

@@ -39,7 +39,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..cli.common import add_image_size_option
-from ..cli.main import prog
 from ..errors import SimError
 from ..inference.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 from ..segmenter import Segmenter
@@ -269,9 +268,9 @@ def app_from_env() -> FastAPI:
     return create_app(segmenter, settings, label_studio)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m serving serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog("python -m serving serve"), formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="HTTP inference server with dynamic batching.",
         epilog="examples:\n  sim serve --model model.onnx                 # 127.0.0.1:8000\n"
                "  sim serve --model model.safetensors --host 0.0.0.0 --max-batch 16\n"
@@ -369,10 +368,10 @@ def _label_studio_settings(flags: dict[str, Any] | None) -> Any:
                                local_root=Path(root) if root else None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m serving serve") -> int:
     """Run the server until interrupted. SIGTERM: readiness off for ``--shutdown-grace``
     seconds while still serving, then in-flight requests finish; Ctrl-C skips the grace."""
-    parser = _parser()
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     settings = _settings(parser, args)
     import uvicorn

@@ -1,0 +1,1 @@
+"""The ``sim`` command: the product's front door, above every package (see :mod:`sim_cli.main`)."""
