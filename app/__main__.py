@@ -1,5 +1,5 @@
-"""``python -m app --model PATH``: the Gradio app (see :mod:`app.main`)."""
+"""``python -m app --model PATH``: the Gradio app (see :mod:`app.launch`)."""
 
-from .main import main
+from .launch import main
 
 raise SystemExit(main())

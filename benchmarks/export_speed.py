@@ -57,7 +57,7 @@ from export.verify import compare_automatic, mask_iou  # noqa: E402
 from export.verify_int8 import compare_int8  # noqa: E402
 from serving import InferenceConfig, ModelConfig, Segmenter, build_condinst  # noqa: E402
 from serving.backends.torch_backend import cpu_bf16_support  # noqa: E402
-from serving.model.checkpoint import save_checkpoint  # noqa: E402
+from serving.model.model_file import save_checkpoint  # noqa: E402
 
 #: case -> (backbone, (height, width)); the quickstart case uses the quickstart's light heads.
 CASES = {

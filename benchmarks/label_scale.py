@@ -51,7 +51,7 @@ from benchmarks.common import (  # noqa: E402
     write_results,
 )
 from serving import InferenceConfig, ModelConfig, build_condinst  # noqa: E402
-from serving.model.checkpoint import save_checkpoint  # noqa: E402
+from serving.model.model_file import save_checkpoint  # noqa: E402
 
 CLASSES = ("a", "b", "c")
 #: processes -> the machine's parallel ceiling measured in each round (see parallel_ceiling).

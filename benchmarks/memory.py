@@ -90,7 +90,7 @@ def tiny_checkpoint(path: Path) -> Path:
     import torch
 
     from serving import InferenceConfig, ModelConfig, build_condinst
-    from serving.model.checkpoint import save_checkpoint
+    from serving.model.model_file import save_checkpoint
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="mobilenet_v2", num_classes=3, fpn_channels=32, head_convs=1,

@@ -12,7 +12,7 @@ have no ground truth.
 
 The switch lives here, not in the training config, because it reads what box supervision
 must never read; it patches ``training.train``'s dataset (mask mode) and
-``training.sim.step.compute_sim_maps`` for the duration of the block.
+``training.sim.iteration.compute_sim_maps`` for the duration of the block.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 @contextlib.contextmanager
 def oracle_semantic_map() -> Iterator[None]:
     """Train with ``M_S`` := ground-truth masks inside the ``with`` block (one process)."""
-    import training.sim.step as sim_step
+    import training.sim.iteration as sim_step
     import training.train as train_mod
     from training.data import CocoInstanceDataset
     from training.sim.pseudo import pseudo_masks

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [evaluate(c, annotations, images, args.max_images) for c in args.checkpoints]
     if args.features:
         from benchmarks.sim_figure import feature_separability
-        from serving.model.checkpoint import load_checkpoint
+        from serving.model.model_file import load_checkpoint
 
         for run in runs:
             model = load_checkpoint(run["checkpoint"])[0].eval()

@@ -43,13 +43,13 @@ from common import (  # noqa: E402
 )
 
 from export import export_onnx  # noqa: E402
-from export.calibration import load_calibration_set  # noqa: E402
+from export.int8_calibration import load_calibration_set  # noqa: E402
 from export.quantize import QuantizeOptions, quantize_export  # noqa: E402
 from export.verify_int8 import verify_int8  # noqa: E402
 from serving import Segmenter  # noqa: E402
 from serving.formats.cocoeval import evaluate_coco  # noqa: E402
-from training.config import load_config  # noqa: E402
 from training.evaluate import predict_dataset  # noqa: E402
+from training.train_config import load_config  # noqa: E402
 
 DATASETS = {
     "synthetic": ("configs/quickstart_cpu.yaml", "runs/q/model_final.safetensors"),

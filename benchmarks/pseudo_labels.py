@@ -108,13 +108,13 @@ def summarise(counts: Tensor) -> dict[str, float]:
 @torch.no_grad()
 def pseudo_label_quality(sim: Any, cfg: Any, alphas: tuple[float, ...] = (0.0, 0.5, 1.0),
                          max_images: int | None = None, batch_size: int = 8) -> dict[str, Any]:
-    """Score the pseudo labels of ``sim`` (a :class:`training.sim.step.SIMState`) on the
+    """Score the pseudo labels of ``sim`` (a :class:`training.sim.iteration.SIMState`) on the
     validation split of ``cfg`` for each alpha; see the module docstring for the measures."""
     from benchmarks.sim_figure import val_dataset
     from training.data.collate import collate
     from training.losses.criterion import fcos_assign_batch, targets_from_batch
+    from training.sim.iteration import compute_sim_maps
     from training.sim.pseudo import pseudo_masks
-    from training.sim.step import compute_sim_maps
 
     teacher = sim.teacher.module
     device = next(teacher.parameters()).device
@@ -175,9 +175,9 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, A
     bank, on the CPU. Relative data paths resolve from the repository root (where the
     benchmarks run)."""
     from serving.model import build_condinst
-    from training.checkpoints import latest_checkpoint
-    from training.config import load_config
-    from training.sim.step import SIMState
+    from training.run_checkpoints import latest_checkpoint
+    from training.sim.iteration import SIMState
+    from training.train_config import load_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

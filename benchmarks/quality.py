@@ -134,7 +134,7 @@ QUICK_ITERS = {"synthetic": 300, "nuclei": 300, "synthetic_distinct": 300}
 
 def dataset_config(dataset: str, overrides: list[str] | None = None) -> Any:
     """The dataset's TrainConfig with ``overrides`` on top of the dataset's own."""
-    from training.config import load_config
+    from training.train_config import load_config
 
     path, own = DATASETS[dataset]
     return load_config(ROOT / path, own + (overrides or []))
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      "[_quick])")
     args = parser.parse_args(argv)
     from benchmarks.common import cpu_model
-    from training.config import ConfigError
+    from training.train_config import ConfigError
 
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     out = str(ROOT / args.out)

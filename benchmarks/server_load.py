@@ -41,7 +41,7 @@ import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from serving import InferenceConfig, ModelConfig, Segmenter, build_condinst  # noqa: E402
-from serving.model.checkpoint import save_checkpoint  # noqa: E402
+from serving.model.model_file import save_checkpoint  # noqa: E402
 
 
 def tiny_checkpoint(path: Path) -> Path:

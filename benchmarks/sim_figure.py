@@ -24,13 +24,13 @@ from PIL import Image, ImageDraw
 from scipy.stats import mannwhitneyu
 
 from serving.model import CondInst
-from training.config import TrainConfig
 from training.data import CocoInstanceDataset
 from training.data.augment import ResizeShortestEdge
 from training.data.collate import collate
 from training.losses.criterion import fcos_assign_batch, targets_from_batch, upsample_features
+from training.sim.iteration import SIMState, compute_sim_maps
 from training.sim.prototypes import l2_normalize_vectors
-from training.sim.step import SIMState, compute_sim_maps
+from training.train_config import TrainConfig
 
 TILE = 112
 COLUMNS = ("image + box", "M_S", "M_I", "pseudo mask", "ground truth")

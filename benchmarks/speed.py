@@ -60,7 +60,7 @@ from benchmarks.common import (  # noqa: E402
 from serving import InferenceConfig, ModelConfig, Segmenter, build_condinst  # noqa: E402
 from serving.inference.postprocess import detect  # noqa: E402
 from serving.inference.transforms import preprocess  # noqa: E402
-from serving.model.checkpoint import save_checkpoint  # noqa: E402
+from serving.model.model_file import save_checkpoint  # noqa: E402
 
 #: name -> (ModelConfig fields, image (height, width), min_size, max_size)
 MODELS: dict[str, tuple[dict[str, Any], tuple[int, int], int, int]] = {

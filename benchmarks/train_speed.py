@@ -1,7 +1,8 @@
 """Training-step cost of SIM relative to BoxInst: time, peak memory and where SIM's time goes.
 
 Every variant trains the same network (same initial weights) on the same batch, through the
-training loop's own step (``training.step.batch_losses`` + backward + optimizer + EMA update):
+training loop's own step (``training.batch_losses.batch_losses`` + backward + optimizer +
+EMA update):
 
 - ``boxinst``: ``sim.enabled=false`` (projection + pairwise losses only);
 - ``sim``: SIM active (teacher, M_I, M_S, prototypes, pseudo loss, memory-bank push), no paste
@@ -14,8 +15,9 @@ objects cut from the batch (ellipses inside the boxes), so pasting starts at onc
 are timed side by side: round r runs boxinst, sim, sim+paste once each; medians over rounds.
 
 SIM's parts are measured with the ``torch.profiler.record_function`` ranges in
-``training/train.py`` and ``training/sim/step.py`` (``sim.teacher_forward``, ``sim.instance_map``,
-...) over a few ``sim+paste`` steps; each share is the range's time over the profiled step time.
+``training/train.py`` and ``training/sim/iteration.py`` (``sim.teacher_forward``,
+``sim.instance_map``, ...) over a few ``sim+paste`` steps; each share is the range's time over
+the profiled step time.
 
 Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` over the timed steps; on the CPU each
 variant runs in a fresh subprocess that resets the kernel's peak-RSS counter (``VmHWM``, via
@@ -64,21 +66,21 @@ from benchmarks.common import (  # noqa: E402
     write_results,
 )
 from serving.model import build_condinst  # noqa: E402
-from training.config import TrainConfig, load_config  # noqa: E402
+from training.batch_losses import batch_losses  # noqa: E402
 from training.data import CocoInstanceDataset  # noqa: E402
 from training.data.collate import Batch  # noqa: E402
 from training.data.loader import build_train_loader  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
 from training.run_state import RunState  # noqa: E402
-from training.sim.step import SIMState  # noqa: E402
-from training.step import batch_losses  # noqa: E402
+from training.sim.iteration import SIMState  # noqa: E402
+from training.train_config import TrainConfig, load_config  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "boxinst": ["sim.enabled=false"],
     "sim": ["sim.paste_prob=0.0"],
     "sim+paste": ["sim.paste_prob=1.0"],
 }
-#: record_function ranges of one SIM step (see training/train.py and training/sim/step.py).
+#: record_function ranges of one SIM step (see training/train.py and training/sim/iteration.py).
 PARTS = (
     "sim.copy_paste", "student.forward", "losses.fcos_boxinst", "sim.losses",
     "sim.teacher_forward", "sim.instance_map", "sim.semantic_map", "sim.pseudo_masks",

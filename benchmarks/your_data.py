@@ -145,7 +145,7 @@ def domain_check(work: Path, synthetic_model: Path, nuclei_model: str, nuclei_bo
 def domain_row(text: str, labelled: Path, model: str) -> dict[str, Any]:
     """What one cross-dataset ``label`` run said and scored: whether it warned (and the line),
     the median box score of its labels, the model's validation median and the empty masks."""
-    from serving.model.checkpoint import read_checkpoint_info
+    from serving.model.model_file import read_checkpoint_info
 
     line = next((ln for ln in text.splitlines() if "out of domain" in ln), "")
     anns = json.loads(labelled.read_text())["annotations"]

@@ -8,7 +8,7 @@ against PyTorch. Builds on :mod:`serving`; never imported by it.
 >>> verify_int8("model_final.safetensors", int8.sidecar, ["image.jpg"]).passed
 """
 
-from .calibration import CalibrationSet, load_calibration_set
+from .int8_calibration import CalibrationSet, load_calibration_set
 from .onnx import ExportResult, export_onnx
 from .quantize import QuantizeOptions, quantize_export
 from .tensorrt import build_tensorrt_engine, check_tensorrt_ops

@@ -18,7 +18,7 @@ from serving import Segmenter
 from serving.errors import InputError
 from serving.files import check_writable_dir
 
-from .calibration import DEFAULT_CALIBRATION_COUNT, CalibrationSet, load_calibration_set
+from .int8_calibration import DEFAULT_CALIBRATION_COUNT, CalibrationSet, load_calibration_set
 from .onnx import DEFAULT_OPSET, MIN_OPSET, ExportResult, export_onnx
 from .quantize import METHODS, QuantizeOptions, quantize_export
 from .tensorrt import build_tensorrt_engine, graph_op_types, import_tensorrt

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from serving.backends.exported import build_sidecar
-from serving.config import InferenceConfig, config_to_dict
 from serving.errors import CheckpointError, InputError
 from serving.files import atomic_write, check_writable_dir
 from serving.model import CondInst
-from serving.model.checkpoint import CheckpointInfo, load_checkpoint
+from serving.model.model_file import CheckpointInfo, load_checkpoint
+from serving.model_config import InferenceConfig, config_to_dict
 
-from .nms import ONNX_TRANSLATIONS
+from .onnx_nms import ONNX_TRANSLATIONS
 from .wrapper import (
     AUTO_INPUTS,
     AUTO_OUTPUTS,

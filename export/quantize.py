@@ -5,7 +5,7 @@
 >>> Segmenter.load("exported/model.int8.auto.onnx").predict("image.jpg")
 
 Works on the ONNX files ``python -m export`` wrote, whichever exporter made them. Each graph
-is calibrated on the user's images (:mod:`export.calibration`, the serving preprocessing) and
+is calibrated on the user's images (:mod:`export.int8_calibration`, the serving preprocessing) and
 quantised with ``onnxruntime.quantization.quantize_static``: QDQ format, uint8 activations
 (asymmetric, the fast choice for x86 VNNI kernels) and int8 per-channel weights.
 
@@ -34,7 +34,7 @@ from serving.backends.exported import ExportSidecar, read_sidecar
 from serving.errors import InputError
 from serving.files import atomic_write
 
-from .calibration import (
+from .int8_calibration import (
     DEFAULT_CALIBRATION_COUNT,
     CalibrationSet,
     calibration_feeds,

@@ -4,7 +4,7 @@ the graphs' operators against the list TensorRT's ONNX parser supports.
 ``tensorrt`` is imported lazily: :func:`check_tensorrt_ops` needs only ``onnx`` and the
 operator list kept in ``export/data/tensorrt_onnx_ops.json`` (with its source and version).
 
-INT8 engines come two ways, both from the same calibration images (:mod:`export.calibration`):
+INT8 engines come two ways, both from the same calibration images (:mod:`export.int8_calibration`):
 
 - **explicit** (the default, ``python -m export --format tensorrt --int8``): the engine is built
   from an INT8 QDQ export (:func:`export.quantize.quantize_export` with symmetric int8
@@ -214,9 +214,9 @@ def build_tensorrt_engine(export_path: str | os.PathLike, *, fp16: bool = False,
         workspace_gb: builder workspace memory pool limit.
         profile: optimisation-profile shapes; default from the sidecar (:func:`default_profile`).
         timing_cache: file to load the timing cache from (if present) and save it to.
-        int8_calibration: a :class:`export.calibration.CalibrationSet` for *implicit* INT8 of an
-            fp32 export (``IInt8EntropyCalibrator2``; TensorRT 10 only). The calibration cache
-            is kept next to each engine as ``<engine>.calib``.
+        int8_calibration: a :class:`export.int8_calibration.CalibrationSet` for *implicit*
+            INT8 of an fp32 export (``IInt8EntropyCalibrator2``; TensorRT 10 only). The
+            calibration cache is kept next to each engine as ``<engine>.calib``.
 
     Returns:
         {"automatic": engine path, "prompt": engine path}.
@@ -265,7 +265,7 @@ class CalibrationBatches:
 
     def __init__(self, calibration: Any, sidecar: Any, kind: str,
                  shapes: dict[str, tuple[int, ...]], cache: Path | None = None) -> None:
-        from .calibration import calibration_feeds
+        from .int8_calibration import calibration_feeds
 
         self.shapes = shapes
         self.cache = cache

@@ -20,9 +20,9 @@ import numpy as np
 
 from serving import Segmenter
 from serving.backends.exported import StaticShapeBackend
-from serving.config import config_to_dict
 from serving.errors import InputError, SimError
 from serving.inference.images import IMAGE_EXTENSIONS, ImageLike, load_image
+from serving.model_config import config_to_dict
 from serving.prediction import Prediction
 
 

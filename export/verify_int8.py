@@ -29,9 +29,9 @@ import torch
 
 from serving import Segmenter
 from serving.backends.exported import StaticShapeBackend
-from serving.config import config_to_dict
 from serving.inference.images import ImageLike, load_image
 from serving.model.ops import box_iou_pairwise
+from serving.model_config import config_to_dict
 from serving.prediction import Prediction
 
 from .verify import VerificationError, default_prompts, mask_iou

@@ -15,10 +15,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from serving.backends.exported import AUTO_INPUTS, AUTO_OUTPUTS, PROMPT_INPUTS, PROMPT_OUTPUTS
-from serving.config import InferenceConfig
 from serving.inference.postprocess import detect, segment_boxes
 from serving.inference.transforms import valid_pixels
 from serving.model import CondInst
+from serving.model_config import InferenceConfig
 
 __all__ = ["AUTO_INPUTS", "AUTO_OUTPUTS", "PROMPT_INPUTS", "PROMPT_OUTPUTS", "AutomaticGraph",
            "PromptGraph"]

@@ -6,10 +6,10 @@ inference backend (PyTorch, ONNX Runtime, TensorRT), visualisation and the comma
 ``training``, ``export`` and ``app`` build on it; it never imports them.
 """
 
-from .config import InferenceConfig, ModelConfig
 from .errors import BoxError, CheckpointError, ImageError, InputError, SimError
 from .inference.images import load_image
 from .model import CondInst, CondInstOutputs, build_condinst
+from .model_config import InferenceConfig, ModelConfig
 from .prediction import Prediction
 from .segmenter import Segmenter
 

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from .backends import Backend
-from .config import InferenceConfig, config_to_dict
 from .errors import InputError
 from .inference.boxes import BoxesLike, validate_boxes
 from .inference.domain import calibration_of
 from .inference.images import ImageLike, describe_image, load_image
 from .inference.paste import mask_crops
 from .inference.transforms import canvas_size, preprocess, resized_shape, scale_boxes
+from .model_config import InferenceConfig, config_to_dict
 from .prediction import Prediction
 
 LabelsLike = Any  # (M,) ints (class indices, -1 = predict) or class-name strings
@@ -95,7 +95,7 @@ class Segmenter:
         checkpoint's ``InferenceConfig``.
         """
         from .backends.torch_backend import TorchBackend
-        from .model.checkpoint import load_checkpoint
+        from .model.model_file import load_checkpoint
 
         model, ckpt = load_checkpoint(path)
         cfg = InferenceConfig(**{**config_to_dict(ckpt.inference), **overrides})

@@ -1,7 +1,7 @@
 """``sim <command>``: the product's one command, the front door above every package.
 
 It lists every command: those of the library (``predict``, ``label``, ``serve``, ``info``,
-from :mod:`serving.cli.main`, which ``python -m serving`` runs too) and those above it
+from :mod:`serving.cli.dispatch`, which ``python -m serving`` runs too) and those above it
 (``train``, ``eval``, ``export``, ``app``, ``quickstart``). Each is imported inside a function
 only when its command runs, so ``sim predict`` needs nothing of training, export or the app,
 and the imports stay visible to tools and to ``tests/test_import_boundaries.py``.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from serving.cli.main import COMMANDS as SERVING_COMMANDS
-from serving.cli.main import Command, CommandMain, dispatch
+from serving.cli.dispatch import COMMANDS as SERVING_COMMANDS
+from serving.cli.dispatch import Command, CommandMain, dispatch
 
 
 def _train() -> CommandMain:
@@ -34,7 +34,7 @@ def _export() -> CommandMain:
 
 
 def _app() -> CommandMain:
-    from app.main import main
+    from app.launch import main
 
     return main
 

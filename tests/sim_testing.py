@@ -28,7 +28,7 @@ def make_tiny_checkpoint(path, seed: int = 0, detections: bool = True,
     spread over (0, 1)) and a box regression bias of 2 (boxes of about four strides), so that
     matching detections by IoU between two runtimes is meaningful (INT8 verification)."""
     from serving import InferenceConfig, build_condinst
-    from serving.model.checkpoint import save_checkpoint
+    from serving.model.model_file import save_checkpoint
 
     torch.manual_seed(seed)
     cfg = tiny_model_config()

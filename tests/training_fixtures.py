@@ -33,8 +33,8 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> TinyData:
     """The tiny config's synthetic dataset (12 images of 128 px), generated once."""
-    from training.config import load_config
     from training.data.synthetic import generate_dataset
+    from training.train_config import load_config
 
     cfg = load_config(TINY_CONFIG)
     root = tmp_path_factory.mktemp("tiny_data")
@@ -46,7 +46,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> TinyData:
 @pytest.fixture(scope="session")
 def tiny_cfg(tiny_data: TinyData) -> Callable[..., Any]:
     """``tiny_cfg(output_dir, *overrides)`` -> TrainConfig of configs/tiny.yaml on tiny_data."""
-    from training.config import load_config
+    from training.train_config import load_config
 
     def make(output_dir: Path | str, *extra: str) -> Any:
         return load_config(TINY_CONFIG, [*tiny_data.overrides(output_dir), *extra])

@@ -27,12 +27,12 @@ if TYPE_CHECKING:
 
     from serving.model import CondInst
 
-    from .config import TrainConfig
     from .data import CocoInstanceDataset
     from .data.collate import Batch
     from .data.loader import TrainLoader
     from .run_state import RunState
-    from .sim.step import SIMState
+    from .sim.iteration import SIMState
+    from .train_config import TrainConfig
 
 
 @dataclass

@@ -22,10 +22,10 @@ from serving.errors import InputError, SimError
 from serving.formats.cocoeval import evaluate_coco
 from serving.model import CondInst
 
-from .data.coco import CocoIndex
+from .data.coco_dataset import CocoIndex
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from .train_config import TrainConfig
 
 
 def predict_dataset(segmenter: Segmenter, annotations: str | Path, images: str | Path,
@@ -79,7 +79,7 @@ def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images:
     """Mask and box AP (percent) of a model file (``.safetensors``, ``.onnx``, TensorRT).
 
     ``calibrate``: also store the validation calibration (the F1-best score threshold and the
-    prompted-score quantiles, :func:`training.calibration.validation_calibration`) in the
+    prompted-score quantiles, :func:`training.score_calibration.validation_calibration`) in the
     checkpoint's metadata, keeping what it already holds (``.safetensors`` only).
     """
     if calibrate and Path(checkpoint).suffix.lower() != ".safetensors":
@@ -90,9 +90,9 @@ def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images:
     results = predict_dataset(segmenter, annotations, images, category_ids, max_images)
     metrics = _percent(evaluate_coco(_ground_truth(annotations, max_images), results, f1=True))
     if calibrate:
-        from serving.model.checkpoint import read_checkpoint_info, update_checkpoint_extra
+        from serving.model.model_file import read_checkpoint_info, update_checkpoint_extra
 
-        from .calibration import validation_calibration
+        from .score_calibration import validation_calibration
 
         found = validation_calibration(segmenter, metrics, annotations, images)
         known = read_checkpoint_info(checkpoint).extra.get("calibration") or {}
@@ -106,7 +106,7 @@ def evaluate_untrained(cfg: TrainConfig, path: str | Path) -> dict[str, float]:
     the floor that trained models are compared with. Sets ``cfg.model.num_classes`` from the
     training data."""
     from serving.model import build_condinst
-    from serving.model.checkpoint import save_checkpoint
+    from serving.model.model_file import save_checkpoint
 
     from .data import CocoInstanceDataset
 

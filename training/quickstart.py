@@ -27,7 +27,7 @@ from typing import Any
 
 from serving.errors import SimError
 
-from .config import TrainConfig, load_config
+from .train_config import TrainConfig, load_config
 
 CONFIGS = {"synthetic": "configs/quickstart_cpu.yaml", "nuclei": "configs/quickstart_nuclei.yaml"}
 #: Validation images the predict stage segments.

@@ -1,4 +1,4 @@
-"""Iteration counters of a run, saved with every checkpoint (``training.checkpoints``)."""
+"""Iteration counters of a run, saved with every checkpoint (``training.run_checkpoints``)."""
 
 from __future__ import annotations
 

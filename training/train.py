@@ -3,7 +3,7 @@
 One flat loop on Hugging Face Accelerate (DDP on GPUs or CPU/gloo, bf16/fp16 autocast,
 gradient accumulation), with checkpoints that resume everything: model, EMA teacher,
 prototypes, optimizer, scheduler, iteration counters, RNG and the copy-paste memory bank
-(:mod:`training.checkpoints`). Tests, benchmarks and tools look inside through callbacks
+(:mod:`training.run_checkpoints`). Tests, benchmarks and tools look inside through callbacks
 (:mod:`training.callbacks`).
 """
 
@@ -27,23 +27,23 @@ from tqdm.auto import tqdm
 from serving import Segmenter
 from serving.backends.torch_backend import TorchBackend
 from serving.cli.shards import multi_process_cpu
-from serving.config import ModelConfig, config_to_dict
 from serving.errors import SimError
 from serving.model import build_condinst
-from serving.model.checkpoint import save_checkpoint
+from serving.model.model_file import save_checkpoint
+from serving.model_config import ModelConfig, config_to_dict
 
-from .calibration import calibration
+from .batch_losses import TrainingError, batch_losses, check_finite
 from .callbacks import Callback, CallbackList, TrainingRun
-from .checkpoints import ResumePoint, restore, save_checkpoint_folder, select_resume_point
-from .config import PRESET_HELP, TrainConfig, load_config, save_config
 from .data import CocoInstanceDataset
 from .data.collate import Batch
 from .data.loader import build_train_loader
 from .evaluate import evaluate_model
 from .optim import build_optimizer, build_scheduler
+from .run_checkpoints import ResumePoint, restore, save_checkpoint_folder, select_resume_point
 from .run_state import RunState
-from .sim.step import SIMState
-from .step import TrainingError, batch_losses, check_finite
+from .score_calibration import calibration
+from .sim.iteration import SIMState
+from .train_config import PRESET_HELP, TrainConfig, load_config, save_config
 
 __all__ = ["TrainingError", "main", "train"]
 
@@ -243,7 +243,7 @@ def _finish(run: TrainingRun, hooks: Callback) -> Path:
 def _save_final_model(run: TrainingRun) -> Path:
     """``model_final.safetensors``: the student's weights, its model and inference configs,
     class names and what the run knows about itself (``extra``: the training config, step,
-    category ids and, after a validation, the calibration of :mod:`training.calibration`),
+    category ids and, after a validation, the calibration of :mod:`training.score_calibration`),
     written by the main process."""
     path = run.output_dir / "model_final.safetensors"
     if run.accelerator.is_main_process:

@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import InferenceConfig, ModelConfig, config_from_dict, config_to_dict
 from ..errors import CheckpointError, InputError, SimError
 from ..inference.postprocess import Detections, PaddedDetections, PromptDetections
+from ..model_config import InferenceConfig, ModelConfig, config_from_dict, config_to_dict
 
 SIDECAR_FORMAT = "sim-condinst-export"
 SIDECAR_VERSION = 1

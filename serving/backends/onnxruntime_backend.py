@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import InferenceConfig
 from ..errors import CheckpointError, InputError
 from ..inference.postprocess import Detections, PromptDetections
+from ..model_config import InferenceConfig
 from .exported import (
     ExportSidecar,
     StaticShapeBackend,

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import InferenceConfig
 from ..errors import CheckpointError, InputError
 from ..inference.postprocess import Detections, PromptDetections
+from ..model_config import InferenceConfig
 from .exported import (
     AUTO_OUTPUTS,
     ExportSidecar,

@@ -16,11 +16,11 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from ..config import InferenceConfig
 from ..errors import InputError
 from ..inference.postprocess import Detections, PromptDetections, detect, segment_boxes
 from ..inference.transforms import valid_pixels
 from ..model import CondInst
+from ..model_config import InferenceConfig
 
 #: ``--dtype`` names -> the autocast dtype (None: plain fp32).
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..config import SIZES_OF_INTEREST
 from ..model.ops import box_iou_pairwise
+from ..model_config import SIZES_OF_INTEREST
 
 
 def level_ranges(levels: Tensor, sizes_of_interest: tuple[int, ...] = SIZES_OF_INTEREST) -> Tensor:

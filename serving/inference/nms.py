@@ -8,7 +8,7 @@ per image and class, IoU above the threshold suppresses the lower score):
 - eager inference (:func:`serving.model.ops.eager_no_grad`): torchvision's ``batched_nms`` on
   each image's valid candidates (its output size depends on the data);
 - anything traced (``torch.export``, ONNX export, autograd): the custom operator
-  ``sim::multiclass_nms_keep`` below, whose output shape is fixed. ``export/nms.py`` translates
+  ``sim::multiclass_nms_keep`` below, whose output shape is fixed. ``export/onnx_nms.py`` translates
   it to the standard ONNX ``NonMaxSuppression`` (which ONNX Runtime and TensorRT implement).
 """
 

@@ -31,9 +31,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..config import InferenceConfig
 from ..model.condinst import CondInst, CondInstOutputs
 from ..model.ops import decode_boxes, eager_no_grad
+from ..model_config import InferenceConfig
 from .assign import iou_weights, prompt_locations, weighted_instance_map
 from .nms import class_nms_keep
 from .paste import mask_crops

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ModelConfig
+from ..model_config import ModelConfig
 from .backbone import BackboneFPN
 from .condinst import CondInst
 from .heads import DynamicMaskHead, FCOSHead, MaskBranch

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..config import STRIDES
+from ..model_config import STRIDES
 from .backbone import BackboneFPN
 from .heads import DynamicMaskHead, FCOSHead, MaskBranch
 from .ops import compute_locations

@@ -10,7 +10,7 @@ Endpoints:
 - ``GET /openapi.json``, ``/docs`` and ``/redoc``: the schema of all of the above (the pages
   work offline, :mod:`serving.server.app_docs`).
 - with ``--label-studio``: ``/labelstudio/health``, ``/setup`` and ``/predict``, a Label Studio
-  ML backend (:mod:`serving.server.labelstudio`).
+  ML backend (:mod:`serving.server.labelstudio_backend`).
 
 Concurrent requests are batched (:mod:`serving.server.batching`); bad input is rejected before
 batching (:mod:`serving.server.requests`, limits in :mod:`serving.server.limits`). Listens on
@@ -225,7 +225,7 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None,
                label_studio: Any = None) -> FastAPI:
     """The ASGI application serving ``segmenter`` (see the module docstring for endpoints);
     ``label_studio``: :class:`serving.server.labelstudio_images.LabelStudioSettings` to add
-    the Label Studio ML backend (:mod:`serving.server.labelstudio`)."""
+    the Label Studio ML backend (:mod:`serving.server.labelstudio_backend`)."""
     settings = settings or ServerSettings()
     max_boxes = settings.boxes_limit(segmenter)
     batcher = DynamicBatcher(segmenter, settings.max_batch, settings.max_wait_ms,
@@ -250,7 +250,7 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None,
     _add_segment_route(app, segmenter, settings, batcher, max_boxes)
     _add_status_routes(app, _model_info(segmenter, settings, max_boxes), batcher, lifecycle)
     if label_studio is not None:
-        from .labelstudio import add_label_studio_routes
+        from .labelstudio_backend import add_label_studio_routes
 
         add_label_studio_routes(app, segmenter, settings, batcher, label_studio)
     return app

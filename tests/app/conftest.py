@@ -26,8 +26,8 @@ def handlers(tiny_segmenter, tmp_path):
 @pytest.fixture(scope="session")
 def app_server(tiny_checkpoint, tmp_path_factory):
     """URL of the app serving the tiny checkpoint on a free loopback port (in this process,
-    through ``app.main``'s own ``create_app`` and ``launch``); closed at the end."""
-    from app.main import create_app, launch, parse_args
+    through ``app.launch``'s own ``create_app`` and ``launch``); closed at the end."""
+    from app.launch import create_app, launch, parse_args
 
     port = free_port()
     out = tmp_path_factory.mktemp("app_out")

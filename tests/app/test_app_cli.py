@@ -9,7 +9,7 @@ pytest.importorskip("gradio_image_annotation", reason="the app needs the 'app' e
 
 
 def test_defaults():
-    from app.main import parse_args
+    from app.launch import parse_args
 
     args = parse_args(["--model", "m.safetensors"])
     assert (args.host, args.port, args.share, args.device) == ("127.0.0.1", 7860, "off", "auto")
@@ -21,7 +21,7 @@ def test_defaults():
                                   ["--max-upload-mb", "0"], ["--max-boxes", "0"],
                                   ["--share", "maybe"], ["--max-side", "0"]])
 def test_bad_options_exit_with_usage(argv, capsys):
-    from app.main import parse_args
+    from app.launch import parse_args
 
     with pytest.raises(SystemExit) as exc:
         parse_args((["--model", "m.onnx"] if argv else []) + argv)
@@ -32,7 +32,7 @@ def test_bad_options_exit_with_usage(argv, capsys):
 @pytest.mark.parametrize("name, fragment", [("missing.safetensors", "missing.safetensors"),
                                             ("model.bin", "unknown file type '.bin'")])
 def test_bad_model_file_is_a_one_line_error(tmp_path, capsys, name, fragment):
-    from app.main import main
+    from app.launch import main
 
     assert main(["--model", str(tmp_path / name)]) == 1
     err = capsys.readouterr().err.strip()
@@ -41,7 +41,7 @@ def test_bad_model_file_is_a_one_line_error(tmp_path, capsys, name, fragment):
 
 def test_image_size_reaches_the_model(tiny_checkpoint, monkeypatch):
     """``sim app --image-size`` loads the model at that input size (the page is not served)."""
-    from app.main import create_app, parse_args
+    from app.launch import create_app, parse_args
     from serving import Segmenter
 
     load = Segmenter.load.__func__

@@ -265,7 +265,7 @@ def test_default_threshold_and_out_of_domain_note_come_from_the_calibration(tmp_
 
     from app.handlers import Handlers
     from serving import Segmenter
-    from serving.model.checkpoint import update_checkpoint_extra
+    from serving.model.model_file import update_checkpoint_extra
 
     model = make_tiny_checkpoint(tmp_path / "m.safetensors", detections=False)  # low scores
     image = two_rect_image()

@@ -24,7 +24,7 @@ def _train(tiny_cfg, out: Path, *overrides: str) -> list:
 
 
 def test_oracle_semantic_map_is_the_ground_truth(tiny_cfg, tmp_path: Path) -> None:
-    import training.sim.step as sim_step
+    import training.sim.iteration as sim_step
     import training.train as train_mod
 
     original_maps, original_dataset = sim_step.compute_sim_maps, train_mod.CocoInstanceDataset

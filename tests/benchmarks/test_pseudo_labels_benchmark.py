@@ -19,7 +19,7 @@ from benchmarks.pseudo_labels import (
     summarise,
 )
 from serving.errors import CheckpointError
-from training.checkpoints import SIM_STATE, latest_checkpoint, read_tensor_state
+from training.run_checkpoints import SIM_STATE, latest_checkpoint, read_tensor_state
 
 
 def test_count_labels_by_hand() -> None:
@@ -101,7 +101,7 @@ def test_on_a_trained_run(tiny_run, tmp_path: Path) -> None:
 def test_bad_run_folders(tiny_cfg, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
         load_run(tmp_path)
-    from training.config import save_config
+    from training.train_config import save_config
 
     save_config(tiny_cfg(tmp_path, "sim.enabled=false"), tmp_path / "config.yaml")
     with pytest.raises(ValueError, match="not a SIM run"):

@@ -24,7 +24,7 @@ from benchmarks.quality import (
     select_rows,
     summarise,
 )
-from training.config import load_config
+from training.train_config import load_config
 
 BENCH_SYNTHETIC = Path(__file__).resolve().parents[2] / "configs" / "bench_synthetic.yaml"
 

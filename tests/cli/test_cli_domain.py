@@ -18,7 +18,7 @@ from serving.inference.domain import (
     size_advice,
     suggested_size,
 )
-from serving.model.checkpoint import update_checkpoint_extra
+from serving.model.model_file import update_checkpoint_extra
 
 
 @pytest.fixture(autouse=True)

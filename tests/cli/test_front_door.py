@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from serving.cli.main import COMMANDS as SERVING_COMMANDS
-from serving.cli.main import Command, dispatch
-from serving.cli.main import main as serving_main
+from serving.cli.dispatch import COMMANDS as SERVING_COMMANDS
+from serving.cli.dispatch import Command, dispatch
+from serving.cli.dispatch import main as serving_main
 from sim_cli.main import COMMANDS
 from sim_cli.main import main as sim
 

@@ -12,7 +12,7 @@ import torch
 
 from export.__main__ import main
 from export.verify import VerificationError, verify_export
-from serving.model.checkpoint import load_checkpoint, save_checkpoint
+from serving.model.model_file import load_checkpoint, save_checkpoint
 
 
 def _error_line(capsys) -> str:

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from export import check_tensorrt_ops, export_onnx
 from export.tensorrt import graph_op_types, tensorrt_op_table
 from serving.errors import CheckpointError, InputError
-from serving.model.checkpoint import read_checkpoint_info
+from serving.model.model_file import read_checkpoint_info
 
 
 def _dims(value_info):

@@ -12,7 +12,7 @@ import pytest
 from export_images import random_image
 from PIL import Image
 
-from export.calibration import _spaced, calibration_feeds, load_calibration_set
+from export.int8_calibration import _spaced, calibration_feeds, load_calibration_set
 from export.tensorrt import CalibrationBatches, calibration_shapes
 from serving.backends.exported import read_sidecar
 from serving.errors import InputError

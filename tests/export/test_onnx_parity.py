@@ -89,7 +89,7 @@ def test_graph_outputs_match_eager_wrapper(export_checkpoint, tiny_export):
     import onnxruntime as ort
 
     from export.wrapper import AutomaticGraph
-    from serving.model.checkpoint import load_checkpoint
+    from serving.model.model_file import load_checkpoint
 
     model, info = load_checkpoint(export_checkpoint)
     graph = AutomaticGraph(model, info.inference).eval()

@@ -55,7 +55,7 @@ def test_explicit_and_calibrated_int8_engines(export_checkpoint, tiny_export, tm
                                              test_images):
     from PIL import Image
 
-    from export.calibration import load_calibration_set
+    from export.int8_calibration import load_calibration_set
     from export.quantize import QuantizeOptions, quantize_export
     from export.verify_int8 import verify_int8
     from serving import Segmenter

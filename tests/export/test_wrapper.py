@@ -10,7 +10,7 @@ import export
 from export.wrapper import AutomaticGraph, PromptGraph
 from serving.inference.postprocess import detect, segment_boxes
 from serving.inference.transforms import valid_pixels
-from serving.model.checkpoint import load_checkpoint
+from serving.model.model_file import load_checkpoint
 
 
 def _batch(seed: int = 0):

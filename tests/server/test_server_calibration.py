@@ -9,7 +9,7 @@ import numpy as np
 from server_helpers import encode, scene, serve
 
 from serving import Segmenter
-from serving.model.checkpoint import update_checkpoint_extra
+from serving.model.model_file import update_checkpoint_extra
 
 
 def test_no_threshold_means_the_calibrated_one(tiny_checkpoint, tmp_path) -> None:

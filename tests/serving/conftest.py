@@ -12,7 +12,7 @@ def varied_checkpoint(tmp_path_factory):
     """Like conftest's tiny checkpoint, with a controller that makes masks depend on the
     location (random weights otherwise give masks that are all or nothing)."""
     from serving import InferenceConfig, build_condinst
-    from serving.model.checkpoint import save_checkpoint
+    from serving.model.model_file import save_checkpoint
 
     torch.manual_seed(1)
     cfg = tiny_model_config()

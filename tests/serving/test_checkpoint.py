@@ -12,14 +12,14 @@ from safetensors.torch import save_file
 from sim_testing import TINY_CLASSES, tiny_model_config
 
 from serving import CheckpointError, InferenceConfig, InputError, Segmenter, build_condinst
-from serving.config import ModelConfig
 from serving.files import atomic_write
-from serving.model.checkpoint import (
+from serving.model.model_file import (
     FORMAT_VERSION,
     load_checkpoint,
     read_checkpoint_info,
     save_checkpoint,
 )
+from serving.model_config import ModelConfig
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:

@@ -120,7 +120,7 @@ def load_calls(monkeypatch):
 
 
 def test_dtype_reaches_the_backend_from_every_command(load_calls, tiny_checkpoint, tmp_path):
-    from app.main import main as app_main
+    from app.launch import main as app_main
     from serving.__main__ import main as serving_main
 
     images = tmp_path / "images"

@@ -61,7 +61,7 @@ def test_batch_commands_pass_image_size_to_the_model(command, tiny_checkpoint, t
 
     from PIL import Image
 
-    from serving.cli.main import main
+    from serving.cli.dispatch import main
 
     Image.fromarray(np.full((100, 150, 3), 90, np.uint8)).save(tmp_path / "a.png")
     coco = {"images": [{"id": 1, "file_name": "a.png", "height": 100, "width": 150}],

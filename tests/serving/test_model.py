@@ -11,10 +11,10 @@ import torch
 from sim_testing import tiny_model_config
 
 from serving import CondInstOutputs, InputError, ModelConfig, build_condinst
-from serving.config import InferenceConfig
 from serving.errors import WeightsError
 from serving.model import backbone as backbone_mod
 from serving.model.ops import aligned_bilinear
+from serving.model_config import InferenceConfig
 
 STRIDES = (8, 16, 32, 64, 128)
 SOI = torch.tensor([64.0, 128.0, 256.0, 512.0, 1024.0])

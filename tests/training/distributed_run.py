@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from training.callbacks import Callback
-from training.config import load_config
 from training.train import train
+from training.train_config import load_config
 
 
 class PerRankRecord(Callback):

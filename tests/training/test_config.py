@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import (
+from training.train_config import (
     PHASE_FLOOR,
     ConfigError,
     OptimConfig,
@@ -205,9 +205,9 @@ def test_optim_config_defaults_follow_the_paper() -> None:
 
 def test_the_schema_also_holds_for_configs_built_in_python() -> None:
     """The checks live in the dataclasses, not only in the YAML loader."""
-    from serving.config import InferenceConfig, ModelConfig
     from serving.errors import InputError
-    from training.config import BoxInstConfig, SIMConfig
+    from serving.model_config import InferenceConfig, ModelConfig
+    from training.train_config import BoxInstConfig, SIMConfig
 
     with pytest.raises(InputError, match=r"^supervision='points': use 'box' or 'mask'$"):
         TrainConfig(supervision="points")
@@ -227,10 +227,10 @@ def test_the_schema_also_holds_for_configs_built_in_python() -> None:
 
 
 def test_checkpoint_metadata_is_held_to_the_same_schema() -> None:
-    """``serving.model.checkpoint`` builds the library's configs from JSON: a crafted size is
+    """``serving.model.model_file`` builds the library's configs from JSON: a crafted size is
     refused before any network is built."""
-    from serving.config import ModelConfig, config_from_dict, config_to_dict
     from serving.errors import InputError
+    from serving.model_config import ModelConfig, config_from_dict, config_to_dict
 
     data = config_to_dict(ModelConfig(backbone="mobilenet_v2", num_classes=3))
     assert config_from_dict(ModelConfig, data) == ModelConfig(backbone="mobilenet_v2",
@@ -243,8 +243,8 @@ def test_checkpoint_metadata_is_held_to_the_same_schema() -> None:
 
 # --------------------------------------------------------------------------- presets
 def test_presets_set_exactly_their_keys() -> None:
-    from serving.config import config_to_dict
-    from training.config import PRESET_HELP, PRESETS
+    from serving.model_config import config_to_dict
+    from training.train_config import PRESET_HELP, PRESETS
 
     assert set(PRESETS) == set(PRESET_HELP) == {"sim", "sim_bg", "boxinst", "mask"}
 

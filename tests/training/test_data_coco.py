@@ -13,7 +13,7 @@ from PIL import Image
 
 from serving.errors import DatasetError, ImageError
 from training.data.augment import ResizeShortestEdge
-from training.data.coco import CocoInstanceDataset, load_coco_boxes
+from training.data.coco_dataset import CocoInstanceDataset, load_coco_boxes
 
 mask_utils = pytest.importorskip("pycocotools.mask")
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from serving.errors import DatasetError
-from training.data.coco import CocoInstanceDataset
+from training.data.coco_dataset import CocoInstanceDataset
 from training.data.voc import VOC_CLASSES, convert_voc, main
 
 XML = """<annotation>

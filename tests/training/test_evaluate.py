@@ -65,9 +65,9 @@ def test_missing_annotations_is_a_one_line_error(tiny_run, tiny_data, tmp_path: 
 def test_untrained_floor_is_saved_and_scores_nothing(tiny_data, tmp_path: Path) -> None:
     from train_helpers import TINY_CONFIG
 
-    from serving.model.checkpoint import load_checkpoint
-    from training.config import load_config
+    from serving.model.model_file import load_checkpoint
     from training.evaluate import evaluate_untrained
+    from training.train_config import load_config
 
     cfg = load_config(TINY_CONFIG, tiny_data.overrides(tmp_path / "run"))
     path = tmp_path / "floor" / "untrained.safetensors"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from serving.inference.transforms import resized_shape
-from serving.model.checkpoint import read_checkpoint_info
-from training.calibration import object_sizes
+from serving.model.model_file import read_checkpoint_info
 from training.evaluate import main
+from training.score_calibration import object_sizes
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_eval_calibrate_updates_the_checkpoint_and_keeps_its_sizes(tiny_run, tin
 
 
 def test_info_prints_the_calibration(tiny_run, capsys) -> None:
-    from serving.cli.main import main as sim
+    from serving.cli.dispatch import main as sim
 
     model = tiny_run.out / "model_final.safetensors"
     calib = read_checkpoint_info(model).extra["calibration"]
@@ -77,7 +77,7 @@ def test_info_prints_the_calibration(tiny_run, capsys) -> None:
 
 
 def test_info_compares_a_dataset_with_the_training_objects(tiny_run, tiny_data, capsys) -> None:
-    from serving.cli.main import main as sim
+    from serving.cli.dispatch import main as sim
 
     model = str(tiny_run.out / "model_final.safetensors")
     train_p50 = read_checkpoint_info(model).extra["calibration"]["object_sizes"]["p50"]

@@ -9,8 +9,8 @@ from torch import nn
 from serving import ModelConfig
 from serving.model import build_condinst
 from serving.model.heads import Scale
-from training.config import OptimConfig
 from training.optim import build_optimizer, build_scheduler, lr_factor
+from training.train_config import OptimConfig
 
 SCHEDULE = OptimConfig(lr=0.01, warmup_iters=4, warmup_factor=0.001, steps=(6, 8), gamma=0.1)
 # Warm-up: factor(s) = 0.001 * (1 - s/4) + s/4 for s < 4; then 0.1 ** (milestones passed).

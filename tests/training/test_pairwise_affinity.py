@@ -15,9 +15,9 @@ import pytest
 import torch
 from train_helpers import SIM_EXERCISE, Recorder
 
-from training.config import ConfigError, TrainConfig, load_config
 from training.losses.criterion import _teacher_feature_similarity
 from training.train import train
+from training.train_config import ConfigError, TrainConfig, load_config
 
 
 def test_config_rejects_unknown_affinity() -> None:
@@ -68,7 +68,7 @@ def _run(tiny_cfg, out: Path, *overrides: str) -> list:
 def test_feature_affinity_of_one_equals_colour_affinity(tiny_cfg, tmp_path: Path,
                                                         monkeypatch) -> None:
     import training.losses.criterion as criterion
-    from training.sim.step import SIMState
+    from training.sim.iteration import SIMState
 
     colour = _run(tiny_cfg, tmp_path / "colour")
     calls = []

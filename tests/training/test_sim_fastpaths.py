@@ -19,8 +19,8 @@ from serving import ModelConfig, build_condinst
 from training.losses.criterion import Positives
 from training.sim import EMATeacher, MemoryBank
 from training.sim.ema import ema_step
+from training.sim.iteration import _push_bank
 from training.sim.pseudo import PseudoMask, full_resolution_masks, instance_importance
-from training.sim.step import _push_bank
 
 
 def _tiny_model():

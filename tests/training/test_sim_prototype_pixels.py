@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training.config import SIMConfig
-from training.sim.step import _update_prototypes
+from training.sim.iteration import _update_prototypes
+from training.train_config import SIMConfig
 
 
 class _Recorder:

@@ -107,9 +107,9 @@ def test_background_only_pseudo_loss_by_hand() -> None:
     """``sim.pseudo_foreground=false``: W keeps the confident background only, so the pseudo
     loss is the mean BCE towards 0 over those pixels plus a constant dice of 1 (no gradient),
     the same loss as the diagnostic ``tau_high_range=[1.01, 1.01]`` (no foreground labels)."""
-    from training.config import TrainConfig
     from training.losses import bce_dice_loss
-    from training.sim.step import pseudo_loss_weight
+    from training.sim.iteration import pseudo_loss_weight
+    from training.train_config import TrainConfig
 
     # One instance, a 2x3 box; blended = M_I (alpha 0): 0.9 0.9 0.5 / 0.1 0.2 0.9.
     mi = torch.zeros(1, 4, 5)

@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from torch import nn
 
 from benchmarks.sim_figure import auc, feature_separability, semantic_separability
-from training.config import TrainConfig
+from training.train_config import TrainConfig
 
 
 def _brute_auc(pos: list[float], neg: list[float]) -> float:

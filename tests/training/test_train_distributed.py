@@ -78,7 +78,7 @@ def test_two_process_cpu_run_keeps_prototypes_identical(tiny_data, tmp_path: Pat
         assert len(a) == len(b) == 2 and not set(a) & set(b)
     # A real 2-process run: one RNG state and one memory bank per process in the final
     # checkpoint, whose saved prototypes are the ones both processes hold.
-    from training.checkpoints import SIM_STATE, read_tensor_state
+    from training.run_checkpoints import SIM_STATE, read_tensor_state
 
     final = out / "checkpoints" / f"step_{STEPS:07d}"
     for rank in (0, 1):

@@ -17,17 +17,17 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import SIM_EXERCISE, Recorder
 
-from serving.config import config_to_dict
+from serving.model_config import config_to_dict
 from training.callbacks import Callback
-from training.checkpoints import (
+from training.run_checkpoints import (
     CHECKPOINT_DIR,
     MANIFEST,
     SIM_STATE,
     memory_bank_file,
     read_tensor_state,
 )
-from training.config import load_config
 from training.train import TrainingError, train
+from training.train_config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -94,8 +94,8 @@ def test_run_folder(tiny_run, tiny_data) -> None:
 def test_final_checkpoint_serves(tiny_run, tiny_data) -> None:
     from serving import Segmenter
     from serving.inference.images import load_image
-    from serving.model.checkpoint import read_checkpoint_info
-    from training.data.coco import CocoIndex
+    from serving.model.model_file import read_checkpoint_info
+    from training.data.coco_dataset import CocoIndex
 
     path = Path(tiny_run.result["checkpoint"])
     assert path == tiny_run.out / "model_final.safetensors"
@@ -202,7 +202,7 @@ def test_pseudo_foreground_switch(tiny_cfg, tmp_path: Path, monkeypatch,
                                   foreground: bool) -> None:
     """``sim.pseudo_foreground=false`` drops the foreground labels from the pseudo loss only:
     its W never covers the pseudo mask, while copy-paste still stores the pseudo masks."""
-    import training.sim.step as sim_step
+    import training.sim.iteration as sim_step
 
     calls = []
     original = sim_step.bce_dice_loss
@@ -329,7 +329,7 @@ def test_callbacks_see_every_step_and_the_end(tiny_cfg, tmp_path: Path) -> None:
     from PIL import Image
 
     from benchmarks.sim_figure import COLUMNS, TILE
-    from training.sim.step import SIMState
+    from training.sim.iteration import SIMState
 
     end = _EndOfTraining(tmp_path / "maps.png")
     cfg = tiny_cfg(tmp_path, "optim.max_iter=2", "checkpoint_every=0", "sim.start_iter=0",

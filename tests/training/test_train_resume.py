@@ -8,6 +8,7 @@ error before anything in the run folder changes; a crafted pickle is never execu
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -19,7 +20,14 @@ import torch
 from train_helpers import SIM_EXERCISE, Recorder, SimulatedCrash, StopAtFirstBatch, StopTraining
 
 from serving.errors import CheckpointError
-from training.checkpoints import CHECKPOINT_DIR, MANIFEST, SIM_STATE, memory_bank_file
+from training.run_checkpoints import (
+    CHECKPOINT_DIR,
+    MANIFEST,
+    SIM_STATE,
+    load_sim_state,
+    memory_bank_file,
+    read_tensor_state,
+)
 from training.train import main, train
 
 pytestmark = pytest.mark.slow
@@ -214,3 +222,23 @@ def test_another_number_of_processes_is_refused(tiny_cfg, run_copy: Path) -> Non
     with pytest.raises(CheckpointError, match=r"written by 2 process\(es\), this run has 1; "
                                               r"resume with the same number of processes"):
         train(tiny_cfg(run_copy, *RUN), resume="auto")
+
+
+def test_sim_state_loads_outside_a_run(tiny_cfg, crashed_run: Path, tmp_path: Path) -> None:
+    from serving.model import build_condinst
+    from training.sim.iteration import SIMState
+
+    cfg = tiny_cfg(tmp_path / "fresh", *RUN)
+    classes = len(json.loads(Path(cfg.data.train_json).read_text())["categories"])
+    cfg.model = dataclasses.replace(cfg.model, num_classes=classes)
+    sim = SIMState(build_condinst(cfg.model), cfg, torch.device("cpu"))
+    folder = crashed_run / CHECKPOINT_DIR / "step_0000002"
+    load_sim_state(sim, folder)
+    saved = read_tensor_state(folder / SIM_STATE)
+    for part, module in (("prototypes", sim.prototypes), ("teacher", sim.teacher)):
+        loaded = module.state_dict()
+        assert saved[part] and all(torch.equal(loaded[k], v) for k, v in saved[part].items())
+    bank = read_tensor_state(folder / memory_bank_file(0))
+    assert len(sim.bank.state_dict()["entries"]) == len(bank["entries"])
+    with pytest.raises(CheckpointError, match=r"no SIM state in this checkpoint"):
+        load_sim_state(sim, tmp_path)

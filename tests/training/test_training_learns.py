@@ -106,8 +106,8 @@ def mask_quality(checkpoint: str, annotations: Path) -> dict[str, float]:
 
 def test_short_boxinst_run_learns_masks_inside_the_boxes(tmp_path: Path) -> None:
     from serving.errors import WeightsError
-    from training.config import load_config
     from training.train import train
+    from training.train_config import load_config
 
     annotations = make_diamonds(tmp_path / "data")
     cfg = load_config(TINY_CONFIG, [

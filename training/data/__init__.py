@@ -15,7 +15,7 @@ from .augment import (
     seed_augmentations,
     train_transform,
 )
-from .coco import CocoIndex, CocoInstanceDataset, decode_segmentation, load_coco_boxes, read_json
+from .coco_dataset import CocoIndex, CocoInstanceDataset, decode_segmentation, load_coco_boxes, read_json
 from .collate import Batch, collate, derive_seed
 
 #: Loaded on first use, so that ``python -m training.data.synthetic`` runs the module once.

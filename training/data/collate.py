@@ -72,7 +72,7 @@ class Batch:
 
 def collate(samples: Sequence[dict[str, Any]], size_divisibility: int = SIZE_DIVISIBILITY
             ) -> Batch:
-    """Pad sample dicts (see :class:`training.data.coco.CocoInstanceDataset`) into a Batch."""
+    """Pad sample dicts (see :class:`training.data.coco_dataset.CocoInstanceDataset`) into a Batch."""
     if not samples:
         raise ValueError("collate: got an empty list of samples")
     has_masks = [s.get("masks") is not None for s in samples]

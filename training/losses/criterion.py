@@ -15,8 +15,8 @@ from torch import Tensor
 
 from serving.model import CondInst, CondInstOutputs
 
-from ..config import TrainConfig
 from ..targets import assign_targets, mask_centers, sample_positives
+from ..train_config import TrainConfig
 from . import (
     boxes_to_bitmasks,
     centerness_target,
@@ -132,7 +132,7 @@ def compute_losses(model: CondInst, outputs: CondInstOutputs, images_uint8: Tens
                    color_valid: Tensor, targets: Targets, cfg: TrainConfig, step: int,
                    reduce_mean: ReduceMean = _identity,
                    teacher_mask_feats: Tensor | None = None) -> StepOutput:
-    """FCOS + mask losses of one batch (SIM losses are added by :mod:`training.sim.step`).
+    """FCOS + mask losses of one batch (SIM losses are added by :mod:`training.sim.iteration`).
 
     Args:
         images_uint8: (B, 3, H, W) RGB 0-255 padded batch (for colour affinity).

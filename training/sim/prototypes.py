@@ -12,7 +12,7 @@ Deviations from the authors' code, per "Our decisions" (SIM_SPEC top and section
 - Prototypes are unit-norm **per vector** (:func:`l2_normalize_vectors` on the last axis). The
   code normalised ``(C, L, D)`` along ``L`` (item 3), so its "cosines" were plain dot products.
 - Temperature ``tau = 1.0`` in ``M_S``, as ratified in SIM_SPEC after measurement: the
-  paper's 0.1 saturates the map (``training.config.SIMConfig.tau``); the code has none
+  paper's 0.1 saturates the map (``training.train_config.SIMConfig.tau``); the code has none
   (item 5).
 - Hard argmax Sinkhorn assignment instead of a Gumbel sample (item 2); log-domain fp32
   Sinkhorn (item 12).
@@ -204,7 +204,7 @@ class PrototypeMemory(nn.Module):
             labels: ``(M,)`` int64 class of each instance in ``[0, C)``.
             image_index: ``(M,)`` int64 image of each instance in ``[0, B)``.
             tau: temperature; default ``self.tau`` (1.0; the paper's is 0.1, see
-                ``training.config.SIMConfig.tau``).
+                ``training.train_config.SIMConfig.tau``).
 
         Returns:
             ``(M, H, W)`` float32 in ``(0, 1)``.

@@ -33,14 +33,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from serving.config import config_to_dict
 from serving.errors import CheckpointError
+from serving.model_config import config_to_dict
 
-from .config import TrainConfig
 from .run_state import RunState
+from .train_config import TrainConfig
 
 if TYPE_CHECKING:
     from .callbacks import TrainingRun
+    from .sim.iteration import SIMState
 
 CHECKPOINT_DIR = "checkpoints"
 KEEP_LAST = 2
@@ -120,6 +121,19 @@ def read_tensor_state(path: Path) -> Any:
         return _unpack(layout, tensors)
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable state file ({_one_line(exc)})") from None
+
+
+def load_sim_state(sim: SIMState, checkpoint: str | Path, rank: int = 0) -> None:
+    """Restore ``sim``'s teacher, prototypes and process ``rank``'s memory bank from a
+    checkpoint folder (``<output_dir>/checkpoints/step_*``) outside a training run, for
+    analysis (resuming checks the whole folder first: :func:`read_resume_point`)."""
+    folder = Path(checkpoint)
+    if not (folder / SIM_STATE).is_file():
+        raise CheckpointError(
+            f"{folder}: no SIM state in this checkpoint; pass a checkpoint folder of a "
+            "SIM training run (<output_dir>/checkpoints/step_*)")
+    sim.load_state_dict(read_tensor_state(folder / SIM_STATE))
+    sim.bank.load_state_dict(read_tensor_state(folder / memory_bank_file(rank)))
 
 
 def _one_line(exc: BaseException) -> str:

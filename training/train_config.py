@@ -4,7 +4,7 @@
 :class:`TrainConfig` built from, in this order: the dataclass defaults, the preset, the file's
 keys, the ``key=value`` overrides. The field annotations are the schema: types, ``Literal``
 choices and ``Range`` intervals are checked whenever a config is built
-(:func:`serving.config.check_fields`, shared with the library's ``ModelConfig`` and
+(:func:`serving.model_config.check_fields`, shared with the library's ``ModelConfig`` and
 ``InferenceConfig``); unknown keys are errors with a did-you-mean suggestion. SIM defaults follow
 the paper (SIM_SPEC "Our decisions"); ``docs/training.md`` lists every preset and section.
 """
@@ -22,7 +22,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 
-from serving.config import (
+from serving.errors import InputError
+from serving.model_config import (
     InferenceConfig,
     ModelConfig,
     Range,
@@ -30,7 +31,6 @@ from serving.config import (
     config_to_dict,
     schema_hints,
 )
-from serving.errors import InputError
 
 #: Shortest default phase (pairwise warm-up, SIM start) in iterations; see
 #: :meth:`TrainConfig.scaled_phase`.

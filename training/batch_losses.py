@@ -18,10 +18,10 @@ from torch.profiler import record_function
 from serving.errors import SimError
 from serving.model import CondInst
 
-from .config import TrainConfig
 from .data.collate import Batch
 from .losses.criterion import bottom_removed_valid, compute_losses, targets_from_batch
-from .sim.step import SIMState, sim_losses
+from .sim.iteration import SIMState, sim_losses
+from .train_config import TrainConfig
 
 
 class TrainingError(SimError):

@@ -7,7 +7,7 @@ input sizes; it is also stored in checkpoints and can be overridden at load time
 The field annotations are the schema: ``Literal[...]`` lists the allowed values and
 ``Annotated[..., Range(...)]`` the allowed interval. :func:`check_fields` enforces both when a
 config is built (in ``__post_init__``, so also for configs read from checkpoint metadata), and
-``training.config`` reads the same annotations to type-check YAML files and overrides.
+``training.train_config`` reads the same annotations to type-check YAML files and overrides.
 """
 
 from __future__ import annotations

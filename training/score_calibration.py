@@ -24,8 +24,8 @@ import numpy as np
 from serving import Segmenter
 from serving.inference.domain import box_sizes, quantiles
 
-from .config import DataConfig
-from .data.coco import CocoIndex
+from .data.coco_dataset import CocoIndex
+from .train_config import DataConfig
 
 #: Validation images whose boxes prompt the model for the score reference (enough for
 #: stable quantiles, cheap next to the evaluation itself).

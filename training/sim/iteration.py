@@ -9,22 +9,20 @@ code box-prompted inference runs, so self-correction and prompting are one mecha
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from serving.errors import CheckpointError
 from serving.inference.assign import iou_weights, weighted_instance_map
 from serving.model import CondInst
 from serving.model.ops import decode_boxes
 
-from ..config import TrainConfig
 from ..data.collate import derive_seed
 from ..losses import bce_dice_loss, zero_with_grad
 from ..losses.criterion import Positives, StepOutput, Targets, upsample_features
+from ..train_config import TrainConfig
 from . import EMATeacher, MemoryBank, PrototypeMemory, paste
 from .pseudo import PseudoMask, full_resolution_masks, instance_importance, pseudo_masks
 
@@ -58,20 +56,6 @@ class SIMState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.teacher.load_state_dict(state["teacher"])
         self.prototypes.load_state_dict(state["prototypes"])
-
-    def load_checkpoint(self, checkpoint: str | Path, rank: int = 0) -> None:
-        """Restore teacher, prototypes and process ``rank``'s memory bank from a checkpoint
-        folder of ``training.train`` (``<output_dir>/checkpoints/step_*``), outside a training
-        run (for analysis; resuming checks the whole folder first, ``training.checkpoints``)."""
-        from ..checkpoints import SIM_STATE, memory_bank_file, read_tensor_state
-
-        folder = Path(checkpoint)
-        if not (folder / SIM_STATE).is_file():
-            raise CheckpointError(
-                f"{folder}: no SIM state in this checkpoint; pass a checkpoint folder of a "
-                "SIM training run (<output_dir>/checkpoints/step_*)")
-        self.load_state_dict(read_tensor_state(folder / SIM_STATE))
-        self.bank.load_state_dict(read_tensor_state(folder / memory_bank_file(rank)))
 
     def active(self, step: int) -> bool:
         return step >= self.cfg.sim_start_iter

@@ -51,7 +51,7 @@ from .labelstudio_images import ImageSource, LabelStudioSettings, same_origin
 from .limits import ServerSettings, mask_pixels
 from .requests import ApiError, check_pixels, read_body
 
-log = logging.getLogger("serving.server.labelstudio")
+log = logging.getLogger("serving.server.labelstudio_backend")
 PREFIX = "/labelstudio"
 
 

@@ -17,9 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import InferenceConfig, ModelConfig, config_from_dict, config_to_dict
 from ..errors import CheckpointError, SimError
 from ..files import atomic_write
+from ..model_config import InferenceConfig, ModelConfig, config_from_dict, config_to_dict
 from . import CondInst, build_condinst
 
 FORMAT_NAME = "sim-condinst"
