@@ -175,7 +175,7 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, A
     bank, on the CPU. Relative data paths resolve from the repository root (where the
     benchmarks run)."""
     from serving.model import build_condinst
-    from training.run_checkpoints import latest_checkpoint
+    from training.run_checkpoints import latest_checkpoint, load_sim_state
     from training.sim.iteration import SIMState
     from training.train_config import load_config
 
@@ -195,7 +195,7 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, A
         if value and not Path(value).is_absolute():
             setattr(cfg.data, key, str(ROOT / value))
     sim = SIMState(build_condinst(cfg.model), cfg, torch.device("cpu"))
-    sim.load_checkpoint(checkpoint)
+    load_sim_state(sim, checkpoint)
     return cfg, sim, int(checkpoint.name.split("_")[-1])
 
 

@@ -224,33 +224,13 @@ def paste_instances(
     if gt_masks is None:
         gt_masks = boxes_to_bitmasks(boxes, h, w)[0] > 0
     gt_masks = gt_masks.to(dev).bool()
-    valid = valid.to(dev).bool()
     out = image.clone()
-    n = len(patches)
-    pm = torch.zeros(n, h, w, dtype=torch.bool, device=dev)
-    for j in range(n):
-        x, y = (int(v) for v in positions[j])
-        ph, pw = patch_masks[j].shape
-        ya, yb, xa, xb = max(y, 0), min(y + ph, h), max(x, 0), min(x + pw, w)
-        if ya >= yb or xa >= xb:
-            continue
-        crop = (slice(ya - y, yb - y), slice(xa - x, xb - x))
-        region = patch_masks[j].to(dev)[crop] & valid[ya:yb, xa:xb]
-        pm[j, ya:yb, xa:xb] = region
-        out[:, ya:yb, xa:xb] = torch.where(region, patches[j].to(dev)[(slice(None), *crop)],
-                                           out[:, ya:yb, xa:xb])
-    # Occlusion: count of masks from j to the end, minus its own -> covered by a later paste.
-    from_j = pm.flip(0).to(torch.int32).cumsum(0).flip(0)
-    pasted_vis = pm & (from_j - pm.to(torch.int32) == 0)
-    union = from_j[0] > 0 if n > 0 else torch.zeros(h, w, dtype=torch.bool, device=dev)
-    orig_vis = gt_masks & ~union
+    pm = _composite(out, valid.to(dev).bool(), patches, patch_masks, positions)
+    pasted_vis, orig_vis = _occlusion(pm, gt_masks)
     had = gt_masks.flatten(1).any(dim=1)
     ext, has = masks_to_boxes(orig_vis)
     keep_orig = has | ~had
-    tight = ext.float() + torch.tensor([0.0, 0.0, 1.0, 1.0], device=dev)
-    shrunk = torch.cat([torch.maximum(boxes[:, :2], tight[:, :2]),
-                        torch.minimum(boxes[:, 2:], tight[:, 2:])], dim=1)
-    new_boxes = torch.where(has[:, None], shrunk, boxes)
+    new_boxes = torch.where(has[:, None], _shrink_to(boxes, ext), boxes)
     p_ext, p_keep = masks_to_boxes(pasted_vis)
     p_boxes = p_ext.float() + torch.tensor([0.0, 0.0, 1.0, 1.0], device=dev)
     kept = torch.nonzero(keep_orig)[:, 0]
@@ -267,6 +247,48 @@ def paste_instances(
         dropped_indices=torch.nonzero(~keep_orig)[:, 0],
         kept_indices=kept,
     )
+
+
+def _composite(out: Tensor, valid: Tensor, patches: list[Tensor], patch_masks: list[Tensor],
+               positions: Tensor) -> Tensor:
+    """Paste every patch into ``out`` (``(3, H, W)`` uint8, in place) in list order, only
+    where its mask and ``valid`` (``(H, W)`` bool) are set and inside the frame; returns the
+    pasted pixels of each patch, ``(n, H, W)`` bool in frame coordinates."""
+    dev = out.device
+    _, h, w = out.shape
+    pm = torch.zeros(len(patches), h, w, dtype=torch.bool, device=dev)
+    for j in range(len(patches)):
+        x, y = (int(v) for v in positions[j])
+        ph, pw = patch_masks[j].shape
+        ya, yb, xa, xb = max(y, 0), min(y + ph, h), max(x, 0), min(x + pw, w)
+        if ya >= yb or xa >= xb:
+            continue
+        crop = (slice(ya - y, yb - y), slice(xa - x, xb - x))
+        region = patch_masks[j].to(dev)[crop] & valid[ya:yb, xa:xb]
+        pm[j, ya:yb, xa:xb] = region
+        out[:, ya:yb, xa:xb] = torch.where(region, patches[j].to(dev)[(slice(None), *crop)],
+                                           out[:, ya:yb, xa:xb])
+    return pm
+
+
+def _occlusion(pm: Tensor, gt_masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Visible parts after pasting: of each pasted object (``pm``, ``(n, H, W)`` bool, not
+    covered by a later paste) and of each original (``gt_masks``, ``(M, H, W)`` bool, not
+    covered by any paste)."""
+    n, h, w = pm.shape
+    # Count of masks from j to the end, minus its own -> covered by a later paste.
+    from_j = pm.flip(0).to(torch.int32).cumsum(0).flip(0)
+    pasted_vis = pm & (from_j - pm.to(torch.int32) == 0)
+    union = from_j[0] > 0 if n > 0 else torch.zeros(h, w, dtype=torch.bool, device=pm.device)
+    return pasted_vis, gt_masks & ~union
+
+
+def _shrink_to(boxes: Tensor, extent: Tensor) -> Tensor:
+    """``boxes`` (``(M, 4)`` float XYXY) intersected with the continuous tight boxes of the
+    pixel ``extent`` (``(M, 4)`` inclusive pixel XYXY): untouched sides stay exactly."""
+    tight = extent.float() + torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device)
+    return torch.cat([torch.maximum(boxes[:, :2], tight[:, :2]),
+                      torch.minimum(boxes[:, 2:], tight[:, 2:])], dim=1)
 
 
 def _fit_patch(patch: Tensor, mask: Tensor, scale: float, max_h: int, max_w: int
