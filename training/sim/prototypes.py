@@ -143,48 +143,66 @@ class PrototypeMemory(nn.Module):
             ``(N,)`` int64 prototype index (in ``[0, L)``) assigned to each pixel.
         """
         n = features.shape[0]
-        c, l_, d = self.prototypes.shape
+        self._check_update(features, labels, assign_features)
+        if n == 0 and all_reduce_sum is None:
+            return torch.zeros(0, dtype=torch.long, device=features.device)
+        labels = labels.long()
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            protos = self.prototypes.float()
+            feats = l2_normalize_vectors(features.float(), dim=-1)
+            assign = feats if assign_features is None else \
+                l2_normalize_vectors(assign_features.float(), dim=-1)
+            assigned = self._assign(assign, labels, protos, all_reduce_sum)
+            new = self._moved(feats, labels, assigned, protos, all_reduce_sum)
+        self.prototypes.copy_(new.to(self.prototypes.dtype))
+        return assigned
+
+    def _check_update(self, features: Tensor, labels: Tensor,
+                      assign_features: Tensor | None) -> None:
+        """The shapes and label range of :meth:`update`'s inputs, as a ``ValueError``."""
+        n = features.shape[0]
+        c, _, d = self.prototypes.shape
         if features.dim() != 2 or features.shape[1] != d:
             raise ValueError(f"features must be (N, {d}), got {tuple(features.shape)}")
         if labels.shape != (n,):
             raise ValueError(f"labels must be ({n},), got {tuple(labels.shape)}")
         if assign_features is not None and assign_features.shape != features.shape:
             raise ValueError("assign_features must have the shape of features")
-        if n == 0 and all_reduce_sum is None:
-            return torch.zeros(0, dtype=torch.long, device=features.device)
-        labels = labels.long()
         if n > 0 and (int(labels.min()) < 0 or int(labels.max()) >= c):
             raise ValueError(f"labels must be in [0, {c}), got [{labels.min()}, {labels.max()}]")
 
-        with torch.autocast(device_type=features.device.type, enabled=False):
-            protos = self.prototypes.float()
-            feats = l2_normalize_vectors(features.float(), dim=-1)
-            assign = feats if assign_features is None else \
-                l2_normalize_vectors(assign_features.float(), dim=-1)
-            # Scores of each pixel against its own class's L prototypes. A loop over the
-            # classes present (C is small) avoids materialising (N, L, D) or (N, C*L).
-            scores = feats.new_zeros(n, l_)
-            for cls in torch.unique(labels).tolist():
-                sel = labels == cls
-                scores[sel] = assign[sel] @ protos[cls].T
-            q = sinkhorn_log(scores, self.epsilon, self.sinkhorn_iters, groups=labels,
-                             num_groups=c, all_reduce_sum=all_reduce_sum)
-            assigned = hard_assign(q)  # (N,)
+    def _assign(self, assign: Tensor, labels: Tensor, protos: Tensor,
+                all_reduce_sum: AllReduceSum | None) -> Tensor:
+        """Sinkhorn over each pixel's own class's ``L`` prototypes, then the hard argmax:
+        ``(N,)`` int64 prototype index of each unit-norm pixel feature ``assign`` ``(N, D)``."""
+        c, l_, _ = protos.shape
+        # Scores of each pixel against its own class's L prototypes. A loop over the
+        # classes present (C is small) avoids materialising (N, L, D) or (N, C*L).
+        scores = assign.new_zeros(assign.shape[0], l_)
+        for cls in torch.unique(labels).tolist():
+            sel = labels == cls
+            scores[sel] = assign[sel] @ protos[cls].T
+        q = sinkhorn_log(scores, self.epsilon, self.sinkhorn_iters, groups=labels,
+                         num_groups=c, all_reduce_sum=all_reduce_sum)
+        return hard_assign(q)
 
-            # Centroid sums and counts of every (class, prototype), one collective for both.
-            slot = labels * l_ + assigned
-            packed = feats.new_zeros(c * l_, d + 1)
-            packed[:, :d].index_add_(0, slot, feats)
-            packed[:, d].index_add_(0, slot, torch.ones_like(slot, dtype=feats.dtype))
-            if all_reduce_sum is not None:
-                packed = all_reduce_sum(packed)
-            centroids = l2_normalize_vectors(packed[:, :d].view(c, l_, d), dim=-1)
-            hit = (packed[:, d] > 0).view(c, l_, 1)
-            moved = l2_normalize_vectors(
-                self.momentum * protos + (1.0 - self.momentum) * centroids, dim=-1)
-            new = torch.where(hit, moved, protos)
-        self.prototypes.copy_(new.to(self.prototypes.dtype))
-        return assigned
+    def _moved(self, feats: Tensor, labels: Tensor, assigned: Tensor, protos: Tensor,
+               all_reduce_sum: AllReduceSum | None) -> Tensor:
+        """The prototypes ``(C, L, D)`` after the EMA step towards the (global) centroids of
+        the unit-norm ``feats`` ``(N, D)`` assigned to each; prototypes without pixels stay."""
+        c, l_, d = protos.shape
+        # Centroid sums and counts of every (class, prototype), one collective for both.
+        slot = labels * l_ + assigned
+        packed = feats.new_zeros(c * l_, d + 1)
+        packed[:, :d].index_add_(0, slot, feats)
+        packed[:, d].index_add_(0, slot, torch.ones_like(slot, dtype=feats.dtype))
+        if all_reduce_sum is not None:
+            packed = all_reduce_sum(packed)
+        centroids = l2_normalize_vectors(packed[:, :d].view(c, l_, d), dim=-1)
+        hit = (packed[:, d] > 0).view(c, l_, 1)
+        moved = l2_normalize_vectors(
+            self.momentum * protos + (1.0 - self.momentum) * centroids, dim=-1)
+        return torch.where(hit, moved, protos)
 
     @torch.no_grad()
     def semantic_map(
