@@ -50,10 +50,10 @@ import numpy as np
 
 from ..errors import InputError
 from ..files import check_writable_dir, check_writable_file
+from ..formats.box_dataset import BoxSet
 from ..formats.boxsets import (
     INPUT_FORMATS,
     OUTPUT_ENCODING,
-    BoxSet,
     output_format,
     read_boxes,
     write_labels,

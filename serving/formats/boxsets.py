@@ -9,25 +9,25 @@ which picks the reader by the input's shape (or by name):
 - ``labelstudio``: a Label Studio JSON export, a list of tasks
   (:mod:`serving.formats.labelstudio`).
 
-Each reader returns a :class:`BoxSet`: a COCO dataset dict (``images`` with ``id``,
-``file_name``, ``width``, ``height``; ``annotations`` with ``id``, ``image_id``,
-``category_id``, ``bbox`` [x, y, w, h] in pixels; ``categories``) that the existing label and
-predict jobs run on unchanged, plus the entries it refused (one line each, naming the file and
-line or the task) so the rest of the dataset is still labelled. :func:`write_labels` writes the
-labelled dataset as COCO, YOLO segmentation or Label Studio predictions.
+Each reader returns a :class:`serving.formats.box_dataset.BoxSet`: a COCO dataset dict
+(``images`` with ``id``, ``file_name``, ``width``, ``height``; ``annotations`` with ``id``,
+``image_id``, ``category_id``, ``bbox`` [x, y, w, h] in pixels; ``categories``) that the
+existing label and predict jobs run on unchanged, plus the entries it refused (one line each,
+naming the file and line or the task) so the rest of the dataset is still labelled.
+:func:`write_labels` writes the labelled dataset as COCO, YOLO segmentation or Label Studio
+predictions.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DatasetError, InputError
+from ..errors import InputError
 from ..files import write_json
+from .box_dataset import BoxSet
 
 #: Input formats :func:`read_boxes` knows (``auto`` picks one by the input's shape).
 INPUT_FORMATS = ("auto", "coco", "yolo", "labelstudio")
@@ -37,28 +37,6 @@ OUTPUT_ENCODING = {"rle": "rle", "polygon": "polygon", "yolo": "polygon",
                    "labelstudio": "rle", "labelstudio-polygon": "polygon"}
 #: The output format when ``--format`` is not given, by input format.
 DEFAULT_OUTPUT = {"coco": "rle", "yolo": "yolo", "labelstudio": "labelstudio"}
-
-
-@dataclass
-class BoxSet:
-    """A box dataset read from any format.
-
-    Attributes:
-        dataset: COCO-shaped dict (see the module docstring); boxes in original pixels of the
-            EXIF-rotated image, which is the frame every format here uses.
-        source: the format it was read from (``coco``, ``yolo``, ``labelstudio``).
-        path: the file or folder it was read from.
-        skipped: ``(where, reason)`` of each refused entry (a YOLO line, a Label Studio
-            task or rectangle), ``where`` naming the file and line or the task id.
-        extra: what the writer of the same format needs to write the labels back (Label
-            Studio tasks, YOLO class names).
-    """
-
-    dataset: dict[str, Any]
-    source: str
-    path: Path
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def detect_format(path: str | os.PathLike, what: str = "annotations") -> str:
@@ -166,39 +144,3 @@ def labelled_dataset(dataset: dict[str, Any], results: list[dict[str, Any]],
             segm = mask_to_polygons(mask_util.decode(rle).astype(bool)) or segm
         ann.update(segmentation=segm, area=int(mask_util.area(rle)), score=res["score"])
     return out
-
-
-def read_text_lines(path: Path, what: str) -> list[str]:
-    """The lines of a small UTF-8 text file; :class:`DatasetError` naming it if unreadable."""
-    try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise DatasetError(f"{what} {path}: cannot be read ({reason}); fix or re-export it") \
-            from None
-
-
-def read_json_file(path: Path, what: str) -> Any:
-    """A JSON file's content; :class:`DatasetError` (one line, naming it) if it is not JSON."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise DatasetError(f"{what} {path}: file not found; check the path") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise DatasetError(f"{what} {path}: not valid JSON ({reason}); fix or re-export it") \
-            from None
-
-
-def upright_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) of an image file after EXIF rotation, from its header only (nothing
-    is decoded); ``None`` when it cannot be read (the job that loads it reports why)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - unreadable: reported when the image is loaded
-        return None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import DatasetError, InputError
 from ..files import write_json
 from ..inference.images import IMAGE_EXTENSIONS
-from .boxsets import BoxSet, read_json_file, upright_size
+from .box_dataset import BoxSet, read_json_file, upright_size
 from .polygons import largest_polygon, scaled_up
 
 #: Default result names when no labelling config is given.

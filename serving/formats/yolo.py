@@ -29,7 +29,7 @@ import yaml
 
 from ..errors import InputError
 from ..inference.images import IMAGE_EXTENSIONS
-from .boxsets import BoxSet, read_text_lines, upright_size
+from .box_dataset import BoxSet, read_text_lines, upright_size
 from .polygons import largest_polygon, scaled_up
 
 #: Files that may name the classes, looked for in the labels folder and two folders above.
