@@ -7,6 +7,10 @@
   no other ``serving`` module imports at module level.
 - ``training`` never imports ``export`` or ``app``; ``export`` never imports ``training`` or
   ``app``; ``app`` uses only ``serving`` from the project.
+- The front door ``sim_cli`` (the ``sim`` command) sits above all four: it imports every
+  command's module inside a function, and nothing in the four packages imports it.
+- No module imports a project module by a name string, and no project modules import each
+  other in a circle (lazy and ``TYPE_CHECKING`` imports included).
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = ("serving", "training", "export", "app")
+#: The package of the ``sim`` command, above the four.
+FRONT_DOOR = "sim_cli"
+#: The modules whose ``main`` the front door runs for the commands above the library.
+FRONT_DOOR_COMMANDS = ("training.train", "training.evaluate", "training.quickstart",
+                       "export.__main__", "app.launch")
 HEAVY = ("pycocotools", "onnxruntime", "tensorrt", "fastapi", "uvicorn")
 NEVER_IN_SERVING = ("training", "export", "app", "gradio")
 #: The one serving module that may import accelerate, and only inside its functions.
@@ -219,3 +228,71 @@ def test_import_serving_without_optional_or_project_packages():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.strip().splitlines()[-1]) >= 10
+
+
+# ------------------------------------------------------------------ the front door
+def test_front_door_imports_every_command_visibly_and_lazily():
+    imports = imports_of(FRONT_DOOR)
+    assert imports, "sim_cli/ is expected to hold the sim command"
+    lazy = {t for imp in imports if imp.lazy for t in imp.targets}
+    missing = [m for m in FRONT_DOOR_COMMANDS if m not in lazy]
+    assert not missing, f"the command table does not import {missing}"
+    eager = [fmt(imp) for imp in imports if not imp.lazy
+             and any(top(t) in ("training", "export", "app") for t in imp.targets)]
+    assert not eager, eager  # `sim predict` must not load training, export or the app
+
+
+@pytest.mark.parametrize("package", PROJECT)
+def test_nothing_below_imports_the_front_door(package):
+    bad = [fmt(imp) for imp in imports_of(package)
+           if any(top(t) == FRONT_DOOR for t in imp.targets)]
+    assert not bad, bad
+
+
+def test_no_project_module_is_imported_by_a_name_string():
+    calls = []
+    for package in (*PROJECT, FRONT_DOOR):
+        for path in files_of(package):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                func = getattr(node, "func", None)
+                name = getattr(func, "attr", None) or getattr(func, "id", None)
+                if isinstance(node, ast.Call) and name in ("import_module", "__import__"):
+                    calls.append(f"{module_name(path)}:{node.lineno}")
+    assert not calls, calls
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One circle of ``graph`` (module -> modules it imports) as a path, or ``None``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_find_cycle_finds_a_planted_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_no_import_circles_between_project_modules():
+    modules = {module_name(path): path for package in (*PROJECT, FRONT_DOOR)
+               for path in files_of(package)}
+    graph = {name: {t for imp in collect_imports(path) for t in imp.targets
+                    if t in modules and t != name}
+             for name, path in modules.items()}
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
