@@ -9,8 +9,9 @@
   ``app``; ``app`` uses only ``serving`` from the project.
 - The front door ``sim_cli`` (the ``sim`` command) sits above all four: it imports every
   command's module inside a function, and nothing in the four packages imports it.
-- No module imports a project module by a name string, and no project modules import each
-  other in a circle (lazy and ``TYPE_CHECKING`` imports included).
+- No module imports a project module by a name string, no two modules share a file name, and
+  no project modules import each other in a circle (lazy and ``TYPE_CHECKING`` imports
+  included).
 """
 
 from __future__ import annotations
@@ -296,3 +297,15 @@ def test_no_import_circles_between_project_modules():
                     if t in modules and t != name}
              for name, path in modules.items()}
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_no_two_modules_share_a_file_name():
+    """docs/CONVENTIONS.md's naming rule: one meaning per name (``__init__``/``__main__``
+    aside)."""
+    seen: dict[str, list[str]] = {}
+    for package in (*PROJECT, FRONT_DOOR):
+        for path in files_of(package):
+            if path.stem not in ("__init__", "__main__"):
+                seen.setdefault(path.name, []).append(module_name(path))
+    shared = {name: where for name, where in seen.items() if len(where) > 1}
+    assert not shared, shared
