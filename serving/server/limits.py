@@ -12,6 +12,7 @@ import numpy as np
 
 from ..inference.images import MAX_IMAGE_PIXELS
 from ..segmenter import Segmenter
+from .admission import DEFAULT_ADMISSION_WAIT_S, DEFAULT_MEMORY_BUDGET_MB
 
 #: Memory for the masks of the requests in flight (boolean crops: one byte per pixel).
 MASK_MEMORY_BYTES = 512 << 20
@@ -34,6 +35,9 @@ class ServerSettings:
         body_timeout_s: a request body must arrive within this (else 408).
         shutdown_grace_s: on SIGTERM, ``/readyz`` answers 503 for this long while requests
             are still served; then the server stops accepting and drains.
+        memory_budget_mb: the bytes all requests in flight may hold together, from the first
+            byte of their bodies to their answers (:mod:`serving.server.admission`).
+        admission_wait_s: how long a request may wait for room in that budget (then 503).
     """
 
     max_batch: int = 8
@@ -48,12 +52,18 @@ class ServerSettings:
     keep_alive_s: float = 5.0
     body_timeout_s: float = 60.0
     shutdown_grace_s: float = 5.0
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
+    admission_wait_s: float = DEFAULT_ADMISSION_WAIT_S
 
     def __post_init__(self) -> None:
         if self.max_pixels > MAX_IMAGE_PIXELS:
             raise ValueError(f"max_pixels={self.max_pixels} is above the ceiling of "
                              f"{MAX_IMAGE_PIXELS} pixels that the image decoder accepts; "
                              f"use at most {MAX_IMAGE_PIXELS}")
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(self.memory_budget_mb * (1 << 20))
 
     @property
     def max_body_bytes(self) -> int:
@@ -89,6 +99,46 @@ def header_size(data: bytes) -> tuple[int, int] | None:
             except Exception:  # noqa: BLE001 (this plugin cannot read it; try the next)
                 continue
     return None
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header declares: (width, height) as displayed (EXIF rotation
+    applied) and Pillow's ``mode``. ``None`` fields: no Pillow plugin reads the header."""
+
+    width: int
+    height: int
+    mode: str
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def read_header(data: bytes) -> ImageHeader | None:
+    """The header of an encoded image file, without decoding a pixel (``None``: unreadable;
+    the decoder then says why). Past Pillow's decompression-bomb refusal the size is read by
+    :func:`header_size` (mode unknown: counted as the costliest); when that fails too,
+    Pillow's ``DecompressionBombError`` is raised."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            try:
+                orientation = int(img.getexif().get(0x0112, 1))
+            except Exception:  # noqa: BLE001 (a broken EXIF block: the decoder ignores it too)
+                orientation = 1
+            if orientation in (5, 6, 7, 8):
+                w, h = h, w
+            return ImageHeader(int(w), int(h), str(img.mode))
+    except Image.DecompressionBombError:
+        size = header_size(data)
+        if size is None:
+            raise
+        return ImageHeader(size[0], size[1], "I")
+    except Exception:  # noqa: BLE001 (not readable: load_image reports why)
+        return None
 
 
 def mask_pixels(boxes: np.ndarray | None, image_size: tuple[int, int],
