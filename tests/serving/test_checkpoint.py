@@ -205,3 +205,23 @@ def test_segmenter_load_picks_by_extension(tmp_path, saved):
     with pytest.raises(CheckpointError) as exc:
         Segmenter.from_checkpoint(tmp_path / "missing.safetensors")
     assert "not found" in one_line(exc)
+
+
+def test_model_files_are_written_with_the_umask(tmp_path) -> None:
+    """Checkpoints (and every file written through atomic_write: exports, sidecars) get the
+    permissions a plain open() gives (0644 under umask 022), not mkstemp's private 0600."""
+    import os
+
+    from sim_testing import TINY_CLASSES, tiny_model_config
+
+    from serving import InferenceConfig, build_condinst
+    from serving.files import UMASK, atomic_write
+    from serving.model.checkpoint import save_checkpoint
+
+    cfg = tiny_model_config()
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, build_condinst(cfg), cfg, list(TINY_CLASSES), InferenceConfig())
+    other = tmp_path / "model.onnx"
+    atomic_write(other, lambda tmp: open(tmp, "wb").write(b"x"))
+    for p in (path, other):
+        assert os.stat(p).st_mode & 0o777 == 0o666 & ~UMASK

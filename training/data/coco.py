@@ -71,6 +71,10 @@ class CocoIndex:
         if missing:
             raise DatasetError(f"annotation file {self.name}: missing top-level key(s) "
                                f"{missing}; a COCO file needs {list(REQUIRED_KEYS)}")
+        for key in REQUIRED_KEYS:
+            if not isinstance(data[key], list):
+                raise DatasetError(f"annotation file {self.name}: '{key}' is "
+                                   f"{type(data[key]).__name__}; it must be a list (may be empty)")
         self.names: dict[int, str] = {}
         for i, cat in enumerate(data["categories"]):
             cid = cat.get("id") if isinstance(cat, Mapping) else None
@@ -84,9 +88,11 @@ class CocoIndex:
             fields = [img.get(k) for k in ("id", "file_name", "height", "width")] \
                 if isinstance(img, Mapping) else [None]
             if len(fields) != 4 or not isinstance(fields[1], str) or not all(
-                    isinstance(v, int) for v in (fields[0], fields[2], fields[3])):
+                    isinstance(v, int) for v in (fields[0], fields[2], fields[3])) \
+                    or min(fields[2], fields[3]) < 1:
                 raise DatasetError(f"annotation file {self.name}: images[{i}] needs integer "
-                                   "'id', 'height', 'width' and a string 'file_name'")
+                                   "'id', 'height' and 'width' (at least 1) and a string "
+                                   "'file_name'")
             if fields[0] in self.images:
                 raise DatasetError(f"annotation file {self.name}: duplicate image id "
                                    f"{fields[0]}; image ids must be unique")
