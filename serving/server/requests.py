@@ -155,9 +155,27 @@ def _decode_base64(text: str) -> bytes:
                        "file with base64 (for example `base64 -w0 image.jpg`)", "image") from None
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: a JSON object whose key appears twice is refused (which one
+    counts would be the parser's choice, not the client's)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _parse_json(body: bytes) -> RawSegmentRequest:
     try:
-        data = json.loads(body)
+        data = json.loads(body, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise ApiError(422, "duplicate_field", f"{exc}: sent more than once; send it once",
+                       str(exc)[:40]) from None
     except ValueError as exc:
         raise ApiError(400, "malformed_body", f"body: not valid JSON ({exc}); send a JSON object "
                        "like {\"image\": \"<base64>\"}", "body") from None
