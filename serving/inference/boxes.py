@@ -50,5 +50,10 @@ def validate_boxes(boxes: BoxesLike, image_size: tuple[int, int], max_boxes: int
     clipped[:, [1, 3]] = arr[:, [1, 3]].clip(0, h)
     for i, (x1, y1, x2, y2) in enumerate(clipped):
         if x2 - x1 < 1 or y2 - y1 < 1:
+            bx1, by1, bx2, by2 = arr[i]
+            if bx2 - bx1 < 1 or by2 - by1 < 1:
+                raise BoxError(f"box {i}: [{bx1:g}, {by1:g}, {bx2:g}, {by2:g}] is "
+                               f"{bx2 - bx1:g} x {by2 - by1:g} pixels, under one pixel across; "
+                               "give boxes at least 1 pixel wide and tall")
             raise BoxError(f"box {i}: lies outside the {w}x{h} image; give boxes on the image")
     return clipped.astype(np.float32)
