@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .backends import Backend
-from .config import InferenceConfig, config_to_dict
+from .config import MAX_INPUT_SIDE, InferenceConfig, config_to_dict
 from .errors import InputError
 from .inference.boxes import BoxesLike, validate_boxes
 from .inference.domain import calibration_of
@@ -169,13 +169,14 @@ class Segmenter:
         ``long`` (default: ``short`` times this model's ``max_size / min_size``), for objects
         much smaller or larger than in training. Shares the loaded model.
 
-        Raises :class:`InputError` unless ``32 <= short <= long``.
+        Raises :class:`InputError` unless ``32 <= short <= long <= MAX_INPUT_SIDE``.
         """
         if long is None:
-            long = int(round(short * self.cfg.max_size / self.cfg.min_size))
-        if not 32 <= short <= long:
-            raise InputError(f"image size {short} {long}: need 32 <= SHORT <= LONG (SHORT is "
-                             "the shorter side, LONG the cap on the longer side)")
+            long = min(MAX_INPUT_SIDE, int(round(short * self.cfg.max_size / self.cfg.min_size)))
+        if not 32 <= short <= long <= MAX_INPUT_SIDE:
+            raise InputError(f"image size {short} {long}: need 32 <= SHORT <= LONG <= "
+                             f"{MAX_INPUT_SIDE} (SHORT is the shorter side, LONG the cap on the "
+                             "longer side)")
         cfg = dataclasses.replace(self.cfg, min_size=int(short), max_size=int(long))
         return type(self)(self.backend, self.class_names, cfg, self.info)
 

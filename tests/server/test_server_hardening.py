@@ -60,7 +60,7 @@ def test_deeply_nested_json_is_400_not_500(client) -> None:
 
 def test_a_json_key_sent_twice_is_a_clear_422(client) -> None:
     image = base64.b64encode(encode(scene(1))).decode()
-    body = '{"image": "%s", "image": "%s"}' % (image, image)
+    body = f'{{"image": "{image}", "image": "{image}"}}'
     r = client.post("/v1/segment", content=body, headers={"content-type": "application/json"})
     assert "sent more than once" in error_of(r, 422, "duplicate_field", "image")
 
