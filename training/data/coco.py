@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -174,6 +174,22 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+def check_image_files(index: CocoIndex, image_dir: str | os.PathLike,
+                      ids: Sequence[int] | None = None, limit: int = 3) -> None:
+    """Raise :class:`DatasetError` when image files of ``index`` (its ``ids``, default all)
+    are missing from ``image_dir``: checked before training starts, not when a step or the
+    final evaluation reaches them. Names up to ``limit`` of them."""
+    folder = Path(image_dir)
+    ids = list(index.images) if ids is None else list(ids)
+    missing = [index.images[i][0] for i in ids if not (folder / index.images[i][0]).is_file()]
+    if missing:
+        shown = ", ".join(missing[:limit]) + (", ..." if len(missing) > limit else "")
+        raise DatasetError(
+            f"image folder {folder}: {len(missing)} of {len(ids)} images of {index.name} are "
+            f"missing ({shown}); fix the folder or the file_name entries, or remove those "
+            "images from the annotations")
+
+
 class CocoInstanceDataset(Dataset):
     """Images with boxes (and masks in ``mode="mask"``) from a COCO annotation file.
 
@@ -221,6 +237,10 @@ class CocoInstanceDataset(Dataset):
                                "box; check the annotations and the image sizes")
         self.num_crowd = self.index.num_crowd
         self.num_dropped_boxes = self.index.num_dropped_boxes
+
+    def check_files(self) -> None:
+        """:func:`check_image_files` for this dataset's images."""
+        check_image_files(self.index, self.image_dir, self.image_ids)
 
     @property
     def num_classes(self) -> int:
