@@ -21,7 +21,7 @@ import torch
 from .backends import Backend
 from .config import MAX_INPUT_SIDE, InferenceConfig, config_to_dict
 from .errors import InputError
-from .inference.boxes import BoxesLike, validate_boxes
+from .inference.boxes import MAX_MASK_PIXELS, BoxesLike, check_mask_pixels, validate_boxes
 from .inference.domain import calibration_of
 from .inference.images import ImageLike, describe_image, load_image
 from .inference.paste import mask_crops
@@ -74,7 +74,11 @@ class Segmenter:
     """Instance segmentation with optional box prompts, over any backend.
 
     Use :meth:`from_checkpoint`, :meth:`from_onnx`, :meth:`from_tensorrt` or :meth:`load`.
+    ``max_mask_pixels``: the most pixels one image's prompt boxes may cover together (a byte
+    of mask memory each); more is refused before any work.
     """
+
+    max_mask_pixels: int = MAX_MASK_PIXELS
 
     def __init__(self, backend: Backend, class_names: Sequence[str], cfg: InferenceConfig,
                  info: dict[str, Any] | None = None) -> None:
@@ -312,6 +316,8 @@ class Segmenter:
         if boxes is None:
             return _Item(array, canvas_size(*size), None, threshold)
         valid = validate_boxes(boxes, (height, width), self.cfg.max_prompt_boxes)
+        check_mask_pixels(valid, (height, width), bool(self.cfg.clip_to_box),
+                          self.max_mask_pixels)
         return _Item(array, canvas_size(*size), (valid, self._labels(labels, len(valid))), None)
 
     def _run_window(self, items: list[_Item]) -> list[Prediction]:

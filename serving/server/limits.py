@@ -8,8 +8,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-import numpy as np
-
+from ..inference.boxes import mask_pixels  # noqa: F401 (the server's admission cost)
 from ..inference.images import MAX_IMAGE_PIXELS
 from ..segmenter import Segmenter
 from .admission import DEFAULT_ADMISSION_WAIT_S, DEFAULT_MEMORY_BUDGET_MB
@@ -139,26 +138,3 @@ def read_header(data: bytes) -> ImageHeader | None:
         return ImageHeader(size[0], size[1], "I")
     except Exception:  # noqa: BLE001 (not readable: load_image reports why)
         return None
-
-
-def mask_pixels(boxes: np.ndarray | None, image_size: tuple[int, int],
-                clip_to_box: bool = True) -> int:
-    """The pixels a request's masks may cover: the cost the server admits and batches by.
-
-    Prompted masks clipped to their boxes cover at most the boxes' areas (in whole pixels,
-    summed over boxes); unclipped ones, the image per box. Automatic mode counts the image
-    once (its masks are kept as crops of their own extent).
-
-    Args:
-        boxes: (M, 4) XYXY original pixels, clipped to the image, or ``None`` (automatic).
-        image_size: (H, W) of the original image.
-    """
-    h, w = image_size
-    if boxes is None:
-        return h * w
-    if not clip_to_box:
-        return h * w * len(boxes)
-    b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    widths = np.clip(np.ceil(b[:, 2]) - np.floor(b[:, 0]), 0, w)
-    heights = np.clip(np.ceil(b[:, 3]) - np.floor(b[:, 1]), 0, h)
-    return int(np.sum(widths * heights))
