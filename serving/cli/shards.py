@@ -33,6 +33,8 @@ EXIT_CODE_ENV = "SIM_JOB_EXIT_CODE_FILE"
 PARENT_PID_ENV = "SIM_JOB_PARENT_PID"
 #: Seconds between a launched process's looks at whether its job's parent still runs.
 WATCH_S = 1.0
+#: Exit code of a process other than 0 whose writes failed (the launcher then stops the job).
+EXIT_WRITE_FAILED = 74
 #: Memory one process of a ``--processes N`` job takes, about (measured: 4 processes 6 GB).
 PROCESS_BYTES = 3 << 29
 #: Signals the parent of a launched job passes on to it (then exits by them).
@@ -226,7 +228,7 @@ def exit_code(code: int, shard: Shard) -> int:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(str(code))
         return 0
-    return code if code == 130 else 0
+    return code if code in (130, EXIT_WRITE_FAILED) else 0
 
 
 def run_sharded(command: str, argv: Sequence[str], processes: int, device: str,
@@ -302,6 +304,12 @@ def batch_command(command: str, argv: Sequence[str] | None, parser: Any,
             if shard.is_main:
                 print("interrupted before any image was finished", file=sys.stderr)
             return 130
+        except OSError as exc:  # a write failed: disk full, folder removed, permissions
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"error: writing{where} failed ({exc.strerror or exc}); free space or fix "
+                  "the output folder, then rerun the same command: finished images are kept "
+                  "and skipped", file=sys.stderr)
+            return 1 if shard.is_main else EXIT_WRITE_FAILED  # the launcher stops the job
         if summary.merged and not summary.interrupted:
             show(summary)
         return int(summary.exit_code)

@@ -73,3 +73,36 @@ def test_processes_beyond_the_available_memory_are_refused_once(tmp_path, tiny_c
     assert code == 1 and err == ("error: --processes 5: each process needs about 1.5 GB and "
                                  "6.0 GB are available; use --processes 4 or fewer\n")
     assert not lock_path("label", tmp_path / "o.json").exists()
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, tiny_checkpoint, capsys,
+                                                       monkeypatch):
+    from serving.cli.progress import ProgressLog
+
+    boxes = shapes_dataset(tmp_path / "data", num_images=3)
+    args = ["--model", str(tiny_checkpoint), "--annotations", str(boxes), "--images",
+            str(tmp_path / "data" / "images"), "--output", str(tmp_path / "o.json"),
+            "--batch-size", "1", "--device", "cpu", "--no-progress"]
+    real, lines = ProgressLog.append, []
+
+    def filling(self, entry):
+        if len(lines) == 2:
+            raise OSError(28, "No space left on device", str(self.path))
+        lines.append(entry)
+        real(self, entry)
+
+    monkeypatch.setattr(ProgressLog, "append", filling)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "rerun" in err
+    monkeypatch.setattr(ProgressLog, "append", real)
+    from serving import Segmenter
+
+    calls, predict = [], Segmenter.predict_batch
+    monkeypatch.setattr(Segmenter, "predict_batch",
+                        lambda self, images, *a, **k: calls.append(len(images))
+                        or predict(self, images, *a, **k))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "annotations labelled" in out and (tmp_path / "o.json").is_file()
+    assert sum(calls) == 1  # two of the three images were kept from the first run
