@@ -50,6 +50,7 @@ from .admission import (
     OverBudget,
     budget_statement,
     resident_bytes,
+    return_freed_memory,
 )
 from .app_docs import add_offline_docs
 from .batching import BatcherBusy, BatcherClosed, DynamicBatcher
@@ -307,6 +308,7 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
 def app_from_env() -> FastAPI:
     """uvicorn factory for ``--workers > 1``: each worker process loads its own model."""
     cfg = json.loads(os.environ[SETTINGS_ENV])
+    return_freed_memory()
     segmenter = Segmenter.load(cfg["model"], device=cfg["device"],
                                image_size=cfg.get("image_size"), dtype=cfg.get("dtype"))
     return create_app(segmenter, ServerSettings(**cfg["settings"]))
@@ -411,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: the API has no authentication; put it "
               "behind a proxy that adds it", file=sys.stderr)
+    return_freed_memory()  # the resident size follows the budget's bytes (glibc)
     # bad model or unsupported --dtype: error before binding
     segmenter = Segmenter.load(args.model, device=args.device, image_size=args.image_size,
                                dtype=args.dtype)
