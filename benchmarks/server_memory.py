@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import httpx  # noqa: E402
 from common import write_results  # noqa: E402
-from server_load import free_port, png, tiny_checkpoint  # noqa: E402
+from server_load import free_port, png, tiny_checkpoint, wait_ready  # noqa: E402
 
 STATED = re.compile(r"at most about (\d+) MB resident")
 
@@ -68,18 +68,10 @@ def start(model: Path, port: int, args: argparse.Namespace, log: Path) -> subpro
            "--memory-budget-mb", str(args.budget_mb), "--admission-wait", str(args.wait)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=open(log, "w"))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}: {log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError("server not ready after 300 s")
+    try:
+        return wait_ready(proc, port)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}: {log.read_text()[-2000:]}") from None
 
 
 def burst(base: str, data: bytes, clients: int, timeout: float) -> list[dict[str, Any]]:
