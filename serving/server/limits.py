@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 from ..inference.boxes import mask_pixels  # noqa: F401 (the server's admission cost)
 from ..inference.images import MAX_IMAGE_PIXELS
@@ -114,6 +115,26 @@ class ImageHeader:
         return self.width * self.height
 
 
+def _orientation(img: Any) -> int:
+    """The EXIF orientation an opened (not decoded) image declares, 1 when unknown. Only EXIF
+    read with the header counts: ``getexif()`` would decode a whole PNG to look for an eXIf
+    chunk after the pixels (that image's boxes are checked again once decoded)."""
+    from PIL import Image
+
+    try:
+        raw = img.info.get("exif")
+        if raw:
+            exif = Image.Exif()
+            exif.load(raw)
+        elif img.format == "TIFF":  # tags are in the header
+            exif = img.getexif()
+        else:
+            return 1
+        return int(exif.get(0x0112, 1))
+    except Exception:  # noqa: BLE001 (a broken EXIF block: the decoder ignores it too)
+        return 1
+
+
 def read_header(data: bytes) -> ImageHeader | None:
     """The header of an encoded image file, without decoding a pixel (``None``: unreadable;
     the decoder then says why). Past Pillow's decompression-bomb refusal the size is read by
@@ -124,11 +145,7 @@ def read_header(data: bytes) -> ImageHeader | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
-            try:
-                orientation = int(img.getexif().get(0x0112, 1))
-            except Exception:  # noqa: BLE001 (a broken EXIF block: the decoder ignores it too)
-                orientation = 1
-            if orientation in (5, 6, 7, 8):
+            if _orientation(img) in (5, 6, 7, 8):
                 w, h = h, w
             return ImageHeader(int(w), int(h), str(img.mode))
     except Image.DecompressionBombError:

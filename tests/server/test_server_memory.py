@@ -5,6 +5,7 @@ than the whole budget; a concurrent load test on loopback."""
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -85,9 +86,21 @@ def test_a_cancelled_waiter_gives_back_nothing_it_did_not_get() -> None:
     asyncio.run(run())
 
 
-def test_request_bytes_and_the_header_need_no_decoding() -> None:
-    header = read_header(encode(np.zeros((30, 40, 3), np.uint8)))
+def test_request_bytes_and_the_header_need_no_decoding(monkeypatch) -> None:
+    from PIL import Image, ImageFile
+    from test_server_hardening import png_claiming  # a header only: decoding would fail
+
+    png = encode(np.zeros((30, 40, 3), np.uint8))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded"))
+    header = read_header(png)
     assert header is not None and (header.width, header.height, header.mode) == (40, 30, "RGB")
+    assert read_header(png_claiming(5000, 4000)) == type(header)(5000, 4000, "RGB")
+    rotated = Image.fromarray(np.zeros((30, 40, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees: 30 wide, 40 high
+    buf = io.BytesIO()
+    rotated.save(buf, format="JPEG", exif=exif.tobytes())
+    assert read_header(buf.getvalue()) == type(header)(30, 40, "RGB")
     assert request_bytes(1200, 0) == 1200 * IMAGE_BYTES_PER_PIXEL
     assert request_bytes(1200, 2400, "RGBA") > request_bytes(1200, 2400)
     assert request_bytes(1200, 2400) == 1200 * IMAGE_BYTES_PER_PIXEL + 2400 * MASK_BYTES_PER_PIXEL
