@@ -239,7 +239,21 @@ def run_sharded(command: str, argv: Sequence[str], processes: int, device: str,
     if processes > 1 and launched_world_size() <= 1:
         return launch(command, argv, processes)
     shard = current_shard(device)
-    return exit_code(body(shard), shard)
+    try:
+        return exit_code(body(shard), shard)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Close the process group of a launched job before the interpreter exits (left to the
+    exit, its destructor may abort with ``terminate called without an active exception``)."""
+    if launched_world_size() <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def available_memory() -> int | None:

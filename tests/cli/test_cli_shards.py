@@ -255,3 +255,17 @@ def test_a_signal_to_the_parent_stops_every_process_and_the_rerun_resumes(tmp_pa
     assert rerun.returncode == 3, output  # one box of the data set is rejected
     assert "label: 120 annotations labelled, 1 rejected, 0 images failed" in output
     assert not (tmp_path / "two.json.lock").exists()
+
+
+@pytest.mark.slow
+def test_an_error_before_work_is_printed_once_with_two_processes(tmp_path, tiny_checkpoint):
+    boxes = shapes_dataset(tmp_path / "data", num_images=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = _launch(["label", "--model", str(tiny_checkpoint), "--annotations", str(boxes),
+                    "--images", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o.json"),
+                    "--device", "cpu", "--no-progress"], env)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 1, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "nowhere" in errors[0], output
+    assert "Traceback" not in output and "terminate called" not in output, output
