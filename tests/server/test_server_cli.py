@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +91,9 @@ def test_sigterm_finishes_the_in_flight_request(tiny_checkpoint) -> None:
     assert result["r"].json()["image_size"] == [120, 160]
     assert code in (0, -signal.SIGTERM), log
     assert "Finished server process" in log
+    statement = next(line for line in log.splitlines() if line.startswith("memory budget:"))
+    assert "at most 4096 MB together (--memory-budget-mb)" in statement  # stated at start-up
+    assert re.search(r"at most about \d+ MB resident", statement), statement
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{base}/healthz", timeout=2)
 
