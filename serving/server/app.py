@@ -9,6 +9,8 @@ Endpoints:
   ``GET /readyz``: 200 once a warm-up forward pass has run, else 503 (also while stopping);
 - ``GET /openapi.json``, ``/docs`` and ``/redoc``: the schema of all of the above (the pages
   work offline, :mod:`serving.server.app_docs`).
+- with ``--label-studio``: ``/labelstudio/health``, ``/setup`` and ``/predict``, a Label Studio
+  ML backend (:mod:`serving.server.labelstudio`).
 
 Concurrent requests are batched (:mod:`serving.server.batching`); bad input is rejected before
 batching (:mod:`serving.server.requests`, limits in :mod:`serving.server.limits`). Listens on
@@ -273,8 +275,11 @@ def _add_status_routes(app: FastAPI, info: ModelInfo, batcher: DynamicBatcher,
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
-def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> FastAPI:
-    """The ASGI application serving ``segmenter`` (see the module docstring for endpoints)."""
+def create_app(segmenter: Segmenter, settings: ServerSettings | None = None,
+               label_studio: Any = None) -> FastAPI:
+    """The ASGI application serving ``segmenter`` (see the module docstring for endpoints);
+    ``label_studio``: :class:`serving.server.labelstudio_images.LabelStudioSettings` to add
+    the Label Studio ML backend (:mod:`serving.server.labelstudio`)."""
     settings = settings or ServerSettings()
     max_boxes = settings.boxes_limit(segmenter)
     batcher = DynamicBatcher(segmenter, settings.max_batch, settings.max_wait_ms,
@@ -302,6 +307,10 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None) -> 
     _add_segment_route(app, segmenter, settings, batcher, budget, max_boxes)
     _add_status_routes(app, _model_info(segmenter, settings, max_boxes), batcher, budget,
                        lifecycle)
+    if label_studio is not None:
+        from .labelstudio import add_label_studio_routes
+
+        add_label_studio_routes(app, segmenter, settings, batcher, label_studio)
     return app
 
 
@@ -311,7 +320,11 @@ def app_from_env() -> FastAPI:
     return_freed_memory()
     segmenter = Segmenter.load(cfg["model"], device=cfg["device"],
                                image_size=cfg.get("image_size"), dtype=cfg.get("dtype"))
-    return create_app(segmenter, ServerSettings(**cfg["settings"]))
+    settings = ServerSettings(**cfg["settings"])
+    label_studio = _label_studio_settings(cfg.get("label_studio"))
+    if label_studio is None:
+        return create_app(segmenter, settings)
+    return create_app(segmenter, settings, label_studio)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -359,6 +372,7 @@ def _parser() -> argparse.ArgumentParser:
                         "server stops accepting (with --workers 1)")
     p.add_argument("--graceful-timeout", type=int, default=30,
                    help="seconds to finish in-flight requests on shutdown")
+    _add_label_studio_flags(p)
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     return p
@@ -400,6 +414,40 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
                           admission_wait_s=args.admission_wait)
 
 
+def _add_label_studio_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--label-studio", action="store_true",
+                   help="also serve a Label Studio ML backend at /labelstudio (docs/"
+                        "labelling_tools.md)")
+    p.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
+                   help="Label Studio's URL; task images are fetched from there only "
+                        "(default: $LABEL_STUDIO_URL)")
+    p.add_argument("--label-studio-token", default=os.environ.get("LABEL_STUDIO_API_KEY"),
+                   help="its API token (default: $LABEL_STUDIO_API_KEY, else the one Label "
+                        "Studio sends at setup)")
+    p.add_argument("--label-studio-root", default=None, metavar="DIR",
+                   help="read tasks' local image paths below DIR (default: none)")
+
+
+def _ls_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not args.label_studio:
+        return None
+    return {"url": args.label_studio_url, "token": args.label_studio_token,
+            "local_root": args.label_studio_root}
+
+
+def _label_studio_settings(flags: dict[str, Any] | None) -> Any:
+    """:class:`LabelStudioSettings` from the ``--label-studio*`` flags, or ``None``."""
+    if flags is None:
+        return None
+    from pathlib import Path
+
+    from .labelstudio_images import LabelStudioSettings
+
+    root = flags.get("local_root")
+    return LabelStudioSettings(url=flags.get("url"), token=flags.get("token"),
+                               local_root=Path(root) if root else None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until interrupted. SIGTERM: readiness off for ``--shutdown-grace``
     seconds while still serving, then in-flight requests finish; Ctrl-C skips the grace."""
@@ -424,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   timeout_graceful_shutdown=args.graceful_timeout, http=IdleTimeoutH11Protocol,
                   timeout_keep_alive=settings.keep_alive_s)
     if args.workers == 1:
-        app = create_app(segmenter, settings)
+        app = create_app(segmenter, settings, _label_studio_settings(_ls_flags(args)))
         server = DrainingServer(uvicorn.Config(app, **common), app.state.begin_draining,
                                 settings.shutdown_grace_s)
         try:
@@ -435,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     del segmenter  # only checked that it loads; each worker loads its own
     os.environ[SETTINGS_ENV] = json.dumps(
         {"model": str(args.model), "device": args.device, "image_size": args.image_size,
-         "dtype": args.dtype,
+         "dtype": args.dtype, "label_studio": _ls_flags(args),
          "settings": asdict(settings)})
     uvicorn.run("serving.server.app:app_from_env", factory=True, workers=args.workers, **common)
     return 0
