@@ -93,8 +93,12 @@ class OutputLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "started_token": process_start(os.getpid())}
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"output {self.output}: {folder} exists and is not a folder; "
+                             "choose a folder path")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"output {self.output}: not writable ({exc.strerror or exc}); "
                              "choose a path you can write to") from None

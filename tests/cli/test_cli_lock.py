@@ -39,6 +39,13 @@ def test_a_live_lock_refuses_a_second_run_with_one_line(tmp_path) -> None:
     assert not lock_path("label", out).exists()  # released
 
 
+def test_an_output_folder_that_is_a_file_is_named(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="exists and is not a folder; choose a folder path"):
+        OutputLock("predict", blocker).acquire()
+
+
 def test_a_stale_lock_after_a_kill_is_taken_over(tmp_path) -> None:
     out = tmp_path / "pred"
     path = lock_path("predict", out)
