@@ -95,8 +95,8 @@ class OutputLock:
               "started_token": process_start(os.getpid())}
         folder = self.path.parent
         if folder.exists() and not folder.is_dir():
-            raise InputError(f"output {self.output}: {folder} exists and is not a folder; "
-                             "choose a folder path")
+            raise InputError(f"output {self.output}: {folder} is a file, not a folder: not "
+                             "writable there; choose a folder path you can write to")
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -42,7 +42,7 @@ def test_a_live_lock_refuses_a_second_run_with_one_line(tmp_path) -> None:
 def test_an_output_folder_that_is_a_file_is_named(tmp_path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(InputError, match="exists and is not a folder; choose a folder path"):
+    with pytest.raises(InputError, match="is a file, not a folder: not writable"):
         OutputLock("predict", blocker).acquire()
 
 
