@@ -28,6 +28,7 @@ from serving import Segmenter
 from serving.backends.torch_backend import TorchBackend
 from serving.cli.shards import multi_process_cpu
 from serving.errors import SimError
+from serving.files import check_writable_dir
 from serving.model import build_condinst
 from serving.model.model_file import save_checkpoint
 from serving.model_config import ModelConfig, config_to_dict
@@ -35,6 +36,7 @@ from serving.model_config import ModelConfig, config_to_dict
 from .batch_losses import TrainingError, batch_losses, check_finite
 from .callbacks import Callback, CallbackList, TrainingRun
 from .data import CocoInstanceDataset
+from .data.coco_dataset import CocoIndex, check_image_files
 from .data.collate import Batch
 from .data.loader import build_train_loader
 from .evaluate import evaluate_model
@@ -59,14 +61,14 @@ def train(cfg: TrainConfig, resume: str | None = None,
             or None. The folder is checked in full before anything in the run folder changes.
         callbacks: called on every process at fixed points of the loop.
     """
+    check_writable_dir(cfg.output_dir)  # a file or a read-only folder: refused before work
     accelerator = _make_accelerator(cfg)
     set_seed(cfg.seed)
     dataset = _load_dataset(cfg, accelerator)
-    point = select_resume_point(cfg, resume, accelerator.num_processes,
-                                accelerator.process_index, accelerator.print)
     run = _build_run(cfg, accelerator, dataset)
-    if point is not None:
-        restore(run, point)
+    point = select_resume_point(cfg, resume, accelerator.num_processes,
+                                accelerator.process_index, accelerator.print,
+                                apply=lambda p: restore(run, p))
     _open_run_folder(run, point)
     hooks = CallbackList(callbacks)
     _train_loop(run, hooks)
@@ -95,6 +97,11 @@ def _load_dataset(cfg: TrainConfig, accelerator: Accelerator) -> CocoInstanceDat
         accelerator.wait_for_everyone()
     mode = "mask" if cfg.supervision == "mask" else "box"
     dataset = CocoInstanceDataset(cfg.data.train_json, cfg.data.train_images, mode=mode)
+    dataset.check_files()
+    if cfg.data.val_json and cfg.data.val_images and Path(cfg.data.val_json).is_file():
+        val = CocoIndex(cfg.data.val_json)
+        check_image_files(val, cfg.data.val_images,
+                          list(val.images)[:cfg.data.max_val_images])
     if cfg.model.num_classes != dataset.num_classes:
         cfg.model = ModelConfig(**{**config_to_dict(cfg.model), "num_classes": dataset.num_classes})
     return dataset

@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import InputError, SimError
 from ..inference.images import IMAGE_EXTENSIONS
 from ..masks import InstanceMasks
+from ..model_config import MAX_INPUT_SIDE
 from ..prediction import Prediction
 from ..segmenter import Segmenter, run_isolated
 
@@ -63,7 +64,7 @@ def add_image_size_option(parser: argparse.ArgumentParser) -> None:
         "--image-size", type=int, nargs="+", default=None, metavar=("SHORT", "LONG"),
         help="resize the shorter side to SHORT (longer side at most LONG, default SHORT x the "
              "model's ratio) instead of the model's size; for objects smaller or larger than "
-             "in training (see 'sim info')")
+             f"in training (see 'sim info'); 32 <= SHORT <= LONG <= {MAX_INPUT_SIDE}")
 
 
 def load_model(path: str | os.PathLike, device: str, image_size: Sequence[int] | None = None,

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -42,6 +43,16 @@ from ..cli.common import add_image_size_option
 from ..errors import SimError
 from ..inference.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 from ..segmenter import Segmenter
+from .admission import (
+    BODY_COPIES,
+    BudgetBusy,
+    Lease,
+    MemoryBudget,
+    OverBudget,
+    budget_statement,
+    resident_bytes,
+    return_freed_memory,
+)
 from .app_docs import add_offline_docs
 from .batching import BatcherBusy, BatcherClosed, DynamicBatcher
 from .limits import ServerSettings
@@ -49,9 +60,11 @@ from .requests import (
     JSON_TYPE,
     MULTIPART_TYPE,
     ApiError,
+    PlannedJob,
     build_response,
+    decode_job,
     parse_segment_request,
-    prepare_job,
+    plan_job,
 )
 from .schemas import (
     Health,
@@ -70,7 +83,11 @@ SETTINGS_ENV = "SIM_SERVE_CONFIG"  # JSON handed to worker processes when --work
 
 
 def _error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _busy(message: str, retry_after_s: int) -> ApiError:
+    return ApiError(503, "busy", message, headers={"Retry-After": str(retry_after_s)})
 
 
 def _warm_up(segmenter: Segmenter) -> None:
@@ -148,7 +165,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_segment_route(app: FastAPI, segmenter: Segmenter, settings: ServerSettings,
-                       batcher: DynamicBatcher, max_boxes: int) -> None:
+                       batcher: DynamicBatcher, budget: MemoryBudget, max_boxes: int) -> None:
     @app.post("/v1/segment", response_model=SegmentResponse, summary="Segment one image",
               responses=error_responses(400, 408, 413, 415, 422, 500, 503),
               openapi_extra=segment_request_body(max_boxes))
@@ -159,23 +176,55 @@ def _add_segment_route(app: FastAPI, segmenter: Segmenter, settings: ServerSetti
         ``labels`` as JSON, ``score_threshold``) or ``application/json`` (``image`` as base64).
         """
         start = time.perf_counter()
-        raw = await parse_segment_request(request, settings.max_body_bytes,
-                                          settings.body_timeout_s)
-        job = await run_in_threadpool(prepare_job, raw, segmenter, settings)
+        lease = budget.lease()
         try:
-            result = await batcher.submit(job)
-        except BatcherClosed as exc:
-            raise ApiError(503, "shutting_down", str(exc)) from None
-        except BatcherBusy as exc:
-            raise ApiError(503, "busy", str(exc)) from None
-        except SimError as exc:  # input the up-front checks could not see
-            raise ApiError(422, "invalid_input", str(exc)) from None
-        except Exception as exc:
-            log.exception("inference failed for one request")
-            raise ApiError(500, "inference_failed", f"inference failed ({type(exc).__name__}); "
-                           "the server is still running; retry, or report the input") from None
-        return await run_in_threadpool(
-            build_response, job, result, (time.perf_counter() - start) * 1000.0)
+            return await _segment(request, lease, segmenter, settings, batcher, start)
+        except BudgetBusy as exc:
+            raise _busy(str(exc), exc.retry_after_s) from None
+        finally:
+            lease.release()
+
+
+async def _admit(lease: Lease, plan: PlannedJob) -> None:
+    """Hold the planned request's bytes in the budget (waiting), or 413 when it alone needs
+    more than the whole budget."""
+    try:
+        await lease.grow_to(lease.held + plan.memory)
+    except OverBudget as exc:
+        assert plan.shape is not None
+        h, w = plan.shape
+        mode = "automatic mode" if plan.boxes is None else f"{len(plan.boxes)} prompt boxes"
+        raise ApiError(413, "over_memory_budget", f"image: {w}x{h} in {mode} {exc} "
+                       "(--memory-budget-mb); downscale it, send fewer or smaller prompt "
+                       "boxes, or start the server with a larger --memory-budget-mb",
+                       "image") from None
+
+
+async def _segment(request: Request, lease: Lease, segmenter: Segmenter,
+                   settings: ServerSettings, batcher: DynamicBatcher,
+                   start: float) -> SegmentResponse:
+    """One ``POST /v1/segment`` under ``lease``: read (bytes counted as they arrive), plan
+    from the header, admit, decode, infer, answer."""
+    raw = await parse_segment_request(request, settings.max_body_bytes, settings.body_timeout_s,
+                                      on_bytes=lambda n: lease.take_now(n * BODY_COPIES))
+    plan = await run_in_threadpool(plan_job, raw, segmenter, settings)
+    await _admit(lease, plan)
+    job = await run_in_threadpool(decode_job, plan, segmenter, settings)
+    del raw, plan
+    try:
+        result = await batcher.submit(job)
+    except BatcherClosed as exc:
+        raise ApiError(503, "shutting_down", str(exc)) from None
+    except BatcherBusy as exc:
+        raise _busy(str(exc), 1) from None
+    except SimError as exc:  # input the up-front checks could not see
+        raise ApiError(422, "invalid_input", str(exc)) from None
+    except Exception as exc:
+        log.exception("inference failed for one request")
+        raise ApiError(500, "inference_failed", f"inference failed ({type(exc).__name__}); "
+                       "the server is still running; retry, or report the input") from None
+    return await run_in_threadpool(
+        build_response, job, result, (time.perf_counter() - start) * 1000.0)
 
 
 def _model_info(segmenter: Segmenter, settings: ServerSettings, max_boxes: int) -> ModelInfo:
@@ -191,11 +240,13 @@ def _model_info(segmenter: Segmenter, settings: ServerSettings, max_boxes: int) 
                       max_boxes=max_boxes, max_mask_pixels=settings.max_mask_pixels,
                       max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                       max_queue=settings.max_queue, keep_alive_s=settings.keep_alive_s,
-                      body_timeout_s=settings.body_timeout_s))
+                      body_timeout_s=settings.body_timeout_s,
+                      memory_budget_bytes=settings.memory_budget_bytes,
+                      admission_wait_s=settings.admission_wait_s))
 
 
 def _add_status_routes(app: FastAPI, info: ModelInfo, batcher: DynamicBatcher,
-                       lifecycle: _Lifecycle) -> None:
+                       budget: MemoryBudget, lifecycle: _Lifecycle) -> None:
     @app.get("/v1/model", response_model=ModelInfo, summary="Model, input rules and limits")
     async def model_info() -> ModelInfo:
         return info
@@ -207,7 +258,9 @@ def _add_status_routes(app: FastAPI, info: ModelInfo, batcher: DynamicBatcher,
                      large_requests=s.large_jobs,
                      mean_batch_size=round(s.jobs / s.batches, 3) if s.batches else 0.0,
                      max_batch_size=s.max_batch_size, queued=batcher.queued,
-                     batch_sizes={str(k): v for k, v in sorted(s.sizes.items())})
+                     batch_sizes={str(k): v for k, v in sorted(s.sizes.items())},
+                     memory_in_use_bytes=budget.in_use, memory_peak_bytes=budget.peak,
+                     waiting_for_memory=budget.waiting, refused_busy=budget.refused)
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
     async def healthz() -> Health:
@@ -231,6 +284,8 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None,
     batcher = DynamicBatcher(segmenter, settings.max_batch, settings.max_wait_ms,
                              settings.max_queue, max_batch_cost=settings.max_mask_pixels,
                              large_cost=settings.large_cost, large_boxes=settings.large_boxes)
+    budget = MemoryBudget(settings.memory_budget_bytes, settings.max_queue,
+                          settings.admission_wait_s)
     lifecycle = _Lifecycle(segmenter, settings, batcher)
     app = FastAPI(
         title="SIM box-supervised instance segmentation",
@@ -243,12 +298,14 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None,
     )
     add_offline_docs(app)
     app.state.batcher = batcher
+    app.state.budget = budget
     app.state.begin_draining = lifecycle.begin_draining
     app.state.segmenter = segmenter
     app.state.settings = settings
     _add_error_handlers(app)
-    _add_segment_route(app, segmenter, settings, batcher, max_boxes)
-    _add_status_routes(app, _model_info(segmenter, settings, max_boxes), batcher, lifecycle)
+    _add_segment_route(app, segmenter, settings, batcher, budget, max_boxes)
+    _add_status_routes(app, _model_info(segmenter, settings, max_boxes), batcher, budget,
+                       lifecycle)
     if label_studio is not None:
         from .labelstudio_backend import add_label_studio_routes
 
@@ -259,6 +316,7 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None,
 def app_from_env() -> FastAPI:
     """uvicorn factory for ``--workers > 1``: each worker process loads its own model."""
     cfg = json.loads(os.environ[SETTINGS_ENV])
+    return_freed_memory()
     segmenter = Segmenter.load(cfg["model"], device=cfg["device"],
                                image_size=cfg.get("image_size"), dtype=cfg.get("dtype"))
     settings = ServerSettings(**cfg["settings"])
@@ -277,7 +335,7 @@ def _parser(prog: str = "python -m serving serve") -> argparse.ArgumentParser:
                "  curl -s localhost:8000/v1/segment -F image=@a.png -F 'boxes=[[10,20,210,180]]'")
     p.add_argument("--model", required=True, help=".safetensors checkpoint, .onnx or .engine")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535 (default 8000)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     add_image_size_option(p)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
@@ -295,7 +353,15 @@ def _parser(prog: str = "python -m serving serve") -> argparse.ArgumentParser:
                    help="pixels one request's masks may cover: prompt-box areas summed "
                         "(automatic mode: the image); bounds mask memory at a byte per pixel")
     p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for a batch; more are answered 503 busy")
+                   help="requests waiting for a batch, and for memory; more are answered 503 "
+                        "busy")
+    p.add_argument("--memory-budget-mb", type=float, default=ServerSettings.memory_budget_mb,
+                   help="MB all requests in flight may hold together (bodies, decoding, "
+                        "inference, masks), stated at start-up; requests over it wait, then "
+                        "get 503 with Retry-After (default %(default)g)")
+    p.add_argument("--admission-wait", type=float, default=ServerSettings.admission_wait_s,
+                   help="seconds a request may wait for room in the memory budget (default "
+                        "%(default)g)")
     p.add_argument("--timeout-keep-alive", type=float, default=ServerSettings.keep_alive_s,
                    help="seconds before an idle connection (no request under way) is closed")
     p.add_argument("--body-timeout", type=float, default=ServerSettings.body_timeout_s,
@@ -323,15 +389,28 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
     if args.max_pixels > MAX_IMAGE_PIXELS:
         parser.error(f"--max-pixels {args.max_pixels} is above the image decoder's ceiling of "
                      f"{MAX_IMAGE_PIXELS} pixels; use at most {MAX_IMAGE_PIXELS}")
-    if args.timeout_keep_alive <= 0 or args.body_timeout <= 0 or args.shutdown_grace < 0:
-        parser.error("--timeout-keep-alive and --body-timeout must be > 0, --shutdown-grace "
-                     ">= 0")
+    if not (args.timeout_keep_alive > 0 and args.body_timeout > 0 and args.shutdown_grace >= 0
+            and math.isfinite(args.timeout_keep_alive + args.body_timeout
+                              + args.shutdown_grace)):
+        parser.error("--timeout-keep-alive and --body-timeout must be finite numbers > 0, "
+                     "--shutdown-grace >= 0")
+    if not (0 < args.port < 65536):
+        parser.error(f"--port {args.port}: must be 1-65535")
+    if not (args.memory_budget_mb >= 16 and math.isfinite(args.memory_budget_mb)):
+        parser.error(f"--memory-budget-mb {args.memory_budget_mb:g}: must be a number of MB, "
+                     "at least 16")
+    if not (0 <= args.admission_wait <= 3600):
+        parser.error(f"--admission-wait {args.admission_wait:g}: must be 0-3600 seconds")
+    if not (math.isfinite(args.max_wait_ms) and math.isfinite(args.max_body_mb)):
+        parser.error("--max-wait-ms and --max-body-mb must be finite numbers")
     return ServerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           max_body_mb=args.max_body_mb, max_pixels=args.max_pixels,
                           max_boxes=args.max_boxes, max_queue=args.max_queue,
                           max_mask_pixels=args.max_mask_pixels,
                           keep_alive_s=args.timeout_keep_alive, body_timeout_s=args.body_timeout,
-                          shutdown_grace_s=args.shutdown_grace)
+                          shutdown_grace_s=args.shutdown_grace,
+                          memory_budget_mb=args.memory_budget_mb,
+                          admission_wait_s=args.admission_wait)
 
 
 def _add_label_studio_flags(p: argparse.ArgumentParser) -> None:
@@ -381,9 +460,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m serving serve
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: the API has no authentication; put it "
               "behind a proxy that adds it", file=sys.stderr)
+    return_freed_memory()  # the resident size follows the budget's bytes (glibc)
     # bad model or unsupported --dtype: error before binding
     segmenter = Segmenter.load(args.model, device=args.device, image_size=args.image_size,
                                dtype=args.dtype)
+    print(budget_statement(settings.memory_budget_bytes, resident_bytes(),
+                           int(segmenter.cfg.max_detections), args.workers), file=sys.stderr,
+          flush=True)
     common = dict(host=args.host, port=args.port, log_level=args.log_level,
                   timeout_graceful_shutdown=args.graceful_timeout, http=IdleTimeoutH11Protocol,
                   timeout_keep_alive=settings.keep_alive_s)

@@ -14,10 +14,11 @@ Routes, under ``/labelstudio`` (the URL to give Label Studio is ``http://HOST:PO
   it has ``PolygonLabels``), in percent coordinates, named after the config's tags.
 
 Each task runs like a ``/v1/segment`` request: the server's pixel, box, mask-pixel and body
-limits apply, labels follow the Segmenter's prompt rules (a label that is not a model class
-lets the model predict it), and the work goes through the same batcher. A task that cannot be
-read or refuses its boxes gets ``{"result": [], "error": "<one line>"}`` and the batch goes
-on; only a malformed request body is an HTTP error.
+limits and its memory budget (:mod:`serving.server.admission`) apply, labels follow the
+Segmenter's prompt rules (a label that is not a model class lets the model predict it), and
+the work goes through the same batcher. A task that cannot be read or refuses its boxes gets
+``{"result": [], "error": "<one line>"}`` and the batch goes on; only a malformed request
+body is an HTTP error.
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ from ..formats.labelstudio import (
 from ..inference.boxes import validate_boxes
 from ..inference.images import load_image
 from ..segmenter import Segmenter
+from .admission import BODY_COPIES, BudgetBusy, MemoryBudget, OverBudget, request_bytes
 from .batching import BatcherBusy, BatcherClosed, DynamicBatcher, SegmentJob
 from .labelstudio_images import ImageSource, LabelStudioSettings, same_origin
 from .limits import ServerSettings, mask_pixels
-from .requests import ApiError, check_pixels, read_body
+from .requests import ApiError, check_header, read_body
 
 log = logging.getLogger("serving.server.labelstudio_backend")
 PREFIX = "/labelstudio"
@@ -72,8 +74,11 @@ class _Backend:
     """The state and the per-task work behind the routes."""
 
     def __init__(self, segmenter: Segmenter, settings: ServerSettings,
-                 batcher: DynamicBatcher, ls: LabelStudioSettings) -> None:
+                 batcher: DynamicBatcher, ls: LabelStudioSettings,
+                 budget: MemoryBudget | None = None) -> None:
         self.segmenter, self.settings, self.batcher, self.ls = segmenter, settings, batcher, ls
+        self.budget = budget or MemoryBudget(settings.memory_budget_bytes, settings.max_queue,
+                                             settings.admission_wait_s)
         self.source = ImageSource(ls, settings.max_body_bytes)
         self.version = model_version(segmenter)
         self.label_config: str | None = None
@@ -90,7 +95,7 @@ class _Backend:
     def _job(self, data: bytes, rects: list[dict[str, Any]]) -> tuple[SegmentJob, list[str]]:
         """Decode and check one task's image and boxes (in a thread); the job and each box's
         label. Raises :class:`SimError`/:class:`ApiError` with the reason."""
-        check_pixels(data, self.settings.max_pixels)
+        check_header(data, self.settings.max_pixels)
         image = load_image(data)
         h, w = image.shape[:2]
         boxes, names = [], []
@@ -116,8 +121,10 @@ class _Backend:
                 return await self._task(task, config, context)
         except (SimError, ApiError) as exc:
             message = exc.message if isinstance(exc, ApiError) else str(exc)
-        except (BatcherBusy, BatcherClosed) as exc:
+        except (BatcherBusy, BatcherClosed, BudgetBusy) as exc:
             message = f"{exc}; retry the task"
+        except OverBudget as exc:
+            message = f"the image {exc} (--memory-budget-mb); downscale it or raise the budget"
         except Exception as exc:  # noqa: BLE001 - one task's failure must not fail the batch
             log.exception("Label Studio task %s failed", tid)
             message = f"internal error ({type(exc).__name__}); the server is still running"
@@ -133,9 +140,33 @@ class _Backend:
         if not rects:
             return {"result": [], "score": 0.0, "model_version": self.version}
         raw = await run_in_threadpool(self.source.read, ref)
-        job, names = await run_in_threadpool(self._job, raw, rects)
-        pred = (await self.batcher.submit(job)).prediction
-        return await run_in_threadpool(self._results, pred, names, rects, config)
+        lease = self.budget.lease()  # the same memory budget as /v1/segment
+        try:
+            lease.take_now(len(raw) * BODY_COPIES)
+            await lease.grow_to(lease.held + await run_in_threadpool(self._memory, raw, rects))
+            job, names = await run_in_threadpool(self._job, raw, rects)
+            pred = (await self.batcher.submit(job)).prediction
+            return await run_in_threadpool(self._results, pred, names, rects, config)
+        finally:
+            lease.release()
+
+    def _memory(self, data: bytes, rects: list[dict[str, Any]]) -> int:
+        """The bytes a task may hold once decoded (from its image header, nothing decoded):
+        :func:`serving.server.admission.request_bytes` of the image and its boxes."""
+        header = check_header(data, self.settings.max_pixels)
+        if header is None:
+            return 0  # unreadable: decoding says why
+        size = (header.width, header.height)
+        try:
+            boxes = np.array([rectangle_box(r, size) for r in rects], np.float64)
+            boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
+            boxes[:, 0::2] = boxes[:, 0::2].clip(0, header.width)
+            boxes[:, 1::2] = boxes[:, 1::2].clip(0, header.height)
+            masks = mask_pixels(boxes, (header.height, header.width),
+                                bool(self.segmenter.cfg.clip_to_box))
+        except (SimError, ValueError, TypeError, IndexError):  # _job reports the bad box
+            masks = header.pixels
+        return request_bytes(header.pixels, masks, header.mode)
 
     def _results(self, pred: Any, names: list[str], rects: list[dict[str, Any]],
                  config: str | None) -> dict[str, Any]:
@@ -184,7 +215,7 @@ async def _json_object(request: Request, settings: ServerSettings) -> dict[str, 
 def add_label_studio_routes(app: FastAPI, segmenter: Segmenter, settings: ServerSettings,
                             batcher: DynamicBatcher, ls: LabelStudioSettings) -> None:
     """Register the ML backend routes (see the module docstring) on ``app``."""
-    backend = _Backend(segmenter, settings, batcher, ls)
+    backend = _Backend(segmenter, settings, batcher, ls, getattr(app.state, "budget", None))
     app.state.label_studio = backend
 
     @app.get(PREFIX + "/health", summary="Label Studio ML backend: health")

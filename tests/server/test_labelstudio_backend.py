@@ -215,3 +215,19 @@ def test_worker_processes_get_the_backend_routes(tiny_checkpoint, monkeypatch, t
     monkeypatch.setenv(SETTINGS_ENV, json.dumps({
         "model": str(tiny_checkpoint), "device": "cpu", "settings": {}}))
     assert "/labelstudio/health" not in {route.path for route in app_from_env().routes}
+
+
+def test_tasks_hold_the_servers_memory_budget(segmenter):  # noqa: F811
+    """A Label Studio task is admitted by the same budget as /v1/segment: one too large for
+    the whole budget gets its error, the others are answered, nothing stays held."""
+    from test_server_hardening import png_claiming  # a header only: it is never decoded
+
+    ref = "data:image/png;base64," + base64.b64encode(png_claiming(3000, 3000)).decode()
+    rects = [_rect(10, 10, 30, 30)]
+    with backend(segmenter, LabelStudioSettings(), memory_budget_mb=16) as client:
+        results = client.post("/labelstudio/predict", json={"tasks": [
+            _task(1, ref, rects), _task(2, _data_uri(scene(1)), rects)]}).json()["results"]
+        stats = client.get("/v1/stats").json()
+    assert "more than this server's whole memory budget of 16 MB" in results[0]["error"]
+    assert len(results[1]["result"]) == 1 and "error" not in results[1]
+    assert stats["memory_in_use_bytes"] == 0 and stats["memory_peak_bytes"] > 0
