@@ -27,12 +27,12 @@ import torch
 @contextlib.contextmanager
 def oracle_semantic_map() -> Iterator[None]:
     """Train with ``M_S`` := ground-truth masks inside the ``with`` block (one process)."""
-    import training.sim.iteration as sim_step
+    import training.sim.iteration as sim_iteration
     import training.train as train_mod
     from training.data import CocoInstanceDataset
     from training.sim.pseudo import pseudo_masks
 
-    original_maps = sim_step.compute_sim_maps
+    original_maps = sim_iteration.compute_sim_maps
     original_dataset = train_mod.CocoInstanceDataset
 
     class MaskReadingDataset(CocoInstanceDataset):
@@ -51,9 +51,9 @@ def oracle_semantic_map() -> Iterator[None]:
         return maps._replace(m_sem=m_sem, pseudo=pm)
 
     train_mod.CocoInstanceDataset = MaskReadingDataset
-    sim_step.compute_sim_maps = oracle_maps
+    sim_iteration.compute_sim_maps = oracle_maps
     try:
         yield
     finally:
         train_mod.CocoInstanceDataset = original_dataset
-        sim_step.compute_sim_maps = original_maps
+        sim_iteration.compute_sim_maps = original_maps

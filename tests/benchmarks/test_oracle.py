@@ -24,24 +24,24 @@ def _train(tiny_cfg, out: Path, *overrides: str) -> list:
 
 
 def test_oracle_semantic_map_is_the_ground_truth(tiny_cfg, tmp_path: Path) -> None:
-    import training.sim.iteration as sim_step
+    import training.sim.iteration as sim_iteration
     import training.train as train_mod
 
-    original_maps, original_dataset = sim_step.compute_sim_maps, train_mod.CocoInstanceDataset
+    original_maps, original_dataset = sim_iteration.compute_sim_maps, train_mod.CocoInstanceDataset
     seen = []
     with oracle_semantic_map():
-        oracle = sim_step.compute_sim_maps
+        oracle = sim_iteration.compute_sim_maps
 
         def recording(*args):
             maps = oracle(*args)
             seen.append(maps)
             return maps
 
-        sim_step.compute_sim_maps = recording
+        sim_iteration.compute_sim_maps = recording
         try:
             records = _train(tiny_cfg, tmp_path, "sim.copy_paste=false")
         finally:
-            sim_step.compute_sim_maps = oracle
+            sim_iteration.compute_sim_maps = oracle
     assert len(records) == 2 and seen
     for maps in seen:
         m_sem, box = maps.m_sem, maps.box_s4
@@ -52,7 +52,7 @@ def test_oracle_semantic_map_is_the_ground_truth(tiny_cfg, tmp_path: Path) -> No
     for r in records:
         assert "loss_pseudo" in r.losses and "loss_paste" not in r.losses
     # Outside the block, training is box supervision again.
-    assert sim_step.compute_sim_maps is original_maps
+    assert sim_iteration.compute_sim_maps is original_maps
     assert train_mod.CocoInstanceDataset is original_dataset
 
 

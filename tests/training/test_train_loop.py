@@ -202,16 +202,16 @@ def test_pseudo_foreground_switch(tiny_cfg, tmp_path: Path, monkeypatch,
                                   foreground: bool) -> None:
     """``sim.pseudo_foreground=false`` drops the foreground labels from the pseudo loss only:
     its W never covers the pseudo mask, while copy-paste still stores the pseudo masks."""
-    import training.sim.iteration as sim_step
+    import training.sim.iteration as sim_iteration
 
     calls = []
-    original = sim_step.bce_dice_loss
+    original = sim_iteration.bce_dice_loss
 
     def wrapped(logits, target, weight=None):
         calls.append((target.detach().clone(), None if weight is None else weight.clone()))
         return original(logits, target, weight)
 
-    monkeypatch.setattr(sim_step, "bce_dice_loss", wrapped)
+    monkeypatch.setattr(sim_iteration, "bce_dice_loss", wrapped)
     _, records = _short_run(tiny_cfg, tmp_path, "optim.max_iter=3",
                             f"sim.pseudo_foreground={str(foreground).lower()}", *SIM_EXERCISE,
                             # An untrained teacher's blended map lies within 0.50-0.58:
