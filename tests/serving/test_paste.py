@@ -9,9 +9,12 @@ import torch
 import torch.nn.functional as F
 from test_fastpaths import reference_postprocess_masks
 
+import serving.inference.bilinear as bilinear
 import serving.inference.paste as paste
 from serving import Segmenter
-from serving.inference.paste import _axis, _cpu_fused, _fma32, _resize_exact, mask_crops
+from serving.inference.bilinear import aligned_axis, cpu_fused, fma32, grid, resize_axis, sample
+from serving.inference.paste import mask_crops
+from serving.model.ops import aligned_bilinear
 
 
 def blob_probs(count: int, stride4: tuple[int, int], seed: int) -> torch.Tensor:
@@ -48,6 +51,8 @@ CASES = [  # (stride-4 map, resized, original)
     ((8, 8), (30, 31), (40, 70)),          # original h + w <= 128: whole-image path
     ((1, 1), (1, 1), (1, 1)),
     ((36, 9), (141, 33), (900, 200)),      # tall and thin
+    ((16, 16), (64, 64), (96, 128)),       # mild upscale: groups that span two cells
+    ((32, 48), (128, 190), (101, 149)),    # mild downscale
 ]
 
 
@@ -77,37 +82,46 @@ def test_every_kernel_variant_and_the_fallback_give_the_same_masks(monkeypatch, 
     recomputation runs); ``None`` forces the whole-image fallback. Only the variant this
     process really has must match the reference: the masks agree for all three here because
     a variant's order changes values by ~1e-7, far from the threshold on these maps."""
-    monkeypatch.setitem(paste._VARIANT, "cpu", variant)
+    monkeypatch.setitem(bilinear._VARIANT, "cpu", variant)
     probs = blob_probs(3, (25, 34), 3)
     assert_equal_to_reference(probs, (100, 133), (300, 400), random_boxes(3, (300, 400), 3))
 
 
 def test_this_cpu_has_a_reproduced_kernel_variant() -> None:
     """Otherwise every mask would take the slower whole-image fallback."""
-    assert _cpu_fused() is not None
+    assert cpu_fused() is not None
 
 
 def test_exact_resize_reproduces_f_interpolate() -> None:
-    fused = _cpu_fused()
+    fused = cpu_fused()
     gen = torch.Generator().manual_seed(5)
     # outputs with h + w > 128 (smaller ones take PyTorch's other kernel; mask_crops too)
     for size, out in (((37, 51), (311, 97)), ((100, 133), (601, 799)), ((90, 70), (61, 97))):
         x = torch.rand(size, generator=gen)
         ref = F.interpolate(x[None, None], size=out, mode="bilinear", align_corners=False)[0, 0]
-        ys, xs = _axis(size[0], out[0], fused), _axis(size[1], out[1], fused)
-        rows, cols = np.meshgrid(np.arange(out[0]), np.arange(out[1]), indexing="ij")
-        got = _resize_exact(x.numpy(), paste._Axis(*(a[rows.ravel()] for a in ys)),
-                            paste._Axis(*(a[cols.ravel()] for a in xs)), fused)
+        ys, xs = grid(resize_axis(size[0], out[0], fused), resize_axis(size[1], out[1], fused))
+        got = sample(x.numpy()[None], 0, ys, xs, fused)
         assert np.array_equal(got.reshape(out), ref.numpy())
+
+
+def test_exact_aligned_upsampling_reproduces_aligned_bilinear() -> None:
+    """Every map of a batch, cropped to a resized size (as the pipeline crops it)."""
+    fused = cpu_fused()
+    x = torch.rand((3, 1, 21, 34), generator=torch.Generator().manual_seed(6))
+    ref = aligned_bilinear(x, 4)[:, 0, :81, :133].numpy()
+    ys, xs = grid(aligned_axis(21, 81), aligned_axis(34, 133))
+    for k in range(3):
+        got = sample(x[:, 0].numpy(), k, ys, xs, fused).reshape(81, 133)
+        assert np.array_equal(got, ref[k])
 
 
 def test_fma32_rounds_once() -> None:
     a = np.float32(1 + 2.0 ** -12)
     # a*a = 1 + 2^-11 + 2^-24: two roundings lose the 2^-24 term, one keeps it
-    assert _fma32(np.array([a]), np.array([a]), np.array([-(1 + 2.0 ** -11)], np.float32))[
+    assert fma32(np.array([a]), np.array([a]), np.array([-(1 + 2.0 ** -11)], np.float32))[
         0] == np.float32(2.0 ** -24)
     # a*a is a float32 midpoint; + 2^-80 must round up (float64 alone would tie to even)
-    got = _fma32(np.array([a]), np.array([a]), np.array([2.0 ** -80], np.float32))[0]
+    got = fma32(np.array([a]), np.array([a]), np.array([2.0 ** -80], np.float32))[0]
     assert got == np.float32(1 + 2.0 ** -11 + 2.0 ** -23)
 
 
