@@ -28,6 +28,7 @@ operation order is not reproduced, and for maps small enough that PyTorch switch
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -93,8 +94,14 @@ def _split(starts: np.ndarray) -> np.ndarray:
     return np.concatenate((cut, starts[-1:]))
 
 
-def _groups(n4: int, resized: int, size: int, stage2: Axis | None) -> _Groups:
+@functools.lru_cache(maxsize=16)
+def _groups(n4: int, resized: int, size: int | None, fused: bool) -> _Groups:
+    """The groups of an axis of ``size`` original pixels (``None``: the image was not
+    resized), ``resized`` in the network input and ``n4`` at stride 4; ``fused``: the CPU
+    kernel's variant. Cached (the arrays are made read-only)."""
     stage1 = aligned_axis(n4, resized)
+    stage2 = None if size is None else resize_axis(resized, size, fused)
+    size = resized if size is None else size
     u0, u1 = (stage2.i0, stage2.i1) if stage2 is not None else (np.arange(size),) * 2
     ca, cb = stage1.i0[u0], stage1.i0[u1]  # both non-decreasing
     change = np.flatnonzero(ca[1:] != ca[:-1]) + 1
@@ -118,7 +125,12 @@ def _groups(n4: int, resized: int, size: int, stage2: Axis | None) -> _Groups:
         block2 = Axis(*local, stage2.w0[pix], stage2.w1[pix])
     block1 = Axis(np.clip(stage1.i0[upos] - ca[:, None], 0, 2),
                   np.clip(stage1.i1[upos] - ca[:, None], 0, 2), stage1.w0[upos], stage1.w1[upos])
-    return _Groups(starts, ca, cb, of, stage1, stage2, pix, valid, patch, block1, block2)
+    out = _Groups(starts, ca, cb, of, stage1, stage2, pix, valid, patch, block1, block2)
+    for field in out:
+        for array in (field if isinstance(field, Axis) else [field]):
+            if isinstance(array, np.ndarray):
+                array.setflags(write=False)
+    return out
 
 
 def _group_maps(above: np.ndarray, rows: _Groups, cols: _Groups) -> np.ndarray:
@@ -126,12 +138,12 @@ def _group_maps(above: np.ndarray, rows: _Groups, cols: _Groups) -> np.ndarray:
     cells = above.copy()  # cell c: rows c and c + 1 (the last row replicated)
     cells[:, :-1] &= above[:, 1:]
     cells[:, :, :-1] &= cells[:, :, 1:]  # (overlapping in-place operands are buffered)
-    out = cells[:, rows.ca]
+    out = np.take(cells, rows.ca, axis=1)  # (np.take is much faster than fancy indexing)
     if not np.array_equal(rows.ca, rows.cb):
-        out &= cells[:, rows.cb]
+        out &= np.take(cells, rows.cb, axis=1)
     if np.array_equal(cols.ca, cols.cb):
-        return out[:, :, cols.ca]
-    return out[:, :, cols.ca] & out[:, :, cols.cb]
+        return np.take(out, cols.ca, axis=2)
+    return np.take(out, cols.ca, axis=2) & np.take(out, cols.cb, axis=2)
 
 
 def _values(probs: np.ndarray, k: np.ndarray, y: np.ndarray, x: np.ndarray, rows: _Groups,
@@ -170,8 +182,9 @@ def _plan(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int], th
     (robust to a sampling index off by one: the fallback's regions)."""
     (h4, w4), (rh, rw), (h0, w0) = probs.shape[1:], resized, orig
     same = (rh, rw) == (h0, w0)
-    rows = _groups(h4, rh, h0, None if same else resize_axis(rh, h0, fused))
-    cols = _groups(w4, rw, w0, None if same else resize_axis(rw, w0, fused))
+    # not resized at all, or resized (both axes: an axis of equal size resizes exactly)
+    rows = _groups(h4, rh, None if same else h0, fused)
+    cols = _groups(w4, rw, None if same else w0, fused)
     scale = max(1.0, abs(threshold), float(probs.max(initial=0.0)),
                 -float(probs.min(initial=0.0)))
     margin = MARGIN * scale
@@ -232,9 +245,18 @@ def _bounds(plan: _Plan, groups: np.ndarray) -> np.ndarray:
 def _along(a: np.ndarray, ax: Axis, axis: int) -> np.ndarray:
     """Interpolate (M, R, C) ``a`` along ``axis`` (1 or 2) with per-block (M, n) sampling
     ``ax`` (plain float32 arithmetic: PyTorch's unfused order)."""
-    shape = (slice(None), slice(None), None) if axis == 1 else (slice(None), None, slice(None))
+    m, r, c = a.shape
+    blocks = (np.arange(m) * (r * c))[:, None, None]
+    if axis == 1:
+        shape, flat = (slice(None), slice(None), None), blocks + np.arange(c)[None, None, :]
+        step = c
+    else:
+        shape, flat = (slice(None), None, slice(None)), blocks + (np.arange(r) * c)[None, :, None]
+        step = 1
     i0, i1, w0, w1 = (v[shape] for v in ax)
-    return combine(np.take_along_axis(a, i0, axis), w0, np.take_along_axis(a, i1, axis), w1,
+    first = flat + i0 * step
+    values = a.reshape(-1)
+    return combine(np.take(values, first), w0, np.take(values, first + (i1 - i0) * step), w1,
                    False)
 
 
@@ -249,12 +271,20 @@ def _block_values(probs: np.ndarray, kk: np.ndarray, gr: np.ndarray, gc: np.ndar
     return _along(_along(up, cols.block2.take(gc), 2), rows.block2.take(gr), 1)
 
 
+def _nonzero3(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 3-D array (through the flat indices: faster)."""
+    flat = np.flatnonzero(a)
+    rest, last = np.divmod(flat, a.shape[2])
+    first, middle = np.divmod(rest, a.shape[1])
+    return first, middle, last
+
+
 def _edges(plan: _Plan, probs: np.ndarray, threshold: float,
            fused: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Step 2: (k, y, x) int64 of the True pixels of the mixed groups, inside the clip boxes,
     sorted by k."""
     rows, cols = plan.rows, plan.cols
-    kk, gr, gc = np.nonzero(_inside(plan, ~plan.high & ~plan.low))
+    kk, gr, gc = _nonzero3(_inside(plan, ~(plan.high | plan.low)))
     values = _block_values(probs, kk, gr, gc, rows, cols)
     ys, xs = rows.pix[gr], cols.pix[gc]  # (M, Lr), (M, Lc)
     row_ok, col_ok = rows.valid[gr], cols.valid[gc]
@@ -265,25 +295,20 @@ def _edges(plan: _Plan, probs: np.ndarray, threshold: float,
     ok = row_ok[:, :, None] & col_ok[:, None, :]
     t32 = np.float32(threshold)
     if fused:  # the unfused float32 values are exact unless a product is fused: redo the close
-        m, ly, lx = np.nonzero(ok & (np.abs(values - t32) <= plan.margin))
+        m, ly, lx = _nonzero3(ok & (np.abs(values - t32) <= plan.margin))
         values[m, ly, lx] = _values(probs, kk[m], ys[m, ly], xs[m, lx], rows, cols, True)
-    m, ly, lx = np.nonzero(ok & (values > t32))
+    m, ly, lx = _nonzero3(ok & (values > t32))
     return kk[m], ys[m, ly], xs[m, lx]
 
 
 def _expand(high: np.ndarray, rows: _Groups, cols: _Groups, box: tuple[int, int, int, int],
-            ) -> np.ndarray:
-    """Step 3: the (y1 - y0, x1 - x0) bool crop of one mask's ``high`` groups (Gr, Gc)."""
+            out: np.ndarray) -> None:
+    """Step 3: write the crop ``box`` (y0, y1, x0, x1) of one mask's ``high`` groups (Gr, Gc)
+    into ``out`` ((y1 - y0, x1 - x0) bool): columns on the group rows, then whole rows."""
     y0, y1, x0, x1 = box
-    parts = []
-    for g, lo, hi in ((rows, y0, y1), (cols, x0, x1)):
-        a, b = int(g.of[lo]), int(g.of[hi - 1])
-        counts = g.starts[a + 1:b + 2] - g.starts[a:b + 1]
-        counts[0] -= lo - g.starts[a]
-        counts[-1] -= g.starts[b + 1] - hi
-        parts.append((a, b, counts))
-    (ra, rb, rc), (ca, cb, cc) = parts
-    return np.repeat(np.repeat(high[ra:rb + 1, ca:cb + 1], cc, axis=1), rc, axis=0)
+    first, last = int(rows.of[y0]), int(rows.of[y1 - 1])
+    part = np.take(high[first:last + 1], cols.of[x0:x1], axis=1)
+    np.take(part, rows.of[y0:y1] - first, axis=0, out=out)
 
 
 def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int],
@@ -292,19 +317,27 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
     plan = _plan(probs, resized, orig, threshold, boxes, fused)
     ek, ey, ex = _edges(plan, probs, threshold, fused)
     bounds = _bounds(plan, _inside(plan, plan.high))
-    if len(ek):  # widen by the True edge pixels
-        np.minimum.at(bounds[:, 0], ek, ey)
-        np.maximum.at(bounds[:, 1], ek, ey + 1)
-        np.minimum.at(bounds[:, 2], ek, ex)
-        np.maximum.at(bounds[:, 3], ek, ex + 1)
-    segments = np.searchsorted(ek, np.arange(len(probs) + 1)).tolist()
+    segments = np.searchsorted(ek, np.arange(len(probs) + 1))
+    if len(ek):  # widen by the True edge pixels (ek is sorted: a segment per mask)
+        has = np.flatnonzero(segments[1:] > segments[:-1])
+        at = segments[has]
+        for j, (values, reduce) in enumerate(((ey, np.minimum), (ey + 1, np.maximum),
+                                              (ex, np.minimum), (ex + 1, np.maximum))):
+            bounds[has, j] = reduce(bounds[has, j], reduce.reduceat(values, at))
+    segments = segments.tolist()
+    sizes = np.maximum(bounds[:, 1] - bounds[:, 0], 0) * np.maximum(bounds[:, 3] - bounds[:, 2], 0)
+    # One buffer for all crops (views into it): one large allocation instead of page faults
+    # in a fresh one per mask.
+    buffer = np.empty(int(sizes.sum()), bool)
+    ends = np.cumsum(sizes).tolist()
     crops, offsets = [], []
     for k, box in enumerate(bounds.tolist()):
-        if box[0] >= box[1] or box[2] >= box[3]:
+        if not sizes[k]:
             crops.append(np.zeros((0, 0), bool))
             offsets.append((0, 0))
             continue
-        crop = _expand(plan.high[k], plan.rows, plan.cols, box)
+        crop = buffer[ends[k] - int(sizes[k]):ends[k]].reshape(box[1] - box[0], box[3] - box[2])
+        _expand(plan.high[k], plan.rows, plan.cols, box, crop)
         s, e = segments[k], segments[k + 1]
         if e > s:
             crop[ey[s:e] - box[0], ex[s:e] - box[2]] = True
