@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fastpaths import reference_postprocess_masks
+from sim_testing import assert_same_predictions, reference_postprocess_masks, use_reference_pipeline
 
 import serving.inference.bilinear as bilinear
 import serving.inference.paste as paste
 from serving import Segmenter
 from serving.inference.bilinear import aligned_axis, cpu_fused, fma32, grid, resize_axis, sample
 from serving.inference.paste import mask_crops
+from serving.inference.transforms import resized_shape
 from serving.model.ops import aligned_bilinear
 
 
@@ -146,22 +147,28 @@ def segmenter(tiny_checkpoint) -> Segmenter:
 
 
 def test_segmenter_masks_equal_the_whole_image_pipeline(segmenter, monkeypatch) -> None:
-    """``predict`` through crops == ``predict`` with the old full-size masks (resize path:
-    the 150x230 image is resized to the tiny model's input size)."""
+    """``predict`` through the fast pre- and post-processing == ``predict`` with the
+    straightforward ones (full-size masks): resized (the 150x230 image is resized to the tiny
+    model's input size) and not resized, automatic and prompted, one image and a batch."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (150, 230, 3), dtype=np.uint8)
     image[30:100, 40:150] = (230, 40, 40)
+    h, w = resized_shape(150, 230, segmenter.cfg.min_size, segmenter.cfg.max_size)
+    small = np.ascontiguousarray(image[:h, :w])  # already at the input size: no resize
     boxes = [[40, 30, 150, 100], [0, 0, 230, 150], [100.5, 60.2, 180.7, 140.1]]
-    new = [segmenter.predict(image), segmenter.predict(image, boxes=boxes)]
 
-    def whole_image(mask_probs, resized, orig, threshold=0.5, clip_boxes=None):
-        dense = reference_postprocess_masks(mask_probs, resized, orig, threshold, clip_boxes)
-        return paste.InstanceMasks.from_dense(dense.numpy())
+    def run():
+        return [segmenter.predict(image), segmenter.predict(image, boxes=boxes),
+                segmenter.predict(small), segmenter.predict(small, boxes=boxes[:1]),
+                *segmenter.predict_batch([image, image[::-1].copy()], batch_size=2)]
 
-    monkeypatch.setattr("serving.segmenter.mask_crops", whole_image)
-    old = [segmenter.predict(image), segmenter.predict(image, boxes=boxes)]
-    for a, b in zip(new, old):
-        assert len(a) == len(b) and np.array_equal(a.masks, b.masks)
-        assert [r["segmentation"] for r in a.to_coco(1)] == [
-            r["segmentation"] for r in b.to_coco(1)]
-    assert new[1].masks.any()
+    calls = []
+    exact = paste._crops_exact
+    monkeypatch.setattr(paste, "_crops_exact", lambda *a: calls.append(1) or exact(*a))
+    new = run()
+    assert len(calls) == 6  # every prediction took the fast path, not the dense fallback
+    use_reference_pipeline(monkeypatch)
+    old = run()
+    for a, b in zip(new, old, strict=True):
+        assert_same_predictions(a, b)
+    assert new[1].masks.any() and new[2].masks.any()
