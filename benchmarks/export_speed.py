@@ -153,15 +153,18 @@ def build_variants(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
     cal = calibration_images(workdir / "cal", (h, w), args.calibration_count)
     quantized = quantize_export(exported.sidecar, cal, count=args.calibration_count)
     quantize_s = time.perf_counter() - start
-    segs = {"torch fp32": Segmenter.from_checkpoint(ckpt, device="cpu")}
-    if cpu_bf16_support() is not None:
-        segs["torch bf16"] = Segmenter.from_checkpoint(ckpt, device="cpu", dtype="bf16")
+    segs = {}
+    if "torch" in args.backends:
+        segs["torch fp32"] = Segmenter.from_checkpoint(ckpt, device="cpu")
+        if cpu_bf16_support() is not None:
+            segs["torch bf16"] = Segmenter.from_checkpoint(ckpt, device="cpu", dtype="bf16")
     segs["onnxruntime fp32"] = Segmenter.from_onnx(exported.sidecar, device="cpu",
                                                    threads=args.threads)
     segs["onnxruntime int8"] = Segmenter.from_onnx(quantized.sidecar, device="cpu",
                                                    threads=args.threads)
     facts = {"export_seconds": round(export_s, 1), "quantize_seconds": round(quantize_s, 1),
-             "conv_gflop": round(conv_gflop(segs["torch fp32"], h, w), 2)}
+             "conv_gflop": round(conv_gflop(Segmenter.from_checkpoint(ckpt, device="cpu"), h, w),
+                                 2)}
     return segs, facts
 
 
@@ -171,7 +174,7 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
     image = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
     boxes = prompt_boxes(h, w)
     checks = agreement(segs["onnxruntime fp32"], segs["onnxruntime int8"], image, boxes)
-    batch, _, sizes = segs["torch fp32"]._preprocess([image])
+    batch, _, sizes = segs["onnxruntime fp32"]._preprocess([image])
     scaled = torch.from_numpy(scale_boxes(boxes, (h, w), sizes[0]))[None]
     no_labels = torch.full((1, len(boxes)), -1, dtype=torch.int64)
     variants = {}
@@ -269,6 +272,9 @@ def main() -> int:
     parser.add_argument("--gap-ms", type=float, default=200.0,
                         help="untimed pause after every call (default 200 ms)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
+                        choices=["torch", "onnxruntime"],
+                        help="runtimes to time (ONNX Runtime fp32 and INT8 always)")
     parser.add_argument("--name", default="export_speed")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()

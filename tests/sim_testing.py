@@ -106,7 +106,7 @@ def reference_preprocess(images, min_size, max_size, device="cpu", valid=True):
     from serving.inference.transforms import pad_batch, resize_image, resized_shape
 
     sizes = [resized_shape(im.shape[0], im.shape[1], min_size, max_size) for im in images]
-    tensors = [resize_image(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1), size)
+    tensors = [resize_image(torch.from_numpy(np.array(im)).permute(2, 0, 1), size)
                for im, size in zip(images, sizes)]
     batch, mask = pad_batch(tensors)
     return batch.to(device), mask if valid else None, sizes

@@ -45,6 +45,8 @@ from .bilinear import SMALL_OUTPUT, Axis, aligned_axis, combine, cpu_fused, resi
 CPU_CHUNK_BYTES = 16 << 20
 #: Bytes of full-size float masks per chunk of the fallback on other devices.
 DEVICE_CHUNK_BYTES = 256 << 20
+#: Pixels of edge groups interpolated per chunk (a few float32 / int64 copies of this).
+EDGE_PIXELS = 1 << 18
 #: Sources beyond ``threshold +- MARGIN * max(1, |threshold|, |probs|)`` decide a pixel
 #: without interpolating; interpolation rounding moves values by < 1e-6 of that scale.
 MARGIN = 2.0 ** -16
@@ -282,9 +284,21 @@ def _nonzero3(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _edges(plan: _Plan, probs: np.ndarray, threshold: float,
            fused: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Step 2: (k, y, x) int64 of the True pixels of the mixed groups, inside the clip boxes,
-    sorted by k."""
-    rows, cols = plan.rows, plan.cols
+    sorted by k. Groups are interpolated ``EDGE_PIXELS`` pixels at a time (bounded memory)."""
     kk, gr, gc = _nonzero3(_inside(plan, ~(plan.high | plan.low)))
+    step = max(1, EDGE_PIXELS // (plan.rows.pix.shape[1] * plan.cols.pix.shape[1]))
+    parts = [_edge_chunk(plan, probs, threshold, fused, kk[a:a + step], gr[a:a + step],
+                         gc[a:a + step]) for a in range(0, len(kk), step)]
+    if len(parts) == 1:
+        return parts[0]
+    empty = np.zeros(0, np.int64)
+    return tuple(np.concatenate([p[j] for p in parts] or [empty]) for j in range(3))
+
+
+def _edge_chunk(plan: _Plan, probs: np.ndarray, threshold: float, fused: bool, kk: np.ndarray,
+                gr: np.ndarray, gc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_edges` for the groups (gr, gc) of masks kk."""
+    rows, cols = plan.rows, plan.cols
     values = _block_values(probs, kk, gr, gc, rows, cols)
     ys, xs = rows.pix[gr], cols.pix[gc]  # (M, Lr), (M, Lc)
     row_ok, col_ok = rows.valid[gr], cols.valid[gc]

@@ -172,3 +172,11 @@ def test_segmenter_masks_equal_the_whole_image_pipeline(segmenter, monkeypatch) 
     for a, b in zip(new, old, strict=True):
         assert_same_predictions(a, b)
     assert new[1].masks.any() and new[2].masks.any()
+
+
+def test_edges_in_small_chunks_give_the_same_masks(monkeypatch) -> None:
+    """Edge groups interpolated a few at a time (the memory bound for large images)."""
+    monkeypatch.setattr(paste, "EDGE_PIXELS", 1000)
+    probs = blob_probs(4, (25, 34), 1)
+    assert_equal_to_reference(probs, (100, 133), (600, 800), random_boxes(4, (600, 800), 1))
+    assert_equal_to_reference(probs, (100, 133), (600, 800), None)
