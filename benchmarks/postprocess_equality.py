@@ -125,7 +125,7 @@ def main() -> int:
         for name, seg, items in runs:
             for mode in ("automatic", "prompted"):
                 picked = [(im, None if mode == "automatic" else bx) for im, bx in items
-                          if mode == "automatic" or bx]
+                          if mode == "automatic" or (bx is not None and len(bx))]
                 r = compare(seg, picked)
                 results.append({"model": str(name), "backend": seg.backend.name, "mode": mode,
                                 **r})
