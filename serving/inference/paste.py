@@ -45,6 +45,10 @@ from .bilinear import SMALL_OUTPUT, Axis, aligned_axis, combine, cpu_fused, resi
 CPU_CHUNK_BYTES = 16 << 20
 #: Bytes of full-size float masks per chunk of the fallback on other devices.
 DEVICE_CHUNK_BYTES = 256 << 20
+#: Masks x H x W up to which all masks of an image are expanded at once (crops are views of
+#: the (K, H, W) array), and when it is at most DENSE_VIEW_RATIO times the crops' own bytes.
+DENSE_VIEW_BYTES = 16 << 20
+DENSE_VIEW_RATIO = 2
 #: Pixels of edge groups interpolated per chunk (a few float32 / int64 copies of this).
 EDGE_PIXELS = 1 << 18
 #: Sources beyond ``threshold +- MARGIN * max(1, |threshold|, |probs|)`` decide a pixel
@@ -338,11 +342,21 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
         for j, (values, reduce) in enumerate(((ey, np.minimum), (ey + 1, np.maximum),
                                               (ex, np.minimum), (ex + 1, np.maximum))):
             bounds[has, j] = reduce(bounds[has, j], reduce.reduceat(values, at))
-    segments = segments.tolist()
     sizes = np.maximum(bounds[:, 1] - bounds[:, 0], 0) * np.maximum(bounds[:, 3] - bounds[:, 2], 0)
+    total = int(sizes.sum())
+    if len(probs) * orig[0] * orig[1] <= max(DENSE_VIEW_BYTES, DENSE_VIEW_RATIO * total):
+        # Small images, or masks that fill them: all masks expanded by two batched gathers
+        # (the edge pixels set in one scatter), each crop a view of its mask.
+        dense = np.take(np.take(plan.high, plan.cols.of, axis=2), plan.rows.of, axis=1)
+        dense[ek, ey, ex] = True
+        crops = [dense[k, y0:y1, x0:x1] if sizes[k] else np.zeros((0, 0), bool)
+                 for k, (y0, y1, x0, x1) in enumerate(bounds.tolist())]
+        offsets = np.where(sizes[:, None] > 0, bounds[:, [0, 2]], 0)
+        return InstanceMasks(crops, offsets, orig)
+    segments = segments.tolist()
     # One buffer for all crops (views into it): one large allocation instead of page faults
     # in a fresh one per mask.
-    buffer = np.empty(int(sizes.sum()), bool)
+    buffer = np.empty(total, bool)
     ends = np.cumsum(sizes).tolist()
     crops, offsets = [], []
     for k, box in enumerate(bounds.tolist()):

@@ -69,9 +69,19 @@ def assert_equal_to_reference(probs, resized, orig, boxes) -> None:
             assert not expected[i].any()
 
 
+@pytest.fixture(params=["dense views", "crops"])
+def expansion(request, monkeypatch) -> str:
+    """Both ways of writing the masks: all at once (crops are views) or crop by crop."""
+    if request.param == "crops":
+        monkeypatch.setattr(paste, "DENSE_VIEW_BYTES", 0)
+        monkeypatch.setattr(paste, "DENSE_VIEW_RATIO", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("stride4, resized, orig", CASES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mask_crops_equal_the_whole_image_pipeline(stride4, resized, orig, seed) -> None:
+def test_mask_crops_equal_the_whole_image_pipeline(stride4, resized, orig, seed,
+                                                   expansion) -> None:
     probs = blob_probs(4, stride4, seed)
     for boxes in (None, random_boxes(4, orig, seed)):
         assert_equal_to_reference(probs, resized, orig, boxes)
@@ -126,7 +136,7 @@ def test_fma32_rounds_once() -> None:
     assert got == np.float32(1 + 2.0 ** -11 + 2.0 ** -23)
 
 
-def test_prompted_crops_stay_inside_their_boxes_and_memory_follows_the_boxes() -> None:
+def test_prompted_crops_stay_inside_their_boxes_and_memory_follows_the_boxes(expansion) -> None:
     probs = torch.full((3, 25, 34), 0.9)  # every pixel above the threshold
     boxes = torch.tensor([[10.0, 20.0, 110.0, 70.0], [0.0, 0.0, 800.0, 600.0],
                           [700.2, 500.7, 799.5, 599.5]])
@@ -174,7 +184,7 @@ def test_segmenter_masks_equal_the_whole_image_pipeline(segmenter, monkeypatch) 
     assert new[1].masks.any() and new[2].masks.any()
 
 
-def test_edges_in_small_chunks_give_the_same_masks(monkeypatch) -> None:
+def test_edges_in_small_chunks_give_the_same_masks(monkeypatch, expansion) -> None:
     """Edge groups interpolated a few at a time (the memory bound for large images)."""
     monkeypatch.setattr(paste, "EDGE_PIXELS", 1000)
     probs = blob_probs(4, (25, 34), 1)
