@@ -286,17 +286,19 @@ def _nonzero3(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _edges(plan: _Plan, probs: np.ndarray, threshold: float,
-           fused: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Step 2: (k, y, x) int64 of the True pixels of the mixed groups, inside the clip boxes,
-    sorted by k. Groups are interpolated ``EDGE_PIXELS`` pixels at a time (bounded memory)."""
+           fused: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Step 2: (k, y, x) int32 of the True pixels of the mixed groups, inside the clip boxes,
+    sorted by k, in chunks of ``EDGE_PIXELS`` interpolated pixels (bounded memory)."""
     kk, gr, gc = _nonzero3(_inside(plan, ~(plan.high | plan.low)))
     step = max(1, EDGE_PIXELS // (plan.rows.pix.shape[1] * plan.cols.pix.shape[1]))
-    parts = [_edge_chunk(plan, probs, threshold, fused, kk[a:a + step], gr[a:a + step],
-                         gc[a:a + step]) for a in range(0, len(kk), step)]
-    if len(parts) == 1:
-        return parts[0]
-    empty = np.zeros(0, np.int64)
-    return tuple(np.concatenate([p[j] for p in parts] or [empty]) for j in range(3))
+    return [_edge_chunk(plan, probs, threshold, fused, kk[a:a + step], gr[a:a + step],
+                        gc[a:a + step]) for a in range(0, len(kk), step)]
+
+
+def _segments(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of sorted ``k`` and where each one's run starts."""
+    starts = np.flatnonzero(np.diff(k, prepend=-1))
+    return k[starts], starts
 
 
 def _edge_chunk(plan: _Plan, probs: np.ndarray, threshold: float, fused: bool, kk: np.ndarray,
@@ -316,7 +318,7 @@ def _edge_chunk(plan: _Plan, probs: np.ndarray, threshold: float, fused: bool, k
         m, ly, lx = _nonzero3(ok & (np.abs(values - t32) <= plan.margin))
         values[m, ly, lx] = _values(probs, kk[m], ys[m, ly], xs[m, lx], rows, cols, True)
     m, ly, lx = _nonzero3(ok & (values > t32))
-    return kk[m], ys[m, ly], xs[m, lx]
+    return kk[m].astype(np.int32), ys[m, ly].astype(np.int32), xs[m, lx].astype(np.int32)
 
 
 def _expand(high: np.ndarray, rows: _Groups, cols: _Groups, box: tuple[int, int, int, int],
@@ -333,44 +335,41 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
                  threshold: float, boxes: np.ndarray | None, fused: bool) -> InstanceMasks:
     """Steps 1-3 (see the module docstring) for (K, h4, w4) float32 ``probs``."""
     plan = _plan(probs, resized, orig, threshold, boxes, fused)
-    ek, ey, ex = _edges(plan, probs, threshold, fused)
+    edges = _edges(plan, probs, threshold, fused)
     bounds = _bounds(plan, _inside(plan, plan.high))
-    segments = np.searchsorted(ek, np.arange(len(probs) + 1))
-    if len(ek):  # widen by the True edge pixels (ek is sorted: a segment per mask)
-        has = np.flatnonzero(segments[1:] > segments[:-1])
-        at = segments[has]
-        for j, (values, reduce) in enumerate(((ey, np.minimum), (ey + 1, np.maximum),
-                                              (ex, np.minimum), (ex + 1, np.maximum))):
-            bounds[has, j] = reduce(bounds[has, j], reduce.reduceat(values, at))
+    for ek, ey, ex in edges:  # widen by the True edge pixels (ek is sorted)
+        if len(ek):
+            masks, at = _segments(ek)
+            for j, (values, reduce) in enumerate(((ey, np.minimum), (ey + 1, np.maximum),
+                                                  (ex, np.minimum), (ex + 1, np.maximum))):
+                bounds[masks, j] = reduce(bounds[masks, j], reduce.reduceat(values, at))
     sizes = np.maximum(bounds[:, 1] - bounds[:, 0], 0) * np.maximum(bounds[:, 3] - bounds[:, 2], 0)
     total = int(sizes.sum())
     if len(probs) * orig[0] * orig[1] <= max(DENSE_VIEW_BYTES, DENSE_VIEW_RATIO * total):
         # Small images, or masks that fill them: all masks expanded by two batched gathers
-        # (the edge pixels set in one scatter), each crop a view of its mask.
+        # (the edge pixels set by scatters), each crop a view of its mask.
         dense = np.take(np.take(plan.high, plan.cols.of, axis=2), plan.rows.of, axis=1)
-        dense[ek, ey, ex] = True
+        for ek, ey, ex in edges:
+            dense[ek, ey, ex] = True
         crops = [dense[k, y0:y1, x0:x1] if sizes[k] else np.zeros((0, 0), bool)
                  for k, (y0, y1, x0, x1) in enumerate(bounds.tolist())]
         offsets = np.where(sizes[:, None] > 0, bounds[:, [0, 2]], 0)
         return InstanceMasks(crops, offsets, orig)
-    segments = segments.tolist()
     # One buffer for all crops (views into it): one large allocation instead of page faults
     # in a fresh one per mask.
     buffer = np.empty(total, bool)
     ends = np.cumsum(sizes).tolist()
-    crops, offsets = [], []
+    crops = [np.zeros((0, 0), bool)] * len(probs)
     for k, box in enumerate(bounds.tolist()):
-        if not sizes[k]:
-            crops.append(np.zeros((0, 0), bool))
-            offsets.append((0, 0))
-            continue
-        crop = buffer[ends[k] - int(sizes[k]):ends[k]].reshape(box[1] - box[0], box[3] - box[2])
-        _expand(plan.high[k], plan.rows, plan.cols, box, crop)
-        s, e = segments[k], segments[k + 1]
-        if e > s:
-            crop[ey[s:e] - box[0], ex[s:e] - box[2]] = True
-        crops.append(crop)
-        offsets.append((box[0], box[2]))
+        if sizes[k]:
+            crops[k] = buffer[ends[k] - int(sizes[k]):ends[k]].reshape(box[1] - box[0],
+                                                                      box[3] - box[2])
+            _expand(plan.high[k], plan.rows, plan.cols, box, crops[k])
+    for ek, ey, ex in edges:
+        masks, at = _segments(ek)
+        for k, s, e in zip(masks.tolist(), at.tolist(), [*at[1:].tolist(), len(ek)]):
+            crops[k][ey[s:e] - bounds[k, 0], ex[s:e] - bounds[k, 2]] = True
+    offsets = np.where(sizes[:, None] > 0, bounds[:, [0, 2]], 0)
     return InstanceMasks(crops, offsets, orig)
 
 
