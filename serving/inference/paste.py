@@ -285,14 +285,32 @@ def _nonzero3(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return first, middle, last
 
 
-def _edges(plan: _Plan, probs: np.ndarray, threshold: float,
-           fused: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Step 2: (k, y, x) int32 of the True pixels of the mixed groups, inside the clip boxes,
-    sorted by k, in chunks of ``EDGE_PIXELS`` interpolated pixels (bounded memory)."""
+def _edges(plan: _Plan, probs: np.ndarray, threshold: float, fused: bool) -> list[_Edges]:
+    """Step 2: the mixed groups inside the clip boxes, sorted by mask, with their pixels'
+    values thresholded, in chunks of ``EDGE_PIXELS`` pixels (bounded memory: a byte per
+    pixel of a mixed group is kept)."""
     kk, gr, gc = _nonzero3(_inside(plan, ~(plan.high | plan.low)))
     step = max(1, EDGE_PIXELS // (plan.rows.pix.shape[1] * plan.cols.pix.shape[1]))
     return [_edge_chunk(plan, probs, threshold, fused, kk[a:a + step], gr[a:a + step],
                         gc[a:a + step]) for a in range(0, len(kk), step)]
+
+
+def _widen(bounds: np.ndarray, chunk: _Edges, plan: _Plan) -> None:
+    """Grow the (K, 4) bounds y0, y1, x0, x1 in place to cover the chunk's True pixels."""
+    rows_any, cols_any = chunk.true.any(axis=2), chunk.true.any(axis=1)  # (M, Lr), (M, Lc)
+    has = np.flatnonzero(rows_any.any(axis=1))
+    if not len(has):
+        return
+    k, rows_any, cols_any = chunk.kk[has], rows_any[has], cols_any[has]
+    gr, gc = chunk.gr[has], chunk.gc[has]
+    lr, lc = rows_any.shape[1], cols_any.shape[1]
+    first_r, last_r = rows_any.argmax(1), lr - 1 - rows_any[:, ::-1].argmax(1)
+    first_c, last_c = cols_any.argmax(1), lc - 1 - cols_any[:, ::-1].argmax(1)
+    masks, at = _segments(k)
+    for j, (values, reduce) in enumerate((
+            (plan.rows.pix[gr, first_r], np.minimum), (plan.rows.pix[gr, last_r] + 1, np.maximum),
+            (plan.cols.pix[gc, first_c], np.minimum), (plan.cols.pix[gc, last_c] + 1, np.maximum))):
+        bounds[masks, j] = reduce(bounds[masks, j], reduce.reduceat(values, at))
 
 
 def _segments(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -302,7 +320,7 @@ def _segments(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _edge_chunk(plan: _Plan, probs: np.ndarray, threshold: float, fused: bool, kk: np.ndarray,
-                gr: np.ndarray, gc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                gr: np.ndarray, gc: np.ndarray) -> _Edges:
     """:func:`_edges` for the groups (gr, gc) of masks kk."""
     rows, cols = plan.rows, plan.cols
     values = _block_values(probs, kk, gr, gc, rows, cols)
@@ -317,8 +335,21 @@ def _edge_chunk(plan: _Plan, probs: np.ndarray, threshold: float, fused: bool, k
     if fused:  # the unfused float32 values are exact unless a product is fused: redo the close
         m, ly, lx = _nonzero3(ok & (np.abs(values - t32) <= plan.margin))
         values[m, ly, lx] = _values(probs, kk[m], ys[m, ly], xs[m, lx], rows, cols, True)
-    m, ly, lx = _nonzero3(ok & (values > t32))
-    return kk[m].astype(np.int32), ys[m, ly].astype(np.int32), xs[m, lx].astype(np.int32)
+    return _Edges(kk, gr, gc, ok & (values > t32))
+
+
+class _Edges(NamedTuple):
+    """Mixed groups (gr, gc) of masks kk (sorted) and their (M, Lr, Lc) bool pixels."""
+
+    kk: np.ndarray
+    gr: np.ndarray
+    gc: np.ndarray
+    true: np.ndarray
+
+    def pixels(self, plan: _Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(k, y, x) int64 of the True pixels, sorted by k."""
+        m, ly, lx = _nonzero3(self.true)
+        return self.kk[m], plan.rows.pix[self.gr[m], ly], plan.cols.pix[self.gc[m], lx]
 
 
 def _expand(high: np.ndarray, rows: _Groups, cols: _Groups, box: tuple[int, int, int, int],
@@ -337,20 +368,16 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
     plan = _plan(probs, resized, orig, threshold, boxes, fused)
     edges = _edges(plan, probs, threshold, fused)
     bounds = _bounds(plan, _inside(plan, plan.high))
-    for ek, ey, ex in edges:  # widen by the True edge pixels (ek is sorted)
-        if len(ek):
-            masks, at = _segments(ek)
-            for j, (values, reduce) in enumerate(((ey, np.minimum), (ey + 1, np.maximum),
-                                                  (ex, np.minimum), (ex + 1, np.maximum))):
-                bounds[masks, j] = reduce(bounds[masks, j], reduce.reduceat(values, at))
+    for chunk in edges:  # widen by the True edge pixels
+        _widen(bounds, chunk, plan)
     sizes = np.maximum(bounds[:, 1] - bounds[:, 0], 0) * np.maximum(bounds[:, 3] - bounds[:, 2], 0)
     total = int(sizes.sum())
     if len(probs) * orig[0] * orig[1] <= max(DENSE_VIEW_BYTES, DENSE_VIEW_RATIO * total):
         # Small images, or masks that fill them: all masks expanded by two batched gathers
         # (the edge pixels set by scatters), each crop a view of its mask.
         dense = np.take(np.take(plan.high, plan.cols.of, axis=2), plan.rows.of, axis=1)
-        for ek, ey, ex in edges:
-            dense[ek, ey, ex] = True
+        for chunk in edges:
+            dense[chunk.pixels(plan)] = True
         crops = [dense[k, y0:y1, x0:x1] if sizes[k] else np.zeros((0, 0), bool)
                  for k, (y0, y1, x0, x1) in enumerate(bounds.tolist())]
         offsets = np.where(sizes[:, None] > 0, bounds[:, [0, 2]], 0)
@@ -365,7 +392,8 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
             crops[k] = buffer[ends[k] - int(sizes[k]):ends[k]].reshape(box[1] - box[0],
                                                                       box[3] - box[2])
             _expand(plan.high[k], plan.rows, plan.cols, box, crops[k])
-    for ek, ey, ex in edges:
+    for chunk in edges:
+        ek, ey, ex = chunk.pixels(plan)
         masks, at = _segments(ek)
         for k, s, e in zip(masks.tolist(), at.tolist(), [*at[1:].tolist(), len(ek)]):
             crops[k][ey[s:e] - bounds[k, 0], ex[s:e] - bounds[k, 2]] = True
