@@ -8,18 +8,19 @@ array (12 GB of booleans alone for 256 masks of an 8000x6000 image, and most of 
 after the network). Here the threshold comes first and the floats are interpolated only
 where they can matter:
 
-1. *Cells.* Original pixel (y, x) is a convex combination of the stride-4 probabilities in
-   rows ``ca(y)..cb(y) + 1`` and columns ``ca(x)..cb(x) + 1`` (``cb - ca <= 1``; the cell c
-   holds rows c and c + 1). Runs of pixels with the same (ca, cb) form *groups* (4 pixels
-   wide at the same size). For all masks at once (numpy, no float copy of the image): a
+1. *Groups.* Original pixel (y, x) is a convex combination of the stride-4 probabilities in
+   rows ``ca(y)..cb(y) + 1`` and columns ``ca(x)..cb(x) + 1`` (``cb - ca <= 1``). Runs of
+   pixels with the same ``ca`` form *groups* (4x4 pixel blocks at the same size, about
+   4 x the upscale otherwise). For all masks at once (numpy, no float copy of the image): a
    group is certainly True when all its sources exceed the threshold by a margin, certainly
    False when none comes within it, and *mixed* otherwise (a mask's edge: ~1 % of groups).
-2. *Edges.* Only the pixels of mixed groups are interpolated, with PyTorch's own index,
-   weight and rounding (:mod:`serving.inference.bilinear`), so they equal ``F.interpolate``
-   bit for bit.
+2. *Edges.* Only the pixels of mixed groups are interpolated, a block per group, with
+   PyTorch's own index, weight and rounding (:mod:`serving.inference.bilinear`), so they
+   equal ``F.interpolate`` bit for bit.
 3. *Crops.* Each mask's bounding box follows from its True groups and edge pixels (and its
-   clip box); the crop is its True groups repeated to pixels (two ``np.repeat``, the cost of
-   writing the crop once) with the edge pixels set.
+   clip box); the crop is its True groups repeated to pixels (two ``np.take``, the cost of
+   writing the crop once) with the edge pixels set. Small images (or masks that fill them)
+   are expanded for all masks at once and the crops are views.
 
 The result is bit-identical to the whole-image computation (kept as the fallback, computed a
 few masks at a time and cut to the mask's region): on other devices, when the CPU kernel's
