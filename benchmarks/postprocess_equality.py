@@ -13,8 +13,8 @@ scores and labels are equal, the share of bit-identical masks and the lowest mas
 random images at their input size and 1.5x larger. Writes
 ``benchmarks/results/postprocess_equality.{json,md}``; exits 1 on any difference.
 
-    python benchmarks/postprocess_equality.py --benchmark-models \\
-        --models runs/quickstart/model_final.safetensors runs/quickstart/export/model_final.auto.onnx \\
+    python benchmarks/postprocess_equality.py --benchmark-models --models \\
+        runs/quickstart/model_final.safetensors runs/quickstart/export/model_final.auto.onnx \\
         --annotations data/synthetic/val.json --images data/synthetic/images
 """
 
