@@ -12,12 +12,14 @@ the calibration data only has to exist). Then, side by side in one process
 
     torch fp32 | torch bf16 (autocast, where the CPU has bf16) | onnxruntime fp32 | onnxruntime int8
 
-at the same thread count, plus each backend's ``detect`` alone in automatic mode (network and
-in-graph post-processing, without the ``Segmenter``'s mask pasting at the original size, which
-is the same for every backend). Reported: median ms per image, the speed-ups (INT8 / fp32 ORT,
-bf16 / fp32 torch), the conv GFLOP/s each reaches (the model's convolution FLOPs divided by
-the **end-to-end** time: a lower bound of what its convolution kernels run at), the load
-average during the run, and INT8's agreement with fp32 on the benchmark image. Writes
+at the same thread count, plus each backend alone in both modes (``detect`` /
+``segment_boxes``: the network and its in-graph post-processing, without the ``Segmenter``'s
+preprocessing and mask pasting at the original size, which are the same for every backend);
+end to end / backend alone is what the work outside the network adds. Reported: median ms
+per image, the speed-ups (INT8 / fp32 ORT, bf16 / fp32 torch), the conv GFLOP/s each
+reaches (the model's convolution FLOPs divided by the **end-to-end** time: a lower bound of
+what its convolution kernels run at), the load average during the run, and INT8's
+agreement with fp32 on the benchmark image. Writes
 ``benchmarks/results/export_speed.{json,md}``; on a shared machine rerun it when quiet:
 
     python benchmarks/export_speed.py                  # ~15 minutes on 2 busy cores
@@ -57,6 +59,7 @@ from export.verify import compare_automatic, mask_iou  # noqa: E402
 from export.verify_int8 import compare_int8  # noqa: E402
 from serving import InferenceConfig, ModelConfig, Segmenter, build_condinst  # noqa: E402
 from serving.backends.torch_backend import cpu_bf16_support  # noqa: E402
+from serving.inference.transforms import scale_boxes  # noqa: E402
 from serving.model.model_file import save_checkpoint  # noqa: E402
 
 #: case -> (backbone, (height, width)); the quickstart case uses the quickstart's light heads.
@@ -66,7 +69,9 @@ CASES = {
     "resnet50_fpn@800x1333": ("resnet50", (800, 1333)),
 }
 LIGHT = {"quickstart_light@256x256"}
-MODES = ("automatic", "prompt(10)", "automatic, backend only")
+MODES = ("automatic", "prompt(10)", "automatic, backend only", "prompt(10), backend only")
+#: End-to-end mode -> the same mode's backend alone (network + in-graph post-processing).
+NETWORK_OF = {"automatic": "automatic, backend only", "prompt(10)": "prompt(10), backend only"}
 
 
 def model_config(case: str, backbone: str) -> ModelConfig:
@@ -148,15 +153,18 @@ def build_variants(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
     cal = calibration_images(workdir / "cal", (h, w), args.calibration_count)
     quantized = quantize_export(exported.sidecar, cal, count=args.calibration_count)
     quantize_s = time.perf_counter() - start
-    segs = {"torch fp32": Segmenter.from_checkpoint(ckpt, device="cpu")}
-    if cpu_bf16_support() is not None:
-        segs["torch bf16"] = Segmenter.from_checkpoint(ckpt, device="cpu", dtype="bf16")
+    segs = {}
+    if "torch" in args.backends:
+        segs["torch fp32"] = Segmenter.from_checkpoint(ckpt, device="cpu")
+        if cpu_bf16_support() is not None:
+            segs["torch bf16"] = Segmenter.from_checkpoint(ckpt, device="cpu", dtype="bf16")
     segs["onnxruntime fp32"] = Segmenter.from_onnx(exported.sidecar, device="cpu",
                                                    threads=args.threads)
     segs["onnxruntime int8"] = Segmenter.from_onnx(quantized.sidecar, device="cpu",
                                                    threads=args.threads)
     facts = {"export_seconds": round(export_s, 1), "quantize_seconds": round(quantize_s, 1),
-             "conv_gflop": round(conv_gflop(segs["torch fp32"], h, w), 2)}
+             "conv_gflop": round(conv_gflop(Segmenter.from_checkpoint(ckpt, device="cpu"), h, w),
+                                 2)}
     return segs, facts
 
 
@@ -166,7 +174,9 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
     image = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
     boxes = prompt_boxes(h, w)
     checks = agreement(segs["onnxruntime fp32"], segs["onnxruntime int8"], image, boxes)
-    batch, _, sizes = segs["torch fp32"]._preprocess([image])
+    batch, _, sizes = segs["onnxruntime fp32"]._preprocess([image])
+    scaled = torch.from_numpy(scale_boxes(boxes, (h, w), sizes[0]))[None]
+    no_labels = torch.full((1, len(boxes)), -1, dtype=torch.int64)
     variants = {}
     for label, seg in segs.items():
         variants[f"{label} | automatic"] = lambda s=seg: s.predict(image)
@@ -175,6 +185,8 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
         # that precision changes.
         variants[f"{label} | automatic, backend only"] = lambda s=seg: s.backend.detect(batch,
                                                                                           sizes)
+        variants[f"{label} | prompt(10), backend only"] = lambda s=seg: s.backend.segment_boxes(
+            batch, sizes, scaled, no_labels)
     loads = [os.getloadavg()[0]]
     with torch.inference_mode():
         # A pause after each call (outside the timing) lets the previous variant's idle
@@ -193,9 +205,16 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
             if f"torch bf16 | {mode}" in stats:
                 speedup[f"bf16/fp32 torch {mode}{tag}"] = (stats[f"torch fp32 | {mode}"][stat]
                                                            / stats[f"torch bf16 | {mode}"][stat])
+    # What the work outside the backend adds: end to end / backend alone, per variant.
+    overhead = {f"{label} {mode}": stats[f"{label} | {mode}"]["median_ms"]
+                / stats[f"{label} | {alone}"]["median_ms"]
+                for label in segs for mode, alone in NETWORK_OF.items()}
     print(f"{name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()), flush=True)
+    print(f"{name}: end to end / backend alone: "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in overhead.items()), flush=True)
     return {"case": name, "image_size": [h, w], "rounds": rounds, **facts, "stats": stats,
-            "speedup": speedup, "int8_agreement": checks, "load_average_1m": loads,
+            "speedup": speedup, "end_to_end_over_backend": overhead, "int8_agreement": checks,
+            "load_average_1m": loads,
             "ort_providers": segs["onnxruntime fp32"].info.get("providers")}
 
 
@@ -230,6 +249,14 @@ def markdown(payload: dict) -> str:
                                  f"({r['speedup'][f'{ratio} {m} (min)']:.2f}x)" for m in MODES]]
             for r in payload["results"] for ratio in ("int8/fp32 ort", "bf16/fp32 torch")
             if f"{ratio} automatic" in r["speedup"]]),
+        "End to end / the backend alone (the network and its in-graph post-processing), from "
+        "the medians: what preprocessing, mask pasting at the original size and the rest of "
+        "`Segmenter.predict` add:",
+        markdown_table(["model @ input", "backend", *NETWORK_OF], [
+            [r["case"], label, *[f"{r['end_to_end_over_backend'][f'{label} {m}']:.2f}x"
+                                 for m in NETWORK_OF]]
+            for r in payload["results"] if "end_to_end_over_backend" in r
+            for label in dict.fromkeys(k.split(" | ")[0] for k in r["stats"])]),
         markdown_table(["model @ input", "mode", "backend", "median ms", "min ms", "max ms",
                         "vs fp32", "conv GFLOP/s"], rows),
     ])
@@ -245,6 +272,9 @@ def main() -> int:
     parser.add_argument("--gap-ms", type=float, default=200.0,
                         help="untimed pause after every call (default 200 ms)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
+                        choices=["torch", "onnxruntime"],
+                        help="runtimes to time (ONNX Runtime fp32 and INT8 always)")
     parser.add_argument("--name", default="export_speed")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()

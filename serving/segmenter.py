@@ -340,7 +340,7 @@ class Segmenter:
                           np.zeros(0, np.int64), np.zeros((0, *size), bool), self.class_names)
 
     def _preprocess(self, arrays: list[np.ndarray]):
-        return preprocess(arrays, self.cfg.min_size, self.cfg.max_size)
+        return preprocess(arrays, self.cfg.min_size, self.cfg.max_size, valid=False)
 
     def _run_auto(self, items: list[_Item]) -> list[Prediction]:
         batch, _, sizes = self._preprocess([item.array for item in items])

@@ -71,3 +71,67 @@ def run_two_processes(fn):
     for t in threads:
         t.join()
     return results
+
+
+def reference_postprocess_masks(mask_probs, resized_size, orig_size, threshold=0.5,
+                                clip_boxes=None):
+    """The mask pipeline as specified, one mask at a time (independent reference): aligned x4
+    upsampling, crop to the resized image, bilinear resize to the original, threshold, clip
+    to the box by pixel centres. (K, H0, W0) bool."""
+    import torch.nn.functional as F
+
+    from serving.model.ops import aligned_bilinear
+
+    h0, w0 = orig_size
+    out = torch.zeros((mask_probs.shape[0], h0, w0), dtype=torch.bool)
+    ys = torch.arange(h0, dtype=torch.float32) + 0.5
+    xs = torch.arange(w0, dtype=torch.float32) + 0.5
+    for i in range(mask_probs.shape[0]):
+        up = aligned_bilinear(mask_probs[i][None, None].float().cpu(), 4)
+        up = up[:, :, : resized_size[0], : resized_size[1]]
+        up = F.interpolate(up, size=(h0, w0), mode="bilinear", align_corners=False)[0, 0]
+        mask = up > threshold
+        if clip_boxes is not None:
+            x1, y1, x2, y2 = torch.as_tensor(clip_boxes)[i].tolist()
+            mask &= ((ys >= y1) & (ys <= y2))[:, None] & ((xs >= x1) & (xs <= x2))[None, :]
+        out[i] = mask
+    return out
+
+
+def reference_preprocess(images, min_size, max_size, device="cpu", valid=True):
+    """``preprocess`` as specified: each image resized (or converted) on its own, then padded
+    (``pad_batch``)."""
+    import numpy as np
+
+    from serving.inference.transforms import pad_batch, resize_image, resized_shape
+
+    sizes = [resized_shape(im.shape[0], im.shape[1], min_size, max_size) for im in images]
+    tensors = [resize_image(torch.from_numpy(np.array(im)).permute(2, 0, 1), size)
+               for im, size in zip(images, sizes)]
+    batch, mask = pad_batch(tensors)
+    return batch.to(device), mask if valid else None, sizes
+
+
+def use_reference_pipeline(monkeypatch) -> None:
+    """Make ``Segmenter`` run the straightforward pre- and post-processing (whole-image masks
+    cut to crops afterwards): what the fast paths must reproduce bit for bit."""
+    from serving.masks import InstanceMasks
+
+    def whole_image(mask_probs, resized, orig, threshold=0.5, clip_boxes=None):
+        dense = reference_postprocess_masks(mask_probs, resized, orig, threshold, clip_boxes)
+        return InstanceMasks.from_dense(dense.numpy())
+
+    monkeypatch.setattr("serving.segmenter.mask_crops", whole_image)
+    monkeypatch.setattr("serving.segmenter.preprocess", reference_preprocess)
+
+
+def assert_same_predictions(new, old) -> None:
+    """Same instances, boxes, scores, labels and masks (bit for bit), and the same COCO RLE."""
+    import numpy as np
+
+    assert len(new) == len(old)
+    assert np.array_equal(new.boxes, old.boxes) and np.array_equal(new.scores, old.scores)
+    assert np.array_equal(new.labels, old.labels)
+    assert np.array_equal(new.masks, old.masks)
+    assert [r["segmentation"] for r in new.to_coco(1)] == [
+        r["segmentation"] for r in old.to_coco(1)]

@@ -4,31 +4,32 @@ The masks are those of the pipeline of SIM_SPEC section 5, step 4: CondInst's al
 upsampling of the padded input's probabilities, crop to the resized image, bilinear resize
 (``align_corners=False``) to the original size, threshold; prompted masks are also zeroed
 outside their box. Done for the whole image, that is several float copies of an (N, H0, W0)
-array (12 GB of booleans alone for 256 masks of an 8000x6000 image). Here each instance is
-computed only inside its *region*: the rows and columns whose bilinear sources include a
-stride-4 probability above the threshold (every other pixel is certainly False), intersected
-with the clip box; the region is processed in bands of about ``BAND_PIXELS`` output pixels
-and stored as a tight crop (:class:`serving.masks.InstanceMasks`). Memory and float work grow
-with the masks' extents, not with ``N x H0 x W0``.
+array (12 GB of booleans alone for 256 masks of an 8000x6000 image, and most of the time
+after the network). Here the threshold comes first and the floats are interpolated only
+where they can matter:
 
-The result is bit-identical to the whole-image computation:
+1. *Groups.* Original pixel (y, x) is a convex combination of the stride-4 probabilities in
+   rows ``ca(y)..cb(y) + 1`` and columns ``ca(x)..cb(x) + 1`` (``cb - ca <= 1``). Runs of
+   pixels with the same ``ca`` form *groups* (4x4 pixel blocks at the same size, about
+   4 x the upscale otherwise). For all masks at once (numpy, no float copy of the image): a
+   group is certainly True when all its sources exceed the threshold by a margin, certainly
+   False when none comes within it, and *mixed* otherwise (a mask's edge: ~1 % of groups).
+2. *Edges.* Only the pixels of mixed groups are interpolated, a block per group, with
+   PyTorch's own index, weight and rounding (:mod:`serving.inference.bilinear`), so they
+   equal ``F.interpolate`` bit for bit.
+3. *Crops.* Each mask's bounding box follows from its True groups and edge pixels (and its
+   clip box); the crop is its True groups repeated to pixels (two ``np.take``, the cost of
+   writing the crop once) with the edge pixels set. Small images (or masks that fill them)
+   are expanded for all masks at once and the crops are views.
 
-- the x4 upsampling of a window of the probabilities uses ``F.interpolate`` itself; with
-  ``align_corners=True`` and a window of n+1 rows to 4n+1 rows its sampling positions are
-  exact quarters, the same as the whole map's (windows are kept large enough that PyTorch
-  picks the same kernel as for the whole map);
-- the resize to the original size is recomputed here from PyTorch's own index and weight
-  formulas (``UpSample.h``). A float32 estimate decides every pixel farther than a few
-  rounding errors from the threshold; the rare pixels closer to it are recomputed with the
-  exact operation order of PyTorch's CPU kernel. That order (fused multiply-adds or not) is
-  a property of the build and the CPU, so it is found once per process by comparing with
-  ``F.interpolate`` on probe inputs; when no candidate matches, and on other devices, each
-  mask is computed at full size, a few at a time, and cut to its region (same result,
-  bounded memory, more float work).
+The result is bit-identical to the whole-image computation (kept as the fallback, computed a
+few masks at a time and cut to the mask's region): on other devices, when the CPU kernel's
+operation order is not reproduced, and for maps small enough that PyTorch switches kernel.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -38,287 +39,409 @@ from torch import Tensor
 
 from ..masks import InstanceMasks
 from ..model.ops import aligned_bilinear
+from .bilinear import SMALL_OUTPUT, Axis, aligned_axis, combine, cpu_fused, resize_axis, sample
 
 #: Float intermediates of the whole-image fallback are kept below this many bytes per chunk
 #: on the CPU (fresh allocations of tens of MB cost more in page faults than the arithmetic).
 CPU_CHUNK_BYTES = 16 << 20
 #: Bytes of full-size float masks per chunk of the fallback on other devices.
 DEVICE_CHUNK_BYTES = 256 << 20
-#: Output pixels per band of the region computation (a few float32 copies of this).
-BAND_PIXELS = 1 << 20
-#: Stride-4 probabilities above ``threshold - SUPPORT_MARGIN`` make up a mask's support.
-SUPPORT_MARGIN = 1e-4
-#: Pixels whose float32 estimate is within this (times max(1, |values|)) of the threshold
-#: are recomputed exactly; the estimate and every exact variant differ by < 1e-6.
-EXACT_MARGIN = 2.0 ** -16
-#: ``F.interpolate`` (bilinear, CPU) switches kernel when output height + width <= this.
-SMALL_OUTPUT = 128
+#: Masks x H x W up to which all masks of an image are expanded at once (crops are views of
+#: the (K, H, W) array), and when it is at most DENSE_VIEW_RATIO times the crops' own bytes.
+DENSE_VIEW_BYTES = 16 << 20
+DENSE_VIEW_RATIO = 2
+#: Pixels of edge groups interpolated per chunk (a few float32 / int64 copies of this).
+EDGE_PIXELS = 1 << 18
+#: Sources beyond ``threshold +- MARGIN * max(1, |threshold|, |probs|)`` decide a pixel
+#: without interpolating; interpolation rounding moves values by < 1e-6 of that scale.
+MARGIN = 2.0 ** -16
 
 
-class _Axis(NamedTuple):
-    """PyTorch's bilinear (``align_corners=False``) sampling along one axis.
+class _Groups(NamedTuple):
+    """One axis of the original image: its pixels in runs ("groups") that read the same
+    cells, and per group the tables that interpolate its pixels as one block.
 
-    Output index o reads input indices ``i0[o]`` and ``i1[o]`` with weights ``w0[o]`` and
-    ``w1[o]`` (float32), ``i1 = i0 + 1`` except at the last input index.
+    Attributes:
+        starts: (G + 1,) int64 first pixel of each group, then the axis length.
+        ca, cb: (G,) int64 first and last cell that the group's pixels read (``cb - ca <= 1``;
+            the groups are runs of one ``ca``, cut to at most 4 pixels or the usual run).
+        of: (n,) int64 group of each pixel.
+        stage1: aligned x4 sampling of the resized axis (into the stride-4 map).
+        stage2: resize sampling of the original axis (into the resized one), ``None`` when
+            the image was not resized.
+        pix, valid: (G, L) int64 pixels of each group (L = the longest group) and which
+            slots are real.
+        patch: (G, 3) int64 stride-4 indices ca, ca + 1, ca + 2 (clamped): every source.
+        block1: stage-1 sampling of the group's resized positions, as indices into
+            ``patch`` ((G, U) arrays); block2: stage-2 sampling of ``pix`` as indices into
+            those U positions ((G, L) arrays), ``None`` when not resized.
     """
 
-    i0: np.ndarray
-    i1: np.ndarray
-    w0: np.ndarray
-    w1: np.ndarray
+    starts: np.ndarray
+    ca: np.ndarray
+    cb: np.ndarray
+    of: np.ndarray
+    stage1: Axis
+    stage2: Axis | None
+    pix: np.ndarray
+    valid: np.ndarray
+    patch: np.ndarray
+    block1: Axis
+    block2: Axis | None
 
 
-def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """float32 fused multiply-add ``a * b + c`` rounded once (exact emulation).
-
-    ``a * b`` is exact in float64; the float64 sum's own rounding error (TwoSum) turns it
-    into round-to-odd, after which rounding to float32 equals a single rounding.
-    """
-    p = a.astype(np.float64) * b.astype(np.float64)
-    c64 = np.asarray(c, dtype=np.float64)
-    s = p + c64
-    bb = s - p
-    err = (p - (s - bb)) + (c64 - bb)
-    even = (s.view(np.int64) & 1) == 0
-    fix = (err != 0) & even
-    s = np.where(fix, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
-    return s.astype(np.float32)
+def _split(starts: np.ndarray) -> np.ndarray:
+    """Group starts with runs longer than the most common length (at least 4) cut into
+    pieces of it (same-size masks: 4x4 pixel blocks)."""
+    lengths = np.diff(starts)
+    cap = max(4, int(np.bincount(lengths).argmax()))
+    pieces = -(-lengths // cap)
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    cut = np.repeat(starts[:-1], pieces) + cap * (np.arange(int(pieces.sum())) - first)
+    return np.concatenate((cut, starts[-1:]))
 
 
-def _combine(a: np.ndarray, wa: np.ndarray, b: np.ndarray, wb: np.ndarray,
-             fused: bool) -> np.ndarray:
-    """``a * wa + b * wb`` in float32 as PyTorch's kernel computes it (first product fused
-    into the addition when ``fused``)."""
-    if fused:
-        return _fma32(a, wa, (b * wb).astype(np.float32))
-    return ((a * wa).astype(np.float32) + (b * wb).astype(np.float32)).astype(np.float32)
-
-
-def _axis(in_size: int, out_size: int, fused: bool) -> _Axis:
-    """PyTorch's ``area_pixel_compute_source_index`` + ``guard_index_and_lambda`` for
-    ``align_corners=False``, in float32 (``fused``: ``scale * (o + 0.5) - 0.5`` is one FMA)."""
-    scale = np.float32(np.float32(in_size) / np.float32(out_size))
-    dst = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
-    half = np.full(out_size, -0.5, np.float32)
-    if fused:
-        src = _fma32(np.full(out_size, scale, np.float32), dst, half)
-    else:
-        src = ((scale * dst).astype(np.float32) + half).astype(np.float32)
-    src = np.maximum(src, np.float32(0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    w1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
-    i1 = i0 + (i0 < in_size - 1)
-    return _Axis(i0, i1, (np.float32(1) - w1).astype(np.float32), w1)
-
-
-def _resize_exact(src: np.ndarray, ys: _Axis, xs: _Axis, fused: bool) -> np.ndarray:
-    """Bilinear samples of 2-D float32 ``src`` at the pixels (ys[k], xs[k]) (parallel 1-D
-    axes), with the operation order of PyTorch's CPU kernel: rows of each column pair
-    first, then the two rows."""
-    top = _combine(src[ys.i0, xs.i0], xs.w0, src[ys.i0, xs.i1], xs.w1, fused)
-    bottom = _combine(src[ys.i1, xs.i0], xs.w0, src[ys.i1, xs.i1], xs.w1, fused)
-    return _combine(top, ys.w0, bottom, ys.w1, fused)
-
-
-def _pairs(ys: _Axis, xs: _Axis) -> tuple[_Axis, _Axis]:
-    """Every (row, column) combination of two axes, as parallel flat axes."""
-    ny, nx = len(ys.i0), len(xs.i0)
-    return (_Axis(*(np.repeat(a, nx) for a in ys)), _Axis(*(np.tile(a, ny) for a in xs)))
-
-
-_VARIANT: dict[str, bool | None] = {}
-
-
-def _cpu_fused() -> bool | None:
-    """Whether this process's CPU bilinear kernel fuses multiply-adds (found by comparing
-    with ``F.interpolate`` on probe inputs); ``None`` when neither variant reproduces it."""
-    if "cpu" not in _VARIANT:
-        gen = torch.Generator().manual_seed(0)
-        probes = [((47, 61), (150, 211)), ((311, 257), (97, 131)), ((53, 40), (53, 173))]
-        found = None
-        for fused in (True, False):
-            ok = True
-            for size, out in probes:
-                x = torch.rand(size, generator=gen)
-                ref = F.interpolate(x[None, None], size=out, mode="bilinear",
-                                    align_corners=False)[0, 0].numpy()
-                ys, xs = _pairs(_axis(size[0], out[0], fused), _axis(size[1], out[1], fused))
-                ok = ok and np.array_equal(_resize_exact(x.numpy(), ys, xs, fused).reshape(out),
-                                           ref)
-            if ok:
-                found = fused
-                break
-        _VARIANT["cpu"] = found
-    return _VARIANT["cpu"]
-
-
-class _Geometry(NamedTuple):
-    """Sizes of one image's masks: stride-4 map (h4, w4), resized image (rh, rw) inside the
-    padded input, original (h0, w0), and the resize axes (``None`` when rh, rw == h0, w0)."""
-
-    h4: int
-    w4: int
-    rh: int
-    rw: int
-    h0: int
-    w0: int
-    ys: _Axis | None
-    xs: _Axis | None
-
-
-def _span(lo: int, hi: int, axis: _Axis | None, size: int) -> tuple[int, int]:
-    """Original indices [a, b) whose resize sources touch resized indices lo..hi, plus two
-    pixels of slack on each side (so any kernel variant's indices are covered)."""
-    if axis is None:
-        a, b = lo, hi + 1
-    else:
-        a = int(np.searchsorted(axis.i1, lo, "left"))
-        b = int(np.searchsorted(axis.i0, hi, "right"))
-    return max(a - 2, 0), min(b + 2, size)
-
-
-def _region(probs: Tensor, geo: _Geometry, threshold: float,
-            box: np.ndarray | None) -> tuple[int, int, int, int] | None:
-    """(y0, y1, x0, x1) of the original image outside which mask ``probs`` ((h4, w4)) is
-    certainly False, intersected with ``box`` (XYXY float32, pixel centres inside it), or
-    ``None`` when the mask is empty.
-
-    A bilinear sample never exceeds (beyond rounding) the largest of its sources: stride-4
-    rows pa..pb above the threshold feed upsampled rows 4pa-2..4pb+5 (aligned upsampling
-    reads rows floor((r-2)/4) and the next), which feed the original rows that read them.
-    """
-    support = probs > threshold - SUPPORT_MARGIN
-    rows = torch.nonzero(support.any(dim=1))[:, 0]
-    if not rows.numel():
-        return None
-    cols = torch.nonzero(support.any(dim=0))[:, 0]
-    ra, rb = max(4 * int(rows[0]) - 3, 0), min(4 * int(rows[-1]) + 6, geo.rh - 1)
-    ca, cb = max(4 * int(cols[0]) - 3, 0), min(4 * int(cols[-1]) + 6, geo.rw - 1)
-    if ra > rb or ca > cb:
-        return None
-    y0, y1 = _span(ra, rb, geo.ys, geo.h0)
-    x0, x1 = _span(ca, cb, geo.xs, geo.w0)
-    if box is not None:  # the clip test of pixel centres, as float32 comparisons
-        x1b, y1b, x2b, y2b = box
-        centres_y = np.arange(geo.h0, dtype=np.float32) + np.float32(0.5)
-        centres_x = np.arange(geo.w0, dtype=np.float32) + np.float32(0.5)
-        y0 = max(y0, int(np.searchsorted(centres_y, y1b, "left")))
-        y1 = min(y1, int(np.searchsorted(centres_y, y2b, "right")))
-        x0 = max(x0, int(np.searchsorted(centres_x, x1b, "left")))
-        x1 = min(x1, int(np.searchsorted(centres_x, x2b, "right")))
-    if y0 >= y1 or x0 >= x1:
-        return None
-    return y0, y1, x0, x1
-
-
-def _grow(lo: int, hi: int, limit: int, extra: int) -> tuple[int, int]:
-    """Widen [lo, hi] inside [0, limit] by up to ``extra`` (upwards first)."""
-    up = min(extra, limit - hi)
-    return max(lo - (extra - up), 0), hi + up
-
-
-def _upsampled(probs: Tensor, geo: _Geometry, rows: tuple[int, int],
-               cols: tuple[int, int]) -> Tensor:
-    """Rows/columns lo..hi (inclusive) of ``aligned_bilinear(probs, 4)``, float32, computed
-    from a window of ``probs`` (bit-identical: see the module docstring).
-
-    Output row r is the align_corners x4 interpolation of the replicate-padded map at row
-    max(r - 2, 0), which reads padded rows q and q + 1, q = max(r - 2, 0) // 4.
-    """
-    (ra, rb), (ca, cb) = rows, cols
-    qa, qb = max(ra - 2, 0) // 4, min(max(rb - 2, 0) // 4 + 1, geo.h4)
-    qc, qd = max(ca - 2, 0) // 4, min(max(cb - 2, 0) // 4 + 1, geo.w4)
-    need = SMALL_OUTPUT // 4 - (qb - qa) - (qd - qc)  # keep PyTorch's kernel for large maps
-    if need > 0:
-        qa, qb = _grow(qa, qb, geo.h4, need)
-        qc, qd = _grow(qc, qd, geo.w4, SMALL_OUTPUT // 4 - (qb - qa) - (qd - qc))
-    dev = probs.device
-    window = probs.float().index_select(0, torch.arange(qa, qb + 1, device=dev).clamp(
-        max=geo.h4 - 1)).index_select(1, torch.arange(qc, qd + 1, device=dev).clamp(
-            max=geo.w4 - 1))  # (padded) rows qa..qb, columns qc..qd
-    up = F.interpolate(window[None, None], size=(4 * (qb - qa) + 1, 4 * (qd - qc) + 1),
-                       mode="bilinear", align_corners=True)[0, 0]
-    r = (torch.arange(ra, rb + 1, device=dev) - 2).clamp(min=0) - 4 * qa
-    c = (torch.arange(ca, cb + 1, device=dev) - 2).clamp(min=0) - 4 * qc
-    return up.index_select(0, r).index_select(1, c)
-
-
-def _resize_threshold(up: Tensor, origin: tuple[int, int], ys: _Axis, xs: _Axis,
-                      threshold: float, fused: bool) -> np.ndarray:
-    """``resize(up) > threshold`` at output rows ``ys`` x columns ``xs`` (their indices are in
-    the resized frame; ``up`` holds resized rows/columns from ``origin``). (len(ys), len(xs))
-    bool, bit-identical to ``F.interpolate`` + threshold (see the module docstring)."""
-    ya, xa = origin
-    yi0, yi1 = torch.from_numpy(ys.i0 - ya), torch.from_numpy(ys.i1 - ya)
-    xi0, xi1 = torch.from_numpy(xs.i0 - xa), torch.from_numpy(xs.i1 - xa)
-    rows = up[:, xi0] * torch.from_numpy(xs.w0) + up[:, xi1] * torch.from_numpy(xs.w1)
-    est = (rows[yi0] * torch.from_numpy(ys.w0)[:, None]
-           + rows[yi1] * torch.from_numpy(ys.w1)[:, None])  # float32 estimate
-    mask = (est > threshold).numpy()
-    margin = EXACT_MARGIN * max(1.0, float(up.abs().max()), abs(threshold))
-    near = torch.nonzero((est - threshold).abs() <= margin).numpy()
-    if len(near):
-        r, c = near[:, 0], near[:, 1]
-        ys_k = _Axis(ys.i0[r] - ya, ys.i1[r] - ya, ys.w0[r], ys.w1[r])
-        xs_k = _Axis(xs.i0[c] - xa, xs.i1[c] - xa, xs.w0[c], xs.w1[c])
-        mask[r, c] = _resize_exact(up.numpy(), ys_k, xs_k, fused) > np.float32(threshold)
-    return mask
-
-
-def _crop_by_region(probs: Tensor, geo: _Geometry, region: tuple[int, int, int, int],
-                    threshold: float, fused: bool) -> np.ndarray:
-    """The mask inside ``region`` (y0, y1, x0, x1): (y1 - y0, x1 - x0) bool, in row bands."""
-    y0, y1, x0, x1 = region
-    out = np.empty((y1 - y0, x1 - x0), bool)
-    band = max(1, BAND_PIXELS // (x1 - x0))
-    if geo.xs is None:
-        cols = (x0, x1 - 1)
-    else:
-        xs = _Axis(*(a[x0:x1] for a in geo.xs))
-        cols = (int(xs.i0[0]), int(xs.i1[-1]))
-    for ya in range(y0, y1, band):
-        yb = min(ya + band, y1)
-        if geo.ys is None:  # same size: the upsampled map is the image
-            up = _upsampled(probs, geo, (ya, yb - 1), cols)
-            out[ya - y0:yb - y0] = (up > threshold).numpy()
-            continue
-        ys = _Axis(*(a[ya:yb] for a in geo.ys))
-        rows = (int(ys.i0[0]), int(ys.i1[-1]))
-        up = _upsampled(probs, geo, rows, cols)
-        out[ya - y0:yb - y0] = _resize_threshold(up, (rows[0], cols[0]), ys, xs, threshold,
-                                                 fused)
+@functools.lru_cache(maxsize=16)
+def _groups(n4: int, resized: int, size: int | None, fused: bool) -> _Groups:
+    """The groups of an axis of ``size`` original pixels (``None``: the image was not
+    resized), ``resized`` in the network input and ``n4`` at stride 4; ``fused``: the CPU
+    kernel's variant. Cached (the arrays are made read-only)."""
+    stage1 = aligned_axis(n4, resized)
+    stage2 = None if size is None else resize_axis(resized, size, fused)
+    size = resized if size is None else size
+    u0, u1 = (stage2.i0, stage2.i1) if stage2 is not None else (np.arange(size),) * 2
+    ca, cb = stage1.i0[u0], stage1.i0[u1]  # both non-decreasing
+    change = np.flatnonzero(ca[1:] != ca[:-1]) + 1
+    starts = _split(np.concatenate(([0], change, [size])).astype(np.int64))
+    lengths = np.diff(starts)
+    of = np.repeat(np.arange(len(lengths)), lengths)
+    first = starts[:-1]
+    pix = first[:, None] + np.arange(int(lengths.max()))
+    valid = pix < starts[1:, None]
+    pix = np.minimum(pix, size - 1)
+    ca, cb = ca[first], cb[starts[1:] - 1]
+    patch = np.minimum(ca[:, None] + np.arange(3), n4 - 1)
+    block2 = None
+    upos = pix
+    if stage2 is not None:
+        ua = stage2.i0[first]
+        span = int((stage2.i1[starts[1:] - 1] - ua).max()) + 1
+        upos = np.minimum(ua[:, None] + np.arange(span), resized - 1)
+        local = [np.clip(stage2.i0[pix] - ua[:, None], 0, span - 1),
+                 np.clip(stage2.i1[pix] - ua[:, None], 0, span - 1)]
+        block2 = Axis(*local, stage2.w0[pix], stage2.w1[pix])
+    block1 = Axis(np.clip(stage1.i0[upos] - ca[:, None], 0, 2),
+                  np.clip(stage1.i1[upos] - ca[:, None], 0, 2), stage1.w0[upos], stage1.w1[upos])
+    out = _Groups(starts, ca, cb, of, stage1, stage2, pix, valid, patch, block1, block2)
+    for field in out:
+        for array in (field if isinstance(field, Axis) else [field]):
+            if isinstance(array, np.ndarray):
+                array.setflags(write=False)
     return out
 
 
-def _dense_chunk(probs: Tensor, geo: _Geometry, threshold: float) -> Tensor:
+def _group_maps(above: np.ndarray, rows: _Groups, cols: _Groups) -> np.ndarray:
+    """(K, Gr, Gc) bool: every source of the group is in ``above`` ((K, h4, w4) bool)."""
+    cells = above.copy()  # cell c: rows c and c + 1 (the last row replicated)
+    cells[:, :-1] &= above[:, 1:]
+    cells[:, :, :-1] &= cells[:, :, 1:]  # (overlapping in-place operands are buffered)
+    out = np.take(cells, rows.ca, axis=1)  # (np.take is much faster than fancy indexing)
+    if not np.array_equal(rows.ca, rows.cb):
+        out &= np.take(cells, rows.cb, axis=1)
+    if np.array_equal(cols.ca, cols.cb):
+        return np.take(out, cols.ca, axis=2)
+    return np.take(out, cols.ca, axis=2) & np.take(out, cols.cb, axis=2)
+
+
+def _values(probs: np.ndarray, k: np.ndarray, y: np.ndarray, x: np.ndarray, rows: _Groups,
+            cols: _Groups, fused: bool) -> np.ndarray:
+    """float32 values of the whole-image pipeline at pixels (y, x) of masks k (parallel 1-D
+    int64 arrays) of ``probs`` (K, h4, w4) float32."""
+    if rows.stage2 is None or cols.stage2 is None:
+        return sample(probs, k, rows.stage1.take(y), cols.stage1.take(x), fused)
+    r2, c2 = rows.stage2.take(y), cols.stage2.take(x)
+
+    def up(ri: np.ndarray, ci: np.ndarray) -> np.ndarray:
+        return sample(probs, k, rows.stage1.take(ri), cols.stage1.take(ci), fused)
+
+    top = combine(up(r2.i0, c2.i0), c2.w0, up(r2.i0, c2.i1), c2.w1, fused)
+    bottom = combine(up(r2.i1, c2.i0), c2.w0, up(r2.i1, c2.i1), c2.w1, fused)
+    return combine(top, r2.w0, bottom, r2.w1, fused)
+
+
+class _Plan(NamedTuple):
+    """Step 1 for K masks: groups of both axes, (K, Gr, Gc) bool ``high`` (certainly True)
+    and ``low`` (certainly False) groups, the (K,) clip ranges [y0, y1) x [x0, x1) and the
+    threshold margin."""
+
+    rows: _Groups
+    cols: _Groups
+    high: np.ndarray
+    low: np.ndarray
+    clip: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    margin: float
+    boxed: bool
+
+
+def _plan(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int], threshold: float,
+          boxes: np.ndarray | None, fused: bool, erode: bool = False) -> _Plan:
+    """Step 1. ``erode``: "certainly False" only where the 3x3 stride-4 neighbourhood is too
+    (robust to a sampling index off by one: the fallback's regions)."""
+    (h4, w4), (rh, rw), (h0, w0) = probs.shape[1:], resized, orig
+    same = (rh, rw) == (h0, w0)
+    # not resized at all, or resized (both axes: an axis of equal size resizes exactly)
+    rows = _groups(h4, rh, None if same else h0, fused)
+    cols = _groups(w4, rw, None if same else w0, fused)
+    scale = max(1.0, abs(threshold), float(probs.max(initial=0.0)),
+                -float(probs.min(initial=0.0)))
+    margin = MARGIN * scale
+    high = _group_maps(probs > threshold + margin, rows, cols)
+    below = probs <= threshold - margin
+    if erode:
+        for axis in (1, 2):
+            src = below.copy()
+            lead, lag = [slice(None)] * 3, [slice(None)] * 3
+            lead[axis], lag[axis] = slice(1, None), slice(None, -1)
+            below[tuple(lead)] &= src[tuple(lag)]
+            below[tuple(lag)] &= src[tuple(lead)]
+    low = _group_maps(below, rows, cols)
+    k = len(probs)
+    if boxes is None:
+        clip = (np.zeros(k, np.int64), np.full(k, h0), np.zeros(k, np.int64), np.full(k, w0))
+    else:  # the clip test of pixel centres, as float32 comparisons
+        centres_y = np.arange(h0, dtype=np.float32) + np.float32(0.5)
+        centres_x = np.arange(w0, dtype=np.float32) + np.float32(0.5)
+        clip = (np.searchsorted(centres_y, boxes[:, 1], "left"),
+                np.searchsorted(centres_y, boxes[:, 3], "right"),
+                np.searchsorted(centres_x, boxes[:, 0], "left"),
+                np.searchsorted(centres_x, boxes[:, 2], "right"))
+    return _Plan(rows, cols, high, low, clip, margin, boxes is not None)
+
+
+def _inside(plan: _Plan, groups: np.ndarray) -> np.ndarray:
+    """``groups`` (K, Gr, Gc) bool restricted to the groups that meet each mask's clip box."""
+    if not plan.boxed or groups.size == 0:
+        return groups
+    y0, y1, x0, x1 = plan.clip
+    out = groups.copy()
+    for axis, (lo, hi, g) in ((1, (y0, y1, plan.rows)), (2, (x0, x1, plan.cols))):
+        n = len(g.of)
+        first = g.of[np.minimum(lo, n - 1)]
+        last = np.where(hi > lo, g.of[np.clip(hi - 1, 0, n - 1)], -1)
+        index = np.arange(len(g.starts) - 1)
+        keep = (index >= first[:, None]) & (index <= last[:, None])
+        out &= keep[:, :, None] if axis == 1 else keep[:, None, :]
+    return out
+
+
+def _bounds(plan: _Plan, groups: np.ndarray) -> np.ndarray:
+    """(K, 4) int64 pixel bounds y0, y1, x0, x1 of each mask's ``groups`` (K, Gr, Gc) bool,
+    inside its clip box; y0 > y1 where it has none."""
+    y0c, y1c, x0c, x1c = plan.clip
+    out = np.empty((len(groups), 4), np.int64)
+    for j, (g, lo, hi, axis) in enumerate(((plan.rows, y0c, y1c, 2), (plan.cols, x0c, x1c, 1))):
+        any_ = groups.any(axis=axis)  # (K, G)
+        has = any_.any(axis=1)
+        first = any_.argmax(axis=1)
+        last = any_.shape[1] - 1 - any_[:, ::-1].argmax(axis=1)
+        out[:, 2 * j] = np.where(has, np.maximum(g.starts[first], lo), np.iinfo(np.int64).max)
+        out[:, 2 * j + 1] = np.where(has, np.minimum(g.starts[last + 1], hi), -1)
+    return out
+
+
+def _along(a: np.ndarray, ax: Axis, axis: int) -> np.ndarray:
+    """Interpolate (M, R, C) ``a`` along ``axis`` (1 or 2) with per-block (M, n) sampling
+    ``ax`` (plain float32 arithmetic: PyTorch's unfused order)."""
+    m, r, c = a.shape
+    blocks = (np.arange(m) * (r * c))[:, None, None]
+    if axis == 1:
+        shape, flat = (slice(None), slice(None), None), blocks + np.arange(c)[None, None, :]
+        step = c
+    else:
+        shape, flat = (slice(None), None, slice(None)), blocks + (np.arange(r) * c)[None, :, None]
+        step = 1
+    i0, i1, w0, w1 = (v[shape] for v in ax)
+    first = flat + i0 * step
+    values = a.reshape(-1)
+    return combine(np.take(values, first), w0, np.take(values, first + (i1 - i0) * step), w1,
+                   False)
+
+
+def _block_values(probs: np.ndarray, kk: np.ndarray, gr: np.ndarray, gc: np.ndarray,
+                  rows: _Groups, cols: _Groups) -> np.ndarray:
+    """(M, Lr, Lc) float32 values of groups (gr, gc) of masks kk, every pixel of a group
+    from its 3x3 stride-4 patch, columns first as PyTorch's kernel (unfused arithmetic)."""
+    patch = probs[kk[:, None, None], rows.patch[gr][:, :, None], cols.patch[gc][:, None, :]]
+    up = _along(_along(patch, cols.block1.take(gc), 2), rows.block1.take(gr), 1)
+    if rows.block2 is None or cols.block2 is None:
+        return up
+    return _along(_along(up, cols.block2.take(gc), 2), rows.block2.take(gr), 1)
+
+
+def _nonzero3(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 3-D array (through the flat indices: faster)."""
+    flat = np.flatnonzero(a)
+    rest, last = np.divmod(flat, a.shape[2])
+    first, middle = np.divmod(rest, a.shape[1])
+    return first, middle, last
+
+
+def _edges(plan: _Plan, probs: np.ndarray, threshold: float, fused: bool) -> list[_Edges]:
+    """Step 2: the mixed groups inside the clip boxes, sorted by mask, with their pixels'
+    values thresholded, in chunks of ``EDGE_PIXELS`` pixels (bounded memory: a byte per
+    pixel of a mixed group is kept)."""
+    kk, gr, gc = _nonzero3(_inside(plan, ~(plan.high | plan.low)))
+    step = max(1, EDGE_PIXELS // (plan.rows.pix.shape[1] * plan.cols.pix.shape[1]))
+    return [_edge_chunk(plan, probs, threshold, fused, kk[a:a + step], gr[a:a + step],
+                        gc[a:a + step]) for a in range(0, len(kk), step)]
+
+
+def _widen(bounds: np.ndarray, chunk: _Edges, plan: _Plan) -> None:
+    """Grow the (K, 4) bounds y0, y1, x0, x1 in place to cover the chunk's True pixels."""
+    rows_any, cols_any = chunk.true.any(axis=2), chunk.true.any(axis=1)  # (M, Lr), (M, Lc)
+    has = np.flatnonzero(rows_any.any(axis=1))
+    if not len(has):
+        return
+    k, rows_any, cols_any = chunk.kk[has], rows_any[has], cols_any[has]
+    gr, gc = chunk.gr[has], chunk.gc[has]
+    lr, lc = rows_any.shape[1], cols_any.shape[1]
+    first_r, last_r = rows_any.argmax(1), lr - 1 - rows_any[:, ::-1].argmax(1)
+    first_c, last_c = cols_any.argmax(1), lc - 1 - cols_any[:, ::-1].argmax(1)
+    masks, at = _segments(k)
+    for j, (values, reduce) in enumerate((
+            (plan.rows.pix[gr, first_r], np.minimum), (plan.rows.pix[gr, last_r] + 1, np.maximum),
+            (plan.cols.pix[gc, first_c], np.minimum), (plan.cols.pix[gc, last_c] + 1, np.maximum))):
+        bounds[masks, j] = reduce(bounds[masks, j], reduce.reduceat(values, at))
+
+
+def _segments(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of sorted ``k`` and where each one's run starts."""
+    starts = np.flatnonzero(np.diff(k, prepend=-1))
+    return k[starts], starts
+
+
+def _edge_chunk(plan: _Plan, probs: np.ndarray, threshold: float, fused: bool, kk: np.ndarray,
+                gr: np.ndarray, gc: np.ndarray) -> _Edges:
+    """:func:`_edges` for the groups (gr, gc) of masks kk."""
+    rows, cols = plan.rows, plan.cols
+    values = _block_values(probs, kk, gr, gc, rows, cols)
+    ys, xs = rows.pix[gr], cols.pix[gc]  # (M, Lr), (M, Lc)
+    row_ok, col_ok = rows.valid[gr], cols.valid[gc]
+    if plan.boxed:
+        y0c, y1c, x0c, x1c = plan.clip
+        row_ok = row_ok & (ys >= y0c[kk, None]) & (ys < y1c[kk, None])
+        col_ok = col_ok & (xs >= x0c[kk, None]) & (xs < x1c[kk, None])
+    ok = row_ok[:, :, None] & col_ok[:, None, :]
+    t32 = np.float32(threshold)
+    if fused:  # the unfused float32 values are exact unless a product is fused: redo the close
+        m, ly, lx = _nonzero3(ok & (np.abs(values - t32) <= plan.margin))
+        values[m, ly, lx] = _values(probs, kk[m], ys[m, ly], xs[m, lx], rows, cols, True)
+    return _Edges(kk, gr, gc, ok & (values > t32))
+
+
+class _Edges(NamedTuple):
+    """Mixed groups (gr, gc) of masks kk (sorted) and their (M, Lr, Lc) bool pixels."""
+
+    kk: np.ndarray
+    gr: np.ndarray
+    gc: np.ndarray
+    true: np.ndarray
+
+    def pixels(self, plan: _Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(k, y, x) int64 of the True pixels, sorted by k."""
+        m, ly, lx = _nonzero3(self.true)
+        return self.kk[m], plan.rows.pix[self.gr[m], ly], plan.cols.pix[self.gc[m], lx]
+
+
+def _expand(high: np.ndarray, rows: _Groups, cols: _Groups, box: tuple[int, int, int, int],
+            out: np.ndarray) -> None:
+    """Step 3: write the crop ``box`` (y0, y1, x0, x1) of one mask's ``high`` groups (Gr, Gc)
+    into ``out`` ((y1 - y0, x1 - x0) bool): columns on the group rows, then whole rows."""
+    y0, y1, x0, x1 = box
+    first, last = int(rows.of[y0]), int(rows.of[y1 - 1])
+    part = np.take(high[first:last + 1], cols.of[x0:x1], axis=1)
+    np.take(part, rows.of[y0:y1] - first, axis=0, out=out)
+
+
+def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int],
+                 threshold: float, boxes: np.ndarray | None, fused: bool) -> InstanceMasks:
+    """Steps 1-3 (see the module docstring) for (K, h4, w4) float32 ``probs``."""
+    plan = _plan(probs, resized, orig, threshold, boxes, fused)
+    edges = _edges(plan, probs, threshold, fused)
+    bounds = _bounds(plan, _inside(plan, plan.high))
+    for chunk in edges:  # widen by the True edge pixels
+        _widen(bounds, chunk, plan)
+    sizes = np.maximum(bounds[:, 1] - bounds[:, 0], 0) * np.maximum(bounds[:, 3] - bounds[:, 2], 0)
+    total = int(sizes.sum())
+    if len(probs) * orig[0] * orig[1] <= max(DENSE_VIEW_BYTES, DENSE_VIEW_RATIO * total):
+        # Small images, or masks that fill them: all masks expanded by two batched gathers
+        # (the edge pixels set by scatters), each crop a view of its mask.
+        dense = np.take(np.take(plan.high, plan.cols.of, axis=2), plan.rows.of, axis=1)
+        for chunk in edges:
+            dense[chunk.pixels(plan)] = True
+        crops = [dense[k, y0:y1, x0:x1] if sizes[k] else np.zeros((0, 0), bool)
+                 for k, (y0, y1, x0, x1) in enumerate(bounds.tolist())]
+        offsets = np.where(sizes[:, None] > 0, bounds[:, [0, 2]], 0)
+        return InstanceMasks(crops, offsets, orig)
+    # One buffer for all crops (views into it): one large allocation instead of page faults
+    # in a fresh one per mask.
+    buffer = np.empty(total, bool)
+    ends = np.cumsum(sizes).tolist()
+    crops = [np.zeros((0, 0), bool)] * len(probs)
+    for k, box in enumerate(bounds.tolist()):
+        if sizes[k]:
+            crops[k] = buffer[ends[k] - int(sizes[k]):ends[k]].reshape(box[1] - box[0],
+                                                                      box[3] - box[2])
+            _expand(plan.high[k], plan.rows, plan.cols, box, crops[k])
+    for chunk in edges:
+        ek, ey, ex = chunk.pixels(plan)
+        masks, at = _segments(ek)
+        for k, s, e in zip(masks.tolist(), at.tolist(), [*at[1:].tolist(), len(ek)]):
+            crops[k][ey[s:e] - bounds[k, 0], ex[s:e] - bounds[k, 2]] = True
+    offsets = np.where(sizes[:, None] > 0, bounds[:, [0, 2]], 0)
+    return InstanceMasks(crops, offsets, orig)
+
+
+def _dense_chunk(probs: Tensor, resized: tuple[int, int], orig: tuple[int, int],
+                 threshold: float) -> Tensor:
     """(n, h0, w0) bool full-size masks of (n, h4, w4) ``probs`` on their device: the
     whole-image pipeline (the fallback, and the definition the crops reproduce)."""
     probs = probs[:, None].float()
-    if geo.ys is None:  # same size: threshold at stride 1, then shift (exact, see below)
-        out = torch.empty((probs.shape[0], geo.h0, geo.w0), dtype=torch.bool,
-                          device=probs.device)
+    if tuple(resized) == tuple(orig):  # same size: threshold at stride 1, then shift (exact)
+        out = torch.empty((probs.shape[0], *orig), dtype=torch.bool, device=probs.device)
         _upsample4_threshold_into(out, probs, threshold)
         return out
-    part = aligned_bilinear(probs, 4)[:, :, : geo.rh, : geo.rw]
-    part = F.interpolate(part, size=(geo.h0, geo.w0), mode="bilinear", align_corners=False)
+    part = aligned_bilinear(probs, 4)[:, :, : resized[0], : resized[1]]
+    part = F.interpolate(part, size=tuple(orig), mode="bilinear", align_corners=False)
     return part[:, 0] > threshold
 
 
-def _crops_dense(mask_probs: Tensor, geo: _Geometry, threshold: float,
-                 regions: list[tuple[int, int, int, int] | None]) -> list[np.ndarray]:
-    """Each non-empty mask at full size, a few at a time, cut to its region."""
+def _crops_dense(mask_probs: Tensor, resized: tuple[int, int], orig: tuple[int, int],
+                 threshold: float, boxes: np.ndarray | None) -> InstanceMasks:
+    """Each mask that may have a True pixel at full size, a few at a time, cut to its region
+    (its not-certainly-False groups inside its clip box, plus 2 pixels of slack)."""
+    probs = mask_probs.detach().float().cpu().numpy()
+    plan = _plan(probs, resized, orig, threshold, boxes, True, erode=True)
+    bounds = _bounds(plan, _inside(plan, ~plan.low))
+    h0, w0 = orig
+    y0c, y1c, x0c, x1c = plan.clip
+    regions = []
+    for k, (y0, y1, x0, x1) in enumerate(bounds.tolist()):
+        live = y0 < y1 and x0 < x1
+        regions.append((max(y0 - 2, int(y0c[k])), min(y1 + 2, int(y1c[k])),
+                        max(x0 - 2, int(x0c[k])), min(x1 + 2, int(x1c[k]))) if live else None)
     live = [k for k, r in enumerate(regions) if r is not None]
-    per_mask = 4 * ((4 * geo.h4 + 3) * (4 * geo.w4 + 3) + geo.h0 * geo.w0)
+    h4, w4 = mask_probs.shape[-2:]
+    per_mask = 4 * ((4 * h4 + 3) * (4 * w4 + 3) + h0 * w0)
     budget = CPU_CHUNK_BYTES if mask_probs.device.type == "cpu" else DEVICE_CHUNK_BYTES
     step = max(1, budget // per_mask)
     crops = [np.zeros((0, 0), bool)] * len(regions)
     for start in range(0, len(live), step):
         idx = live[start:start + step]
-        masks = _dense_chunk(mask_probs[idx], geo, threshold)
-        for k, mask in zip(idx, masks):
+        for k, mask in zip(idx, _dense_chunk(mask_probs[idx], resized, orig, threshold)):
             y0, y1, x0, x1 = regions[k]  # type: ignore[misc]
             crops[k] = mask[y0:y1, x0:x1].cpu().numpy()
-    return crops
+    return _tighten(crops, regions, orig)
 
 
 def mask_crops(mask_probs: Tensor, resized_size: tuple[int, int], orig_size: tuple[int, int],
@@ -339,28 +462,21 @@ def mask_crops(mask_probs: Tensor, resized_size: tuple[int, int], orig_size: tup
     Returns:
         :class:`serving.masks.InstanceMasks` of K masks of (H0, W0).
     """
-    h0, w0 = (int(v) for v in orig_size)
-    rh, rw = (int(v) for v in resized_size)
-    same = (rh, rw) == (h0, w0)
-    cpu = mask_probs.device.type == "cpu"
-    fused = _cpu_fused() if cpu and not same else None
-    exact = cpu and (same or (fused is not None and h0 + w0 > SMALL_OUTPUT))
-    ax_fused = True if fused is None else fused
-    geo = _Geometry(int(mask_probs.shape[-2]), int(mask_probs.shape[-1]), rh, rw, h0, w0,
-                    None if same else _axis(rh, h0, ax_fused),
-                    None if same else _axis(rw, w0, ax_fused))
+    orig = (int(orig_size[0]), int(orig_size[1]))
+    resized = (int(resized_size[0]), int(resized_size[1]))
     boxes = None
     if clip_boxes is not None:
         boxes = torch.as_tensor(clip_boxes).float().cpu().numpy().reshape(-1, 4)
-    regions = [_region(mask_probs[k].float(), geo, threshold,
-                       None if boxes is None else boxes[k]) for k in range(len(mask_probs))]
-    if exact:
-        crops = [np.zeros((0, 0), bool) if r is None else
-                 _crop_by_region(mask_probs[k], geo, r, threshold, bool(fused))
-                 for k, r in enumerate(regions)]
-    else:
-        crops = _crops_dense(mask_probs, geo, threshold, regions)
-    return _tighten(crops, regions, (h0, w0))
+    if not len(mask_probs):
+        return InstanceMasks([], np.zeros((0, 2), np.int64), orig)
+    h4, w4 = (int(v) for v in mask_probs.shape[-2:])
+    same = resized == orig
+    fused = cpu_fused() if mask_probs.device.type == "cpu" else None
+    if fused is not None and 4 * (h4 + w4) + 2 > SMALL_OUTPUT and (
+            same or sum(orig) > SMALL_OUTPUT):
+        probs = mask_probs.detach().float().numpy()
+        return _crops_exact(probs, resized, orig, float(threshold), boxes, fused)
+    return _crops_dense(mask_probs, resized, orig, float(threshold), boxes)
 
 
 def _tighten(crops: list[np.ndarray], regions: list[tuple[int, int, int, int] | None],

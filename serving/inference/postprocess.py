@@ -60,6 +60,10 @@ class Detections(NamedTuple):
         if min_score is None:
             return self
         keep = self.scores >= min_score
+        n = int(keep.sum())
+        if bool(keep[:n].all()):  # scores sorted descending: the first n, as views (no copy)
+            return Detections(self.boxes[:n], self.scores[:n], self.labels[:n],
+                              self.mask_probs[:n])
         return Detections(self.boxes[keep], self.scores[keep], self.labels[keep],
                           self.mask_probs[keep])
 

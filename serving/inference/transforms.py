@@ -95,23 +95,32 @@ def pad_batch(images: list[Tensor], divisibility: int = SIZE_DIVISIBILITY) -> tu
 
 
 def preprocess(images: list[np.ndarray], min_size: int, max_size: int,
-               device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+               device: torch.device | str = "cpu", valid: bool = True,
+               ) -> tuple[Tensor, Tensor | None, list[tuple[int, int]]]:
     """RGB uint8 (H, W, 3) arrays -> padded float batch (B, 3, H, W) in 0-255 (not normalised),
-    valid mask (B, H, W), and the resized (h, w) of each image.
+    valid mask (B, H, W) (``None`` when ``valid`` is False), and the resized (h, w) of each
+    image.
 
     The same tensors as ``pad_batch([resize_image(image, size) ...])``, written straight into
-    the batch: an image that needs no resize is copied as uint8 -> float without a per-image
-    float copy (its values are already within 0-255).
+    the batch: an image that needs no resize is converted uint8 -> float by numpy into its
+    place (one single-threaded pass: small multi-threaded torch copies stall on a busy CPU),
+    and only the padding is zeroed.
     """
     sizes = [resized_shape(img.shape[0], img.shape[1], min_size, max_size) for img in images]
     hp, wp = canvas_size(max(h for h, _ in sizes), max(w for _, w in sizes))
-    batch = torch.zeros((len(images), 3, hp, wp), dtype=torch.float32, device=device)
+    array = np.empty((len(images), 3, hp, wp), dtype=np.float32)
+    batch = torch.from_numpy(array)
     for i, (img, (h, w)) in enumerate(zip(images, sizes)):
-        tensor = torch.from_numpy(np.require(img, requirements=["C", "W"])).to(device)
-        tensor = tensor.permute(2, 0, 1)
-        batch[i, :, :h, :w] = tensor if tuple(tensor.shape[-2:]) == (h, w) else \
-            resize_image(tensor, (h, w))
-    return batch, valid_pixels(batch, torch.tensor(sizes, dtype=torch.int64)), sizes
+        array[i, :, h:] = 0
+        array[i, :, :h, w:] = 0
+        if tuple(img.shape[:2]) == (h, w):
+            np.copyto(array[i, :, :h, :w], np.moveaxis(img, 2, 0), casting="unsafe")
+        else:
+            tensor = torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1)
+            batch[i, :, :h, :w] = resize_image(tensor, (h, w))
+    batch = batch.to(device)
+    mask = valid_pixels(batch, torch.tensor(sizes, dtype=torch.int64)) if valid else None
+    return batch, mask, sizes
 
 
 def scale_boxes(boxes: np.ndarray, from_size: tuple[int, int],

@@ -12,31 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from sim_testing import reference_postprocess_masks
 
 from serving import ModelConfig, build_condinst
 from serving.inference.postprocess import postprocess_masks
 from serving.model.heads import DynamicMaskHead
-from serving.model.ops import aligned_bilinear
-
-
-def reference_postprocess_masks(mask_probs, resized_size, orig_size, threshold=0.5,
-                                clip_boxes=None):
-    """The pipeline as specified, one mask at a time (independent reference)."""
-    h0, w0 = orig_size
-    out = torch.zeros((mask_probs.shape[0], h0, w0), dtype=torch.bool)
-    ys = torch.arange(h0, dtype=torch.float32) + 0.5
-    xs = torch.arange(w0, dtype=torch.float32) + 0.5
-    for i in range(mask_probs.shape[0]):
-        up = aligned_bilinear(mask_probs[i][None, None].float(), 4)
-        up = up[:, :, : resized_size[0], : resized_size[1]]
-        up = F.interpolate(up, size=(h0, w0), mode="bilinear", align_corners=False)[0, 0]
-        mask = up > threshold
-        if clip_boxes is not None:
-            x1, y1, x2, y2 = clip_boxes[i].tolist()
-            mask &= ((ys >= y1) & (ys <= y2))[:, None] & ((xs >= x1) & (xs <= x2))[None, :]
-        out[i] = mask
-    return out
 
 
 @pytest.mark.parametrize("stride4, resized, orig", [

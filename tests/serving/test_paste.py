@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fastpaths import reference_postprocess_masks
+from sim_testing import assert_same_predictions, reference_postprocess_masks, use_reference_pipeline
 
+import serving.inference.bilinear as bilinear
 import serving.inference.paste as paste
 from serving import Segmenter
-from serving.inference.paste import _axis, _cpu_fused, _fma32, _resize_exact, mask_crops
+from serving.inference.bilinear import aligned_axis, cpu_fused, fma32, grid, resize_axis, sample
+from serving.inference.paste import mask_crops
+from serving.inference.transforms import resized_shape
+from serving.model.ops import aligned_bilinear
 
 
 def blob_probs(count: int, stride4: tuple[int, int], seed: int) -> torch.Tensor:
@@ -48,6 +52,8 @@ CASES = [  # (stride-4 map, resized, original)
     ((8, 8), (30, 31), (40, 70)),          # original h + w <= 128: whole-image path
     ((1, 1), (1, 1), (1, 1)),
     ((36, 9), (141, 33), (900, 200)),      # tall and thin
+    ((16, 16), (64, 64), (96, 128)),       # mild upscale: groups that span two cells
+    ((32, 48), (128, 190), (101, 149)),    # mild downscale
 ]
 
 
@@ -63,9 +69,19 @@ def assert_equal_to_reference(probs, resized, orig, boxes) -> None:
             assert not expected[i].any()
 
 
+@pytest.fixture(params=["dense views", "crops"])
+def expansion(request, monkeypatch) -> str:
+    """Both ways of writing the masks: all at once (crops are views) or crop by crop."""
+    if request.param == "crops":
+        monkeypatch.setattr(paste, "DENSE_VIEW_BYTES", 0)
+        monkeypatch.setattr(paste, "DENSE_VIEW_RATIO", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("stride4, resized, orig", CASES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mask_crops_equal_the_whole_image_pipeline(stride4, resized, orig, seed) -> None:
+def test_mask_crops_equal_the_whole_image_pipeline(stride4, resized, orig, seed,
+                                                   expansion) -> None:
     probs = blob_probs(4, stride4, seed)
     for boxes in (None, random_boxes(4, orig, seed)):
         assert_equal_to_reference(probs, resized, orig, boxes)
@@ -77,41 +93,50 @@ def test_every_kernel_variant_and_the_fallback_give_the_same_masks(monkeypatch, 
     recomputation runs); ``None`` forces the whole-image fallback. Only the variant this
     process really has must match the reference: the masks agree for all three here because
     a variant's order changes values by ~1e-7, far from the threshold on these maps."""
-    monkeypatch.setitem(paste._VARIANT, "cpu", variant)
+    monkeypatch.setitem(bilinear._VARIANT, "cpu", variant)
     probs = blob_probs(3, (25, 34), 3)
     assert_equal_to_reference(probs, (100, 133), (300, 400), random_boxes(3, (300, 400), 3))
 
 
 def test_this_cpu_has_a_reproduced_kernel_variant() -> None:
     """Otherwise every mask would take the slower whole-image fallback."""
-    assert _cpu_fused() is not None
+    assert cpu_fused() is not None
 
 
 def test_exact_resize_reproduces_f_interpolate() -> None:
-    fused = _cpu_fused()
+    fused = cpu_fused()
     gen = torch.Generator().manual_seed(5)
     # outputs with h + w > 128 (smaller ones take PyTorch's other kernel; mask_crops too)
     for size, out in (((37, 51), (311, 97)), ((100, 133), (601, 799)), ((90, 70), (61, 97))):
         x = torch.rand(size, generator=gen)
         ref = F.interpolate(x[None, None], size=out, mode="bilinear", align_corners=False)[0, 0]
-        ys, xs = _axis(size[0], out[0], fused), _axis(size[1], out[1], fused)
-        rows, cols = np.meshgrid(np.arange(out[0]), np.arange(out[1]), indexing="ij")
-        got = _resize_exact(x.numpy(), paste._Axis(*(a[rows.ravel()] for a in ys)),
-                            paste._Axis(*(a[cols.ravel()] for a in xs)), fused)
+        ys, xs = grid(resize_axis(size[0], out[0], fused), resize_axis(size[1], out[1], fused))
+        got = sample(x.numpy()[None], 0, ys, xs, fused)
         assert np.array_equal(got.reshape(out), ref.numpy())
+
+
+def test_exact_aligned_upsampling_reproduces_aligned_bilinear() -> None:
+    """Every map of a batch, cropped to a resized size (as the pipeline crops it)."""
+    fused = cpu_fused()
+    x = torch.rand((3, 1, 21, 34), generator=torch.Generator().manual_seed(6))
+    ref = aligned_bilinear(x, 4)[:, 0, :81, :133].numpy()
+    ys, xs = grid(aligned_axis(21, 81), aligned_axis(34, 133))
+    for k in range(3):
+        got = sample(x[:, 0].numpy(), k, ys, xs, fused).reshape(81, 133)
+        assert np.array_equal(got, ref[k])
 
 
 def test_fma32_rounds_once() -> None:
     a = np.float32(1 + 2.0 ** -12)
     # a*a = 1 + 2^-11 + 2^-24: two roundings lose the 2^-24 term, one keeps it
-    assert _fma32(np.array([a]), np.array([a]), np.array([-(1 + 2.0 ** -11)], np.float32))[
+    assert fma32(np.array([a]), np.array([a]), np.array([-(1 + 2.0 ** -11)], np.float32))[
         0] == np.float32(2.0 ** -24)
     # a*a is a float32 midpoint; + 2^-80 must round up (float64 alone would tie to even)
-    got = _fma32(np.array([a]), np.array([a]), np.array([2.0 ** -80], np.float32))[0]
+    got = fma32(np.array([a]), np.array([a]), np.array([2.0 ** -80], np.float32))[0]
     assert got == np.float32(1 + 2.0 ** -11 + 2.0 ** -23)
 
 
-def test_prompted_crops_stay_inside_their_boxes_and_memory_follows_the_boxes() -> None:
+def test_prompted_crops_stay_inside_their_boxes_and_memory_follows_the_boxes(expansion) -> None:
     probs = torch.full((3, 25, 34), 0.9)  # every pixel above the threshold
     boxes = torch.tensor([[10.0, 20.0, 110.0, 70.0], [0.0, 0.0, 800.0, 600.0],
                           [700.2, 500.7, 799.5, 599.5]])
@@ -132,22 +157,36 @@ def segmenter(tiny_checkpoint) -> Segmenter:
 
 
 def test_segmenter_masks_equal_the_whole_image_pipeline(segmenter, monkeypatch) -> None:
-    """``predict`` through crops == ``predict`` with the old full-size masks (resize path:
-    the 150x230 image is resized to the tiny model's input size)."""
+    """``predict`` through the fast pre- and post-processing == ``predict`` with the
+    straightforward ones (full-size masks): resized (the 150x230 image is resized to the tiny
+    model's input size) and not resized, automatic and prompted, one image and a batch."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (150, 230, 3), dtype=np.uint8)
     image[30:100, 40:150] = (230, 40, 40)
+    h, w = resized_shape(150, 230, segmenter.cfg.min_size, segmenter.cfg.max_size)
+    small = np.ascontiguousarray(image[:h, :w])  # already at the input size: no resize
     boxes = [[40, 30, 150, 100], [0, 0, 230, 150], [100.5, 60.2, 180.7, 140.1]]
-    new = [segmenter.predict(image), segmenter.predict(image, boxes=boxes)]
 
-    def whole_image(mask_probs, resized, orig, threshold=0.5, clip_boxes=None):
-        dense = reference_postprocess_masks(mask_probs, resized, orig, threshold, clip_boxes)
-        return paste.InstanceMasks.from_dense(dense.numpy())
+    def run():
+        return [segmenter.predict(image), segmenter.predict(image, boxes=boxes),
+                segmenter.predict(small), segmenter.predict(small, boxes=boxes[:1]),
+                *segmenter.predict_batch([image, image[::-1].copy()], batch_size=2)]
 
-    monkeypatch.setattr("serving.segmenter.mask_crops", whole_image)
-    old = [segmenter.predict(image), segmenter.predict(image, boxes=boxes)]
-    for a, b in zip(new, old):
-        assert len(a) == len(b) and np.array_equal(a.masks, b.masks)
-        assert [r["segmentation"] for r in a.to_coco(1)] == [
-            r["segmentation"] for r in b.to_coco(1)]
-    assert new[1].masks.any()
+    calls = []
+    exact = paste._crops_exact
+    monkeypatch.setattr(paste, "_crops_exact", lambda *a: calls.append(1) or exact(*a))
+    new = run()
+    assert len(calls) == 6  # every prediction took the fast path, not the dense fallback
+    use_reference_pipeline(monkeypatch)
+    old = run()
+    for a, b in zip(new, old, strict=True):
+        assert_same_predictions(a, b)
+    assert new[1].masks.any() and new[2].masks.any()
+
+
+def test_edges_in_small_chunks_give_the_same_masks(monkeypatch, expansion) -> None:
+    """Edge groups interpolated a few at a time (the memory bound for large images)."""
+    monkeypatch.setattr(paste, "EDGE_PIXELS", 1000)
+    probs = blob_probs(4, (25, 34), 1)
+    assert_equal_to_reference(probs, (100, 133), (600, 800), random_boxes(4, (600, 800), 1))
+    assert_equal_to_reference(probs, (100, 133), (600, 800), None)

@@ -182,7 +182,12 @@ def test_detections_above_a_score():
     kept = det.above(0.5)  # score >= threshold
     assert kept.scores.tolist() == [0.75, 0.5] and kept.labels.tolist() == [2, 0]
     assert kept.boxes.shape == (2, 4) and kept.mask_probs.shape == (2, 4, 4)
+    assert kept.mask_probs.data_ptr() == det.mask_probs.data_ptr()  # sorted: a view, no copy
     assert len(det.above(0.8).scores) == 0
+    unsorted = det._replace(scores=torch.tensor([0.25, 0.75, 0.5]))  # not sorted: still exact
+    kept = unsorted.above(0.5)
+    assert kept.scores.tolist() == [0.75, 0.5] and kept.labels.tolist() == [0, 1]
+    assert torch.equal(kept.boxes, det.boxes[1:])
 
 
 def test_level_topk_candidates_fixed_shape():
