@@ -21,6 +21,7 @@ import torch
 from .backends import Backend
 from .config import InferenceConfig, config_to_dict
 from .errors import InputError
+from .inference.box_scale import segment_per_box, trained_size
 from .inference.boxes import BoxesLike, validate_boxes
 from .inference.domain import calibration_of
 from .inference.images import ImageLike, describe_image, load_image
@@ -167,7 +168,8 @@ class Segmenter:
     def with_image_size(self, short: int, long: int | None = None) -> Segmenter:
         """The same model resizing images to shorter side ``short`` and longer side at most
         ``long`` (default: ``short`` times this model's ``max_size / min_size``), for objects
-        much smaller or larger than in training. Shares the loaded model.
+        much smaller or larger than in training. Shares the loaded model. An explicit size
+        is an override: box prompts run the whole image at that size too (``box_scale`` off).
 
         Raises :class:`InputError` unless ``32 <= short <= long``.
         """
@@ -176,7 +178,14 @@ class Segmenter:
         if not 32 <= short <= long:
             raise InputError(f"image size {short} {long}: need 32 <= SHORT <= LONG (SHORT is "
                              "the shorter side, LONG the cap on the longer side)")
-        cfg = dataclasses.replace(self.cfg, min_size=int(short), max_size=int(long))
+        cfg = dataclasses.replace(self.cfg, min_size=int(short), max_size=int(long),
+                                  box_scale=False)
+        return type(self)(self.backend, self.class_names, cfg, self.info)
+
+    def with_box_scale(self, on: bool) -> Segmenter:
+        """The same model with the per-box scale of box prompts on or off (see
+        :class:`serving.config.InferenceConfig`'s ``box_scale``). Shares the loaded model."""
+        cfg = dataclasses.replace(self.cfg, box_scale=bool(on))
         return type(self)(self.backend, self.class_names, cfg, self.info)
 
     # ----------------------------------------------------------------- info
@@ -350,6 +359,8 @@ class Segmenter:
         return preds
 
     def _run_prompted(self, items: list[_Item]) -> list[Prediction]:
+        if self.cfg.box_scale:
+            return [self._run_per_box(item) for item in items]
         chunk = [(item.array, *item.prompt) for item in items]  # type: ignore[misc]
         batch, _, sizes = self._preprocess([c[0] for c in chunk])
         m = max(len(c[1]) for c in chunk)
@@ -372,6 +383,13 @@ class Segmenter:
                                     out.labels[b, :n].cpu().numpy().astype(np.int64),
                                     masks, self.class_names))
         return preds
+
+    def _run_per_box(self, item: _Item) -> Prediction:
+        """One image's prompts, each box at its own scale (:mod:`.inference.box_scale`)."""
+        boxes, labels = item.prompt  # type: ignore[misc]
+        out = segment_per_box(self.backend, item.array, boxes, labels, self.cfg,
+                              trained_size(self.calibration))
+        return Prediction(boxes.copy(), out.scores, out.labels, out.masks, self.class_names)
 
 
 class _Item(NamedTuple):

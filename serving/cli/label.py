@@ -101,6 +101,7 @@ class LabelOptions:
     skip_empty: bool = False
     image_size: tuple[int, ...] | None = None
     dtype: str = "fp32"
+    box_scale: bool = True
 
 
 def _encode(mask: np.ndarray, fmt: str) -> tuple[Any, bool]:
@@ -261,7 +262,7 @@ def _runner(model_path: Path, annotations: str, out: Path, opts: LabelOptions,
                  "model_stamp": file_stamp(model_path), "format": opts.fmt,
                  "annotations": str(Path(annotations).resolve()),
                  "image_size": list(opts.image_size) if opts.image_size else None,
-                 "dtype": opts.dtype}
+                 "dtype": opts.dtype, "box_scale": opts.box_scale}
     runner = JobRunner(RunPlan(out.parent, f".{out.name}.progress", signature, jobs), shard,
                        opts.progress, desc="label")
     if opts.overwrite:
@@ -333,19 +334,22 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str =
               evaluate: bool | str = False, batch_size: int = 4, device: str = "auto",
               workers: int = 2, overwrite: bool = False, progress: bool = True,
               skip_empty: bool = False, image_size: Sequence[int] | None = None,
-              dtype: str = "fp32", shard: Shard | None = None) -> LabelSummary:
+              dtype: str = "fp32", shard: Shard | None = None,
+              box_scale: bool = True) -> LabelSummary:
     """Run the ``label`` command (see the module docstring); returns its summary.
 
     ``evaluate``: ``True`` compares with the input's masks, a path with that COCO JSON's.
     ``image_size``: ``(short side, long-side cap)`` at inference, instead of the model's;
     ``dtype``: ``fp32``, ``bf16`` or ``fp16`` autocast for a checkpoint's network.
+    ``box_scale``: each box at its own scale (``--box-scale``; an ``image_size`` turns it off).
     ``shard``: this process's place among several (default: from the launcher's environment).
     Only process 0 writes the output and evaluates; the others return an empty summary.
 
     Raises :class:`SimError` subclasses (one-line messages) for problems found before work.
     """
     opts = LabelOptions(fmt, evaluate, batch_size, device, workers, overwrite, progress,
-                        skip_empty, tuple(image_size) if image_size else None, dtype)
+                        skip_empty, tuple(image_size) if image_size else None, dtype,
+                        box_scale)
     model_path, image_dir, out, dataset = _checked_inputs(model, annotations, images, output,
                                                           opts)
     gt = _ground_truth(dataset, annotations, evaluate)
@@ -354,7 +358,8 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str =
     runner = _runner(model_path, annotations, out, opts, jobs, shard)
     summary = LabelSummary(0, rejected=list(orphans), output=out)
     mine = runner.start()
-    seg = load_model(model_path, shard.device or device, opts.image_size, opts.dtype)
+    seg = load_model(model_path, shard.device or device, opts.image_size, opts.dtype,
+                     opts.box_scale)
     if shard.is_main:
         _before_work(seg, dataset, orphans, summary)
     if not _label_share(seg, mine, runner, dataset, opts, shard):
@@ -412,7 +417,8 @@ def _run_from_args(args: argparse.Namespace, shard: Shard) -> LabelSummary:
                      evaluate=args.evaluate, batch_size=args.batch_size, device=args.device,
                      workers=args.workers, overwrite=args.overwrite,
                      progress=not args.no_progress, skip_empty=args.skip_empty,
-                     image_size=args.image_size, dtype=args.dtype, shard=shard)
+                     image_size=args.image_size, dtype=args.dtype, shard=shard,
+                     box_scale=args.box_scale == "on")
 
 
 def _print_summary(summary: LabelSummary) -> None:

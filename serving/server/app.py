@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..cli.common import add_image_size_option
+from ..cli.common import add_box_scale_option, add_image_size_option
 from ..cli.main import prog
 from ..errors import SimError
 from ..inference.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
@@ -253,6 +253,8 @@ def app_from_env() -> FastAPI:
     cfg = json.loads(os.environ[SETTINGS_ENV])
     segmenter = Segmenter.load(cfg["model"], device=cfg["device"],
                                image_size=cfg.get("image_size"), dtype=cfg.get("dtype"))
+    if cfg.get("box_scale") == "off":
+        segmenter = segmenter.with_box_scale(False)
     return create_app(segmenter, ServerSettings(**cfg["settings"]))
 
 
@@ -268,6 +270,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     add_image_size_option(p)
+    add_box_scale_option(p)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="checkpoints: bf16/fp16 autocast for the network (default fp32)")
     p.add_argument("--max-batch", type=int, default=8, help="images per forward pass")
@@ -337,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # bad model or unsupported --dtype: error before binding
     segmenter = Segmenter.load(args.model, device=args.device, image_size=args.image_size,
                                dtype=args.dtype)
+    if args.box_scale == "off":
+        segmenter = segmenter.with_box_scale(False)
     common = dict(host=args.host, port=args.port, log_level=args.log_level,
                   timeout_graceful_shutdown=args.graceful_timeout, http=IdleTimeoutH11Protocol,
                   timeout_keep_alive=settings.keep_alive_s)
@@ -352,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     del segmenter  # only checked that it loads; each worker loads its own
     os.environ[SETTINGS_ENV] = json.dumps(
         {"model": str(args.model), "device": args.device, "image_size": args.image_size,
-         "dtype": args.dtype,
+         "dtype": args.dtype, "box_scale": args.box_scale,
          "settings": asdict(settings)})
     uvicorn.run("serving.server.app:app_from_env", factory=True, workers=args.workers, **common)
     return 0
