@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..masks import InstanceMasks
+from ..masks import InstanceMasks, is_empty
 from .paste import mask_crops
 from .transforms import SIZE_DIVISIBILITY, canvas_size, resize_image, resized_shape
 
@@ -48,6 +48,8 @@ MIN_INPUT_BOX = 8.0
 CROP_BATCH = 8
 #: Prompt boxes whose crops are held at once (bounds memory for many boxes).
 BOX_CHUNK = 32
+#: The fallback threshold of a collapsed mask, as a fraction of its highest probability.
+FALLBACK_RATIO = 0.5
 #: Probability band of :func:`mask_confidence`: a cell counts as certain outside it.
 CONFIDENCE_BAND = (0.25, 0.75)
 
@@ -105,11 +107,15 @@ class BoxScaleOptions:
         context: context on each side of a box, in units of its size ``sqrt(w * h)``.
         select: ``"quality"`` keeps the candidate with the best :func:`quality_score`,
             ``"score"`` the best model box score.
+        fallback: a kept mask that is empty or near-empty (:func:`serving.masks.is_empty`) is
+            thresholded again at ``FALLBACK_RATIO`` of its highest probability inside the box
+            (the model's most likely pixels instead of nothing; its score stays low).
     """
 
     scales: tuple[str, ...] = ("trained", "model")
     context: float = CONTEXT
     select: str = "quality"
+    fallback: bool = True
 
 
 def candidate_scales(boxes: np.ndarray, model_scale: float, train_size: float | None,
@@ -294,7 +300,12 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
                 best[crop.box] = (rank, quality, crop, result)
         for i in sorted(best):
             _, quality, crop, result = best[i]
-            parts.append(paste_crop(result, crop, boxes[i] if cfg.clip_to_box else None,
-                                    (height, width), cfg.mask_threshold))
+            clip = boxes[i] if cfg.clip_to_box else None
+            mask = paste_crop(result, crop, clip, (height, width), cfg.mask_threshold)
+            if options.fallback and is_empty(int(mask.areas()[0]), boxes[i]):
+                peak = float(box_cells(result.probs, crop.input_box).max())
+                threshold = min(cfg.mask_threshold, FALLBACK_RATIO * peak)
+                mask = paste_crop(result, crop, clip, (height, width), threshold)
+            parts.append(mask)
             scores[i], out_labels[i] = quality, result.label
     return BoxMasks(InstanceMasks.concatenate(parts), scores, out_labels)

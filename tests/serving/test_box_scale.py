@@ -1,0 +1,129 @@
+"""Per-box scale of box prompts (serving/inference/box_scale.py): which scales each box gets,
+the crop geometry round trip, the choice by quality, the collapsed-mask fallback, and the
+Segmenter's prompted path with it on and off."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from serving import Segmenter
+from serving.inference import box_scale as bs
+from serving.inference.postprocess import PromptDetections
+
+TRAIN = 32.0  # training objects' median size at the input, px
+
+
+class BoxBackend:
+    """A backend whose mask is exactly the prompt box (probability ``inside`` there, 0.01
+    elsewhere) and whose score is 1 when the box is ``best`` px at the input (sqrt(w*h)),
+    falling off with the log-ratio; records every input box."""
+
+    name, device = "fake", "cpu"
+
+    def __init__(self, best: float = TRAIN, inside: float = 0.99) -> None:
+        self.best, self.inside, self.seen = best, inside, []
+
+    def segment_boxes(self, images, image_sizes, boxes, labels):
+        bsz, m = boxes.shape[:2]
+        h4, w4 = images.shape[-2] // 4, images.shape[-1] // 4
+        ys = torch.arange(h4, dtype=torch.float32) * 4 + 2  # stride-4 cell centres
+        xs = torch.arange(w4, dtype=torch.float32) * 4 + 2
+        probs = torch.full((bsz, m, h4, w4), 0.01)
+        scores = torch.zeros(bsz, m)
+        for b in range(bsz):
+            for j in range(m):
+                x1, y1, x2, y2 = boxes[b, j].tolist()
+                self.seen.append((x1, y1, x2, y2))
+                inside = ((ys >= y1) & (ys <= y2))[:, None] & ((xs >= x1) & (xs <= x2))[None]
+                probs[b, j][inside] = self.inside
+                side = math.sqrt((x2 - x1) * (y2 - y1))
+                scores[b, j] = math.exp(-abs(math.log(side / self.best)))
+        return PromptDetections(probs, scores, labels.clamp(min=0))
+
+
+class Cfg:
+    min_size, max_size, mask_threshold, clip_to_box = 128, 512, 0.5, True
+
+
+def test_candidate_scales_put_a_tiny_and_a_huge_box_at_the_trained_size():
+    boxes = np.array([[1000, 1000, 1008, 1008], [500, 500, 3500, 3500]], np.float32)
+    model_scale = 128 / 4000
+    tiny, huge = bs.candidate_scales(boxes, model_scale, TRAIN, max_size=512)
+    assert tiny == [pytest.approx(TRAIN / 8)]  # at the model scale it would be 0.26 px: dropped
+    assert huge == [pytest.approx(TRAIN / 3000), pytest.approx(model_scale)]  # trained first
+    # without calibration only the model scale (or the smallest size the model handles)
+    assert bs.candidate_scales(boxes, model_scale, None, 512) == [
+        [pytest.approx(bs.MIN_INPUT_BOX / 8)], [pytest.approx(model_scale)]]
+    # a box already at the trained size gets one scale, not two equal ones
+    assert bs.candidate_scales(np.array([[0, 0, 32, 32]]), 1.0, TRAIN, 256) == [[1.0]]
+
+
+def test_tiny_and_huge_box_are_segmented_at_the_trained_size_and_pasted_back_exactly():
+    image = np.zeros((4000, 4000, 3), np.uint8)
+    boxes = np.array([[1000, 1000, 1008, 1008], [500, 500, 3500, 3500]], np.float32)
+    backend = BoxBackend()
+    out = bs.segment_per_box(backend, image, boxes, np.array([-1, -1]), Cfg(), TRAIN)
+    sides = [math.sqrt((x2 - x1) * (y2 - y1)) for x1, y1, x2, y2 in backend.seen]
+    assert sides[0] == pytest.approx(TRAIN, rel=0.05)  # the tiny box, at 32 px
+    assert sides[1] == pytest.approx(TRAIN, rel=0.05)  # the huge box, trained scale first
+    assert sides[2] == pytest.approx(3000 * 128 / 4000, rel=0.05)  # and at the model scale
+    assert out.scores[0] == pytest.approx(1.0, abs=0.05)  # the trained-size candidate won
+    assert out.scores[1] == pytest.approx(1.0, abs=0.05)
+    for i, (x1, y1, x2, y2) in enumerate(boxes):  # each mask lands on its box, filled
+        y0, x0, ye, xe = out.masks.box(i)  # within 1.5 stride-4 cells of the crop's input
+        assert np.allclose([x0, y0, xe, ye], [x1, y1, x2, y2], atol=6 * (x2 - x1) / TRAIN)
+        assert out.masks.crops[i].mean() > 0.95
+
+
+def test_the_best_quality_candidate_is_kept_and_a_collapsed_mask_falls_back():
+    image = np.zeros((256, 256, 3), np.uint8)
+    boxes = np.array([[100, 100, 140, 140]], np.float32)  # 40 px, model scale 0.5 -> 20 px
+    # scores favour the 20 px crop (model scale): it is kept over the trained 32 px one
+    out = bs.segment_per_box(BoxBackend(best=20), image, boxes, np.array([0]), Cfg(), TRAIN)
+    assert out.scores[0] == pytest.approx(1.0, abs=0.05)
+    # every candidate collapsed (probability 0.3 < 0.5 inside the box): the fallback keeps
+    # the model's most likely pixels (above half their peak), the score says it is unsure
+    weak = BoxBackend(inside=0.3)
+    out = bs.segment_per_box(weak, image, boxes, np.array([0]), Cfg(), TRAIN)
+    area = out.masks.areas()[0]
+    assert 0.8 * 40 * 40 < area <= 40 * 40 and out.scores[0] == 0.0
+    off = bs.segment_per_box(weak, image, boxes, np.array([0]), Cfg(), TRAIN,
+                             bs.BoxScaleOptions(fallback=False))
+    assert off.masks.areas()[0] == 0
+
+
+def test_mask_confidence_hand_computed():
+    probs = torch.tensor([[0.9, 0.6], [0.1, 0.3]])
+    box = np.array([0, 0, 8, 8], np.float32)  # all four cells (centres 2 and 6)
+    assert bs.mask_confidence(probs, box) == pytest.approx(1 - 2 / 4)  # 0.6, 0.3 unsure
+    assert bs.mask_confidence(torch.full((2, 2), 0.4), box) == 0.0  # nothing above 0.5
+
+
+def test_segmenter_default_uses_per_box_scale_and_can_turn_it_off(tiny_checkpoint,
+                                                                    sample_image):
+    seg = Segmenter.load(tiny_checkpoint, device="cpu")
+    assert seg.cfg.box_scale and not seg.with_box_scale(False).cfg.box_scale
+    assert not seg.with_image_size(160).cfg.box_scale  # an explicit size is an override
+    boxes = [[30, 20, 80, 60], [90, 50, 150, 110]]
+    on, off = seg.predict(sample_image, boxes=boxes), \
+        seg.with_box_scale(False).predict(sample_image, boxes=boxes)
+    assert len(on) == len(off) == 2
+    np.testing.assert_array_equal(on.boxes, off.boxes)
+    assert all(m[:, :].any() for m in on.masks)
+    # masks stay inside their boxes either way
+    for pred in (on, off):
+        for mask, (x1, y1, x2, y2) in zip(pred.masks, boxes):
+            assert not mask[:y1].any() and not mask[y2:].any() and not mask[:, x2:].any()
+
+
+def test_an_8px_box_on_a_4000px_image_gets_a_non_empty_mask(varied_checkpoint):
+    seg = Segmenter.load(varied_checkpoint, device="cpu")
+    seg.info["calibration"] = {"object_sizes": {"p10": 16.0, "p50": 24.0, "p90": 40.0}}
+    image = np.random.default_rng(0).integers(0, 255, (4000, 4000, 3), dtype=np.uint8)
+    pred = seg.predict(image, boxes=[[2000, 1500, 2008, 1508]])
+    mask = pred.masks[0]
+    assert mask.any() and not mask[:1500].any() and not mask[:, 2008:].any()
