@@ -182,6 +182,49 @@ def build_rows(model: str, sizes: list[int], ablations: list[str]) -> dict[str, 
     return rows
 
 
+def mask_iou(a: Any, b: np.ndarray) -> float:
+    """IoU of an InstanceMasks' only mask with an (H, W) bool mask."""
+    m = a.mask(0)
+    return float((m & b).sum() / max((m | b).sum(), 1))
+
+
+def candidates(seg: Segmenter, split: list[dict[str, Any]]) -> dict[str, Any]:
+    """Diagnostics of the per-box candidates (every scale of ``"trained"``, ``"model"``,
+    ``"half"``): the mean IoU of each selection rule, the oracle (best candidate by true IoU),
+    and Spearman's correlation with the IoU of the kept mask for several scores."""
+    from scipy.stats import spearmanr
+
+    from serving.inference.images import load_image
+
+    options = BoxScaleOptions(scales=("trained", "model", "half"))
+    size = trained_size(seg.calibration)
+    per_box: list[list[dict[str, Any]]] = []
+    for item in split:
+        trace: list[dict[str, Any]] = []
+        labels = np.array([seg.class_names.index(n) for n in item["labels"]], np.int64)
+        segment_per_box(seg.backend, load_image(item["path"]), item["boxes"], labels, seg.cfg,
+                        size, options, trace)
+        for i in range(len(item["boxes"])):
+            cands = [c for c in trace if c["box"] == i]
+            for k, c in enumerate(cands):
+                c["iou"] = mask_iou(c.pop("mask"), item["masks"][i])
+                c["kind"] = k
+            per_box.append(cands)
+    rules = {"by quality": lambda c: c["quality"], "by box score": lambda c: c["score"],
+             "trained (first)": lambda c: -c["kind"],
+             "oracle (true IoU)": lambda c: c["iou"]}
+    out: dict[str, Any] = {}
+    for name, key in rules.items():
+        kept = [max(cands, key=key) for cands in per_box]
+        iou = np.array([c["iou"] for c in kept])
+        out[name] = {"mean_iou": round(float(iou.mean()), 3),
+                     "spearman_quality": round(float(spearmanr(
+                         [c["quality"] for c in kept], iou).statistic), 3),
+                     "spearman_score": round(float(spearmanr(
+                         [c["score"] for c in kept], iou).statistic), 3)}
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     annotations, images = (ROOT / p for p in DATA[args.data])
     split = load_split(annotations, images, 5 if args.quick else args.limit)
@@ -199,7 +242,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     table["filled box"]["spearman"] = None
     table["filled box"]["time_vs_today"] = None
     return {"data": args.data, "model": args.model, "images": len(split),
-            "boxes": int(len(sides)), "rows": table}
+            "boxes": int(len(sides)), "rows": table,
+            "candidates": candidates(Segmenter.load(args.model, device="cpu"), split)}
 
 
 def write(results: dict[str, Any], name: str, command: str) -> None:
@@ -213,7 +257,13 @@ def write(results: dict[str, Any], name: str, command: str) -> None:
     text = (f"# Box-prompted masks: {results['data']} validation boxes\n\n`{command}`\n\n"
             f"{machine_markdown(results['machine'])}\n\nModel `{results['model']}`, "
             f"{results['images']} images, {results['boxes']} boxes.\n\n"
-            f"{markdown_table(header, rows)}\n")
+            f"{markdown_table(header, rows)}\n\n## Candidates of the per-box scale\n\n"
+            "Every box at the trained, the model and half the trained scale; the kept "
+            "candidate by each rule (the oracle reads the true masks: an upper bound).\n\n"
+            + markdown_table(["rule", "mean IoU", "Spearman(quality, IoU)",
+                              "Spearman(box score, IoU)"],
+                             [[k, v["mean_iou"], v["spearman_quality"], v["spearman_score"]]
+                              for k, v in results["candidates"].items()]) + "\n")
     write_results(ROOT / "benchmarks" / "results", name, results, text.rstrip("\n"))
 
 

@@ -176,7 +176,7 @@ def plan_crop(index: int, box: np.ndarray, scale: float, image_size: tuple[int, 
 def _crop_pixels(array: np.ndarray, crop: Crop) -> Tensor:
     """(3, h, w) float32 0-255 pixels of ``crop`` from the (H, W, 3) uint8 image."""
     x0, y0, x1, y1 = crop.window
-    tensor = torch.from_numpy(np.ascontiguousarray(array[y0:y1, x0:x1])).permute(2, 0, 1)
+    tensor = torch.from_numpy(np.array(array[y0:y1, x0:x1])).permute(2, 0, 1)
     return resize_image(tensor, crop.resized)
 
 
@@ -268,9 +268,24 @@ class BoxMasks(NamedTuple):
     labels: np.ndarray
 
 
+def final_mask(result: CropResult, crop: Crop, box: np.ndarray, image_size: tuple[int, int],
+               cfg: Any, fallback: bool) -> InstanceMasks:
+    """A candidate's mask in the original image (:func:`paste_crop`, clipped to ``box`` when
+    ``cfg.clip_to_box``); with ``fallback``, an empty or near-empty mask is thresholded again
+    at ``FALLBACK_RATIO`` of its highest probability inside the box."""
+    clip = box if cfg.clip_to_box else None
+    mask = paste_crop(result, crop, clip, image_size, cfg.mask_threshold)
+    if fallback and is_empty(int(mask.areas()[0]), box):
+        peak = float(box_cells(result.probs, crop.input_box).max())
+        threshold = min(cfg.mask_threshold, FALLBACK_RATIO * peak)
+        mask = paste_crop(result, crop, clip, image_size, threshold)
+    return mask
+
+
 def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
                     cfg: Any, train_size: float | None,
-                    options: BoxScaleOptions = BoxScaleOptions()) -> BoxMasks:
+                    options: BoxScaleOptions = BoxScaleOptions(),
+                    trace: list[dict[str, Any]] | None = None) -> BoxMasks:
     """One mask per prompt box, each from the best of its :func:`candidate_scales`.
 
     Args:
@@ -280,32 +295,34 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
         cfg: the ``InferenceConfig`` (``min_size``, ``max_size``, ``mask_threshold``,
             ``clip_to_box``).
         train_size: :func:`trained_size` of the model.
+        trace: diagnostics (benchmarks): when a list, every candidate is appended as a dict
+            (``box``, ``scale``, ``score``, ``quality``, ``mask``: its InstanceMasks).
 
     Boxes are handled ``BOX_CHUNK`` at a time: only their crops' probabilities are held.
     """
     height, width = array.shape[:2]
     model_scale = resized_shape(height, width, cfg.min_size, cfg.max_size)[0] / height
     scales = candidate_scales(boxes, model_scale, train_size, cfg.max_size, options)
-    parts, scores, out_labels = [], np.zeros(len(boxes), np.float32), np.zeros(len(boxes),
-                                                                               np.int64)
+    parts, scores = [], np.zeros(len(boxes), np.float32)
+    out_labels = np.zeros(len(boxes), np.int64)
     for start in range(0, len(boxes), BOX_CHUNK):
         crops = [plan_crop(i, boxes[i], r, (height, width), cfg.max_size, options.context)
                  for i in range(start, min(start + BOX_CHUNK, len(boxes))) for r in scales[i]]
         results = run_crops(backend, array, crops, labels)
-        best: dict[int, tuple[float, Crop, CropResult]] = {}
+        best: dict[int, tuple[float, float, Crop, CropResult]] = {}
         for crop, result in zip(crops, results, strict=True):
             quality = quality_score(result, crop)
             rank = quality if options.select == "quality" else result.score
             if crop.box not in best or rank > best[crop.box][0]:
                 best[crop.box] = (rank, quality, crop, result)
+            if trace is not None:
+                trace.append({"box": crop.box, "scale": crop.scale, "score": result.score,
+                              "quality": quality,
+                              "mask": final_mask(result, crop, boxes[crop.box],
+                                                 (height, width), cfg, options.fallback)})
         for i in sorted(best):
             _, quality, crop, result = best[i]
-            clip = boxes[i] if cfg.clip_to_box else None
-            mask = paste_crop(result, crop, clip, (height, width), cfg.mask_threshold)
-            if options.fallback and is_empty(int(mask.areas()[0]), boxes[i]):
-                peak = float(box_cells(result.probs, crop.input_box).max())
-                threshold = min(cfg.mask_threshold, FALLBACK_RATIO * peak)
-                mask = paste_crop(result, crop, clip, (height, width), threshold)
-            parts.append(mask)
+            parts.append(final_mask(result, crop, boxes[i], (height, width), cfg,
+                                    options.fallback))
             scores[i], out_labels[i] = quality, result.label
     return BoxMasks(InstanceMasks.concatenate(parts), scores, out_labels)
