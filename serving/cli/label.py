@@ -206,7 +206,8 @@ def _entry(outcome: Outcome, fmt: str) -> dict[str, Any]:
         area = int(areas[i])
         labelled.append({"id": ann_id, "segmentation": segm, "area": area,
                          "score": round(float(pred.scores[i]), 5), "rle": fallback,
-                         "empty": is_empty(area, pred.boxes[i])})
+                         "empty": is_empty(area, pred.boxes[i])
+                         or float(pred.scores[i]) == 0.0})  # 0: a fallback mask
     return {"anns": labelled, "rejected": outcome.rejected}
 
 

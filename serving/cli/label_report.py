@@ -2,7 +2,9 @@
 near-empty masks, and where to look first.
 
 A mask is *empty* when it covers fewer than ``EMPTY_FRACTION`` of its box (a box of a few
-pixels, or an object the model did not see): it is counted apart from the labelled masks and
+pixels, or an object the model did not see), or when it scores exactly 0 (the per-box scale's
+fallback for a mask the model left empty, :mod:`serving.inference.box_scale`): it is counted
+apart from the labelled masks and
 flagged ``"sim_empty": true`` in the output annotation (or left unlabelled with
 ``--skip-empty``). The full table goes to ``<output>.report.json``; the terminal gets the
 per-class lines and the images with the lowest mean score, the labels to inspect first.

@@ -50,8 +50,6 @@ CROP_BATCH = 8
 BOX_CHUNK = 32
 #: The fallback threshold of a collapsed mask, as a fraction of its highest probability.
 FALLBACK_RATIO = 0.5
-#: Probability band of :func:`mask_confidence`: a cell counts as certain outside it.
-CONFIDENCE_BAND = (0.25, 0.75)
 
 
 class Crop(NamedTuple):
@@ -226,15 +224,10 @@ def box_cells(probs: Tensor, input_box: np.ndarray) -> Tensor:
 
 
 def mask_confidence(probs: Tensor, input_box: np.ndarray) -> float:
-    """How decided the mask is inside its box: 1 minus the share of the box's stride-4 cells
-    whose probability lies within ``CONFIDENCE_BAND`` (0 when the box holds no foreground
-    cell at all, a collapsed mask)."""
-    cells = box_cells(probs, input_box)
-    if not bool((cells > 0.5).any()):
-        return 0.0
-    lo, hi = CONFIDENCE_BAND
-    unsure = ((cells > lo) & (cells < hi)).float().mean()
-    return float(1.0 - unsure)
+    """How decided the mask is inside its box, in [0, 1]: the mean of ``|2p - 1|`` over the
+    box's stride-4 cells (1: every cell certainly in or out; 0: every cell at 0.5)."""
+    cells = box_cells(probs, input_box).float()
+    return float((2 * cells - 1).abs().mean())
 
 
 def quality_score(result: CropResult, crop: Crop) -> float:
@@ -269,17 +262,17 @@ class BoxMasks(NamedTuple):
 
 
 def final_mask(result: CropResult, crop: Crop, box: np.ndarray, image_size: tuple[int, int],
-               cfg: Any, fallback: bool) -> InstanceMasks:
+               cfg: Any, fallback: bool) -> tuple[InstanceMasks, bool]:
     """A candidate's mask in the original image (:func:`paste_crop`, clipped to ``box`` when
-    ``cfg.clip_to_box``); with ``fallback``, an empty or near-empty mask is thresholded again
-    at ``FALLBACK_RATIO`` of its highest probability inside the box."""
+    ``cfg.clip_to_box``) and whether it fell back: with ``fallback``, an empty or near-empty
+    mask is thresholded again at ``FALLBACK_RATIO`` of its highest probability in the box."""
     clip = box if cfg.clip_to_box else None
     mask = paste_crop(result, crop, clip, image_size, cfg.mask_threshold)
-    if fallback and is_empty(int(mask.areas()[0]), box):
-        peak = float(box_cells(result.probs, crop.input_box).max())
-        threshold = min(cfg.mask_threshold, FALLBACK_RATIO * peak)
-        mask = paste_crop(result, crop, clip, image_size, threshold)
-    return mask
+    if not (fallback and is_empty(int(mask.areas()[0]), box)):
+        return mask, False
+    peak = float(box_cells(result.probs, crop.input_box).max())
+    threshold = min(cfg.mask_threshold, FALLBACK_RATIO * peak)
+    return paste_crop(result, crop, clip, image_size, threshold), True
 
 
 def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
@@ -297,6 +290,10 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
         train_size: :func:`trained_size` of the model.
         trace: diagnostics (benchmarks): when a list, every candidate is appended as a dict
             (``box``, ``scale``, ``score``, ``quality``, ``mask``: its InstanceMasks).
+
+    Returns:
+        :class:`BoxMasks`; a mask that fell back (the model's own mask was empty) scores
+        exactly 0, which ``sim label`` flags ``sim_empty``.
 
     Boxes are handled ``BOX_CHUNK`` at a time: only their crops' probabilities are held.
     """
@@ -319,10 +316,11 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
                 trace.append({"box": crop.box, "scale": crop.scale, "score": result.score,
                               "quality": quality,
                               "mask": final_mask(result, crop, boxes[crop.box],
-                                                 (height, width), cfg, options.fallback)})
+                                                 (height, width), cfg, options.fallback)[0]})
         for i in sorted(best):
             _, quality, crop, result = best[i]
-            parts.append(final_mask(result, crop, boxes[i], (height, width), cfg,
-                                    options.fallback))
-            scores[i], out_labels[i] = quality, result.label
+            mask, fell_back = final_mask(result, crop, boxes[i], (height, width), cfg,
+                                         options.fallback)
+            parts.append(mask)
+            scores[i], out_labels[i] = 0.0 if fell_back else quality, result.label
     return BoxMasks(InstanceMasks.concatenate(parts), scores, out_labels)

@@ -99,8 +99,9 @@ def test_the_best_quality_candidate_is_kept_and_a_collapsed_mask_falls_back():
 def test_mask_confidence_hand_computed():
     probs = torch.tensor([[0.9, 0.6], [0.1, 0.3]])
     box = np.array([0, 0, 8, 8], np.float32)  # all four cells (centres 2 and 6)
-    assert bs.mask_confidence(probs, box) == pytest.approx(1 - 2 / 4)  # 0.6, 0.3 unsure
-    assert bs.mask_confidence(torch.full((2, 2), 0.4), box) == 0.0  # nothing above 0.5
+    assert bs.mask_confidence(probs, box) == pytest.approx((0.8 + 0.2 + 0.8 + 0.4) / 4)
+    assert bs.mask_confidence(torch.full((2, 2), 0.4), box) == pytest.approx(0.2)
+    assert bs.mask_confidence(probs, np.array([0, 0, 3, 3])) == pytest.approx(0.8)  # 1 cell
 
 
 def test_segmenter_default_uses_per_box_scale_and_can_turn_it_off(tiny_checkpoint,
