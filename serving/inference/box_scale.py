@@ -1,23 +1,25 @@
-"""Per-box scale for box-prompted masks: every box segmented in its own crop, at a scale the
-model handles well, the best of a few scales kept and pasted back.
+"""Per-box scale for box-prompted masks: every box segmented at the scale that puts it at the
+size of the model's training objects.
 
 A model sees objects of the sizes it was trained on best: ``object_sizes`` in its calibration
 (:mod:`serving.inference.domain`) holds the training boxes' ``sqrt(w * h)`` at the network
-input. Resizing the whole image once (today's path) puts a 8 px box of a 4000 px photo at
-0.5 px and a box filling the photo at the whole input; here each box gets a *crop*: the box
-with ``CONTEXT`` times its size of context on each side (at least ``MIN_MARGIN`` input pixels),
-resized by a per-box factor ``r`` (input pixels per original pixel), zero-padded to a multiple
-of 32 and run through the backend's own box-prompted entry point
-(:meth:`serving.backends.Backend.segment_boxes`), so every backend and every earlier export
-runs it unchanged. Crops of one canvas size run as one batch of at most ``CROP_BATCH``.
+input. Today's path resizes the whole image once to the model's size, which puts an 8 px box
+of a 4000 px photo at 0.5 px and makes the user guess an ``--image-size``. Here each box gets
+the scale ``r`` (input pixels per original pixel) that puts it at the training objects'
+median size, at most ``max_upsample`` (:func:`box_scales`). The boxes of an image whose
+scales lie close to the image's median scale share one run of the *whole image* at that
+scale (all the context, one forward pass; :func:`scale_groups`), provided it is not larger
+than ``WHOLE_IMAGE_PIXELS`` model inputs; every other box gets a *crop*: the box with
+``CONTEXT`` times its size on each side (at least ``MIN_MARGIN`` input pixels), resized by its
+``r``, zero-padded to a multiple of 32. Both go through the backend's own box-prompted entry
+point (:meth:`serving.backends.Backend.segment_boxes`), so every backend and every earlier
+export runs them unchanged; crops of one canvas size run as one batch of at most
+``CROP_BATCH``. Masks come back through the same stride-4 -> original pipeline as the whole
+image (:func:`serving.inference.paste.mask_crops`), as tight crops.
 
-Scales tried per box (:func:`candidate_scales`): the scale that maps the box to the training
-objects' median size (``"trained"``) and the whole-image scale of today's path (``"model"``),
-each kept only where it puts the box within the sizes the model handles (``MIN_INPUT_BOX`` ..
-the input's ``max_size``). The candidate with the highest quality score
-(:func:`quality_score`: the model's box score times the mask's confidence inside the box) is
-kept. Memory: one batch of crops (``CROP_BATCH`` x canvas pixels) at a time, and the final
-masks as tight crops (:class:`serving.masks.InstanceMasks`).
+Each mask's score is :func:`quality_score`: the model's box score times the mask's confidence
+inside its box. A mask the model leaves empty falls back to its most likely pixels and scores
+0 (``BoxScaleOptions.fallback``).
 
 All geometry is in pixels: original-image XYXY for boxes and windows, network-input XYXY
 inside a crop's canvas.
@@ -42,8 +44,11 @@ from .transforms import SIZE_DIVISIBILITY, canvas_size, resize_image, resized_sh
 CONTEXT = 1.0
 #: Context on each side is at least this many network-input pixels.
 MIN_MARGIN = 16
-#: A box smaller than this at the network input (``sqrt(w * h)``) is not tried at that scale.
-MIN_INPUT_BOX = 8.0
+#: Boxes within this factor of their image's median scale share one whole-image run.
+GROUP_FACTOR = 2.0
+#: The whole image at a box group's scale may have at most this many times the pixels of
+#: the model's own input size (``max_size`` squared); beyond it boxes are cropped.
+WHOLE_IMAGE_PIXELS = 4.0
 #: Crops per backend call (the TensorRT engines' default profile allows batches up to 8).
 CROP_BATCH = 8
 #: Prompt boxes whose crops are held at once (bounds memory for many boxes).
@@ -96,60 +101,63 @@ def box_side(boxes: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class BoxScaleOptions:
-    """How :func:`segment_per_box` picks each box's scale (the defaults are the product's).
+    """How :func:`segment_per_box` scales each box (the defaults are the product's).
 
     Attributes:
-        scales: the candidate scales, in order: ``"trained"`` (the box at the training
-            objects' median size), ``"model"`` (today's whole-image scale), ``"half"`` (the box
-            at half the median size).
-        context: context on each side of a box, in units of its size ``sqrt(w * h)``.
-        select: ``"quality"`` keeps the candidate with the best :func:`quality_score`,
-            ``"score"`` the best model box score.
-        fallback: a kept mask that is empty or near-empty (:func:`serving.masks.is_empty`) is
-            thresholded again at ``FALLBACK_RATIO`` of its highest probability inside the box
-            (the model's most likely pixels instead of nothing; its score stays low).
+        target: each box is aimed at ``target`` times the training objects' median size.
+        max_upsample: at most this many input pixels per original pixel (blown-up tiny boxes
+            are blurry, unlike anything in training).
+        group: boxes whose scales lie within ``GROUP_FACTOR`` of their image's median scale
+            share one run of the whole image at that median scale (context, and one forward
+            pass); ``False`` segments every box in its own crop.
+        context: context on each side of a cropped box, in units of its size.
+        fallback: a mask that is empty or near-empty (:func:`serving.masks.is_empty`) is
+            thresholded again at ``FALLBACK_RATIO`` of its highest probability in the box
+            (the model's most likely pixels instead of nothing); it scores 0.
     """
 
-    scales: tuple[str, ...] = ("trained", "model")
+    target: float = 1.0
+    max_upsample: float = 2.0
+    group: bool = True
     context: float = CONTEXT
-    select: str = "quality"
     fallback: bool = True
 
 
-def candidate_scales(boxes: np.ndarray, model_scale: float, train_size: float | None,
-                     max_size: int, options: BoxScaleOptions = BoxScaleOptions(),
-                     ) -> list[list[float]]:
-    """The scales tried for each box, in the order of ``options.scales``.
+def box_scales(boxes: np.ndarray, model_scale: float, train_size: float | None,
+               options: BoxScaleOptions = BoxScaleOptions()) -> np.ndarray:
+    """Each box's scale (input pixels per original pixel): the one that puts it at
+    ``target * train_size`` (``sqrt(w * h)``), at most ``max_upsample``; without a trained
+    size, ``model_scale`` (today's whole-image scale) for every box.
 
     Args:
         boxes: (M, 4) XYXY original pixels.
-        model_scale: today's whole-image scale (input pixels per original pixel).
-        train_size: :func:`trained_size` (``None``: only ``model_scale``).
-        max_size: the model's longer-side cap; a box is never made larger than
-            ``max_size / (1 + 2 * context)`` (its crop must fit the input).
 
     Returns:
-        Per box, distinct scales (closer than 5 % counts as the same): ``"trained"`` is
-        ``train_size / side`` (the box at the training objects' median size), ``"model"``
-        ``model_scale`` where that puts the box at ``MIN_INPUT_BOX`` px or more. A box with no
-        candidate left gets the trained scale (or, without calibration, ``MIN_INPUT_BOX``).
+        (M,) float64 scales.
     """
-    out = []
-    cap = max_size / (1 + 2 * options.context)
-    for side in box_side(boxes):
-        wanted = {"trained": None if train_size is None else min(train_size, cap),
-                  "half": None if train_size is None else min(train_size / 2, cap),
-                  "model": side * model_scale if side * model_scale >= MIN_INPUT_BOX else None}
-        sizes = [wanted[k] for k in options.scales if wanted.get(k) is not None]
-        if not sizes:
-            sizes = [min(train_size or MIN_INPUT_BOX, cap)]
-        scales: list[float] = []
-        for size in sizes:
-            r = min(size, cap) / side
-            if all(abs(math.log(r / q)) > 0.05 for q in scales):
-                scales.append(r)
-        out.append(scales)
-    return out
+    sides = box_side(boxes)
+    if train_size is None:
+        return np.full(len(sides), float(model_scale))
+    return np.minimum(options.target * train_size / sides, options.max_upsample)
+
+
+def scale_groups(scales: np.ndarray, image_size: tuple[int, int], pixel_limit: float,
+                 options: BoxScaleOptions = BoxScaleOptions(),
+                 ) -> tuple[float | None, np.ndarray]:
+    """Which boxes share one run of the whole image, and at what scale.
+
+    The image's scale is the geometric median of its boxes' ``scales``; boxes within
+    ``GROUP_FACTOR`` of it join the whole-image run, provided the image at that scale has at
+    most ``pixel_limit`` pixels. Returns ``(scale, (M,) bool members)``, or ``(None, all
+    False)`` when every box is cropped.
+    """
+    none = (None, np.zeros(len(scales), bool))
+    if not options.group or not len(scales):
+        return none
+    scale = float(np.exp(np.median(np.log(scales))))
+    if image_size[0] * image_size[1] * scale ** 2 > pixel_limit:
+        return none
+    return scale, np.abs(np.log(scales / scale)) <= math.log(GROUP_FACTOR)
 
 
 def plan_crop(index: int, box: np.ndarray, scale: float, image_size: tuple[int, int],
@@ -275,11 +283,37 @@ def final_mask(result: CropResult, crop: Crop, box: np.ndarray, image_size: tupl
     return paste_crop(result, crop, clip, image_size, threshold), True
 
 
+def run_whole(backend: Any, array: np.ndarray, scale: float, members: np.ndarray,
+              boxes: np.ndarray, labels: np.ndarray, chunk: int,
+              ) -> list[tuple[Crop, CropResult]]:
+    """The boxes ``members`` (indices) segmented in the whole image resized by ``scale``,
+    ``chunk`` boxes per backend call; one (crop covering the whole image, result) per box."""
+    height, width = array.shape[:2]
+    size = max(8, round(height * scale)), max(8, round(width * scale))
+    image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    batch = torch.zeros((1, 3, *canvas_size(*size)), dtype=torch.float32)
+    batch[0, :, :size[0], :size[1]] = resize_image(image, size)
+    factors = np.array([size[1] / width, size[0] / height] * 2, np.float32)
+    out = []
+    for start in range(0, len(members), chunk):
+        part = members[start:start + chunk]
+        inputs = (boxes[part] * factors).astype(np.float32)
+        res = backend.segment_boxes(batch, [size], torch.from_numpy(inputs)[None],
+                                    torch.from_numpy(labels[part].astype(np.int64))[None])
+        for k, i in enumerate(part):
+            crop = Crop(int(i), scale, (0, 0, width, height), size, inputs[k])
+            out.append((crop, CropResult(res.mask_probs[0, k].float().cpu(),
+                                         float(res.scores[0, k]), int(res.labels[0, k]))))
+    return out
+
+
 def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
                     cfg: Any, train_size: float | None,
-                    options: BoxScaleOptions = BoxScaleOptions(),
-                    trace: list[dict[str, Any]] | None = None) -> BoxMasks:
-    """One mask per prompt box, each from the best of its :func:`candidate_scales`.
+                    options: BoxScaleOptions = BoxScaleOptions()) -> BoxMasks:
+    """One mask per prompt box, each at its :func:`box_scales` scale.
+
+    Boxes of one :func:`scale_groups` group run together in the whole image at the group's
+    scale; the others each in a crop with context (``BOX_CHUNK`` boxes at a time).
 
     Args:
         backend: any :class:`serving.backends.Backend`.
@@ -288,39 +322,36 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
         cfg: the ``InferenceConfig`` (``min_size``, ``max_size``, ``mask_threshold``,
             ``clip_to_box``).
         train_size: :func:`trained_size` of the model.
-        trace: diagnostics (benchmarks): when a list, every candidate is appended as a dict
-            (``box``, ``scale``, ``score``, ``quality``, ``mask``: its InstanceMasks).
 
     Returns:
-        :class:`BoxMasks`; a mask that fell back (the model's own mask was empty) scores
-        exactly 0, which ``sim label`` flags ``sim_empty``.
-
-    Boxes are handled ``BOX_CHUNK`` at a time: only their crops' probabilities are held.
+        :class:`BoxMasks` with :func:`quality_score` scores; a mask that fell back (the
+        model's own mask was empty) scores exactly 0, which ``sim label`` flags ``sim_empty``.
     """
     height, width = array.shape[:2]
-    model_scale = resized_shape(height, width, cfg.min_size, cfg.max_size)[0] / height
-    scales = candidate_scales(boxes, model_scale, train_size, cfg.max_size, options)
-    parts, scores = [], np.zeros(len(boxes), np.float32)
-    out_labels = np.zeros(len(boxes), np.int64)
-    for start in range(0, len(boxes), BOX_CHUNK):
-        crops = [plan_crop(i, boxes[i], r, (height, width), cfg.max_size, options.context)
-                 for i in range(start, min(start + BOX_CHUNK, len(boxes))) for r in scales[i]]
-        results = run_crops(backend, array, crops, labels)
-        best: dict[int, tuple[float, float, Crop, CropResult]] = {}
-        for crop, result in zip(crops, results, strict=True):
-            quality = quality_score(result, crop)
-            rank = quality if options.select == "quality" else result.score
-            if crop.box not in best or rank > best[crop.box][0]:
-                best[crop.box] = (rank, quality, crop, result)
-            if trace is not None:
-                trace.append({"box": crop.box, "scale": crop.scale, "score": result.score,
-                              "quality": quality,
-                              "mask": final_mask(result, crop, boxes[crop.box],
-                                                 (height, width), cfg, options.fallback)[0]})
-        for i in sorted(best):
-            _, quality, crop, result = best[i]
-            mask, fell_back = final_mask(result, crop, boxes[i], (height, width), cfg,
+    model_size = resized_shape(height, width, cfg.min_size, cfg.max_size)
+    scales = box_scales(boxes, model_size[0] / height, train_size, options)
+    limit = max(WHOLE_IMAGE_PIXELS * cfg.max_size ** 2, model_size[0] * model_size[1])
+    scale, members = scale_groups(scales, (height, width), limit, options)
+    masks: list[InstanceMasks | None] = [None] * len(boxes)
+    scores, out_labels = np.zeros(len(boxes), np.float32), np.zeros(len(boxes), np.int64)
+
+    def keep(pairs: list[tuple[Crop, CropResult]]) -> None:
+        for crop, result in pairs:
+            mask, fell_back = final_mask(result, crop, boxes[crop.box], (height, width), cfg,
                                          options.fallback)
-            parts.append(mask)
-            scores[i], out_labels[i] = 0.0 if fell_back else quality, result.label
-    return BoxMasks(InstanceMasks.concatenate(parts), scores, out_labels)
+            masks[crop.box] = mask
+            scores[crop.box] = 0.0 if fell_back else quality_score(result, crop)
+            out_labels[crop.box] = result.label
+
+    if scale is not None:
+        index = np.flatnonzero(members)
+        # as many boxes per call as today's path holds probabilities for at the model's size
+        chunk = max(BOX_CHUNK, int(len(index) * model_size[0] * model_size[1]
+                                   / (height * width * scale ** 2)))
+        keep(run_whole(backend, array, scale, index, boxes, labels, chunk))
+    cropped = np.flatnonzero(~members)
+    for start in range(0, len(cropped), BOX_CHUNK):
+        crops = [plan_crop(int(i), boxes[i], float(scales[i]), (height, width), cfg.max_size,
+                           options.context) for i in cropped[start:start + BOX_CHUNK]]
+        keep(list(zip(crops, run_crops(backend, array, crops, labels), strict=True)))
+    return BoxMasks(InstanceMasks.concatenate(masks), scores, out_labels)  # type: ignore[arg-type]

@@ -49,51 +49,68 @@ class Cfg:
     min_size, max_size, mask_threshold, clip_to_box = 128, 512, 0.5, True
 
 
-def test_candidate_scales_put_a_tiny_and_a_huge_box_at_the_trained_size():
-    boxes = np.array([[1000, 1000, 1008, 1008], [500, 500, 3500, 3500]], np.float32)
-    model_scale = 128 / 4000
-    tiny, huge = bs.candidate_scales(boxes, model_scale, TRAIN, max_size=512)
-    assert tiny == [pytest.approx(TRAIN / 8)]  # at the model scale it would be 0.26 px: dropped
-    assert huge == [pytest.approx(TRAIN / 3000), pytest.approx(model_scale)]  # trained first
-    # without calibration only the model scale (or the smallest size the model handles)
-    assert bs.candidate_scales(boxes, model_scale, None, 512) == [
-        [pytest.approx(bs.MIN_INPUT_BOX / 8)], [pytest.approx(model_scale)]]
-    # a box already at the trained size gets one scale, not two equal ones
-    assert bs.candidate_scales(np.array([[0, 0, 32, 32]]), 1.0, TRAIN, 256) == [[1.0]]
+def test_box_scales_put_a_tiny_and_a_huge_box_at_the_trained_size():
+    boxes = np.array([[1000, 1000, 1020, 1020], [500, 500, 3500, 3500], [0, 0, 4, 4]],
+                     np.float32)
+    tiny, huge, minute = bs.box_scales(boxes, 128 / 4000, TRAIN)
+    assert tiny * 20 == pytest.approx(TRAIN)  # 20 px -> 32 px (0.64 px at the model scale)
+    assert huge * 3000 == pytest.approx(TRAIN)  # 3000 px -> 32 px (96 px at the model scale)
+    assert minute == 2.0  # a 4 px box is blown up at most 2x
+    # without calibration: today's whole-image scale for every box
+    np.testing.assert_array_equal(bs.box_scales(boxes, 0.032, None), [0.032] * 3)
 
 
-def test_tiny_and_huge_box_are_segmented_at_the_trained_size_and_pasted_back_exactly():
+def test_scale_groups_share_the_whole_image_when_it_is_small_enough():
+    scales = np.array([1.0, 1.2, 1.5, 4.0, 0.3])
+    scale, members = bs.scale_groups(scales, (256, 256), 4 * 256 ** 2)
+    assert scale == pytest.approx(1.2)  # the median
+    np.testing.assert_array_equal(members, [True, True, True, False, False])  # within 2x
+    assert bs.scale_groups(scales, (4000, 4000), 4 * 256 ** 2)[0] is None  # too large: crops
+    off = bs.scale_groups(scales, (256, 256), 4 * 256 ** 2, bs.BoxScaleOptions(group=False))
+    assert off[0] is None and not off[1].any()
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_tiny_and_huge_box_are_segmented_at_the_trained_size_and_pasted_back_exactly(group):
     image = np.zeros((4000, 4000, 3), np.uint8)
-    boxes = np.array([[1000, 1000, 1008, 1008], [500, 500, 3500, 3500]], np.float32)
+    boxes = np.array([[1000, 1000, 1020, 1020], [500, 500, 3500, 3500]], np.float32)
     backend = BoxBackend()
-    out = bs.segment_per_box(backend, image, boxes, np.array([-1, -1]), Cfg(), TRAIN)
+    out = bs.segment_per_box(backend, image, boxes, np.array([-1, -1]), Cfg(), TRAIN,
+                             bs.BoxScaleOptions(group=group))
     sides = [math.sqrt((x2 - x1) * (y2 - y1)) for x1, y1, x2, y2 in backend.seen]
-    assert sides[0] == pytest.approx(TRAIN, rel=0.05)  # the tiny box, at 32 px
-    assert sides[1] == pytest.approx(TRAIN, rel=0.05)  # the huge box, trained scale first
-    assert sides[2] == pytest.approx(3000 * 128 / 4000, rel=0.05)  # and at the model scale
-    assert out.scores[0] == pytest.approx(1.0, abs=0.05)  # the trained-size candidate won
-    assert out.scores[1] == pytest.approx(1.0, abs=0.05)
+    assert sides == [pytest.approx(TRAIN, rel=0.05)] * 2  # both crops at 32 px
+    assert out.scores == pytest.approx([0.98, 0.98], abs=0.02)  # score x confidence
     for i, (x1, y1, x2, y2) in enumerate(boxes):  # each mask lands on its box, filled
         y0, x0, ye, xe = out.masks.box(i)  # within 1.5 stride-4 cells of the crop's input
         assert np.allclose([x0, y0, xe, ye], [x1, y1, x2, y2], atol=6 * (x2 - x1) / TRAIN)
         assert out.masks.crops[i].mean() > 0.95
 
 
-def test_the_best_quality_candidate_is_kept_and_a_collapsed_mask_falls_back():
+def test_boxes_of_one_scale_share_one_whole_image_run_and_match_the_crops():
     image = np.zeros((256, 256, 3), np.uint8)
-    boxes = np.array([[100, 100, 140, 140]], np.float32)  # 40 px, model scale 0.5 -> 20 px
-    # scores favour the 20 px crop (model scale): it is kept over the trained 32 px one
-    out = bs.segment_per_box(BoxBackend(best=20), image, boxes, np.array([0]), Cfg(), TRAIN)
-    assert out.scores[0] == pytest.approx(1.0, abs=0.05)
-    # every candidate collapsed (probability 0.3 < 0.5 inside the box): the fallback keeps
-    # the model's most likely pixels (above half their peak), the score says it is unsure
+    boxes = np.array([[20, 20, 52, 52], [100, 100, 140, 130], [200, 30, 230, 64]], np.float32)
+    whole, cropped = BoxBackend(), BoxBackend()
+    a = bs.segment_per_box(whole, image, boxes, np.array([0, 0, 0]), Cfg(), TRAIN)
+    b = bs.segment_per_box(cropped, image, boxes, np.array([0, 0, 0]), Cfg(), TRAIN,
+                           bs.BoxScaleOptions(group=False))
+    assert len(whole.seen) == len(cropped.seen) == 3
+    for i in range(3):
+        inter = (a.masks.mask(i) & b.masks.mask(i)).sum()
+        assert inter / (a.masks.mask(i) | b.masks.mask(i)).sum() > 0.9
+
+
+def test_a_collapsed_mask_falls_back_and_scores_zero():
+    image = np.zeros((256, 256, 3), np.uint8)
+    boxes = np.array([[100, 100, 140, 140]], np.float32)
+    # probability 0.3 < 0.5 inside the box: the fallback keeps the model's most likely
+    # pixels (above half their peak), and the score says it fell back
     weak = BoxBackend(inside=0.3)
     out = bs.segment_per_box(weak, image, boxes, np.array([0]), Cfg(), TRAIN)
     area = out.masks.areas()[0]
     assert 0.8 * 40 * 40 < area <= 40 * 40 and out.scores[0] == 0.0
     off = bs.segment_per_box(weak, image, boxes, np.array([0]), Cfg(), TRAIN,
                              bs.BoxScaleOptions(fallback=False))
-    assert off.masks.areas()[0] == 0
+    assert off.masks.areas()[0] == 0 and off.scores[0] > 0
 
 
 def test_mask_confidence_hand_computed():
