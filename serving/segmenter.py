@@ -21,7 +21,7 @@ import torch
 from .backends import Backend
 from .config import InferenceConfig, config_to_dict
 from .errors import InputError
-from .inference.box_scale import segment_per_box, trained_size
+from .inference.box_scale import segment_per_box, trained_sizes
 from .inference.boxes import BoxesLike, validate_boxes
 from .inference.domain import calibration_of
 from .inference.images import ImageLike, describe_image, load_image
@@ -388,7 +388,7 @@ class Segmenter:
         """One image's prompts, each box at its own scale (:mod:`.inference.box_scale`)."""
         boxes, labels = item.prompt  # type: ignore[misc]
         out = segment_per_box(self.backend, item.array, boxes, labels, self.cfg,
-                              trained_size(self.calibration))
+                              trained_sizes(self.calibration))
         return Prediction(boxes.copy(), out.scores, out.labels, out.masks, self.class_names)
 
 

@@ -1,12 +1,14 @@
-"""Per-box scale for box-prompted masks: every box segmented at the scale that puts it at the
-size of the model's training objects.
+"""Per-box scale for box-prompted masks: every box segmented at a scale that puts it among the
+sizes of the model's training objects.
 
 A model sees objects of the sizes it was trained on best: ``object_sizes`` in its calibration
 (:mod:`serving.inference.domain`) holds the training boxes' ``sqrt(w * h)`` at the network
 input. Today's path resizes the whole image once to the model's size, which puts an 8 px box
 of a 4000 px photo at 0.5 px and makes the user guess an ``--image-size``. Here each box gets
-the scale ``r`` (input pixels per original pixel) that puts it at the training objects'
-median size, at most ``max_upsample`` (:func:`box_scales`). The boxes of an image whose
+a scale ``r`` (input pixels per original pixel): today's where that puts it within the
+training objects' p10-p90 sizes, else the one that puts it at the nearer of the two, at most
+``max_upsample`` (:func:`box_scales`; aiming every box at the median measured worse,
+``benchmarks/prompted_quality.py``). The boxes of an image whose
 scales lie close to the image's median scale share one run of the *whole image* at that
 scale (all the context, one forward pass; :func:`scale_groups`), provided it is not larger
 than ``WHOLE_IMAGE_PIXELS`` model inputs; every other box gets a *crop*: the box with
@@ -84,11 +86,13 @@ class CropResult(NamedTuple):
     label: int
 
 
-def trained_size(calibration: Mapping[str, Any]) -> float | None:
-    """The training objects' median ``sqrt(w * h)`` at the network input, or ``None`` when the
-    model carries no calibration (then only today's whole-image scale is used)."""
-    value = (calibration.get("object_sizes") or {}).get("p50")
-    return float(value) if value else None
+def trained_sizes(calibration: Mapping[str, Any]) -> tuple[float, float, float] | None:
+    """The training objects' ``sqrt(w * h)`` at the network input, (p10, p50, p90), or
+    ``None`` when the model carries no calibration (then today's whole-image scale is used)."""
+    sizes = calibration.get("object_sizes") or {}
+    if not all(sizes.get(k) for k in ("p10", "p50", "p90")):
+        return None
+    return float(sizes["p10"]), float(sizes["p50"]), float(sizes["p90"])
 
 
 def box_side(boxes: np.ndarray) -> np.ndarray:
@@ -104,7 +108,10 @@ class BoxScaleOptions:
     """How :func:`segment_per_box` scales each box (the defaults are the product's).
 
     Attributes:
-        target: each box is aimed at ``target`` times the training objects' median size.
+        fit: ``"range"`` moves a box only when it lies outside the training objects' p10-p90
+            sizes at today's scale, to the nearer bound; ``"median"`` aims every box at
+            ``target`` times the training objects' median size.
+        target: the factor of ``fit="median"``.
         max_upsample: at most this many input pixels per original pixel (blown-up tiny boxes
             are blurry, unlike anything in training).
         group: boxes whose scales lie within ``GROUP_FACTOR`` of their image's median scale
@@ -116,6 +123,7 @@ class BoxScaleOptions:
             (the model's most likely pixels instead of nothing); it scores 0.
     """
 
+    fit: str = "range"
     target: float = 1.0
     max_upsample: float = 2.0
     group: bool = True
@@ -123,22 +131,30 @@ class BoxScaleOptions:
     fallback: bool = True
 
 
-def box_scales(boxes: np.ndarray, model_scale: float, train_size: float | None,
+def box_scales(boxes: np.ndarray, model_scale: float,
+               sizes: tuple[float, float, float] | None,
                options: BoxScaleOptions = BoxScaleOptions()) -> np.ndarray:
-    """Each box's scale (input pixels per original pixel): the one that puts it at
-    ``target * train_size`` (``sqrt(w * h)``), at most ``max_upsample``; without a trained
-    size, ``model_scale`` (today's whole-image scale) for every box.
+    """Each box's scale (input pixels per original pixel), at most ``max_upsample``.
 
     Args:
         boxes: (M, 4) XYXY original pixels.
+        model_scale: today's whole-image scale.
+        sizes: :func:`trained_sizes` (p10, p50, p90); ``None``: ``model_scale`` for all.
 
     Returns:
-        (M,) float64 scales.
+        (M,) float64 scales: with ``fit="range"``, ``model_scale`` where it puts the box
+        (``sqrt(w * h)``) within p10..p90, else the scale that puts it at the nearer bound;
+        with ``fit="median"``, the scale that puts it at ``target * p50``.
     """
     sides = box_side(boxes)
-    if train_size is None:
+    if sizes is None:
         return np.full(len(sides), float(model_scale))
-    return np.minimum(options.target * train_size / sides, options.max_upsample)
+    p10, p50, p90 = sizes
+    if options.fit == "median":
+        scales = options.target * p50 / sides
+    else:
+        scales = np.clip(np.full(len(sides), float(model_scale)), p10 / sides, p90 / sides)
+    return np.minimum(scales, options.max_upsample)
 
 
 def scale_groups(scales: np.ndarray, image_size: tuple[int, int], pixel_limit: float,
@@ -308,7 +324,7 @@ def run_whole(backend: Any, array: np.ndarray, scale: float, members: np.ndarray
 
 
 def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
-                    cfg: Any, train_size: float | None,
+                    cfg: Any, sizes: tuple[float, float, float] | None,
                     options: BoxScaleOptions = BoxScaleOptions()) -> BoxMasks:
     """One mask per prompt box, each at its :func:`box_scales` scale.
 
@@ -321,7 +337,7 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
         boxes: (M, 4) float32 XYXY original pixels; labels: (M,) int64 (-1: predict).
         cfg: the ``InferenceConfig`` (``min_size``, ``max_size``, ``mask_threshold``,
             ``clip_to_box``).
-        train_size: :func:`trained_size` of the model.
+        sizes: :func:`trained_sizes` of the model.
 
     Returns:
         :class:`BoxMasks` with :func:`quality_score` scores; a mask that fell back (the
@@ -329,7 +345,7 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
     """
     height, width = array.shape[:2]
     model_size = resized_shape(height, width, cfg.min_size, cfg.max_size)
-    scales = box_scales(boxes, model_size[0] / height, train_size, options)
+    scales = box_scales(boxes, model_size[0] / height, sizes, options)
     limit = max(WHOLE_IMAGE_PIXELS * cfg.max_size ** 2, model_size[0] * model_size[1])
     scale, members = scale_groups(scales, (height, width), limit, options)
     masks: list[InstanceMasks | None] = [None] * len(boxes)

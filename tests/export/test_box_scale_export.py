@@ -14,7 +14,7 @@ from export_images import random_image
 from export.verify import mask_iou
 from serving import Segmenter
 
-CALIBRATION = {"object_sizes": {"p10": 12.0, "p50": 24.0, "p90": 48.0}}
+CALIBRATION = {"object_sizes": {"p10": 40.0, "p50": 60.0, "p90": 90.0}}
 
 
 def _calibrated(seg: Segmenter) -> Segmenter:

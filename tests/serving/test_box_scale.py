@@ -15,6 +15,7 @@ from serving.inference import box_scale as bs
 from serving.inference.postprocess import PromptDetections
 
 TRAIN = 32.0  # training objects' median size at the input, px
+SIZES = (16.0, TRAIN, 48.0)  # p10, p50, p90
 
 
 class BoxBackend:
@@ -49,15 +50,19 @@ class Cfg:
     min_size, max_size, mask_threshold, clip_to_box = 128, 512, 0.5, True
 
 
-def test_box_scales_put_a_tiny_and_a_huge_box_at_the_trained_size():
-    boxes = np.array([[1000, 1000, 1020, 1020], [500, 500, 3500, 3500], [0, 0, 4, 4]],
-                     np.float32)
-    tiny, huge, minute = bs.box_scales(boxes, 128 / 4000, TRAIN)
-    assert tiny * 20 == pytest.approx(TRAIN)  # 20 px -> 32 px (0.64 px at the model scale)
-    assert huge * 3000 == pytest.approx(TRAIN)  # 3000 px -> 32 px (96 px at the model scale)
+def test_box_scales_put_a_tiny_and_a_huge_box_at_the_trained_sizes():
+    boxes = np.array([[1000, 1000, 1020, 1020], [500, 500, 3500, 3500], [0, 0, 4, 4],
+                      [0, 0, 1000, 1000]], np.float32)
+    model_scale = 128 / 4000  # a 1000 px box is 32 px at the model's size: inside p10-p90
+    tiny, huge, minute, fine = bs.box_scales(boxes, model_scale, SIZES)
+    assert tiny * 20 == pytest.approx(16)  # 20 px (0.64 px at the model scale) -> p10
+    assert huge * 3000 == pytest.approx(48)  # 3000 px (96 px at the model scale) -> p90
     assert minute == 2.0  # a 4 px box is blown up at most 2x
+    assert fine == pytest.approx(model_scale)  # already among the training sizes: unchanged
+    median = bs.box_scales(boxes, model_scale, SIZES, bs.BoxScaleOptions(fit="median"))
+    np.testing.assert_allclose(median * [20, 3000, 4, 1000], [32, 32, 8, 32])
     # without calibration: today's whole-image scale for every box
-    np.testing.assert_array_equal(bs.box_scales(boxes, 0.032, None), [0.032] * 3)
+    np.testing.assert_array_equal(bs.box_scales(boxes, 0.032, None), [0.032] * 4)
 
 
 def test_scale_groups_share_the_whole_image_when_it_is_small_enough():
@@ -75,14 +80,15 @@ def test_tiny_and_huge_box_are_segmented_at_the_trained_size_and_pasted_back_exa
     image = np.zeros((4000, 4000, 3), np.uint8)
     boxes = np.array([[1000, 1000, 1020, 1020], [500, 500, 3500, 3500]], np.float32)
     backend = BoxBackend()
-    out = bs.segment_per_box(backend, image, boxes, np.array([-1, -1]), Cfg(), TRAIN,
+    out = bs.segment_per_box(backend, image, boxes, np.array([-1, -1]), Cfg(), SIZES,
                              bs.BoxScaleOptions(group=group))
     sides = [math.sqrt((x2 - x1) * (y2 - y1)) for x1, y1, x2, y2 in backend.seen]
-    assert sides == [pytest.approx(TRAIN, rel=0.05)] * 2  # both crops at 32 px
-    assert out.scores == pytest.approx([0.98, 0.98], abs=0.02)  # score x confidence
+    assert sides == [pytest.approx(16, rel=0.05), pytest.approx(48, rel=0.05)]  # p10, p90
+    assert out.scores == pytest.approx([0.5 * 0.98, 0.67 * 0.98], abs=0.02)  # x confidence
     for i, (x1, y1, x2, y2) in enumerate(boxes):  # each mask lands on its box, filled
         y0, x0, ye, xe = out.masks.box(i)  # within 1.5 stride-4 cells of the crop's input
-        assert np.allclose([x0, y0, xe, ye], [x1, y1, x2, y2], atol=6 * (x2 - x1) / TRAIN)
+        atol = 6 * (x2 - x1) / sides[i]
+        assert np.allclose([x0, y0, xe, ye], [x1, y1, x2, y2], atol=atol)
         assert out.masks.crops[i].mean() > 0.95
 
 
@@ -90,8 +96,8 @@ def test_boxes_of_one_scale_share_one_whole_image_run_and_match_the_crops():
     image = np.zeros((256, 256, 3), np.uint8)
     boxes = np.array([[20, 20, 52, 52], [100, 100, 140, 130], [200, 30, 230, 64]], np.float32)
     whole, cropped = BoxBackend(), BoxBackend()
-    a = bs.segment_per_box(whole, image, boxes, np.array([0, 0, 0]), Cfg(), TRAIN)
-    b = bs.segment_per_box(cropped, image, boxes, np.array([0, 0, 0]), Cfg(), TRAIN,
+    a = bs.segment_per_box(whole, image, boxes, np.array([0, 0, 0]), Cfg(), SIZES)
+    b = bs.segment_per_box(cropped, image, boxes, np.array([0, 0, 0]), Cfg(), SIZES,
                            bs.BoxScaleOptions(group=False))
     assert len(whole.seen) == len(cropped.seen) == 3
     for i in range(3):
@@ -105,10 +111,10 @@ def test_a_collapsed_mask_falls_back_and_scores_zero():
     # probability 0.3 < 0.5 inside the box: the fallback keeps the model's most likely
     # pixels (above half their peak), and the score says it fell back
     weak = BoxBackend(inside=0.3)
-    out = bs.segment_per_box(weak, image, boxes, np.array([0]), Cfg(), TRAIN)
+    out = bs.segment_per_box(weak, image, boxes, np.array([0]), Cfg(), SIZES)
     area = out.masks.areas()[0]
     assert 0.8 * 40 * 40 < area <= 40 * 40 and out.scores[0] == 0.0
-    off = bs.segment_per_box(weak, image, boxes, np.array([0]), Cfg(), TRAIN,
+    off = bs.segment_per_box(weak, image, boxes, np.array([0]), Cfg(), SIZES,
                              bs.BoxScaleOptions(fallback=False))
     assert off.masks.areas()[0] == 0 and off.scores[0] > 0
 
@@ -136,6 +142,7 @@ def test_segmenter_default_uses_per_box_scale_and_can_turn_it_off(tiny_checkpoin
     for pred in (on, off):
         for mask, (x1, y1, x2, y2) in zip(pred.masks, boxes):
             assert not mask[:y1].any() and not mask[y2:].any() and not mask[:, x2:].any()
+            assert not mask[:, :x1].any()
 
 
 def test_an_8px_box_on_a_4000px_image_gets_a_non_empty_mask(varied_checkpoint):
