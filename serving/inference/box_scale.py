@@ -299,14 +299,15 @@ def final_mask(result: CropResult, crop: Crop, box: np.ndarray, image_size: tupl
     return paste_crop(result, crop, clip, image_size, threshold), True
 
 
-def run_whole(backend: Any, array: np.ndarray, scale: float, members: np.ndarray,
+def run_whole(backend: Any, array: np.ndarray, size: tuple[int, int], members: np.ndarray,
               boxes: np.ndarray, labels: np.ndarray, chunk: int,
               ) -> list[tuple[Crop, CropResult]]:
-    """The boxes ``members`` (indices) segmented in the whole image resized by ``scale``,
-    ``chunk`` boxes per backend call; one (crop covering the whole image, result) per box."""
+    """The boxes ``members`` (indices) segmented in the whole image resized to ``size``
+    (h, w), ``chunk`` boxes per backend call; one (crop covering the whole image, result)
+    per box."""
     height, width = array.shape[:2]
-    size = max(8, round(height * scale)), max(8, round(width * scale))
-    image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    scale = size[0] / height
+    image = torch.from_numpy(np.require(array, requirements=["C", "W"])).permute(2, 0, 1)
     batch = torch.zeros((1, 3, *canvas_size(*size)), dtype=torch.float32)
     batch[0, :, :size[0], :size[1]] = resize_image(image, size)
     factors = np.array([size[1] / width, size[0] / height] * 2, np.float32)
@@ -364,7 +365,9 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
         # as many boxes per call as today's path holds probabilities for at the model's size
         chunk = max(BOX_CHUNK, int(len(index) * model_size[0] * model_size[1]
                                    / (height * width * scale ** 2)))
-        keep(run_whole(backend, array, scale, index, boxes, labels, chunk))
+        size = model_size if abs(scale * height / model_size[0] - 1) < 1e-6 else (
+            max(8, round(height * scale)), max(8, round(width * scale)))
+        keep(run_whole(backend, array, size, index, boxes, labels, chunk))
     cropped = np.flatnonzero(~members)
     for start in range(0, len(cropped), BOX_CHUNK):
         crops = [plan_crop(int(i), boxes[i], float(scales[i]), (height, width), cfg.max_size,
