@@ -23,7 +23,6 @@ Writes ``benchmarks/results/prompted_quality_<data>[_<tag>].{json,md}``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -187,9 +186,7 @@ def build_rows(model: str, sizes: list[int], ablations: list[str]) -> dict[str, 
     rows: dict[str, Row] = {
         "filled box": lambda array, item: (filled_boxes(item["boxes"], array.shape[:2]),
                                            np.ones(len(item["boxes"]))),
-        "today": segmenter_row(Segmenter(base.backend, base.class_names,
-                                         dataclasses.replace(base.cfg, box_scale=False),
-                                         base.info)),
+        "today": segmenter_row(base.with_box_scale(False)),
     }
     for size in sizes:
         rows[f"today @ {size}"] = segmenter_row(base.with_image_size(size))

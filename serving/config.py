@@ -198,10 +198,6 @@ class InferenceConfig:
         center_radius: FCOS centre-sampling radius in strides (1.5).
         clip_to_box: zero prompted masks outside their prompt box.
         max_prompt_boxes: largest number of prompt boxes accepted per image.
-        box_scale: segment each prompt box in its own crop at the best of a few scales
-            (:mod:`serving.inference.box_scale`); ``False`` runs the whole image once at
-            ``min_size``/``max_size`` for every box (the earlier path, and what an explicit
-            image size gives).
     """
 
     SECTION: ClassVar[str] = "inference"
@@ -218,7 +214,6 @@ class InferenceConfig:
     center_radius: Annotated[float, Range(gt=0.0)] = 1.5
     clip_to_box: bool = True
     max_prompt_boxes: Positive = 256
-    box_scale: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self)

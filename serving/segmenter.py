@@ -75,14 +75,19 @@ class Segmenter:
     """Instance segmentation with optional box prompts, over any backend.
 
     Use :meth:`from_checkpoint`, :meth:`from_onnx`, :meth:`from_tensorrt` or :meth:`load`.
+    ``box_scale`` (default on): each prompt box is segmented at a scale among the model's
+    training object sizes (:mod:`serving.inference.box_scale`); off, the whole image runs
+    once at ``cfg.min_size``/``cfg.max_size`` for every box. A setting of this object, not of
+    the model file: checkpoints and exports are unchanged by it.
     """
 
     def __init__(self, backend: Backend, class_names: Sequence[str], cfg: InferenceConfig,
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None, box_scale: bool = True) -> None:
         self.backend = backend
         self.class_names = tuple(class_names)
         self.cfg = cfg
         self.info = dict(info or {})
+        self.box_scale = bool(box_scale)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -123,15 +128,20 @@ class Segmenter:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto",
              image_size: int | Sequence[int] | None = None,
-             dtype: str | torch.dtype | None = None, **overrides: Any) -> Segmenter:
+             dtype: str | torch.dtype | None = None, box_scale: bool = True,
+             **overrides: Any) -> Segmenter:
         """Pick the backend from the file extension (.safetensors, .onnx, .engine/.plan).
 
         ``image_size``: ``short`` or ``(short, long)``, the test-time resize instead of the
         model's own (:meth:`with_image_size`). ``dtype`` ("fp32", "bf16", "fp16") applies to
         checkpoints (see :meth:`from_checkpoint`); exported models run at the precision they
-        were exported with. ``overrides`` replace ``InferenceConfig`` fields.
+        were exported with. ``box_scale``: see the class docstring (an ``image_size`` turns
+        it off). ``overrides`` replace ``InferenceConfig`` fields.
         """
-        seg = cls._load_file(path, device, dtype, overrides)
+        if not isinstance(box_scale, bool):
+            raise InputError(f"box_scale={box_scale!r}: give True (each box at its own scale) "
+                             "or False (the whole image once)")
+        seg = cls._load_file(path, device, dtype, overrides).with_box_scale(box_scale)
         if image_size is None:
             return seg
         sizes = [int(image_size)] if isinstance(image_size, int) else [int(v) for v in image_size]
@@ -178,15 +188,13 @@ class Segmenter:
         if not 32 <= short <= long:
             raise InputError(f"image size {short} {long}: need 32 <= SHORT <= LONG (SHORT is "
                              "the shorter side, LONG the cap on the longer side)")
-        cfg = dataclasses.replace(self.cfg, min_size=int(short), max_size=int(long),
-                                  box_scale=False)
-        return type(self)(self.backend, self.class_names, cfg, self.info)
+        cfg = dataclasses.replace(self.cfg, min_size=int(short), max_size=int(long))
+        return type(self)(self.backend, self.class_names, cfg, self.info, box_scale=False)
 
     def with_box_scale(self, on: bool) -> Segmenter:
-        """The same model with the per-box scale of box prompts on or off (see
-        :class:`serving.config.InferenceConfig`'s ``box_scale``). Shares the loaded model."""
-        cfg = dataclasses.replace(self.cfg, box_scale=bool(on))
-        return type(self)(self.backend, self.class_names, cfg, self.info)
+        """The same model with the per-box scale of box prompts on or off (see the class
+        docstring). Shares the loaded model."""
+        return type(self)(self.backend, self.class_names, self.cfg, self.info, box_scale=on)
 
     # ----------------------------------------------------------------- info
     @property
@@ -214,6 +222,7 @@ class Segmenter:
             "min_size": self.cfg.min_size,
             "max_size": self.cfg.max_size,
             "max_prompt_boxes": self.cfg.max_prompt_boxes,
+            "box_scale": self.box_scale,
             "score_threshold": self.cfg.score_threshold,
             "display_threshold": self.display_threshold,
         }
@@ -359,7 +368,7 @@ class Segmenter:
         return preds
 
     def _run_prompted(self, items: list[_Item]) -> list[Prediction]:
-        if self.cfg.box_scale:
+        if self.box_scale:
             return [self._run_per_box(item) for item in items]
         chunk = [(item.array, *item.prompt) for item in items]  # type: ignore[misc]
         batch, _, sizes = self._preprocess([c[0] for c in chunk])

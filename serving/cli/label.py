@@ -278,7 +278,7 @@ def _before_work(seg: Segmenter, dataset: dict[str, Any], orphans: list[tuple[An
     for ann_id, reason in orphans:
         report(f"rejected: annotation {ann_id}: {reason}; left unchanged")
     note_unknown_categories(dataset)
-    if seg.cfg.box_scale:  # every box is put at the trained size: no size to choose
+    if seg.box_scale:  # every box is put at the trained size: no size to choose
         return
     sizes = box_sizes(boxes_by_image(dataset), seg.cfg.min_size, seg.cfg.max_size)
     advice = size_advice(calibration_of(seg), sizes, seg.cfg.min_size, seg.cfg.max_size)

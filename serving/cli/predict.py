@@ -344,7 +344,7 @@ def _runner(model_path: Path, out: Path, jobs: list[Job], opts: PredictOptions,
 def _size_check(seg: Segmenter, coco: dict[str, Any] | None, summary: PredictSummary) -> None:
     """Process 0, with prompt boxes: warn when their sizes do not suit the model's input
     (not with the per-box scale, which puts every box at the trained size itself)."""
-    if coco is None or seg.cfg.box_scale:
+    if coco is None or seg.box_scale:
         return
     sizes = box_sizes(boxes_by_image(coco), seg.cfg.min_size, seg.cfg.max_size)
     advice = size_advice(calibration_of(seg), sizes, seg.cfg.min_size, seg.cfg.max_size)

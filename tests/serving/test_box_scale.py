@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from serving import Segmenter
+from serving.errors import InputError
 from serving.inference import box_scale as bs
 from serving.inference.postprocess import PromptDetections
 
@@ -130,8 +131,11 @@ def test_mask_confidence_hand_computed():
 def test_segmenter_default_uses_per_box_scale_and_can_turn_it_off(tiny_checkpoint,
                                                                     sample_image):
     seg = Segmenter.load(tiny_checkpoint, device="cpu")
-    assert seg.cfg.box_scale and not seg.with_box_scale(False).cfg.box_scale
-    assert not seg.with_image_size(160).cfg.box_scale  # an explicit size is an override
+    assert seg.box_scale and not seg.with_box_scale(False).box_scale
+    assert not seg.with_image_size(160).box_scale  # an explicit size is an override
+    assert not Segmenter.load(tiny_checkpoint, device="cpu", box_scale=False).box_scale
+    with pytest.raises(InputError, match="box_scale"):
+        Segmenter.load(tiny_checkpoint, device="cpu", box_scale="off")
     boxes = [[30, 20, 80, 60], [90, 50, 150, 110]]
     on, off = seg.predict(sample_image, boxes=boxes), \
         seg.with_box_scale(False).predict(sample_image, boxes=boxes)
