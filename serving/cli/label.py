@@ -314,6 +314,7 @@ def _write_output(seg: Segmenter, summary: LabelSummary, dataset: dict[str, Any]
     if isinstance(result["info"], dict):
         result["info"]["sim_label"] = {"model": str(seg.info.get("path", "")),
                                        "image_size": [seg.cfg.min_size, seg.cfg.max_size],
+                                       "box_scale": seg.box_scale,
                                        "empty_fraction": EMPTY_FRACTION}
     write_json(summary.output, result)
     assert summary.report is not None
