@@ -69,7 +69,8 @@ def test_label_box_only_dataset(tmp_path, tiny_checkpoint, dataset, capsys, monk
     source = _box_only(data)
     assert result["images"] == source["images"] and result["categories"] == source["categories"]
     assert result["info"] == {"note": "kept", "sim_label": {  # what made the labels, recorded
-        "model": str(tiny_checkpoint), "image_size": [128, 256], "empty_fraction": 0.05}}
+        "model": str(tiny_checkpoint), "image_size": [128, 256], "box_scale": True,
+        "empty_fraction": 0.05}}
     assert [a["id"] for a in result["annotations"]] == [a["id"] for a in source["annotations"]]
     by_id = {a["id"]: a for a in result["annotations"]}
     assert by_id[50] == source["annotations"][9]  # crowd: unchanged
