@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything .ci/install.sh installs, plus what the tests need: the `dev` extra (pytest, ruff,
-# scikit-image, playwright, schemathesis, ...) and, from Debian, Chromium (the app's browser
-# test; never `playwright install`) and Open MPI (multi-process CPU launches). Fails loudly.
+# scikit-image, playwright, schemathesis, ...), from Debian, Chromium (the app's browser
+# test; never `playwright install`) and Open MPI (multi-process CPU launches), and Label
+# Studio in .venv-labelstudio (the real Label Studio test). Fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,4 +21,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+# Label Studio itself (the real-server test) pins numpy and others below the project's
+# versions, so it gets its own venv next to .venv, and its slow first start (database
+# migrations) is done once here: tests/labelstudio_server.py.
+if [ ! -x .venv-labelstudio/bin/label-studio ]; then
+  python -m venv .venv-labelstudio
+  .venv-labelstudio/bin/python -m pip install --quiet "label-studio==1.23.2" \
+    "label-studio-sdk==2.1.2"
+fi
+python tests/labelstudio_server.py prepare
 echo "install-dev: done"

@@ -90,13 +90,9 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def start_server(model: Path, port: int, max_batch: int, max_wait_ms: float, device: str,
-                 env: dict[str, str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "serving", "serve", "--model", str(model), "--host",
-           "127.0.0.1", "--port", str(port), "--device", device, "--max-batch", str(max_batch),
-           "--max-wait-ms", str(max_wait_ms), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 300
+def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 300) -> subprocess.Popen:
+    """Wait until the server ``proc`` on ``port`` answers ``/readyz`` 200 (else kill it)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode}")
@@ -107,7 +103,16 @@ def start_server(model: Path, port: int, max_batch: int, max_wait_ms: float, dev
             pass
         time.sleep(0.25)
     proc.kill()
-    raise RuntimeError("server not ready after 300 s")
+    raise RuntimeError(f"server not ready after {timeout:g} s")
+
+
+def start_server(model: Path, port: int, max_batch: int, max_wait_ms: float, device: str,
+                 env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "serving", "serve", "--model", str(model), "--host",
+           "127.0.0.1", "--port", str(port), "--device", device, "--max-batch", str(max_batch),
+           "--max-wait-ms", str(max_wait_ms), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
+    return wait_ready(proc, port)
 
 
 def drive(base: str, payloads: list[bytes], clients: int, duration: float,

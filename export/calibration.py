@@ -26,7 +26,7 @@ from serving.backends.exported import ExportSidecar, file_sha256
 from serving.errors import BoxError, InputError, SimError
 from serving.formats.coco import coco_box, read_coco_json
 from serving.inference.images import IMAGE_EXTENSIONS, load_image
-from serving.inference.transforms import preprocess, scale_boxes
+from serving.inference.transforms import preprocess, resized_shape, scale_boxes
 
 #: Images used when the caller gives no count (ONNX Runtime and TensorRT guides use 100s;
 #: 64 keeps calibration of a ResNet-50 at 800x1333 within a few minutes on a CPU).
@@ -110,7 +110,8 @@ def _spaced(n: int, count: int) -> list[int]:
 
 
 def load_calibration_set(source: str | os.PathLike, count: int = DEFAULT_CALIBRATION_COUNT,
-                         images_root: str | os.PathLike | None = None) -> CalibrationSet:
+                         images_root: str | os.PathLike | None = None,
+                         resize: tuple[int, int] | None = None) -> CalibrationSet:
     """Choose and check the calibration images.
 
     Args:
@@ -118,6 +119,8 @@ def load_calibration_set(source: str | os.PathLike, count: int = DEFAULT_CALIBRA
             entries are found under ``images_root`` (default: the JSON's folder, then its
             ``images/`` subfolder).
         count: images to use, evenly spaced over the sorted list (all when fewer exist).
+        resize: the model's (min_size, max_size): each image must pass its resize rule (an
+            extreme aspect ratio is refused here, not after the fp32 export).
 
     Every chosen image is decoded once here, so an unreadable file is reported (one line, its
     name) before any slow work. Raises :class:`InputError` for a missing source, an empty
@@ -148,6 +151,8 @@ def load_calibration_set(source: str | os.PathLike, count: int = DEFAULT_CALIBRA
         path = _resolve(str(paths[i]), src, root) if coco is not None else paths[i]
         try:
             image = load_image(path)
+            if resize is not None:
+                resized_shape(*image.shape[:2], *resize, str(path))
         except SimError as exc:
             raise InputError(f"calibration {exc}") from None
         files.append(path)

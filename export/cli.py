@@ -87,8 +87,11 @@ def _check_args(args: argparse.Namespace) -> CalibrationSet | None:
     check_writable_dir(args.output)
     if not args.int8:
         return None
+    from serving.model.checkpoint import read_checkpoint_info
+
+    infer = read_checkpoint_info(args.checkpoint).inference
     return load_calibration_set(args.calibration, args.calibration_count,
-                                args.calibration_images)
+                                args.calibration_images, (infer.min_size, infer.max_size))
 
 
 def _int8(args: argparse.Namespace, result: ExportResult, cal: CalibrationSet,

@@ -24,6 +24,12 @@ from .errors import InputError
 Backbone = Literal["mobilenet_v2", "resnet50", "resnet101", "resnet18"]
 BACKBONES: tuple[str, ...] = typing.get_args(Backbone)
 
+#: Largest network input side (``min_size`` / ``max_size``, ``--image-size``, training's
+#: ``data.min_sizes``): a 4096 x 4096 input already takes several GB in the network.
+MAX_INPUT_SIDE = 4096
+#: Largest ``max_detections`` (each detection may hold a mask of the whole image).
+MAX_DETECTIONS = 1000
+
 #: FCOS sizes of interest (SIM_SPEC section 3): level ranges on max(l, t, r, b) in pixels.
 SIZES_OF_INTEREST = (64, 128, 256, 512)
 STRIDES = (8, 16, 32, 64, 128)
@@ -205,10 +211,10 @@ class InferenceConfig:
     score_threshold: Probability = 0.05
     pre_nms_topk: Positive = 1000
     nms_threshold: Probability = 0.6
-    max_detections: Positive = 100
+    max_detections: Annotated[int, Range(ge=1, le=MAX_DETECTIONS)] = 100
     mask_threshold: Probability = 0.5
-    min_size: Annotated[int, Range(ge=32)] = 800
-    max_size: Annotated[int, Range(ge=32)] = 1333
+    min_size: Annotated[int, Range(ge=32, le=MAX_INPUT_SIDE)] = 800
+    max_size: Annotated[int, Range(ge=32, le=MAX_INPUT_SIDE)] = 1333
     prompt_mu: Annotated[float, Range(ge=0.0)] = 5.0
     prompt_topk: Positive = 16
     center_radius: Annotated[float, Range(gt=0.0)] = 1.5
@@ -257,6 +263,8 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> 
 
 __all__ = [
     "BACKBONES",
+    "MAX_DETECTIONS",
+    "MAX_INPUT_SIDE",
     "SIZES_OF_INTEREST",
     "STRIDES",
     "InferenceConfig",

@@ -13,13 +13,16 @@ from .errors import InputError
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename the temp file onto ``path`` (same folder)."""
+    """Call ``write(tmp_path)`` then rename the temp file onto ``path`` (same folder), with the
+    permissions a plain ``open()`` would give (0644 under umask 022; the temp file alone would
+    be private, 0600, and a server running as another user could not read it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -38,12 +41,10 @@ UMASK = _read_umask()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (temp file + rename), with the permissions a plain
-    ``open()`` would give (the temp file alone would be private, mode 0600)."""
+    """Write ``obj`` as JSON atomically (:func:`atomic_write`)."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(obj, fh)
-        os.chmod(tmp, 0o666 & ~UMASK)
 
     atomic_write(path, write)
 

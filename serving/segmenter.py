@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from .backends import Backend
-from .config import InferenceConfig, config_to_dict
+from .config import MAX_INPUT_SIDE, InferenceConfig, config_to_dict
 from .errors import InputError
 from .inference.box_scale import segment_per_box, trained_sizes
-from .inference.boxes import BoxesLike, validate_boxes
+from .inference.boxes import MAX_MASK_PIXELS, BoxesLike, check_mask_pixels, validate_boxes
 from .inference.domain import calibration_of
 from .inference.images import ImageLike, describe_image, load_image
 from .inference.paste import mask_crops
@@ -79,7 +79,11 @@ class Segmenter:
     training object sizes (:mod:`serving.inference.box_scale`); off, the whole image runs
     once at ``cfg.min_size``/``cfg.max_size`` for every box. A setting of this object, not of
     the model file: checkpoints and exports are unchanged by it.
+    ``max_mask_pixels``: the most pixels one image's prompt boxes may cover together (a byte
+    of mask memory each); more is refused before any work.
     """
+
+    max_mask_pixels: int = MAX_MASK_PIXELS
 
     def __init__(self, backend: Backend, class_names: Sequence[str], cfg: InferenceConfig,
                  info: dict[str, Any] | None = None, box_scale: bool = True) -> None:
@@ -181,13 +185,14 @@ class Segmenter:
         much smaller or larger than in training. Shares the loaded model. An explicit size
         is an override: box prompts run the whole image at that size too (``box_scale`` off).
 
-        Raises :class:`InputError` unless ``32 <= short <= long``.
+        Raises :class:`InputError` unless ``32 <= short <= long <= MAX_INPUT_SIDE``.
         """
         if long is None:
-            long = int(round(short * self.cfg.max_size / self.cfg.min_size))
-        if not 32 <= short <= long:
-            raise InputError(f"image size {short} {long}: need 32 <= SHORT <= LONG (SHORT is "
-                             "the shorter side, LONG the cap on the longer side)")
+            long = min(MAX_INPUT_SIDE, int(round(short * self.cfg.max_size / self.cfg.min_size)))
+        if not 32 <= short <= long <= MAX_INPUT_SIDE:
+            raise InputError(f"image size {short} {long}: need 32 <= SHORT <= LONG <= "
+                             f"{MAX_INPUT_SIDE} (SHORT is the shorter side, LONG the cap on the "
+                             "longer side)")
         cfg = dataclasses.replace(self.cfg, min_size=int(short), max_size=int(long))
         return type(self)(self.backend, self.class_names, cfg, self.info, box_scale=False)
 
@@ -329,6 +334,8 @@ class Segmenter:
         if boxes is None:
             return _Item(array, canvas_size(*size), None, threshold)
         valid = validate_boxes(boxes, (height, width), self.cfg.max_prompt_boxes)
+        check_mask_pixels(valid, (height, width), bool(self.cfg.clip_to_box),
+                          self.max_mask_pixels)
         return _Item(array, canvas_size(*size), (valid, self._labels(labels, len(valid))), None)
 
     def _run_window(self, items: list[_Item]) -> list[Prediction]:

@@ -29,7 +29,7 @@ NEVER_IN_SERVING = ("training", "export", "app", "gradio")
 ACCELERATE_MODULE = "serving.cli.shards"
 #: serving modules allowed to import HEAVY at module level (they are loaded lazily).
 LAZY_PATTERNS = ("serving.backends.onnxruntime_backend", "serving.backends.tensorrt_backend",
-                 "serving.server.app*")
+                 "serving.server.app*", "serving.server.labelstudio")
 
 
 @dataclass(frozen=True)

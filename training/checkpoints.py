@@ -37,7 +37,6 @@ from serving.config import config_to_dict
 from serving.errors import CheckpointError
 
 from .config import TrainConfig
-from .run_state import RunState
 
 if TYPE_CHECKING:
     from .callbacks import TrainingRun
@@ -118,7 +117,7 @@ def read_tensor_state(path: Path) -> Any:
             layout = json.loads((f.metadata() or {})["layout"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         return _unpack(layout, tensors)
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not a readable state file ({_one_line(exc)})") from None
 
 
@@ -292,6 +291,20 @@ def _check_readable(folder: Path, manifest: dict[str, Any]) -> None:
                                             f"({_one_line(exc)})") from None
 
 
+def _check_counters(folder: Path, manifest: dict[str, Any], cfg: TrainConfig) -> None:
+    """The iteration counters: whole numbers, ``0 <= step <= optim.max_iter``."""
+    state = manifest.get("run_state")
+    keys = ("step", "epoch", "batches_in_epoch")
+    if not isinstance(state, dict) or not all(
+            isinstance(state.get(k), int) and not isinstance(state.get(k), bool)
+            and 0 <= state[k] <= 10**12 for k in keys):
+        raise DamagedCheckpoint(folder, f"{MANIFEST} has no valid iteration counters (whole "
+                                        "numbers >= 0)")
+    if state["step"] > cfg.optim.max_iter:
+        raise DamagedCheckpoint(folder, f"{MANIFEST} says step {state['step']}, beyond "
+                                        f"optim.max_iter={cfg.optim.max_iter}")
+
+
 def read_resume_point(folder: Path, cfg: TrainConfig, num_processes: int,
                       rank: int) -> ResumePoint:
     """Check checkpoint ``folder`` for resuming ``cfg`` and read this process's state.
@@ -304,10 +317,7 @@ def read_resume_point(folder: Path, cfg: TrainConfig, num_processes: int,
         raise CheckpointError(f"resume: {folder} is not a checkpoint folder; pass "
                               f"<output_dir>/{CHECKPOINT_DIR}/step_* or 'auto'")
     manifest = _read_manifest(folder)
-    try:
-        RunState().load_state_dict(manifest["run_state"])
-    except (KeyError, TypeError, ValueError):
-        raise DamagedCheckpoint(folder, f"{MANIFEST} has no valid iteration counters") from None
+    _check_counters(folder, manifest, cfg)
     _check_same_run(folder, manifest, cfg, num_processes)
     _check_files(folder, manifest, cfg, num_processes)
     _check_readable(folder, manifest)
@@ -322,21 +332,31 @@ def read_resume_point(folder: Path, cfg: TrainConfig, num_processes: int,
 
 
 def select_resume_point(cfg: TrainConfig, resume: str | None, num_processes: int, rank: int,
-                        note: Callable[[str], None] = print) -> ResumePoint | None:
+                        note: Callable[[str], None] = print,
+                        apply: Callable[[ResumePoint], None] | None = None,
+                        ) -> ResumePoint | None:
     """The checkpoint to resume from: ``resume`` is a folder, ``"auto"`` (the newest intact
     folder of ``cfg.output_dir``; damaged ones are skipped with a ``note``) or None (start
-    from scratch). Reads and writes nothing else; every process decides alike."""
+    from scratch). ``apply(point)`` (e.g. :func:`restore` into a built run) is part of the
+    check: a folder whose contents cannot be applied (crafted shapes or values) is damaged
+    too, and ``"auto"`` falls back to the next. Writes nothing; every process decides alike."""
     if not resume:
         return None
     if resume != "auto":
-        return read_resume_point(Path(resume), cfg, num_processes, rank)
+        point = read_resume_point(Path(resume), cfg, num_processes, rank)
+        if apply is not None:
+            apply(point)
+        return point
     folders = checkpoint_folders(cfg.output_dir)
     if not folders:
         note("resume: no checkpoint found, starting from scratch")
         return None
     for folder in folders:
         try:
-            return read_resume_point(folder, cfg, num_processes, rank)
+            point = read_resume_point(folder, cfg, num_processes, rank)
+            if apply is not None:
+                apply(point)
+            return point
         except DamagedCheckpoint as exc:
             note(f"resume: skipping damaged {folder} ({exc.reason})")
     raise CheckpointError(
@@ -346,14 +366,22 @@ def select_resume_point(cfg: TrainConfig, resume: str | None, num_processes: int
 
 def restore(run: TrainingRun, point: ResumePoint) -> None:
     """Load a checked checkpoint into the run: Accelerate's state (model, optimizer,
-    scheduler, scaler, RNG), the iteration counters and SIM's state."""
+    scheduler, scaler, RNG), the iteration counters and SIM's state.
+
+    Contents that pass the file checks but do not fit the run (a crafted tensor shape, SIM
+    state or bank capacity) raise :class:`DamagedCheckpoint`.
+    """
     try:
         run.accelerator.load_state(str(point.path))
-    except Exception as exc:  # noqa: BLE001 - checked before, so this is unexpected
-        raise CheckpointError(f"resume: {point.path} cannot be loaded ({_one_line(exc)}); "
-                              "resume from another checkpoint folder") from None
+    except Exception as exc:  # noqa: BLE001 - checked before, so crafted or damaged
+        raise DamagedCheckpoint(point.path, f"its state cannot be loaded "
+                                            f"({_one_line(exc)})") from None
     run.state.load_state_dict(point.run_state)
     if run.sim is not None and point.sim_state is not None:
-        run.sim.load_state_dict(point.sim_state)
-        run.sim.bank.load_state_dict(point.bank_state)
+        try:
+            run.sim.load_state_dict(point.sim_state)
+            run.sim.bank.load_state_dict(point.bank_state)
+        except Exception as exc:  # noqa: BLE001 - any misfit of the stored SIM state
+            raise DamagedCheckpoint(point.path, f"its SIM state does not fit this run "
+                                                f"({_one_line(exc)})") from None
     run.saved_step = run.state.step

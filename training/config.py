@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 
 from serving.config import (
+    MAX_INPUT_SIDE,
     InferenceConfig,
     ModelConfig,
     Range,
@@ -31,6 +33,23 @@ from serving.config import (
     schema_hints,
 )
 from serving.errors import InputError
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 numbers: ``1e-3`` is a float (YAML 1.1 wants
+    ``1.0e-3`` and reads ``1e-3`` as a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def yaml_value(text: str) -> Any:
+    """Parse YAML ``text`` safely (no Python objects), with YAML 1.2 numbers."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
 
 #: Shortest default phase (pairwise warm-up, SIM start) in iterations; see
 #: :meth:`TrainConfig.scaled_phase`.
@@ -78,8 +97,9 @@ class DataConfig:
     synthetic_images: NonNegative = 0
     synthetic_size: Annotated[int, Range(ge=64)] = 320
     synthetic_seed: NonNegative = 0
-    min_sizes: tuple[Annotated[int, Range(ge=32)], ...] = (640, 672, 704, 736, 768, 800)
-    max_size: Annotated[int, Range(ge=32)] = 1333
+    min_sizes: tuple[Annotated[int, Range(ge=32, le=MAX_INPUT_SIDE)], ...] = (
+        640, 672, 704, 736, 768, 800)
+    max_size: Annotated[int, Range(ge=32, le=MAX_INPUT_SIDE)] = 1333
     flip_prob: Fraction = 0.5
     num_workers: NonNegative = 2
     max_val_images: Positive | None = None
@@ -350,7 +370,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: '{key}' is not a section")
     try:
-        node[last] = yaml.safe_load(raw)
+        node[last] = yaml_value(raw)
     except yaml.YAMLError:
         node[last] = raw
 
@@ -369,7 +389,7 @@ def _read_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; see the configs/ folder")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_value(path.read_text()) or {}
     except yaml.YAMLError as exc:
         detail = str(exc).replace("\n", " ")
         raise ConfigError(f"config file {path}: invalid YAML ({detail})") from None

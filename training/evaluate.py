@@ -20,6 +20,7 @@ from serving import InferenceConfig, Segmenter
 from serving.backends.torch_backend import TorchBackend
 from serving.cli.main import prog
 from serving.errors import InputError, SimError
+from serving.files import check_writable_file
 from serving.formats.cocoeval import evaluate_coco
 from serving.model import CondInst
 
@@ -74,6 +75,18 @@ def _percent(metrics: dict[str, float]) -> dict[str, float]:
             for k, v in metrics.items()}
 
 
+def calibration_refusal(annotations: str | Path, max_images: int | None) -> str | None:
+    """Why an evaluation on ``annotations`` (its first ``max_images`` images) cannot give a
+    calibration (no images, or no annotated ones), or ``None`` when it can."""
+    index = CocoIndex(annotations)
+    ids = list(index.images)[:max_images]
+    if not ids:
+        return "the evaluation has no images (an empty split, or --max-images 0)"
+    if not any(len(index.boxes.get(i, ())) for i in ids):
+        return f"none of its {len(ids)} images has an annotation"
+    return None
+
+
 def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images: str | Path,
                         device: str = "auto", max_images: int | None = None,
                         calibrate: bool = False) -> dict[str, float]:
@@ -81,11 +94,21 @@ def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images:
 
     ``calibrate``: also store the validation calibration (the F1-best score threshold and the
     prompted-score quantiles, :func:`training.calibration.validation_calibration`) in the
-    checkpoint's metadata, keeping what it already holds (``.safetensors`` only).
+    checkpoint's metadata, keeping what it already holds (``.safetensors`` only). An
+    evaluation that cannot support a calibration (no images, no annotations) is refused
+    before any work, and the model's calibration is kept.
     """
+    if max_images is not None and max_images < 1:
+        raise InputError(f"--max-images {max_images}: must be at least 1 (leave it out for "
+                         "every image)")
     if calibrate and Path(checkpoint).suffix.lower() != ".safetensors":
         raise InputError(f"--calibrate: {checkpoint} is not a .safetensors checkpoint; "
                          "calibrate the checkpoint, then export it")
+    why = calibration_refusal(annotations, max_images) if calibrate else None
+    if why is not None:
+        raise InputError(f"--calibrate: {annotations}: {why}, so it cannot calibrate the "
+                         "model; its calibration is kept as it was; evaluate a split with "
+                         "annotated images")
     segmenter = Segmenter.load(checkpoint, device=device)
     category_ids = segmenter.info.get("extra", {}).get("category_ids")
     results = predict_dataset(segmenter, annotations, images, category_ids, max_images)
@@ -136,13 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--annotations", required=True, help="COCO JSON with masks")
     parser.add_argument("--images", required=True, help="folder of the images")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="evaluate the first N images only (N >= 1)")
     parser.add_argument("--output", help="write the metrics as JSON here")
     parser.add_argument("--calibrate", action="store_true",
                         help="store the score threshold that maximises F1 and the prompted "
                              "scores of this validation in the checkpoint's metadata")
     args = parser.parse_args(argv)
     try:
+        if args.output:
+            check_writable_file(args.output)
         metrics = evaluate_checkpoint(args.checkpoint, args.annotations, args.images,
                                       args.device, args.max_images, args.calibrate)
     except SimError as exc:

@@ -30,6 +30,7 @@ from serving.cli.main import prog
 from serving.cli.shards import multi_process_cpu
 from serving.config import ModelConfig, config_to_dict
 from serving.errors import SimError
+from serving.files import check_writable_dir
 from serving.model import build_condinst
 from serving.model.checkpoint import save_checkpoint
 
@@ -38,6 +39,7 @@ from .callbacks import Callback, CallbackList, TrainingRun
 from .checkpoints import ResumePoint, restore, save_checkpoint_folder, select_resume_point
 from .config import PRESET_HELP, TrainConfig, load_config, save_config
 from .data import CocoInstanceDataset
+from .data.coco import CocoIndex, check_image_files
 from .data.collate import Batch
 from .data.loader import build_train_loader
 from .evaluate import evaluate_model
@@ -60,14 +62,14 @@ def train(cfg: TrainConfig, resume: str | None = None,
             or None. The folder is checked in full before anything in the run folder changes.
         callbacks: called on every process at fixed points of the loop.
     """
+    check_writable_dir(cfg.output_dir)  # a file or a read-only folder: refused before work
     accelerator = _make_accelerator(cfg)
     set_seed(cfg.seed)
     dataset = _load_dataset(cfg, accelerator)
-    point = select_resume_point(cfg, resume, accelerator.num_processes,
-                                accelerator.process_index, accelerator.print)
     run = _build_run(cfg, accelerator, dataset)
-    if point is not None:
-        restore(run, point)
+    point = select_resume_point(cfg, resume, accelerator.num_processes,
+                                accelerator.process_index, accelerator.print,
+                                apply=lambda p: restore(run, p))
     _open_run_folder(run, point)
     hooks = CallbackList(callbacks)
     _train_loop(run, hooks)
@@ -96,6 +98,11 @@ def _load_dataset(cfg: TrainConfig, accelerator: Accelerator) -> CocoInstanceDat
         accelerator.wait_for_everyone()
     mode = "mask" if cfg.supervision == "mask" else "box"
     dataset = CocoInstanceDataset(cfg.data.train_json, cfg.data.train_images, mode=mode)
+    dataset.check_files()
+    if cfg.data.val_json and cfg.data.val_images and Path(cfg.data.val_json).is_file():
+        val = CocoIndex(cfg.data.val_json)
+        check_image_files(val, cfg.data.val_images,
+                          list(val.images)[:cfg.data.max_val_images])
     if cfg.model.num_classes != dataset.num_classes:
         cfg.model = ModelConfig(**{**config_to_dict(cfg.model), "num_classes": dataset.num_classes})
     return dataset

@@ -36,9 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import InferenceConfig, ModelConfig, config_from_dict, config_to_dict
-from ..errors import CheckpointError, InputError, SimError
+from ..config import InferenceConfig, ModelConfig, config_to_dict
+from ..errors import CheckpointError, InputError
 from ..inference.postprocess import Detections, PaddedDetections, PromptDetections
+from ..model.metadata import checked_precision, checked_static_shape, model_description
 
 SIDECAR_FORMAT = "sim-condinst-export"
 SIDECAR_VERSION = 1
@@ -141,37 +142,37 @@ def read_sidecar(path: str | os.PathLike) -> ExportSidecar:
         )
     try:
         data = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{side}: unreadable export sidecar ({exc}); re-export") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise CheckpointError(f"{side}: unreadable export sidecar ({reason}); re-export"
+                              ) from None
     if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
         raise CheckpointError(
             f"{side}: not an export sidecar (no '{SIDECAR_FORMAT}' format field); pass the "
             ".json written by python -m export"
         )
-    version = data.get("format_version")
-    if not isinstance(version, int) or version > SIDECAR_VERSION:
-        raise CheckpointError(
-            f"{side}: sidecar format version {version!r} is not supported by this library "
-            f"(<= {SIDECAR_VERSION}); upgrade the library or re-export"
-        )
-    try:
-        model = config_from_dict(ModelConfig, data["model_config"], str(side))
-        inference = config_from_dict(InferenceConfig, data["inference_config"], str(side))
-        names = tuple(str(n) for n in data["class_names"])
-        graphs = dict(data["graphs"])
-        sidecar = ExportSidecar(side, version, str(data["export_id"]), names, model, inference,
-                                dict(data.get("input_rules", {})), graphs,
-                                dict(data.get("engines", {})), dict(data.get("extra", {})),
-                                precision=str(data.get("precision", "fp32")),
-                                quantization=data.get("quantization"))
-    except (KeyError, TypeError, ValueError, SimError) as exc:
-        raise CheckpointError(f"{side}: corrupt export sidecar ({exc}); re-export") from None
-    if len(names) != model.num_classes:
-        raise CheckpointError(
-            f"{side}: {len(names)} class names for num_classes={model.num_classes}; the sidecar "
-            "does not belong to this model, re-export"
-        )
-    return sidecar
+    where = f"{side}: corrupt export sidecar"
+    desc = model_description(where, version=data.get("format_version"),
+                             supported_version=SIDECAR_VERSION,
+                             model_config=data.get("model_config"),
+                             inference_config=data.get("inference_config"),
+                             class_names=data.get("class_names"), extra=data.get("extra", {}))
+    rules, graphs = data.get("input_rules", {}), data.get("graphs")
+    if not isinstance(rules, dict) or not isinstance(graphs, dict) or not all(
+            isinstance(g, dict) and isinstance(g.get("file"), str) for g in graphs.values()):
+        raise CheckpointError(f"{where}: 'input_rules' and 'graphs' must be objects, each graph "
+                              "with its 'file'; re-export")
+    checked_static_shape(rules.get("static_shape"), where)
+    engines = data.get("engines", {})
+    if not isinstance(engines, dict) or not isinstance(data.get("export_id"), str):
+        raise CheckpointError(f"{where}: 'engines' must be an object and 'export_id' text; "
+                              "re-export")
+    quantization = data.get("quantization")
+    return ExportSidecar(side, desc.format_version, data["export_id"], desc.class_names,
+                         desc.model, desc.inference, dict(rules), dict(graphs), dict(engines),
+                         desc.extra, precision=checked_precision(data.get("precision", "fp32"),
+                                                                 where),
+                         quantization=quantization if isinstance(quantization, dict) else None)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from ..config import MAX_INPUT_SIDE
 from ..errors import InputError, SimError
 from ..inference.images import IMAGE_EXTENSIONS
 from ..masks import InstanceMasks
@@ -64,7 +65,7 @@ def add_image_size_option(parser: argparse.ArgumentParser) -> None:
         "--image-size", type=int, nargs="+", default=None, metavar=("SHORT", "LONG"),
         help="resize the shorter side to SHORT (longer side at most LONG, default SHORT x the "
              "model's ratio) instead of the model's size; for objects smaller or larger than "
-             "in training (see 'sim info')")
+             f"in training (see 'sim info'); 32 <= SHORT <= LONG <= {MAX_INPUT_SIDE}")
 
 
 def add_box_scale_option(parser: argparse.ArgumentParser) -> None:

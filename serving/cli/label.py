@@ -1,4 +1,9 @@
-"""``sim label`` / ``python -m serving label``: turn a box-only COCO dataset into a mask dataset.
+"""``sim label`` / ``python -m serving label``: turn a box-only dataset into a mask dataset.
+
+The boxes come as COCO JSON, a YOLO detection folder or a Label Studio JSON export (picked by
+the input's shape, or ``--input-format``; :mod:`serving.formats.boxsets` reads each into the
+COCO form below) and the labels go out as COCO (below), a YOLO segmentation folder or Label
+Studio predictions (``--format``; default: the input's own format).
 
 Every non-crowd box annotation gets the box-prompted mask of the model (the annotation's
 category is the prompt's class when its name is one of the model's classes; otherwise the
@@ -37,15 +42,24 @@ import argparse
 import copy
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
-from ..files import check_writable_file, write_json
+from ..files import check_writable_dir, check_writable_file
+from ..formats.boxsets import (
+    INPUT_FORMATS,
+    OUTPUT_ENCODING,
+    BoxSet,
+    output_format,
+    read_boxes,
+    write_labels,
+)
 from ..formats.coco import boxes_by_image, read_coco_json
+from ..formats.labelstudio import read_label_config, result_names
 from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..segmenter import Segmenter
 from .common import (
@@ -77,6 +91,8 @@ class LabelSummary:
     #: One-line warnings about the input against the model's own data (sizes, scores).
     advice: list[str] = field(default_factory=list)
     metrics: dict[str, float] | None = None
+    #: One-line notes from writing the output format (masks it could not hold).
+    notes: list[str] = field(default_factory=list)
     interrupted: bool = False
     output: Path = Path(".")
     #: False in the processes other than 0 of a multi-process run: they write no output.
@@ -101,7 +117,16 @@ class LabelOptions:
     skip_empty: bool = False
     image_size: tuple[int, ...] | None = None
     dtype: str = "fp32"
+    #: ``auto``, ``coco``, ``yolo`` or ``labelstudio`` (:mod:`serving.formats.boxsets`).
+    input_format: str = "auto"
+    #: A Label Studio labelling config (XML text) naming the results written.
+    label_config: str | None = None
     box_scale: bool = True
+
+    @property
+    def encoding(self) -> str:
+        """The COCO mask encoding the output format is made from (``rle`` or ``polygon``)."""
+        return OUTPUT_ENCODING[self.fmt]
 
 
 def _encode(mask: np.ndarray, fmt: str) -> tuple[Any, bool]:
@@ -137,26 +162,32 @@ def _has_masks(dataset: dict[str, Any]) -> bool:
 
 
 def _checked_inputs(model: str, annotations: str, images: str, output: str,
-                    opts: LabelOptions) -> tuple[Path, Path, Path, dict[str, Any]]:
-    """Check every path and option before any work; returns (model, images, output, dataset)."""
+                    opts: LabelOptions) -> tuple[Path, Path, Path, BoxSet, LabelOptions]:
+    """Check every path and option before any work; returns (model, images, output, boxes,
+    the options with the output format settled)."""
     if opts.batch_size < 1:
         raise InputError(f"--batch-size {opts.batch_size}: must be at least 1")
-    if opts.fmt not in ("rle", "polygon"):
-        raise InputError(f"--format {opts.fmt}: choose rle or polygon")
-    out = check_writable_file(output)
-    if out.exists() and Path(annotations).exists() and out.samefile(annotations):
-        raise InputError(f"output {out}: is the input annotations file; write the labels to "
-                         "another file")
     model_path = check_model_path(model)
     image_dir = Path(images)
     if not image_dir.is_dir():
         raise InputError(f"images {image_dir}: not a folder; pass the dataset's image folder")
-    dataset = read_coco_json(annotations, "annotations")
-    if opts.fmt == "polygon":
+    boxes = read_boxes(annotations, image_dir, opts.input_format)
+    opts = replace(opts, fmt=output_format(opts.fmt, boxes.source))
+    out = check_writable_dir(output) if opts.fmt == "yolo" else check_writable_file(output)
+    if out.exists() and Path(annotations).exists() and out.samefile(annotations):
+        raise InputError(f"output {out}: is the input annotations file; write the labels to "
+                         "another file")
+    if opts.fmt == "labelstudio":
+        from ..formats.labelstudio import brush_module
+
+        brush_module()
+    if opts.label_config is not None:
+        result_names(opts.label_config, "brush")  # not XML: stop before any work
+    if opts.encoding == "polygon":
         from ..formats.polygons import require_polygon_support
 
         require_polygon_support()
-    return model_path, image_dir, out, dataset
+    return model_path, image_dir, out, boxes, opts
 
 
 def _ground_truth(dataset: dict[str, Any], annotations: str,
@@ -202,7 +233,7 @@ def _entry(outcome: Outcome, fmt: str) -> dict[str, Any]:
     areas = pred.areas if pred is not None else None
     for i, ann_id in enumerate(outcome.prompt_ids):
         assert pred is not None and areas is not None
-        segm, fallback = _encode(pred.mask(i), fmt)  # one full-size mask at a time
+        segm, fallback = _encode(pred.mask(i), OUTPUT_ENCODING[fmt])  # one full-size mask at a time
         area = int(areas[i])
         labelled.append({"id": ann_id, "segmentation": segm, "area": area,
                          "score": round(float(pred.scores[i]), 5), "rle": fallback,
@@ -271,10 +302,13 @@ def _runner(model_path: Path, annotations: str, out: Path, opts: LabelOptions,
     return runner
 
 
-def _before_work(seg: Segmenter, dataset: dict[str, Any], orphans: list[tuple[Any, str]],
+def _before_work(seg: Segmenter, boxes: BoxSet, orphans: list[tuple[Any, str]],
                  summary: LabelSummary) -> None:
-    """Process 0's notes before the work: refused annotations, unknown categories, and
-    whether the boxes' sizes suit the model's input size."""
+    """Process 0's notes before the work: entries the reader skipped, refused annotations,
+    unknown categories, and whether the boxes' sizes suit the model's input size."""
+    dataset = boxes.dataset
+    for where, reason in boxes.skipped:
+        report(f"skipped: {where}: {reason}")
     for ann_id, reason in orphans:
         report(f"rejected: annotation {ann_id}: {reason}; left unchanged")
     note_unknown_categories(dataset)
@@ -303,10 +337,12 @@ def _label_share(seg: Segmenter, jobs: list[Job], runner: JobRunner, dataset: di
     return True
 
 
-def _write_output(seg: Segmenter, summary: LabelSummary, dataset: dict[str, Any],
+def _write_output(seg: Segmenter, summary: LabelSummary, boxes: BoxSet, image_dir: Path,
                   jobs: list[Job], records: WorkRecords, gt: dict[str, Any] | None,
                   opts: LabelOptions) -> None:
-    """Process 0: merge every process's labels into the output, report and evaluate."""
+    """Process 0: merge every process's labels into the output (in the output format),
+    report and evaluate."""
+    dataset = boxes.dataset
     names = {job.key: str((job.entry or {}).get("file_name")) for job in jobs}
     summary.failed_images += [(names[k], r["error"]) for k, r in records.failures.items()]
     result = merge_labels(dataset, jobs, records.results, summary, opts.skip_empty)
@@ -316,7 +352,11 @@ def _write_output(seg: Segmenter, summary: LabelSummary, dataset: dict[str, Any]
                                        "image_size": [seg.cfg.min_size, seg.cfg.max_size],
                                        "box_scale": seg.box_scale,
                                        "empty_fraction": EMPTY_FRACTION}
-    write_json(summary.output, result)
+    summary.notes += write_labels(summary.output, result, boxes, opts.fmt, image_dir,
+                                  {"label_config": opts.label_config,
+                                   "model_version": _model_version(seg)})
+    if opts.fmt not in ("rle", "polygon"):
+        summary.rle_fallback = 0  # the writer's own note counts the masks it left out
     assert summary.report is not None
     summary.report.write(report_path(summary.output))
     advice = score_advice(calibration_of(seg), summary.report.scores)
@@ -329,18 +369,27 @@ def _write_output(seg: Segmenter, summary: LabelSummary, dataset: dict[str, Any]
         summary.metrics = evaluate_coco(gt, labels_to_results(result, ids), iou_types=("segm",))
 
 
+def _model_version(seg: Segmenter) -> str:
+    """The ``model_version`` written into Label Studio predictions: the model file's name."""
+    return Path(str(seg.info.get("path", "sim"))).name or "sim"
+
+
 def report_path(output: Path) -> Path:
     """Where the per-class / per-image report of ``output`` goes."""
     return output.with_name(output.stem + ".report.json")
 
 
-def run_label(model: str, annotations: str, images: str, output: str, fmt: str = "rle",
+def run_label(model: str, annotations: str, images: str, output: str, fmt: str | None = None,
               evaluate: bool | str = False, batch_size: int = 4, device: str = "auto",
               workers: int = 2, overwrite: bool = False, progress: bool = True,
               skip_empty: bool = False, image_size: Sequence[int] | None = None,
-              dtype: str = "fp32", shard: Shard | None = None,
-              box_scale: bool = True) -> LabelSummary:
+              dtype: str = "fp32", shard: Shard | None = None, input_format: str = "auto",
+              label_config: str | None = None, box_scale: bool = True) -> LabelSummary:
     """Run the ``label`` command (see the module docstring); returns its summary.
+
+    ``fmt``: the output format (:data:`serving.formats.boxsets.OUTPUT_ENCODING`; ``None``:
+    the input format's own); ``input_format``: ``auto`` or the input's format;
+    ``label_config``: a Label Studio labelling config file naming the results written.
 
     ``evaluate``: ``True`` compares with the input's masks, a path with that COCO JSON's.
     ``image_size``: ``(short side, long-side cap)`` at inference, instead of the model's;
@@ -351,27 +400,29 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str =
 
     Raises :class:`SimError` subclasses (one-line messages) for problems found before work.
     """
-    opts = LabelOptions(fmt, evaluate, batch_size, device, workers, overwrite, progress,
-                        skip_empty, tuple(image_size) if image_size else None, dtype,
-                        box_scale)
-    model_path, image_dir, out, dataset = _checked_inputs(model, annotations, images, output,
-                                                          opts)
+    config = read_label_config(label_config)
+    opts = LabelOptions(fmt or "auto", evaluate, batch_size, device, workers, overwrite,
+                        progress, skip_empty, tuple(image_size) if image_size else None, dtype,
+                        input_format, config, box_scale)
+    model_path, image_dir, out, boxes, opts = _checked_inputs(model, annotations, images,
+                                                              output, opts)
+    dataset = boxes.dataset
     gt = _ground_truth(dataset, annotations, evaluate)
     shard = shard or current_shard(device)
     jobs, orphans = label_jobs(dataset, image_dir)
     runner = _runner(model_path, annotations, out, opts, jobs, shard)
-    summary = LabelSummary(0, rejected=list(orphans), output=out)
+    summary = LabelSummary(0, rejected=list(orphans) + list(boxes.skipped), output=out)
     mine = runner.start()
     seg = load_model(model_path, shard.device or device, opts.image_size, opts.dtype,
                      opts.box_scale)
     if shard.is_main:
-        _before_work(seg, dataset, orphans, summary)
+        _before_work(seg, boxes, orphans, summary)
     if not _label_share(seg, mine, runner, dataset, opts, shard):
         summary.interrupted = True
         return summary
     records = runner.finish()
     if shard.is_main:
-        _write_output(seg, summary, dataset, jobs, records, gt, opts)
+        _write_output(seg, summary, boxes, image_dir, jobs, records, gt, opts)
     else:
         summary.merged = False
     return summary
@@ -381,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog("python -m serving label"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Auto-label a box-only COCO dataset: one box-prompted mask per box. Exit "
+        description="Auto-label a box-only dataset (COCO, YOLO or a Label Studio export): one "
+                    "box-prompted mask per box. Exit "
                     "codes: 0 ok, 1 error before work, 2 bad arguments, 3 some images failed "
                     "or boxes were rejected, 130 interrupted (rerun to continue).",
         epilog="examples:\n"
@@ -392,14 +444,23 @@ def build_parser() -> argparse.ArgumentParser:
                "# 2 processes")
     parser.add_argument("--model", required=True, metavar="PATH",
                         help="checkpoint (.safetensors), ONNX file (.onnx) or TensorRT engine")
-    parser.add_argument("--annotations", required=True, metavar="BOXES_COCO_JSON",
-                        help="COCO JSON with box annotations")
+    parser.add_argument("--annotations", required=True, metavar="BOXES",
+                        help="the boxes: a COCO JSON, a YOLO labels folder (with classes.txt "
+                             "or data.yaml) or a Label Studio JSON export")
+    parser.add_argument("--input-format", default="auto", choices=list(INPUT_FORMATS),
+                        help="format of --annotations (default: from its shape)")
     parser.add_argument("--images", required=True, metavar="DIR",
                         help="folder the JSON's file_name entries are relative to")
-    parser.add_argument("--output", required=True, metavar="OUT_JSON",
-                        help="where to write the labelled COCO JSON")
-    parser.add_argument("--format", default="rle", choices=["rle", "polygon"],
-                        help="segmentation encoding (polygon needs scikit-image)")
+    parser.add_argument("--output", required=True, metavar="OUT",
+                        help="where to write the labels: a JSON file, or a folder for yolo")
+    parser.add_argument("--format", default=None, choices=list(OUTPUT_ENCODING),
+                        help="output: COCO with rle or polygon masks, a YOLO segmentation "
+                             "folder, Label Studio predictions as brush masks (labelstudio) "
+                             "or polygons; default: the input's format (COCO: rle). Polygons "
+                             "need scikit-image, labelstudio needs label-studio-converter")
+    parser.add_argument("--label-config", default=None, metavar="XML",
+                        help="Label Studio output: the project's labelling config, whose "
+                             "BrushLabels/PolygonLabels name the results")
     parser.add_argument("--evaluate", nargs="?", const=True, default=False,
                         metavar="MASKS_JSON",
                         help="report mask AP of the labels against the input's masks, or "
@@ -422,6 +483,7 @@ def _run_from_args(args: argparse.Namespace, shard: Shard) -> LabelSummary:
                      workers=args.workers, overwrite=args.overwrite,
                      progress=not args.no_progress, skip_empty=args.skip_empty,
                      image_size=args.image_size, dtype=args.dtype, shard=shard,
+                     input_format=args.input_format, label_config=args.label_config,
                      box_scale=args.box_scale == "on")
 
 
@@ -436,6 +498,8 @@ def _print_summary(summary: LabelSummary) -> None:
     if summary.report is not None and summary.report.scores:
         print("\n".join(summary.report.lines()))
         print(f"per-image report: {report_path(summary.output)}")
+    for note in summary.notes:
+        print(f"note: {note}")
     if summary.rle_fallback:
         print(f"note: {summary.rle_fallback} masks had no polygon (empty or too thin) and "
               "were written as RLE")

@@ -40,7 +40,8 @@ from PIL import Image
 
 from ..errors import InputError
 from ..files import check_writable_dir, write_json
-from ..formats.coco import boxes_by_image, read_coco_json
+from ..formats.boxsets import OUTPUT_ENCODING, labelled_dataset, read_boxes, write_labels
+from ..formats.coco import boxes_by_image
 from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..prediction import Prediction
 from ..segmenter import Segmenter
@@ -106,6 +107,8 @@ class PredictOptions:
     vis_labels: bool = True
     vis_threshold: float | None = None
     dtype: str = "fp32"
+    #: Prompted masks also as ``yolo`` / ``labelstudio`` / ``labelstudio-polygon`` labels.
+    fmt: str = "coco"
     box_scale: bool = True
 
     def __post_init__(self) -> None:
@@ -118,6 +121,8 @@ class PredictOptions:
             object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         if self.batch_size < 1:
             raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.fmt != "coco" and not self.boxes:
+            raise InputError(f"--format {self.fmt}: labels need prompt boxes; add --boxes")
         for name in ("score_threshold", "vis_threshold"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -176,7 +181,7 @@ def _plan(inputs: Sequence[str], out: Path, opts: PredictOptions, notes: bool = 
     """Jobs for the input images (prompted by their boxes when ``--boxes`` is given), the
     files by job key, and the boxes JSON. ``notes``: report what is skipped (process 0)."""
     files = find_images(inputs, exclude=out)
-    coco = read_coco_json(opts.boxes, "boxes") if opts.boxes else None
+    coco = _read_prompt_boxes(opts.boxes, inputs) if opts.boxes else None
     matched: dict[Path, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     if coco is not None:
         matched = _match_boxes(files, coco)
@@ -195,6 +200,35 @@ def _plan(inputs: Sequence[str], out: Path, opts: PredictOptions, notes: bool = 
         jobs.append(Job(str(f.path), f.path, fingerprint(file_stamp(f.path), entry, anns),
                         entry, anns))
     return jobs, {str(f.path): f for f in files}, coco
+
+
+def _box_images(inputs: Sequence[str]) -> Path:
+    """The folder YOLO and Label Studio boxes are scaled by: the first input folder."""
+    return next((Path(i) for i in inputs if Path(i).is_dir()), Path("."))
+
+
+def _read_prompt_boxes(boxes: str, inputs: Sequence[str]) -> dict[str, Any]:
+    """``--boxes`` in any box format (:func:`serving.formats.boxsets.read_boxes`; YOLO and
+    Label Studio boxes are scaled by the images in the first input folder), as COCO. Entries
+    the reader refuses are reported and left out."""
+    boxset = read_boxes(boxes, _box_images(inputs), "auto", "boxes")
+    for where, reason in boxset.skipped:
+        report(f"skipped: {where}: {reason}")
+    return boxset.dataset
+
+
+def _write_labels(out: Path, inputs: Sequence[str], records: WorkRecords,
+                  opts: PredictOptions) -> None:
+    """``--format``: the prompted masks as labels of the boxes' dataset, in ``out/yolo`` or
+    ``out/labelstudio.json`` (:func:`serving.formats.boxsets.write_labels`)."""
+    folder = _box_images(inputs)
+    assert opts.boxes is not None
+    boxset = read_boxes(opts.boxes, folder, "auto", "boxes")
+    results = [res for rec in records.results.values() for res in rec["results"]]
+    labelled = labelled_dataset(boxset.dataset, results, OUTPUT_ENCODING[opts.fmt])
+    target = out / ("yolo" if opts.fmt == "yolo" else "labelstudio.json")
+    for note in write_labels(target, labelled, boxset, opts.fmt, folder):
+        report(f"note: {note}")
 
 
 def _image_ids(jobs: list[Job], records: WorkRecords) -> dict[str, int]:
@@ -411,6 +445,8 @@ def run_predict(model: str, inputs: Sequence[str], output: str, shard: Shard | N
         summary.merged = False
         return summary
     write_outputs(out, jobs, records.results, categories)
+    if opts.fmt != "coco":
+        _write_labels(out, inputs, records, opts)
     _summarise(summary, jobs, records)
     if not summary.interrupted:
         summary.advice += _score_check(seg, records, prompted=coco is not None)
@@ -436,8 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, nargs="+", metavar="DIR|GLOB|FILE",
                         help="folders (searched recursively), glob patterns or image files")
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--boxes", metavar="COCO_JSON",
-                        help="prompt boxes: COCO JSON whose images match inputs by file_name")
+    parser.add_argument("--boxes", metavar="BOXES",
+                        help="prompt boxes: a COCO JSON, YOLO labels folder or Label Studio "
+                             "export whose images match the inputs by file name")
+    parser.add_argument("--format", default="coco",
+                        choices=["coco", "yolo", "labelstudio", "labelstudio-polygon"],
+                        help="with --boxes: also write the masks as YOLO segmentation labels "
+                             "(OUT/yolo) or Label Studio predictions (OUT/labelstudio.json)")
     parser.add_argument("--score-threshold", type=float, default=None, metavar="T",
                         help="automatic mode: drop instances scoring below T")
     parser.add_argument("--save-vis", nargs="?", const="jpg", default=None,
@@ -466,7 +507,7 @@ def _run_from_args(args: argparse.Namespace, shard: Shard) -> PredictSummary:
                        save_masks=args.save_masks, workers=args.workers,
                        overwrite=args.overwrite, progress=not args.no_progress,
                        image_size=args.image_size, vis_labels=args.vis_labels == "on",
-                       vis_threshold=args.vis_threshold, dtype=args.dtype,
+                       vis_threshold=args.vis_threshold, dtype=args.dtype, fmt=args.format,
                        box_scale=args.box_scale == "on")
 
 

@@ -41,6 +41,9 @@ def _check_entries(data: dict[str, Any], key: str, where: str) -> None:
             if name in entry and not _is_int(entry[name]):
                 raise DatasetError(f"{where}: {key}[{i}] has {name} {entry[name]!r}; it must be "
                                    "an integer (COCO convention)")
+            if key == "images" and name != "id" and name in entry and entry[name] < 1:
+                raise DatasetError(f"{where}: images[{i}] has {name} {entry[name]}; it must be "
+                                   "the image's size in pixels (at least 1), or left out")
 
 
 def _check_unique(data: dict[str, Any], where: str) -> None:

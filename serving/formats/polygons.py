@@ -9,6 +9,8 @@ lazily; without it :func:`require_polygon_support` raises a one-line error.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import InputError
@@ -62,3 +64,25 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = SIMPLIFY_TOLERANCE,
             continue
         polygons.append(np.stack([x, y], axis=1).round(2).ravel().tolist())
     return polygons
+
+
+def largest_polygon(polygons: list[list[float]]) -> list[float]:
+    """The polygon ``[x1, y1, x2, y2, ...]`` of largest area (shoelace) among ``polygons``;
+    formats that hold one polygon per object (YOLO segmentation, Label Studio polygons) keep
+    this part of a mask."""
+    def area(p: list[float]) -> float:
+        xs, ys = np.asarray(p[0::2], np.float64), np.asarray(p[1::2], np.float64)
+        return abs(float(np.sum(xs * np.roll(ys, 1) - np.roll(xs, 1) * ys))) / 2
+
+    return max(polygons, key=area)
+
+
+def scaled_up(values: list[float], scale: float, decimals: int) -> list[float]:
+    """``values * scale`` (pixels to a normalised or percent frame) rounded *up* at
+    ``decimals``. Polygon vertices from :func:`mask_to_polygons` sit on pixel edges, where
+    pycocotools' rasteriser rounds half up; rounding them up keeps each vertex on the side of
+    the edge it came from, so the written polygon rasterises to the same pixels (rounding
+    to nearest moves half of them a pixel column inwards). The error is below
+    ``10**-decimals`` of the frame."""
+    factor = 10 ** decimals
+    return [math.ceil(v * scale * factor - 1e-6) / factor for v in values]

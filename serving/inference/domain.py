@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ImageError
 from .transforms import resized_shape
 
 #: Object sizes further apart than this factor (either way) get an image-size suggestion.
@@ -51,12 +52,16 @@ def box_sizes(boxes_and_sizes: Iterable[tuple[np.ndarray, tuple[int, int]]],
         min_size / max_size: the resize rule (shorter side / longer-side cap).
 
     Returns:
-        (N,) float64 sizes in network-input pixels.
+        (N,) float64 sizes in network-input pixels. Images the resize rule refuses (an
+        extreme aspect ratio) are left out: their own processing reports them.
     """
     out = []
     for boxes, (h, w) in boxes_and_sizes:
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        scale = resized_shape(h, w, min_size, max_size)[0] / h
+        try:
+            scale = resized_shape(h, w, min_size, max_size)[0] / h
+        except ImageError:
+            continue
         side = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None)
                        * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
         out.append(side * scale)

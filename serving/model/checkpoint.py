@@ -17,10 +17,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import InferenceConfig, ModelConfig, config_from_dict, config_to_dict
-from ..errors import CheckpointError, SimError
+from ..config import InferenceConfig, ModelConfig, config_to_dict
+from ..errors import CheckpointError
 from ..files import atomic_write
 from . import CondInst, build_condinst
+from .metadata import model_description, parse_json
 
 FORMAT_NAME = "sim-condinst"
 FORMAT_VERSION = 1
@@ -81,27 +82,17 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
             f"checkpoint {path}: missing the '{FORMAT_NAME}' header; pass a checkpoint written "
             "by this project (training's model_final.safetensors)"
         )
-    version = int(meta.get("format_version", "0"))
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path}: format version {version} is newer than this library "
-            f"({FORMAT_VERSION}); upgrade the library"
-        )
-    try:
-        model_cfg = config_from_dict(ModelConfig, json.loads(meta["model_config"]),
-                                     f"checkpoint {path}")
-        infer_cfg = config_from_dict(InferenceConfig, json.loads(meta["inference_config"]),
-                                     f"checkpoint {path}")
-        names = tuple(json.loads(meta["class_names"]))
-        extra = json.loads(meta.get("extra", "{}"))
-    except (KeyError, json.JSONDecodeError, TypeError, SimError) as exc:
-        raise CheckpointError(f"checkpoint {path}: corrupt metadata ({exc})") from None
-    if len(names) != model_cfg.num_classes:
-        raise CheckpointError(
-            f"checkpoint {path}: {len(names)} class names for num_classes="
-            f"{model_cfg.num_classes}; the metadata is inconsistent, re-save the checkpoint"
-        )
-    return CheckpointInfo(model_cfg, infer_cfg, names, version, extra)
+    where = f"checkpoint {path}: corrupt metadata"
+    fields = {}
+    for key in ("model_config", "inference_config", "class_names"):
+        if key not in meta:
+            raise CheckpointError(f"{where}: no '{key}' field; re-save the checkpoint")
+        fields[key] = parse_json(meta[key], where, key)
+    desc = model_description(where, version=meta.get("format_version", "0"),
+                             supported_version=FORMAT_VERSION,
+                             extra=parse_json(meta.get("extra", "{}"), where, "extra"), **fields)
+    return CheckpointInfo(desc.model, desc.inference, desc.class_names, desc.format_version,
+                          desc.extra)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
-
+from ..inference.boxes import mask_pixels  # noqa: F401 (the server's admission cost)
 from ..inference.images import MAX_IMAGE_PIXELS
 from ..segmenter import Segmenter
+from .admission import DEFAULT_ADMISSION_WAIT_S, DEFAULT_MEMORY_BUDGET_MB
 
 #: Memory for the masks of the requests in flight (boolean crops: one byte per pixel).
 MASK_MEMORY_BYTES = 512 << 20
@@ -34,6 +35,9 @@ class ServerSettings:
         body_timeout_s: a request body must arrive within this (else 408).
         shutdown_grace_s: on SIGTERM, ``/readyz`` answers 503 for this long while requests
             are still served; then the server stops accepting and drains.
+        memory_budget_mb: the bytes all requests in flight may hold together, from the first
+            byte of their bodies to their answers (:mod:`serving.server.admission`).
+        admission_wait_s: how long a request may wait for room in that budget (then 503).
     """
 
     max_batch: int = 8
@@ -48,12 +52,18 @@ class ServerSettings:
     keep_alive_s: float = 5.0
     body_timeout_s: float = 60.0
     shutdown_grace_s: float = 5.0
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
+    admission_wait_s: float = DEFAULT_ADMISSION_WAIT_S
 
     def __post_init__(self) -> None:
         if self.max_pixels > MAX_IMAGE_PIXELS:
             raise ValueError(f"max_pixels={self.max_pixels} is above the ceiling of "
                              f"{MAX_IMAGE_PIXELS} pixels that the image decoder accepts; "
                              f"use at most {MAX_IMAGE_PIXELS}")
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(self.memory_budget_mb * (1 << 20))
 
     @property
     def max_body_bytes(self) -> int:
@@ -91,24 +101,57 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def mask_pixels(boxes: np.ndarray | None, image_size: tuple[int, int],
-                clip_to_box: bool = True) -> int:
-    """The pixels a request's masks may cover: the cost the server admits and batches by.
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header declares: (width, height) as displayed (EXIF rotation
+    applied) and Pillow's ``mode``. ``None`` fields: no Pillow plugin reads the header."""
 
-    Prompted masks clipped to their boxes cover at most the boxes' areas (in whole pixels,
-    summed over boxes); unclipped ones, the image per box. Automatic mode counts the image
-    once (its masks are kept as crops of their own extent).
+    width: int
+    height: int
+    mode: str
 
-    Args:
-        boxes: (M, 4) XYXY original pixels, clipped to the image, or ``None`` (automatic).
-        image_size: (H, W) of the original image.
-    """
-    h, w = image_size
-    if boxes is None:
-        return h * w
-    if not clip_to_box:
-        return h * w * len(boxes)
-    b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    widths = np.clip(np.ceil(b[:, 2]) - np.floor(b[:, 0]), 0, w)
-    heights = np.clip(np.ceil(b[:, 3]) - np.floor(b[:, 1]), 0, h)
-    return int(np.sum(widths * heights))
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def _orientation(img: Any) -> int:
+    """The EXIF orientation an opened (not decoded) image declares, 1 when unknown. Only EXIF
+    read with the header counts: ``getexif()`` would decode a whole PNG to look for an eXIf
+    chunk after the pixels (that image's boxes are checked again once decoded)."""
+    from PIL import Image
+
+    try:
+        raw = img.info.get("exif")
+        if raw:
+            exif = Image.Exif()
+            exif.load(raw)
+        elif img.format == "TIFF":  # tags are in the header
+            exif = img.getexif()
+        else:
+            return 1
+        return int(exif.get(0x0112, 1))
+    except Exception:  # noqa: BLE001 (a broken EXIF block: the decoder ignores it too)
+        return 1
+
+
+def read_header(data: bytes) -> ImageHeader | None:
+    """The header of an encoded image file, without decoding a pixel (``None``: unreadable;
+    the decoder then says why). Past Pillow's decompression-bomb refusal the size is read by
+    :func:`header_size` (mode unknown: counted as the costliest); when that fails too,
+    Pillow's ``DecompressionBombError`` is raised."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if _orientation(img) in (5, 6, 7, 8):
+                w, h = h, w
+            return ImageHeader(int(w), int(h), str(img.mode))
+    except Image.DecompressionBombError:
+        size = header_size(data)
+        if size is None:
+            raise
+        return ImageHeader(size[0], size[1], "I")
+    except Exception:  # noqa: BLE001 (not readable: load_image reports why)
+        return None

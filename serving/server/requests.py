@@ -5,10 +5,14 @@ Order of checks for ``POST /v1/segment`` (cheapest first, all before any batchin
 1. ``Content-Type`` neither multipart/form-data nor application/json -> 415;
 2. ``Content-Length`` over the body limit -> 413 before reading anything;
 3. the body is read with a running count -> 413 as soon as it passes the limit;
+   (its bytes count against the memory budget as they arrive: no room -> 503);
 4. the body is parsed (400 if it is not JSON / multipart) and its fields validated (422);
-5. the image header is read: too many pixels -> 413; then decoded (422 if it cannot be);
+5. the image header is read (nothing decoded): too many pixels -> 413;
 6. boxes are checked and clipped (422 naming the box index), labels resolved (422);
-7. the pixels the masks may cover (:func:`mask_pixels`) over ``--max-mask-pixels`` -> 413.
+7. the pixels the masks may cover (:func:`mask_pixels`) over ``--max-mask-pixels`` -> 413;
+8. the request waits for its bytes in the memory budget (:mod:`serving.server.admission`;
+   503 with ``Retry-After`` when none come free in time), then the image is decoded (422 if
+   it cannot be).
 
 Every error is an :class:`ApiError` rendered as ``{"error": {"code", "message", "field"}}``.
 Imported only by :mod:`serving.server.app`.
@@ -19,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +38,9 @@ from ..errors import BoxError, ImageError, InputError
 from ..inference.boxes import validate_boxes
 from ..inference.images import load_image
 from ..segmenter import Segmenter
+from .admission import request_bytes
 from .batching import JobResult, SegmentJob
-from .limits import ServerSettings, header_size, mask_pixels
+from .limits import ImageHeader, ServerSettings, mask_pixels, read_header
 from .schemas import (
     RLE,
     Instance,
@@ -59,8 +64,10 @@ FIXES = {
 class ApiError(Exception):
     """An HTTP error with a JSON body ``{"error": {"code", "message", "field"}}``."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.code = code
         self.message = message
@@ -85,9 +92,11 @@ def _too_large(size: str, limit: int) -> ApiError:
                     "(downscale or recompress it)", "body")
 
 
-async def read_body(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+async def read_body(request: Request, max_bytes: int, timeout_s: float | None = None,
+                    on_bytes: Callable[[int], None] | None = None) -> bytes:
     """The request body, refusing (413) from ``Content-Length`` or while reading, and (408)
-    when it has not all arrived after ``timeout_s`` seconds."""
+    when it has not all arrived after ``timeout_s`` seconds. ``on_bytes(n)`` is called per
+    chunk before it is kept (the memory budget: it may raise to refuse the request)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > max_bytes:
         raise _too_large(f"{int(length)} bytes", max_bytes)
@@ -99,6 +108,8 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float | None = 
             total += len(chunk)
             if total > max_bytes:
                 raise _too_large(f"more than {total} bytes", max_bytes)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
             chunks.append(chunk)
 
     try:
@@ -144,9 +155,27 @@ def _decode_base64(text: str) -> bytes:
                        "file with base64 (for example `base64 -w0 image.jpg`)", "image") from None
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: a JSON object whose key appears twice is refused (which one
+    counts would be the parser's choice, not the client's)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _parse_json(body: bytes) -> RawSegmentRequest:
     try:
-        data = json.loads(body)
+        data = json.loads(body, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise ApiError(422, "duplicate_field", f"{exc}: sent more than once; send it once",
+                       str(exc)[:40]) from None
     except ValueError as exc:
         raise ApiError(400, "malformed_body", f"body: not valid JSON ({exc}); send a JSON object "
                        "like {\"image\": \"<base64>\"}", "body") from None
@@ -249,10 +278,13 @@ async def _parse_multipart(request: Request, body: bytes) -> RawSegmentRequest:
 
 
 async def parse_segment_request(request: Request, max_bytes: int,
-                                timeout_s: float | None = None) -> RawSegmentRequest:
-    """Read and parse a ``POST /v1/segment`` body (multipart or JSON); see module docstring."""
+                                timeout_s: float | None = None,
+                                on_bytes: Callable[[int], None] | None = None,
+                                ) -> RawSegmentRequest:
+    """Read and parse a ``POST /v1/segment`` body (multipart or JSON); see module docstring
+    (``on_bytes``: see :func:`read_body`)."""
     kind = media_type(request)
-    body = await read_body(request, max_bytes, timeout_s)
+    body = await read_body(request, max_bytes, timeout_s, on_bytes)
     if kind == MULTIPART_TYPE:
         return await _parse_multipart(request, body)
     return _parse_json(body)
@@ -264,74 +296,77 @@ def _indexed_field(message: str, word: str, name: str) -> str:
     return f"{name}[{match.group(1)}]" if match else name
 
 
-def check_pixels(data: bytes, max_pixels: int) -> None:
-    """413 if the image header declares more than ``max_pixels`` (nothing is decoded)."""
+def check_header(data: bytes, max_pixels: int) -> ImageHeader | None:
+    """The image's header (``None``: unreadable, the decoder says why); 413 if it declares
+    more than ``max_pixels``. Nothing is decoded."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            size: tuple[int, int] | None = img.size
-    except Image.DecompressionBombError:  # PIL refused it: read the header size ourselves
-        size = header_size(data)
-        if size is None:
-            raise ApiError(413, "image_too_large", "image: larger than the decoder's "
-                           f"decompression-bomb limit; the limit is {max_pixels} pixels, "
-                           "downscale it", "image") from None
-    except Exception:
-        return  # not readable: load_image reports why
-    w, h = size
-    if w * h > max_pixels:
+        header = read_header(data)
+    except Image.DecompressionBombError:
+        raise ApiError(413, "image_too_large", "image: larger than the decoder's "
+                       f"decompression-bomb limit; the limit is {max_pixels} pixels, "
+                       "downscale it", "image") from None
+    if header is not None and header.pixels > max_pixels:
+        w, h = header.width, header.height
         raise ApiError(413, "image_too_large", f"image: {w}x{h} = {w * h} pixels exceeds the "
                        f"limit of {max_pixels} pixels; downscale it", "image")
+    return header
 
 
-def _check_mask_pixels(job: SegmentJob, limit: int) -> None:
-    """413 when ``job.cost`` is over ``limit`` (``--max-mask-pixels``)."""
-    if job.cost <= limit:
+def _check_mask_pixels(cost: int, boxes: Any, shape: tuple[int, int], limit: int) -> None:
+    """413 when ``cost`` (mask pixels) is over ``limit`` (``--max-mask-pixels``)."""
+    if cost <= limit:
         return
-    h, w = job.image.shape[:2]
-    if job.boxes is None:
-        raise ApiError(413, "masks_too_large", f"image: {w}x{h} = {job.cost} pixels exceeds "
+    h, w = shape
+    if boxes is None:
+        raise ApiError(413, "masks_too_large", f"image: {w}x{h} = {cost} pixels exceeds "
                        f"this server's mask limit of {limit} pixels per request "
                        "(--max-mask-pixels); downscale it", "image")
-    raise ApiError(413, "masks_too_large", f"boxes: the {len(job.boxes)} boxes cover "
-                   f"{job.cost} pixels of the {w}x{h} image in total (box areas summed), over "
+    raise ApiError(413, "masks_too_large", f"boxes: the {len(boxes)} boxes cover "
+                   f"{cost} pixels of the {w}x{h} image in total (box areas summed), over "
                    f"this server's limit of {limit} pixels per request (--max-mask-pixels); "
                    "send fewer or smaller boxes per request (split them over several "
                    "requests) or a downscaled image", "boxes")
 
 
-def prepare_job(raw: RawSegmentRequest, segmenter: Segmenter,
-                settings: ServerSettings) -> SegmentJob:
-    """Decode the image and check the boxes and labels: a job that cannot poison a batch.
+@dataclass
+class PlannedJob:
+    """A request checked against its image header, not yet decoded.
 
-    Runs in a thread (image decoding is CPU work). Raises :class:`ApiError` (413/422). The
-    job's ``cost`` is :func:`mask_pixels`.
+    Attributes:
+        shape: (H, W) the header declares (EXIF rotation applied); ``None``: unreadable.
+        memory: the bytes it may hold once admitted (:func:`admission.request_bytes`).
     """
-    check_pixels(raw.image, settings.max_pixels)
-    try:
-        image = load_image(raw.image)
-    except ImageError as exc:
-        raise ApiError(422, "invalid_image", str(exc), "image") from None
-    except Exception as exc:  # a decoder bug on hostile bytes is still a bad image
-        raise ApiError(422, "invalid_image", f"image: cannot decode ({type(exc).__name__}); "
-                       "re-export it as PNG or JPEG", "image") from None
-    opts = raw.options
+
+    raw: RawSegmentRequest
+    shape: tuple[int, int] | None
+    boxes: Any
+    labels: Any
+    threshold: float | None
+    cost: int
+    memory: int
+
+
+def _check_options(opts: SegmentOptions, shape: tuple[int, int], segmenter: Segmenter,
+                   settings: ServerSettings) -> tuple[Any, Any, float | None, int]:
+    """Boxes, labels, threshold and mask cost of ``opts`` for an image of ``shape`` (422/413)."""
+    h, w = shape
     if opts.boxes is None:
         if opts.labels is not None:
             raise ApiError(422, "invalid_labels", "labels: given without boxes; send one label "
                            "per box in 'boxes', or drop 'labels' for automatic mode", "labels")
         threshold = segmenter.display_threshold if opts.score_threshold is None \
             else opts.score_threshold  # none given: the model's calibrated threshold
-        job = SegmentJob(image, None, None, threshold, mask_pixels(None, image.shape[:2]))
-        _check_mask_pixels(job, settings.max_mask_pixels)
-        return job
+        cost = mask_pixels(None, shape)
+        _check_mask_pixels(cost, None, shape, settings.max_mask_pixels)
+        return None, None, threshold, cost
     limit = settings.boxes_limit(segmenter)
     if len(opts.boxes) > limit:
         raise ApiError(422, "too_many_boxes", f"boxes: {len(opts.boxes)} given, the limit is "
                        f"{limit} per request; split them over several requests", "boxes")
     try:
-        boxes = validate_boxes(opts.boxes, image.shape[:2], limit)
+        boxes = validate_boxes(opts.boxes, shape, limit)
     except BoxError as exc:
         raise ApiError(422, "invalid_boxes", str(exc),
                        _indexed_field(str(exc), "box", "boxes")) from None
@@ -340,10 +375,48 @@ def prepare_job(raw: RawSegmentRequest, segmenter: Segmenter,
     except InputError as exc:
         raise ApiError(422, "invalid_labels", str(exc),
                        _indexed_field(str(exc), "label", "labels")) from None
-    cost = mask_pixels(boxes, image.shape[:2], bool(segmenter.cfg.clip_to_box))
-    job = SegmentJob(image, boxes, labels, opts.score_threshold, cost)
-    _check_mask_pixels(job, settings.max_mask_pixels)
-    return job
+    cost = mask_pixels(boxes, shape, bool(segmenter.cfg.clip_to_box))
+    _check_mask_pixels(cost, boxes, shape, settings.max_mask_pixels)
+    return boxes, labels, opts.score_threshold, cost
+
+
+def plan_job(raw: RawSegmentRequest, segmenter: Segmenter,
+             settings: ServerSettings) -> PlannedJob:
+    """Every check that needs only the image header (413/422), and the bytes the request may
+    hold: automatic masks are counted as ``max_detections`` layers of the image."""
+    header = check_header(raw.image, settings.max_pixels)
+    if header is None:  # unreadable: decoding reports why (Pillow fails at the header)
+        return PlannedJob(raw, None, None, None, None, 0, 0)
+    shape = (header.height, header.width)
+    boxes, labels, threshold, cost = _check_options(raw.options, shape, segmenter, settings)
+    layers = cost if boxes is not None else header.pixels * int(segmenter.cfg.max_detections)
+    return PlannedJob(raw, shape, boxes, labels, threshold, cost,
+                      request_bytes(header.pixels, layers, header.mode))
+
+
+def decode_job(plan: PlannedJob, segmenter: Segmenter, settings: ServerSettings) -> SegmentJob:
+    """Decode the planned request's image (422 if it cannot be): a job that cannot poison a
+    batch. Runs in a thread, after the request's memory is admitted."""
+    try:
+        image = load_image(plan.raw.image)
+    except ImageError as exc:
+        raise ApiError(422, "invalid_image", str(exc), "image") from None
+    except Exception as exc:  # a decoder bug on hostile bytes is still a bad image
+        raise ApiError(422, "invalid_image", f"image: cannot decode ({type(exc).__name__}); "
+                       "re-export it as PNG or JPEG", "image") from None
+    shape = tuple(image.shape[:2])
+    if shape == plan.shape:
+        return SegmentJob(image, plan.boxes, plan.labels, plan.threshold, plan.cost)
+    # the header was unreadable by the planner, or declared another orientation
+    boxes, labels, threshold, cost = _check_options(plan.raw.options, shape,  # type: ignore[arg-type]
+                                                    segmenter, settings)
+    return SegmentJob(image, boxes, labels, threshold, cost)
+
+
+def prepare_job(raw: RawSegmentRequest, segmenter: Segmenter,
+                settings: ServerSettings) -> SegmentJob:
+    """:func:`plan_job` then :func:`decode_job`, without admission (tests, scripts)."""
+    return decode_job(plan_job(raw, segmenter, settings), segmenter, settings)
 
 
 # --------------------------------------------------------------------------- answering

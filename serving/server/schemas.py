@@ -117,6 +117,10 @@ class Limits(BaseModel):
     max_queue: int
     keep_alive_s: float = Field(description="idle connections are closed after this")
     body_timeout_s: float = Field(description="a request body must arrive within this")
+    memory_budget_bytes: int = Field(description="bytes all requests in flight may hold "
+                                     "together (bodies, decoding, inference, masks)")
+    admission_wait_s: float = Field(description="longest wait for room in that budget, "
+                                    "then 503 with Retry-After")
 
 
 class InputRules(BaseModel):
@@ -158,6 +162,10 @@ class Stats(BaseModel):
     large_requests: int = Field(description="requests run alone in the large-request lane")
     queued: int
     batch_sizes: dict[str, int] = Field(description="batch size -> how many batches had it")
+    memory_in_use_bytes: int = Field(description="bytes the requests in flight hold now")
+    memory_peak_bytes: int = Field(description="most bytes held at once since start")
+    waiting_for_memory: int = Field(description="requests waiting for room in the budget")
+    refused_busy: int = Field(description="requests answered 503 for want of memory")
 
 
 ERROR_STATUSES = {

@@ -85,6 +85,10 @@ def test_read_coco_json_errors(tmp_path):
                            r"has image_id \[2\]"),
                           ('{"images": [{"id": 1, "file_name": "a", "height": "96"}]}',
                            "has height '96'"),
+                          ('{"images": [{"id": 1, "file_name": "a", "height": 0}]}',
+                           "has height 0; it must be the image's size in pixels"),
+                          ('{"images": [{"id": 1, "file_name": "a", "width": -5}]}',
+                           "has width -5"),
                           ('{"images": [], "categories": [{"id": 1.5, "name": "x"}]}',
                            "has id 1.5"),
                           ('{"images": [], "categories": [{"id": 1, "name": "x"}, '

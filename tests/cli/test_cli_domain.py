@@ -33,6 +33,27 @@ def test_box_sizes_at_the_network_input():
     assert quantiles([]) == {} and quantiles([1, 2, 3])["p50"] == 2.0
 
 
+def test_an_image_of_extreme_aspect_is_left_out_of_the_statistics_not_fatal():
+    boxes = np.array([[0, 0, 20, 20]], np.float32)
+    sizes = box_sizes([(boxes, (100, 200)), (boxes, (96, 10**12))], 50, 1000)
+    assert sizes.tolist() == [10.0]
+
+
+def test_label_skips_an_image_whose_json_width_is_absurd(tmp_path, capsys):
+    data_json = shapes_dataset(tmp_path / "data", num_images=2)
+    data = json.loads(data_json.read_text())
+    data["images"][1]["width"] = 10**12
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps(data))
+    model = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    code = main(["--model", str(model), "--annotations", str(boxes), "--images",
+                 str(tmp_path / "data" / "images"), "--output", str(tmp_path / "o.json"),
+                 "--device", "cpu", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 3 and "1 images failed" in captured.out, captured
+    assert "differs from the JSON's 1000000000000x96" in captured.err
+
+
 def test_size_advice_suggests_an_image_size_only_past_the_factor():
     calib = {"object_sizes": {"p50": 40.0}}
     assert size_advice(calib, np.full(5, 30.0), 256, 256) is None  # 1.33x: fine

@@ -178,7 +178,7 @@ def test_label_errors_before_work(tmp_path, tiny_checkpoint, dataset, capsys, mo
         (["--annotations", str(boxes), "--images", str(tmp_path / "nope"), "--output",
           str(tmp_path / "o.json")], "not a folder"),
         (["--annotations", str(blocker), "--images", images, "--output",
-          str(tmp_path / "o.json")], "not valid JSON"),
+          str(tmp_path / "o.json")], "neither a COCO JSON"),
         (["--annotations", str(boxes), "--images", images, "--output", str(boxes)],
          "is the input annotations file"),
     ]

@@ -22,8 +22,10 @@ from cli_data import cache_model_loads, decode, one_torch_thread, plain_folder, 
 
 from serving import Segmenter
 from serving.cli.label import run_label
+from serving.cli.lock import OutputLock
 from serving.cli.predict import run_predict
 from serving.cli.shards import Shard, take_share
+from serving.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -211,3 +213,59 @@ def test_two_processes_killed_halfway_then_rerun_equal_one_process(tmp_path, tin
     assert rerun.returncode == 3, output
     assert "label: 120 annotations labelled, 1 rejected, 0 images failed" in output
     assert out.read_bytes() == (tmp_path / "one.json").read_bytes()
+
+
+def _wait_for_records(log: Path, count: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and sum('"anns"' in x for x in log.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{log}: fewer than {count} records after {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_to_the_parent_stops_every_process_and_the_rerun_resumes(tmp_path, sig,
+                                                                         tiny_checkpoint):
+    """SIGTERM or SIGKILL to ``sim label --processes 2``: the launcher and both workers end
+    within seconds (nothing finishes the job behind the user's back), a second run meanwhile
+    is refused by the lock, and the rerun resumes from the kept progress."""
+    import psutil
+
+    boxes = _forty_images(tmp_path / "data")
+    out = tmp_path / "two.json"
+    args = ["label", "--model", str(tiny_checkpoint), "--annotations", str(boxes), "--images",
+            str(tmp_path / "data" / "images"), "--batch-size", "1", "--device", "cpu",
+            "--workers", "0", "--no-progress", "--output", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    parent = _launch(args, env)
+    _wait_for_records(tmp_path / ".two.json.progress.1.jsonl", 3)
+    with pytest.raises(InputError, match=f"in use by another run .sim label, pid {parent.pid}"):
+        OutputLock("label", out).acquire()  # a second run is refused
+    family = psutil.Process(parent.pid).children(recursive=True)
+    assert len(family) >= 3  # the launcher and two workers
+    os.kill(parent.pid, sig)
+    parent.communicate(timeout=60)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [p.cmdline()[-12:] for p in alive]
+    assert not out.exists()
+    rerun = _launch(args, env)
+    output, _ = rerun.communicate(timeout=240)
+    assert rerun.returncode == 3, output  # one box of the data set is rejected
+    assert "label: 120 annotations labelled, 1 rejected, 0 images failed" in output
+    assert not (tmp_path / "two.json.lock").exists()
+
+
+@pytest.mark.slow
+def test_an_error_before_work_is_printed_once_with_two_processes(tmp_path, tiny_checkpoint):
+    boxes = shapes_dataset(tmp_path / "data", num_images=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = _launch(["label", "--model", str(tiny_checkpoint), "--annotations", str(boxes),
+                    "--images", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o.json"),
+                    "--device", "cpu", "--no-progress"], env)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 1, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "nowhere" in errors[0], output
+    assert "Traceback" not in output and "terminate called" not in output, output

@@ -156,14 +156,18 @@ def test_tensorrt_batches_have_the_calibration_shapes(tiny_export, image_folder,
     (["--int8", "--calibration", "EMPTY"], "no images found"),
     (["--int8", "--calibration", "MISSING"], "not found"),
     (["--int8", "--calibration", "EMPTY", "--int8-calibrator"], "--format tensorrt"),
+    (["--int8", "--calibration", "STRIP"], "aspect ratio of 50:1, above this model's limit"),
 ])
 def test_export_cli_refuses_bad_int8_options_before_exporting(tiny_checkpoint, tmp_path, capsys,
                                                               extra, match):
     from export.__main__ import main
 
     (tmp_path / "empty").mkdir()
-    extra = [str(tmp_path / "empty") if a == "EMPTY" else str(tmp_path / "gone") if
-             a == "MISSING" else a for a in extra]
+    (tmp_path / "strip").mkdir()  # one 1000x20 image: beyond the tiny model's 256/8 = 32:1
+    Image.fromarray(np.zeros((20, 1000, 3), np.uint8)).save(tmp_path / "strip" / "s.png")
+    names = {"EMPTY": tmp_path / "empty", "MISSING": tmp_path / "gone",
+             "STRIP": tmp_path / "strip"}
+    extra = [str(names.get(a, a)) for a in extra]
     out = tmp_path / "out"
     assert main(["--checkpoint", str(tiny_checkpoint), "--output", str(out), *extra]) == 1
     err = capsys.readouterr().err.strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,11 +29,21 @@ def test_bad_model_path_is_a_one_line_error(tmp_path, capsys) -> None:
     assert err.startswith("error: checkpoint") and "not found" in err and err.count("\n") == 1
 
 
-def test_bad_flags_are_usage_errors() -> None:
-    for flags in (["--max-batch", "0"], ["--max-wait-ms", "-1"], ["--max-boxes", "0"]):
+def test_bad_flags_are_usage_errors(capsys) -> None:
+    for flags, message in ((["--max-batch", "0"], "--max-batch must be at least 1"),
+                           (["--max-wait-ms", "-1"], "--max-wait-ms must be >= 0"),
+                           (["--max-boxes", "0"], "--max-boxes must be at least 1"),
+                           (["--body-timeout", "nan"], "--body-timeout must be finite"),
+                           (["--timeout-keep-alive", "inf"], "must be finite numbers > 0"),
+                           (["--max-wait-ms", "nan"], "must be finite numbers"),
+                           (["--port", "70000"], "--port 70000: must be 1-65535"),
+                           (["--memory-budget-mb", "nan"], "--memory-budget-mb nan: must be"),
+                           (["--admission-wait", "-1"], "--admission-wait -1: must be")):
         with pytest.raises(SystemExit) as exc:
             serving_main(["serve", "--model", "m.safetensors", *flags])
         assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in err, (flags, err)
 
 
 @pytest.mark.slow
@@ -80,6 +91,9 @@ def test_sigterm_finishes_the_in_flight_request(tiny_checkpoint) -> None:
     assert result["r"].json()["image_size"] == [120, 160]
     assert code in (0, -signal.SIGTERM), log
     assert "Finished server process" in log
+    statement = next(line for line in log.splitlines() if line.startswith("memory budget:"))
+    assert "at most 4096 MB together (--memory-budget-mb)" in statement  # stated at start-up
+    assert re.search(r"at most about \d+ MB resident", statement), statement
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{base}/healthz", timeout=2)
 

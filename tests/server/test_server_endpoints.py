@@ -49,11 +49,13 @@ def test_health_model_and_stats(client, segmenter) -> None:  # noqa: F811
     assert (info["backbone"], info["backend"], info["device"]) == ("mobilenet_v2", "torch", "cpu")
     assert info["limits"] == {"max_body_bytes": 262144, "max_pixels": 120000, "max_boxes": 4,
                               "max_mask_pixels": 2 ** 28, "max_batch": 8, "max_wait_ms": 10.0,
-                              "max_queue": 64, "keep_alive_s": 5.0, "body_timeout_s": 60.0}
+                              "max_queue": 64, "keep_alive_s": 5.0, "body_timeout_s": 60.0,
+                              "memory_budget_bytes": 4096 << 20, "admission_wait_s": 30.0}
     assert info["input"]["content_types"] == ["multipart/form-data", "application/json"]
     assert (info["input"]["resize_min_size"], info["input"]["resize_max_size"]) == (128, 256)
     stats = client.get("/v1/stats").json()
     assert stats["failed"] == 0 and stats["queued"] == 0 and stats["batches"] >= 0
+    assert stats["memory_in_use_bytes"] == 0 and stats["waiting_for_memory"] == 0
 
 
 def test_unknown_path_and_method_use_the_error_envelope(client) -> None:

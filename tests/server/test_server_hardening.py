@@ -4,6 +4,7 @@ connections, shutdown readiness, the offline docs page, mask-area admission and 
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import signal
 import socket
@@ -55,6 +56,13 @@ def test_deeply_nested_json_is_400_not_500(client) -> None:
     r = client.post("/v1/segment", files={"image": ("a.png", encode(scene(0)), "image/png")},
                     data={"boxes": deep.decode()})
     assert "nested too deeply" in error_of(r, 422, "malformed_json", "boxes")
+
+
+def test_a_json_key_sent_twice_is_a_clear_422(client) -> None:
+    image = base64.b64encode(encode(scene(1))).decode()
+    body = f'{{"image": "{image}", "image": "{image}"}}'
+    r = client.post("/v1/segment", content=body, headers={"content-type": "application/json"})
+    assert "sent more than once" in error_of(r, 422, "duplicate_field", "image")
 
 
 def test_boxes_sent_as_a_file_part_is_a_clear_422(client) -> None:

@@ -63,6 +63,12 @@ def test_reversed_and_nan_messages():
         validate_boxes([[200, 10, 300, 50]], SIZE, 10)
 
 
+def test_a_box_under_one_pixel_across_is_named_as_such_not_outside():
+    with pytest.raises(BoxError, match=r"box 0: \[30, 40, 30.5, 60\] is 0.5 x 20 pixels, under "
+                                       "one pixel across"):
+        validate_boxes([[30, 40, 30.5, 60]], SIZE, 10)
+
+
 def test_too_many_boxes():
     boxes = [[0, 0, 10, 10]] * 4
     assert validate_boxes(boxes, SIZE, 4).shape == (4, 4)

@@ -205,3 +205,91 @@ def test_segmenter_load_picks_by_extension(tmp_path, saved):
     with pytest.raises(CheckpointError) as exc:
         Segmenter.from_checkpoint(tmp_path / "missing.safetensors")
     assert "not found" in one_line(exc)
+
+
+def test_model_files_are_written_with_the_umask(tmp_path) -> None:
+    """Checkpoints (and every file written through atomic_write: exports, sidecars) get the
+    permissions a plain open() gives (0644 under umask 022), not mkstemp's private 0600."""
+    import os
+
+    from sim_testing import TINY_CLASSES, tiny_model_config
+
+    from serving import InferenceConfig, build_condinst
+    from serving.files import UMASK, atomic_write
+    from serving.model.checkpoint import save_checkpoint
+
+    cfg = tiny_model_config()
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, build_condinst(cfg), cfg, list(TINY_CLASSES), InferenceConfig())
+    other = tmp_path / "model.onnx"
+    atomic_write(other, lambda tmp: open(tmp, "wb").write(b"x"))
+    for p in (path, other):
+        assert os.stat(p).st_mode & 0o777 == 0o666 & ~UMASK
+
+
+def _inference_with(saved, **changes) -> str:
+    with safe_open(str(saved[0]), framework="pt") as f:
+        data = json.loads(f.metadata()["inference_config"])
+    return json.dumps({**data, **changes})
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("format_version", "abc", "format version 'abc' is not a whole number"),
+    ("class_names", "[1, 2, 3]", "class name 0 is 1; class names must be non-empty text"),
+    ("class_names", '["a", ""]', "class name 1 is ''"),
+    ("extra", "[1, 2]", "metadata 'extra' is list, not an object"),
+    ("extra", "[" * 100_000 + "]" * 100_000, "'extra' is nested too deeply"),
+    ("extra", '{"calibration": {"score_threshold": NaN}}',
+     r"calibration score_threshold nan is not a number in \[0, 1\]"),
+    ("extra", '{"calibration": {"score_threshold": "0.3"}}', "score_threshold '0.3'"),
+    ("extra", '{"calibration": {"score_threshold": [0.3]}}', r"score_threshold \[0.3\]"),
+    ("extra", '{"calibration": [0.3]}', "calibration is list, not an object"),
+    ("extra", '{"calibration": {"prompt_scores": {"p50": "x"}}}', "not a table of numbers"),
+    ("inference_config", None, "no 'inference_config' field"),
+])
+def test_crafted_metadata_is_one_line_error(tmp_path, saved, field, value, match):
+    """Every field of a checkpoint's self-description is checked by the one reader
+    (serving.model.metadata) before anything is built from it."""
+    path = tmp_path / "c.safetensors"
+    _rewrite(saved[0], path, **{field: value})
+    with pytest.raises(CheckpointError, match=match) as exc:
+        read_checkpoint_info(path)
+    assert "\n" not in str(exc.value) and str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"score_threshold": "0.5"}, "inference.score_threshold='0.5': expected a number"),
+    ({"score_threshold": [0.5]}, r"inference.score_threshold=\[0.5\]: expected a number"),
+    ({"max_detections": 10**9}, r"inference.max_detections=1000000000: must be within"),
+])
+def test_crafted_inference_config_is_one_line_error(tmp_path, saved, changes, match):
+    path = tmp_path / "i.safetensors"
+    _rewrite(saved[0], path, inference_config=_inference_with(saved, **changes))
+    with pytest.raises(CheckpointError, match=match):
+        read_checkpoint_info(path)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"input_rules": {"static_shape": [1, 2]}}, r"static_shape \[1, 2\] is not \[batch"),
+    ({"input_rules": {"static_shape": [-1, 64, 64]}}, r"static_shape \[-1, 64, 64\]"),
+    ({"precision": "int4"}, "precision 'int4' is not one of fp32, fp16, int8"),
+    ({"format_version": "abc"}, "format version 'abc'"),
+    ({"class_names": [0, 1, 2]}, "class name 0 is 0"),
+    ({"graphs": ["x"]}, "'graphs' must be objects"),
+    ({"extra": {"checkpoint_extra": {"calibration": {"score_threshold": 7}}}},
+     "score_threshold 7 is not a number"),
+])
+def test_crafted_sidecar_is_one_line_error(tmp_path, changes, match):
+    from serving import InferenceConfig
+    from serving.backends.exported import build_sidecar, read_sidecar
+
+    data = build_sidecar(export_id="0" * 32, class_names=list(TINY_CLASSES),
+                         model=tiny_model_config(), inference=InferenceConfig(),
+                         graphs={"automatic": {"file": "m.auto.onnx"}}, extra={})
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(data))
+    assert read_sidecar(path).precision == "fp32"  # the untouched sidecar reads
+    path.write_text(json.dumps({**data, **changes}))
+    with pytest.raises(CheckpointError, match=match) as exc:
+        read_sidecar(path)
+    assert "\n" not in str(exc.value)

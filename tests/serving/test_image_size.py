@@ -52,6 +52,20 @@ def test_bad_image_sizes_are_one_line_errors(tiny_checkpoint):
             seg.with_image_size(*args)
     with pytest.raises(InputError, match="give SHORT or"):
         Segmenter.load(tiny_checkpoint, device="cpu", image_size=[64, 128, 256])
+    with pytest.raises(InputError, match="need 32 <= SHORT <= LONG <= 4096"):
+        Segmenter.load(tiny_checkpoint, device="cpu", image_size=100000)
+    with pytest.raises(InputError, match="need 32 <= SHORT <= LONG <= 4096"):
+        seg.with_image_size(800, 100000)
+    assert seg.with_image_size(4000).cfg.max_size == 4096  # the default LONG is capped
+
+
+def test_the_image_size_bound_is_stated_in_help(capsys):
+    from serving.__main__ import main
+
+    for command in ("predict", "label", "serve"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "<= 4096" in " ".join(capsys.readouterr().out.split()), command
 
 
 @pytest.mark.parametrize("command", ["predict", "label"])

@@ -32,6 +32,13 @@ def test_yaml_values_and_tuples_from_lists() -> None:
     assert cfg.boxinst == TrainConfig().boxinst  # section absent from the file -> defaults
 
 
+def test_yaml_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  weight_decay: 5E-5\n")
+    cfg = load_config(path, ["sim.alpha=1e-1"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.sim.alpha) == (0.001, 5e-05, 0.1)
+
+
 def test_dotted_overrides_are_parsed_and_coerced() -> None:
     cfg = load_config(TINY, ["optim.lr=0.005", "sim.alpha=1", "data.min_sizes=[64, 80]",
                              "sim.tau_high_range=[0.6, 0.9]", "data.val_json=null",
@@ -107,7 +114,10 @@ def test_wrong_types_are_rejected(override: str, where: str) -> None:
     ("optim.batch_size=0", r"^optim.batch_size=0: must be >= 1$"),
     ("sim.alpha=1.5", r"^sim.alpha=1.5: must be within \[0, 1\]$"),
     ("sim.tau_high_range=[0.7, 1.2]", r"^sim.tau_high_range=\[0.7, 1.2\]: must be within"),
-    ("data.min_sizes=[96, 16]", r"^data.min_sizes=\[96, 16\]: must be >= 32$"),
+    ("data.min_sizes=[96, 16]", r"^data.min_sizes=\[96, 16\]: must be within \[32, 4096\]$"),
+    ("data.min_sizes=[100000]", r"^data.min_sizes=\[100000\]: must be within \[32, 4096\]$"),
+    ("inference.max_size=100000", r"^inference.max_size=100000: must be within \[32, 4096\]$"),
+    ("inference.max_detections=1000000000", r"must be within \[1, 1000\]$"),
     ("optim.clip_grad_norm=-1", r"^optim.clip_grad_norm=-1.0: must be > 0$"),
     ("sim.start_iter=-1", r"^sim.start_iter=-1: must be >= 0$"),
     ("model.fpn_channels=100000", r"^model.fpn_channels=100000: must be within \[1, 2048\]$"),

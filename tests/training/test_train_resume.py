@@ -16,10 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from train_helpers import SIM_EXERCISE, Recorder, SimulatedCrash, StopAtFirstBatch, StopTraining
 
 from serving.errors import CheckpointError
-from training.checkpoints import CHECKPOINT_DIR, MANIFEST, SIM_STATE, memory_bank_file
+from training.checkpoints import (
+    CHECKPOINT_DIR,
+    MANIFEST,
+    SIM_STATE,
+    memory_bank_file,
+    read_tensor_state,
+    write_tensor_state,
+)
 from training.train import main, train
 
 pytestmark = pytest.mark.slow
@@ -86,7 +94,46 @@ def _empty(path: Path) -> None:
     path.write_bytes(b"")
 
 
+def _state(change):
+    """A spoiler that rewrites a tensor-state file with ``change(state)``."""
+    def spoil(path: Path) -> None:
+        write_tensor_state(path, change(read_tensor_state(path)))
+    return spoil
+
+
+def _deep_layout(path: Path) -> None:
+    save_file({}, str(path), metadata={"layout": "[" * 100_000 + "]" * 100_000})
+
+
+def _counters(**values):
+    def spoil(path: Path) -> None:
+        manifest = json.loads(path.read_text())
+        manifest["run_state"].update(values)
+        path.write_text(json.dumps(manifest))
+    return spoil
+
+
+def _reshaped_weights(path: Path) -> None:
+    tensors = load_file(str(path))
+    name = next(k for k, v in tensors.items() if v.dim() == 4)
+    tensors[name] = tensors[name].flatten()[:-1].clone()
+    save_file(tensors, str(path))
+
+
 DAMAGES = {
+    "SIM state a list, manifest forged": (SIM_STATE, _state(lambda s: [1, 2]), True,
+                                          r"its SIM state does not fit this run"),
+    "deep SIM state, manifest forged": (SIM_STATE, _deep_layout, True,
+                                        r"sim_state\.safetensors: not a readable state file"),
+    "bank capacity -1, manifest forged": (memory_bank_file(0),
+                                          _state(lambda s: {**s, "capacity": -1}), True,
+                                          r"its SIM state does not fit this run"),
+    "a weight of the wrong shape, manifest forged": ("model.safetensors", _reshaped_weights,
+                                                     True, r"its state cannot be loaded"),
+    "step 1e30 in checkpoint.json": (MANIFEST, _counters(step=1e30), False,
+                                     r"no valid iteration counters"),
+    "step -100 in checkpoint.json": (MANIFEST, _counters(step=-100), False,
+                                     r"no valid iteration counters"),
     "truncated model.safetensors": ("model.safetensors", _truncate, False,
                                     r"model\.safetensors has \d+ bytes, checkpoint\.json says"),
     "garbage optimizer.bin": ("optimizer.bin", _garbage, False,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -71,6 +71,10 @@ class CocoIndex:
         if missing:
             raise DatasetError(f"annotation file {self.name}: missing top-level key(s) "
                                f"{missing}; a COCO file needs {list(REQUIRED_KEYS)}")
+        for key in REQUIRED_KEYS:
+            if not isinstance(data[key], list):
+                raise DatasetError(f"annotation file {self.name}: '{key}' is "
+                                   f"{type(data[key]).__name__}; it must be a list (may be empty)")
         self.names: dict[int, str] = {}
         for i, cat in enumerate(data["categories"]):
             cid = cat.get("id") if isinstance(cat, Mapping) else None
@@ -84,9 +88,11 @@ class CocoIndex:
             fields = [img.get(k) for k in ("id", "file_name", "height", "width")] \
                 if isinstance(img, Mapping) else [None]
             if len(fields) != 4 or not isinstance(fields[1], str) or not all(
-                    isinstance(v, int) for v in (fields[0], fields[2], fields[3])):
+                    isinstance(v, int) for v in (fields[0], fields[2], fields[3])) \
+                    or min(fields[2], fields[3]) < 1:
                 raise DatasetError(f"annotation file {self.name}: images[{i}] needs integer "
-                                   "'id', 'height', 'width' and a string 'file_name'")
+                                   "'id', 'height' and 'width' (at least 1) and a string "
+                                   "'file_name'")
             if fields[0] in self.images:
                 raise DatasetError(f"annotation file {self.name}: duplicate image id "
                                    f"{fields[0]}; image ids must be unique")
@@ -168,6 +174,22 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+def check_image_files(index: CocoIndex, image_dir: str | os.PathLike,
+                      ids: Sequence[int] | None = None, limit: int = 3) -> None:
+    """Raise :class:`DatasetError` when image files of ``index`` (its ``ids``, default all)
+    are missing from ``image_dir``: checked before training starts, not when a step or the
+    final evaluation reaches them. Names up to ``limit`` of them."""
+    folder = Path(image_dir)
+    ids = list(index.images) if ids is None else list(ids)
+    missing = [index.images[i][0] for i in ids if not (folder / index.images[i][0]).is_file()]
+    if missing:
+        shown = ", ".join(missing[:limit]) + (", ..." if len(missing) > limit else "")
+        raise DatasetError(
+            f"image folder {folder}: {len(missing)} of {len(ids)} images of {index.name} are "
+            f"missing ({shown}); fix the folder or the file_name entries, or remove those "
+            "images from the annotations")
+
+
 class CocoInstanceDataset(Dataset):
     """Images with boxes (and masks in ``mode="mask"``) from a COCO annotation file.
 
@@ -215,6 +237,10 @@ class CocoInstanceDataset(Dataset):
                                "box; check the annotations and the image sizes")
         self.num_crowd = self.index.num_crowd
         self.num_dropped_boxes = self.index.num_dropped_boxes
+
+    def check_files(self) -> None:
+        """:func:`check_image_files` for this dataset's images."""
+        check_image_files(self.index, self.image_dir, self.image_ids)
 
     @property
     def num_classes(self) -> int:
