@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from serving.cli.common import add_image_size_option
+from serving.cli.common import add_box_scale_option, add_image_size_option
 from serving.errors import SimError
 
 
@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m app") -> ar
     p.add_argument("--max-boxes", type=int, default=None,
                    help="most prompt boxes per image (default: the model's max_prompt_boxes)")
     add_image_size_option(p)
+    add_box_scale_option(p)
     p.add_argument("--concurrency", type=int, default=2,
                    help="requests that run at the same time; the rest wait in the queue")
     p.add_argument("--queue-size", type=int, default=64,
@@ -74,6 +75,8 @@ def create_app(args: argparse.Namespace) -> Any:
     overrides = {} if args.max_boxes is None else {"max_prompt_boxes": args.max_boxes}
     segmenter = Segmenter.load(args.model, device=args.device, image_size=args.image_size,
                                dtype=args.dtype, **overrides)
+    if args.box_scale == "off":
+        segmenter = segmenter.with_box_scale(False)
     handlers = Handlers(segmenter, max_side=args.max_side, output_dir=args.output_dir)
     demo = build_app(handlers)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)

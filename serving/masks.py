@@ -11,10 +11,20 @@ without building the full mask.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+#: A mask covering less than this fraction of its box counts as empty (``sim label`` flags
+#: it ``sim_empty``; the per-box scale falls back for it, :mod:`serving.inference.box_scale`).
+EMPTY_FRACTION = 0.05
+
+
+def is_empty(area: int, box: Iterable[float]) -> bool:
+    """Whether a mask of ``area`` pixels is empty or near-empty for its XYXY ``box``."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return area < max(1.0, EMPTY_FRACTION * max(x2 - x1, 0.0) * max(y2 - y1, 0.0))
 
 
 def _tight(mask: np.ndarray) -> tuple[int, int, np.ndarray]:

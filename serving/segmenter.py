@@ -20,6 +20,7 @@ import torch
 
 from .backends import Backend
 from .errors import InputError
+from .inference.box_scale import segment_per_box, trained_sizes
 from .inference.boxes import MAX_MASK_PIXELS, BoxesLike, check_mask_pixels, validate_boxes
 from .inference.domain import calibration_of
 from .inference.images import ImageLike, describe_image, load_image
@@ -74,6 +75,10 @@ class Segmenter:
     """Instance segmentation with optional box prompts, over any backend.
 
     Use :meth:`from_checkpoint`, :meth:`from_onnx`, :meth:`from_tensorrt` or :meth:`load`.
+    ``box_scale`` (default on): each prompt box is segmented at a scale among the model's
+    training object sizes (:mod:`serving.inference.box_scale`); off, the whole image runs
+    once at ``cfg.min_size``/``cfg.max_size`` for every box. A setting of this object, not of
+    the model file: checkpoints and exports are unchanged by it.
     ``max_mask_pixels``: the most pixels one image's prompt boxes may cover together (a byte
     of mask memory each); more is refused before any work.
     """
@@ -81,11 +86,12 @@ class Segmenter:
     max_mask_pixels: int = MAX_MASK_PIXELS
 
     def __init__(self, backend: Backend, class_names: Sequence[str], cfg: InferenceConfig,
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None, box_scale: bool = True) -> None:
         self.backend = backend
         self.class_names = tuple(class_names)
         self.cfg = cfg
         self.info = dict(info or {})
+        self.box_scale = bool(box_scale)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -126,15 +132,20 @@ class Segmenter:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto",
              image_size: int | Sequence[int] | None = None,
-             dtype: str | torch.dtype | None = None, **overrides: Any) -> Segmenter:
+             dtype: str | torch.dtype | None = None, box_scale: bool = True,
+             **overrides: Any) -> Segmenter:
         """Pick the backend from the file extension (.safetensors, .onnx, .engine/.plan).
 
         ``image_size``: ``short`` or ``(short, long)``, the test-time resize instead of the
         model's own (:meth:`with_image_size`). ``dtype`` ("fp32", "bf16", "fp16") applies to
         checkpoints (see :meth:`from_checkpoint`); exported models run at the precision they
-        were exported with. ``overrides`` replace ``InferenceConfig`` fields.
+        were exported with. ``box_scale``: see the class docstring (an ``image_size`` turns
+        it off). ``overrides`` replace ``InferenceConfig`` fields.
         """
-        seg = cls._load_file(path, device, dtype, overrides)
+        if not isinstance(box_scale, bool):
+            raise InputError(f"box_scale={box_scale!r}: give True (each box at its own scale) "
+                             "or False (the whole image once)")
+        seg = cls._load_file(path, device, dtype, overrides).with_box_scale(box_scale)
         if image_size is None:
             return seg
         sizes = [int(image_size)] if isinstance(image_size, int) else [int(v) for v in image_size]
@@ -171,7 +182,8 @@ class Segmenter:
     def with_image_size(self, short: int, long: int | None = None) -> Segmenter:
         """The same model resizing images to shorter side ``short`` and longer side at most
         ``long`` (default: ``short`` times this model's ``max_size / min_size``), for objects
-        much smaller or larger than in training. Shares the loaded model.
+        much smaller or larger than in training. Shares the loaded model. An explicit size
+        is an override: box prompts run the whole image at that size too (``box_scale`` off).
 
         Raises :class:`InputError` unless ``32 <= short <= long <= MAX_INPUT_SIDE``.
         """
@@ -182,7 +194,12 @@ class Segmenter:
                              f"{MAX_INPUT_SIDE} (SHORT is the shorter side, LONG the cap on the "
                              "longer side)")
         cfg = dataclasses.replace(self.cfg, min_size=int(short), max_size=int(long))
-        return type(self)(self.backend, self.class_names, cfg, self.info)
+        return type(self)(self.backend, self.class_names, cfg, self.info, box_scale=False)
+
+    def with_box_scale(self, on: bool) -> Segmenter:
+        """The same model with the per-box scale of box prompts on or off (see the class
+        docstring). Shares the loaded model."""
+        return type(self)(self.backend, self.class_names, self.cfg, self.info, box_scale=on)
 
     # ----------------------------------------------------------------- info
     @property
@@ -210,6 +227,7 @@ class Segmenter:
             "min_size": self.cfg.min_size,
             "max_size": self.cfg.max_size,
             "max_prompt_boxes": self.cfg.max_prompt_boxes,
+            "box_scale": self.box_scale,
             "score_threshold": self.cfg.score_threshold,
             "display_threshold": self.display_threshold,
         }
@@ -357,6 +375,8 @@ class Segmenter:
         return preds
 
     def _run_prompted(self, items: list[_Item]) -> list[Prediction]:
+        if self.box_scale:
+            return [self._run_per_box(item) for item in items]
         chunk = [(item.array, *item.prompt) for item in items]  # type: ignore[misc]
         batch, _, sizes = self._preprocess([c[0] for c in chunk])
         m = max(len(c[1]) for c in chunk)
@@ -379,6 +399,13 @@ class Segmenter:
                                     out.labels[b, :n].cpu().numpy().astype(np.int64),
                                     masks, self.class_names))
         return preds
+
+    def _run_per_box(self, item: _Item) -> Prediction:
+        """One image's prompts, each box at its own scale (:mod:`.inference.box_scale`)."""
+        boxes, labels = item.prompt  # type: ignore[misc]
+        out = segment_per_box(self.backend, item.array, boxes, labels, self.cfg,
+                              trained_sizes(self.calibration))
+        return Prediction(boxes.copy(), out.scores, out.labels, out.masks, self.class_names)
 
 
 class _Item(NamedTuple):

@@ -53,6 +53,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="redo every image instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_image_size_option(parser)
+    add_box_scale_option(parser)
     parser.add_argument("--processes", type=int, default=1, metavar="N",
                         help="split the images between N processes (accelerate launch; one "
                              "per GPU, or several on a CPU); same outputs as one process")
@@ -67,11 +68,22 @@ def add_image_size_option(parser: argparse.ArgumentParser) -> None:
              f"in training (see 'sim info'); 32 <= SHORT <= LONG <= {MAX_INPUT_SIDE}")
 
 
+def add_box_scale_option(parser: argparse.ArgumentParser) -> None:
+    """``--box-scale on|off``: each prompt box at its own scale (default), or the whole image
+    once at the model's size (or ``--image-size``) for every box."""
+    parser.add_argument(
+        "--box-scale", choices=["on", "off"], default="on",
+        help="box prompts: segment each box in its own crop at the scale the model handles "
+             "best (on, default), or the whole image once for all boxes (off; what "
+             "--image-size also does)")
+
+
 def load_model(path: str | os.PathLike, device: str, image_size: Sequence[int] | None = None,
-               dtype: str = "fp32") -> Segmenter:
-    """``Segmenter.load`` with the batch commands' ``--device``, ``--image-size`` and
-    ``--dtype``."""
-    return Segmenter.load(path, device=device, image_size=image_size or None, dtype=dtype)
+               dtype: str = "fp32", box_scale: bool = True) -> Segmenter:
+    """``Segmenter.load`` with the batch commands' ``--device``, ``--image-size``,
+    ``--dtype`` and ``--box-scale``."""
+    seg = Segmenter.load(path, device=device, image_size=image_size or None, dtype=dtype)
+    return seg if box_scale else seg.with_box_scale(False)
 
 
 #: A prompt for one image: (boxes (M, 4) float32 XYXY original pixels, labels (M,) int64).

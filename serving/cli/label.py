@@ -120,6 +120,7 @@ class LabelOptions:
     input_format: str = "auto"
     #: A Label Studio labelling config (XML text) naming the results written.
     label_config: str | None = None
+    box_scale: bool = True
 
     @property
     def encoding(self) -> str:
@@ -235,7 +236,8 @@ def _entry(outcome: Outcome, fmt: str) -> dict[str, Any]:
         area = int(areas[i])
         labelled.append({"id": ann_id, "segmentation": segm, "area": area,
                          "score": round(float(pred.scores[i]), 5), "rle": fallback,
-                         "empty": is_empty(area, pred.boxes[i])})
+                         "empty": is_empty(area, pred.boxes[i])
+                         or float(pred.scores[i]) == 0.0})  # 0: a fallback mask
     return {"anns": labelled, "rejected": outcome.rejected}
 
 
@@ -291,7 +293,7 @@ def _runner(model_path: Path, annotations: str, out: Path, opts: LabelOptions,
                  "model_stamp": file_stamp(model_path), "format": opts.fmt,
                  "annotations": str(Path(annotations).resolve()),
                  "image_size": list(opts.image_size) if opts.image_size else None,
-                 "dtype": opts.dtype}
+                 "dtype": opts.dtype, "box_scale": opts.box_scale}
     runner = JobRunner(RunPlan(out.parent, f".{out.name}.progress", signature, jobs), shard,
                        opts.progress, desc="label")
     if opts.overwrite:
@@ -309,6 +311,8 @@ def _before_work(seg: Segmenter, boxes: BoxSet, orphans: list[tuple[Any, str]],
     for ann_id, reason in orphans:
         report(f"rejected: annotation {ann_id}: {reason}; left unchanged")
     note_unknown_categories(dataset)
+    if seg.box_scale:  # every box is put at the trained size: no size to choose
+        return
     sizes = box_sizes(boxes_by_image(dataset), seg.cfg.min_size, seg.cfg.max_size)
     advice = size_advice(calibration_of(seg), sizes, seg.cfg.min_size, seg.cfg.max_size)
     if advice:
@@ -345,6 +349,7 @@ def _write_output(seg: Segmenter, summary: LabelSummary, boxes: BoxSet, image_di
     if isinstance(result["info"], dict):
         result["info"]["sim_label"] = {"model": str(seg.info.get("path", "")),
                                        "image_size": [seg.cfg.min_size, seg.cfg.max_size],
+                                       "box_scale": seg.box_scale,
                                        "empty_fraction": EMPTY_FRACTION}
     summary.notes += write_labels(summary.output, result, boxes, opts.fmt, image_dir,
                                   {"label_config": opts.label_config,
@@ -378,7 +383,7 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str |
               workers: int = 2, overwrite: bool = False, progress: bool = True,
               skip_empty: bool = False, image_size: Sequence[int] | None = None,
               dtype: str = "fp32", shard: Shard | None = None, input_format: str = "auto",
-              label_config: str | None = None) -> LabelSummary:
+              label_config: str | None = None, box_scale: bool = True) -> LabelSummary:
     """Run the ``label`` command (see the module docstring); returns its summary.
 
     ``fmt``: the output format (:data:`serving.formats.boxsets.OUTPUT_ENCODING`; ``None``:
@@ -388,6 +393,7 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str |
     ``evaluate``: ``True`` compares with the input's masks, a path with that COCO JSON's.
     ``image_size``: ``(short side, long-side cap)`` at inference, instead of the model's;
     ``dtype``: ``fp32``, ``bf16`` or ``fp16`` autocast for a checkpoint's network.
+    ``box_scale``: each box at its own scale (``--box-scale``; an ``image_size`` turns it off).
     ``shard``: this process's place among several (default: from the launcher's environment).
     Only process 0 writes the output and evaluates; the others return an empty summary.
 
@@ -396,7 +402,7 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str |
     config = read_label_config(label_config)
     opts = LabelOptions(fmt or "auto", evaluate, batch_size, device, workers, overwrite,
                         progress, skip_empty, tuple(image_size) if image_size else None, dtype,
-                        input_format, config)
+                        input_format, config, box_scale)
     model_path, image_dir, out, boxes, opts = _checked_inputs(model, annotations, images,
                                                               output, opts)
     dataset = boxes.dataset
@@ -406,7 +412,8 @@ def run_label(model: str, annotations: str, images: str, output: str, fmt: str |
     runner = _runner(model_path, annotations, out, opts, jobs, shard)
     summary = LabelSummary(0, rejected=list(orphans) + list(boxes.skipped), output=out)
     mine = runner.start()
-    seg = load_model(model_path, shard.device or device, opts.image_size, opts.dtype)
+    seg = load_model(model_path, shard.device or device, opts.image_size, opts.dtype,
+                     opts.box_scale)
     if shard.is_main:
         _before_work(seg, boxes, orphans, summary)
     if not _label_share(seg, mine, runner, dataset, opts, shard):
@@ -476,7 +483,8 @@ def _run_from_args(args: argparse.Namespace, shard: Shard) -> LabelSummary:
                      workers=args.workers, overwrite=args.overwrite,
                      progress=not args.no_progress, skip_empty=args.skip_empty,
                      image_size=args.image_size, dtype=args.dtype, shard=shard,
-                     input_format=args.input_format, label_config=args.label_config)
+                     input_format=args.input_format, label_config=args.label_config,
+                     box_scale=args.box_scale == "on")
 
 
 def _print_summary(summary: LabelSummary) -> None:

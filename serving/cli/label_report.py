@@ -2,7 +2,9 @@
 near-empty masks, and where to look first.
 
 A mask is *empty* when it covers fewer than ``EMPTY_FRACTION`` of its box (a box of a few
-pixels, or an object the model did not see): it is counted apart from the labelled masks and
+pixels, or an object the model did not see), or when it scores exactly 0 (the per-box scale's
+fallback for a mask the model left empty, :mod:`serving.inference.box_scale`): it is counted
+apart from the labelled masks and
 flagged ``"sim_empty": true`` in the output annotation (or left unlabelled with
 ``--skip-empty``). The full table goes to ``<output>.report.json``; the terminal gets the
 per-class lines and the images with the lowest mean score, the labels to inspect first.
@@ -11,21 +13,16 @@ per-class lines and the images with the lowest mean score, the labels to inspect
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: A mask covering less than this fraction of its box counts as empty.
-EMPTY_FRACTION = 0.05
+from ..masks import EMPTY_FRACTION, is_empty
+
+__all__ = ["EMPTY_FRACTION", "LabelReport", "Tally", "is_empty"]
+
 #: Images listed in the terminal as "inspect first" (lowest mean score).
 WORST_IMAGES = 5
-
-
-def is_empty(area: int, box: Iterable[float]) -> bool:
-    """Whether a mask of ``area`` pixels is empty or near-empty for its XYXY ``box``."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    return area < max(1.0, EMPTY_FRACTION * max(x2 - x1, 0.0) * max(y2 - y1, 0.0))
 
 
 @dataclass

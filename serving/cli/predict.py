@@ -108,6 +108,7 @@ class PredictOptions:
     dtype: str = "fp32"
     #: Prompted masks also as ``yolo`` / ``labelstudio`` / ``labelstudio-polygon`` labels.
     fmt: str = "coco"
+    box_scale: bool = True
 
     def __post_init__(self) -> None:
         vis = "jpg" if self.save_vis is True else (self.save_vis or None)
@@ -359,7 +360,7 @@ def _runner(model_path: Path, out: Path, jobs: list[Job], opts: PredictOptions,
                  "boxes": str(Path(opts.boxes).resolve()) if opts.boxes else None,
                  "score_threshold": opts.score_threshold,
                  "image_size": list(opts.image_size) if opts.image_size else None,
-                 "dtype": opts.dtype}
+                 "dtype": opts.dtype, "box_scale": opts.box_scale}
 
     def is_done(job: Job, rec: dict[str, Any]) -> bool:
         vis = rec.get("vis")
@@ -374,8 +375,9 @@ def _runner(model_path: Path, out: Path, jobs: list[Job], opts: PredictOptions,
 
 
 def _size_check(seg: Segmenter, coco: dict[str, Any] | None, summary: PredictSummary) -> None:
-    """Process 0, with prompt boxes: warn when their sizes do not suit the model's input."""
-    if coco is None:
+    """Process 0, with prompt boxes: warn when their sizes do not suit the model's input
+    (not with the per-box scale, which puts every box at the trained size itself)."""
+    if coco is None or seg.box_scale:
         return
     sizes = box_sizes(boxes_by_image(coco), seg.cfg.min_size, seg.cfg.max_size)
     advice = size_advice(calibration_of(seg), sizes, seg.cfg.min_size, seg.cfg.max_size)
@@ -424,7 +426,8 @@ def run_predict(model: str, inputs: Sequence[str], output: str, shard: Shard | N
     runner = _runner(model_path, out, jobs, opts, shard)
     mine = runner.start()
     summary = PredictSummary(len(jobs), runner.done_before, 0, 0, output=out)
-    seg = load_model(model_path, shard.device or opts.device, opts.image_size, opts.dtype)
+    seg = load_model(model_path, shard.device or opts.device, opts.image_size, opts.dtype,
+                     opts.box_scale)
     if shard.is_main:
         _size_check(seg, coco, summary)
     category_ids, categories = _categories(seg.class_names, coco)
@@ -504,7 +507,8 @@ def _run_from_args(args: argparse.Namespace, shard: Shard) -> PredictSummary:
                        save_masks=args.save_masks, workers=args.workers,
                        overwrite=args.overwrite, progress=not args.no_progress,
                        image_size=args.image_size, vis_labels=args.vis_labels == "on",
-                       vis_threshold=args.vis_threshold, dtype=args.dtype, fmt=args.format)
+                       vis_threshold=args.vis_threshold, dtype=args.dtype, fmt=args.format,
+                       box_scale=args.box_scale == "on")
 
 
 def _print_summary(summary: PredictSummary) -> None:

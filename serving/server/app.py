@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..cli.common import add_image_size_option
+from ..cli.common import add_box_scale_option, add_image_size_option
 from ..errors import SimError
 from ..inference.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 from ..segmenter import Segmenter
@@ -319,6 +319,8 @@ def app_from_env() -> FastAPI:
     return_freed_memory()
     segmenter = Segmenter.load(cfg["model"], device=cfg["device"],
                                image_size=cfg.get("image_size"), dtype=cfg.get("dtype"))
+    if cfg.get("box_scale") == "off":
+        segmenter = segmenter.with_box_scale(False)
     settings = ServerSettings(**cfg["settings"])
     label_studio = _label_studio_settings(cfg.get("label_studio"))
     if label_studio is None:
@@ -338,6 +340,7 @@ def _parser(prog: str = "python -m serving serve") -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535 (default 8000)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     add_image_size_option(p)
+    add_box_scale_option(p)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="checkpoints: bf16/fp16 autocast for the network (default fp32)")
     p.add_argument("--max-batch", type=int, default=8, help="images per forward pass")
@@ -464,6 +467,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m serving serve
     # bad model or unsupported --dtype: error before binding
     segmenter = Segmenter.load(args.model, device=args.device, image_size=args.image_size,
                                dtype=args.dtype)
+    if args.box_scale == "off":
+        segmenter = segmenter.with_box_scale(False)
     print(budget_statement(settings.memory_budget_bytes, resident_bytes(),
                            int(segmenter.cfg.max_detections), args.workers), file=sys.stderr,
           flush=True)
@@ -482,7 +487,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m serving serve
     del segmenter  # only checked that it loads; each worker loads its own
     os.environ[SETTINGS_ENV] = json.dumps(
         {"model": str(args.model), "device": args.device, "image_size": args.image_size,
-         "dtype": args.dtype, "label_studio": _ls_flags(args),
+         "dtype": args.dtype, "box_scale": args.box_scale, "label_studio": _ls_flags(args),
          "settings": asdict(settings)})
     uvicorn.run("serving.server.app:app_from_env", factory=True, workers=args.workers, **common)
     return 0

@@ -69,7 +69,8 @@ def test_label_box_only_dataset(tmp_path, tiny_checkpoint, dataset, capsys, monk
     source = _box_only(data)
     assert result["images"] == source["images"] and result["categories"] == source["categories"]
     assert result["info"] == {"note": "kept", "sim_label": {  # what made the labels, recorded
-        "model": str(tiny_checkpoint), "image_size": [128, 256], "empty_fraction": 0.05}}
+        "model": str(tiny_checkpoint), "image_size": [128, 256], "box_scale": True,
+        "empty_fraction": 0.05}}
     assert [a["id"] for a in result["annotations"]] == [a["id"] for a in source["annotations"]]
     by_id = {a["id"]: a for a in result["annotations"]}
     assert by_id[50] == source["annotations"][9]  # crowd: unchanged
@@ -299,3 +300,31 @@ def test_tiny_boxes_get_empty_masks_reported_flagged_or_skipped(tmp_path, tiny_c
         capsys.readouterr().out
     result = {a["id"]: a for a in json.loads((tmp_path / "b.json").read_text())["annotations"]}
     assert all("segmentation" not in result[i] for i in (80, 81, 82))
+
+
+def test_a_fallback_mask_scoring_zero_is_flagged_empty(tmp_path, tiny_checkpoint, dataset,
+                                                       monkeypatch):
+    """The per-box scale's fallback (a mask the model left empty, regrown from its most likely
+    pixels) scores exactly 0: ``label`` flags it ``sim_empty`` although it has pixels."""
+    path, data = dataset
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps(_box_only(data)))
+    original = Segmenter.predict_batch
+
+    def first_box_fell_back(self, images, boxes=None, labels=None, **kw):
+        preds = original(self, images, boxes=boxes, labels=labels, **kw)
+        for pred in preds:
+            pred.scores[0] = 0.0
+            pred.masks[0] = False
+            x1, y1, x2, y2 = pred.boxes[0].astype(int)
+            pred.masks[0, y1:y2, x1:x2] = True  # a full mask, yet a fallback
+        return preds
+
+    monkeypatch.setattr(Segmenter, "predict_batch", first_box_fell_back)
+    assert main(["--model", str(tiny_checkpoint), "--annotations", str(boxes), "--images",
+                 str(tmp_path / "data" / "images"), "--device", "cpu", "--no-progress",
+                 "--output", str(tmp_path / "a.json")]) == 3  # 2 bad boxes rejected
+    result = json.loads((tmp_path / "a.json").read_text())["annotations"]
+    flagged = [a for a in result if a.get("sim_empty")]
+    assert flagged and all(a["score"] == 0 and a["area"] > 0 for a in flagged)
+    assert all(a["score"] > 0 for a in result if "score" in a and not a.get("sim_empty"))

@@ -1,0 +1,376 @@
+"""Per-box scale for box-prompted masks: every box segmented at a scale that puts it among the
+sizes of the model's training objects.
+
+A model sees objects of the sizes it was trained on best: ``object_sizes`` in its calibration
+(:mod:`serving.inference.domain`) holds the training boxes' ``sqrt(w * h)`` at the network
+input. Today's path resizes the whole image once to the model's size, which puts an 8 px box
+of a 4000 px photo at 0.5 px and makes the user guess an ``--image-size``. Here each box gets
+a scale ``r`` (input pixels per original pixel): today's where that puts it within the
+training objects' p10-p90 sizes, else the one that puts it at the nearer of the two, at most
+``max_upsample`` (:func:`box_scales`; aiming every box at the median measured worse,
+``benchmarks/prompted_quality.py``). The boxes of an image whose
+scales lie close to the image's median scale share one run of the *whole image* at that
+scale (all the context, one forward pass; :func:`scale_groups`), provided it is not larger
+than ``WHOLE_IMAGE_PIXELS`` model inputs; every other box gets a *crop*: the box with
+``CONTEXT`` times its size on each side (at least ``MIN_MARGIN`` input pixels), resized by its
+``r``, zero-padded to a multiple of 32. Both go through the backend's own box-prompted entry
+point (:meth:`serving.backends.Backend.segment_boxes`), so every backend and every earlier
+export runs them unchanged; crops of one canvas size run as one batch of at most
+``CROP_BATCH``. Masks come back through the same stride-4 -> original pipeline as the whole
+image (:func:`serving.inference.paste.mask_crops`), as tight crops.
+
+Each mask's score is :func:`quality_score`: the model's box score times the mask's confidence
+inside its box. A mask the model leaves empty falls back to its most likely pixels and scores
+0 (``BoxScaleOptions.fallback``).
+
+All geometry is in pixels: original-image XYXY for boxes and windows, network-input XYXY
+inside a crop's canvas.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..masks import InstanceMasks, is_empty
+from .paste import mask_crops
+from .transforms import SIZE_DIVISIBILITY, canvas_size, resize_image, resized_shape
+
+#: Context on each side of a box, in units of the box's size ``sqrt(w * h)``.
+CONTEXT = 1.0
+#: Context on each side is at least this many network-input pixels.
+MIN_MARGIN = 16
+#: Boxes within this factor of their image's median scale share one whole-image run.
+GROUP_FACTOR = 2.0
+#: The whole image at a box group's scale may have at most this many times the pixels of
+#: the model's own input size (``max_size`` squared); beyond it boxes are cropped.
+WHOLE_IMAGE_PIXELS = 4.0
+#: Crops per backend call (the TensorRT engines' default profile allows batches up to 8).
+CROP_BATCH = 8
+#: Prompt boxes whose crops are held at once (bounds memory for many boxes).
+BOX_CHUNK = 32
+#: The fallback threshold of a collapsed mask, as a fraction of its highest probability.
+FALLBACK_RATIO = 0.5
+
+
+class Crop(NamedTuple):
+    """One (box, scale) candidate: where its crop lies and how it is resized.
+
+    Attributes:
+        box: index of the prompt box.
+        scale: input pixels per original pixel (``r``), as asked.
+        window: (x0, y0, x1, y1) int original-pixel window of the crop.
+        resized: (h, w) of the resized crop at the network input.
+        input_box: (4,) float32 XYXY prompt box in the crop's input frame.
+    """
+
+    box: int
+    scale: float
+    window: tuple[int, int, int, int]
+    resized: tuple[int, int]
+    input_box: np.ndarray
+
+
+class CropResult(NamedTuple):
+    """What the backend says about one crop: its (H/4, W/4) float32 stride-4 mask
+    probabilities of the crop's canvas, its box score and its (predicted or given) label."""
+
+    probs: Tensor
+    score: float
+    label: int
+
+
+def trained_sizes(calibration: Mapping[str, Any]) -> tuple[float, float, float] | None:
+    """The training objects' ``sqrt(w * h)`` at the network input, (p10, p50, p90), or
+    ``None`` when the model carries no calibration (then today's whole-image scale is used)."""
+    sizes = calibration.get("object_sizes") or {}
+    if not all(sizes.get(k) for k in ("p10", "p50", "p90")):
+        return None
+    return float(sizes["p10"]), float(sizes["p50"]), float(sizes["p90"])
+
+
+def box_side(boxes: np.ndarray) -> np.ndarray:
+    """(M, 4) XYXY boxes -> (M,) float64 ``sqrt(w * h)`` (at least 1 px)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    w = np.clip(boxes[:, 2] - boxes[:, 0], 0, None)
+    h = np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    return np.maximum(np.sqrt(w * h), 1.0)
+
+
+@dataclass(frozen=True)
+class BoxScaleOptions:
+    """How :func:`segment_per_box` scales each box (the defaults are the product's).
+
+    Attributes:
+        fit: ``"range"`` moves a box only when it lies outside the training objects' p10-p90
+            sizes at today's scale, to the nearer bound; ``"median"`` aims every box at
+            ``target`` times the training objects' median size.
+        target: the factor of ``fit="median"``.
+        max_upsample: at most this many input pixels per original pixel (blown-up tiny boxes
+            are blurry, unlike anything in training).
+        group: boxes whose scales lie within ``GROUP_FACTOR`` of their image's median scale
+            share one run of the whole image at that median scale (context, and one forward
+            pass); ``False`` segments every box in its own crop.
+        context: context on each side of a cropped box, in units of its size.
+        fallback: a mask that is empty or near-empty (:func:`serving.masks.is_empty`) is
+            thresholded again at ``FALLBACK_RATIO`` of its highest probability in the box
+            (the model's most likely pixels instead of nothing); it scores 0.
+    """
+
+    fit: str = "range"
+    target: float = 1.0
+    max_upsample: float = 2.0
+    group: bool = True
+    context: float = CONTEXT
+    fallback: bool = True
+
+
+def box_scales(boxes: np.ndarray, model_scale: float,
+               sizes: tuple[float, float, float] | None,
+               options: BoxScaleOptions = BoxScaleOptions()) -> np.ndarray:
+    """Each box's scale (input pixels per original pixel), at most ``max_upsample``.
+
+    Args:
+        boxes: (M, 4) XYXY original pixels.
+        model_scale: today's whole-image scale.
+        sizes: :func:`trained_sizes` (p10, p50, p90); ``None``: ``model_scale`` for all.
+
+    Returns:
+        (M,) float64 scales: with ``fit="range"``, ``model_scale`` where it puts the box
+        (``sqrt(w * h)``) within p10..p90, else the scale that puts it at the nearer bound;
+        with ``fit="median"``, the scale that puts it at ``target * p50``.
+    """
+    sides = box_side(boxes)
+    if sizes is None:
+        return np.full(len(sides), float(model_scale))
+    p10, p50, p90 = sizes
+    if options.fit == "median":
+        scales = options.target * p50 / sides
+    else:
+        scales = np.clip(np.full(len(sides), float(model_scale)), p10 / sides, p90 / sides)
+    return np.minimum(scales, options.max_upsample)
+
+
+def scale_groups(scales: np.ndarray, image_size: tuple[int, int], pixel_limit: float,
+                 options: BoxScaleOptions = BoxScaleOptions(),
+                 ) -> tuple[float | None, np.ndarray]:
+    """Which boxes share one run of the whole image, and at what scale.
+
+    The image's scale is the geometric median of its boxes' ``scales``; boxes within
+    ``GROUP_FACTOR`` of it join the whole-image run, provided the image at that scale has at
+    most ``pixel_limit`` pixels. Returns ``(scale, (M,) bool members)``, or ``(None, all
+    False)`` when every box is cropped.
+    """
+    none = (None, np.zeros(len(scales), bool))
+    if not options.group or not len(scales):
+        return none
+    scale = float(np.exp(np.median(np.log(scales))))
+    if image_size[0] * image_size[1] * scale ** 2 > pixel_limit:
+        return none
+    return scale, np.abs(np.log(scales / scale)) <= math.log(GROUP_FACTOR)
+
+
+def plan_crop(index: int, box: np.ndarray, scale: float, image_size: tuple[int, int],
+              max_size: int, context: float = CONTEXT) -> Crop:
+    """The crop of ``box`` (XYXY original pixels) at ``scale``: the box plus ``CONTEXT``
+    times its size (at least ``MIN_MARGIN`` input pixels) on each side, clipped to the
+    (H, W) image, resized by ``scale`` (lowered where the crop would exceed ``max_size``)."""
+    height, width = image_size
+    x1, y1, x2, y2 = (float(v) for v in box)
+    margin = max(context * float(box_side(box)[0]), MIN_MARGIN / scale)
+    x0, y0 = max(0, math.floor(x1 - margin)), max(0, math.floor(y1 - margin))
+    xe, ye = min(width, math.ceil(x2 + margin)), min(height, math.ceil(y2 + margin))
+    xe, ye = max(xe, x0 + 1), max(ye, y0 + 1)
+    r = min(scale, max_size / max(xe - x0, ye - y0))
+    rh, rw = max(1, round((ye - y0) * r)), max(1, round((xe - x0) * r))
+    sx, sy = rw / (xe - x0), rh / (ye - y0)
+    input_box = np.array([(x1 - x0) * sx, (y1 - y0) * sy, (x2 - x0) * sx, (y2 - y0) * sy],
+                         np.float32)
+    return Crop(index, float(scale), (x0, y0, xe, ye), (rh, rw), input_box)
+
+
+def _crop_pixels(array: np.ndarray, crop: Crop) -> Tensor:
+    """(3, h, w) float32 0-255 pixels of ``crop`` from the (H, W, 3) uint8 image."""
+    x0, y0, x1, y1 = crop.window
+    tensor = torch.from_numpy(np.array(array[y0:y1, x0:x1])).permute(2, 0, 1)
+    return resize_image(tensor, crop.resized)
+
+
+def run_crops(backend: Any, array: np.ndarray, crops: Sequence[Crop],
+              labels: np.ndarray) -> list[CropResult]:
+    """Every crop through ``backend.segment_boxes``, crops of one canvas batched together
+    (at most ``CROP_BATCH`` per call); one :class:`CropResult` per crop, in order.
+
+    Args:
+        array: (H, W, 3) uint8 RGB image.
+        labels: (M,) int64 class per prompt box (-1: predicted).
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, crop in enumerate(crops):
+        groups.setdefault(canvas_size(*crop.resized, SIZE_DIVISIBILITY), []).append(i)
+    results: list[CropResult | None] = [None] * len(crops)
+    for canvas, members in groups.items():
+        for start in range(0, len(members), CROP_BATCH):
+            chunk = members[start:start + CROP_BATCH]
+            batch = torch.zeros((len(chunk), 3, *canvas), dtype=torch.float32)
+            for b, i in enumerate(chunk):
+                h, w = crops[i].resized
+                batch[b, :, :h, :w] = _crop_pixels(array, crops[i])
+            boxes = torch.from_numpy(np.stack([crops[i].input_box for i in chunk]))[:, None]
+            box_labels = torch.from_numpy(
+                np.array([[labels[crops[i].box]] for i in chunk], dtype=np.int64))
+            out = backend.segment_boxes(batch, [crops[i].resized for i in chunk], boxes,
+                                        box_labels)
+            for b, i in enumerate(chunk):
+                results[i] = CropResult(out.mask_probs[b, 0].float().cpu(),
+                                        float(out.scores[b, 0]), int(out.labels[b, 0]))
+    return results  # type: ignore[return-value]
+
+
+def box_cells(probs: Tensor, input_box: np.ndarray) -> Tensor:
+    """The stride-4 probabilities whose cell centres lie inside ``input_box`` (XYXY input
+    pixels), flattened (at least the one cell under the box centre)."""
+    x1, y1, x2, y2 = (float(v) for v in input_box)
+    h4, w4 = probs.shape[-2:]
+    c0, c1 = max(0, math.ceil(x1 / 4 - 0.5)), min(w4, math.floor(x2 / 4 - 0.5) + 1)
+    r0, r1 = max(0, math.ceil(y1 / 4 - 0.5)), min(h4, math.floor(y2 / 4 - 0.5) + 1)
+    if c1 <= c0 or r1 <= r0:
+        cy = min(h4 - 1, max(0, int((y1 + y2) / 8)))
+        cx = min(w4 - 1, max(0, int((x1 + x2) / 8)))
+        return probs[cy:cy + 1, cx:cx + 1].flatten()
+    return probs[r0:r1, c0:c1].flatten()
+
+
+def mask_confidence(probs: Tensor, input_box: np.ndarray) -> float:
+    """How decided the mask is inside its box, in [0, 1]: the mean of ``|2p - 1|`` over the
+    box's stride-4 cells (1: every cell certainly in or out; 0: every cell at 0.5)."""
+    cells = box_cells(probs, input_box).float()
+    return float((2 * cells - 1).abs().mean())
+
+
+def quality_score(result: CropResult, crop: Crop) -> float:
+    """The score of a candidate mask, in [0, 1]: the model's box score times the mask's
+    :func:`mask_confidence` (a collapsed or undecided mask scores low)."""
+    return float(result.score) * mask_confidence(result.probs, crop.input_box)
+
+
+def paste_crop(result: CropResult, crop: Crop, box: np.ndarray | None,
+               image_size: tuple[int, int], threshold: float) -> InstanceMasks:
+    """The crop's mask in the (H, W) original image: the same stride-4 -> original pipeline as
+    the whole image (:func:`serving.inference.paste.mask_crops`) applied to the crop's window,
+    clipped to ``box`` (XYXY original pixels; ``None``: not clipped), placed at the window's
+    offset. One mask."""
+    x0, y0, x1, y1 = crop.window
+    clip_box = None
+    if box is not None:
+        clip_box = np.asarray(box, np.float32).reshape(1, 4) - np.array([x0, y0, x0, y0],
+                                                                           np.float32)
+    part = mask_crops(result.probs[None], crop.resized, (y1 - y0, x1 - x0), threshold,
+                      clip_boxes=clip_box)
+    return InstanceMasks(part.crops, part.offsets + np.array([[y0, x0]]), image_size)
+
+
+class BoxMasks(NamedTuple):
+    """Box-prompted results of one image: ``masks`` (M masks of the (H, W) image), ``scores``
+    (M,) float32 quality scores in [0, 1] and ``labels`` (M,) int64, in prompt order."""
+
+    masks: InstanceMasks
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+def final_mask(result: CropResult, crop: Crop, box: np.ndarray, image_size: tuple[int, int],
+               cfg: Any, fallback: bool) -> tuple[InstanceMasks, bool]:
+    """A candidate's mask in the original image (:func:`paste_crop`, clipped to ``box`` when
+    ``cfg.clip_to_box``) and whether it fell back: with ``fallback``, an empty or near-empty
+    mask is thresholded again at ``FALLBACK_RATIO`` of its highest probability in the box."""
+    clip = box if cfg.clip_to_box else None
+    mask = paste_crop(result, crop, clip, image_size, cfg.mask_threshold)
+    if not (fallback and is_empty(int(mask.areas()[0]), box)):
+        return mask, False
+    peak = float(box_cells(result.probs, crop.input_box).max())
+    threshold = min(cfg.mask_threshold, FALLBACK_RATIO * peak)
+    return paste_crop(result, crop, clip, image_size, threshold), True
+
+
+def run_whole(backend: Any, array: np.ndarray, size: tuple[int, int], members: np.ndarray,
+              boxes: np.ndarray, labels: np.ndarray, chunk: int,
+              ) -> list[tuple[Crop, CropResult]]:
+    """The boxes ``members`` (indices) segmented in the whole image resized to ``size``
+    (h, w), ``chunk`` boxes per backend call; one (crop covering the whole image, result)
+    per box."""
+    height, width = array.shape[:2]
+    scale = size[0] / height
+    image = torch.from_numpy(np.require(array, requirements=["C", "W"])).permute(2, 0, 1)
+    batch = torch.zeros((1, 3, *canvas_size(*size)), dtype=torch.float32)
+    batch[0, :, :size[0], :size[1]] = resize_image(image, size)
+    factors = np.array([size[1] / width, size[0] / height] * 2, np.float32)
+    out = []
+    for start in range(0, len(members), chunk):
+        part = members[start:start + chunk]
+        inputs = (boxes[part] * factors).astype(np.float32)
+        res = backend.segment_boxes(batch, [size], torch.from_numpy(inputs)[None],
+                                    torch.from_numpy(labels[part].astype(np.int64))[None])
+        for k, i in enumerate(part):
+            crop = Crop(int(i), scale, (0, 0, width, height), size, inputs[k])
+            out.append((crop, CropResult(res.mask_probs[0, k].float().cpu(),
+                                         float(res.scores[0, k]), int(res.labels[0, k]))))
+    return out
+
+
+def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                    cfg: Any, sizes: tuple[float, float, float] | None,
+                    options: BoxScaleOptions = BoxScaleOptions()) -> BoxMasks:
+    """One mask per prompt box, each at its :func:`box_scales` scale.
+
+    Boxes of one :func:`scale_groups` group run together in the whole image at the group's
+    scale; the others each in a crop with context (``BOX_CHUNK`` boxes at a time).
+
+    Args:
+        backend: any :class:`serving.backends.Backend`.
+        array: (H, W, 3) uint8 RGB image.
+        boxes: (M, 4) float32 XYXY original pixels; labels: (M,) int64 (-1: predict).
+        cfg: the ``InferenceConfig`` (``min_size``, ``max_size``, ``mask_threshold``,
+            ``clip_to_box``).
+        sizes: :func:`trained_sizes` of the model.
+
+    Returns:
+        :class:`BoxMasks` with :func:`quality_score` scores; a mask that fell back (the
+        model's own mask was empty) scores exactly 0, which ``sim label`` flags ``sim_empty``.
+    """
+    height, width = array.shape[:2]
+    model_size = resized_shape(height, width, cfg.min_size, cfg.max_size)
+    scales = box_scales(boxes, model_size[0] / height, sizes, options)
+    limit = max(WHOLE_IMAGE_PIXELS * cfg.max_size ** 2, model_size[0] * model_size[1])
+    scale, members = scale_groups(scales, (height, width), limit, options)
+    masks: list[InstanceMasks | None] = [None] * len(boxes)
+    scores, out_labels = np.zeros(len(boxes), np.float32), np.zeros(len(boxes), np.int64)
+
+    def keep(pairs: list[tuple[Crop, CropResult]]) -> None:
+        for crop, result in pairs:
+            mask, fell_back = final_mask(result, crop, boxes[crop.box], (height, width), cfg,
+                                         options.fallback)
+            masks[crop.box] = mask
+            scores[crop.box] = 0.0 if fell_back else quality_score(result, crop)
+            out_labels[crop.box] = result.label
+
+    if scale is not None:
+        index = np.flatnonzero(members)
+        # as many boxes per call as today's path holds probabilities for at the model's size
+        chunk = max(BOX_CHUNK, int(len(index) * model_size[0] * model_size[1]
+                                   / (height * width * scale ** 2)))
+        size = model_size if abs(scale * height / model_size[0] - 1) < 1e-6 else (
+            max(8, round(height * scale)), max(8, round(width * scale)))
+        keep(run_whole(backend, array, size, index, boxes, labels, chunk))
+    cropped = np.flatnonzero(~members)
+    for start in range(0, len(cropped), BOX_CHUNK):
+        crops = [plan_crop(int(i), boxes[i], float(scales[i]), (height, width), cfg.max_size,
+                           options.context) for i in cropped[start:start + BOX_CHUNK]]
+        keep(list(zip(crops, run_crops(backend, array, crops, labels), strict=True)))
+    return BoxMasks(InstanceMasks.concatenate(masks), scores, out_labels)  # type: ignore[arg-type]

@@ -1,0 +1,158 @@
+"""Per-box scale of box prompts (serving/inference/box_scale.py): which scales each box gets,
+the crop geometry round trip, the choice by quality, the collapsed-mask fallback, and the
+Segmenter's prompted path with it on and off."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from serving import Segmenter
+from serving.errors import InputError
+from serving.inference import box_scale as bs
+from serving.inference.postprocess import PromptDetections
+
+TRAIN = 32.0  # training objects' median size at the input, px
+SIZES = (16.0, TRAIN, 48.0)  # p10, p50, p90
+
+
+class BoxBackend:
+    """A backend whose mask is exactly the prompt box (probability ``inside`` there, 0.01
+    elsewhere) and whose score is 1 when the box is ``best`` px at the input (sqrt(w*h)),
+    falling off with the log-ratio; records every input box."""
+
+    name, device = "fake", "cpu"
+
+    def __init__(self, best: float = TRAIN, inside: float = 0.99) -> None:
+        self.best, self.inside, self.seen = best, inside, []
+
+    def segment_boxes(self, images, image_sizes, boxes, labels):
+        bsz, m = boxes.shape[:2]
+        h4, w4 = images.shape[-2] // 4, images.shape[-1] // 4
+        ys = torch.arange(h4, dtype=torch.float32) * 4 + 2  # stride-4 cell centres
+        xs = torch.arange(w4, dtype=torch.float32) * 4 + 2
+        probs = torch.full((bsz, m, h4, w4), 0.01)
+        scores = torch.zeros(bsz, m)
+        for b in range(bsz):
+            for j in range(m):
+                x1, y1, x2, y2 = boxes[b, j].tolist()
+                self.seen.append((x1, y1, x2, y2))
+                inside = ((ys >= y1) & (ys <= y2))[:, None] & ((xs >= x1) & (xs <= x2))[None]
+                probs[b, j][inside] = self.inside
+                side = math.sqrt((x2 - x1) * (y2 - y1))
+                scores[b, j] = math.exp(-abs(math.log(side / self.best)))
+        return PromptDetections(probs, scores, labels.clamp(min=0))
+
+
+class Cfg:
+    min_size, max_size, mask_threshold, clip_to_box = 128, 512, 0.5, True
+
+
+def test_box_scales_put_a_tiny_and_a_huge_box_at_the_trained_sizes():
+    boxes = np.array([[1000, 1000, 1020, 1020], [500, 500, 3500, 3500], [0, 0, 4, 4],
+                      [0, 0, 1000, 1000]], np.float32)
+    model_scale = 128 / 4000  # a 1000 px box is 32 px at the model's size: inside p10-p90
+    tiny, huge, minute, fine = bs.box_scales(boxes, model_scale, SIZES)
+    assert tiny * 20 == pytest.approx(16)  # 20 px (0.64 px at the model scale) -> p10
+    assert huge * 3000 == pytest.approx(48)  # 3000 px (96 px at the model scale) -> p90
+    assert minute == 2.0  # a 4 px box is blown up at most 2x
+    assert fine == pytest.approx(model_scale)  # already among the training sizes: unchanged
+    median = bs.box_scales(boxes, model_scale, SIZES, bs.BoxScaleOptions(fit="median"))
+    np.testing.assert_allclose(median * [20, 3000, 4, 1000], [32, 32, 8, 32])
+    # without calibration: today's whole-image scale for every box
+    np.testing.assert_array_equal(bs.box_scales(boxes, 0.032, None), [0.032] * 4)
+
+
+def test_scale_groups_share_the_whole_image_when_it_is_small_enough():
+    scales = np.array([1.0, 1.2, 1.5, 4.0, 0.3])
+    scale, members = bs.scale_groups(scales, (256, 256), 4 * 256 ** 2)
+    assert scale == pytest.approx(1.2)  # the median
+    np.testing.assert_array_equal(members, [True, True, True, False, False])  # within 2x
+    assert bs.scale_groups(scales, (4000, 4000), 4 * 256 ** 2)[0] is None  # too large: crops
+    off = bs.scale_groups(scales, (256, 256), 4 * 256 ** 2, bs.BoxScaleOptions(group=False))
+    assert off[0] is None and not off[1].any()
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_tiny_and_huge_box_are_segmented_at_the_trained_size_and_pasted_back_exactly(group):
+    image = np.zeros((4000, 4000, 3), np.uint8)
+    boxes = np.array([[1000, 1000, 1020, 1020], [500, 500, 3500, 3500]], np.float32)
+    backend = BoxBackend()
+    out = bs.segment_per_box(backend, image, boxes, np.array([-1, -1]), Cfg(), SIZES,
+                             bs.BoxScaleOptions(group=group))
+    sides = [math.sqrt((x2 - x1) * (y2 - y1)) for x1, y1, x2, y2 in backend.seen]
+    assert sides == [pytest.approx(16, rel=0.05), pytest.approx(48, rel=0.05)]  # p10, p90
+    assert out.scores == pytest.approx([0.5 * 0.98, 0.67 * 0.98], abs=0.02)  # x confidence
+    for i, (x1, y1, x2, y2) in enumerate(boxes):  # each mask lands on its box, filled
+        y0, x0, ye, xe = out.masks.box(i)  # within 1.5 stride-4 cells of the crop's input
+        atol = 6 * (x2 - x1) / sides[i]
+        assert np.allclose([x0, y0, xe, ye], [x1, y1, x2, y2], atol=atol)
+        assert out.masks.crops[i].mean() > 0.95
+
+
+def test_boxes_of_one_scale_share_one_whole_image_run_and_match_the_crops():
+    image = np.zeros((256, 256, 3), np.uint8)
+    boxes = np.array([[20, 20, 52, 52], [100, 100, 140, 130], [200, 30, 230, 64]], np.float32)
+    whole, cropped = BoxBackend(), BoxBackend()
+    a = bs.segment_per_box(whole, image, boxes, np.array([0, 0, 0]), Cfg(), SIZES)
+    b = bs.segment_per_box(cropped, image, boxes, np.array([0, 0, 0]), Cfg(), SIZES,
+                           bs.BoxScaleOptions(group=False))
+    assert len(whole.seen) == len(cropped.seen) == 3
+    for i in range(3):
+        inter = (a.masks.mask(i) & b.masks.mask(i)).sum()
+        assert inter / (a.masks.mask(i) | b.masks.mask(i)).sum() > 0.9
+
+
+def test_a_collapsed_mask_falls_back_and_scores_zero():
+    image = np.zeros((256, 256, 3), np.uint8)
+    boxes = np.array([[100, 100, 140, 140]], np.float32)
+    # probability 0.3 < 0.5 inside the box: the fallback keeps the model's most likely
+    # pixels (above half their peak), and the score says it fell back
+    weak = BoxBackend(inside=0.3)
+    out = bs.segment_per_box(weak, image, boxes, np.array([0]), Cfg(), SIZES)
+    area = out.masks.areas()[0]
+    assert 0.8 * 40 * 40 < area <= 40 * 40 and out.scores[0] == 0.0
+    off = bs.segment_per_box(weak, image, boxes, np.array([0]), Cfg(), SIZES,
+                             bs.BoxScaleOptions(fallback=False))
+    assert off.masks.areas()[0] == 0 and off.scores[0] > 0
+
+
+def test_mask_confidence_hand_computed():
+    probs = torch.tensor([[0.9, 0.6], [0.1, 0.3]])
+    box = np.array([0, 0, 8, 8], np.float32)  # all four cells (centres 2 and 6)
+    assert bs.mask_confidence(probs, box) == pytest.approx((0.8 + 0.2 + 0.8 + 0.4) / 4)
+    assert bs.mask_confidence(torch.full((2, 2), 0.4), box) == pytest.approx(0.2)
+    assert bs.mask_confidence(probs, np.array([0, 0, 3, 3])) == pytest.approx(0.8)  # 1 cell
+
+
+def test_segmenter_default_uses_per_box_scale_and_can_turn_it_off(tiny_checkpoint,
+                                                                    sample_image):
+    seg = Segmenter.load(tiny_checkpoint, device="cpu")
+    assert seg.box_scale and not seg.with_box_scale(False).box_scale
+    assert not seg.with_image_size(160).box_scale  # an explicit size is an override
+    assert not Segmenter.load(tiny_checkpoint, device="cpu", box_scale=False).box_scale
+    with pytest.raises(InputError, match="box_scale"):
+        Segmenter.load(tiny_checkpoint, device="cpu", box_scale="off")
+    boxes = [[30, 20, 80, 60], [90, 50, 150, 110]]
+    on, off = seg.predict(sample_image, boxes=boxes), \
+        seg.with_box_scale(False).predict(sample_image, boxes=boxes)
+    assert len(on) == len(off) == 2
+    np.testing.assert_array_equal(on.boxes, off.boxes)
+    assert all(m[:, :].any() for m in on.masks)
+    # masks stay inside their boxes either way
+    for pred in (on, off):
+        for mask, (x1, y1, x2, y2) in zip(pred.masks, boxes):
+            assert not mask[:y1].any() and not mask[y2:].any() and not mask[:, x2:].any()
+            assert not mask[:, :x1].any()
+
+
+def test_an_8px_box_on_a_4000px_image_gets_a_non_empty_mask(varied_checkpoint):
+    seg = Segmenter.load(varied_checkpoint, device="cpu")
+    seg.info["calibration"] = {"object_sizes": {"p10": 16.0, "p50": 24.0, "p90": 40.0}}
+    image = np.random.default_rng(0).integers(0, 255, (4000, 4000, 3), dtype=np.uint8)
+    pred = seg.predict(image, boxes=[[2000, 1500, 2008, 1508]])
+    mask = pred.masks[0]
+    assert mask.any() and not mask[:1500].any() and not mask[:, 2008:].any()
