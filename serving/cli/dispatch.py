@@ -63,7 +63,7 @@ def _info() -> CommandMain:
 #: The commands of ``python -m serving`` (``sim`` lists them too, after training's).
 COMMANDS: dict[str, Command] = {
     "predict": Command(_predict, "segment images: automatic, or one mask per box", ""),
-    "label": Command(_label, "auto-label a box-only COCO dataset with masks", ""),
+    "label": Command(_label, "auto-label a box dataset (COCO, YOLO, Label Studio) with masks", ""),
     "serve": Command(_serve, "HTTP inference server with dynamic batching", "serve"),
     "info": Command(_info, "describe a model file (classes, sizes, thresholds)", ""),
 }
