@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..masks import InstanceMasks, is_empty
+from . import domain
 from .paste import mask_crops
 from .transforms import SIZE_DIVISIBILITY, canvas_size, resize_image, resized_shape
 
@@ -96,11 +97,9 @@ def trained_sizes(calibration: Mapping[str, Any]) -> tuple[float, float, float] 
 
 
 def box_side(boxes: np.ndarray) -> np.ndarray:
-    """(M, 4) XYXY boxes -> (M,) float64 ``sqrt(w * h)`` (at least 1 px)."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    w = np.clip(boxes[:, 2] - boxes[:, 0], 0, None)
-    h = np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
-    return np.maximum(np.sqrt(w * h), 1.0)
+    """(M, 4) XYXY boxes -> (M,) float64 ``sqrt(w * h)`` (:func:`.domain.box_side`), at
+    least 1 px so that a scale can be aimed from it."""
+    return np.maximum(domain.box_side(boxes), 1.0)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,14 @@ def quantiles(values: Iterable[float]) -> dict[str, float]:
     return {k: round(float(np.percentile(arr, q)), 4) for k, q in QUANTILES.items()}
 
 
+def box_side(boxes: np.ndarray) -> np.ndarray:
+    """(M, 4) XYXY boxes -> (M,) float64 ``sqrt(w * h)`` in the boxes' own frame (0 for a
+    reversed or empty box): the one measure of an object's size."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None)
+                   * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
+
+
 def box_sizes(boxes_and_sizes: Iterable[tuple[np.ndarray, tuple[int, int]]],
               min_size: int, max_size: int) -> np.ndarray:
     """``sqrt(w * h)`` of every box at the network input.
@@ -57,14 +65,11 @@ def box_sizes(boxes_and_sizes: Iterable[tuple[np.ndarray, tuple[int, int]]],
     """
     out = []
     for boxes, (h, w) in boxes_and_sizes:
-        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         try:
             scale = resized_shape(h, w, min_size, max_size)[0] / h
         except ImageError:
             continue
-        side = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None)
-                       * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
-        out.append(side * scale)
+        out.append(box_side(boxes) * scale)
     return np.concatenate(out) if out else np.zeros(0)
 
 
