@@ -326,22 +326,16 @@ def _edges(plan: _Plan, probs: np.ndarray, threshold: float, fused: bool) -> lis
                         gc[a:a + step]) for a in range(0, len(kk), step)]
 
 
-def _widen(bounds: np.ndarray, chunk: _Edges, plan: _Plan) -> None:
-    """Grow the (K, 4) bounds y0, y1, x0, x1 in place to cover the chunk's True pixels."""
-    rows_any, cols_any = chunk.true.any(axis=2), chunk.true.any(axis=1)  # (M, Lr), (M, Lc)
-    has = np.flatnonzero(rows_any.any(axis=1))
-    if not len(has):
+def _widen(bounds: np.ndarray, pixels: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """Grow the (K, 4) bounds y0, y1, x0, x1 in place to cover True edge ``pixels`` (k, y, x)
+    (sorted by k)."""
+    k, y, x = pixels
+    if not len(k):
         return
-    k, rows_any, cols_any = chunk.kk[has], rows_any[has], cols_any[has]
-    gr, gc = chunk.gr[has], chunk.gc[has]
-    lr, lc = rows_any.shape[1], cols_any.shape[1]
-    first_r, last_r = rows_any.argmax(1), lr - 1 - rows_any[:, ::-1].argmax(1)
-    first_c, last_c = cols_any.argmax(1), lc - 1 - cols_any[:, ::-1].argmax(1)
     masks, at = _segments(k)
-    for j, (values, reduce) in enumerate((
-            (plan.rows.pix[gr, first_r], np.minimum), (plan.rows.pix[gr, last_r] + 1, np.maximum),
-            (plan.cols.pix[gc, first_c], np.minimum), (plan.cols.pix[gc, last_c] + 1, np.maximum))):
-        bounds[masks, j] = reduce(bounds[masks, j], reduce.reduceat(values, at))
+    for j, (values, reduce, shift) in enumerate(((y, np.minimum, 0), (y, np.maximum, 1),
+                                                 (x, np.minimum, 0), (x, np.maximum, 1))):
+        bounds[masks, j] = reduce(bounds[masks, j], reduce.reduceat(values, at) + shift)
 
 
 def _segments(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -400,16 +394,19 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
     plan = _plan(probs, resized, orig, threshold, boxes, fused)
     edges = _edges(plan, probs, threshold, fused)
     bounds = _bounds(plan, _inside(plan, plan.high))
-    for chunk in edges:  # widen by the True edge pixels
-        _widen(bounds, chunk, plan)
+    small = len(probs) * orig[0] * orig[1] <= DENSE_VIEW_BYTES
+    # the True edge pixels as (k, y, x) lists: 24 bytes each, kept only for small images
+    kept = [chunk.pixels(plan) for chunk in edges] if small else []
+    for pixels in kept or (chunk.pixels(plan) for chunk in edges):
+        _widen(bounds, pixels)
     sizes = np.maximum(bounds[:, 1] - bounds[:, 0], 0) * np.maximum(bounds[:, 3] - bounds[:, 2], 0)
     total = int(sizes.sum())
-    if len(probs) * orig[0] * orig[1] <= max(DENSE_VIEW_BYTES, DENSE_VIEW_RATIO * total):
+    if small or len(probs) * orig[0] * orig[1] <= DENSE_VIEW_RATIO * total:
         # Small images, or masks that fill them: all masks expanded by two batched gathers
         # (the edge pixels set by scatters), each crop a view of its mask.
         dense = np.take(_spread(plan.high, plan.cols), plan.rows.of, axis=1)
-        for chunk in edges:
-            dense[chunk.pixels(plan)] = True
+        for pixels in kept or (chunk.pixels(plan) for chunk in edges):
+            dense[pixels] = True
         crops = [dense[k, y0:y1, x0:x1] if sizes[k] else np.zeros((0, 0), bool)
                  for k, (y0, y1, x0, x1) in enumerate(bounds.tolist())]
         offsets = np.where(sizes[:, None] > 0, bounds[:, [0, 2]], 0)
