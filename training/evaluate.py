@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from serving import InferenceConfig, Segmenter
+from serving.backends.locate import MODEL_HELP
 from serving.backends.torch_backend import TorchBackend
 from serving.errors import InputError, SimError
 from serving.files import check_writable_file
@@ -109,17 +110,16 @@ def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images:
                          "model; its calibration is kept as it was; evaluate a split with "
                          "annotated images")
     segmenter = Segmenter.load(checkpoint, device=device)
-    category_ids = segmenter.info.get("extra", {}).get("category_ids")
+    category_ids = segmenter.card.category_ids if segmenter.card else None
     results = predict_dataset(segmenter, annotations, images, category_ids, max_images)
     metrics = _percent(evaluate_coco(_ground_truth(annotations, max_images), results, f1=True))
     if calibrate:
-        from serving.model.model_file import read_checkpoint_info, update_checkpoint_extra
+        from serving.model.model_file import recalibrate_checkpoint
 
         from .score_calibration import validation_calibration
 
         found = validation_calibration(segmenter, metrics, annotations, images)
-        known = read_checkpoint_info(checkpoint).extra.get("calibration") or {}
-        update_checkpoint_extra(checkpoint, {"calibration": {**known, **found}})
+        recalibrate_checkpoint(checkpoint, found, source=str(annotations))
     return metrics
 
 
@@ -129,7 +129,7 @@ def evaluate_untrained(cfg: TrainConfig, path: str | Path) -> dict[str, float]:
     the floor that trained models are compared with. Sets ``cfg.model.num_classes`` from the
     training data."""
     from serving.model import build_condinst
-    from serving.model.model_file import save_checkpoint
+    from serving.model.model_file import new_card, save_checkpoint
 
     from .data import CocoInstanceDataset
 
@@ -137,8 +137,9 @@ def evaluate_untrained(cfg: TrainConfig, path: str | Path) -> dict[str, float]:
     cfg.model.num_classes = data.num_classes
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, build_condinst(cfg.model), cfg.model, data.class_names, cfg.inference,
-                    extra={"category_ids": data.label_to_category_id})
+    save_checkpoint(path, build_condinst(cfg.model),
+                    new_card(cfg.model, data.class_names, cfg.inference,
+                             category_ids=data.label_to_category_id))
     return evaluate_checkpoint(path, cfg.data.val_json, cfg.data.val_images, device="cpu",
                                max_images=cfg.data.max_val_images)
 
@@ -155,7 +156,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m training.eval
                "  sim eval --model model.safetensors ... --calibrate   # store the F1-best "
                "threshold and score reference")
     parser.add_argument("--model", "--checkpoint", dest="checkpoint", required=True,
-                        help="model file: .safetensors checkpoint, .onnx or TensorRT engine")
+                        help=MODEL_HELP)
     parser.add_argument("--annotations", required=True, help="COCO JSON with masks")
     parser.add_argument("--images", required=True, help="folder of the images")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

@@ -110,8 +110,7 @@ def test_verify_fails_on_another_model(export_checkpoint, tiny_export, tmp_path,
     model, info = load_checkpoint(export_checkpoint)
     with torch.no_grad():  # another model: shifted box regression
         model.head.bbox_pred.bias.add_(0.5)
-    other = save_checkpoint(tmp_path / "other.safetensors", model, info.model,
-                            info.class_names, info.inference)
+    other = save_checkpoint(tmp_path / "other.safetensors", model, info)
     report = verify_export(other, tiny_export.sidecar, [sample_image, sample_image[:, ::-1]])
     assert not report.passed and len(report.rows) == 4
     assert "FAIL" in report.table() and "| image 0 | automatic |" in report.table()
