@@ -62,7 +62,7 @@ def test_size_advice_suggests_an_image_size_only_past_the_factor():
     assert line and "2.0x smaller than in training (40 px)" in line
     assert "--image-size 512 512" in line and suggested_size(2.0, 256, 256) == (512, 512)
     assert "larger" in size_advice(calib, np.full(5, 100.0), 256, 448)
-    assert size_advice(Calibration(), np.full(5, 1.0), 256, 256) is None  # no calibration: no advice
+    assert size_advice(Calibration(), np.full(5, 1.0), 256, 256) is None  # uncalibrated
 
 
 def test_score_advice_says_out_of_domain_with_the_numbers():
