@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from serving import InferenceConfig, Segmenter
-from serving.backends.locate import MODEL_HELP
+from serving.backends.locate import MODEL_HELP, locate_model
 from serving.backends.torch_backend import TorchBackend
 from serving.errors import InputError, SimError
 from serving.files import check_writable_file
@@ -90,7 +90,7 @@ def calibration_refusal(annotations: str | Path, max_images: int | None) -> str 
 def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images: str | Path,
                         device: str = "auto", max_images: int | None = None,
                         calibrate: bool = False) -> dict[str, float]:
-    """Mask and box AP (percent) of a model file (``.safetensors``, ``.onnx``, TensorRT).
+    """Mask and box AP (percent) of a model (any file or folder ``Segmenter.load`` takes).
 
     ``calibrate``: also store the validation calibration (the F1-best score threshold and the
     prompted-score quantiles, :func:`training.score_calibration.validation_calibration`) in the
@@ -101,9 +101,12 @@ def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images:
     if max_images is not None and max_images < 1:
         raise InputError(f"--max-images {max_images}: must be at least 1 (leave it out for "
                          "every image)")
-    if calibrate and Path(checkpoint).suffix.lower() != ".safetensors":
-        raise InputError(f"--calibrate: {checkpoint} is not a .safetensors checkpoint; "
-                         "calibrate the checkpoint, then export it")
+    if calibrate:
+        found = locate_model(checkpoint)
+        if found.kind != "checkpoint":
+            raise InputError(f"--calibrate: {checkpoint} is not a .safetensors checkpoint; "
+                             "calibrate the checkpoint, then export it")
+        checkpoint = found.path
     why = calibration_refusal(annotations, max_images) if calibrate else None
     if why is not None:
         raise InputError(f"--calibrate: {annotations}: {why}, so it cannot calibrate the "
