@@ -45,6 +45,17 @@ def make_tiny_checkpoint(path, seed: int = 0, detections: bool = True,
     return path
 
 
+def release_files(root):
+    """Extract the model files of release f16b7e0 (``tests/fixtures/release_f16b7e0.tar.xz``,
+    made by ``tests/fixtures/make_release_fixtures.py``) under ``root``; returns their folder."""
+    import tarfile
+    from pathlib import Path
+
+    with tarfile.open(Path(__file__).parent / "fixtures" / "release_f16b7e0.tar.xz") as tar:
+        tar.extractall(root, filter="data")
+    return Path(root) / "release_f16b7e0"
+
+
 def run_two_processes(fn):
     """Run ``fn(rank, all_reduce_sum)`` for ranks 0 and 1 in two threads whose barrier-based
     ``all_reduce_sum`` sums a tensor over both, like ``torch.distributed.all_reduce`` over two

@@ -45,8 +45,8 @@ from ..files import atomic_write
 from ..inference.postprocess import Detections, PaddedDetections, PromptDetections
 from ..model.card import ModelCard
 from ..model_config import InferenceConfig, ModelConfig, config_to_dict
+from .locate import SIDECAR_FORMAT, locate_model
 
-SIDECAR_FORMAT = "sim-condinst-export"
 GRAPH_KINDS = ("automatic", "prompt")
 #: Input and output names of the automatic and box-prompted graphs (``export/wrapper.py``).
 AUTO_INPUTS = ("images", "image_sizes")
@@ -155,8 +155,6 @@ def read_sidecar(path: str | os.PathLike) -> ExportSidecar:
     """Read and check the sidecar belonging to ``path`` (see :func:`sidecar_path`; a folder:
     its export, :func:`serving.backends.locate.locate_model`)."""
     if Path(path).is_dir():
-        from .locate import locate_model
-
         path = locate_model(path).path
     side = sidecar_path(path)
     if not side.is_file():

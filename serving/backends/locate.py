@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import InputError
-from .exported import SIDECAR_FORMAT
+
+#: The ``format`` of an export sidecar (:mod:`serving.backends.exported`).
+SIDECAR_FORMAT = "sim-condinst-export"
 
 #: What a model path may be, as every error about one says it.
 ACCEPTED = ("pass a .safetensors checkpoint, an exported .onnx graph or its .json sidecar, an "

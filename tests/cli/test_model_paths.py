@@ -5,27 +5,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from sim_testing import release_files
 
 from serving import InputError, Segmenter
 from serving.backends.locate import ACCEPTED, locate_model
 from sim_cli.main import main as sim
 
-ARCHIVE = Path(__file__).parents[1] / "fixtures" / "release_f16b7e0.tar.xz"
-
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
     """Release f16b7e0's export folder (fp32 and INT8 sidecars) and its checkpoint."""
-    root = tmp_path_factory.mktemp("models")
-    with tarfile.open(ARCHIVE) as tar:
-        tar.extractall(root, filter="data")
-    return root / "release_f16b7e0"
+    return release_files(tmp_path_factory.mktemp("models"))
 
 
 def bad_paths(root: Path) -> dict[str, Path]:

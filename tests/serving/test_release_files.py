@@ -8,18 +8,17 @@ The files and the release's predictions are ``tests/fixtures/release_f16b7e0.tar
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sim_testing import release_files
 
 from serving import Segmenter
 from serving.backends.exported import read_sidecar
 from serving.model.card import Calibration
 from serving.model.model_file import read_checkpoint_card
 
-ARCHIVE = Path(__file__).parents[1] / "fixtures" / "release_f16b7e0.tar.xz"
 BOXES = [[10.0, 12.0, 70.0, 60.0], [80.0, 20.0, 150.0, 110.0], [5.0, 70.0, 60.0, 115.0]]
 CALIBRATION = Calibration(score_threshold=0.3125, f1=41.5, validation="val.json",
                           prompt_scores={"p10": 0.2, "p50": 0.45, "p90": 0.7},
@@ -29,10 +28,7 @@ CALIBRATION = Calibration(score_threshold=0.3125, f1=41.5, validation="val.json"
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("release")
-    with tarfile.open(ARCHIVE) as tar:
-        tar.extractall(root, filter="data")
-    return root / "release_f16b7e0"
+    return release_files(tmp_path_factory.mktemp("release"))
 
 
 def summary(pred) -> dict:
