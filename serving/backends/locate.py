@@ -61,7 +61,7 @@ def locate_model(path: str | os.PathLike) -> ModelPath:
     if kind is None:
         raise model_error(path, f"unknown file type '{suffix}'")
     if not found.is_file():
-        raise model_error(path, "not found" if not found.exists() else "not a file")
+        raise model_error(path, "file not found" if not found.exists() else "not a file")
     return ModelPath(found, kind)
 
 

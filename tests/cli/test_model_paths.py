@@ -34,7 +34,7 @@ def bad_paths(root: Path) -> dict[str, Path]:
     return {"unknown file type '.xyz'": root / "model.xyz",
             "PyTorch pickle files (.pt) are not loaded (unpickling can run code)":
                 root / "model.pt",
-            "not found": root / "missing.safetensors",
+            "file not found": root / "missing.safetensors",
             "the folder holds no model file; pass the file to load": root / "empty",
             "the folder holds 2 exports (x.json, y.json) and no single fp32 one; pass the "
             ".json of the one to load": root / "two"}
