@@ -174,6 +174,7 @@ def read_sidecar(path: str | os.PathLike) -> ExportSidecar:
             ".json written by python -m export"
         )
     where = f"{side}: corrupt export sidecar"
+    card = ModelCard.from_json({"input_rules": {}, **data}, where, "export")
     graphs, engines = data.get("graphs"), data.get("engines", {})
     if not isinstance(data.get("input_rules", {}), dict) or not isinstance(graphs, dict) or \
             not all(isinstance(g, dict) and isinstance(g.get("file"), str)
@@ -183,7 +184,6 @@ def read_sidecar(path: str | os.PathLike) -> ExportSidecar:
     if not isinstance(engines, dict) or not isinstance(data.get("export_id"), str):
         raise CheckpointError(f"{where}: 'engines' must be an object and 'export_id' text; "
                               "re-export")
-    card = ModelCard.from_json({"input_rules": {}, **data}, where, "export")
     quantization = data.get("quantization")
     return ExportSidecar(side, data["export_id"], card, dict(graphs), dict(engines),
                          quantization if isinstance(quantization, dict) else None)
