@@ -79,8 +79,9 @@ def checked_calibration(value: Any, where: str) -> dict[str, Any]:
 
 
 def checked_extra(value: Any, where: str) -> dict[str, Any]:
-    """``extra``: an object; its calibration (own, or the checkpoint's copied into an export)
-    checked by :func:`checked_calibration`."""
+    """``extra`` of a format version 0/1 file (read only by the migration): an object; its
+    calibration (own, or the checkpoint's copied into an export) checked by
+    :func:`checked_calibration`."""
     if not isinstance(value, Mapping):
         raise CheckpointError(f"{where}: metadata 'extra' is {type(value).__name__}, not an "
                               "object; re-save or re-export the model")
