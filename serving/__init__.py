@@ -1,8 +1,9 @@
 """serving: the project's library.
 
 It defines the CondInst network, its one post-processing implementation (automatic and
-box-prompted), model files and their model card, image loading and transforms, the ``Segmenter`` API over every
-inference backend (PyTorch, ONNX Runtime, TensorRT), visualisation and the command line.
+box-prompted), model files and their model card, image loading and transforms, the
+``Segmenter`` API over every inference backend (PyTorch, ONNX Runtime, TensorRT),
+visualisation and the command line.
 ``training``, ``export`` and ``app`` build on it; it never imports them.
 """
 
