@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,24 +53,56 @@ def _files(out: Path, stem: str):
                                 "prompt": out / f"{stem}.prompt.onnx"})
 
 
+def _shared_folder(tmp_path_factory, name: str) -> tuple[Path, contextlib.AbstractContextManager]:
+    """A folder made once per test run and a lock to hold while filling it: under
+    pytest-xdist every worker sees the same folder (beside the workers' own temporary
+    folders), so the session export runs in one worker and the others wait for its files."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return tmp_path_factory.mktemp(name), contextlib.nullcontext()
+    from filelock import FileLock
+
+    folder = tmp_path_factory.getbasetemp().parent / name
+    return folder, FileLock(str(folder) + ".lock")
+
+
 @pytest.fixture(scope="session")
 def export_checkpoint(tmp_path_factory):
     """The tiny architecture with spread scores and real-sized boxes (``sharp``), so that INT8
     and fp32 detections can be matched; every export fixture exports it."""
     from sim_testing import make_tiny_checkpoint
 
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("export_ckpt") / "tiny.safetensors",
-                                sharp=True)
+    folder, lock = _shared_folder(tmp_path_factory, "export_ckpt")
+    path = folder / "tiny.safetensors"
+    with lock:
+        if not path.exists():
+            folder.mkdir(exist_ok=True)
+            make_tiny_checkpoint(path, sharp=True)
+    return path
 
 
 @pytest.fixture(scope="session")
 def cli_export(tmp_path_factory, export_checkpoint) -> CliRun:
     """``python -m export --checkpoint tiny.safetensors --output <dir> --name tiny --int8
     --calibration cal --calibration-count 3 --verify a.png b.png``: the default exporter and
-    shapes, quantised on 3 of 4 images, both verified against PyTorch on two images."""
+    shapes, quantised on 3 of 4 images, both verified against PyTorch on two images (once per
+    test run, also with pytest-xdist)."""
+    root, lock = _shared_folder(tmp_path_factory, "export")
+    with lock:
+        record = root / "run.json"
+        if not record.exists():
+            root.mkdir(exist_ok=True)
+            run = _export_once(root, export_checkpoint)
+            record.write_text(json.dumps({**asdict(run), "out": str(run.out),
+                                          "calibration": str(run.calibration)}))
+    saved = json.loads(record.read_text())
+    return CliRun(saved["code"], saved["stdout"], Path(saved["out"]),
+                  Path(saved["calibration"]), saved["seconds"])
+
+
+def _export_once(root: Path, checkpoint: Path) -> CliRun:
     from export.__main__ import main
 
-    root = tmp_path_factory.mktemp("export")
     images = [root / "a.png", root / "b.png"]
     Image.fromarray(random_image(120, 160, 11)).save(images[0])
     Image.fromarray(random_image(200, 90, 12)).save(images[1])
@@ -79,7 +113,7 @@ def cli_export(tmp_path_factory, export_checkpoint) -> CliRun:
     printed = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(printed):
-        code = main(["--checkpoint", str(export_checkpoint), "--output", str(root / "files"),
+        code = main(["--checkpoint", str(checkpoint), "--output", str(root / "files"),
                      "--name", "tiny", "--int8", "--calibration", str(cal),
                      "--calibration-count", "3", "--verify", *map(str, images)])
     return CliRun(code, printed.getvalue(), root / "files", cal, time.perf_counter() - start)
