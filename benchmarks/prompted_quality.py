@@ -51,6 +51,8 @@ ABLATIONS: dict[str, BoxScaleOptions] = {
     "aim at 0.8x the trained median": BoxScaleOptions(fit="median", target=0.8),
     "upsample at most 1.5x": BoxScaleOptions(max_upsample=1.5),
     "no fallback": BoxScaleOptions(fallback=False),
+    "no refinement": BoxScaleOptions(refine=False),
+    "+ test-time flip": BoxScaleOptions(flip=True),
 }
 
 

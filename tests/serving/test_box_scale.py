@@ -13,6 +13,7 @@ import torch
 from serving import Segmenter
 from serving.errors import InputError
 from serving.inference import box_scale as bs
+from serving.inference import quality
 from serving.inference.postprocess import PromptDetections
 
 TRAIN = 32.0  # training objects' median size at the input, px
@@ -123,9 +124,9 @@ def test_a_collapsed_mask_falls_back_and_scores_zero():
 def test_mask_confidence_hand_computed():
     probs = torch.tensor([[0.9, 0.6], [0.1, 0.3]])
     box = np.array([0, 0, 8, 8], np.float32)  # all four cells (centres 2 and 6)
-    assert bs.mask_confidence(probs, box) == pytest.approx((0.8 + 0.2 + 0.8 + 0.4) / 4)
-    assert bs.mask_confidence(torch.full((2, 2), 0.4), box) == pytest.approx(0.2)
-    assert bs.mask_confidence(probs, np.array([0, 0, 3, 3])) == pytest.approx(0.8)  # 1 cell
+    assert quality.mask_confidence(probs, box) == pytest.approx((0.8 + 0.2 + 0.8 + 0.4) / 4)
+    assert quality.mask_confidence(torch.full((2, 2), 0.4), box) == pytest.approx(0.2)
+    assert quality.mask_confidence(probs, np.array([0, 0, 3, 3])) == pytest.approx(0.8)  # 1 cell
 
 
 def test_segmenter_default_uses_per_box_scale_and_can_turn_it_off(tiny_checkpoint,
