@@ -20,7 +20,7 @@ import torch
 
 from .backends import Backend
 from .errors import InputError
-from .inference.box_scale import segment_per_box, trained_sizes
+from .inference.box_scale import BoxScaleOptions, segment_per_box, trained_sizes
 from .inference.boxes import MAX_MASK_PIXELS, BoxesLike, check_mask_pixels, validate_boxes
 from .inference.domain import calibration_of
 from .inference.images import ImageLike, describe_image, load_image
@@ -78,7 +78,9 @@ class Segmenter:
     ``box_scale`` (default on): each prompt box is segmented at a scale among the model's
     training object sizes (:mod:`serving.inference.box_scale`); off, the whole image runs
     once at ``cfg.min_size``/``cfg.max_size`` for every box. A setting of this object, not of
-    the model file: checkpoints and exports are unchanged by it.
+    the model file: checkpoints and exports are unchanged by it. ``refine`` (default on, with
+    ``box_scale``): each box's mask refined at full resolution, guided by the image's colours
+    (:mod:`serving.inference.refine`).
     ``max_mask_pixels``: the most pixels one image's prompt boxes may cover together (a byte
     of mask memory each); more is refused before any work.
     """
@@ -86,12 +88,14 @@ class Segmenter:
     max_mask_pixels: int = MAX_MASK_PIXELS
 
     def __init__(self, backend: Backend, class_names: Sequence[str], cfg: InferenceConfig,
-                 info: dict[str, Any] | None = None, box_scale: bool = True) -> None:
+                 info: dict[str, Any] | None = None, box_scale: bool = True,
+                 refine: bool = True) -> None:
         self.backend = backend
         self.class_names = tuple(class_names)
         self.cfg = cfg
         self.info = dict(info or {})
         self.box_scale = bool(box_scale)
+        self.refine = bool(refine)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -196,10 +200,13 @@ class Segmenter:
         cfg = dataclasses.replace(self.cfg, min_size=int(short), max_size=int(long))
         return type(self)(self.backend, self.class_names, cfg, self.info, box_scale=False)
 
-    def with_box_scale(self, on: bool) -> Segmenter:
-        """The same model with the per-box scale of box prompts on or off (see the class
-        docstring). Shares the loaded model."""
-        return type(self)(self.backend, self.class_names, self.cfg, self.info, box_scale=on)
+    def with_box_scale(self, on: bool, refine: bool | None = None) -> Segmenter:
+        """The same model with the per-box scale of box prompts on or off, and its
+        full-resolution refinement on or off (``None``: as now; see the class docstring).
+        Shares the loaded model."""
+        refine = self.refine if refine is None else refine
+        return type(self)(self.backend, self.class_names, self.cfg, self.info, box_scale=on,
+                          refine=refine)
 
     # ----------------------------------------------------------------- info
     @property
@@ -404,7 +411,7 @@ class Segmenter:
         """One image's prompts, each box at its own scale (:mod:`.inference.box_scale`)."""
         boxes, labels = item.prompt  # type: ignore[misc]
         out = segment_per_box(self.backend, item.array, boxes, labels, self.cfg,
-                              trained_sizes(self.calibration))
+                              trained_sizes(self.calibration), BoxScaleOptions(refine=self.refine))
         return Prediction(boxes.copy(), out.scores, out.labels, out.masks, self.class_names)
 
 

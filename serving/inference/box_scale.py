@@ -19,9 +19,9 @@ export runs them unchanged; crops of one canvas size run as one batch of at most
 ``CROP_BATCH``. Masks come back through the same stride-4 -> original pipeline as the whole
 image (:func:`serving.inference.paste.mask_crops`), as tight crops.
 
-Each mask is refined at full resolution inside its box (:mod:`serving.inference.refine`) and
-scored by :func:`serving.inference.quality.quality_score`. A mask the model leaves empty falls back to its most likely pixels and scores
-0 (``BoxScaleOptions.fallback``).
+Each mask is refined at full resolution inside its box (:mod:`serving.inference.refine`)
+and scored by :func:`serving.inference.quality.quality_score`. A mask the model leaves empty
+falls back to its most likely pixels and scores 0 (``BoxScaleOptions.fallback``).
 
 All geometry is in pixels: original-image XYXY for boxes and windows, network-input XYXY
 inside a crop's canvas.

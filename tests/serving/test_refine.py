@@ -104,3 +104,21 @@ def test_small_boxes_are_not_filtered(monkeypatch, side):
     image = np.zeros((64, 64, 3), np.uint8)
     source = refine.Source(torch.full((16, 16), 0.9), (0, 0, 64, 64), (64, 64))
     refine.refined_probs(image, [source], np.array([5, 5, 5 + side, 5 + side], np.float32))
+
+
+def test_segmenter_refines_by_default_and_can_turn_it_off(tiny_checkpoint, sample_image,
+                                                           monkeypatch):
+    from serving import Segmenter
+
+    calls = []
+    real = refine.guided_filter
+    monkeypatch.setattr(refine, "guided_filter", lambda *a: calls.append(1) or real(*a))
+    seg = Segmenter.load(tiny_checkpoint, device="cpu")
+    raw = seg.with_box_scale(True, refine=False)
+    assert seg.refine and not raw.refine and raw.box_scale
+    assert not raw.with_box_scale(True).refine  # kept unless asked
+    boxes = np.array([[30, 20, 80, 60], [90, 50, 150, 110]], np.float32)  # both >= 24 px
+    raw.predict(sample_image, boxes=boxes)
+    assert not calls
+    seg.predict(sample_image, boxes=boxes)
+    assert len(calls) == 2  # once per box
