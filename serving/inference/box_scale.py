@@ -263,14 +263,24 @@ class BoxMasks(NamedTuple):
     labels: np.ndarray
 
 
-def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array: np.ndarray,
-               cfg: Any, options: BoxScaleOptions) -> tuple[InstanceMasks, bool]:
-    """A box's mask in the original image and whether it fell back.
+class FinalMask(NamedTuple):
+    """A box's mask in the original image, whether it fell back, and its probabilities at
+    full resolution over :func:`serving.inference.refine.box_region` (``region``, ``probs``
+    (h, w) float32: what the score reads)."""
 
-    ``pairs``: the box's candidates (the image's, then the mirrored image's with
-    ``options.flip``; their probabilities are averaged). With ``options.refine`` or
-    ``options.flip`` (and ``cfg.clip_to_box``) the mask comes from
-    :func:`serving.inference.refine.refined_probs` over the box's region; otherwise from
+    mask: InstanceMasks
+    fell_back: bool
+    region: tuple[int, int, int, int]
+    probs: Tensor
+
+
+def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array: np.ndarray,
+               cfg: Any, options: BoxScaleOptions) -> FinalMask:
+    """A box's mask from its candidates ``pairs`` (the image's, then the mirrored image's
+    with ``options.flip``; their probabilities are averaged).
+
+    With ``options.refine`` or ``options.flip`` (and ``cfg.clip_to_box``) the mask is the
+    threshold of :func:`serving.inference.refine.refined_probs` inside ``box``; otherwise
     :func:`paste_crop` (clipped to ``box`` when ``cfg.clip_to_box``). With
     ``options.fallback``, an empty or near-empty mask is thresholded again at
     ``FALLBACK_RATIO`` of its highest stride-4 probability in the box (the candidates'
@@ -280,19 +290,21 @@ def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array:
     peak = float(np.mean([float(quality.box_cells(r.probs, c.input_box).max())
                           for c, r in pairs]))
     threshold = min(cfg.mask_threshold, FALLBACK_RATIO * peak)
-    if cfg.clip_to_box and (options.refine or options.flip):
-        sources = [refine.Source(r.probs, c.window, c.resized, k > 0)
-                   for k, (c, r) in enumerate(pairs)]
-        region, probs = refine.refined_probs(array, sources, box, options.refine)
+    sources = [refine.Source(r.probs, c.window, c.resized, k > 0)
+               for k, (c, r) in enumerate(pairs)]
+    on = bool(cfg.clip_to_box and (options.refine or options.flip))
+    region, probs = refine.refined_probs(array, sources, box, on and options.refine)
+    if on:
         mask = refine.region_mask(region, probs, box, image_size, cfg.mask_threshold)
         if not (options.fallback and is_empty(int(mask.areas()[0]), box)):
-            return mask, False
-        return refine.region_mask(region, probs, box, image_size, threshold), True
+            return FinalMask(mask, False, region, probs)
+        mask = refine.region_mask(region, probs, box, image_size, threshold)
+        return FinalMask(mask, True, region, probs)
     clip = box if cfg.clip_to_box else None
     mask = paste_crop(result, crop, clip, image_size, cfg.mask_threshold)
     if not (options.fallback and is_empty(int(mask.areas()[0]), box)):
-        return mask, False
-    return paste_crop(result, crop, clip, image_size, threshold), True
+        return FinalMask(mask, False, region, probs)
+    return FinalMask(paste_crop(result, crop, clip, image_size, threshold), True, region, probs)
 
 
 def run_whole(backend: Any, array: np.ndarray, size: tuple[int, int], members: np.ndarray,
@@ -391,8 +403,9 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
     for chunks in zip(*runs, strict=True):
         for pairs in zip(*chunks, strict=True):
             k = pairs[0][0].box
-            mask, fell_back = final_mask(pairs, boxes[k], array, cfg, options)
-            masks[k] = mask
-            scores[k] = 0.0 if fell_back else quality.quality_score(pairs, mask, boxes[k])
+            final = final_mask(pairs, boxes[k], array, cfg, options)
+            masks[k] = final.mask
+            scores[k] = 0.0 if final.fell_back else quality.quality_score(
+                pairs, array, final.region, final.probs, boxes[k], cfg.mask_threshold)
             out_labels[k] = pairs[0][1].label
     return BoxMasks(InstanceMasks.concatenate(masks), scores, out_labels)  # type: ignore[arg-type]
