@@ -284,7 +284,7 @@ def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array:
     :func:`paste_crop` (clipped to ``box`` when ``cfg.clip_to_box``). With
     ``options.fallback``, an empty or near-empty mask is thresholded again at
     ``FALLBACK_RATIO`` of its highest stride-4 probability in the box (the candidates'
-    mean)."""
+    mean), unrefined."""
     image_size = array.shape[:2]
     crop, result = pairs[0]
     peak = float(np.mean([float(quality.box_cells(r.probs, c.input_box).max())
@@ -298,6 +298,8 @@ def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array:
         mask = refine.region_mask(region, probs, box, image_size, cfg.mask_threshold)
         if not (options.fallback and is_empty(int(mask.areas()[0]), box)):
             return FinalMask(mask, False, region, probs)
+        if options.refine:  # fall back on the network's own probabilities
+            region, probs = refine.refined_probs(array, sources, box, False)
         mask = refine.region_mask(region, probs, box, image_size, threshold)
         return FinalMask(mask, True, region, probs)
     clip = box if cfg.clip_to_box else None
