@@ -33,6 +33,9 @@ from torch import Tensor
 
 from . import refine
 
+#: Names this definition of the prompted score; a calibration's ``prompt_scores`` are
+#: comparable with it only when its ``prompt_score`` says the same (older models: no name).
+SCORE_VERSION = "quality-1"
 #: The colour separation at which its factor in the score is 1/2.
 SEPARATION_HALF = 0.25
 #: The lowest score of a mask that did not fall back (0 is kept for those that did).
