@@ -264,14 +264,12 @@ class BoxMasks(NamedTuple):
 
 
 class FinalMask(NamedTuple):
-    """A box's mask in the original image, whether it fell back, and its probabilities at
-    full resolution over :func:`serving.inference.refine.box_region` (``region``, ``probs``
-    (h, w) float32: what the score reads)."""
+    """A box's mask in the original image, whether it fell back, and the box's
+    :class:`serving.inference.refine.BoxView` (what the score reads)."""
 
     mask: InstanceMasks
     fell_back: bool
-    region: tuple[int, int, int, int]
-    probs: Tensor
+    view: refine.BoxView
 
 
 def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array: np.ndarray,
@@ -279,12 +277,13 @@ def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array:
     """A box's mask from its candidates ``pairs`` (the image's, then the mirrored image's
     with ``options.flip``; their probabilities are averaged).
 
-    With ``options.refine`` or ``options.flip`` (and ``cfg.clip_to_box``) the mask is the
-    threshold of :func:`serving.inference.refine.refined_probs` inside ``box``; otherwise
-    :func:`paste_crop` (clipped to ``box`` when ``cfg.clip_to_box``). With
-    ``options.fallback``, an empty or near-empty mask is thresholded again at
+    With ``options.refine`` or ``options.flip`` (and ``cfg.clip_to_box``, and a box region
+    of at most ``refine.REFINE_PIXELS`` pixels) the mask is the threshold of the box's
+    :func:`serving.inference.refine.box_view` inside ``box``; otherwise :func:`paste_crop`
+    of the first candidate (clipped to ``box`` when ``cfg.clip_to_box``). With
+    ``options.fallback``, an empty or near-empty mask is thresholded again, unrefined, at
     ``FALLBACK_RATIO`` of its highest stride-4 probability in the box (the candidates'
-    mean), unrefined."""
+    mean)."""
     image_size = array.shape[:2]
     crop, result = pairs[0]
     peak = float(np.mean([float(quality.box_cells(r.probs, c.input_box).max())
@@ -292,21 +291,18 @@ def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array:
     threshold = min(cfg.mask_threshold, FALLBACK_RATIO * peak)
     sources = [refine.Source(r.probs, c.window, c.resized, k > 0)
                for k, (c, r) in enumerate(pairs)]
-    on = bool(cfg.clip_to_box and (options.refine or options.flip))
-    region, probs = refine.refined_probs(array, sources, box, on and options.refine)
-    if on:
-        mask = refine.region_mask(region, probs, box, image_size, cfg.mask_threshold)
+    view = refine.box_view(array, sources, box, options.refine)
+    if cfg.clip_to_box and (options.refine or options.flip) and view.full:
+        mask = refine.region_mask(view, image_size, cfg.mask_threshold)
         if not (options.fallback and is_empty(int(mask.areas()[0]), box)):
-            return FinalMask(mask, False, region, probs)
-        if options.refine:  # fall back on the network's own probabilities
-            region, probs = refine.refined_probs(array, sources, box, False)
-        mask = refine.region_mask(region, probs, box, image_size, threshold)
-        return FinalMask(mask, True, region, probs)
+            return FinalMask(mask, False, view)
+        raw = refine.box_view(array, sources, box, False) if options.refine else view
+        return FinalMask(refine.region_mask(raw, image_size, threshold), True, view)
     clip = box if cfg.clip_to_box else None
     mask = paste_crop(result, crop, clip, image_size, cfg.mask_threshold)
     if not (options.fallback and is_empty(int(mask.areas()[0]), box)):
-        return FinalMask(mask, False, region, probs)
-    return FinalMask(paste_crop(result, crop, clip, image_size, threshold), True, region, probs)
+        return FinalMask(mask, False, view)
+    return FinalMask(paste_crop(result, crop, clip, image_size, threshold), True, view)
 
 
 def run_whole(backend: Any, array: np.ndarray, size: tuple[int, int], members: np.ndarray,
@@ -408,6 +404,6 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
             final = final_mask(pairs, boxes[k], array, cfg, options)
             masks[k] = final.mask
             scores[k] = 0.0 if final.fell_back else quality.quality_score(
-                pairs, array, final.region, final.probs, boxes[k], cfg.mask_threshold)
+                pairs, final.view, cfg.mask_threshold)
             out_labels[k] = pairs[0][1].label
     return BoxMasks(InstanceMasks.concatenate(masks), scores, out_labels)  # type: ignore[arg-type]

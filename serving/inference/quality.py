@@ -78,40 +78,37 @@ def projection_coverage(probs: Tensor, inside: np.ndarray) -> float:
     return float((values.max(1)[rows].mean() + values.max(0)[cols].mean()) / 2)
 
 
-def colour_separation(pixels: np.ndarray, mask: np.ndarray) -> float:
+def colour_separation(pixels: Tensor, mask: np.ndarray) -> float:
     """How far apart the colours of ``mask`` and of the rest lie, relative to their spread:
     ``|mean_in - mean_out|^2 / (var_in + var_out + 1)`` (RGB 0..255, variances summed over
     the channels; a Fisher criterion), 0 when either side has fewer than 2 pixels.
 
     Args:
-        pixels: (h, w, 3) uint8 RGB of a region; mask: (h, w) bool.
+        pixels: (h, w, 3) RGB 0..255 of a region (any real dtype); mask: (h, w) bool.
     """
-    inside, outside = pixels[mask].astype(np.float64), pixels[~mask].astype(np.float64)
+    values = np.asarray(pixels, dtype=np.float64)
+    inside, outside = values[mask], values[~mask]
     if len(inside) < 2 or len(outside) < 2:
         return 0.0
     gap = float(((inside.mean(0) - outside.mean(0)) ** 2).sum())
     return gap / (float(inside.var(0, ddof=1).sum() + outside.var(0, ddof=1).sum()) + 1.0)
 
 
-def quality_score(pairs: Sequence[tuple[Any, Any]], array: np.ndarray,
-                  region: tuple[int, int, int, int], probs: Tensor, box: np.ndarray,
+def quality_score(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,
                   threshold: float) -> float:
     """The score of one box's mask, in [0, 1] (the module docstring).
 
     Args:
         pairs: the box's candidates, ``(Crop, CropResult)`` of
             :mod:`serving.inference.box_scale` (box scores and confidences are averaged).
-        array: (H, W, 3) uint8 RGB image.
-        region: (y0, x0, y1, x1) the box and its margin
-            (:func:`serving.inference.refine.box_region`).
-        probs: (h, w) float32 the mask's final probabilities over ``region``.
-        box: (4,) XYXY original pixels; threshold: the mask threshold.
+        view: the box's final probabilities and pixels over its region
+            (:func:`serving.inference.refine.box_view`).
+        threshold: the mask threshold.
     """
     score = float(np.mean([float(r.score) for _, r in pairs]))
     confidence = float(np.mean([mask_confidence(r.probs, c.input_box) for c, r in pairs]))
-    inside = refine.inside_box(region, box)
-    y0, x0, y1, x1 = region
-    separation = colour_separation(array[y0:y1, x0:x1], (probs.numpy() > threshold) & inside)
-    value = (math.sqrt(max(score, 0.0)) * confidence * projection_coverage(probs, inside)
+    separation = colour_separation(view.pixels, (view.probs.numpy() > threshold) & view.inside)
+    value = (math.sqrt(max(score, 0.0)) * confidence * projection_coverage(view.probs,
+                                                                            view.inside)
              * separation / (separation + SEPARATION_HALF))
     return max(value, MIN_SCORE)

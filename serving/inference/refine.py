@@ -12,9 +12,11 @@ keeps its mean probability. The window's radius is ``RADIUS_FRACTION`` of the bo
 the regulariser ``EPS`` (colours in 0..1): chosen on the training splits of the nuclei and
 synthetic data (``benchmarks/prompted_quality.py`` reports it on the validation splits).
 
-Memory is bounded by the box, not the image: the region is filtered at full resolution up
-to ``REFINE_PIXELS`` pixels and at a proportionally lower resolution beyond (the filtered
-probabilities are then upsampled bilinearly before the threshold).
+Memory is bounded by the box, not the image: a region (the box and its margin) of at most
+``REFINE_PIXELS`` pixels is filtered at full resolution; a larger one is seen on a
+proportionally smaller grid (enough for the score, :mod:`serving.inference.quality`) and
+keeps the network's own mask (:mod:`serving.inference.paste`, which never holds the region's
+floats).
 
 Geometry: original-image pixels (XYXY boxes, ``(y0, x0, y1, x1)`` regions); a
 :class:`Source` is one network output, in its own crop's input frame.
@@ -158,57 +160,69 @@ def guided_filter(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -
     return (coeffs[:3] * guide).sum(0) + coeffs[3]
 
 
-def refined_probs(array: np.ndarray, sources: Sequence[Source], box: np.ndarray,
-                  refine: bool = True) -> tuple[tuple[int, int, int, int], Tensor]:
-    """One box's probabilities at full resolution over :func:`box_region`: the mean of
-    ``sources`` (a box seen more than once, e.g. mirrored), guided-filtered when ``refine``
-    and the box is at least ``MIN_SIDE`` px.
+class BoxView(NamedTuple):
+    """One box's probabilities over :func:`box_region`, at its full size when that has at
+    most ``REFINE_PIXELS`` pixels (``full``), else on a proportionally smaller grid.
+
+    Attributes:
+        region: (y0, x0, y1, x1) original pixels.
+        probs: (h, w) float32 probabilities on the grid.
+        pixels: (h, w, 3) float32 RGB 0..255 on the grid (area-averaged when smaller).
+        inside: (h, w) bool, the grid cells whose centre lies inside the box.
+        full: whether the grid is the region's own pixels.
+    """
+
+    region: tuple[int, int, int, int]
+    probs: Tensor
+    pixels: Tensor
+    inside: np.ndarray
+    full: bool
+
+
+def grid_inside(region: tuple[int, int, int, int], size: tuple[int, int],
+                box: np.ndarray) -> np.ndarray:
+    """(h, w) bool: the cells of a ``size`` grid over ``region`` whose centre lies inside
+    the XYXY ``box``."""
+    y0, x0, y1, x1 = region
+    ys = y0 + (np.arange(size[0]) + 0.5) * (y1 - y0) / size[0]
+    xs = x0 + (np.arange(size[1]) + 0.5) * (x1 - x0) / size[1]
+    return ((ys > box[1]) & (ys < box[3]))[:, None] & ((xs > box[0]) & (xs < box[2]))
+
+
+def box_view(array: np.ndarray, sources: Sequence[Source], box: np.ndarray,
+             refine: bool = True) -> BoxView:
+    """One box's :class:`BoxView`: the mean of ``sources`` (a box seen more than once, e.g.
+    mirrored), guided-filtered when ``refine`` and the box is at least ``MIN_SIDE`` px.
 
     Args:
         array: (H, W, 3) uint8 RGB image.
         sources: one or more :class:`Source` of the box.
         box: (4,) XYXY original pixels.
-
-    Returns:
-        ``(region, (h, w) float32 probabilities)`` of the region's full size.
     """
     height, width = array.shape[:2]
     side = math.sqrt(max(float(box[2] - box[0]), 0.0) * max(float(box[3] - box[1]), 0.0))
-    refine = refine and side >= MIN_SIDE
     region = box_region(box, (height, width))
     y0, x0, y1, x1 = region
     full = (y1 - y0, x1 - x0)
     factor = min(1.0, math.sqrt(REFINE_PIXELS / (full[0] * full[1])))
-    size = (max(1, round(full[0] * factor)), max(1, round(full[1] * factor))) if refine else full
+    size = (max(1, round(full[0] * factor)), max(1, round(full[1] * factor)))
     probs = sum(box_probs(s, region, width, size) for s in sources) / len(sources)
-    if refine:
-        pixels = torch.from_numpy(np.ascontiguousarray(array[y0:y1, x0:x1]))
-        guide = pixels.permute(2, 0, 1)[None].float() / 255
-        if size != full:
-            guide = F.interpolate(guide, size=size, mode="area")
+    pixels = torch.from_numpy(np.ascontiguousarray(array[y0:y1, x0:x1])).permute(2, 0, 1)
+    pixels = pixels[None].float()
+    if size != full:
+        pixels = F.interpolate(pixels, size=size, mode="area")
+    if refine and side >= MIN_SIDE:
         radius = max(1, round(RADIUS_FRACTION * side * factor))
-        probs = guided_filter(guide[0], probs, radius)
-        if size != full:
-            probs = F.interpolate(probs[None, None], size=full, mode="bilinear",
-                                  align_corners=False)[0, 0]
-    return region, probs  # type: ignore[return-value]
+        probs = guided_filter(pixels[0] / 255, probs, radius)
+    return BoxView(region, probs, pixels[0].permute(1, 2, 0), grid_inside(region, size, box),
+                   size == full)
 
 
-def inside_box(region: tuple[int, int, int, int], box: np.ndarray) -> np.ndarray:
-    """(h, w) bool over ``region``: the pixels whose centre lies inside the XYXY ``box``."""
-    y0, x0, y1, x1 = region
-    ys, xs = np.arange(y0, y1) + 0.5, np.arange(x0, x1) + 0.5
-    return ((ys > box[1]) & (ys < box[3]))[:, None] & ((xs > box[0]) & (xs < box[2]))
-
-
-def region_mask(region: tuple[int, int, int, int], probs: Tensor, box: np.ndarray | None,
-                image_size: tuple[int, int], threshold: float) -> InstanceMasks:
-    """One mask of the (H, W) image: ``probs`` over ``region`` above ``threshold``, with
-    pixels whose centre lies outside ``box`` (XYXY; ``None``: not clipped) False, cut to
-    its True pixels."""
-    keep = (probs > threshold).numpy()
-    if box is not None:
-        keep &= inside_box(region, box)
-    part = InstanceMasks.from_dense(keep[None])
-    offset = np.array([[region[0], region[1]]]) if part.crops[0].size else np.zeros((1, 2))
+def region_mask(view: BoxView, image_size: tuple[int, int], threshold: float) -> InstanceMasks:
+    """One mask of the (H, W) image from a ``full`` view: its probabilities above
+    ``threshold`` inside the box, cut to its True pixels."""
+    if not view.full:
+        raise ValueError("region_mask needs a view at the region's full size")
+    part = InstanceMasks.from_dense(((view.probs > threshold).numpy() & view.inside)[None])
+    offset = np.array([view.region[:2]]) if part.crops[0].size else np.zeros((1, 2))
     return InstanceMasks(part.crops, part.offsets + offset, image_size)

@@ -38,8 +38,8 @@ def _score(image: np.ndarray, probs: torch.Tensor, box: np.ndarray) -> float:
     crop = Crop(0, 1.0, (0, 0, w, h), (h, w), box)
     result = CropResult(probs, 0.8, 0)
     source = refine.Source(probs, crop.window, crop.resized)
-    region, full = refine.refined_probs(image, [source], box, refine=False)
-    return quality.quality_score([(crop, result)], image, region, full, box, 0.5)
+    view = refine.box_view(image, [source], box, refine=False)
+    return quality.quality_score([(crop, result)], view, 0.5)
 
 
 def test_a_clean_mask_outranks_a_noisy_one():

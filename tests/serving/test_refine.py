@@ -67,21 +67,23 @@ def test_a_mask_smaller_than_a_clear_object_grows_to_it_and_stays_in_the_box():
     probs = F.avg_pool2d(small[None, None], 3, stride=1, padding=1)[0, 0]
     source = refine.Source(probs, (0, 0, size, size), (size, size))
     box = np.array([26, 26, 70, 70], np.float32)  # a box cutting the object's rim
-    region, raw = refine.refined_probs(image, [source], box, refine=False)
-    _, refined = refine.refined_probs(image, [source], box)
-    before = refine.region_mask(region, raw, box, (size, size), 0.5).dense()[0]
-    after = refine.region_mask(region, refined, box, (size, size), 0.5).dense()[0]
-    inside = obj & refine.inside_box((0, 0, size, size), box)
+    raw = refine.box_view(image, [source], box, refine=False)
+    refined = refine.box_view(image, [source], box)
+    assert raw.full and refined.full and raw.region == (19, 19, 77, 77)  # 0.15 x 44 px margin
+    before = refine.region_mask(raw, (size, size), 0.5).dense()[0]
+    after = refine.region_mask(refined, (size, size), 0.5).dense()[0]
+    in_box = refine.grid_inside((0, 0, size, size), (size, size), box)
+    inside = obj & in_box
 
     def iou(a, b):
         return (a & b).sum() / (a | b).sum()
 
     assert iou(before, inside) < 0.8 and iou(after, inside) > 0.9
     assert after.sum() > before.sum()
-    assert not after[~refine.inside_box((0, 0, size, size), box)].any()
+    assert not after[~in_box].any()
 
 
-def test_a_huge_box_is_filtered_at_a_bounded_size(monkeypatch):
+def test_a_huge_box_is_seen_at_a_bounded_size_and_keeps_the_network_mask(monkeypatch):
     seen = []
     real = refine.guided_filter
 
@@ -92,10 +94,12 @@ def test_a_huge_box_is_filtered_at_a_bounded_size(monkeypatch):
     monkeypatch.setattr(refine, "guided_filter", spy)
     image = np.zeros((3000, 2000, 3), np.uint8)
     source = refine.Source(torch.full((75, 50), 0.9), (0, 0, 2000, 3000), (300, 200))
-    region, probs = refine.refined_probs(image, [source], np.array([10, 10, 1990, 2990]))
+    view = refine.box_view(image, [source], np.array([10, 10, 1990, 2990]))
     assert seen[0][0] * seen[0][1] <= refine.REFINE_PIXELS
-    assert probs.shape == (region[2] - region[0], region[3] - region[1]) == (3000, 2000)
-    assert (probs > 0.5).all()
+    assert view.probs.shape == view.pixels.shape[:2] == view.inside.shape == seen[0]
+    assert not view.full and view.region == (0, 0, 3000, 2000)
+    with pytest.raises(ValueError, match="full size"):
+        refine.region_mask(view, (3000, 2000), 0.5)
 
 
 @pytest.mark.parametrize("side", [10, 23])
@@ -103,7 +107,7 @@ def test_small_boxes_are_not_filtered(monkeypatch, side):
     monkeypatch.setattr(refine, "guided_filter", lambda *a, **k: pytest.fail("filtered"))
     image = np.zeros((64, 64, 3), np.uint8)
     source = refine.Source(torch.full((16, 16), 0.9), (0, 0, 64, 64), (64, 64))
-    refine.refined_probs(image, [source], np.array([5, 5, 5 + side, 5 + side], np.float32))
+    refine.box_view(image, [source], np.array([5, 5, 5 + side, 5 + side], np.float32))
 
 
 def test_segmenter_refines_by_default_and_can_turn_it_off(tiny_checkpoint, sample_image,
