@@ -12,11 +12,11 @@ keeps its mean probability. The window's radius is ``RADIUS_FRACTION`` of the bo
 the regulariser ``EPS`` (colours in 0..1): chosen on the training splits of the nuclei and
 synthetic data (``benchmarks/prompted_quality.py`` reports it on the validation splits).
 
-Memory is bounded by the box, not the image: a region (the box and its margin) of at most
-``REFINE_PIXELS`` pixels is filtered at full resolution; a larger one is seen on a
-proportionally smaller grid (enough for the score, :mod:`serving.inference.quality`) and
-keeps the network's own mask (:mod:`serving.inference.paste`, which never holds the region's
-floats).
+Memory and time are bounded by the box, not the image: a region (the box and its margin) of
+at most ``REFINE_PIXELS`` pixels is filtered at full resolution; a larger one keeps the
+network's own mask (:mod:`serving.inference.paste`, which never holds the region's floats)
+and is only seen on a grid of about ``SCORE_PIXELS`` pixels, for the score
+(:mod:`serving.inference.quality`).
 
 Geometry: original-image pixels (XYXY boxes, ``(y0, x0, y1, x1)`` regions); a
 :class:`Source` is one network output, in its own crop's input frame.
@@ -45,8 +45,10 @@ MARGIN_FRACTION = 0.15
 #: hold too few pixels to fit colours (on the nuclei training split's boxes it lost IoU under
 #: 16 px, changed nothing at 16-24 px and gained from 24 px on).
 MIN_SIDE = 24.0
-#: The region is filtered at full resolution up to this many pixels, lower beyond.
+#: A region (box and margin) of at most this many pixels is refined at full resolution.
 REFINE_PIXELS = 512 * 512
+#: A larger region is only scored, on a grid of about this many pixels.
+SCORE_PIXELS = 128 * 128
 
 
 class Source(NamedTuple):
@@ -162,7 +164,7 @@ def guided_filter(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -
 
 class BoxView(NamedTuple):
     """One box's probabilities over :func:`box_region`, at its full size when that has at
-    most ``REFINE_PIXELS`` pixels (``full``), else on a proportionally smaller grid.
+    most ``REFINE_PIXELS`` pixels (``full``), else on a grid of about ``SCORE_PIXELS``.
 
     Attributes:
         region: (y0, x0, y1, x1) original pixels.
@@ -192,7 +194,8 @@ def grid_inside(region: tuple[int, int, int, int], size: tuple[int, int],
 def box_view(array: np.ndarray, sources: Sequence[Source], box: np.ndarray,
              refine: bool = True) -> BoxView:
     """One box's :class:`BoxView`: the mean of ``sources`` (a box seen more than once, e.g.
-    mirrored), guided-filtered when ``refine`` and the box is at least ``MIN_SIDE`` px.
+    mirrored), guided-filtered when ``refine``, the box is at least ``MIN_SIDE`` px and the
+    view is ``full``.
 
     Args:
         array: (H, W, 3) uint8 RGB image.
@@ -204,16 +207,16 @@ def box_view(array: np.ndarray, sources: Sequence[Source], box: np.ndarray,
     region = box_region(box, (height, width))
     y0, x0, y1, x1 = region
     full = (y1 - y0, x1 - x0)
-    factor = min(1.0, math.sqrt(REFINE_PIXELS / (full[0] * full[1])))
+    factor = 1.0 if full[0] * full[1] <= REFINE_PIXELS else math.sqrt(
+        SCORE_PIXELS / (full[0] * full[1]))
     size = (max(1, round(full[0] * factor)), max(1, round(full[1] * factor)))
     probs = sum(box_probs(s, region, width, size) for s in sources) / len(sources)
     pixels = torch.from_numpy(np.ascontiguousarray(array[y0:y1, x0:x1])).permute(2, 0, 1)
     pixels = pixels[None].float()
     if size != full:
         pixels = F.interpolate(pixels, size=size, mode="area")
-    if refine and side >= MIN_SIDE:
-        radius = max(1, round(RADIUS_FRACTION * side * factor))
-        probs = guided_filter(pixels[0] / 255, probs, radius)
+    if refine and side >= MIN_SIDE and size == full:
+        probs = guided_filter(pixels[0] / 255, probs, max(1, round(RADIUS_FRACTION * side)))
     return BoxView(region, probs, pixels[0].permute(1, 2, 0), grid_inside(region, size, box),
                    size == full)
 
