@@ -52,6 +52,8 @@ ABLATIONS: dict[str, BoxScaleOptions] = {
     "aim at 0.8x the trained median": BoxScaleOptions(fit="median", target=0.8),
     "upsample at most 1.5x": BoxScaleOptions(max_upsample=1.5),
     "no fallback": BoxScaleOptions(fallback=False),
+    "no refinement": BoxScaleOptions(refine=False),
+    "+ test-time flip": BoxScaleOptions(flip=True),
 }
 
 
@@ -200,6 +202,7 @@ def build_rows(model: str, sizes: list[int], ablations: list[str]) -> dict[str, 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     annotations, images = (ROOT / p for p in DATA[args.data])
+    annotations = annotations.with_name(f"{args.split}.json")
     split = load_split(annotations, images, 5 if args.quick else args.limit)
     gt = json.loads(annotations.read_text())
     keep = {item["id"] for item in split}
@@ -214,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              for name, rec in recs.items()}
     table["filled box"]["spearman"] = None
     table["filled box"]["time_vs_today"] = None
-    return {"data": args.data, "model": args.model, "images": len(split),
+    return {"data": args.data, "split": args.split, "model": args.model, "images": len(split),
             "boxes": int(len(sides)), "rows": table}
 
 
@@ -226,7 +229,8 @@ def write(results: dict[str, Any], name: str, command: str) -> None:
     header = ["row", "mean IoU", "median IoU", "under 0.5", "IoU <16 px", "16-32", "32-64",
               "64+", "empty (>= 8 px)", "mask AP", "AP75", "Spearman(score, IoU)",
               "time / today"]
-    text = (f"# Box-prompted masks: {results['data']} validation boxes\n\n`{command}`\n\n"
+    split = "training" if results.get("split") == "train" else "validation"
+    text = (f"# Box-prompted masks: {results['data']} {split} boxes\n\n`{command}`\n\n"
             f"{machine_markdown(results['machine'])}\n\nModel `{results['model']}`, "
             f"{results['images']} images, {results['boxes']} boxes.\n\n"
             f"{markdown_table(header, rows)}\n")
@@ -242,6 +246,9 @@ def main() -> int:
     parser.add_argument("--rows", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS),
                         help="ablation rows of the per-box scale")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
+    parser.add_argument("--split", choices=["val", "train"], default="val",
+                        help="the split whose boxes prompt (train: where the score's form was "
+                             "chosen)")
     parser.add_argument("--quick", action="store_true", help="5 images, to try it out")
     parser.add_argument("--tag", default="", help="suffix of the results' name")
     args = parser.parse_args()

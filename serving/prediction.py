@@ -22,7 +22,11 @@ class Prediction:
 
     Attributes:
         boxes: (N, 4) float32 XYXY in original-image pixels.
-        scores: (N,) float32 in [0, 1].
+        scores: (N,) float32 in [0, 1]. Automatic mode: the detection's score. Box prompts
+            (per-box scale on, the default): an estimate of the mask's quality, made to rank
+            masks by their IoU with the true object (:mod:`serving.inference.quality`; sort
+            ascending to review the worst first); exactly 0 for a mask the model left empty
+            and the per-box scale regrew.
         labels: (N,) int64 indices into ``class_names``.
         masks: (N, H, W) bool at the original image size. Built from the crops on first
             access and kept (N x H x W bytes: 12 GB for 256 masks of an 8000x6000 image);

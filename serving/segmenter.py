@@ -19,7 +19,7 @@ import torch
 
 from .backends import Backend
 from .errors import InputError
-from .inference.box_scale import segment_per_box, trained_sizes
+from .inference.box_scale import BoxScaleOptions, segment_per_box, trained_sizes
 from .inference.boxes import MAX_MASK_PIXELS, BoxesLike, check_mask_pixels, validate_boxes
 from .inference.domain import calibration_of
 from .inference.images import ImageLike, describe_image, load_image
@@ -78,7 +78,9 @@ class Segmenter:
     ``box_scale`` (default on): each prompt box is segmented at a scale among the model's
     training object sizes (:mod:`serving.inference.box_scale`); off, the whole image runs
     once at ``cfg.min_size``/``cfg.max_size`` for every box. A setting of this object, not of
-    the model file: checkpoints and exports are unchanged by it.
+    the model file: checkpoints and exports are unchanged by it. ``refine`` (default on, with
+    ``box_scale``): each box's mask refined at full resolution, guided by the image's colours
+    (:mod:`serving.inference.refine`).
     ``max_mask_pixels``: the most pixels one image's prompt boxes may cover together (a byte
     of mask memory each); more is refused before any work.
     """
@@ -87,7 +89,7 @@ class Segmenter:
 
     def __init__(self, backend: Backend, class_names: Sequence[str], cfg: InferenceConfig,
                  info: dict[str, Any] | None = None, box_scale: bool = True,
-                 card: ModelCard | None = None) -> None:
+                 card: ModelCard | None = None, refine: bool = True) -> None:
         self.backend = backend
         self.class_names = tuple(class_names)
         self.cfg = cfg
@@ -95,6 +97,7 @@ class Segmenter:
         self.box_scale = bool(box_scale)
         #: The loaded file's model card (``None`` for a Segmenter built around a live model).
         self.card = card
+        self.refine = bool(refine)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -192,13 +195,15 @@ class Segmenter:
                              "longer side)")
         cfg = dataclasses.replace(self.cfg, min_size=int(short), max_size=int(long))
         return type(self)(self.backend, self.class_names, cfg, self.info, box_scale=False,
-                          card=self.card)
+                          card=self.card, refine=self.refine)
 
-    def with_box_scale(self, on: bool) -> Segmenter:
-        """The same model with the per-box scale of box prompts on or off (see the class
-        docstring). Shares the loaded model."""
+    def with_box_scale(self, on: bool, refine: bool | None = None) -> Segmenter:
+        """The same model with the per-box scale of box prompts on or off, and its
+        full-resolution refinement on or off (``None``: as now; see the class docstring).
+        Shares the loaded model."""
+        refine = self.refine if refine is None else refine
         return type(self)(self.backend, self.class_names, self.cfg, self.info, box_scale=on,
-                          card=self.card)
+                          card=self.card, refine=refine)
 
     # ----------------------------------------------------------------- info
     @property
@@ -403,7 +408,8 @@ class Segmenter:
         """One image's prompts, each box at its own scale (:mod:`.inference.box_scale`)."""
         boxes, labels = item.prompt  # type: ignore[misc]
         out = segment_per_box(self.backend, item.array, boxes, labels, self.cfg,
-                              trained_sizes(calibration_of(self)))
+                              trained_sizes(calibration_of(self)),
+                              BoxScaleOptions(refine=self.refine))
         return Prediction(boxes.copy(), out.scores, out.labels, out.masks, self.class_names)
 
 

@@ -7,7 +7,9 @@ the pictures, the app and the server) holds:
   IoU 0.5 on the validation split, and that F1 (:func:`serving.formats.cocoeval.best_f1`);
   pictures, the app's slider and the server use it when the user gives no threshold;
 - ``prompt_scores``: quantiles of the box-prompted score on the validation boxes, the
-  reference that tells an out-of-domain run (scores far below) from a normal one;
+  reference that tells an out-of-domain run (scores far below) from a normal one, and
+  ``prompt_score``: which definition of that score (:data:`serving.inference.quality.
+  SCORE_VERSION`; a reference of another definition is not compared);
   ``auto_scores``: the same for each validation image's best automatic-mode score;
 - ``object_sizes``: quantiles of the training boxes' ``sqrt(w * h)`` at the network input,
   next to the model's inference size, so a user's boxes can be compared with them.
@@ -23,6 +25,7 @@ import numpy as np
 
 from serving import Segmenter
 from serving.inference.domain import box_sizes, quantiles
+from serving.inference.quality import SCORE_VERSION
 from serving.model.card import Calibration
 
 from .data.coco_dataset import CocoIndex
@@ -80,6 +83,7 @@ def validation_calibration(segmenter: Segmenter, metrics: dict[str, float],
         score_threshold=round(float(metrics.get("segm/F1_threshold", 1.0)), 4),
         f1=round(float(metrics.get("segm/F1", 0.0)), 2),
         prompt_scores=prompt_scores(segmenter, val_json, val_images),
+        prompt_score=SCORE_VERSION,
         auto_scores=auto_scores(segmenter, val_json, val_images),
         validation=str(val_json),
     )

@@ -13,7 +13,8 @@ model predicts it). The output is the input JSON with, on each labelled annotati
   (``--format polygon``, outer boundaries only; a mask with no polygon of 3+ vertices keeps
   RLE);
 - ``area``: the mask's pixel count;
-- ``score``: the Segmenter's prompt score in [0, 1] (the label's quality estimate).
+- ``score``: the label's quality estimate in [0, 1] (:mod:`serving.inference.quality`: it
+  ranks masks by their expected IoU with the object; 0 for a regrown empty mask).
 
 Everything else (images, categories, ids, other fields, crowd annotations) is kept. An
 annotation with a bad box (reversed, zero-area, NaN, outside the image) or on an image that

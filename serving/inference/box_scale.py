@@ -19,9 +19,9 @@ export runs them unchanged; crops of one canvas size run as one batch of at most
 ``CROP_BATCH``. Masks come back through the same stride-4 -> original pipeline as the whole
 image (:func:`serving.inference.paste.mask_crops`), as tight crops.
 
-Each mask's score is :func:`quality_score`: the model's box score times the mask's confidence
-inside its box. A mask the model leaves empty falls back to its most likely pixels and scores
-0 (``BoxScaleOptions.fallback``).
+Each mask is refined at full resolution inside its box (:mod:`serving.inference.refine`)
+and scored by :func:`serving.inference.quality.quality_score`. A mask the model leaves empty
+falls back to its most likely pixels and scores 0 (``BoxScaleOptions.fallback``).
 
 All geometry is in pixels: original-image XYXY for boxes and windows, network-input XYXY
 inside a crop's canvas.
@@ -30,7 +30,7 @@ inside a crop's canvas.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..masks import InstanceMasks, is_empty
 from ..model.card import Calibration
-from . import domain
+from . import domain, quality, refine
 from .paste import mask_crops
 from .transforms import SIZE_DIVISIBILITY, canvas_size, resize_image, resized_shape
 
@@ -121,6 +121,10 @@ class BoxScaleOptions:
         fallback: a mask that is empty or near-empty (:func:`serving.masks.is_empty`) is
             thresholded again at ``FALLBACK_RATIO`` of its highest probability in the box
             (the model's most likely pixels instead of nothing); it scores 0.
+        refine: each mask refined at full resolution inside its box, guided by the image's
+            colours (:mod:`serving.inference.refine`; only with ``clip_to_box``).
+        flip: the image also runs flipped left-right and each box's probabilities are the
+            mean of the two (test-time flip: twice the network's time).
     """
 
     fit: str = "range"
@@ -129,6 +133,8 @@ class BoxScaleOptions:
     group: bool = True
     context: float = CONTEXT
     fallback: bool = True
+    refine: bool = True
+    flip: bool = False
 
 
 def box_scales(boxes: np.ndarray, model_scale: float,
@@ -233,33 +239,6 @@ def run_crops(backend: Any, array: np.ndarray, crops: Sequence[Crop],
     return results  # type: ignore[return-value]
 
 
-def box_cells(probs: Tensor, input_box: np.ndarray) -> Tensor:
-    """The stride-4 probabilities whose cell centres lie inside ``input_box`` (XYXY input
-    pixels), flattened (at least the one cell under the box centre)."""
-    x1, y1, x2, y2 = (float(v) for v in input_box)
-    h4, w4 = probs.shape[-2:]
-    c0, c1 = max(0, math.ceil(x1 / 4 - 0.5)), min(w4, math.floor(x2 / 4 - 0.5) + 1)
-    r0, r1 = max(0, math.ceil(y1 / 4 - 0.5)), min(h4, math.floor(y2 / 4 - 0.5) + 1)
-    if c1 <= c0 or r1 <= r0:
-        cy = min(h4 - 1, max(0, int((y1 + y2) / 8)))
-        cx = min(w4 - 1, max(0, int((x1 + x2) / 8)))
-        return probs[cy:cy + 1, cx:cx + 1].flatten()
-    return probs[r0:r1, c0:c1].flatten()
-
-
-def mask_confidence(probs: Tensor, input_box: np.ndarray) -> float:
-    """How decided the mask is inside its box, in [0, 1]: the mean of ``|2p - 1|`` over the
-    box's stride-4 cells (1: every cell certainly in or out; 0: every cell at 0.5)."""
-    cells = box_cells(probs, input_box).float()
-    return float((2 * cells - 1).abs().mean())
-
-
-def quality_score(result: CropResult, crop: Crop) -> float:
-    """The score of a candidate mask, in [0, 1]: the model's box score times the mask's
-    :func:`mask_confidence` (a collapsed or undecided mask scores low)."""
-    return float(result.score) * mask_confidence(result.probs, crop.input_box)
-
-
 def paste_crop(result: CropResult, crop: Crop, box: np.ndarray | None,
                image_size: tuple[int, int], threshold: float) -> InstanceMasks:
     """The crop's mask in the (H, W) original image: the same stride-4 -> original pipeline as
@@ -285,18 +264,46 @@ class BoxMasks(NamedTuple):
     labels: np.ndarray
 
 
-def final_mask(result: CropResult, crop: Crop, box: np.ndarray, image_size: tuple[int, int],
-               cfg: Any, fallback: bool) -> tuple[InstanceMasks, bool]:
-    """A candidate's mask in the original image (:func:`paste_crop`, clipped to ``box`` when
-    ``cfg.clip_to_box``) and whether it fell back: with ``fallback``, an empty or near-empty
-    mask is thresholded again at ``FALLBACK_RATIO`` of its highest probability in the box."""
+class FinalMask(NamedTuple):
+    """A box's mask in the original image, whether it fell back, and the box's
+    :class:`serving.inference.refine.BoxView` (what the score reads)."""
+
+    mask: InstanceMasks
+    fell_back: bool
+    view: refine.BoxView
+
+
+def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array: np.ndarray,
+               cfg: Any, options: BoxScaleOptions) -> FinalMask:
+    """A box's mask from its candidates ``pairs`` (the image's, then the mirrored image's
+    with ``options.flip``; their probabilities are averaged).
+
+    With ``options.refine`` or ``options.flip`` (and ``cfg.clip_to_box``, and a box region
+    of at most ``refine.REFINE_PIXELS`` pixels) the mask is the threshold of the box's
+    :func:`serving.inference.refine.box_view` inside ``box``; otherwise :func:`paste_crop`
+    of the first candidate (clipped to ``box`` when ``cfg.clip_to_box``). With
+    ``options.fallback``, an empty or near-empty mask is thresholded again, unrefined, at
+    ``FALLBACK_RATIO`` of its highest stride-4 probability in the box (the candidates'
+    mean)."""
+    image_size = array.shape[:2]
+    crop, result = pairs[0]
+    peak = float(np.mean([float(quality.box_cells(r.probs, c.input_box).max())
+                          for c, r in pairs]))
+    threshold = min(cfg.mask_threshold, FALLBACK_RATIO * peak)
+    sources = [refine.Source(r.probs, c.window, c.resized, k > 0)
+               for k, (c, r) in enumerate(pairs)]
+    view = refine.box_view(array, sources, box, options.refine)
+    if cfg.clip_to_box and (options.refine or options.flip) and view.full:
+        mask = refine.region_mask(view, image_size, cfg.mask_threshold)
+        if not (options.fallback and is_empty(int(mask.areas()[0]), box)):
+            return FinalMask(mask, False, view)
+        raw = refine.box_view(array, sources, box, False) if options.refine else view
+        return FinalMask(refine.region_mask(raw, image_size, threshold), True, view)
     clip = box if cfg.clip_to_box else None
     mask = paste_crop(result, crop, clip, image_size, cfg.mask_threshold)
-    if not (fallback and is_empty(int(mask.areas()[0]), box)):
-        return mask, False
-    peak = float(box_cells(result.probs, crop.input_box).max())
-    threshold = min(cfg.mask_threshold, FALLBACK_RATIO * peak)
-    return paste_crop(result, crop, clip, image_size, threshold), True
+    if not (options.fallback and is_empty(int(mask.areas()[0]), box)):
+        return FinalMask(mask, False, view)
+    return FinalMask(paste_crop(result, crop, clip, image_size, threshold), True, view)
 
 
 def run_whole(backend: Any, array: np.ndarray, size: tuple[int, int], members: np.ndarray,
@@ -324,13 +331,50 @@ def run_whole(backend: Any, array: np.ndarray, size: tuple[int, int], members: n
     return out
 
 
+def _candidates(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                cfg: Any, scales: np.ndarray, options: BoxScaleOptions,
+                ) -> Iterator[list[tuple[Crop, CropResult]]]:
+    """The boxes' candidates in chunks: first the :func:`scale_groups` group's, run together
+    in the whole image at the group's scale, then the others', each in a crop with context
+    (``BOX_CHUNK`` boxes at a time). A mirrored image with mirrored boxes gives the same
+    chunks in the same order."""
+    height, width = array.shape[:2]
+    model_size = resized_shape(height, width, cfg.min_size, cfg.max_size)
+    limit = max(WHOLE_IMAGE_PIXELS * cfg.max_size ** 2, model_size[0] * model_size[1])
+    scale, members = scale_groups(scales, (height, width), limit, options)
+    if scale is not None:
+        index = np.flatnonzero(members)
+        # as many boxes per call as today's path holds probabilities for at the model's size
+        chunk = max(BOX_CHUNK, int(len(index) * model_size[0] * model_size[1]
+                                   / (height * width * scale ** 2)))
+        size = model_size if abs(scale * height / model_size[0] - 1) < 1e-6 else (
+            max(8, round(height * scale)), max(8, round(width * scale)))
+        yield run_whole(backend, array, size, index, boxes, labels, chunk)
+    cropped = np.flatnonzero(~members)
+    for start in range(0, len(cropped), BOX_CHUNK):
+        crops = [plan_crop(int(i), boxes[i], float(scales[i]), (height, width), cfg.max_size,
+                           options.context) for i in cropped[start:start + BOX_CHUNK]]
+        yield list(zip(crops, run_crops(backend, array, crops, labels), strict=True))
+
+
+def mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """(M, 4) XYXY boxes of an image ``width`` px wide -> the same boxes in the image flipped
+    left-right."""
+    out = np.array(boxes, np.float32, copy=True)
+    out[:, 0], out[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
+    return out
+
+
 def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
                     cfg: Any, sizes: tuple[float, float, float] | None,
                     options: BoxScaleOptions = BoxScaleOptions()) -> BoxMasks:
     """One mask per prompt box, each at its :func:`box_scales` scale.
 
     Boxes of one :func:`scale_groups` group run together in the whole image at the group's
-    scale; the others each in a crop with context (``BOX_CHUNK`` boxes at a time).
+    scale; the others each in a crop with context (``BOX_CHUNK`` boxes at a time). With
+    ``options.flip`` the mirrored image runs too and the probabilities are averaged; with
+    ``options.refine`` each mask is refined at full resolution inside its box
+    (:mod:`serving.inference.refine`).
 
     Args:
         backend: any :class:`serving.backends.Backend`.
@@ -341,36 +385,26 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
         sizes: :func:`trained_sizes` of the model.
 
     Returns:
-        :class:`BoxMasks` with :func:`quality_score` scores; a mask that fell back (the
-        model's own mask was empty) scores exactly 0, which ``sim label`` flags ``sim_empty``.
+        :class:`BoxMasks` with :func:`serving.inference.quality.quality_score` scores; a mask
+        that fell back (the model's own mask was empty) scores exactly 0, which ``sim label``
+        flags ``sim_empty``.
     """
     height, width = array.shape[:2]
     model_size = resized_shape(height, width, cfg.min_size, cfg.max_size)
     scales = box_scales(boxes, model_size[0] / height, sizes, options)
-    limit = max(WHOLE_IMAGE_PIXELS * cfg.max_size ** 2, model_size[0] * model_size[1])
-    scale, members = scale_groups(scales, (height, width), limit, options)
     masks: list[InstanceMasks | None] = [None] * len(boxes)
     scores, out_labels = np.zeros(len(boxes), np.float32), np.zeros(len(boxes), np.int64)
-
-    def keep(pairs: list[tuple[Crop, CropResult]]) -> None:
-        for crop, result in pairs:
-            mask, fell_back = final_mask(result, crop, boxes[crop.box], (height, width), cfg,
-                                         options.fallback)
-            masks[crop.box] = mask
-            scores[crop.box] = 0.0 if fell_back else quality_score(result, crop)
-            out_labels[crop.box] = result.label
-
-    if scale is not None:
-        index = np.flatnonzero(members)
-        # as many boxes per call as today's path holds probabilities for at the model's size
-        chunk = max(BOX_CHUNK, int(len(index) * model_size[0] * model_size[1]
-                                   / (height * width * scale ** 2)))
-        size = model_size if abs(scale * height / model_size[0] - 1) < 1e-6 else (
-            max(8, round(height * scale)), max(8, round(width * scale)))
-        keep(run_whole(backend, array, size, index, boxes, labels, chunk))
-    cropped = np.flatnonzero(~members)
-    for start in range(0, len(cropped), BOX_CHUNK):
-        crops = [plan_crop(int(i), boxes[i], float(scales[i]), (height, width), cfg.max_size,
-                           options.context) for i in cropped[start:start + BOX_CHUNK]]
-        keep(list(zip(crops, run_crops(backend, array, crops, labels), strict=True)))
+    runs: list[Iterator[list[tuple[Crop, CropResult]]]] = [
+        _candidates(backend, array, boxes, labels, cfg, scales, options)]
+    if options.flip:
+        runs.append(_candidates(backend, np.ascontiguousarray(array[:, ::-1]),
+                                mirror_boxes(boxes, width), labels, cfg, scales, options))
+    for chunks in zip(*runs, strict=True):
+        for pairs in zip(*chunks, strict=True):
+            k = pairs[0][0].box
+            final = final_mask(pairs, boxes[k], array, cfg, options)
+            masks[k] = final.mask
+            scores[k] = 0.0 if final.fell_back else quality.quality_score(
+                pairs, final.view, cfg.mask_threshold)
+            out_labels[k] = pairs[0][1].label
     return BoxMasks(InstanceMasks.concatenate(masks), scores, out_labels)  # type: ignore[arg-type]

@@ -5,7 +5,8 @@ holds:
 
 - ``object_sizes``: quantiles (``p10``, ``p50``, ``p90``) of the training boxes' size
   ``sqrt(width * height)`` in network-input pixels (after the training resize);
-- ``prompt_scores``: quantiles of the box-prompted score on the validation boxes, and
+- ``prompt_scores``: quantiles of the box-prompted score on the validation boxes (``prompt_score``
+  names the score's definition, :data:`serving.inference.quality.SCORE_VERSION`), and
   ``auto_scores`` of each validation image's best automatic-mode score;
 - ``score_threshold`` / ``f1``: the automatic-mode score threshold that maximises F1 on the
   validation split (mask IoU 0.5), used by default for pictures, the app and the server.
@@ -24,6 +25,7 @@ import numpy as np
 
 from ..errors import ImageError
 from ..model.card import Calibration
+from .quality import SCORE_VERSION
 from .transforms import resized_shape
 
 #: Object sizes further apart than this factor (either way) get an image-size suggestion.
@@ -107,11 +109,14 @@ def score_advice(calibration: Calibration, scores: Iterable[float], mode: str = 
     """One line when the run's median score sits far below the validation median (the model
     has probably never seen images like these); else None.
 
-    ``mode``: ``"prompt"`` (``scores`` are box-prompted scores) or ``"auto"`` (each image's
-    best automatic-mode score). ``min_count``: fewest scores worth judging.
+    ``mode``: ``"prompt"`` (``scores`` are box-prompted scores; judged only against a
+    calibration whose ``prompt_score`` is today's :data:`.quality.SCORE_VERSION`) or
+    ``"auto"`` (each image's best automatic-mode score). ``min_count``: fewest scores worth judging.
     """
     table = calibration.prompt_scores if mode == "prompt" else calibration.auto_scores
     reference = table.get("p50")
+    if mode == "prompt" and calibration.prompt_score != SCORE_VERSION:
+        return None  # measured with another definition of the score: not comparable
     values = np.asarray(list(scores), dtype=np.float64)
     if not reference or values.size < min_count:
         return None

@@ -50,8 +50,11 @@ class Calibration:
     ``score_threshold``: automatic mode's F1-best threshold (mask IoU 0.5), in [0, 1], and
     ``f1`` its F1 in percent; ``prompt_scores`` / ``auto_scores``: quantiles (``p10``, ``p50``,
     ``p90``) of the box-prompted score on the validation boxes and of each validation image's
-    best automatic score; ``object_sizes``: quantiles of the training boxes' ``sqrt(w * h)`` in
-    network-input pixels; ``validation``: the annotation file they came from.
+    best automatic score; ``prompt_score``: which definition of the box-prompted score those
+    quantiles are of (:data:`serving.inference.quality.SCORE_VERSION`; ``None``: the box
+    score of earlier versions, not compared with today's); ``object_sizes``: quantiles of the
+    training boxes' ``sqrt(w * h)`` in network-input pixels; ``validation``: the annotation
+    file they came from.
     """
 
     score_threshold: float | None = None
@@ -60,6 +63,7 @@ class Calibration:
     auto_scores: Mapping[str, float] = field(default_factory=dict)
     object_sizes: Mapping[str, float] = field(default_factory=dict)
     validation: str | None = None
+    prompt_score: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The set fields as JSON-ready values (empty for an uncalibrated model)."""
@@ -76,8 +80,9 @@ class Calibration:
         keys this version does not know are dropped."""
         data = check.checked_calibration(value, where)
         known = {f.name for f in dataclasses.fields(cls)}
-        if data.get("validation") is not None and not isinstance(data["validation"], str):
-            raise CheckpointError(f"{where}: calibration validation is not text")
+        for key in ("validation", "prompt_score"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise CheckpointError(f"{where}: calibration {key} is not text")
         return cls(**{k: (dict(v) if k in QUANTILE_TABLES else v)
                       for k, v in data.items() if k in known and v is not None})
 

@@ -11,6 +11,7 @@ from app_helpers import SERVER_MAX_SIDE, two_rect_image
 from PIL import Image
 
 from serving.errors import BoxError, ImageError, InputError
+from serving.inference.quality import SCORE_VERSION
 
 pytest.importorskip("gradio", reason="the app needs the 'app' extra: pip install -e .[app]")
 pytest.importorskip("gradio_image_annotation", reason="the app needs the 'app' extra")
@@ -276,7 +277,8 @@ def test_default_threshold_and_out_of_domain_note_come_from_the_calibration(tmp_
     assert "Warning" not in res.message
     scores = [row[2] for row in res.rows]
     assert max(scores) < 0.3
-    recalibrate_checkpoint(model, Calibration(score_threshold=0.02, prompt_scores={"p50": 0.8}))
+    recalibrate_checkpoint(model, Calibration(score_threshold=0.02, prompt_scores={"p50": 0.8},
+                                              prompt_score=SCORE_VERSION))
     calibrated = Handlers(Segmenter.load(model, device="cpu"), output_dir=tmp_path / "b")
     assert calibrated.default_threshold == 0.02
     auto = calibrated.segment(image, None, mode="automatic")

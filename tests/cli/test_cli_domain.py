@@ -18,6 +18,7 @@ from serving.inference.domain import (
     size_advice,
     suggested_size,
 )
+from serving.inference.quality import SCORE_VERSION
 from serving.model.card import Calibration
 from serving.model.model_file import recalibrate_checkpoint
 
@@ -66,12 +67,15 @@ def test_size_advice_suggests_an_image_size_only_past_the_factor():
 
 
 def test_score_advice_says_out_of_domain_with_the_numbers():
-    calib = Calibration(prompt_scores={"p50": 0.5})
+    calib = Calibration(prompt_scores={"p50": 0.5}, prompt_score=SCORE_VERSION)
     assert score_advice(calib, [0.45] * 20) is None
     line = score_advice(calib, [0.1] * 20)
     assert line.startswith("out of domain: the median box score is 0.10 on these images "
                            "against 0.50 on the model's validation images")
     assert score_advice(calib, [0.1] * 5) is None  # too few boxes to judge
+    # a reference measured with an earlier definition of the score is not compared
+    assert score_advice({"prompt_scores": {"p50": 0.5}}, [0.1] * 20) is None
+    assert score_advice({**calib, "prompt_score": "box"}, [0.1] * 20) is None
 
 
 def test_label_warns_when_scores_sit_far_below_the_validation_reference(tmp_path, capsys):
@@ -85,11 +89,13 @@ def test_label_warns_when_scores_sit_far_below_the_validation_reference(tmp_path
     capsys.readouterr()
     scores = [a["score"] for a in json.loads((tmp_path / "a.json").read_text())["annotations"]]
     own = float(np.median(scores))
-    recalibrate_checkpoint(model, Calibration(prompt_scores={"p50": own}))
+    recalibrate_checkpoint(model, Calibration(prompt_scores={"p50": own},
+                                              prompt_score=SCORE_VERSION))
     assert main([*args, "--output", str(tmp_path / "b.json")]) == 0
     assert "out of domain" not in capsys.readouterr().err
     assert own < 0.3
-    recalibrate_checkpoint(model, Calibration(prompt_scores={"p50": 0.9}))
+    recalibrate_checkpoint(model, Calibration(prompt_scores={"p50": 0.9},
+                                              prompt_score=SCORE_VERSION))
     assert main([*args, "--output", str(tmp_path / "c.json")]) == 0
     err = capsys.readouterr().err
     assert f"warning: out of domain: the median box score is {own:.2f} on these images " \
@@ -97,4 +103,4 @@ def test_label_warns_when_scores_sit_far_below_the_validation_reference(tmp_path
     from serving import Segmenter
 
     assert calibration_of(Segmenter.load(model, device="cpu")) == Calibration(
-        prompt_scores={"p50": 0.9})
+        prompt_scores={"p50": 0.9}, prompt_score=SCORE_VERSION)

@@ -13,6 +13,7 @@ from export_images import random_image
 
 from export.verify import mask_iou
 from serving import Segmenter
+from serving.inference import refine
 
 CALIBRATION = {"object_sizes": {"p10": 40.0, "p50": 60.0, "p90": 90.0}}
 
@@ -22,14 +23,19 @@ def _calibrated(seg: Segmenter) -> Segmenter:
     return seg
 
 
-def test_torch_and_onnx_agree_on_the_per_box_path(export_checkpoint, tiny_export):
+def test_torch_and_onnx_agree_on_the_per_box_path(export_checkpoint, tiny_export,
+                                                   monkeypatch):
     ref = _calibrated(Segmenter.from_checkpoint(export_checkpoint, device="cpu"))
     ort = _calibrated(Segmenter.from_onnx(tiny_export.sidecar, device="cpu"))
-    assert ref.box_scale and ort.box_scale
+    assert ref.box_scale and ort.box_scale and ref.refine and ort.refine
     image = random_image(300, 420, 7)
     boxes = np.array([[10, 20, 200, 180], [300, 50, 310, 58], [0, 0, 420, 300],
                       [150, 150, 230, 260]], np.float32)
+    filtered = []  # the full-resolution refinement runs after either backend alike
+    real = refine.guided_filter
+    monkeypatch.setattr(refine, "guided_filter", lambda *a: filtered.append(1) or real(*a))
     got, want = ort.predict(image, boxes=boxes), ref.predict(image, boxes=boxes)
+    assert len(filtered) == 2 * 3  # the boxes of 24 px or more, in each backend
     np.testing.assert_array_equal(got.labels, want.labels)
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-4, rtol=0)
     assert min(mask_iou(a, b) for a, b in zip(want.masks, got.masks)) >= 0.99

@@ -153,7 +153,10 @@ def test_empty_masks_cost_nothing() -> None:
 
 @pytest.fixture(scope="module")
 def segmenter(tiny_checkpoint) -> Segmenter:
-    return Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    # prompted masks unrefined: the full-resolution refinement replaces this pipeline for
+    # the boxes it refines (tests/serving/test_refine.py)
+    return Segmenter.from_checkpoint(tiny_checkpoint, device="cpu").with_box_scale(
+        True, refine=False)
 
 
 def test_segmenter_masks_equal_the_whole_image_pipeline(segmenter, monkeypatch) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from serving.inference.quality import SCORE_VERSION
 from serving.inference.transforms import resized_shape
 from serving.model.model_file import read_checkpoint_card
 from training.evaluate import main
@@ -25,6 +26,7 @@ def test_the_final_model_stores_its_validation_calibration(tiny_run) -> None:
     assert calib["f1"] == pytest.approx(metrics["segm/F1"], abs=0.01)
     assert set(calib["prompt_scores"]) == {"p10", "p50", "p90"}
     assert 0.0 <= calib["prompt_scores"]["p10"] <= calib["prompt_scores"]["p90"] <= 1.0
+    assert calib["prompt_score"] == SCORE_VERSION  # the definition they were measured with
     assert calib["object_sizes"] == object_sizes(tiny_run.cfg.data.train_json,
                                                  tiny_run.cfg.data.min_sizes,
                                                  tiny_run.cfg.data.max_size)

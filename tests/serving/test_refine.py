@@ -1,0 +1,121 @@
+"""Full-resolution refinement of box-prompted masks (serving/inference/refine.py): the guided
+filter against hand-computed cases, the full-resolution probabilities against the paste
+pipeline, a mask smaller than a clear-coloured object growing to it inside its box, and the
+bounded working size of a huge box."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serving.inference import refine
+from serving.inference.paste import mask_crops
+
+
+def _disc(size: int, centre: tuple[float, float], radius: float) -> np.ndarray:
+    ys, xs = np.mgrid[:size, :size] + 0.5
+    return (ys - centre[0]) ** 2 + (xs - centre[1]) ** 2 < radius ** 2
+
+
+def test_guided_filter_keeps_a_constant_and_averages_under_a_flat_guide():
+    rng = torch.Generator().manual_seed(0)
+    guide = torch.rand((3, 20, 30), generator=rng)
+    flat = torch.full((20, 30), 0.7)
+    torch.testing.assert_close(refine.guided_filter(guide, flat, 3), flat)
+    # one colour everywhere: a = 0, b = the window mean of p; output = the mean of b
+    probs = torch.rand((20, 30), generator=rng)
+    grey = torch.full((3, 20, 30), 0.5)
+    padded = F.pad(probs[None, None], (2, 2, 2, 2), mode="replicate")
+    window_mean = F.avg_pool2d(padded, 5, stride=1)
+    twice = F.avg_pool2d(F.pad(window_mean, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+    torch.testing.assert_close(refine.guided_filter(grey, probs, 2), twice[0, 0], atol=1e-5,
+                               rtol=0)
+
+
+def test_guided_filter_follows_a_colour_edge():
+    guide = torch.zeros((3, 9, 40))
+    guide[0, :, 20:] = 1.0  # red from column 20 on
+    probs = torch.zeros((9, 40))
+    probs[:, 24:] = 1.0  # the mask's edge 4 px right of the colour edge
+    out = refine.guided_filter(guide, probs, 6, eps=1e-4)[4]
+    blur = F.avg_pool2d(F.pad(probs[None, None], (6, 6, 6, 6), mode="replicate"), 13, 1)[0, 0, 4]
+    assert blur[18] > 0.05 and out[:20].abs().max() < 1e-3  # nothing bleeds across the colour
+    jumps = out[1:] - out[:-1]
+    assert int(jumps.argmax()) == 19 and jumps[19] > 0.3  # the sharpest step is on it
+    assert int(torch.nonzero(out > 0.5)[0]) < 24  # and the outline moved towards it
+
+
+def test_full_resolution_probabilities_match_the_paste_pipeline():
+    rng = np.random.default_rng(1)
+    probs = torch.from_numpy(rng.random((1, 1, 12, 16), np.float32))
+    probs = F.avg_pool2d(probs, 3, stride=1, padding=1, count_include_pad=False)[0]  # smooth
+    resized, orig = (45, 61), (97, 131)  # the window at the input, the window itself
+    want = mask_crops(probs, resized, orig, 0.5).dense()[0]
+    source = refine.Source(probs[0], (0, 0, orig[1], orig[0]), resized)
+    got = refine.box_probs(source, (0, 0, *orig), orig[1], orig)
+    assert ((got > 0.5).numpy() != want).mean() < 1e-3  # float rounding at the threshold only
+
+
+def test_a_mask_smaller_than_a_clear_object_grows_to_it_and_stays_in_the_box():
+    size = 96
+    obj = _disc(size, (48, 48), 24)
+    image = np.where(obj[..., None], [220, 40, 40], [40, 60, 200]).astype(np.uint8)
+    # the network's probabilities: a disc of radius 21 (3 px short of the object), blurred
+    small = torch.from_numpy(_disc(size // 4, (12, 12), 21 / 4).astype(np.float32))
+    probs = F.avg_pool2d(small[None, None], 3, stride=1, padding=1)[0, 0]
+    source = refine.Source(probs, (0, 0, size, size), (size, size))
+    box = np.array([26, 26, 70, 70], np.float32)  # a box cutting the object's rim
+    raw = refine.box_view(image, [source], box, refine=False)
+    refined = refine.box_view(image, [source], box)
+    assert raw.full and refined.full and raw.region == (19, 19, 77, 77)  # 0.15 x 44 px margin
+    before = refine.region_mask(raw, (size, size), 0.5).dense()[0]
+    after = refine.region_mask(refined, (size, size), 0.5).dense()[0]
+    in_box = refine.grid_inside((0, 0, size, size), (size, size), box)
+    inside = obj & in_box
+
+    def iou(a, b):
+        return (a & b).sum() / (a | b).sum()
+
+    assert iou(before, inside) < 0.8 and iou(after, inside) > 0.9
+    assert after.sum() > before.sum()
+    assert not after[~in_box].any()
+
+
+def test_a_huge_box_is_only_scored_on_a_small_grid_and_keeps_the_network_mask(monkeypatch):
+    monkeypatch.setattr(refine, "guided_filter", lambda *a, **k: pytest.fail("filtered"))
+    image = np.zeros((3000, 2000, 3), np.uint8)
+    source = refine.Source(torch.full((75, 50), 0.9), (0, 0, 2000, 3000), (300, 200))
+    view = refine.box_view(image, [source], np.array([10, 10, 1990, 2990]))
+    assert view.probs.shape == view.pixels.shape[:2] == view.inside.shape
+    assert view.probs.numel() <= 1.01 * refine.SCORE_PIXELS and (view.probs > 0.5).all()
+    assert not view.full and view.region == (0, 0, 3000, 2000)
+    with pytest.raises(ValueError, match="full size"):
+        refine.region_mask(view, (3000, 2000), 0.5)
+
+
+@pytest.mark.parametrize("side", [10, 23])
+def test_small_boxes_are_not_filtered(monkeypatch, side):
+    monkeypatch.setattr(refine, "guided_filter", lambda *a, **k: pytest.fail("filtered"))
+    image = np.zeros((64, 64, 3), np.uint8)
+    source = refine.Source(torch.full((16, 16), 0.9), (0, 0, 64, 64), (64, 64))
+    refine.box_view(image, [source], np.array([5, 5, 5 + side, 5 + side], np.float32))
+
+
+def test_segmenter_refines_by_default_and_can_turn_it_off(tiny_checkpoint, sample_image,
+                                                           monkeypatch):
+    from serving import Segmenter
+
+    calls = []
+    real = refine.guided_filter
+    monkeypatch.setattr(refine, "guided_filter", lambda *a: calls.append(1) or real(*a))
+    seg = Segmenter.load(tiny_checkpoint, device="cpu")
+    raw = seg.with_box_scale(True, refine=False)
+    assert seg.refine and not raw.refine and raw.box_scale
+    assert not raw.with_box_scale(True).refine  # kept unless asked
+    boxes = np.array([[30, 20, 80, 60], [90, 50, 150, 110]], np.float32)  # both >= 24 px
+    raw.predict(sample_image, boxes=boxes)
+    assert not calls
+    seg.predict(sample_image, boxes=boxes)
+    assert len(calls) == 2  # once per box
