@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..cli.common import add_box_scale_option, add_image_size_option
 from ..errors import SimError
 from ..inference.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
-from ..prompts import DEFAULT_MAX_REQUEST_BOXES
+from ..prompts import DEFAULT_MAX_REQUEST_BOXES, SHOWN_THRESHOLD
 from ..segmenter import Segmenter
 from .admission import (
     BODY_COPIES,
@@ -232,7 +232,8 @@ def _model_info(segmenter: Segmenter, settings: ServerSettings, max_boxes: int) 
     info = segmenter.model_info
     return ModelInfo(
         classes=info["classes"], backbone=str(info["backbone"]), backend=info["backend"],
-        device=str(info["device"]), score_threshold=float(info["display_threshold"]),
+        device=str(info["device"]),
+        score_threshold=float(segmenter.score_cut(SHOWN_THRESHOLD) or 0.0),
         input=InputRules(content_types=[MULTIPART_TYPE, JSON_TYPE],
                          image_formats=[e.lstrip(".") for e in IMAGE_EXTENSIONS],
                          min_image_side=MIN_IMAGE_SIDE, resize_min_size=info["min_size"],

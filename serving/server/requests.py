@@ -39,7 +39,7 @@ from starlette.requests import Request
 
 from ..errors import BoxError, ImageError, InputError
 from ..inference.images import load_image
-from ..prompts import SHOWN_THRESHOLD, Prompt, PromptLimitError
+from ..prompts import ALL, CALIBRATED, SHOWN_THRESHOLD, Prompt, PromptLimitError
 from ..segmenter import Segmenter
 from .admission import request_bytes
 from .batching import JobResult, SegmentJob
@@ -60,7 +60,7 @@ FIXES = {
     "image": "send the image file (JPEG, PNG, BMP, TIFF, WebP)",
     "boxes": "send a list of [x1, y1, x2, y2] pixel boxes, e.g. [[10, 20, 110, 140]]",
     "labels": "send one class name, class index or null per box",
-    "score_threshold": "send a number between 0 and 1",
+    "score_threshold": "send a number between 0 and 1, 'calibrated' or 'all'",
 }
 
 
@@ -254,7 +254,8 @@ def _form_options(form: Any) -> dict[str, Any]:
     threshold = form.get("score_threshold")
     if isinstance(threshold, str) and threshold.strip():
         try:
-            fields["score_threshold"] = float(threshold)
+            word = threshold.strip()
+            fields["score_threshold"] = word if word in (CALIBRATED, ALL) else float(word)
         except ValueError:
             raise ApiError(422, "invalid_field", f"score_threshold: '{threshold[:20]}' is not "
                            f"a number; {FIXES['score_threshold']}", "score_threshold") from None
