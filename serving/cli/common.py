@@ -3,7 +3,7 @@
 Exit codes and shared options, checking that outputs are writable before any work, finding
 images, prefetching image decoding in threads and running a batch with per-image failure
 isolation. The pipeline built from them is :mod:`serving.cli.jobs`; resuming and
-multi-process runs are :mod:`serving.cli.runner`.
+multi-process runs are :mod:`serving.sharding`.
 """
 
 from __future__ import annotations

@@ -53,6 +53,9 @@ from ..prompts import (
     threshold_value,
 )
 from ..segmenter import Segmenter
+from ..sharding.progress import ProgressLog, WorkRecords, file_stamp, fingerprint
+from ..sharding.runner import JobRunner, RunPlan
+from ..sharding.shards import Shard, batch_command, current_shard
 from .common import (
     ImageFile,
     add_run_options,
@@ -63,9 +66,6 @@ from .common import (
     run_exit_code,
 )
 from .jobs import Job, Outcome, class_lookup, note_unknown_categories, run_jobs
-from .progress import ProgressLog, WorkRecords, file_stamp, fingerprint
-from .runner import JobRunner, RunPlan
-from .shards import Shard, batch_command, current_shard
 
 PROGRESS_STEM = ".progress"
 WRITE_EVERY_S = 30.0
