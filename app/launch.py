@@ -41,9 +41,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m app") -> ar
                    help="largest accepted upload in megabytes")
     p.add_argument("--max-side", type=int, default=4096,
                    help="largest accepted image width or height in pixels")
-    p.add_argument("--max-boxes", type=int, default=None,
-                   help="most prompt boxes one request may hold (default "
-                        f"{DEFAULT_MAX_REQUEST_BOXES}); more than the model's "
+    p.add_argument("--max-boxes", type=int, default=DEFAULT_MAX_REQUEST_BOXES,
+                   help="most prompt boxes one request may hold; more than the model's "
                         "max_prompt_boxes run in several forward passes")
     add_image_size_option(p)
     add_box_scale_option(p)

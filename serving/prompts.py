@@ -190,7 +190,9 @@ def threshold_value(choice: ScoreThreshold, calibrated: float) -> float | None:
 
 def parse_threshold(text: str) -> ScoreThreshold:
     """A command-line threshold: ``calibrated``, ``all`` or a number in [0, 1] (an
-    ``argparse`` ``type``; raises ``ValueError`` naming the three forms)."""
+    ``argparse`` ``type``: ``ArgumentTypeError`` names the three forms)."""
+    import argparse
+
     word = text.strip().lower()
     if word in (CALIBRATED, ALL):
         return word
@@ -199,7 +201,8 @@ def parse_threshold(text: str) -> ScoreThreshold:
     except ValueError:
         number = math.nan
     if not 0.0 <= number <= 1.0:
-        raise ValueError(f"{text!r}: give {CALIBRATED}, {ALL} or a number in [0, 1]")
+        raise argparse.ArgumentTypeError(f"{text!r}: give {CALIBRATED}, {ALL} or a number in "
+                                         "[0, 1]")
     return number
 
 

@@ -3,6 +3,8 @@ into passes with the results of one pass, and the named threshold choice."""
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 from sim_testing import TINY_CLASSES
@@ -138,7 +140,7 @@ def test_threshold_choices_by_name_and_number():
             threshold_value(bad, 0.37)
     assert parse_threshold(" Calibrated ") == CALIBRATED and parse_threshold("all") == ALL
     assert parse_threshold("0.3") == 0.3
-    with pytest.raises(ValueError, match="calibrated, all or a number"):
+    with pytest.raises(argparse.ArgumentTypeError, match="'2': give calibrated, all or a number"):
         parse_threshold("2")
 
 
