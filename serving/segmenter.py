@@ -202,8 +202,8 @@ class Segmenter:
         }
 
     # ----------------------------------------------------------------- request rules
-    def check_prompt(self, boxes: BoxesLike, labels: LabelsLike | None = None,
-                     image_size: tuple[int, int] = (0, 0), *, max_boxes: int | None = None,
+    def check_prompt(self, boxes: BoxesLike, labels: LabelsLike | None,
+                     image_size: tuple[int, int], *, max_boxes: int | None = None,
                      max_mask_pixels: int | None = None) -> Prompt:
         """Check one image's prompt once, for every entry point (:mod:`serving.prompts`).
 
