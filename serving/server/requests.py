@@ -354,6 +354,8 @@ class PlannedJob:
 
     Attributes:
         shape: (H, W) the header declares (EXIF rotation applied); ``None``: unreadable.
+        prompt: the prompt ``Segmenter.check_prompt`` checked for ``shape``; ``None``:
+            automatic mode. threshold: automatic mode's resolved score threshold.
         memory: the bytes it may hold once admitted (:func:`admission.request_bytes`).
     """
 
