@@ -26,7 +26,7 @@ from PIL import Image
 from serving import Prediction, Segmenter, load_image
 from serving.errors import BoxError, ImageError, InputError
 from serving.formats.visualize import draw_predictions, masks_to_label_image
-from serving.inference.domain import score_advice
+from serving.inference.domain import calibration_of, score_advice
 from serving.prompts import DEFAULT_MAX_REQUEST_BOXES, SHOWN_THRESHOLD, Prompt, PromptLimitError
 
 log = logging.getLogger("app")
@@ -242,7 +242,7 @@ class Handlers:
     def domain_note(self, pred: Prediction, automatic: bool) -> str:
         """`` Warning: ...`` when this image's scores sit far below the model's validation
         scores (an out-of-domain image), else ``""``."""
-        calib = self.segmenter.calibration
+        calib = calibration_of(self.segmenter)
         if automatic:
             best = [float(pred.scores.max()) if len(pred) else 0.0]
             advice = score_advice(calib, best, "auto", min_count=1)

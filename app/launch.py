@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Any
 
+from serving.backends.locate import MODEL_HELP
 from serving.cli.common import add_box_scale_option, add_image_size_option
 from serving.errors import SimError
 from serving.prompts import DEFAULT_MAX_REQUEST_BOXES
@@ -28,7 +29,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m app") -> ar
         epilog="examples: sim app --model runs/quickstart/model_final.safetensors; "
                "sim app --model model.onnx --host 0.0.0.0 --port 7860")
     p.add_argument("--model", required=True,
-                   help="model file: .safetensors checkpoint, .onnx or TensorRT .engine")
+                   help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")

@@ -60,7 +60,7 @@ from export.verify_int8 import compare_int8  # noqa: E402
 from serving import InferenceConfig, ModelConfig, Segmenter, build_condinst  # noqa: E402
 from serving.backends.torch_backend import cpu_bf16_support  # noqa: E402
 from serving.inference.transforms import scale_boxes  # noqa: E402
-from serving.model.model_file import save_checkpoint  # noqa: E402
+from serving.model.model_file import new_card, save_checkpoint  # noqa: E402
 
 #: case -> (backbone, (height, width)); the quickstart case uses the quickstart's light heads.
 CASES = {
@@ -93,7 +93,7 @@ def make_checkpoint(backbone: str, size: tuple[int, int], path: Path,
         model.head.cls_logits.bias.fill_(1.0)
     infer = InferenceConfig(min_size=min(size), max_size=max(size), max_detections=100)
     names = [f"class{i}" for i in range(cfg.num_classes)]
-    return save_checkpoint(path, model, cfg, names, infer)
+    return save_checkpoint(path, model, new_card(cfg, names, infer))
 
 
 def prompt_boxes(h: int, w: int, n: int = 10) -> np.ndarray:

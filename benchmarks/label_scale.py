@@ -51,7 +51,7 @@ from benchmarks.common import (  # noqa: E402
     write_results,
 )
 from serving import InferenceConfig, ModelConfig, build_condinst  # noqa: E402
-from serving.model.model_file import save_checkpoint  # noqa: E402
+from serving.model.model_file import new_card, save_checkpoint  # noqa: E402
 
 CLASSES = ("a", "b", "c")
 #: processes -> the machine's parallel ceiling measured in each round (see parallel_ceiling).
@@ -63,8 +63,8 @@ def make_model(path: Path) -> Path:
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="mobilenet_v2", num_classes=len(CLASSES), fpn_channels=64,
                       head_convs=2, mask_branch_channels=32, mask_branch_convs=2)
-    save_checkpoint(path, build_condinst(cfg), cfg, list(CLASSES),
-                    InferenceConfig(min_size=256, max_size=256))
+    save_checkpoint(path, build_condinst(cfg),
+                    new_card(cfg, CLASSES, InferenceConfig(min_size=256, max_size=256)))
     return path
 
 

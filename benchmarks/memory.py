@@ -90,13 +90,13 @@ def tiny_checkpoint(path: Path) -> Path:
     import torch
 
     from serving import InferenceConfig, ModelConfig, build_condinst
-    from serving.model.model_file import save_checkpoint
+    from serving.model.model_file import new_card, save_checkpoint
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="mobilenet_v2", num_classes=3, fpn_channels=32, head_convs=1,
                       mask_branch_channels=16, mask_branch_convs=1)
-    save_checkpoint(path, build_condinst(cfg).eval(), cfg, ["disc", "ring", "triangle"],
-                    InferenceConfig())
+    save_checkpoint(path, build_condinst(cfg).eval(),
+                    new_card(cfg, ["disc", "ring", "triangle"], InferenceConfig()))
     return path
 
 

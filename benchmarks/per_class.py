@@ -109,6 +109,13 @@ def palette_separability(coco_gt: Any, images: Path, max_images: int = 40) -> fl
     return float(np.mean(scores))
 
 
+def _training_step(segmenter: Any) -> int | None:
+    """The training step of the model's card (``None`` when it records none)."""
+    steps = [h.details.get("step") for h in (segmenter.card.history if segmenter.card else ())
+             if h.made_by == "train"]
+    return steps[-1] if steps else None
+
+
 def evaluate(checkpoint: str, annotations: Path, images: Path,
              max_images: int | None) -> dict[str, Any]:
     from pycocotools.coco import COCO
@@ -117,7 +124,7 @@ def evaluate(checkpoint: str, annotations: Path, images: Path,
     from training.evaluate import predict_dataset
 
     segmenter = Segmenter.from_checkpoint(checkpoint, device="cpu")
-    category_ids = segmenter.info.get("extra", {}).get("category_ids")
+    category_ids = segmenter.card.category_ids if segmenter.card else None
     coco_gt = COCO(str(annotations))
     results = predict_dataset(segmenter, annotations, images, category_ids, max_images,
                               progress=False)
@@ -129,7 +136,7 @@ def evaluate(checkpoint: str, annotations: Path, images: Path,
     return {"checkpoint": checkpoint,
             # Training iterations of the checkpoint: run folders are reused by benchmark runs
             # of different lengths, so the table says which one it measured.
-            "step": segmenter.info.get("extra", {}).get("step"),
+            "step": _training_step(segmenter),
             "classes": {names[c]: {"mask_ap": ap.get(c, float("nan")),
                                    "prompted_miou": float(np.mean(ious[c])) if c in ious
                                    else float("nan"), "instances": len(ious.get(c, []))}

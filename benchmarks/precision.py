@@ -65,8 +65,7 @@ VARIANTS = {
 
 
 def category_ids(seg: Segmenter) -> list[int] | None:
-    extra = seg.info.get("extra") or {}
-    return extra.get("category_ids") or (extra.get("checkpoint_extra") or {}).get("category_ids")
+    return list(seg.card.category_ids) if seg.card and seg.card.category_ids else None
 
 
 def average_precision(seg: Segmenter, val_json: str, val_images: str) -> dict[str, float]:

@@ -40,6 +40,7 @@ from serving import Segmenter  # noqa: E402
 from serving.cli.label_report import is_empty  # noqa: E402
 from serving.formats.cocoeval import evaluate_coco  # noqa: E402
 from serving.inference.box_scale import BoxScaleOptions, segment_per_box, trained_sizes  # noqa: E402
+from serving.inference.domain import calibration_of  # noqa: E402
 
 DATA = {"nuclei": ("data/nuclei/val.json", "data/nuclei/images"),
         "synthetic": ("data/synthetic/val.json", "data/synthetic/images")}
@@ -103,7 +104,7 @@ def segmenter_row(seg: Segmenter) -> Row:
 
 def options_row(seg: Segmenter, options: BoxScaleOptions) -> Row:
     """A row that runs the per-box scale with ``options`` instead of the default."""
-    size = trained_sizes(seg.calibration)
+    size = trained_sizes(calibration_of(seg))
 
     def run(array: np.ndarray, item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         labels = np.array([seg.class_names.index(n) for n in item["labels"]], np.int64)

@@ -41,7 +41,7 @@ import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from serving import InferenceConfig, ModelConfig, Segmenter, build_condinst  # noqa: E402
-from serving.model.model_file import save_checkpoint  # noqa: E402
+from serving.model.model_file import new_card, save_checkpoint  # noqa: E402
 
 
 def tiny_checkpoint(path: Path) -> Path:
@@ -55,8 +55,8 @@ def tiny_checkpoint(path: Path) -> Path:
     model = build_condinst(cfg).eval()
     with torch.no_grad():
         model.head.cls_logits.bias.fill_(1.0)
-    save_checkpoint(path, model, cfg, ["disc", "ring", "triangle"],
-                    InferenceConfig(min_size=128, max_size=256, max_detections=20))
+    save_checkpoint(path, model, new_card(cfg, ["disc", "ring", "triangle"], InferenceConfig(
+        min_size=128, max_size=256, max_detections=20)))
     return path
 
 

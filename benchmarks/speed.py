@@ -60,7 +60,7 @@ from benchmarks.common import (  # noqa: E402
 from serving import InferenceConfig, ModelConfig, Segmenter, build_condinst  # noqa: E402
 from serving.inference.postprocess import detect  # noqa: E402
 from serving.inference.transforms import preprocess  # noqa: E402
-from serving.model.model_file import save_checkpoint  # noqa: E402
+from serving.model.model_file import new_card, save_checkpoint  # noqa: E402
 
 #: name -> (ModelConfig fields, image (height, width), min_size, max_size)
 MODELS: dict[str, tuple[dict[str, Any], tuple[int, int], int, int]] = {
@@ -139,8 +139,8 @@ def build_checkpoint(name: str, work: Path, seed: int = 0) -> tuple[Path, dict[s
         out = model(model.normalize(batch, valid))
         found = int(detect(model, out, image_sizes, infer).num[0])
     names = [f"class{i}" for i in range(NUM_CLASSES)]
-    save_checkpoint(path, model, cfg, names, infer,
-                    extra={"benchmark": "random weights, calibrated class bias"})
+    save_checkpoint(path, model, new_card(cfg, names, infer,
+                                          benchmark="random weights, calibrated class bias"))
     meta = {"cls_bias_shift": hi, "detections_on_image": found, "box_bias": BOX_BIAS}
     meta_path.write_text(json.dumps(meta))
     return path, meta

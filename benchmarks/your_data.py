@@ -145,13 +145,12 @@ def domain_check(work: Path, synthetic_model: Path, nuclei_model: str, nuclei_bo
 def domain_row(text: str, labelled: Path, model: str) -> dict[str, Any]:
     """What one cross-dataset ``label`` run said and scored: whether it warned (and the line),
     the median box score of its labels, the model's validation median and the empty masks."""
-    from serving.model.model_file import read_checkpoint_info
+    from serving.model.model_file import read_checkpoint_card
 
     line = next((ln for ln in text.splitlines() if "out of domain" in ln), "")
     anns = json.loads(labelled.read_text())["annotations"]
-    calibration = read_checkpoint_info(model).extra.get("calibration", {})
+    reference = read_checkpoint_card(model).calibration.prompt_scores.get("p50")
     median = float(np.median([a["score"] for a in anns]))
-    reference = calibration.get("prompt_scores", {}).get("p50")
     return {"warned": bool(line), "warning": line.strip(), "median_score": round(median, 3),
             "validation_median": reference,
             "ratio": round(median / reference, 2) if reference else None,

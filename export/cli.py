@@ -86,9 +86,9 @@ def _check_args(args: argparse.Namespace) -> CalibrationSet | None:
     check_writable_dir(args.output)
     if not args.int8:
         return None
-    from serving.model.model_file import read_checkpoint_info
+    from serving.model.model_file import read_checkpoint_card
 
-    infer = read_checkpoint_info(args.checkpoint).inference
+    infer = read_checkpoint_card(args.checkpoint).inference
     return load_calibration_set(args.calibration, args.calibration_count,
                                 args.calibration_images, (infer.min_size, infer.max_size))
 

@@ -10,7 +10,6 @@ the number of prompt boxes are dynamic unless ``dynamic=False``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import uuid
@@ -22,11 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from serving.backends.exported import build_sidecar
+from serving.backends.exported import input_rules, write_sidecar
 from serving.errors import CheckpointError, InputError
 from serving.files import atomic_write, check_writable_dir
 from serving.model import CondInst
-from serving.model.model_file import CheckpointInfo, load_checkpoint
+from serving.model.card import ModelCard, Provenance
+from serving.model.model_file import load_checkpoint
 from serving.model_config import InferenceConfig, config_to_dict
 
 from .onnx_nms import ONNX_TRANSLATIONS
@@ -59,8 +59,8 @@ class ExportResult:
         return [*self.graphs.values(), *self.engines.values(), self.sidecar]
 
 
-def _load(source: Any) -> tuple[CondInst, CheckpointInfo, str]:
-    """A checkpoint path or a ``(model, CheckpointInfo)`` pair -> (model, info, base name)."""
+def _load(source: Any) -> tuple[CondInst, ModelCard, str]:
+    """A checkpoint path or a ``(model, ModelCard)`` pair -> (model, card, base name)."""
     if isinstance(source, tuple):
         model, info = source
         return model.eval(), info, "model"
@@ -131,7 +131,7 @@ def _finish(proto: Any, path: Path, kind: str, export_id: str) -> None:
     onnx.checker.check_model(str(path))
 
 
-def _inference_config(info: CheckpointInfo, max_detections: int | None) -> InferenceConfig:
+def _inference_config(info: ModelCard, max_detections: int | None) -> InferenceConfig:
     """The checkpoint's inference settings with ``max_detections`` overridden (the K baked into
     the automatic graph); refuses settings the graphs cannot hold."""
     overrides: dict[str, Any] = {}
@@ -176,7 +176,7 @@ def _check_tensorrt(result: ExportResult) -> None:
         result.unsupported_tensorrt_ops += [f"{kind}:{op}" for op in missing]
 
 
-def export_onnx(source: str | os.PathLike | tuple[CondInst, CheckpointInfo],
+def export_onnx(source: str | os.PathLike | tuple[CondInst, ModelCard],
                 out_dir: str | os.PathLike, *, name: str | None = None,
                 opset: int = DEFAULT_OPSET, max_detections: int | None = None,
                 dynamic: bool = True, image_size: tuple[int, int] | None = None,
@@ -223,11 +223,10 @@ def export_onnx(source: str | os.PathLike | tuple[CondInst, CheckpointInfo],
                              "outputs": list(names[1])}
     if check_tensorrt:
         _check_tensorrt(result)
-    extra = {"opset": opset, "exporter": "dynamo", "torch_version": torch.__version__,
-             "dynamic": dynamic, "checkpoint_extra": info.extra}
-    sidecar = build_sidecar(export_id=export_id, class_names=info.class_names,
-                            model=info.model, inference=cfg, graphs=graphs_meta, extra=extra)
-    sidecar["input_rules"]["static_shape"] = None if dynamic else [batch, height, width]
-    text = json.dumps(sidecar, indent=2)
-    atomic_write(result.sidecar, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    step = Provenance.now("export onnx", None if isinstance(source, tuple) else Path(source).name,
+                          opset=opset, exporter="dynamo", torch_version=torch.__version__,
+                          dynamic=dynamic)
+    card = info.step(step, inference=cfg, precision="fp32",
+                     input_rules=input_rules(cfg, None if dynamic else (batch, height, width)))
+    write_sidecar(result.sidecar, export_id=export_id, card=card, graphs=graphs_meta)
     return result

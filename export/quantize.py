@@ -21,7 +21,6 @@ logits, controller weights).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import uuid
@@ -30,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.backends.exported import ExportSidecar, read_sidecar
+from serving.backends.exported import ExportSidecar, read_sidecar, write_sidecar
 from serving.errors import InputError
 from serving.files import atomic_write
+from serving.model.card import Provenance
 
 from .int8_calibration import (
     DEFAULT_CALIBRATION_COUNT,
@@ -228,16 +228,15 @@ def _write(model: Any, path: Path, metadata: dict[str, str]) -> None:
     onnx.checker.check_model(str(path))
 
 
-def _int8_sidecar(sidecar: ExportSidecar, export_id: str, graphs: dict[str, Path],
-                  record: dict[str, Any]) -> dict[str, Any]:
-    data = json.loads(sidecar.path.read_text(encoding="utf-8"))
-    data["export_id"] = export_id
-    data["precision"] = "int8"
-    data["quantization"] = record
-    data["engines"] = {}
-    for kind, path in graphs.items():
-        data["graphs"][kind]["file"] = path.name
-    return data
+def _write_int8_sidecar(path: Path, sidecar: ExportSidecar, export_id: str,
+                        graphs: dict[str, Path], record: dict[str, Any]) -> None:
+    """The INT8 export's sidecar: the fp32 one's card after an "export int8" step, its own
+    graphs, no engines, and the quantization ``record``."""
+    meta = {kind: {**spec, "file": graphs[kind].name} for kind, spec in sidecar.graphs.items()}
+    step = Provenance.now("export int8", sidecar.path.name, tool=record["tool"],
+                          onnxruntime_version=record["onnxruntime_version"])
+    write_sidecar(path, export_id=export_id, card=sidecar.card.step(step, precision="int8"),
+                  graphs=meta, quantization=record)
 
 
 def quantize_export(export: str | os.PathLike, calibration: CalibrationSet | str | os.PathLike,
@@ -290,6 +289,5 @@ def quantize_export(export: str | os.PathLike, calibration: CalibrationSet | str
                                               else "per-tensor"),
               "options": options.to_dict(), "calibration": cal.to_dict(), "graphs": kept,
               "source": {"sidecar": sidecar.path.name, "export_id": sidecar.export_id}}
-    text = json.dumps(_int8_sidecar(sidecar, export_id, result.graphs, record), indent=2)
-    atomic_write(result.sidecar, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    _write_int8_sidecar(result.sidecar, sidecar, export_id, result.graphs, record)
     return result

@@ -26,9 +26,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from serving.backends.exported import file_sha256, read_sidecar
+from serving.backends.exported import file_sha256, read_sidecar, write_sidecar
 from serving.errors import CheckpointError, InputError
 from serving.files import atomic_write
+from serving.model.card import Provenance
 
 OPS_FILE = Path(__file__).parent / "data" / "tensorrt_onnx_ops.json"
 #: TensorRT's TopK limit (operators.md: "`K` input must be less than 3840").
@@ -247,10 +248,10 @@ def build_tensorrt_engine(export_path: str | os.PathLike, *, fp16: bool = False,
                          "profile": {k: list(v) for k, v in vars(profile).items()}}
         if int8_calibration is not None:
             records[kind]["calibration"] = int8_calibration.to_dict()
-    data = json.loads(sidecar.path.read_text(encoding="utf-8"))
-    data["engines"] = records
-    text = json.dumps(data, indent=2)
-    atomic_write(sidecar.path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    step = Provenance.now("export tensorrt", sidecar.file("automatic").name,
+                          precision=precision, tensorrt_version=trt.__version__)
+    write_sidecar(sidecar.path, export_id=sidecar.export_id, card=sidecar.card.step(step),
+                  graphs=sidecar.graphs, engines=records, quantization=sidecar.quantization)
     return engines
 
 

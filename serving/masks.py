@@ -56,11 +56,16 @@ class InstanceMasks:
         self.image_size = (h, w)
         self.crops = tuple(np.asarray(c, dtype=bool) for c in crops)
         self.offsets = np.asarray(offsets, dtype=np.int64).reshape(len(self.crops), 2)
-        for i, (crop, (y0, x0)) in enumerate(zip(self.crops, self.offsets)):
-            if crop.ndim != 2 or y0 < 0 or x0 < 0 or y0 + crop.shape[0] > h or (
-                    x0 + crop.shape[1] > w):
-                raise ValueError(f"mask {i}: crop {crop.shape} at ({y0}, {x0}) does not fit "
-                                 f"in a {h}x{w} image")
+        shapes = np.array([c.shape if c.ndim == 2 else (-1, -1) for c in self.crops],
+                          np.int64).reshape(-1, 2)
+        ends = self.offsets + shapes
+        bad = np.flatnonzero((shapes < 0).any(axis=1) | (self.offsets < 0).any(axis=1)
+                             | (ends[:, 0] > h) | (ends[:, 1] > w))
+        if len(bad):
+            i = int(bad[0])
+            y0, x0 = (int(v) for v in self.offsets[i])
+            raise ValueError(f"mask {i}: crop {self.crops[i].shape} at ({y0}, {x0}) does not "
+                             f"fit in a {h}x{w} image")
 
     @classmethod
     def from_dense(cls, masks: np.ndarray) -> InstanceMasks:

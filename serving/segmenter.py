@@ -11,7 +11,6 @@ import dataclasses
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -26,6 +25,7 @@ from .inference.images import ImageLike, describe_image, load_image
 from .inference.paste import mask_crops
 from .inference.transforms import canvas_size, preprocess, resized_shape, scale_boxes
 from .masks import InstanceMasks
+from .model.card import ModelCard
 from .model_config import MAX_INPUT_SIDE, InferenceConfig, config_to_dict
 from .prediction import Prediction
 from .prompts import (
@@ -55,12 +55,15 @@ class Segmenter:
     max_mask_pixels: int = MAX_MASK_PIXELS
 
     def __init__(self, backend: Backend, class_names: Sequence[str], cfg: InferenceConfig,
-                 info: dict[str, Any] | None = None, box_scale: bool = True) -> None:
+                 info: dict[str, Any] | None = None, box_scale: bool = True,
+                 card: ModelCard | None = None) -> None:
         self.backend = backend
         self.class_names = tuple(class_names)
         self.cfg = cfg
         self.info = dict(info or {})
         self.box_scale = bool(box_scale)
+        #: The loaded file's model card (``None`` for a Segmenter built around a live model).
+        self.card = card
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -76,12 +79,12 @@ class Segmenter:
         from .backends.torch_backend import TorchBackend
         from .model.model_file import load_checkpoint
 
-        model, ckpt = load_checkpoint(path)
-        cfg = InferenceConfig(**{**config_to_dict(ckpt.inference), **overrides})
+        model, card = load_checkpoint(path)
+        cfg = InferenceConfig(**{**config_to_dict(card.inference), **overrides})
         backend = TorchBackend(model, cfg, device=device, dtype=dtype)
-        info = {"backbone": ckpt.model.backbone, "path": str(path), "extra": ckpt.extra,
+        info = {"backbone": card.model.backbone, "path": str(path),
                 "precision": backend.precision}
-        return cls(backend, ckpt.class_names, cfg, info)
+        return cls(backend, card.class_names, cfg, info, card=card)
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, device: str = "auto",
@@ -103,7 +106,10 @@ class Segmenter:
              image_size: int | Sequence[int] | None = None,
              dtype: str | torch.dtype | None = None, box_scale: bool = True,
              **overrides: Any) -> Segmenter:
-        """Pick the backend from the file extension (.safetensors, .onnx, .engine/.plan).
+        """Load any model file or folder that training or export writes (a ``.safetensors``
+        checkpoint, an ``.onnx`` graph or its sidecar ``.json``, an export folder, a TensorRT
+        ``.engine``/``.plan``; see :func:`serving.backends.locate.locate_model`), the backend
+        picked by the file.
 
         ``image_size``: ``short`` or ``(short, long)``, the test-time resize instead of the
         model's own (:meth:`with_image_size`). ``dtype`` ("fp32", "bf16", "fp16") applies to
@@ -125,28 +131,19 @@ class Segmenter:
     @classmethod
     def _load_file(cls, path: str | os.PathLike, device: str, dtype: str | torch.dtype | None,
                    overrides: dict[str, Any]) -> Segmenter:
-        suffix = Path(path).suffix.lower()
-        if suffix in (".onnx", ".engine", ".plan", ".trt") and dtype not in (None, "fp32",
-                                                                             torch.float32):
+        from .backends.locate import locate_model
+
+        found, kind = locate_model(path)
+        if kind != "checkpoint" and dtype not in (None, "fp32", torch.float32):
             raise InputError(
-                f"dtype={dtype}: applies to PyTorch checkpoints (.safetensors); {Path(path).name} "
+                f"dtype={dtype}: applies to PyTorch checkpoints (.safetensors); {found.name} "
                 "runs at its exported precision (sim export --int8 makes an INT8 one)"
             )
-        if suffix == ".onnx":
-            return cls.from_onnx(path, device=device, **overrides)
-        if suffix in (".engine", ".plan", ".trt"):
-            return cls.from_tensorrt(path, **overrides)
-        if suffix == ".safetensors":
-            return cls.from_checkpoint(path, device=device, dtype=dtype, **overrides)
-        if suffix in (".pt", ".pth"):
-            raise InputError(
-                f"model {path}: PyTorch pickle files ({suffix}) are not loaded (unpickling can run "
-                "code); pass the .safetensors checkpoint that training writes"
-            )
-        raise InputError(
-            f"model {path}: unknown file type '{suffix}'; pass a .safetensors checkpoint, an "
-            ".onnx file or a TensorRT .engine"
-        )
+        if kind == "onnx":
+            return cls.from_onnx(found, device=device, **overrides)
+        if kind == "tensorrt":
+            return cls.from_tensorrt(found, **overrides)
+        return cls.from_checkpoint(found, device=device, dtype=dtype, **overrides)
 
     def with_image_size(self, short: int, long: int | None = None) -> Segmenter:
         """The same model resizing images to shorter side ``short`` and longer side at most
@@ -163,26 +160,28 @@ class Segmenter:
                              f"{MAX_INPUT_SIDE} (SHORT is the shorter side, LONG the cap on the "
                              "longer side)")
         cfg = dataclasses.replace(self.cfg, min_size=int(short), max_size=int(long))
-        return type(self)(self.backend, self.class_names, cfg, self.info, box_scale=False)
+        return type(self)(self.backend, self.class_names, cfg, self.info, box_scale=False,
+                          card=self.card)
 
     def with_box_scale(self, on: bool) -> Segmenter:
         """The same model with the per-box scale of box prompts on or off (see the class
         docstring). Shares the loaded model."""
-        return type(self)(self.backend, self.class_names, self.cfg, self.info, box_scale=on)
+        return type(self)(self.backend, self.class_names, self.cfg, self.info, box_scale=on,
+                          card=self.card)
 
     # ----------------------------------------------------------------- info
     @property
     def calibration(self) -> dict[str, Any]:
-        """What training's evaluation stored about the model's own data (empty without it):
-        ``score_threshold`` (best F1 on validation), ``prompt_scores`` / ``auto_scores`` and
-        ``object_sizes`` quantiles (see :mod:`serving.inference.domain`)."""
-        return calibration_of(self)
+        """The card's calibration as a dict (empty without one): ``score_threshold`` (best F1
+        on validation), ``prompt_scores`` / ``auto_scores`` and ``object_sizes`` quantiles
+        (the typed one: ``self.card.calibration``; see :mod:`serving.inference.domain`)."""
+        return calibration_of(self).to_dict()
 
     @property
     def display_threshold(self) -> float:
         """Automatic mode's score threshold for what people look at (pictures, the app, the
         server's default): the calibrated F1-best threshold, else the model's own."""
-        found = self.calibration.get("score_threshold")
+        found = calibration_of(self).score_threshold
         return float(found) if found is not None else float(self.cfg.score_threshold)
 
     @property
@@ -422,7 +421,7 @@ class Segmenter:
         """One image's prompt, each box at its own scale (:mod:`.inference.box_scale`)."""
         prompt: Prompt = item.prompt  # type: ignore[assignment]
         out = segment_per_box(self.backend, item.array, prompt.boxes, prompt.labels, self.cfg,
-                              trained_sizes(self.calibration))
+                              trained_sizes(calibration_of(self)))
         return Prediction(prompt.boxes.copy(), out.scores, out.labels, out.masks,
                           self.class_names)
 

@@ -28,7 +28,7 @@ def make_tiny_checkpoint(path, seed: int = 0, detections: bool = True,
     spread over (0, 1)) and a box regression bias of 2 (boxes of about four strides), so that
     matching detections by IoU between two runtimes is meaningful (INT8 verification)."""
     from serving import InferenceConfig, build_condinst
-    from serving.model.model_file import save_checkpoint
+    from serving.model.model_file import new_card, save_checkpoint
 
     torch.manual_seed(seed)
     cfg = tiny_model_config()
@@ -41,8 +41,19 @@ def make_tiny_checkpoint(path, seed: int = 0, detections: bool = True,
         elif detections:
             model.head.cls_logits.bias.fill_(1.0)
     infer = InferenceConfig(min_size=min_size, max_size=max_size, max_detections=20)
-    save_checkpoint(path, model, cfg, list(TINY_CLASSES), infer)
+    save_checkpoint(path, model, new_card(cfg, TINY_CLASSES, infer))
     return path
+
+
+def release_files(root):
+    """Extract the model files of release f16b7e0 (``tests/fixtures/release_f16b7e0.tar.xz``,
+    made by ``tests/fixtures/make_release_fixtures.py``) under ``root``; returns their folder."""
+    import tarfile
+    from pathlib import Path
+
+    with tarfile.open(Path(__file__).parent / "fixtures" / "release_f16b7e0.tar.xz") as tar:
+        tar.extractall(root, filter="data")
+    return Path(root) / "release_f16b7e0"
 
 
 def run_two_processes(fn):

@@ -33,16 +33,15 @@ def tiny_model(path: Path) -> Path:
     from sim_testing import TINY_CLASSES, tiny_model_config
 
     from serving import InferenceConfig, build_condinst
-    from serving.model.model_file import save_checkpoint
+    from serving.model.model_file import new_card, save_checkpoint
 
     torch.manual_seed(0)
     cfg = tiny_model_config()
     model = build_condinst(cfg).eval()
     with torch.no_grad():
         model.head.cls_logits.bias.fill_(1.0)
-    save_checkpoint(path, model, cfg, list(TINY_CLASSES),
-                    InferenceConfig(min_size=128, max_size=256, max_detections=20,
-                                    max_prompt_boxes=2))
+    save_checkpoint(path, model, new_card(cfg, TINY_CLASSES, InferenceConfig(
+        min_size=128, max_size=256, max_detections=20, max_prompt_boxes=2)))
     return path
 
 
@@ -50,7 +49,8 @@ def tiny_model(path: Path) -> Path:
 def setup(tmp_path_factory):
     """The image (96 x 128 PNG), a COCO file of its boxes, and the model, its calibrated
     threshold set to the median automatic score (so 'calibrated' differs from 'all')."""
-    from serving.model.model_file import update_checkpoint_extra
+    from serving.model.card import Calibration
+    from serving.model.model_file import recalibrate_checkpoint
 
     root = tmp_path_factory.mktemp("entry")
     (root / "images").mkdir()
@@ -67,7 +67,7 @@ def setup(tmp_path_factory):
     (root / "boxes.json").write_text(json.dumps(coco))
     model = tiny_model(root / "model.safetensors")
     scores = Segmenter.load(model, device="cpu").predict(image).scores
-    update_checkpoint_extra(model, {"calibration": {"score_threshold": float(np.median(scores))}})
+    recalibrate_checkpoint(model, Calibration(score_threshold=float(np.median(scores))))
     return root, image, model
 
 

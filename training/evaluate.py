@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from serving import InferenceConfig, Segmenter
+from serving.backends.locate import MODEL_HELP, locate_model
 from serving.backends.torch_backend import TorchBackend
 from serving.errors import InputError, SimError
 from serving.files import check_writable_file
@@ -89,7 +90,7 @@ def calibration_refusal(annotations: str | Path, max_images: int | None) -> str 
 def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images: str | Path,
                         device: str = "auto", max_images: int | None = None,
                         calibrate: bool = False) -> dict[str, float]:
-    """Mask and box AP (percent) of a model file (``.safetensors``, ``.onnx``, TensorRT).
+    """Mask and box AP (percent) of a model (any file or folder ``Segmenter.load`` takes).
 
     ``calibrate``: also store the validation calibration (the F1-best score threshold and the
     prompted-score quantiles, :func:`training.score_calibration.validation_calibration`) in the
@@ -100,26 +101,28 @@ def evaluate_checkpoint(checkpoint: str | Path, annotations: str | Path, images:
     if max_images is not None and max_images < 1:
         raise InputError(f"--max-images {max_images}: must be at least 1 (leave it out for "
                          "every image)")
-    if calibrate and Path(checkpoint).suffix.lower() != ".safetensors":
-        raise InputError(f"--calibrate: {checkpoint} is not a .safetensors checkpoint; "
-                         "calibrate the checkpoint, then export it")
+    if calibrate:
+        found = locate_model(checkpoint)
+        if found.kind != "checkpoint":
+            raise InputError(f"--calibrate: {checkpoint} is not a .safetensors checkpoint; "
+                             "calibrate the checkpoint, then export it")
+        checkpoint = found.path
     why = calibration_refusal(annotations, max_images) if calibrate else None
     if why is not None:
         raise InputError(f"--calibrate: {annotations}: {why}, so it cannot calibrate the "
                          "model; its calibration is kept as it was; evaluate a split with "
                          "annotated images")
     segmenter = Segmenter.load(checkpoint, device=device)
-    category_ids = segmenter.info.get("extra", {}).get("category_ids")
+    category_ids = segmenter.card.category_ids if segmenter.card else None
     results = predict_dataset(segmenter, annotations, images, category_ids, max_images)
     metrics = _percent(evaluate_coco(_ground_truth(annotations, max_images), results, f1=True))
     if calibrate:
-        from serving.model.model_file import read_checkpoint_info, update_checkpoint_extra
+        from serving.model.model_file import recalibrate_checkpoint
 
         from .score_calibration import validation_calibration
 
         found = validation_calibration(segmenter, metrics, annotations, images)
-        known = read_checkpoint_info(checkpoint).extra.get("calibration") or {}
-        update_checkpoint_extra(checkpoint, {"calibration": {**known, **found}})
+        recalibrate_checkpoint(checkpoint, found, source=str(annotations))
     return metrics
 
 
@@ -129,7 +132,7 @@ def evaluate_untrained(cfg: TrainConfig, path: str | Path) -> dict[str, float]:
     the floor that trained models are compared with. Sets ``cfg.model.num_classes`` from the
     training data."""
     from serving.model import build_condinst
-    from serving.model.model_file import save_checkpoint
+    from serving.model.model_file import new_card, save_checkpoint
 
     from .data import CocoInstanceDataset
 
@@ -137,8 +140,9 @@ def evaluate_untrained(cfg: TrainConfig, path: str | Path) -> dict[str, float]:
     cfg.model.num_classes = data.num_classes
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, build_condinst(cfg.model), cfg.model, data.class_names, cfg.inference,
-                    extra={"category_ids": data.label_to_category_id})
+    save_checkpoint(path, build_condinst(cfg.model),
+                    new_card(cfg.model, data.class_names, cfg.inference,
+                             category_ids=data.label_to_category_id))
     return evaluate_checkpoint(path, cfg.data.val_json, cfg.data.val_images, device="cpu",
                                max_images=cfg.data.max_val_images)
 
@@ -155,7 +159,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m training.eval
                "  sim eval --model model.safetensors ... --calibrate   # store the F1-best "
                "threshold and score reference")
     parser.add_argument("--model", "--checkpoint", dest="checkpoint", required=True,
-                        help="model file: .safetensors checkpoint, .onnx or TensorRT engine")
+                        help=MODEL_HELP)
     parser.add_argument("--annotations", required=True, help="COCO JSON with masks")
     parser.add_argument("--images", required=True, help="folder of the images")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

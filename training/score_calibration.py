@@ -1,7 +1,7 @@
-"""What a trained model knows about its own data, stored in its checkpoint's metadata.
+"""What a trained model knows about its own data, stored in its checkpoint's model card.
 
-``extra["calibration"]`` (read by :mod:`serving.inference.domain`, the pictures, the app and the
-server) holds:
+The card's :class:`~serving.model.card.Calibration` (read by :mod:`serving.inference.domain`,
+the pictures, the app and the server) holds:
 
 - ``score_threshold`` and ``f1``: the automatic-mode score threshold that maximises F1 at mask
   IoU 0.5 on the validation split, and that F1 (:func:`serving.formats.cocoeval.best_f1`);
@@ -23,6 +23,7 @@ import numpy as np
 
 from serving import Segmenter
 from serving.inference.domain import box_sizes, quantiles
+from serving.model.card import Calibration
 
 from .data.coco_dataset import CocoIndex
 from .train_config import DataConfig
@@ -72,21 +73,22 @@ def auto_scores(segmenter: Segmenter, annotations: str | Path, images: str | Pat
 
 
 def validation_calibration(segmenter: Segmenter, metrics: dict[str, float],
-                           val_json: str | Path, val_images: str | Path) -> dict[str, Any]:
+                           val_json: str | Path, val_images: str | Path) -> Calibration:
     """What a validation run tells: the F1-best score threshold and its F1 (percent) from an
     evaluation's ``metrics`` (``segm/F1_threshold``, ``segm/F1``), and the prompted scores."""
-    return {
-        "score_threshold": round(float(metrics.get("segm/F1_threshold", 1.0)), 4),
-        "f1": round(float(metrics.get("segm/F1", 0.0)), 2),
-        "prompt_scores": prompt_scores(segmenter, val_json, val_images),
-        "auto_scores": auto_scores(segmenter, val_json, val_images),
-        "validation": str(val_json),
-    }
+    return Calibration(
+        score_threshold=round(float(metrics.get("segm/F1_threshold", 1.0)), 4),
+        f1=round(float(metrics.get("segm/F1", 0.0)), 2),
+        prompt_scores=prompt_scores(segmenter, val_json, val_images),
+        auto_scores=auto_scores(segmenter, val_json, val_images),
+        validation=str(val_json),
+    )
 
 
 def calibration(segmenter: Segmenter, metrics: dict[str, float], data: DataConfig,
-                ) -> dict[str, Any]:
-    """The ``extra["calibration"]`` entry (see the module docstring) of a model trained on
-    ``data`` and validated with ``metrics``."""
-    return {**validation_calibration(segmenter, metrics, data.val_json, data.val_images),
-            "object_sizes": object_sizes(data.train_json, data.min_sizes, data.max_size)}
+                ) -> Calibration:
+    """The calibration (see the module docstring) of a model trained on ``data`` and
+    validated with ``metrics``."""
+    found = validation_calibration(segmenter, metrics, data.val_json, data.val_images)
+    sizes = object_sizes(data.train_json, data.min_sizes, data.max_size)
+    return found.merged(Calibration(object_sizes=sizes))

@@ -29,7 +29,8 @@ from serving.backends.torch_backend import TorchBackend
 from serving.errors import SimError
 from serving.files import check_writable_dir
 from serving.model import build_condinst
-from serving.model.model_file import save_checkpoint
+from serving.model.card import Calibration
+from serving.model.model_file import new_card, save_checkpoint
 from serving.model_config import ModelConfig, config_to_dict
 from serving.sharding.shards import multi_process_cpu
 
@@ -254,18 +255,16 @@ def _save_final_model(run: TrainingRun) -> Path:
     written by the main process."""
     path = run.output_dir / "model_final.safetensors"
     if run.accelerator.is_main_process:
-        extra = {"train_config": config_to_dict(run.cfg), "step": run.state.step,
-                 "category_ids": run.dataset.label_to_category_id}
-        found = _calibrate(run)
-        if found:
-            extra["calibration"] = found
-        save_checkpoint(path, run.student, run.cfg.model, run.dataset.class_names,
-                        run.cfg.inference, extra=extra)
+        card = new_card(run.cfg.model, run.dataset.class_names, run.cfg.inference,
+                        made_by="train", category_ids=run.dataset.label_to_category_id,
+                        calibration=_calibrate(run), step=run.state.step,
+                        train_config=config_to_dict(run.cfg))
+        save_checkpoint(path, run.student, card)
     run.accelerator.wait_for_everyone()
     return path
 
 
-def _calibrate(run: TrainingRun) -> dict[str, Any] | None:
+def _calibrate(run: TrainingRun) -> Calibration | None:
     """The model's calibration from the last validation (None without one)."""
     cfg = run.cfg
     if not cfg.data.val_json or not run.metrics:

@@ -4,8 +4,10 @@
 
 .. code-block:: json
 
-    {"format": "sim-condinst-export", "format_version": 1, "export_id": "<uuid>",
+    {"format": "sim-condinst-export", "format_version": 2, "export_id": "<uuid>",
      "class_names": [...], "model_config": {...}, "inference_config": {...},
+     "calibration": {...}, "category_ids": [...], "history": [{"made_by": "train", ...},
+     {"made_by": "export onnx", "source": "model_final.safetensors", ...}],
      "input_rules": {"min_size": 800, "max_size": 1333, "size_divisibility": 32,
                      "pixel_format": "RGB float 0-255, zero padding", ...},
      "graphs": {"automatic": {"file": "<name>.auto.onnx", "inputs": [...], "outputs": [...]},
@@ -15,7 +17,9 @@
 
 An INT8 export (``python -m export --int8``) has its own sidecar ``<name>.int8.json`` with
 ``"precision": "int8"`` and a ``"quantization"`` record (calibration set and its SHA-256);
-its graphs have the same inputs and outputs as the fp32 ones.
+its graphs have the same inputs and outputs as the fp32 ones. Everything but the format,
+export id, graphs, engines and quantization record is the model's
+:class:`~serving.model.card.ModelCard` (older sidecars are migrated when read).
 
 Each ONNX file carries the same ``export_id`` in its metadata, so a sidecar from another export
 is recognised. Thresholds used inside the graphs are fixed at export time: loading may raise
@@ -37,12 +41,12 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, InputError
+from ..files import atomic_write
 from ..inference.postprocess import Detections, PaddedDetections, PromptDetections
-from ..model.metadata import checked_precision, checked_static_shape, model_description
+from ..model.card import ModelCard
 from ..model_config import InferenceConfig, ModelConfig, config_to_dict
+from .locate import SIDECAR_FORMAT, locate_model
 
-SIDECAR_FORMAT = "sim-condinst-export"
-SIDECAR_VERSION = 1
 GRAPH_KINDS = ("automatic", "prompt")
 #: Input and output names of the automatic and box-prompted graphs (``export/wrapper.py``).
 AUTO_INPUTS = ("images", "image_sizes")
@@ -57,22 +61,38 @@ _SUFFIXES = (".auto.onnx", ".prompt.onnx", ".auto.engine", ".prompt.engine", ".o
 
 @dataclass
 class ExportSidecar:
-    """A parsed sidecar. ``path`` is the JSON file; graph and engine files sit beside it."""
+    """A parsed sidecar. ``path`` is the JSON file; graph and engine files sit beside it.
+    ``card``: the export's :class:`~serving.model.card.ModelCard` (its precision, input rules
+    and history included)."""
 
     path: Path
-    format_version: int
     export_id: str
-    class_names: tuple[str, ...]
-    model: ModelConfig
-    inference: InferenceConfig
-    input_rules: dict[str, Any]
+    card: ModelCard
     graphs: dict[str, dict[str, Any]]
     engines: dict[str, dict[str, Any]]
-    extra: dict[str, Any]
-    #: "fp32", or "int8" for graphs from ``python -m export --int8`` (ONNX Runtime QDQ).
-    precision: str = "fp32"
     #: For INT8: tool, options, calibration set (source, count, SHA-256), fp32 nodes.
     quantization: dict[str, Any] | None = None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.card.class_names
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.card.model
+
+    @property
+    def inference(self) -> InferenceConfig:
+        return self.card.inference
+
+    @property
+    def precision(self) -> str:
+        """"fp32", or "int8" for graphs from ``python -m export --int8`` (ONNX Runtime QDQ)."""
+        return self.card.precision
+
+    @property
+    def input_rules(self) -> dict[str, Any]:
+        return dict(self.card.input_rules or {})
 
     def file(self, kind: str, engine: bool = False) -> Path:
         """Path of the ``kind`` ("automatic"/"prompt") ONNX graph, or its TensorRT engine."""
@@ -86,18 +106,8 @@ class ExportSidecar:
 
 def sidecar_path(path: str | os.PathLike) -> Path:
     """The sidecar of a model path: ``x.json`` for ``x.auto.onnx``, ``x.onnx``, ``x.engine``,
-    a folder's only ``*.json`` (``--verify`` reports ``*.verify.*.json`` aside), or the path
-    itself when it is a ``.json`` file."""
+    or the path itself when it is a ``.json`` file."""
     path = Path(path)
-    if path.is_dir():
-        found = sorted(p for p in path.glob("*.json") if ".verify." not in p.name)
-        if len(found) != 1:
-            names = f" ({', '.join(p.name for p in found)})" if found else ""
-            raise CheckpointError(
-                f"{path}: expected exactly one export sidecar (*.json) in the folder, found "
-                f"{len(found)}{names}; pass the .json or .onnx file of the one to load"
-            )
-        return found[0]
     name = path.name
     for suffix in _SUFFIXES:
         if name.lower().endswith(suffix):
@@ -105,35 +115,47 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return path.with_name(name + ".json")
 
 
-def build_sidecar(*, export_id: str, class_names: list[str] | tuple[str, ...],
-                  model: ModelConfig, inference: InferenceConfig,
-                  graphs: dict[str, dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
-    """The JSON content of a sidecar (written by ``export``; read by :func:`read_sidecar`)."""
+def input_rules(inference: InferenceConfig,
+                static_shape: tuple[int, int, int] | None = None) -> dict[str, Any]:
+    """An export's preprocessing contract: resize, padding, pixel format, prompt limit, and
+    ``static_shape`` ([batch, height, width] of a ``--static`` export, else ``None``)."""
     return {
-        "format": SIDECAR_FORMAT,
-        "format_version": SIDECAR_VERSION,
-        "export_id": export_id,
-        "class_names": list(class_names),
-        "model_config": config_to_dict(model),
-        "inference_config": config_to_dict(inference),
-        "input_rules": {
-            "min_size": inference.min_size,
-            "max_size": inference.max_size,
-            "resize": "shorter side to min_size unless the longer side exceeds max_size",
-            "size_divisibility": 32,
-            "pixel_format": "RGB float32 0-255, not normalised; padding right/bottom with 0",
-            "max_prompt_boxes": inference.max_prompt_boxes,
-            "mask_stride": 4,
-        },
-        "graphs": graphs,
-        "engines": {},
-        "extra": extra,
-        "precision": "fp32",
+        "min_size": inference.min_size,
+        "max_size": inference.max_size,
+        "resize": "shorter side to min_size unless the longer side exceeds max_size",
+        "size_divisibility": 32,
+        "pixel_format": "RGB float32 0-255, not normalised; padding right/bottom with 0",
+        "max_prompt_boxes": inference.max_prompt_boxes,
+        "mask_stride": 4,
+        "static_shape": None if static_shape is None else list(static_shape),
     }
 
 
+def build_sidecar(*, export_id: str, card: ModelCard, graphs: dict[str, dict[str, Any]],
+                  engines: dict[str, dict[str, Any]] | None = None,
+                  quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON content of a sidecar: format, export id, the ``card``'s fields
+    (:meth:`ModelCard.to_json`), graphs, engines and an INT8 export's quantization record
+    (written by ``export``; read by :func:`read_sidecar`)."""
+    data = {"format": SIDECAR_FORMAT, **card.to_json(), "export_id": export_id,
+            "graphs": graphs, "engines": engines or {}}
+    if quantization is not None:
+        data["quantization"] = quantization
+    return data
+
+
+def write_sidecar(path: str | os.PathLike, **fields: Any) -> Path:
+    """Write :func:`build_sidecar`'s JSON to ``path`` atomically (the one sidecar writer)."""
+    text = json.dumps(build_sidecar(**fields), indent=2)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return Path(path)
+
+
 def read_sidecar(path: str | os.PathLike) -> ExportSidecar:
-    """Read and check the sidecar belonging to ``path`` (see :func:`sidecar_path`)."""
+    """Read and check the sidecar belonging to ``path`` (see :func:`sidecar_path`; a folder:
+    its export, :func:`serving.backends.locate.locate_model`)."""
+    if Path(path).is_dir():
+        path = locate_model(path).path
     side = sidecar_path(path)
     if not side.is_file():
         raise CheckpointError(
@@ -152,27 +174,19 @@ def read_sidecar(path: str | os.PathLike) -> ExportSidecar:
             ".json written by python -m export"
         )
     where = f"{side}: corrupt export sidecar"
-    desc = model_description(where, version=data.get("format_version"),
-                             supported_version=SIDECAR_VERSION,
-                             model_config=data.get("model_config"),
-                             inference_config=data.get("inference_config"),
-                             class_names=data.get("class_names"), extra=data.get("extra", {}))
-    rules, graphs = data.get("input_rules", {}), data.get("graphs")
-    if not isinstance(rules, dict) or not isinstance(graphs, dict) or not all(
-            isinstance(g, dict) and isinstance(g.get("file"), str) for g in graphs.values()):
+    card = ModelCard.from_json({"input_rules": {}, **data}, where, "export")
+    graphs, engines = data.get("graphs"), data.get("engines", {})
+    if not isinstance(data.get("input_rules", {}), dict) or not isinstance(graphs, dict) or \
+            not all(isinstance(g, dict) and isinstance(g.get("file"), str)
+                    for g in graphs.values()):
         raise CheckpointError(f"{where}: 'input_rules' and 'graphs' must be objects, each graph "
                               "with its 'file'; re-export")
-    checked_static_shape(rules.get("static_shape"), where)
-    engines = data.get("engines", {})
     if not isinstance(engines, dict) or not isinstance(data.get("export_id"), str):
         raise CheckpointError(f"{where}: 'engines' must be an object and 'export_id' text; "
                               "re-export")
     quantization = data.get("quantization")
-    return ExportSidecar(side, desc.format_version, data["export_id"], desc.class_names,
-                         desc.model, desc.inference, dict(rules), dict(graphs), dict(engines),
-                         desc.extra, precision=checked_precision(data.get("precision", "fp32"),
-                                                                 where),
-                         quantization=quantization if isinstance(quantization, dict) else None)
+    return ExportSidecar(side, data["export_id"], card, dict(graphs), dict(engines),
+                         quantization if isinstance(quantization, dict) else None)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -169,5 +169,5 @@ def load_onnx_segmenter(cls: type, path: str | os.PathLike, device: str = "auto"
         backend = StaticShapeBackend(backend, *static)
     info = {"backbone": sidecar.model.backbone, "path": str(sidecar.path),
             "providers": backend.providers if hasattr(backend, "providers") else None,
-            "precision": sidecar.precision, "extra": sidecar.extra}
-    return cls(backend, sidecar.class_names, cfg, info)
+            "precision": sidecar.precision}
+    return cls(backend, sidecar.class_names, cfg, info, card=sidecar.card)

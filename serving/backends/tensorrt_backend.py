@@ -167,5 +167,5 @@ def load_tensorrt_segmenter(cls: type, path: str | os.PathLike, device: str = "c
     if static:
         backend = StaticShapeBackend(backend, *static)
     info = {"backbone": sidecar.model.backbone, "path": str(sidecar.path),
-            "precision": sidecar.engines["automatic"].get("precision"), "extra": sidecar.extra}
-    return cls(backend, sidecar.class_names, cfg, info)
+            "precision": sidecar.engines["automatic"].get("precision")}
+    return cls(backend, sidecar.class_names, cfg, info, card=sidecar.card)

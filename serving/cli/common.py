@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from ..backends.locate import locate_model
 from ..errors import InputError, SimError
 from ..inference.images import IMAGE_EXTENSIONS
 from ..isolation import run_isolated
@@ -104,10 +105,9 @@ def report(line: str) -> None:
 
 # ----------------------------------------------------------------------------- paths
 def check_model_path(path: str | os.PathLike) -> Path:
-    model = Path(path)
-    if not model.is_file():
-        raise InputError(f"model {model}: file not found; pass a .safetensors, .onnx or .engine")
-    return model
+    """The model file ``path`` names (a folder: its model), before any work
+    (:func:`serving.backends.locate.locate_model`)."""
+    return locate_model(path).path
 
 
 @dataclass(frozen=True)

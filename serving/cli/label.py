@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends.locate import MODEL_HELP
 from ..errors import InputError
 from ..files import check_writable_dir, check_writable_file
 from ..formats.box_dataset import BoxSet
@@ -442,7 +443,7 @@ def build_parser(prog: str = "python -m serving label") -> argparse.ArgumentPars
                "  accelerate launch --multi_gpu --num_processes 2 -m serving label ...  "
                "# 2 processes")
     parser.add_argument("--model", required=True, metavar="PATH",
-                        help="checkpoint (.safetensors), ONNX file (.onnx) or TensorRT engine")
+                        help=MODEL_HELP)
     parser.add_argument("--annotations", required=True, metavar="BOXES",
                         help="the boxes: a COCO JSON, a YOLO labels folder (with classes.txt "
                              "or data.yaml) or a Label Studio JSON export")

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..backends.locate import MODEL_HELP
 from ..errors import InputError
 from ..files import check_writable_dir, write_json
 from ..formats.boxsets import OUTPUT_ENCODING, labelled_dataset, read_boxes, write_labels
@@ -481,7 +482,7 @@ def build_parser(prog: str = "python -m serving predict") -> argparse.ArgumentPa
                "  accelerate launch --multi_gpu --num_processes 2 -m serving predict ...  "
                "# 2 processes")
     parser.add_argument("--model", required=True, metavar="PATH",
-                        help="checkpoint (.safetensors), ONNX file (.onnx) or TensorRT engine")
+                        help=MODEL_HELP)
     parser.add_argument("--input", required=True, nargs="+", metavar="DIR|GLOB|FILE",
                         help="folders (searched recursively), glob patterns or image files")
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder")

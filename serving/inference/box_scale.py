@@ -30,7 +30,7 @@ inside a crop's canvas.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..masks import InstanceMasks, is_empty
+from ..model.card import Calibration
 from . import domain
 from .paste import mask_crops
 from .transforms import SIZE_DIVISIBILITY, canvas_size, resize_image, resized_shape
@@ -87,10 +88,10 @@ class CropResult(NamedTuple):
     label: int
 
 
-def trained_sizes(calibration: Mapping[str, Any]) -> tuple[float, float, float] | None:
+def trained_sizes(calibration: Calibration) -> tuple[float, float, float] | None:
     """The training objects' ``sqrt(w * h)`` at the network input, (p10, p50, p90), or
     ``None`` when the model carries no calibration (then today's whole-image scale is used)."""
-    sizes = calibration.get("object_sizes") or {}
+    sizes = calibration.object_sizes
     if not all(sizes.get(k) for k in ("p10", "p50", "p90")):
         return None
     return float(sizes["p10"]), float(sizes["p50"]), float(sizes["p90"])

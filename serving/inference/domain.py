@@ -1,6 +1,7 @@
 """Is the user's data like the data the model was trained and validated on?
 
-A checkpoint's calibration (``extra["calibration"]``, written by training's evaluation) holds:
+A model card's :class:`~serving.model.card.Calibration` (written by training's evaluation)
+holds:
 
 - ``object_sizes``: quantiles (``p10``, ``p50``, ``p90``) of the training boxes' size
   ``sqrt(width * height)`` in network-input pixels (after the training resize);
@@ -16,12 +17,13 @@ numbers and what to do. Nothing here changes a result.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from ..errors import ImageError
+from ..model.card import Calibration
 from .transforms import resized_shape
 
 #: Object sizes further apart than this factor (either way) get an image-size suggestion.
@@ -81,11 +83,11 @@ def suggested_size(ratio: float, min_size: int, max_size: int) -> tuple[int, int
     return scale(min_size), scale(max_size)
 
 
-def size_advice(calibration: Mapping[str, Any], sizes: np.ndarray, min_size: int,
+def size_advice(calibration: Calibration, sizes: np.ndarray, min_size: int,
                 max_size: int) -> str | None:
     """One line when the input's median object is ``SIZE_FACTOR`` times smaller or larger
     than the training data's at the network input, suggesting an inference size; else None."""
-    train = calibration.get("object_sizes", {}).get("p50")
+    train = calibration.object_sizes.get("p50")
     if not train or sizes.size == 0:
         return None
     mine = float(np.median(sizes))
@@ -100,7 +102,7 @@ def size_advice(calibration: Mapping[str, Any], sizes: np.ndarray, min_size: int
             "usually gain up to about 1.25x; check on a few images with masks)")
 
 
-def score_advice(calibration: Mapping[str, Any], scores: Iterable[float], mode: str = "prompt",
+def score_advice(calibration: Calibration, scores: Iterable[float], mode: str = "prompt",
                  min_count: int = MIN_PROMPTS) -> str | None:
     """One line when the run's median score sits far below the validation median (the model
     has probably never seen images like these); else None.
@@ -108,7 +110,8 @@ def score_advice(calibration: Mapping[str, Any], scores: Iterable[float], mode: 
     ``mode``: ``"prompt"`` (``scores`` are box-prompted scores) or ``"auto"`` (each image's
     best automatic-mode score). ``min_count``: fewest scores worth judging.
     """
-    reference = calibration.get(f"{mode}_scores", {}).get("p50")
+    table = calibration.prompt_scores if mode == "prompt" else calibration.auto_scores
+    reference = table.get("p50")
     values = np.asarray(list(scores), dtype=np.float64)
     if not reference or values.size < min_count:
         return None
@@ -121,11 +124,8 @@ def score_advice(calibration: Mapping[str, Any], scores: Iterable[float], mode: 
             "seen images like these: train on your own images (docs/your_data.md)")
 
 
-def calibration_of(segmenter: Any) -> dict[str, Any]:
-    """The calibration a loaded model carries (empty when it was trained without one): a
-    checkpoint's ``extra["calibration"]``, or the one an export copied from its checkpoint."""
-    info = getattr(segmenter, "info", {}) or {}
-    extra = info.get("extra") or {}
-    found = (info.get("calibration") or extra.get("calibration")
-             or (extra.get("checkpoint_extra") or {}).get("calibration"))
-    return dict(found) if isinstance(found, Mapping) else {}
+def calibration_of(segmenter: Any) -> Calibration:
+    """The calibration of a ``Segmenter``'s model card (empty for a model without one, or a
+    Segmenter built around a live model)."""
+    card = getattr(segmenter, "card", None)
+    return card.calibration if card is not None else Calibration()

@@ -14,9 +14,11 @@ where they can matter:
    4 x the upscale otherwise). For all masks at once (numpy, no float copy of the image): a
    group is certainly True when all its sources exceed the threshold by a margin, certainly
    False when none comes within it, and *mixed* otherwise (a mask's edge: ~1 % of groups).
-2. *Edges.* Only the pixels of mixed groups are interpolated, a block per group, with
-   PyTorch's own index, weight and rounding (:mod:`serving.inference.bilinear`), so they
-   equal ``F.interpolate`` bit for bit.
+2. *Edges.* Only the pixels of mixed groups are interpolated, a block per group by two small
+   matrix products (the group's composed weights: within ~1e-7 of the kernel's value); the
+   few within the margin of the threshold are recomputed with PyTorch's own index, weight
+   and rounding (:mod:`serving.inference.bilinear`), so every pixel is decided as
+   ``F.interpolate`` decides it, bit for bit.
 3. *Crops.* Each mask's bounding box follows from its True groups and edge pixels (and its
    clip box); the crop is its True groups repeated to pixels (two ``np.take``, the cost of
    writing the crop once) with the edge pixels set. Small images (or masks that fill them)
@@ -57,6 +59,10 @@ EDGE_PIXELS = 1 << 18
 MARGIN = 2.0 ** -16
 
 
+#: Runs (first pixel, end pixel, first slot): see ``_Groups.runs``.
+Runs = tuple[tuple[int, int, int], ...]
+
+
 class _Groups(NamedTuple):
     """One axis of the original image: its pixels in runs ("groups") that read the same
     cells, and per group the tables that interpolate its pixels as one block.
@@ -72,9 +78,12 @@ class _Groups(NamedTuple):
         pix, valid: (G, L) int64 pixels of each group (L = the longest group) and which
             slots are real.
         patch: (G, 3) int64 stride-4 indices ca, ca + 1, ca + 2 (clamped): every source.
-        block1: stage-1 sampling of the group's resized positions, as indices into
-            ``patch`` ((G, U) arrays); block2: stage-2 sampling of ``pix`` as indices into
-            those U positions ((G, L) arrays), ``None`` when not resized.
+        weights: (G, L, 3) float32: pixel ``pix[g, l]`` is ``weights[g, l] @ patch[g]`` (both
+            stages composed in float64, rounded once; within ~1e-7 of the kernel's value).
+        runs: how :func:`_spread` writes the axis (groups of at most 4 pixels, as at the
+            network's input size): runs (first pixel, end pixel, first slot) of pixels that
+            are consecutive slots when every group is written 4 times; ``None`` for longer
+            groups or more than 8 runs.
     """
 
     starts: np.ndarray
@@ -86,8 +95,8 @@ class _Groups(NamedTuple):
     pix: np.ndarray
     valid: np.ndarray
     patch: np.ndarray
-    block1: Axis
-    block2: Axis | None
+    weights: np.ndarray
+    runs: Runs | None
 
 
 def _split(starts: np.ndarray) -> np.ndarray:
@@ -121,18 +130,9 @@ def _groups(n4: int, resized: int, size: int | None, fused: bool) -> _Groups:
     pix = np.minimum(pix, size - 1)
     ca, cb = ca[first], cb[starts[1:] - 1]
     patch = np.minimum(ca[:, None] + np.arange(3), n4 - 1)
-    block2 = None
-    upos = pix
-    if stage2 is not None:
-        ua = stage2.i0[first]
-        span = int((stage2.i1[starts[1:] - 1] - ua).max()) + 1
-        upos = np.minimum(ua[:, None] + np.arange(span), resized - 1)
-        local = [np.clip(stage2.i0[pix] - ua[:, None], 0, span - 1),
-                 np.clip(stage2.i1[pix] - ua[:, None], 0, span - 1)]
-        block2 = Axis(*local, stage2.w0[pix], stage2.w1[pix])
-    block1 = Axis(np.clip(stage1.i0[upos] - ca[:, None], 0, 2),
-                  np.clip(stage1.i1[upos] - ca[:, None], 0, 2), stage1.w0[upos], stage1.w1[upos])
-    out = _Groups(starts, ca, cb, of, stage1, stage2, pix, valid, patch, block1, block2)
+    weights = _weights(stage1, ca, first, pix, resized, stage2)
+    out = _Groups(starts, ca, cb, of, stage1, stage2, pix, valid, patch, weights,
+                  _runs(starts, of))
     for field in out:
         for array in (field if isinstance(field, Axis) else [field]):
             if isinstance(array, np.ndarray):
@@ -140,8 +140,54 @@ def _groups(n4: int, resized: int, size: int | None, fused: bool) -> _Groups:
     return out
 
 
+def _weights(stage1: Axis, ca: np.ndarray, first: np.ndarray, pix: np.ndarray, resized: int,
+             stage2: Axis | None) -> np.ndarray:
+    """(G, L, 3) float32 weights of each group's pixels ``pix`` (G, L) on its three stride-4
+    cells ``ca .. ca + 2``: the stage-1 sampling of the resized positions, composed (float64)
+    with the stage-2 sampling of the original pixels when the image was resized."""
+    def scatter(ax: Axis, base: np.ndarray, width: int) -> np.ndarray:
+        out = np.zeros((*ax.i0.shape, width))
+        at = np.indices(ax.i0.shape)
+        for index, weight in ((ax.i0, ax.w0), (ax.i1, ax.w1)):
+            np.add.at(out, (*at, np.clip(index - base[:, None], 0, width - 1)), weight)
+        return out
+
+    if stage2 is None:
+        return scatter(stage1.take(pix), ca, 3).astype(np.float32)
+    ua = stage2.i0[first]
+    span = int((stage2.i1[pix] - ua[:, None]).max()) + 1
+    upos = np.minimum(ua[:, None] + np.arange(span), resized - 1)
+    return (scatter(stage2.take(pix), ua, span) @ scatter(stage1.take(upos), ca, 3)
+            ).astype(np.float32)
+
+
+def _runs(starts: np.ndarray, of: np.ndarray) -> Runs | None:
+    """See ``_Groups.runs``."""
+    if int(np.diff(starts).max()) > 4:
+        return None
+    slot = 4 * of + (np.arange(len(of)) - starts[of])
+    cuts = np.concatenate(([0], np.flatnonzero(np.diff(slot) != 1) + 1, [len(of)]))
+    if len(cuts) > 9:
+        return None
+    return tuple((int(a), int(b), int(slot[a])) for a, b in zip(cuts[:-1], cuts[1:]))
+
+
+def _spread(groups: np.ndarray, axis: _Groups) -> np.ndarray:
+    """(K, R, n) bool: (K, R, G) bool ``groups`` with each group repeated to its pixels along
+    the last axis, ``np.take(groups, axis.of, axis=2)`` (a byte gather); through ``runs``,
+    a multiplication that writes every group 4 times and a few slice copies (3x faster)."""
+    if axis.runs is None:
+        return np.take(groups, axis.of, axis=2)
+    wide = (groups.view(np.uint8).astype(np.uint32) * np.uint32(0x01010101)).view(np.uint8)
+    out = np.empty((*groups.shape[:2], len(axis.of)), bool)
+    for first, end, slot in axis.runs:
+        out[:, :, first:end] = wide[:, :, slot:slot + end - first]
+    return out
+
+
 def _group_maps(above: np.ndarray, rows: _Groups, cols: _Groups) -> np.ndarray:
-    """(K, Gr, Gc) bool: every source of the group is in ``above`` ((K, h4, w4) bool)."""
+    """(K, Gr, Gc): the bits that every source of the group has in ``above`` ((K, h4, w4)
+    bool, or uint8 for several maps at once, one per bit)."""
     cells = above.copy()  # cell c: rows c and c + 1 (the last row replicated)
     cells[:, :-1] &= above[:, 1:]
     cells[:, :, :-1] &= cells[:, :, 1:]  # (overlapping in-place operands are buffered)
@@ -195,7 +241,7 @@ def _plan(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int], th
     scale = max(1.0, abs(threshold), float(probs.max(initial=0.0)),
                 -float(probs.min(initial=0.0)))
     margin = MARGIN * scale
-    high = _group_maps(probs > threshold + margin, rows, cols)
+    above = probs > threshold + margin
     below = probs <= threshold - margin
     if erode:
         for axis in (1, 2):
@@ -204,7 +250,10 @@ def _plan(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int], th
             lead[axis], lag[axis] = slice(1, None), slice(None, -1)
             below[tuple(lead)] &= src[tuple(lag)]
             below[tuple(lag)] &= src[tuple(lead)]
-    low = _group_maps(below, rows, cols)
+    # both maps in one pass: bit 0 "above", bit 1 "below"
+    state = above.view(np.uint8) | (below.view(np.uint8) << 1)
+    groups = _group_maps(state, rows, cols)
+    high, low = (groups & 1).view(bool), (groups >> 1).view(bool)
     k = len(probs)
     if boxes is None:
         clip = (np.zeros(k, np.int64), np.full(k, h0), np.zeros(k, np.int64), np.full(k, w0))
@@ -249,33 +298,14 @@ def _bounds(plan: _Plan, groups: np.ndarray) -> np.ndarray:
     return out
 
 
-def _along(a: np.ndarray, ax: Axis, axis: int) -> np.ndarray:
-    """Interpolate (M, R, C) ``a`` along ``axis`` (1 or 2) with per-block (M, n) sampling
-    ``ax`` (plain float32 arithmetic: PyTorch's unfused order)."""
-    m, r, c = a.shape
-    blocks = (np.arange(m) * (r * c))[:, None, None]
-    if axis == 1:
-        shape, flat = (slice(None), slice(None), None), blocks + np.arange(c)[None, None, :]
-        step = c
-    else:
-        shape, flat = (slice(None), None, slice(None)), blocks + (np.arange(r) * c)[None, :, None]
-        step = 1
-    i0, i1, w0, w1 = (v[shape] for v in ax)
-    first = flat + i0 * step
-    values = a.reshape(-1)
-    return combine(np.take(values, first), w0, np.take(values, first + (i1 - i0) * step), w1,
-                   False)
-
-
 def _block_values(probs: np.ndarray, kk: np.ndarray, gr: np.ndarray, gc: np.ndarray,
                   rows: _Groups, cols: _Groups) -> np.ndarray:
     """(M, Lr, Lc) float32 values of groups (gr, gc) of masks kk, every pixel of a group
-    from its 3x3 stride-4 patch, columns first as PyTorch's kernel (unfused arithmetic)."""
+    from its 3x3 stride-4 patch by the groups' weights (two small matrix products per group:
+    within ~1e-7 of the kernel's value, not bit for bit; :func:`_edge_chunk` recomputes the
+    values that close to the threshold exactly)."""
     patch = probs[kk[:, None, None], rows.patch[gr][:, :, None], cols.patch[gc][:, None, :]]
-    up = _along(_along(patch, cols.block1.take(gc), 2), rows.block1.take(gr), 1)
-    if rows.block2 is None or cols.block2 is None:
-        return up
-    return _along(_along(up, cols.block2.take(gc), 2), rows.block2.take(gr), 1)
+    return np.matmul(np.matmul(rows.weights[gr], patch), cols.weights[gc].transpose(0, 2, 1))
 
 
 def _nonzero3(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -296,22 +326,16 @@ def _edges(plan: _Plan, probs: np.ndarray, threshold: float, fused: bool) -> lis
                         gc[a:a + step]) for a in range(0, len(kk), step)]
 
 
-def _widen(bounds: np.ndarray, chunk: _Edges, plan: _Plan) -> None:
-    """Grow the (K, 4) bounds y0, y1, x0, x1 in place to cover the chunk's True pixels."""
-    rows_any, cols_any = chunk.true.any(axis=2), chunk.true.any(axis=1)  # (M, Lr), (M, Lc)
-    has = np.flatnonzero(rows_any.any(axis=1))
-    if not len(has):
+def _widen(bounds: np.ndarray, pixels: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """Grow the (K, 4) bounds y0, y1, x0, x1 in place to cover True edge ``pixels`` (k, y, x)
+    (sorted by k)."""
+    k, y, x = pixels
+    if not len(k):
         return
-    k, rows_any, cols_any = chunk.kk[has], rows_any[has], cols_any[has]
-    gr, gc = chunk.gr[has], chunk.gc[has]
-    lr, lc = rows_any.shape[1], cols_any.shape[1]
-    first_r, last_r = rows_any.argmax(1), lr - 1 - rows_any[:, ::-1].argmax(1)
-    first_c, last_c = cols_any.argmax(1), lc - 1 - cols_any[:, ::-1].argmax(1)
     masks, at = _segments(k)
-    for j, (values, reduce) in enumerate((
-            (plan.rows.pix[gr, first_r], np.minimum), (plan.rows.pix[gr, last_r] + 1, np.maximum),
-            (plan.cols.pix[gc, first_c], np.minimum), (plan.cols.pix[gc, last_c] + 1, np.maximum))):
-        bounds[masks, j] = reduce(bounds[masks, j], reduce.reduceat(values, at))
+    for j, (values, reduce, shift) in enumerate(((y, np.minimum, 0), (y, np.maximum, 1),
+                                                 (x, np.minimum, 0), (x, np.maximum, 1))):
+        bounds[masks, j] = reduce(bounds[masks, j], reduce.reduceat(values, at) + shift)
 
 
 def _segments(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -333,9 +357,10 @@ def _edge_chunk(plan: _Plan, probs: np.ndarray, threshold: float, fused: bool, k
         col_ok = col_ok & (xs >= x0c[kk, None]) & (xs < x1c[kk, None])
     ok = row_ok[:, :, None] & col_ok[:, None, :]
     t32 = np.float32(threshold)
-    if fused:  # the unfused float32 values are exact unless a product is fused: redo the close
-        m, ly, lx = _nonzero3(ok & (np.abs(values - t32) <= plan.margin))
-        values[m, ly, lx] = _values(probs, kk[m], ys[m, ly], xs[m, lx], rows, cols, True)
+    # The block values are within ~1e-7 * scale of the kernel's: those within the margin of
+    # the threshold are recomputed in the kernel's own operation order.
+    m, ly, lx = _nonzero3(ok & (np.abs(values - t32) <= plan.margin))
+    values[m, ly, lx] = _values(probs, kk[m], ys[m, ly], xs[m, lx], rows, cols, fused)
     return _Edges(kk, gr, gc, ok & (values > t32))
 
 
@@ -369,16 +394,19 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
     plan = _plan(probs, resized, orig, threshold, boxes, fused)
     edges = _edges(plan, probs, threshold, fused)
     bounds = _bounds(plan, _inside(plan, plan.high))
-    for chunk in edges:  # widen by the True edge pixels
-        _widen(bounds, chunk, plan)
+    small = len(probs) * orig[0] * orig[1] <= DENSE_VIEW_BYTES
+    # the True edge pixels as (k, y, x) lists: 24 bytes each, kept only for small images
+    kept = [chunk.pixels(plan) for chunk in edges] if small else []
+    for pixels in kept or (chunk.pixels(plan) for chunk in edges):
+        _widen(bounds, pixels)
     sizes = np.maximum(bounds[:, 1] - bounds[:, 0], 0) * np.maximum(bounds[:, 3] - bounds[:, 2], 0)
     total = int(sizes.sum())
-    if len(probs) * orig[0] * orig[1] <= max(DENSE_VIEW_BYTES, DENSE_VIEW_RATIO * total):
+    if small or len(probs) * orig[0] * orig[1] <= DENSE_VIEW_RATIO * total:
         # Small images, or masks that fill them: all masks expanded by two batched gathers
         # (the edge pixels set by scatters), each crop a view of its mask.
-        dense = np.take(np.take(plan.high, plan.cols.of, axis=2), plan.rows.of, axis=1)
-        for chunk in edges:
-            dense[chunk.pixels(plan)] = True
+        dense = np.take(_spread(plan.high, plan.cols), plan.rows.of, axis=1)
+        for pixels in kept or (chunk.pixels(plan) for chunk in edges):
+            dense[pixels] = True
         crops = [dense[k, y0:y1, x0:x1] if sizes[k] else np.zeros((0, 0), bool)
                  for k, (y0, y1, x0, x1) in enumerate(bounds.tolist())]
         offsets = np.where(sizes[:, None] > 0, bounds[:, [0, 2]], 0)

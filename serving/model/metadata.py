@@ -1,11 +1,12 @@
-"""The one validating reader of a model's self-description: checkpoint metadata and export
-sidecars both go through :func:`model_description`.
+"""The field checks of the one validating reader of a model's self-description
+(:meth:`serving.model.card.ModelCard.from_json`, for checkpoint metadata and export sidecars).
 
 A model file describes itself (format version, ``ModelConfig``, ``InferenceConfig``, class
-names, ``extra`` with its calibration; sidecars also input rules and precision). A file may be
-crafted or damaged, so every field is checked here, once, before anything is built from it:
-types, ranges (the configs' own schema), finite numbers, nesting depth. Failures are
-:class:`~serving.errors.CheckpointError` with one line naming the file and the field.
+names, calibration; sidecars also input rules and precision; older files an ``extra`` object).
+A file may be crafted or damaged, so every field is checked here, once, before anything is
+built from it: types, ranges (the configs' own schema), finite numbers, nesting depth.
+Failures are :class:`~serving.errors.CheckpointError` with one line naming the file and the
+field.
 """
 
 from __future__ import annotations
@@ -13,25 +14,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 from ..errors import CheckpointError, SimError
-from ..model_config import InferenceConfig, ModelConfig, config_from_dict
+from ..model_config import config_from_dict
 
 #: Precisions an export sidecar may declare.
 PRECISIONS = ("fp32", "fp16", "int8")
 #: Calibration entries holding quantiles (``{"p10": ..., "p50": ...}``).
 _QUANTILE_KEYS = ("prompt_scores", "auto_scores", "object_sizes")
-
-
-class ModelDescription(NamedTuple):
-    """A checked self-description (see the module docstring)."""
-
-    model: ModelConfig
-    inference: InferenceConfig
-    class_names: tuple[str, ...]
-    format_version: int
-    extra: dict[str, Any]
 
 
 def parse_json(text: Any, where: str, field: str) -> Any:
@@ -88,8 +79,9 @@ def checked_calibration(value: Any, where: str) -> dict[str, Any]:
 
 
 def checked_extra(value: Any, where: str) -> dict[str, Any]:
-    """``extra``: an object; its calibration (own, or the checkpoint's copied into an export)
-    checked by :func:`checked_calibration`."""
+    """``extra`` of a format version 0/1 file (read only by the migration): an object; its
+    calibration (own, or the checkpoint's copied into an export) checked by
+    :func:`checked_calibration`."""
     if not isinstance(value, Mapping):
         raise CheckpointError(f"{where}: metadata 'extra' is {type(value).__name__}, not an "
                               "object; re-save or re-export the model")
@@ -116,7 +108,9 @@ def checked_class_names(value: Any, where: str, num_classes: int) -> tuple[str, 
     return tuple(value)
 
 
-def _config(cls: type, value: Any, where: str) -> Any:
+def checked_config(cls: type, value: Any, where: str) -> Any:
+    """A ``ModelConfig`` or ``InferenceConfig`` from its JSON object, checked by the config's
+    own schema."""
     if not isinstance(value, Mapping):
         raise CheckpointError(f"{where}: {cls.__name__} is {type(value).__name__}, not an "
                               "object")
@@ -126,14 +120,26 @@ def _config(cls: type, value: Any, where: str) -> Any:
         raise CheckpointError(f"{where}: {exc}") from None
 
 
-def model_description(where: str, *, version: Any, supported_version: int, model_config: Any,
-                      inference_config: Any, class_names: Any, extra: Any) -> ModelDescription:
-    """Check every field of a self-description (already parsed from JSON)."""
-    checked = checked_version(version, where, supported_version)
-    model = _config(ModelConfig, model_config, where)
-    inference = _config(InferenceConfig, inference_config, where)
-    names = checked_class_names(class_names, where, model.num_classes)
-    return ModelDescription(model, inference, names, checked, checked_extra(extra, where))
+def checked_category_ids(value: Any, where: str, num_classes: int) -> tuple[int, ...] | None:
+    """``None``, or one integer COCO category id per class."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != num_classes or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise CheckpointError(f"{where}: category_ids is not a list of {num_classes} integers "
+                              "(one per class); re-save the model")
+    return tuple(value)
+
+
+def checked_input_rules(value: Any, where: str) -> dict[str, Any] | None:
+    """An export's ``input_rules`` (``None`` for a checkpoint): an object whose
+    ``static_shape`` passes :func:`checked_static_shape`."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"{where}: 'input_rules' must be an object; re-export")
+    checked_static_shape(value.get("static_shape"), where)
+    return dict(value)
 
 
 def checked_static_shape(value: Any, where: str) -> tuple[int, int, int] | None:

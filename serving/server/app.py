@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..backends.locate import MODEL_HELP
 from ..cli.common import add_box_scale_option, add_image_size_option
 from ..errors import SimError
 from ..inference.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
@@ -337,7 +338,7 @@ def _parser(prog: str = "python -m serving serve") -> argparse.ArgumentParser:
         epilog="examples:\n  sim serve --model model.onnx                 # 127.0.0.1:8000\n"
                "  sim serve --model model.safetensors --host 0.0.0.0 --max-batch 16\n"
                "  curl -s localhost:8000/v1/segment -F image=@a.png -F 'boxes=[[10,20,210,180]]'")
-    p.add_argument("--model", required=True, help=".safetensors checkpoint, .onnx or .engine")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535 (default 8000)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

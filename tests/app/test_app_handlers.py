@@ -265,7 +265,8 @@ def test_default_threshold_and_out_of_domain_note_come_from_the_calibration(tmp_
 
     from app.handlers import Handlers
     from serving import Segmenter
-    from serving.model.model_file import update_checkpoint_extra
+    from serving.model.card import Calibration
+    from serving.model.model_file import recalibrate_checkpoint
 
     model = make_tiny_checkpoint(tmp_path / "m.safetensors", detections=False)  # low scores
     image = two_rect_image()
@@ -275,8 +276,7 @@ def test_default_threshold_and_out_of_domain_note_come_from_the_calibration(tmp_
     assert "Warning" not in res.message
     scores = [row[2] for row in res.rows]
     assert max(scores) < 0.3
-    update_checkpoint_extra(model, {"calibration": {
-        "score_threshold": 0.02, "prompt_scores": {"p50": 0.8}}})
+    recalibrate_checkpoint(model, Calibration(score_threshold=0.02, prompt_scores={"p50": 0.8}))
     calibrated = Handlers(Segmenter.load(model, device="cpu"), output_dir=tmp_path / "b")
     assert calibrated.default_threshold == 0.02
     auto = calibrated.segment(image, None, mode="automatic")

@@ -18,7 +18,8 @@ from serving.inference.domain import (
     size_advice,
     suggested_size,
 )
-from serving.model.model_file import update_checkpoint_extra
+from serving.model.card import Calibration
+from serving.model.model_file import recalibrate_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -55,17 +56,17 @@ def test_label_skips_an_image_whose_json_width_is_absurd(tmp_path, capsys):
 
 
 def test_size_advice_suggests_an_image_size_only_past_the_factor():
-    calib = {"object_sizes": {"p50": 40.0}}
+    calib = Calibration(object_sizes={"p50": 40.0})
     assert size_advice(calib, np.full(5, 30.0), 256, 256) is None  # 1.33x: fine
     line = size_advice(calib, np.full(5, 20.0), 256, 256)  # 2x smaller
     assert line and "2.0x smaller than in training (40 px)" in line
     assert "--image-size 512 512" in line and suggested_size(2.0, 256, 256) == (512, 512)
     assert "larger" in size_advice(calib, np.full(5, 100.0), 256, 448)
-    assert size_advice({}, np.full(5, 1.0), 256, 256) is None  # no calibration: no advice
+    assert size_advice(Calibration(), np.full(5, 1.0), 256, 256) is None  # uncalibrated
 
 
 def test_score_advice_says_out_of_domain_with_the_numbers():
-    calib = {"prompt_scores": {"p50": 0.5}}
+    calib = Calibration(prompt_scores={"p50": 0.5})
     assert score_advice(calib, [0.45] * 20) is None
     line = score_advice(calib, [0.1] * 20)
     assert line.startswith("out of domain: the median box score is 0.10 on these images "
@@ -84,16 +85,16 @@ def test_label_warns_when_scores_sit_far_below_the_validation_reference(tmp_path
     capsys.readouterr()
     scores = [a["score"] for a in json.loads((tmp_path / "a.json").read_text())["annotations"]]
     own = float(np.median(scores))
-    update_checkpoint_extra(model, {"calibration": {"prompt_scores": {"p50": own}}})
+    recalibrate_checkpoint(model, Calibration(prompt_scores={"p50": own}))
     assert main([*args, "--output", str(tmp_path / "b.json")]) == 0
     assert "out of domain" not in capsys.readouterr().err
     assert own < 0.3
-    update_checkpoint_extra(model, {"calibration": {"prompt_scores": {"p50": 0.9}}})
+    recalibrate_checkpoint(model, Calibration(prompt_scores={"p50": 0.9}))
     assert main([*args, "--output", str(tmp_path / "c.json")]) == 0
     err = capsys.readouterr().err
     assert f"warning: out of domain: the median box score is {own:.2f} on these images " \
            "against 0.90 on the model's validation images" in err
     from serving import Segmenter
 
-    assert calibration_of(Segmenter.load(model, device="cpu")) == {
-        "prompt_scores": {"p50": 0.9}}
+    assert calibration_of(Segmenter.load(model, device="cpu")) == Calibration(
+        prompt_scores={"p50": 0.9})

@@ -77,7 +77,11 @@ def test_export_and_verify_end_to_end(cli_export):
         assert auto["torch_count"] == auto["export_count"] == auto["matched"] == 20
         assert auto["max_box_diff"] <= 0.5 and auto["min_mask_iou"] >= 0.99
     sidecar = json.loads((cli_export.out / "tiny.json").read_text())
-    assert sidecar["extra"]["exporter"] == "dynamo" and sidecar["extra"]["dynamic"] is True
+    details = sidecar["history"][-1]["details"]
+    assert details["exporter"] == "dynamo" and details["dynamic"] is True
+    int8 = json.loads((cli_export.out / "tiny.int8.json").read_text())
+    assert [h["made_by"] for h in int8["history"]] == ["save", "export onnx", "export int8"]
+    assert int8["history"][-1]["source"] == "tiny.json" and int8["precision"] == "int8"
     print(f"python -m export of the tiny model (dynamo, both graphs, INT8, verify): "
           f"{cli_export.seconds:.0f} s")
 
@@ -110,8 +114,7 @@ def test_verify_fails_on_another_model(export_checkpoint, tiny_export, tmp_path,
     model, info = load_checkpoint(export_checkpoint)
     with torch.no_grad():  # another model: shifted box regression
         model.head.bbox_pred.bias.add_(0.5)
-    other = save_checkpoint(tmp_path / "other.safetensors", model, info.model,
-                            info.class_names, info.inference)
+    other = save_checkpoint(tmp_path / "other.safetensors", model, info)
     report = verify_export(other, tiny_export.sidecar, [sample_image, sample_image[:, ::-1]])
     assert not report.passed and len(report.rows) == 4
     assert "FAIL" in report.table() and "| image 0 | automatic |" in report.table()

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from export import check_tensorrt_ops, export_onnx
 from export.tensorrt import graph_op_types, tensorrt_op_table
 from serving.errors import CheckpointError, InputError
-from serving.model.model_file import read_checkpoint_info
+from serving.model.model_file import read_checkpoint_card
 
 
 def _dims(value_info):
@@ -41,8 +41,8 @@ def test_graphs_pass_the_checker_with_named_dynamic_io(tiny_export):
 
 def test_sidecar_content(export_checkpoint, tiny_export):
     data = json.loads(tiny_export.sidecar.read_text())
-    info = read_checkpoint_info(export_checkpoint)
-    assert data["format"] == "sim-condinst-export" and data["format_version"] == 1
+    info = read_checkpoint_card(export_checkpoint)
+    assert data["format"] == "sim-condinst-export" and data["format_version"] == 2
     assert data["class_names"] == list(info.class_names) == ["disc", "ring", "triangle"]
     assert data["model_config"]["backbone"] == "mobilenet_v2"
     assert data["model_config"]["num_classes"] == info.model.num_classes == 3
@@ -55,7 +55,10 @@ def test_sidecar_content(export_checkpoint, tiny_export):
         "file": tiny_export.graphs["automatic"].name, "inputs": ["images", "image_sizes"],
         "outputs": ["boxes", "scores", "labels", "masks", "num_detections"]}
     assert data["graphs"]["prompt"]["inputs"][-1] == "box_labels"
-    assert data["extra"]["opset"] == 18
+    export_step = data["history"][-1]
+    assert export_step["made_by"] == "export onnx" and export_step["details"]["opset"] == 18
+    assert export_step["source"] == export_checkpoint.name and data["precision"] == "fp32"
+    assert data["history"][:-1] == [p.to_dict() for p in info.history]
     meta = {p.key: p.value for p in
             onnx.load(str(tiny_export.graphs["prompt"])).metadata_props}
     assert meta["export_id"] == data["export_id"] and len(data["export_id"]) == 32

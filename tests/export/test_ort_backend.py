@@ -11,6 +11,7 @@ import pytest
 
 from serving import Segmenter
 from serving.backends.exported import read_sidecar, sidecar_path
+from serving.backends.locate import locate_model
 from serving.backends.onnxruntime_backend import choose_providers, import_onnxruntime
 from serving.errors import CheckpointError, InputError
 
@@ -30,9 +31,9 @@ def test_load_by_any_export_path(tiny_export, tmp_path):
                  tiny_export.graphs["prompt"]):
         assert sidecar_path(path) == tiny_export.sidecar
     alone = _copy_export(tiny_export, tmp_path / "alone")
-    assert sidecar_path(alone.parent) == alone
-    with pytest.raises(CheckpointError, match=r"found 2 \(tiny.int8.json, tiny.json\); pass "):
-        sidecar_path(tiny_export.sidecar.parent)  # the fp32 and the INT8 export side by side
+    assert locate_model(alone.parent) == (alone, "onnx")
+    # the fp32 and the INT8 export side by side: the folder names the fp32 one
+    assert locate_model(tiny_export.sidecar.parent) == (tiny_export.sidecar, "onnx")
     seg = Segmenter.load(tiny_export.graphs["automatic"], device="cpu")
     info = seg.model_info
     assert info["backend"] == "onnxruntime" and info["device"] == "cpu"

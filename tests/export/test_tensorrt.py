@@ -74,3 +74,35 @@ def test_tensorrt_engine_parity(export_checkpoint, tiny_export, tmp_path, test_i
     engines16 = build_tensorrt_engine(sidecar, fp16=True, timing_cache=cache)
     pred = Segmenter.from_tensorrt(engines16["automatic"]).predict(test_images["small"][0])
     assert len(pred) > 0 and np.isfinite(pred.scores).all()
+
+
+def test_engines_are_recorded_in_the_card(tmp_path, monkeypatch):
+    """The sidecar writer of a TensorRT build, with the build itself stubbed (no GPU here):
+    a release f16b7e0 export gains its engines and an "export tensorrt" step, keeps its card,
+    and the engine paths resolve to it."""
+    import types
+
+    from sim_testing import release_files
+
+    import export.tensorrt as trt_export
+    from serving.backends.exported import file_sha256
+    from serving.backends.locate import locate_model
+
+    folder = release_files(tmp_path)
+    before = read_sidecar(folder / "tiny.json")
+    monkeypatch.setattr(trt_export, "import_tensorrt",
+                        lambda: types.SimpleNamespace(__version__="10.0-stub"))
+    monkeypatch.setattr(trt_export, "_build_one", lambda trt, onnx_path, engine, **kw:
+                        engine.write_bytes(onnx_path.name.encode()))
+    engines = trt_export.build_tensorrt_engine(folder / "tiny.auto.onnx", fp16=True)
+    after = read_sidecar(folder / "tiny.json")
+    assert [h.made_by for h in after.card.history] == ["train", "export onnx", "export tensorrt"]
+    step = after.card.provenance
+    assert step.source == "tiny.auto.onnx" and step.details == {
+        "precision": "fp16", "tensorrt_version": "10.0-stub"}
+    assert after.card.format_version == 2 and after.export_id == before.export_id
+    assert (after.card.calibration, after.card.category_ids, after.graphs) == (
+        before.card.calibration, before.card.category_ids, before.graphs)
+    assert after.engines["automatic"]["sha256"] == file_sha256(engines["automatic"])
+    assert locate_model(engines["prompt"]) == (engines["prompt"], "tensorrt")
+    assert read_sidecar(engines["prompt"]).path == after.path

@@ -24,7 +24,7 @@ needs_trt = pytest.mark.skipif(
 
 
 def _int8(sidecar, activations: str):
-    return dataclasses.replace(sidecar, precision="int8",
+    return dataclasses.replace(sidecar, card=dataclasses.replace(sidecar.card, precision="int8"),
                                quantization={"activations": activations})
 
 

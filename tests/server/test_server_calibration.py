@@ -10,7 +10,8 @@ import numpy as np
 from server_helpers import encode, scene, serve
 
 from serving import Segmenter
-from serving.model.model_file import update_checkpoint_extra
+from serving.model.card import Calibration
+from serving.model.model_file import recalibrate_checkpoint
 
 
 def test_no_threshold_means_the_calibrated_one(tiny_checkpoint, tmp_path) -> None:
@@ -20,7 +21,7 @@ def test_no_threshold_means_the_calibrated_one(tiny_checkpoint, tmp_path) -> Non
     raw = Segmenter.load(model, device="cpu").predict(image)
     assert len(raw) > 2
     cut = float(np.sort(raw.scores)[len(raw) // 2])  # keeps the upper half
-    update_checkpoint_extra(model, {"calibration": {"score_threshold": cut}})
+    recalibrate_checkpoint(model, Calibration(score_threshold=cut))
     seg = Segmenter.load(model, device="cpu")
     assert seg.display_threshold == cut
     with serve(seg, max_wait_ms=0) as client:

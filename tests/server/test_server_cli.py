@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_bad_model_path_is_a_one_line_error(tmp_path, capsys) -> None:
     assert serving_main(["serve", "--model", str(tmp_path / "missing.safetensors")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: checkpoint") and "not found" in err and err.count("\n") == 1
+    assert err.startswith("error: model") and "not found" in err and err.count("\n") == 1
 
 
 def test_bad_flags_are_usage_errors(capsys) -> None:

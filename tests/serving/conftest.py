@@ -12,7 +12,7 @@ def varied_checkpoint(tmp_path_factory):
     """Like conftest's tiny checkpoint, with a controller that makes masks depend on the
     location (random weights otherwise give masks that are all or nothing)."""
     from serving import InferenceConfig, build_condinst
-    from serving.model.model_file import save_checkpoint
+    from serving.model.model_file import new_card, save_checkpoint
 
     torch.manual_seed(1)
     cfg = tiny_model_config()
@@ -22,6 +22,6 @@ def varied_checkpoint(tmp_path_factory):
         model.head.controller.bias.normal_(0, 1.0)
         model.head.controller.weight.mul_(30)
     path = tmp_path_factory.mktemp("varied") / "varied.safetensors"
-    save_checkpoint(path, model, cfg, list(TINY_CLASSES),
-                    InferenceConfig(min_size=128, max_size=256, max_detections=20))
+    save_checkpoint(path, model, new_card(cfg, TINY_CLASSES, InferenceConfig(
+        min_size=128, max_size=256, max_detections=20)))
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -13,10 +14,12 @@ from sim_testing import TINY_CLASSES, tiny_model_config
 
 from serving import CheckpointError, InferenceConfig, InputError, Segmenter, build_condinst
 from serving.files import atomic_write
+from serving.model.card import Provenance
 from serving.model.model_file import (
     FORMAT_VERSION,
     load_checkpoint,
-    read_checkpoint_info,
+    new_card,
+    read_checkpoint_card,
     save_checkpoint,
 )
 from serving.model_config import ModelConfig
@@ -39,7 +42,7 @@ def saved(tmp_path_factory):
     model.eval()
     path = tmp_path_factory.mktemp("ck") / "model.safetensors"
     infer = InferenceConfig(min_size=160, max_size=320, score_threshold=0.1)
-    save_checkpoint(path, model, cfg, list(TINY_CLASSES), infer, extra={"step": 7})
+    save_checkpoint(path, model, new_card(cfg, TINY_CLASSES, infer, made_by="train", step=7))
     return path, model, cfg, infer
 
 
@@ -56,9 +59,9 @@ def test_round_trip_identical_outputs_and_info(saved):
     assert info.class_names == TINY_CLASSES
     assert info.model == cfg
     assert info.inference == infer
-    assert info.format_version == FORMAT_VERSION == 1
-    assert info.extra == {"step": 7}
-    assert read_checkpoint_info(path).model == cfg
+    assert info.format_version == FORMAT_VERSION == 2
+    assert info.provenance.made_by == "train" and info.provenance.details == {"step": 7}
+    assert read_checkpoint_card(path) == info
     # the whole state dict (incl. BatchNorm buffers) is identical
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
@@ -78,7 +81,8 @@ def test_segmenter_from_checkpoint_uses_saved_inference_config(saved):
 def test_save_rejects_wrong_class_count(tmp_path, saved):
     _, model, cfg, _ = saved
     with pytest.raises(CheckpointError, match="2 class names"):
-        save_checkpoint(tmp_path / "x.safetensors", model, cfg, ["a", "b"])
+        save_checkpoint(tmp_path / "x.safetensors", model,
+                        dataclasses.replace(new_card(cfg, TINY_CLASSES), class_names=("a", "b")))
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -160,7 +164,7 @@ def test_unknown_config_key(tmp_path, saved):
 def test_malformed_metadata_json(tmp_path, saved):
     _rewrite(saved[0], tmp_path / "b.safetensors", class_names="[not json")
     with pytest.raises(CheckpointError) as exc:
-        read_checkpoint_info(tmp_path / "b.safetensors")
+        read_checkpoint_card(tmp_path / "b.safetensors")
     assert "corrupt metadata" in one_line(exc)
 
 
@@ -216,11 +220,11 @@ def test_model_files_are_written_with_the_umask(tmp_path) -> None:
 
     from serving import InferenceConfig, build_condinst
     from serving.files import UMASK, atomic_write
-    from serving.model.model_file import save_checkpoint
+    from serving.model.model_file import new_card, save_checkpoint
 
     cfg = tiny_model_config()
     path = tmp_path / "model.safetensors"
-    save_checkpoint(path, build_condinst(cfg), cfg, list(TINY_CLASSES), InferenceConfig())
+    save_checkpoint(path, build_condinst(cfg), new_card(cfg, TINY_CLASSES, InferenceConfig()))
     other = tmp_path / "model.onnx"
     atomic_write(other, lambda tmp: open(tmp, "wb").write(b"x"))
     for p in (path, other):
@@ -237,6 +241,35 @@ def _inference_with(saved, **changes) -> str:
     ("format_version", "abc", "format version 'abc' is not a whole number"),
     ("class_names", "[1, 2, 3]", "class name 0 is 1; class names must be non-empty text"),
     ("class_names", '["a", ""]', "class name 1 is ''"),
+    ("calibration", '{"score_threshold": NaN}',
+     r"calibration score_threshold nan is not a number in \[0, 1\]"),
+    ("calibration", '{"score_threshold": "0.3"}', "score_threshold '0.3'"),
+    ("calibration", "[0.3]", "calibration is list, not an object"),
+    ("calibration", '{"object_sizes": {"p50": "x"}}', "object_sizes is not a table of numbers"),
+    ("calibration", '{"validation": 3}', "calibration validation is not text"),
+    ("calibration", "[" * 100_000 + "]" * 100_000, "'calibration' is nested too deeply"),
+    ("category_ids", '[1, 2]', "category_ids is not a list of 3 integers"),
+    ("category_ids", '[1, 2, "x"]', "category_ids is not a list of 3 integers"),
+    ("history", '{"made_by": "train"}', "history is not a list"),
+    ("history", '[{"made_by": "magic"}]', "provenance entry is not an object with made_by"),
+    ("history", '[{"made_by": "train", "created": 5}]', "provenance source/created"),
+    ("precision", '"int4"', "precision 'int4' is not one of fp32, fp16, int8"),
+    ("format_version", "3", "format version 3 is newer than this library reads"),
+])
+def test_crafted_card_is_one_line_error(tmp_path, saved, field, value, match):
+    """Every field of a checkpoint's card is checked by the one reader
+    (ModelCard.from_json with serving.model.metadata) before anything is built from it."""
+    path = tmp_path / "c.safetensors"
+    _rewrite(saved[0], path, **{field: value})
+    with pytest.raises(CheckpointError, match=match) as exc:
+        read_checkpoint_card(path)
+    assert "\n" not in str(exc.value) and str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("format_version", "abc", "format version 'abc' is not a whole number"),
+    ("class_names", "[1, 2, 3]", "class name 0 is 1; class names must be non-empty text"),
+    ("class_names", '["a", ""]', "class name 1 is ''"),
     ("extra", "[1, 2]", "metadata 'extra' is list, not an object"),
     ("extra", "[" * 100_000 + "]" * 100_000, "'extra' is nested too deeply"),
     ("extra", '{"calibration": {"score_threshold": NaN}}',
@@ -247,13 +280,14 @@ def _inference_with(saved, **changes) -> str:
     ("extra", '{"calibration": {"prompt_scores": {"p50": "x"}}}', "not a table of numbers"),
     ("inference_config", None, "no 'inference_config' field"),
 ])
-def test_crafted_metadata_is_one_line_error(tmp_path, saved, field, value, match):
-    """Every field of a checkpoint's self-description is checked by the one reader
-    (serving.model.metadata) before anything is built from it."""
+def test_crafted_version_1_metadata_is_one_line_error(tmp_path, saved, field, value, match):
+    """A version-1 checkpoint (calibration inside ``extra``) is checked as closely on its way
+    through the migration."""
     path = tmp_path / "c.safetensors"
-    _rewrite(saved[0], path, **{field: value})
+    _rewrite(saved[0], path, **{"format_version": "1", "calibration": None, "history": None,
+                                field: value})
     with pytest.raises(CheckpointError, match=match) as exc:
-        read_checkpoint_info(path)
+        read_checkpoint_card(path)
     assert "\n" not in str(exc.value) and str(path) in str(exc.value)
 
 
@@ -266,7 +300,7 @@ def test_crafted_inference_config_is_one_line_error(tmp_path, saved, changes, ma
     path = tmp_path / "i.safetensors"
     _rewrite(saved[0], path, inference_config=_inference_with(saved, **changes))
     with pytest.raises(CheckpointError, match=match):
-        read_checkpoint_info(path)
+        read_checkpoint_card(path)
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -280,15 +314,17 @@ def test_crafted_inference_config_is_one_line_error(tmp_path, saved, changes, ma
      "score_threshold 7 is not a number"),
 ])
 def test_crafted_sidecar_is_one_line_error(tmp_path, changes, match):
-    from serving import InferenceConfig
-    from serving.backends.exported import build_sidecar, read_sidecar
+    from serving.backends.exported import build_sidecar, input_rules, read_sidecar
 
-    data = build_sidecar(export_id="0" * 32, class_names=list(TINY_CLASSES),
-                         model=tiny_model_config(), inference=InferenceConfig(),
-                         graphs={"automatic": {"file": "m.auto.onnx"}}, extra={})
+    card = new_card(tiny_model_config(), TINY_CLASSES)
+    card = card.step(Provenance.now("export onnx"), input_rules=input_rules(card.inference))
+    data = build_sidecar(export_id="0" * 32, card=card,
+                         graphs={"automatic": {"file": "m.auto.onnx"}})
     path = tmp_path / "m.json"
     path.write_text(json.dumps(data))
-    assert read_sidecar(path).precision == "fp32"  # the untouched sidecar reads
+    assert read_sidecar(path).card == card  # the untouched sidecar reads
+    if "extra" in changes:  # a version-1 sidecar: calibration inside extra.checkpoint_extra
+        changes = {**changes, "format_version": 1}
     path.write_text(json.dumps({**data, **changes}))
     with pytest.raises(CheckpointError, match=match) as exc:
         read_sidecar(path)

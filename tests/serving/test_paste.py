@@ -199,3 +199,20 @@ def test_edges_in_small_chunks_give_the_same_masks(monkeypatch, expansion) -> No
     probs = blob_probs(4, (25, 34), 1)
     assert_equal_to_reference(probs, (100, 133), (600, 800), random_boxes(4, (600, 800), 1))
     assert_equal_to_reference(probs, (100, 133), (600, 800), None)
+
+
+@pytest.mark.parametrize("n4, resized, size", [(64, 256, None), (25, 100, 600), (40, 157, 205),
+                                                (16, 64, 96), (32, 128, 101), (8, 30, 31)])
+def test_spreading_groups_to_pixels_equals_the_gather(n4, resized, size) -> None:
+    """``_spread`` (a word multiply and slice copies where the layout allows) writes the
+    same pixels as the byte gather ``np.take(groups, of, axis=2)``."""
+    axis = paste._groups(n4, resized, size, True)
+    groups = np.random.default_rng(n4).random((3, 5, len(axis.starts) - 1)) < 0.5
+    assert np.array_equal(paste._spread(groups, axis), np.take(groups, axis.of, axis=2))
+
+
+def test_spread_layouts_cover_the_fast_path_and_the_fallback() -> None:
+    """The cases above reach both branches of ``_spread``."""
+    assert paste._groups(64, 256, None, True).runs is not None
+    assert paste._groups(8, 30, 31, True).runs is not None
+    assert paste._groups(25, 100, 600, True).runs is None

@@ -181,6 +181,6 @@ def test_cli_info_and_error(varied_checkpoint, tmp_path, capsys):
     assert f"classes:    {', '.join(TINY_CLASSES)}" in text and "calibration: none" in text
     assert cli_main(["info", str(tmp_path / "missing.safetensors")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: checkpoint ") and "not found" in err
+    assert err.startswith("error: model ") and "file not found; pass a .safetensors" in err
     assert err.count("\n") == 1
     assert cli_main(["nonsense"]) == 2

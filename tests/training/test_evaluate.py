@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from train_helpers import REPO
 
+from serving.backends.locate import ACCEPTED
 from training.evaluate import main
 
 pytestmark = pytest.mark.slow
@@ -46,7 +47,7 @@ def test_missing_checkpoint_is_a_one_line_error(tiny_data, tmp_path: Path,
                  "--images", str(tiny_data.images), "--output", str(tmp_path / "m.json")])
     assert code == 1
     captured = capsys.readouterr()
-    assert captured.err == f"error: checkpoint {missing}: file not found; check the path\n"
+    assert captured.err == f"error: model {missing}: file not found; {ACCEPTED}\n"
     assert captured.out == ""
     assert not (tmp_path / "m.json").exists()
 

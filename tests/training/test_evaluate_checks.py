@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from serving import Segmenter
-from serving.model.model_file import update_checkpoint_extra
+from serving.model.card import Calibration
+from serving.model.model_file import recalibrate_checkpoint
 from training.evaluate import main
 
 
@@ -34,7 +35,7 @@ def _coco(root: Path, annotated: bool = True, **overrides) -> Path:
 def calibrated(tiny_checkpoint, tmp_path) -> Path:
     path = tmp_path / "model.safetensors"
     path.write_bytes(Path(tiny_checkpoint).read_bytes())
-    update_checkpoint_extra(path, {"calibration": {"score_threshold": 0.42, "f1": 80.0}})
+    recalibrate_checkpoint(path, Calibration(score_threshold=0.42, f1=80.0))
     return path
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from serving.inference.transforms import resized_shape
-from serving.model.model_file import read_checkpoint_info
+from serving.model.model_file import read_checkpoint_card
 from training.evaluate import main
 from training.score_calibration import object_sizes
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_final_model_stores_its_validation_calibration(tiny_run) -> None:
-    calib = read_checkpoint_info(tiny_run.out / "model_final.safetensors").extra["calibration"]
+    calib = read_checkpoint_card(tiny_run.out / "model_final.safetensors").calibration.to_dict()
     metrics = json.loads((tiny_run.out / "metrics.json").read_text())
     assert calib["score_threshold"] == pytest.approx(metrics["segm/F1_threshold"], abs=1e-4)
     assert calib["f1"] == pytest.approx(metrics["segm/F1"], abs=0.01)
@@ -28,6 +28,9 @@ def test_the_final_model_stores_its_validation_calibration(tiny_run) -> None:
     assert calib["object_sizes"] == object_sizes(tiny_run.cfg.data.train_json,
                                                  tiny_run.cfg.data.min_sizes,
                                                  tiny_run.cfg.data.max_size)
+    card = read_checkpoint_card(tiny_run.out / "model_final.safetensors")
+    assert card.provenance.made_by == "train" and card.provenance.details["step"] > 0
+    assert card.category_ids is not None and len(card.category_ids) == len(card.class_names)
 
 
 def test_object_sizes_are_box_sides_at_the_training_input(tmp_path: Path) -> None:
@@ -51,13 +54,16 @@ def test_eval_calibrate_updates_the_checkpoint_and_keeps_its_sizes(tiny_run, tin
                                                                    tmp_path: Path) -> None:
     model = tmp_path / "m.safetensors"
     shutil.copy(tiny_run.out / "model_final.safetensors", model)
-    before = read_checkpoint_info(model).extra["calibration"]
+    before = read_checkpoint_card(model).calibration.to_dict()
     assert main(["--model", str(model), "--annotations", str(tiny_data.val_json), "--images",
                  str(tiny_data.images), "--device", "cpu", "--calibrate"]) == 0
-    after = read_checkpoint_info(model).extra["calibration"]
+    after = read_checkpoint_card(model).calibration.to_dict()
     assert after["object_sizes"] == before["object_sizes"]
     assert after["score_threshold"] == pytest.approx(before["score_threshold"], abs=1e-4)
     assert after["validation"] == str(tiny_data.val_json)
+    history = read_checkpoint_card(model).history
+    assert [h.made_by for h in history] == ["train", "evaluate --calibrate"]
+    assert history[-1].source == str(tiny_data.val_json) and history[-1].created
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"x")
     assert main(["--model", str(onnx), "--annotations", str(tiny_data.val_json), "--images",
@@ -68,7 +74,7 @@ def test_info_prints_the_calibration(tiny_run, capsys) -> None:
     from serving.cli.dispatch import main as sim
 
     model = tiny_run.out / "model_final.safetensors"
-    calib = read_checkpoint_info(model).extra["calibration"]
+    calib = read_checkpoint_card(model).calibration.to_dict()
     assert sim(["info", str(model)]) == 0
     text = capsys.readouterr().out
     assert f"score threshold: {calib['score_threshold']} (F1 {calib['f1']} %" in text
@@ -80,7 +86,7 @@ def test_info_compares_a_dataset_with_the_training_objects(tiny_run, tiny_data, 
     from serving.cli.dispatch import main as sim
 
     model = str(tiny_run.out / "model_final.safetensors")
-    train_p50 = read_checkpoint_info(model).extra["calibration"]["object_sizes"]["p50"]
+    train_p50 = read_checkpoint_card(model).calibration.to_dict()["object_sizes"]["p50"]
     assert sim(["info", model, "--annotations", str(tiny_data.train_json)]) == 0
     text = capsys.readouterr().out
     assert "boxes, sqrt(w*h) at the model's input p10/p50/p90" in text

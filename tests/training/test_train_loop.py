@@ -94,13 +94,13 @@ def test_run_folder(tiny_run, tiny_data) -> None:
 def test_final_checkpoint_serves(tiny_run, tiny_data) -> None:
     from serving import Segmenter
     from serving.inference.images import load_image
-    from serving.model.model_file import read_checkpoint_info
+    from serving.model.model_file import read_checkpoint_card
     from training.data.coco_dataset import CocoIndex
 
     path = Path(tiny_run.result["checkpoint"])
     assert path == tiny_run.out / "model_final.safetensors"
-    info = read_checkpoint_info(path)
-    assert info.extra["step"] == 6
+    info = read_checkpoint_card(path)
+    assert info.provenance.made_by == "train" and info.provenance.details["step"] == 6
     assert info.model.num_classes == 6
     index = CocoIndex(tiny_data.train_json)
     segmenter = Segmenter.from_checkpoint(path, device="cpu")

@@ -69,7 +69,8 @@ def segment(model: Any, body: dict[str, Any]) -> dict[str, Any]:
         if not 0.0 < t < 1.0:
             raise ValueError(f"threshold {threshold}: give a mask probability in (0, 1)")
         model = type(model)(model.backend, model.class_names,
-                            dataclasses.replace(model.cfg, mask_threshold=t), model.info)
+                            dataclasses.replace(model.cfg, mask_threshold=t), model.info,
+                            model.box_scale, card=model.card)
     pred = model.predict(data, boxes=[box])
     return {"mask": pred.mask(0).astype("uint8").tolist()}
 
