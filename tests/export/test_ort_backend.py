@@ -140,6 +140,7 @@ def test_onnx_runs_more_boxes_than_one_pass_with_the_results_of_one_pass(tiny_ex
     """More prompt boxes than ``max_prompt_boxes`` run in passes: each ONNX call holds at
     most two boxes, and the results equal one pass of all five."""
     from export_images import random_image
+    from sim_testing import record_box_widths
 
     image = random_image(120, 160, 3)
     boxes = [[10, 10, 60, 50], [30, 20, 80, 60], [90, 50, 150, 110], [5, 5, 40, 40],
@@ -147,14 +148,7 @@ def test_onnx_runs_more_boxes_than_one_pass_with_the_results_of_one_pass(tiny_ex
     one = Segmenter.load(tiny_export.graphs["prompt"], device="cpu", box_scale=box_scale)
     split = Segmenter.load(tiny_export.graphs["prompt"], device="cpu", box_scale=box_scale,
                            max_prompt_boxes=2)
-    widths: list[int] = []
-    inner = split.backend.segment_boxes
-
-    def counting(images, sizes, boxes_in, labels):
-        widths.append(int(boxes_in.shape[1]))
-        return inner(images, sizes, boxes_in, labels)
-
-    split.backend.segment_boxes = counting  # type: ignore[method-assign]
+    widths = record_box_widths(split)
     got, want = split.predict(image, boxes=boxes), one.predict(image, boxes=boxes)
     assert widths and max(widths) <= 2
     np.testing.assert_array_equal(got.scores, want.scores)

@@ -7,7 +7,7 @@ import argparse
 
 import numpy as np
 import pytest
-from sim_testing import TINY_CLASSES
+from sim_testing import TINY_CLASSES, record_box_widths
 
 from serving import BoxError, InputError, Segmenter
 from serving.prompts import (
@@ -106,14 +106,7 @@ def test_boxes_split_in_passes_give_the_results_of_one_pass(varied_checkpoint, s
     one = Segmenter.from_checkpoint(varied_checkpoint, device="cpu").with_box_scale(box_scale)
     split = Segmenter.from_checkpoint(varied_checkpoint, device="cpu",
                                       max_prompt_boxes=2).with_box_scale(box_scale)
-    calls: list[int] = []
-    inner = split.backend.segment_boxes
-
-    def counting(images, sizes, boxes, labels):
-        calls.append(int(boxes.shape[1]))
-        return inner(images, sizes, boxes, labels)
-
-    split.backend.segment_boxes = counting  # type: ignore[method-assign]
+    calls = record_box_widths(split)
     flipped = np.ascontiguousarray(sample_image[::-1])  # a second image with one box
     labels = [0, -1, 2, 1, -1]
     got = split.predict_batch([sample_image, flipped], boxes=[FIVE, FIVE[:1]],
