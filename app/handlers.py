@@ -27,6 +27,7 @@ from serving import Prediction, Segmenter, load_image
 from serving.errors import BoxError, ImageError, InputError
 from serving.formats.visualize import draw_predictions, masks_to_label_image
 from serving.inference.domain import calibration_of, score_advice
+from serving.prompts import DEFAULT_MAX_REQUEST_BOXES, SHOWN_THRESHOLD, Prompt, PromptLimitError
 
 log = logging.getLogger("app")
 
@@ -214,14 +215,18 @@ class Handlers:
         max_side: largest accepted image width/height in pixels.
         output_dir: where result files are written (one sub-folder per request); a temporary
             folder when None.
+        max_boxes: the most prompt boxes one request may hold (``--max-boxes``; default
+            ``DEFAULT_MAX_REQUEST_BOXES``). Not the model's per-pass ``max_prompt_boxes``:
+            more boxes than that run in several passes.
     """
 
     def __init__(self, segmenter: Segmenter, max_side: int = 4096,
-                 output_dir: str | Path | None = None) -> None:
+                 output_dir: str | Path | None = None, max_boxes: int | None = None) -> None:
         import tempfile
 
         self.segmenter = segmenter
         self.max_side = int(max_side)
+        self.max_boxes = DEFAULT_MAX_REQUEST_BOXES if max_boxes is None else int(max_boxes)
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="sim_app_"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         backend = str(segmenter.model_info.get("backend", "")).lower()
@@ -229,13 +234,10 @@ class Handlers:
         self._lock = threading.Lock() if serial else None
 
     @property
-    def max_boxes(self) -> int:
-        return int(self.segmenter.model_info["max_prompt_boxes"])
-
-    @property
     def default_threshold(self) -> float:
-        """Automatic mode's threshold when none is given: the model's calibrated one."""
-        return round(self.segmenter.display_threshold, 2)
+        """The page's starting threshold (automatic mode): the model's calibrated one
+        (``SHOWN_THRESHOLD``), rounded to the slider's step."""
+        return round(float(self.segmenter.score_cut(SHOWN_THRESHOLD) or 0.0), 2)
 
     def domain_note(self, pred: Prediction, automatic: bool) -> str:
         """`` Warning: ...`` when this image's scores sit far below the model's validation
@@ -253,17 +255,31 @@ class Handlers:
         info = self.segmenter.model_info
         return (f"**Model** backbone `{info['backbone']}` · backend `{info['backend']}` · "
                 f"device `{info['device']}` · classes: {', '.join(info['classes'])} · "
-                f"at most {info['max_prompt_boxes']} boxes per image · images up to "
+                f"at most {self.max_boxes} boxes per image · images up to "
                 f"{self.max_side} px per side")
 
-    def _predict(self, image: np.ndarray, boxes: np.ndarray | None,
-                 labels: list[str | int | None] | None, threshold: float | None) -> Prediction:
+    def _predict(self, image: np.ndarray, prompt: Prompt | None,
+                 threshold: float | None) -> Prediction:
         if self._lock is None:
-            return self.segmenter.predict(image, boxes=boxes, labels=labels,
-                                          score_threshold=threshold)
+            return self.segmenter.predict(image, boxes=prompt, score_threshold=threshold)
         with self._lock:
-            return self.segmenter.predict(image, boxes=boxes, labels=labels,
-                                          score_threshold=threshold)
+            return self.segmenter.predict(image, boxes=prompt, score_threshold=threshold)
+
+    def _prompt(self, boxes: Sequence[Any] | str | None, shape: tuple[int, int]) -> Prompt:
+        """The drawn boxes as a checked prompt (``Segmenter.check_prompt``, at most
+        :attr:`max_boxes`)."""
+        box_arr, labels = (parse_boxes_json(boxes) if isinstance(boxes, str)
+                           else parse_boxes(boxes))
+        if not len(box_arr):
+            raise BoxError("boxes: none drawn; draw a box around an object, or switch to "
+                           "automatic mode")
+        try:
+            return self.segmenter.check_prompt(box_arr, labels, shape, max_boxes=self.max_boxes)
+        except PromptLimitError as exc:
+            if exc.what != "max_boxes":
+                raise
+            raise BoxError(f"boxes: {exc.value} drawn, this app takes at most {exc.limit} per "
+                           "image; remove some boxes") from None
 
     def segment(self, image: Any, boxes: Sequence[Any] | str | None, mode: str = "boxes",
                 threshold: float | None = None, file_name: str = "image.png",
@@ -277,8 +293,8 @@ class Handlers:
                 ``orientation``. Ignored in automatic mode.
             mode: ``"boxes"`` (one mask per box, in order) or ``"automatic"`` (every instance
                 scoring at least ``threshold``).
-            threshold: automatic mode's score threshold in [0, 1]; None = the model's
-                calibrated one (:attr:`default_threshold`).
+            threshold: automatic mode's score threshold: a number in [0, 1], ``"all"``, or
+                ``"calibrated"``; None = ``SHOWN_THRESHOLD`` (the model's calibrated one).
             orientation: quarter turns clockwise applied in the page's image viewer.
 
         Raises:
@@ -289,24 +305,13 @@ class Handlers:
         arr = read_upload(image, self.max_side)
         if orientation % 4:
             arr = np.ascontiguousarray(np.rot90(arr, k=-(orientation % 4)))
-        h, w = arr.shape[:2]
         if mode == "automatic":
-            if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-                raise InputError(f"threshold {threshold}: give a score between 0 and 1")
-            cut = self.default_threshold if threshold is None else float(threshold)
-            pred = self._predict(arr, None, None, cut)
-            what = f"automatic mode, {_count(len(pred), 'instance')} scoring at least {cut:.2f}"
-            what += self.domain_note(pred, automatic=True)
+            cut = self.segmenter.score_cut(SHOWN_THRESHOLD if threshold is None else threshold)
+            pred = self._predict(arr, None, cut)
+            what = (f"automatic mode, {_count(len(pred), 'instance')} scoring at least "
+                    f"{cut or 0.0:.2f}" + self.domain_note(pred, automatic=True))
         else:
-            box_arr, labels = (parse_boxes_json(boxes) if isinstance(boxes, str)
-                               else parse_boxes(boxes))
-            if len(box_arr) > self.max_boxes:
-                raise BoxError(f"boxes: {len(box_arr)} drawn, this model takes at most "
-                               f"{self.max_boxes} per image; remove some boxes")
-            if not len(box_arr):
-                raise BoxError("boxes: none drawn; draw a box around an object, or switch to "
-                               "automatic mode")
-            pred = self._predict(arr, box_arr, labels, None)
+            pred = self._predict(arr, self._prompt(boxes, arr.shape[:2]), None)
             what = f"{_count(len(pred), 'box')} segmented" + self.domain_note(pred, False)
         return self._write(arr, pred, file_name, what)
 

@@ -19,6 +19,7 @@ from typing import Any
 from serving.backends.locate import MODEL_HELP
 from serving.cli.common import add_box_scale_option, add_image_size_option
 from serving.errors import SimError
+from serving.prompts import DEFAULT_MAX_REQUEST_BOXES
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m app") -> argparse.Namespace:
@@ -41,8 +42,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m app") -> ar
                    help="largest accepted upload in megabytes")
     p.add_argument("--max-side", type=int, default=4096,
                    help="largest accepted image width or height in pixels")
-    p.add_argument("--max-boxes", type=int, default=None,
-                   help="most prompt boxes per image (default: the model's max_prompt_boxes)")
+    p.add_argument("--max-boxes", type=int, default=DEFAULT_MAX_REQUEST_BOXES,
+                   help="most prompt boxes one request may hold; more than the model's "
+                        "max_prompt_boxes run in several forward passes")
     add_image_size_option(p)
     add_box_scale_option(p)
     p.add_argument("--concurrency", type=int, default=2,
@@ -73,12 +75,12 @@ def create_app(args: argparse.Namespace) -> Any:
     from .handlers import Handlers
     from .ui import build_app
 
-    overrides = {} if args.max_boxes is None else {"max_prompt_boxes": args.max_boxes}
     segmenter = Segmenter.load(args.model, device=args.device, image_size=args.image_size,
-                               dtype=args.dtype, **overrides)
+                               dtype=args.dtype)
     if args.box_scale == "off":
         segmenter = segmenter.with_box_scale(False)
-    handlers = Handlers(segmenter, max_side=args.max_side, output_dir=args.output_dir)
+    handlers = Handlers(segmenter, max_side=args.max_side, output_dir=args.output_dir,
+                        max_boxes=args.max_boxes)
     demo = build_app(handlers)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     return demo

@@ -195,7 +195,8 @@ def build_app(handlers: Handlers, examples: list[dict[str, Any]] | None = None) 
 
         def model_info() -> dict:
             """Backbone, classes, backend, device and input limits of the served model."""
-            return {**handlers.segmenter.model_info, "max_side": handlers.max_side}
+            return {**handlers.segmenter.model_info, "max_side": handlers.max_side,
+                    "max_boxes": handlers.max_boxes}
 
         gr.api(model_info, api_name="model_info")
     return demo

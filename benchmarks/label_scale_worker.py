@@ -15,8 +15,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from serving.cli import label, runner
-from serving.cli.shards import Shard
+from serving.cli import label
+from serving.sharding import runner
+from serving.sharding.shards import Shard
 
 CHUNK = 2
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import numbers
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,55 +19,25 @@ import torch
 from .backends import Backend
 from .errors import InputError
 from .inference.box_scale import BoxScaleOptions, segment_per_box, trained_sizes
-from .inference.boxes import MAX_MASK_PIXELS, BoxesLike, check_mask_pixels, validate_boxes
+from .inference.boxes import MAX_MASK_PIXELS, BoxesLike
 from .inference.domain import calibration_of
 from .inference.images import ImageLike, describe_image, load_image
 from .inference.paste import mask_crops
 from .inference.transforms import canvas_size, preprocess, resized_shape, scale_boxes
+from .masks import InstanceMasks
 from .model.card import ModelCard
 from .model_config import MAX_INPUT_SIDE, InferenceConfig, config_to_dict
 from .prediction import Prediction
-
-LabelsLike = Any  # (M,) ints (class indices, -1 = predict) or class-name strings
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def run_isolated(run: Callable[[list[T]], list[R]], items: Sequence[T],
-                 on_retry: Callable[[Exception], None] | None = None) -> list[R | Exception]:
-    """``run(items)`` as one batch; if it raises, ``run([item])`` for each item alone, so only
-    the items that fail get their exception (in place of their result) and the others
-    succeed. The failure isolation of the batch CLI and the HTTP server.
-
-    Args:
-        run: maps a list of items to one result per item.
-        on_retry: called with the batch's exception before the one-by-one retry.
-    """
-    items = list(items)
-    try:
-        return list(run(items))
-    except Exception as exc:  # noqa: BLE001 - any failure: find the item that causes it
-        if len(items) == 1:
-            return [exc]
-        if on_retry is not None:
-            on_retry(exc)
-    outcomes: list[R | Exception] = []
-    for item in items:
-        try:
-            outcomes.extend(run([item]))
-        except Exception as exc:  # noqa: BLE001 - reported per item
-            outcomes.append(exc)
-    return outcomes
-
-
-def _class_index(value: Any, i: int) -> int:
-    """A label given as a number: an integral class index (bools, NaN, 1.5, {} refused)."""
-    number = value.item() if isinstance(value, np.generic) else value
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or \
-            not float(number).is_integer():
-        raise InputError(f"label {i}: {value!r} is not a class index or name; give an integer "
-                         "index, a class name, or -1/None to let the model choose")
-    return int(number)
+from .prompts import (
+    ALL,
+    LabelsLike,
+    Prompt,
+    ScoreThreshold,
+    check_prompt,
+    passes,
+    per_image_requests,
+    threshold_value,
+)
 
 
 class Segmenter:
@@ -236,45 +205,63 @@ class Segmenter:
             "display_threshold": self.display_threshold,
         }
 
-    def _labels(self, labels: LabelsLike, count: int) -> np.ndarray:
-        if labels is None:
-            return np.full(count, -1, dtype=np.int64)
-        values = list(labels)
-        if len(values) != count:
-            raise InputError(f"labels: {len(values)} given for {count} boxes; give one per box")
-        out = np.empty(count, dtype=np.int64)
-        for i, value in enumerate(values):
-            if value is None:
-                out[i] = -1
-            elif isinstance(value, str):
-                if value not in self.class_names:
-                    raise InputError(
-                        f"label {i}: unknown class '{value}'; choose one of "
-                        f"{', '.join(self.class_names)}"
-                    )
-                out[i] = self.class_names.index(value)
-            else:
-                idx = _class_index(value, i)
-                if not -1 <= idx < len(self.class_names):
-                    raise InputError(
-                        f"label {i}: class index {idx} out of range 0..{len(self.class_names) - 1}"
-                    )
-                out[i] = idx
-        return out
+    # ----------------------------------------------------------------- request rules
+    def check_prompt(self, boxes: BoxesLike, labels: LabelsLike | None,
+                     image_size: tuple[int, int], *, max_boxes: int | None = None,
+                     max_mask_pixels: int | None = None) -> Prompt:
+        """Check one image's prompt once, for every entry point (:mod:`serving.prompts`).
+
+        Args:
+            boxes: (M, 4) XYXY in original pixels (a single ``[x1, y1, x2, y2]`` is one box).
+            labels: ``None``, or one class per box: an index, a class name, or -1/``None``
+                to let the model predict it.
+            image_size: (H, W) of the image.
+            max_boxes: the caller's cap on boxes per request (``None``: none; more boxes
+                than ``cfg.max_prompt_boxes`` run in several passes with the same results).
+            max_mask_pixels: the most pixels the masks may cover together (default
+                :attr:`max_mask_pixels`).
+
+        Returns:
+            A :class:`Prompt`: boxes (M, 4) float32 clipped to the image, labels (M,) int64
+            (-1 = predict); :meth:`predict` takes it in place of ``boxes``.
+
+        Raises:
+            BoxError: a bad box (``box i: ...``, i counted from 0); ``PromptLimitError`` (a
+                ``BoxError``) over ``max_boxes`` or ``max_mask_pixels``. InputError: a bad
+                label (``label i: ...``) or a wrong number of labels.
+        """
+        limit = self.max_mask_pixels if max_mask_pixels is None else int(max_mask_pixels)
+        return check_prompt(boxes, labels, image_size, self.class_names,
+                            bool(self.cfg.clip_to_box), max_boxes, limit)
+
+    def score_cut(self, score_threshold: ScoreThreshold) -> float | None:
+        """The number a threshold choice means for this model (``None``: keep everything).
+
+        ``score_threshold``: ``"calibrated"`` (:attr:`display_threshold`, the default of
+        everything shown to a person), ``"all"`` / ``None`` / 0 (every instance), or a number
+        in [0, 1]; anything else raises :class:`InputError`.
+        """
+        calibrated = self.display_threshold if isinstance(score_threshold, str) else 0.0
+        return threshold_value(score_threshold, calibrated)
 
     # ----------------------------------------------------------------- inference
-    def predict(self, image: ImageLike, boxes: BoxesLike | None = None,
+    def predict(self, image: ImageLike, boxes: BoxesLike | Prompt | None = None,
                 labels: LabelsLike | None = None,
-                score_threshold: float | None = None) -> Prediction:
+                score_threshold: ScoreThreshold = ALL) -> Prediction:
         """Segment one image.
 
         Args:
             image: path, bytes, PIL image or (H, W, 3) uint8 RGB array.
-            boxes: optional (M, 4) prompt boxes XYXY in original pixels: one mask per box, in
-                order. ``None`` runs automatic instance segmentation.
+            boxes: optional (M, 4) prompt boxes XYXY in original pixels, or a
+                :class:`Prompt` from :meth:`check_prompt`: one mask per box, in order (any
+                number of boxes; more than ``cfg.max_prompt_boxes`` run in several passes).
+                ``None`` runs automatic instance segmentation.
             labels: optional class per box (index, name, or -1/None to predict it); only with
-                ``boxes``.
-            score_threshold: automatic mode only: drop instances scoring below this.
+                raw ``boxes``.
+            score_threshold: automatic mode only: ``"all"`` (default, every instance the
+                model returns), ``"calibrated"`` (the model's F1-best threshold, what the
+                app, the server and pictures show by default) or a number in [0, 1] (keep
+                instances scoring at least it). See :meth:`score_cut`.
 
         Raises:
             SimError: bad input (``ImageError``, ``BoxError``, ``InputError``), one line each.
@@ -285,18 +272,18 @@ class Segmenter:
                                   batch_size=1, score_threshold=score_threshold)[0]
 
     def predict_batch(self, images: Iterable[ImageLike],
-                      boxes: Sequence[BoxesLike | None] | None = None,
+                      boxes: Sequence[BoxesLike | Prompt | None] | None = None,
                       labels: Sequence[LabelsLike | None] | None = None, batch_size: int = 8,
-                      score_threshold: float | Sequence[float | None] | None = None,
+                      score_threshold: ScoreThreshold | Sequence[ScoreThreshold] = ALL,
                       ) -> list[Prediction]:
         """Segment many images; results in input order. See :meth:`predict_stream`."""
         return list(self.predict_stream(images, boxes=boxes, labels=labels,
                                         batch_size=batch_size, score_threshold=score_threshold))
 
     def predict_stream(self, images: Iterable[ImageLike],
-                       boxes: Sequence[BoxesLike | None] | None = None,
+                       boxes: Sequence[BoxesLike | Prompt | None] | None = None,
                        labels: Sequence[LabelsLike | None] | None = None, batch_size: int = 8,
-                       score_threshold: float | Sequence[float | None] | None = None,
+                       score_threshold: ScoreThreshold | Sequence[ScoreThreshold] = ALL,
                        ) -> Iterator[Prediction]:
         """Segment many images, yielding one :class:`Prediction` per image in input order.
 
@@ -304,50 +291,57 @@ class Segmenter:
         batch of decoded images is in memory however many are given. Within a batch, images
         run together only when their padded canvases are equal (the canvas of an image
         depends on its own size alone): a result never depends on the other images of its
-        batch.
+        batch, nor on how many passes its boxes take.
 
         Args:
             images: paths, bytes, PIL images or (H, W, 3) uint8 RGB arrays (any iterable).
-            boxes: per image ``None`` (automatic mode) or (M, 4) prompt boxes; one entry per
-                image.
+            boxes: per image ``None`` (automatic mode), (M, 4) prompt boxes or a
+                :class:`Prompt`; one entry per image.
             labels: per image ``None`` or one class per prompt box of that image; only for
-                images that have boxes.
+                images that have raw boxes.
             batch_size: images per forward pass (at most).
-            score_threshold: automatic mode: a threshold for every image, or one per image
-                (``None`` entries keep everything).
+            score_threshold: automatic mode: one choice for every image, or one per image
+                (see :meth:`predict`).
 
         Raises:
             InputError: list lengths that do not match the images, labels without boxes, a
-                bad ``batch_size``; ``BoxError`` for a bad box; ``ImageError`` for an image
-                that cannot be read, or whose aspect ratio is beyond about ``max_size / 8``
-                (see :func:`serving.inference.transforms.resized_shape`).
+                bad ``batch_size`` or threshold; ``BoxError`` for a bad box; ``ImageError``
+                for an image that cannot be read, or whose aspect ratio is beyond about
+                ``max_size / 8`` (see :func:`serving.inference.transforms.resized_shape`).
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size={batch_size!r} must be an integer of at least 1")
-        jobs = _jobs(images, boxes, labels, score_threshold)
+        jobs = per_image_requests(images, boxes, labels, score_threshold)
         while window := list(itertools.islice(jobs, batch_size)):
             yield from self._run_window([self._load(*job) for job in window])
 
-    def _load(self, source: ImageLike, boxes: BoxesLike | None, labels: LabelsLike | None,
-              threshold: float | None) -> _Item:
-        """Decode and check one image and its prompts (at load time, before any batch runs)."""
+    def _load(self, source: ImageLike, boxes: BoxesLike | Prompt | None,
+              labels: LabelsLike | None, threshold: ScoreThreshold) -> _Item:
+        """Decode and check one image and its prompt (at load time, before any batch runs)."""
         array = load_image(source)
         height, width = array.shape[:2]
         size = resized_shape(height, width, self.cfg.min_size, self.cfg.max_size,
                              describe_image(source))
         if boxes is None:
-            return _Item(array, canvas_size(*size), None, threshold)
-        valid = validate_boxes(boxes, (height, width), self.cfg.max_prompt_boxes)
-        check_mask_pixels(valid, (height, width), bool(self.cfg.clip_to_box),
-                          self.max_mask_pixels)
-        return _Item(array, canvas_size(*size), (valid, self._labels(labels, len(valid))), None)
+            return _Item(array, canvas_size(*size), None, self.score_cut(threshold))
+        if not isinstance(boxes, Prompt):
+            return _Item(array, canvas_size(*size),
+                         self.check_prompt(boxes, labels, (height, width)), None)
+        if labels is not None:
+            raise InputError("labels: given with a checked Prompt, which holds its labels; "
+                             "drop labels or pass the raw boxes")
+        if boxes.image_size != (height, width):
+            raise InputError(f"boxes: a Prompt checked for a {boxes.image_size[1]}x"
+                             f"{boxes.image_size[0]} image, given with a {width}x{height} one; "
+                             "check the prompt against this image")
+        return _Item(array, canvas_size(*size), boxes, None)
 
     def _run_window(self, items: list[_Item]) -> list[Prediction]:
         """Predict ``items`` in groups of one mode and one canvas; results in input order."""
         results: list[Prediction | None] = [None] * len(items)
         groups: dict[tuple[bool, tuple[int, int]], list[int]] = {}
         for i, item in enumerate(items):
-            if item.prompt is not None and not len(item.prompt[0]):
+            if item.prompt is not None and not len(item.prompt):
                 results[i] = self._empty(item.array.shape[:2])
             else:
                 groups.setdefault((item.prompt is None, item.canvas), []).append(i)
@@ -379,94 +373,71 @@ class Segmenter:
         return preds
 
     def _run_prompted(self, items: list[_Item]) -> list[Prediction]:
+        """Box prompts of images sharing one canvas: per box at its own scale, or the whole
+        batch once per pass of at most ``cfg.max_prompt_boxes`` boxes. Each pass runs the
+        same batch (an image with no boxes left repeats a box, dropped), so a box's result
+        does not depend on how many passes there are."""
         if self.box_scale:
             return [self._run_per_box(item) for item in items]
-        chunk = [(item.array, *item.prompt) for item in items]  # type: ignore[misc]
-        batch, _, sizes = self._preprocess([c[0] for c in chunk])
-        m = max(len(c[1]) for c in chunk)
-        boxes_in = np.zeros((len(chunk), m, 4), np.float32)
-        labels_in = np.full((len(chunk), m), -1, np.int64)
-        for b, ((arr, bx, lb), size) in enumerate(zip(chunk, sizes)):
-            scaled = scale_boxes(bx, arr.shape[:2], size)
-            boxes_in[b, : len(bx)] = scaled
-            boxes_in[b, len(bx):] = scaled[0]  # padding rows repeat a real box; dropped below
-            labels_in[b, : len(bx)] = lb
+        prompts: list[Prompt] = [item.prompt for item in items]  # type: ignore[misc]
+        batch, _, sizes = self._preprocess([item.array for item in items])
+        per_pass = max(int(self.cfg.max_prompt_boxes), 1)
+        count = max(len(passes(len(p), per_pass)) for p in prompts)
+        parts: list[list[tuple[np.ndarray, np.ndarray, InstanceMasks]]] = [[] for _ in items]
+        for k in range(count):
+            cuts = [slice(min(k * per_pass, len(p)), min((k + 1) * per_pass, len(p)))
+                    for p in prompts]
+            outs = self._prompted_pass(batch, sizes, prompts, cuts)
+            for b, out in enumerate(outs):
+                parts[b].append(out)
+        return [Prediction(p.boxes.copy(), np.concatenate([s for s, _, _ in part]),
+                           np.concatenate([lb for _, lb, _ in part]),
+                           InstanceMasks.concatenate([m for _, _, m in part]), self.class_names)
+                for p, part in zip(prompts, parts, strict=True)]
+
+    def _prompted_pass(self, batch: torch.Tensor, sizes: list[tuple[int, int]],
+                       prompts: list[Prompt], cuts: list[slice],
+                       ) -> list[tuple[np.ndarray, np.ndarray, InstanceMasks]]:
+        """One forward pass over ``batch`` (B, 3, H, W) for the boxes ``cuts[b]`` of each
+        image's prompt (at least one row per image: an empty cut repeats the first box, its
+        result dropped). Per image: scores (m,) float32, labels (m,) int64 and m masks."""
+        m = max(max(c.stop - c.start for c in cuts), 1)
+        boxes_in = np.zeros((len(prompts), m, 4), np.float32)
+        labels_in = np.full((len(prompts), m), -1, np.int64)
+        for b, (prompt, cut, size) in enumerate(zip(prompts, cuts, sizes)):
+            scaled = scale_boxes(prompt.boxes, prompt.image_size, size)
+            n = cut.stop - cut.start
+            boxes_in[b, :n] = scaled[cut]
+            boxes_in[b, n:] = scaled[cut.start if n else 0]  # padding repeats a real box
+            labels_in[b, :n] = prompt.labels[cut]
         out = self.backend.segment_boxes(batch, sizes, torch.from_numpy(boxes_in),
                                          torch.from_numpy(labels_in))
-        preds = []
-        for b, ((arr, bx, _), size) in enumerate(zip(chunk, sizes)):
-            n = len(bx)
-            clip = torch.from_numpy(bx) if self.cfg.clip_to_box else None
-            masks = mask_crops(out.mask_probs[b, :n].cpu(), size, arr.shape[:2],
+        results = []
+        for b, (prompt, cut, size) in enumerate(zip(prompts, cuts, sizes)):
+            n = cut.stop - cut.start
+            clip = torch.from_numpy(prompt.boxes[cut]) if self.cfg.clip_to_box else None
+            masks = mask_crops(out.mask_probs[b, :n].cpu(), size, prompt.image_size,
                                self.cfg.mask_threshold, clip_boxes=clip)
-            preds.append(Prediction(bx.copy(), out.scores[b, :n].float().cpu().numpy(),
-                                    out.labels[b, :n].cpu().numpy().astype(np.int64),
-                                    masks, self.class_names))
-        return preds
+            results.append((out.scores[b, :n].float().cpu().numpy(),
+                            out.labels[b, :n].cpu().numpy().astype(np.int64), masks))
+        return results
 
     def _run_per_box(self, item: _Item) -> Prediction:
-        """One image's prompts, each box at its own scale (:mod:`.inference.box_scale`)."""
-        boxes, labels = item.prompt  # type: ignore[misc]
-        out = segment_per_box(self.backend, item.array, boxes, labels, self.cfg,
+        """One image's prompt, each box at its own scale (:mod:`.inference.box_scale`)."""
+        prompt: Prompt = item.prompt  # type: ignore[assignment]
+        out = segment_per_box(self.backend, item.array, prompt.boxes, prompt.labels, self.cfg,
                               trained_sizes(calibration_of(self)),
                               BoxScaleOptions(refine=self.refine))
-        return Prediction(boxes.copy(), out.scores, out.labels, out.masks, self.class_names)
+        return Prediction(prompt.boxes.copy(), out.scores, out.labels, out.masks,
+                          self.class_names)
 
 
 class _Item(NamedTuple):
     """One decoded image: (H, W, 3) uint8 ``array``, its padded ``canvas`` (H, W), its
-    ``prompt`` (boxes (M, 4) float32, labels (M,) int64) or ``None``, and its score
-    ``threshold`` (automatic mode)."""
+    checked ``prompt`` or ``None``, and its score ``threshold`` (automatic mode; ``None``
+    keeps everything)."""
 
     array: np.ndarray
     canvas: tuple[int, int]
-    prompt: tuple[np.ndarray, np.ndarray] | None
+    prompt: Prompt | None
     threshold: float | None
-
-
-def _per_image(name: str, values: Any, count: int | None) -> Sequence[Any] | None:
-    """``values`` as a per-image list (``None`` stays ``None``), its length checked."""
-    if values is None:
-        return None
-    if isinstance(values, (str, bytes, Mapping)) or not (
-            hasattr(values, "__len__") and hasattr(values, "__getitem__")):
-        raise InputError(f"{name}: expected a list with one entry per image, got "
-                         f"{type(values).__name__}")
-    if count is not None and len(values) != count:
-        raise InputError(f"{name}: {len(values)} entries for {count} images; give one per image")
-    return values
-
-
-def _entry(name: str, values: Sequence[Any] | None, index: int) -> Any:
-    """``values[index]`` (``None`` when there is no list); a list too short is an error."""
-    if values is None:
-        return None
-    if index >= len(values):
-        raise InputError(f"{name}: {len(values)} entries for more images; give one per image")
-    return values[index]
-
-
-def _jobs(images: Iterable[ImageLike], boxes: Any, labels: Any, thresholds: Any,
-          ) -> Iterator[tuple[ImageLike, Any, Any, float | None]]:
-    """(image, boxes, labels, threshold) per image, every list length checked (up front when
-    ``images`` has a length, else as the images arrive and at the end)."""
-    count = len(images) if isinstance(images, Sized) else None
-    if labels is not None and boxes is None:
-        raise InputError("labels: given without boxes; labels name the class of each prompt "
-                         "box, pass boxes too (or drop labels)")
-    scalar = thresholds is None or isinstance(thresholds, numbers.Real)
-    columns = {"boxes": _per_image("boxes", boxes, count),
-               "labels": _per_image("labels", labels, count),
-               "score_threshold": None if scalar else _per_image("score_threshold", thresholds,
-                                                                   count)}
-    index = -1
-    for index, image in enumerate(images):
-        box, label, threshold = (_entry(name, values, index) for name, values in columns.items())
-        if label is not None and box is None:
-            raise InputError(f"labels[{index}]: given for image {index}, which has no boxes; "
-                             "pass its boxes or None as its labels")
-        yield image, box, label, thresholds if scalar else threshold
-    for name, values in columns.items():
-        if values is not None and len(values) != index + 1:
-            raise InputError(f"{name}: {len(values)} entries for {index + 1} images; give one "
-                             "per image")

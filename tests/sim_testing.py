@@ -146,3 +146,17 @@ def assert_same_predictions(new, old) -> None:
     assert np.array_equal(new.masks, old.masks)
     assert [r["segmentation"] for r in new.to_coco(1)] == [
         r["segmentation"] for r in old.to_coco(1)]
+
+
+def record_box_widths(seg) -> list[int]:
+    """Wrap ``seg.backend.segment_boxes`` so that each call appends its number of box slots
+    (the boxes tensor's second dimension) to the returned list."""
+    widths: list[int] = []
+    inner = seg.backend.segment_boxes
+
+    def counting(images, sizes, boxes, labels):
+        widths.append(int(boxes.shape[1]))
+        return inner(images, sizes, boxes, labels)
+
+    seg.backend.segment_boxes = counting
+    return widths

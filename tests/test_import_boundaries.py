@@ -1,7 +1,7 @@
 """The dependency direction of DESIGN.md section 2, enforced on the source (AST) and at runtime.
 
 - ``serving`` never imports ``training``, ``export``, ``app`` or ``gradio``, and imports
-  ``accelerate`` only inside functions of ``serving.cli.shards`` (multi-process batch runs);
+  ``accelerate`` only inside functions of ``serving.sharding.shards`` (multi-process batch runs);
   it imports ``pycocotools``, ``onnxruntime``, ``tensorrt``, ``fastapi`` and ``uvicorn`` only
   inside functions, or at module level in the lazily loaded backend / server modules, which
   no other ``serving`` module imports at module level.
@@ -36,7 +36,7 @@ FRONT_DOOR_COMMANDS = ("training.train", "training.evaluate", "training.quicksta
 HEAVY = ("pycocotools", "onnxruntime", "tensorrt", "fastapi", "uvicorn")
 NEVER_IN_SERVING = ("training", "export", "app", "gradio")
 #: The one serving module that may import accelerate, and only inside its functions.
-ACCELERATE_MODULE = "serving.cli.shards"
+ACCELERATE_MODULE = "serving.sharding.shards"
 #: serving modules allowed to import HEAVY at module level (they are loaded lazily).
 LAZY_PATTERNS = ("serving.backends.onnxruntime_backend", "serving.backends.tensorrt_backend",
                  "serving.server.app*", "serving.server.labelstudio_backend")
@@ -174,7 +174,7 @@ def test_serving_never_imports_training_export_app_gradio():
 def test_serving_imports_accelerate_only_lazily_for_multi_process_runs():
     found = [imp for imp in imports_of("serving")
              if any(top(t) == "accelerate" for t in imp.targets)]
-    assert found, "serving.cli.shards is expected to use accelerate for multi-process runs"
+    assert found, "serving.sharding.shards is expected to use accelerate for multi-process runs"
     bad = [fmt(imp) for imp in found if imp.module != ACCELERATE_MODULE or not imp.lazy]
     assert not bad, bad
 

@@ -26,13 +26,13 @@ from tqdm.auto import tqdm
 
 from serving import Segmenter
 from serving.backends.torch_backend import TorchBackend
-from serving.cli.shards import multi_process_cpu
 from serving.errors import SimError
 from serving.files import check_writable_dir
 from serving.model import build_condinst
 from serving.model.card import Calibration
 from serving.model.model_file import new_card, save_checkpoint
 from serving.model_config import ModelConfig, config_to_dict
+from serving.sharding.shards import multi_process_cpu
 
 from .batch_losses import TrainingError, batch_losses, check_finite
 from .callbacks import Callback, CallbackList, TrainingRun

@@ -3,7 +3,7 @@
 Exit codes and shared options, checking that outputs are writable before any work, finding
 images, prefetching image decoding in threads and running a batch with per-image failure
 isolation. The pipeline built from them is :mod:`serving.cli.jobs`; resuming and
-multi-process runs are :mod:`serving.cli.runner`.
+multi-process runs are :mod:`serving.sharding`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import numpy as np
 from ..backends.locate import locate_model
 from ..errors import InputError, SimError
 from ..inference.images import IMAGE_EXTENSIONS
-from ..masks import InstanceMasks
+from ..isolation import run_isolated
 from ..model_config import MAX_INPUT_SIDE
 from ..prediction import Prediction
-from ..segmenter import Segmenter, run_isolated
+from ..prompts import ALL, Prompt, ScoreThreshold
+from ..segmenter import Segmenter
 
 #: Exit codes of the batch commands: done, error before work, some inputs failed, Ctrl-C.
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -85,10 +86,6 @@ def load_model(path: str | os.PathLike, device: str, image_size: Sequence[int] |
     ``--dtype`` and ``--box-scale``."""
     seg = Segmenter.load(path, device=device, image_size=image_size or None, dtype=dtype)
     return seg if box_scale else seg.with_box_scale(False)
-
-
-#: A prompt for one image: (boxes (M, 4) float32 XYXY original pixels, labels (M,) int64).
-Prompt = tuple[np.ndarray, np.ndarray]
 
 
 def one_line(exc: BaseException) -> str:
@@ -238,57 +235,22 @@ def prefetch(items: Iterable[T], load: Callable[[T], np.ndarray], workers: int, 
                 future.cancel()
 
 
-def _merge(parts: list[Prediction]) -> Prediction:
-    if len(parts) == 1:
-        return parts[0]
-    return Prediction(np.concatenate([p.boxes for p in parts]),
-                      np.concatenate([p.scores for p in parts]),
-                      np.concatenate([p.labels for p in parts]),
-                      InstanceMasks.concatenate([p.instance_masks for p in parts]),
-                      parts[0].class_names)
-
-
 def run_batch(seg: Segmenter, images: Sequence[np.ndarray], prompts: Sequence[Prompt | None],
-              batch_size: int, score_threshold: float | None = None,
+              batch_size: int, score_threshold: ScoreThreshold = ALL,
               ) -> list[Prediction | Exception]:
     """Predict a batch; an image that makes the batch fail is isolated and returned as its
-    exception while the others succeed (:func:`serving.segmenter.run_isolated`).
+    exception while the others succeed (:func:`serving.isolation.run_isolated`).
 
     Args:
         images: (H, W, 3) uint8 RGB arrays.
-        prompts: per image ``None`` (automatic mode) or ``(boxes, labels)`` already checked
-            with :func:`coco_box` / ``validate_boxes``. More boxes than the model's
-            ``max_prompt_boxes`` are run in several passes and merged, in order.
+        prompts: per image ``None`` (automatic mode) or its :class:`Prompt` from
+            ``seg.check_prompt`` (any number of boxes: the Segmenter runs them in passes).
+        score_threshold: automatic mode (see ``Segmenter.predict``).
     """
     def run(pairs: list[tuple[np.ndarray, Prompt | None]]) -> list[Prediction]:
-        return _predict_in_passes(seg, pairs, batch_size, score_threshold)
+        prompted = any(p is not None for _, p in pairs)
+        return seg.predict_batch([image for image, _ in pairs],
+                                 boxes=[p for _, p in pairs] if prompted else None,
+                                 batch_size=batch_size, score_threshold=score_threshold)
 
     return run_isolated(run, list(zip(images, prompts, strict=True)))
-
-
-def _predict_in_passes(seg: Segmenter, pairs: list[tuple[np.ndarray, Prompt | None]],
-                       batch_size: int, score_threshold: float | None) -> list[Prediction]:
-    """One ``predict_batch`` call; prompts over ``max_prompt_boxes`` split and merged back."""
-    limit = max(int(seg.cfg.max_prompt_boxes), 1)
-    arrays, boxes, labels, owner = [], [], [], []
-    for i, (image, prompt) in enumerate(pairs):
-        if prompt is None:
-            arrays.append(image)
-            boxes.append(None)
-            labels.append(None)
-            owner.append(i)
-            continue
-        starts = range(0, len(prompt[0]), limit) if len(prompt[0]) else [0]
-        for s in starts:
-            arrays.append(image)
-            boxes.append(prompt[0][s:s + limit])
-            labels.append(prompt[1][s:s + limit])
-            owner.append(i)
-    any_prompt = any(b is not None for b in boxes)
-    preds = seg.predict_batch(arrays, boxes=boxes if any_prompt else None,
-                              labels=labels if any_prompt else None,
-                              batch_size=batch_size, score_threshold=score_threshold)
-    grouped: list[list[Prediction]] = [[] for _ in pairs]
-    for i, pred in zip(owner, preds, strict=True):
-        grouped[i].append(pred)
-    return [_merge(parts) for parts in grouped]

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BoxError
+from ..errors import BoxError, SimError
 from ..formats.coco import check_image_size, coco_box, unknown_categories
 from ..inference.images import load_image
 from ..prediction import Prediction
+from ..prompts import ALL, Prompt, ScoreThreshold
 from ..segmenter import Segmenter
 from .common import one_line, prefetch, report, run_batch
 
@@ -82,9 +83,10 @@ def note_unknown_categories(coco: dict[str, Any]) -> None:
                f"'categories' ({ids}); the model predicts their class")
 
 
-def _prompt(outcome: Outcome, class_of: ClassOf) -> tuple[np.ndarray, np.ndarray]:
-    """Checked (M, 4) XYXY boxes and (M,) class indices of the job's annotations; refused
-    boxes go to ``outcome.rejected``."""
+def _prompt(seg: Segmenter, outcome: Outcome, class_of: ClassOf) -> Prompt:
+    """The job's annotations as one checked :class:`Prompt` (``seg.check_prompt``): each
+    annotation's box is checked alone first (:func:`coco_box`), so a refused box goes to
+    ``outcome.rejected`` and the others are kept."""
     assert outcome.image is not None and outcome.job.anns is not None
     boxes, labels = [], []
     for ann in outcome.job.anns:
@@ -95,7 +97,8 @@ def _prompt(outcome: Outcome, class_of: ClassOf) -> tuple[np.ndarray, np.ndarray
             continue
         labels.append(class_of(ann))
         outcome.prompt_ids.append(ann["id"])
-    return np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64)
+    return seg.check_prompt(np.array(boxes, np.float32).reshape(-1, 4),
+                            np.array(labels, np.int64), outcome.image.shape[:2])
 
 
 def _load(job: Job) -> np.ndarray:
@@ -106,10 +109,18 @@ def _load(job: Job) -> np.ndarray:
 
 
 def _run(seg: Segmenter, batch: list[Outcome], class_of: ClassOf, batch_size: int,
-         score_threshold: float | None) -> None:
-    prompts = [None if o.job.anns is None else _prompt(o, class_of) for o in batch]
-    preds = run_batch(seg, [o.image for o in batch], prompts, batch_size, score_threshold)
-    for outcome, pred in zip(batch, preds, strict=True):
+         score_threshold: ScoreThreshold) -> None:
+    """Predict ``batch``; each outcome gets its prediction or its one-line error (a prompt
+    refused as a whole, e.g. over the mask-pixel limit, fails its image alone)."""
+    ready: list[tuple[Outcome, Prompt | None]] = []
+    for o in batch:
+        try:
+            ready.append((o, None if o.job.anns is None else _prompt(seg, o, class_of)))
+        except SimError as exc:
+            o.error = one_line(exc)
+    preds = run_batch(seg, [o.image for o, _ in ready], [p for _, p in ready],  # type: ignore[misc]
+                      batch_size, score_threshold)
+    for (outcome, _), pred in zip(ready, preds, strict=True):
         if isinstance(pred, Exception):
             outcome.error = one_line(pred)
         else:
@@ -117,7 +128,7 @@ def _run(seg: Segmenter, batch: list[Outcome], class_of: ClassOf, batch_size: in
 
 
 def run_jobs(seg: Segmenter, jobs: Iterable[Job], class_of: ClassOf, batch_size: int = 4,
-             workers: int = 2, score_threshold: float | None = None) -> Iterator[Outcome]:
+             workers: int = 2, score_threshold: ScoreThreshold = ALL) -> Iterator[Outcome]:
     """Process ``jobs`` and yield their outcomes in order (see the module docstring).
 
     ``workers`` decoding threads keep at most ``2 * batch_size + workers`` images decoded

@@ -64,6 +64,9 @@ from ..formats.coco import boxes_by_image, read_coco_json
 from ..formats.labelstudio import read_label_config, result_names
 from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..segmenter import Segmenter
+from ..sharding.progress import WorkRecords, file_stamp, fingerprint
+from ..sharding.runner import JobRunner, RunPlan
+from ..sharding.shards import Shard, batch_command, current_shard
 from .common import (
     add_run_options,
     check_model_path,
@@ -73,9 +76,6 @@ from .common import (
 )
 from .jobs import Job, Outcome, class_lookup, note_unknown_categories, run_jobs
 from .label_report import EMPTY_FRACTION, LabelReport, is_empty
-from .progress import WorkRecords, file_stamp, fingerprint
-from .runner import JobRunner, RunPlan
-from .shards import Shard, batch_command, current_shard
 
 
 @dataclass

@@ -45,7 +45,18 @@ from ..formats.boxsets import OUTPUT_ENCODING, labelled_dataset, read_boxes, wri
 from ..formats.coco import boxes_by_image
 from ..inference.domain import box_sizes, calibration_of, score_advice, size_advice
 from ..prediction import Prediction
+from ..prompts import (
+    ALL,
+    CALIBRATED,
+    SHOWN_THRESHOLD,
+    ScoreThreshold,
+    parse_threshold,
+    threshold_value,
+)
 from ..segmenter import Segmenter
+from ..sharding.progress import ProgressLog, WorkRecords, file_stamp, fingerprint
+from ..sharding.runner import JobRunner, RunPlan
+from ..sharding.shards import Shard, batch_command, current_shard
 from .common import (
     ImageFile,
     add_run_options,
@@ -56,9 +67,6 @@ from .common import (
     run_exit_code,
 )
 from .jobs import Job, Outcome, class_lookup, note_unknown_categories, run_jobs
-from .progress import ProgressLog, WorkRecords, file_stamp, fingerprint
-from .runner import JobRunner, RunPlan
-from .shards import Shard, batch_command, current_shard
 
 PROGRESS_STEM = ".progress"
 WRITE_EVERY_S = 30.0
@@ -97,7 +105,7 @@ class PredictOptions:
     boxes: str | None = None
     batch_size: int = 4
     device: str = "auto"
-    score_threshold: float | None = None
+    score_threshold: ScoreThreshold = None  # None / "all": every instance
     save_vis: str | bool | None = None
     save_masks: str | bool | None = None
     workers: int = 2
@@ -105,7 +113,7 @@ class PredictOptions:
     progress: bool = True
     image_size: tuple[int, ...] | None = None
     vis_labels: bool = True
-    vis_threshold: float | None = None
+    vis_threshold: ScoreThreshold = None  # None: SHOWN_THRESHOLD ("calibrated")
     dtype: str = "fp32"
     #: Prompted masks also as ``yolo`` / ``labelstudio`` / ``labelstudio-polygon`` labels.
     fmt: str = "coco"
@@ -125,8 +133,13 @@ class PredictOptions:
             raise InputError(f"--format {self.fmt}: labels need prompt boxes; add --boxes")
         for name in ("score_threshold", "vis_threshold"):
             value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise InputError(f"--{name.replace('_', '-')} {value}: give a score in [0, 1]")
+            try:
+                threshold_value(value, 0.0)
+            except InputError:
+                raise InputError(f"--{name.replace('_', '-')} {value}: give a score in [0, 1], "
+                                 f"{CALIBRATED} or {ALL}") from None
+        if self.score_threshold == ALL or self.score_threshold == 0:
+            object.__setattr__(self, "score_threshold", None)  # one spelling of "everything"
 
 
 def _norm_name(file_name: str) -> str:
@@ -248,7 +261,8 @@ class _Writer:
     """Writes what one finished image produces: pictures, mask PNGs and its log entry."""
 
     def __init__(self, out: Path, files: dict[str, ImageFile], ids: dict[str, int],
-                 category_ids: list[int], opts: PredictOptions, vis_threshold: float) -> None:
+                 category_ids: list[int], opts: PredictOptions,
+                 vis_threshold: float | None) -> None:
         self.out, self.files, self.ids = out, files, ids
         self.category_ids, self.opts, self.vis_threshold = category_ids, opts, vis_threshold
 
@@ -278,7 +292,7 @@ class _Writer:
             return None
         from ..formats.visualize import draw_predictions
 
-        if automatic:
+        if automatic and self.vis_threshold is not None:
             pred = pred.select(pred.scores >= self.vis_threshold)
         rel = f"vis/{f.name}.{self.opts.save_vis}"
         (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -432,7 +446,7 @@ def run_predict(model: str, inputs: Sequence[str], output: str, shard: Shard | N
     if shard.is_main:
         _size_check(seg, coco, summary)
     category_ids, categories = _categories(seg.class_names, coco)
-    shown = seg.display_threshold if opts.vis_threshold is None else opts.vis_threshold
+    shown = seg.score_cut(SHOWN_THRESHOLD if opts.vis_threshold is None else opts.vis_threshold)
     writer = _Writer(out, files, _image_ids(jobs, runner.records), category_ids, opts, shown)
     records = _predict_share(seg, mine, runner, writer, coco, opts,
                              lambda done: write_outputs(out, jobs, done, categories))
@@ -479,14 +493,18 @@ def build_parser(prog: str = "python -m serving predict") -> argparse.ArgumentPa
                         choices=["coco", "yolo", "labelstudio", "labelstudio-polygon"],
                         help="with --boxes: also write the masks as YOLO segmentation labels "
                              "(OUT/yolo) or Label Studio predictions (OUT/labelstudio.json)")
-    parser.add_argument("--score-threshold", type=float, default=None, metavar="T",
-                        help="automatic mode: drop instances scoring below T")
+    parser.add_argument("--score-threshold", type=parse_threshold, default=ALL, metavar="T",
+                        help="automatic mode, results.json: keep instances scoring at least T "
+                             f"(a number in [0, 1]), '{CALIBRATED}' (the model's F1-best "
+                             f"threshold; see 'sim info') or '{ALL}' (default: every instance)")
     parser.add_argument("--save-vis", nargs="?", const="jpg", default=None,
                         choices=["jpg", "png"],
                         help="write vis/<name>.jpg (or .png) pictures of the masks")
-    parser.add_argument("--vis-threshold", type=float, default=None, metavar="T",
-                        help="pictures of automatic mode show instances scoring at least T "
-                             "(default: the model's calibrated threshold; see 'sim info')")
+    parser.add_argument("--vis-threshold", type=parse_threshold, default=SHOWN_THRESHOLD,
+                        metavar="T",
+                        help="pictures of automatic mode show instances scoring at least T: a "
+                             f"number, '{CALIBRATED}' (default, as the app and the server) or "
+                             f"'{ALL}'")
     parser.add_argument("--vis-labels", choices=["on", "off"], default="on",
                         help="write class and score labels on the pictures (default on)")
     parser.add_argument("--save-masks", choices=["png"], default=None,

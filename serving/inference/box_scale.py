@@ -344,9 +344,11 @@ def _candidates(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: np.n
     scale, members = scale_groups(scales, (height, width), limit, options)
     if scale is not None:
         index = np.flatnonzero(members)
-        # as many boxes per call as today's path holds probabilities for at the model's size
+        # as many boxes per call as today's path holds probabilities for at the model's size,
+        # and at most the boxes one forward pass takes (an exported model's box dimension)
         chunk = max(BOX_CHUNK, int(len(index) * model_size[0] * model_size[1]
                                    / (height * width * scale ** 2)))
+        chunk = min(chunk, max(int(cfg.max_prompt_boxes), 1))
         size = model_size if abs(scale * height / model_size[0] - 1) < 1e-6 else (
             max(8, round(height * scale)), max(8, round(width * scale)))
         yield run_whole(backend, array, size, index, boxes, labels, chunk)
@@ -381,7 +383,7 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
         array: (H, W, 3) uint8 RGB image.
         boxes: (M, 4) float32 XYXY original pixels; labels: (M,) int64 (-1: predict).
         cfg: the ``InferenceConfig`` (``min_size``, ``max_size``, ``mask_threshold``,
-            ``clip_to_box``).
+            ``clip_to_box``, ``max_prompt_boxes``: the most boxes one backend call takes).
         sizes: :func:`trained_sizes` of the model.
 
     Returns:

@@ -43,6 +43,7 @@ from ..backends.locate import MODEL_HELP
 from ..cli.common import add_box_scale_option, add_image_size_option
 from ..errors import SimError
 from ..inference.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
+from ..prompts import DEFAULT_MAX_REQUEST_BOXES, SHOWN_THRESHOLD
 from ..segmenter import Segmenter
 from .admission import (
     BODY_COPIES,
@@ -194,7 +195,7 @@ async def _admit(lease: Lease, plan: PlannedJob) -> None:
     except OverBudget as exc:
         assert plan.shape is not None
         h, w = plan.shape
-        mode = "automatic mode" if plan.boxes is None else f"{len(plan.boxes)} prompt boxes"
+        mode = "automatic mode" if plan.prompt is None else f"{len(plan.prompt)} prompt boxes"
         raise ApiError(413, "over_memory_budget", f"image: {w}x{h} in {mode} {exc} "
                        "(--memory-budget-mb); downscale it, send fewer or smaller prompt "
                        "boxes, or start the server with a larger --memory-budget-mb",
@@ -232,7 +233,8 @@ def _model_info(segmenter: Segmenter, settings: ServerSettings, max_boxes: int) 
     info = segmenter.model_info
     return ModelInfo(
         classes=info["classes"], backbone=str(info["backbone"]), backend=info["backend"],
-        device=str(info["device"]), score_threshold=float(info["display_threshold"]),
+        device=str(info["device"]),
+        score_threshold=float(segmenter.score_cut(SHOWN_THRESHOLD) or 0.0),
         input=InputRules(content_types=[MULTIPART_TYPE, JSON_TYPE],
                          image_formats=[e.lstrip(".") for e in IMAGE_EXTENSIONS],
                          min_image_side=MIN_IMAGE_SIDE, resize_min_size=info["min_size"],
@@ -281,7 +283,7 @@ def create_app(segmenter: Segmenter, settings: ServerSettings | None = None,
     ``label_studio``: :class:`serving.server.labelstudio_images.LabelStudioSettings` to add
     the Label Studio ML backend (:mod:`serving.server.labelstudio_backend`)."""
     settings = settings or ServerSettings()
-    max_boxes = settings.boxes_limit(segmenter)
+    max_boxes = settings.request_boxes
     batcher = DynamicBatcher(segmenter, settings.max_batch, settings.max_wait_ms,
                              settings.max_queue, max_batch_cost=settings.max_mask_pixels,
                              large_cost=settings.large_cost, large_boxes=settings.large_boxes)
@@ -352,7 +354,9 @@ def _parser(prog: str = "python -m serving serve") -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=ServerSettings.max_pixels,
                    help=f"largest image, width x height (at most {MAX_IMAGE_PIXELS})")
     p.add_argument("--max-boxes", type=int, default=None,
-                   help="prompt boxes per request (default: the model's limit)")
+                   help="most prompt boxes one request may hold (default "
+                        f"{DEFAULT_MAX_REQUEST_BOXES}); more than the model's max_prompt_boxes "
+                        "run in several forward passes")
     p.add_argument("--max-mask-pixels", type=int, default=ServerSettings.max_mask_pixels,
                    help="pixels one request's masks may cover: prompt-box areas summed "
                         "(automatic mode: the image); bounds mask memory at a byte per pixel")

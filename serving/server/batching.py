@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from ..isolation import run_isolated
 from ..prediction import Prediction
-from ..segmenter import Segmenter, run_isolated
+from ..prompts import Prompt
+from ..segmenter import Segmenter
 
 log = logging.getLogger("serving.server")
 
@@ -44,16 +46,16 @@ class SegmentJob:
 
     Attributes:
         image: (H, W, 3) uint8 RGB, already decoded.
-        boxes: (M, 4) float32 XYXY original pixels, validated and clipped; ``None`` = automatic.
-        labels: (M,) int64 class indices, -1 = predict; ``None`` when ``boxes`` is ``None``.
-        score_threshold: automatic mode: drop instances scoring below it (``None`` = model's).
+        prompt: the checked prompt (``Segmenter.check_prompt``) for this image; ``None`` =
+            automatic mode.
+        score_threshold: automatic mode: drop instances scoring below it (``None``: keep
+            every instance; the request's choice is resolved by ``Segmenter.score_cut``).
         cost: what the job's masks may cover, in pixels (see ``requests.mask_pixels``):
             bounds its memory, and decides its batch and lane.
     """
 
     image: np.ndarray
-    boxes: np.ndarray | None = None
-    labels: np.ndarray | None = None
+    prompt: Prompt | None = None
     score_threshold: float | None = None
     cost: int = 0  # mask pixels: summed prompt-box areas (automatic mode: image pixels)
 
@@ -177,7 +179,7 @@ class DynamicBatcher:
 
     def is_large(self, job: SegmentJob) -> bool:
         """Whether ``job`` runs alone in the large lane (see the class docstring)."""
-        boxes = 0 if job.boxes is None else len(job.boxes)
+        boxes = 0 if job.prompt is None else len(job.prompt)
         return ((self.large_cost is not None and job.cost > self.large_cost)
                 or (self.large_boxes is not None and boxes > self.large_boxes))
 
@@ -289,8 +291,7 @@ class DynamicBatcher:
     # ------------------------------------------------------------------ worker thread
     def _predict(self, jobs: list[SegmentJob]) -> list[Prediction]:
         return self.segmenter.predict_batch(
-            [j.image for j in jobs], boxes=[j.boxes for j in jobs],
-            labels=[j.labels for j in jobs], batch_size=len(jobs),
+            [j.image for j in jobs], boxes=[j.prompt for j in jobs], batch_size=len(jobs),
             score_threshold=[j.score_threshold for j in jobs])
 
     def _execute(self, jobs: list[SegmentJob]) -> list[Prediction | BaseException]:

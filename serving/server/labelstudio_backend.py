@@ -44,14 +44,13 @@ from ..formats.labelstudio import (
     rectangle_label,
     result_names,
 )
-from ..inference.boxes import validate_boxes
 from ..inference.images import load_image
 from ..segmenter import Segmenter
 from .admission import BODY_COPIES, BudgetBusy, MemoryBudget, OverBudget, request_bytes
 from .batching import BatcherBusy, BatcherClosed, DynamicBatcher, SegmentJob
 from .labelstudio_images import ImageSource, LabelStudioSettings, same_origin
 from .limits import ServerSettings, mask_pixels
-from .requests import ApiError, check_header, read_body
+from .requests import ApiError, check_header, prompt_error, read_body
 
 log = logging.getLogger("serving.server.labelstudio_backend")
 PREFIX = "/labelstudio"
@@ -103,15 +102,15 @@ class _Backend:
             x, y, bw, bh = rectangle_box(r, (w, h))
             boxes.append([x, y, x + bw, y + bh])
             names.append(rectangle_label(r))
-        limit = self.settings.boxes_limit(self.segmenter)
-        checked = validate_boxes(boxes, (h, w), limit)
-        classes = list(self.segmenter.class_names)
-        labels = np.array([classes.index(n) if n in classes else -1 for n in names], np.int64)
-        cost = mask_pixels(checked, (h, w), bool(self.segmenter.cfg.clip_to_box))
-        if cost > self.settings.max_mask_pixels:
-            raise InputError(f"the {len(boxes)} boxes cover {cost} pixels, over this server's "
-                             f"limit of {self.settings.max_mask_pixels} (--max-mask-pixels)")
-        return SegmentJob(image, checked, labels, None, cost), names
+        classes = self.segmenter.class_names  # a name the model lacks: the model predicts it
+        labels = [n if n in classes else None for n in names]
+        try:
+            prompt = self.segmenter.check_prompt(boxes, labels, (h, w),
+                                                 max_boxes=self.settings.request_boxes,
+                                                 max_mask_pixels=self.settings.max_mask_pixels)
+        except InputError as exc:
+            raise prompt_error(exc, (h, w)) from None
+        return SegmentJob(image, prompt, None, prompt.mask_pixels), names
 
     async def task(self, task: Any, config: str | None, context: Any) -> dict[str, Any]:
         """One task's prediction, or its error result (never raises)."""

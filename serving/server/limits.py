@@ -11,7 +11,7 @@ from typing import Any
 
 from ..inference.boxes import mask_pixels  # noqa: F401 (the server's admission cost)
 from ..inference.images import MAX_IMAGE_PIXELS
-from ..segmenter import Segmenter
+from ..prompts import DEFAULT_MAX_REQUEST_BOXES
 from .admission import DEFAULT_ADMISSION_WAIT_S, DEFAULT_MEMORY_BUDGET_MB
 
 #: Memory for the masks of the requests in flight (boolean crops: one byte per pixel).
@@ -26,6 +26,7 @@ class ServerSettings:
     """Limits, timeouts and batching of the server (the flags of ``python -m serving serve``).
 
     Attributes:
+        max_boxes: the most prompt boxes one request may hold (:attr:`request_boxes`).
         max_mask_pixels: the pixels one request's masks may cover (:func:`mask_pixels`: box
             areas summed; automatic mode: the image), which bounds its mask memory (a byte
             per pixel) and work; more -> 413. Also the most a batch of small requests holds.
@@ -44,7 +45,7 @@ class ServerSettings:
     max_wait_ms: float = 10.0
     max_body_mb: float = 20.0
     max_pixels: int = MAX_IMAGE_PIXELS
-    max_boxes: int | None = None  # None: the model's InferenceConfig.max_prompt_boxes
+    max_boxes: int | None = None  # None: DEFAULT_MAX_REQUEST_BOXES
     max_queue: int = 64  # requests waiting for a batch; more get 503 (bounded memory)
     warmup: bool = True
     max_mask_pixels: int = DEFAULT_MAX_MASK_PIXELS
@@ -74,10 +75,12 @@ class ServerSettings:
         """Requests whose :func:`mask_pixels` exceed this run alone in the large lane."""
         return max(1, self.max_mask_pixels // 8)
 
-    def boxes_limit(self, segmenter: Segmenter) -> int:
-        """Effective boxes-per-request limit: the smaller of this and the model's."""
-        model_limit = int(segmenter.cfg.max_prompt_boxes)
-        return model_limit if self.max_boxes is None else min(int(self.max_boxes), model_limit)
+    @property
+    def request_boxes(self) -> int:
+        """The most prompt boxes one request may hold (``--max-boxes``): a size policy of
+        this server. Not the model's per-pass ``max_prompt_boxes``: the Segmenter runs more
+        boxes than that in several passes."""
+        return DEFAULT_MAX_REQUEST_BOXES if self.max_boxes is None else int(self.max_boxes)
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:

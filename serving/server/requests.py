@@ -8,8 +8,11 @@ Order of checks for ``POST /v1/segment`` (cheapest first, all before any batchin
    (its bytes count against the memory budget as they arrive: no room -> 503);
 4. the body is parsed (400 if it is not JSON / multipart) and its fields validated (422);
 5. the image header is read (nothing decoded): too many pixels -> 413;
-6. boxes are checked and clipped (422 naming the box index), labels resolved (422);
-7. the pixels the masks may cover (:func:`mask_pixels`) over ``--max-mask-pixels`` -> 413;
+6. the prompt is checked by ``Segmenter.check_prompt``: more boxes than ``--max-boxes``
+   (a per-request cap, not the model's per-pass limit) -> 422, boxes checked and clipped
+   (422 naming the box index), labels resolved (422), the pixels the masks may cover
+   (:func:`mask_pixels`) over ``--max-mask-pixels`` -> 413;
+7. automatic mode: the image's pixels over ``--max-mask-pixels`` -> 413;
 8. the request waits for its bytes in the memory budget (:mod:`serving.server.admission`;
    503 with ``Retry-After`` when none come free in time), then the image is decoded (422 if
    it cannot be).
@@ -35,8 +38,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from ..errors import BoxError, ImageError, InputError
-from ..inference.boxes import validate_boxes
 from ..inference.images import load_image
+from ..prompts import ALL, CALIBRATED, SHOWN_THRESHOLD, Prompt, PromptLimitError
 from ..segmenter import Segmenter
 from .admission import request_bytes
 from .batching import JobResult, SegmentJob
@@ -57,7 +60,7 @@ FIXES = {
     "image": "send the image file (JPEG, PNG, BMP, TIFF, WebP)",
     "boxes": "send a list of [x1, y1, x2, y2] pixel boxes, e.g. [[10, 20, 110, 140]]",
     "labels": "send one class name, class index or null per box",
-    "score_threshold": "send a number between 0 and 1",
+    "score_threshold": "send a number between 0 and 1, 'calibrated' or 'all'",
 }
 
 
@@ -251,7 +254,8 @@ def _form_options(form: Any) -> dict[str, Any]:
     threshold = form.get("score_threshold")
     if isinstance(threshold, str) and threshold.strip():
         try:
-            fields["score_threshold"] = float(threshold)
+            word = threshold.strip()
+            fields["score_threshold"] = word if word in (CALIBRATED, ALL) else float(word)
         except ValueError:
             raise ApiError(422, "invalid_field", f"score_threshold: '{threshold[:20]}' is not "
                            f"a number; {FIXES['score_threshold']}", "score_threshold") from None
@@ -314,20 +318,34 @@ def check_header(data: bytes, max_pixels: int) -> ImageHeader | None:
     return header
 
 
-def _check_mask_pixels(cost: int, boxes: Any, shape: tuple[int, int], limit: int) -> None:
-    """413 when ``cost`` (mask pixels) is over ``limit`` (``--max-mask-pixels``)."""
-    if cost <= limit:
-        return
+def _mask_pixels_error(cost: int, boxes: int | None, shape: tuple[int, int],
+                       limit: int) -> ApiError:
+    """The 413 for ``cost`` mask pixels (of ``boxes`` prompt boxes; ``None``: automatic mode)
+    over ``limit`` (``--max-mask-pixels``)."""
     h, w = shape
     if boxes is None:
-        raise ApiError(413, "masks_too_large", f"image: {w}x{h} = {cost} pixels exceeds "
-                       f"this server's mask limit of {limit} pixels per request "
-                       "(--max-mask-pixels); downscale it", "image")
-    raise ApiError(413, "masks_too_large", f"boxes: the {len(boxes)} boxes cover "
-                   f"{cost} pixels of the {w}x{h} image in total (box areas summed), over "
-                   f"this server's limit of {limit} pixels per request (--max-mask-pixels); "
-                   "send fewer or smaller boxes per request (split them over several "
-                   "requests) or a downscaled image", "boxes")
+        return ApiError(413, "masks_too_large", f"image: {w}x{h} = {cost} pixels exceeds "
+                        f"this server's mask limit of {limit} pixels per request "
+                        "(--max-mask-pixels); downscale it", "image")
+    return ApiError(413, "masks_too_large", f"boxes: the {boxes} boxes cover "
+                    f"{cost} pixels of the {w}x{h} image in total (box areas summed), over "
+                    f"this server's limit of {limit} pixels per request (--max-mask-pixels); "
+                    "send fewer or smaller boxes per request (split them over several "
+                    "requests) or a downscaled image", "boxes")
+
+
+def prompt_error(exc: InputError, shape: tuple[int, int]) -> ApiError:
+    """The HTTP error for a prompt ``Segmenter.check_prompt`` refused for an image of
+    ``shape``: over ``--max-boxes`` 422, over ``--max-mask-pixels`` 413, a bad box or label
+    422 naming its index (``boxes[i]``, ``labels[i]``)."""
+    if isinstance(exc, PromptLimitError):
+        if exc.what == "max_boxes":
+            return ApiError(422, "too_many_boxes", str(exc), "boxes")
+        return _mask_pixels_error(exc.value, exc.boxes, shape, exc.limit)
+    if isinstance(exc, BoxError):
+        return ApiError(422, "invalid_boxes", str(exc), _indexed_field(str(exc), "box", "boxes"))
+    return ApiError(422, "invalid_labels", str(exc),
+                    _indexed_field(str(exc), "label", "labels"))
 
 
 @dataclass
@@ -336,48 +354,40 @@ class PlannedJob:
 
     Attributes:
         shape: (H, W) the header declares (EXIF rotation applied); ``None``: unreadable.
+        prompt: the prompt ``Segmenter.check_prompt`` checked for ``shape``; ``None``:
+            automatic mode. threshold: automatic mode's resolved score threshold.
         memory: the bytes it may hold once admitted (:func:`admission.request_bytes`).
     """
 
     raw: RawSegmentRequest
     shape: tuple[int, int] | None
-    boxes: Any
-    labels: Any
+    prompt: Prompt | None
     threshold: float | None
     cost: int
     memory: int
 
 
 def _check_options(opts: SegmentOptions, shape: tuple[int, int], segmenter: Segmenter,
-                   settings: ServerSettings) -> tuple[Any, Any, float | None, int]:
-    """Boxes, labels, threshold and mask cost of ``opts`` for an image of ``shape`` (422/413)."""
-    h, w = shape
+                   settings: ServerSettings) -> tuple[Prompt | None, float | None, int]:
+    """The checked prompt (``Segmenter.check_prompt``), threshold and mask cost of ``opts``
+    for an image of ``shape`` (422/413)."""
     if opts.boxes is None:
         if opts.labels is not None:
             raise ApiError(422, "invalid_labels", "labels: given without boxes; send one label "
                            "per box in 'boxes', or drop 'labels' for automatic mode", "labels")
-        threshold = segmenter.display_threshold if opts.score_threshold is None \
-            else opts.score_threshold  # none given: the model's calibrated threshold
+        threshold = segmenter.score_cut(SHOWN_THRESHOLD if opts.score_threshold is None
+                                        else opts.score_threshold)
         cost = mask_pixels(None, shape)
-        _check_mask_pixels(cost, None, shape, settings.max_mask_pixels)
-        return None, None, threshold, cost
-    limit = settings.boxes_limit(segmenter)
-    if len(opts.boxes) > limit:
-        raise ApiError(422, "too_many_boxes", f"boxes: {len(opts.boxes)} given, the limit is "
-                       f"{limit} per request; split them over several requests", "boxes")
+        if cost > settings.max_mask_pixels:
+            raise _mask_pixels_error(cost, None, shape, settings.max_mask_pixels)
+        return None, threshold, cost
     try:
-        boxes = validate_boxes(opts.boxes, shape, limit)
-    except BoxError as exc:
-        raise ApiError(422, "invalid_boxes", str(exc),
-                       _indexed_field(str(exc), "box", "boxes")) from None
-    try:
-        labels = segmenter._labels(opts.labels, len(boxes))
+        prompt = segmenter.check_prompt(opts.boxes, opts.labels, shape,
+                                        max_boxes=settings.request_boxes,
+                                        max_mask_pixels=settings.max_mask_pixels)
     except InputError as exc:
-        raise ApiError(422, "invalid_labels", str(exc),
-                       _indexed_field(str(exc), "label", "labels")) from None
-    cost = mask_pixels(boxes, shape, bool(segmenter.cfg.clip_to_box))
-    _check_mask_pixels(cost, boxes, shape, settings.max_mask_pixels)
-    return boxes, labels, opts.score_threshold, cost
+        raise prompt_error(exc, shape) from None
+    return prompt, None, prompt.mask_pixels
 
 
 def plan_job(raw: RawSegmentRequest, segmenter: Segmenter,
@@ -386,11 +396,11 @@ def plan_job(raw: RawSegmentRequest, segmenter: Segmenter,
     hold: automatic masks are counted as ``max_detections`` layers of the image."""
     header = check_header(raw.image, settings.max_pixels)
     if header is None:  # unreadable: decoding reports why (Pillow fails at the header)
-        return PlannedJob(raw, None, None, None, None, 0, 0)
+        return PlannedJob(raw, None, None, None, 0, 0)
     shape = (header.height, header.width)
-    boxes, labels, threshold, cost = _check_options(raw.options, shape, segmenter, settings)
-    layers = cost if boxes is not None else header.pixels * int(segmenter.cfg.max_detections)
-    return PlannedJob(raw, shape, boxes, labels, threshold, cost,
+    prompt, threshold, cost = _check_options(raw.options, shape, segmenter, settings)
+    layers = cost if prompt is not None else header.pixels * int(segmenter.cfg.max_detections)
+    return PlannedJob(raw, shape, prompt, threshold, cost,
                       request_bytes(header.pixels, layers, header.mode))
 
 
@@ -406,11 +416,11 @@ def decode_job(plan: PlannedJob, segmenter: Segmenter, settings: ServerSettings)
                        "re-export it as PNG or JPEG", "image") from None
     shape = tuple(image.shape[:2])
     if shape == plan.shape:
-        return SegmentJob(image, plan.boxes, plan.labels, plan.threshold, plan.cost)
+        return SegmentJob(image, plan.prompt, plan.threshold, plan.cost)
     # the header was unreadable by the planner, or declared another orientation
-    boxes, labels, threshold, cost = _check_options(plan.raw.options, shape,  # type: ignore[arg-type]
-                                                    segmenter, settings)
-    return SegmentJob(image, boxes, labels, threshold, cost)
+    prompt, threshold, cost = _check_options(plan.raw.options, shape,  # type: ignore[arg-type]
+                                             segmenter, settings)
+    return SegmentJob(image, prompt, threshold, cost)
 
 
 def prepare_job(raw: RawSegmentRequest, segmenter: Segmenter,
@@ -435,6 +445,6 @@ def build_response(job: SegmentJob, result: JobResult, total_ms: float) -> Segme
     ]
     return SegmentResponse(
         instances=instances, image_size=[h, w],
-        mode="auto" if job.boxes is None else "prompt",
+        mode="auto" if job.prompt is None else "prompt",
         timing_ms=Timing(queue=round(result.queue_ms, 3), inference=round(result.inference_ms, 3),
                          total=round(total_ms, 3)))

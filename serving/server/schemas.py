@@ -25,8 +25,12 @@ Label = Optional[Union[StrictInt, StrictStr]]
 BOXES_DOC = ("Prompt boxes, XYXY in original-image pixels: one mask per box, in order. Boxes "
              "partly outside the image are clipped. Omit (or null) for automatic mode.")
 LABELS_DOC = "One class per box: a class name, a class index, or null to let the model predict it."
-THRESHOLD_DOC = ("Automatic mode only: drop instances scoring below this (0..1); default: the "
-                 "model's calibrated threshold (score_threshold in GET /v1/model).")
+THRESHOLD_DOC = ("Automatic mode only: a number in 0..1 (drop instances scoring below it), "
+                 "'calibrated' (the model's F1-best threshold, score_threshold in GET "
+                 "/v1/model) or 'all' (every instance); default 'calibrated'.")
+Fraction = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
+#: Automatic mode's threshold choice (``serving.prompts.ScoreThreshold``).
+Threshold = Optional[Union[Fraction, Literal["calibrated", "all"]]]
 
 
 # --------------------------------------------------------------------------- requests
@@ -37,8 +41,7 @@ class SegmentOptions(BaseModel):
 
     boxes: Optional[list[Box]] = Field(None, description=BOXES_DOC)
     labels: Optional[list[Label]] = Field(None, description=LABELS_DOC)
-    score_threshold: Optional[StrictFloat] = Field(None, ge=0.0, le=1.0,
-                                                   description=THRESHOLD_DOC)
+    score_threshold: Threshold = Field(None, description=THRESHOLD_DOC)
 
 
 class SegmentJSONRequest(SegmentOptions):
@@ -58,7 +61,8 @@ class SegmentForm(BaseModel):
                                  examples=["[[10, 20, 110, 140]]"])
     labels: Optional[str] = Field(None, description="JSON text: " + LABELS_DOC,
                                   examples=['["disc"]'])
-    score_threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description=THRESHOLD_DOC)
+    score_threshold: Optional[str] = Field(None, description=THRESHOLD_DOC,
+                                           examples=["0.3", "calibrated", "all"])
 
 
 # --------------------------------------------------------------------------- responses

@@ -14,7 +14,7 @@ def test_defaults():
     args = parse_args(["--model", "m.safetensors"])
     assert (args.host, args.port, args.share, args.device) == ("127.0.0.1", 7860, "off", "auto")
     assert (args.max_upload_mb, args.max_side, args.concurrency) == (20.0, 4096, 2)
-    assert args.max_boxes is None
+    assert args.max_boxes == 256  # per request, whatever the model's max_prompt_boxes
 
 
 @pytest.mark.parametrize("argv", [[], ["--port", "-1"], ["--concurrency", "0"],

@@ -90,7 +90,8 @@ def test_upload_size_limit(client, tmp_path):
 def test_automatic_mode_and_model_info(client, good_png):
     info = client.predict(api_name="/model_info")
     assert info["classes"] == ["disc", "ring", "triangle"] and info["backend"] == "torch"
-    assert info["max_prompt_boxes"] == SERVER_MAX_BOXES and info["max_side"] == SERVER_MAX_SIDE
+    assert info["max_boxes"] == SERVER_MAX_BOXES and info["max_side"] == SERVER_MAX_SIDE
+    assert info["max_prompt_boxes"] == 256  # per forward pass: --max-boxes leaves it alone
     _, coco, _ = _segment(client, good_png, [], mode="automatic", threshold=0.5)
     scores = [a["score"] for a in coco["annotations"]]
     assert scores and min(scores) >= 0.5

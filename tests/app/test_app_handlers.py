@@ -139,10 +139,10 @@ def test_too_many_and_bad_boxes(tiny_checkpoint, tmp_path):
     from app.handlers import Handlers
     from serving import Segmenter
 
-    h = Handlers(Segmenter.load(tiny_checkpoint, device="cpu", max_prompt_boxes=2),
-                 output_dir=tmp_path)
+    h = Handlers(Segmenter.load(tiny_checkpoint, device="cpu"), output_dir=tmp_path,
+                 max_boxes=2)
     img = two_rect_image()
-    with pytest.raises(BoxError, match="3 drawn, this model takes at most 2"):
+    with pytest.raises(BoxError, match="3 drawn, this app takes at most 2"):
         h.segment(img, BOXES + [[0, 0, 10, 10]])
     with pytest.raises(BoxError, match="box 1: .*reversed or has zero area"):
         h.segment(img, [BOXES[0], [50, 50, 40, 60]])

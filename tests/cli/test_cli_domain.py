@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -74,8 +75,8 @@ def test_score_advice_says_out_of_domain_with_the_numbers():
                            "against 0.50 on the model's validation images")
     assert score_advice(calib, [0.1] * 5) is None  # too few boxes to judge
     # a reference measured with an earlier definition of the score is not compared
-    assert score_advice({"prompt_scores": {"p50": 0.5}}, [0.1] * 20) is None
-    assert score_advice({**calib, "prompt_score": "box"}, [0.1] * 20) is None
+    assert score_advice(Calibration(prompt_scores={"p50": 0.5}), [0.1] * 20) is None
+    assert score_advice(dataclasses.replace(calib, prompt_score="box"), [0.1] * 20) is None
 
 
 def test_label_warns_when_scores_sit_far_below_the_validation_reference(tmp_path, capsys):

@@ -10,10 +10,10 @@ import sys
 import pytest
 from cli_data import shapes_dataset
 
-from serving.cli import shards
 from serving.cli.label import main
-from serving.cli.lock import OutputLock, lock_path, pid_alive
 from serving.errors import InputError
+from serving.sharding import shards
+from serving.sharding.lock import OutputLock, lock_path, pid_alive
 
 
 def _gone_pid() -> int:
@@ -84,7 +84,7 @@ def test_processes_beyond_the_available_memory_are_refused_once(tmp_path, tiny_c
 
 def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, tiny_checkpoint, capsys,
                                                        monkeypatch):
-    from serving.cli.progress import ProgressLog
+    from serving.sharding.progress import ProgressLog
 
     boxes = shapes_dataset(tmp_path / "data", num_images=3)
     args = ["--model", str(tiny_checkpoint), "--annotations", str(boxes), "--images",

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from serving.cli.progress import (
+from serving.errors import InputError
+from serving.sharding.progress import (
     LogTail,
     ProgressLog,
     WorkRecords,
@@ -15,7 +16,6 @@ from serving.cli.progress import (
     log_path,
     log_paths,
 )
-from serving.errors import InputError
 
 SIG = {"model": "a", "t": 0.5}
 

@@ -22,10 +22,10 @@ from cli_data import cache_model_loads, decode, one_torch_thread, plain_folder, 
 
 from serving import Segmenter
 from serving.cli.label import run_label
-from serving.cli.lock import OutputLock
 from serving.cli.predict import run_predict
-from serving.cli.shards import Shard, take_share
 from serving.errors import InputError
+from serving.sharding.lock import OutputLock
+from serving.sharding.shards import Shard, take_share
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -132,3 +132,25 @@ def test_threshold_overrides_are_exact(export_checkpoint, tiny_export, sample_im
         Segmenter.from_onnx(tiny_export.sidecar, device="cpu", max_detections=50)
     with pytest.raises(InputError, match="nms_threshold=0.5 differs"):
         Segmenter.from_onnx(tiny_export.sidecar, device="cpu", nms_threshold=0.5)
+
+
+@pytest.mark.parametrize("box_scale", [False, True])
+def test_onnx_runs_more_boxes_than_one_pass_with_the_results_of_one_pass(tiny_export,
+                                                                         box_scale):
+    """More prompt boxes than ``max_prompt_boxes`` run in passes: each ONNX call holds at
+    most two boxes, and the results equal one pass of all five."""
+    from export_images import random_image
+    from sim_testing import record_box_widths
+
+    image = random_image(120, 160, 3)
+    boxes = [[10, 10, 60, 50], [30, 20, 80, 60], [90, 50, 150, 110], [5, 5, 40, 40],
+             [100, 10, 150, 60]]
+    one = Segmenter.load(tiny_export.graphs["prompt"], device="cpu", box_scale=box_scale)
+    split = Segmenter.load(tiny_export.graphs["prompt"], device="cpu", box_scale=box_scale,
+                           max_prompt_boxes=2)
+    widths = record_box_widths(split)
+    got, want = split.predict(image, boxes=boxes), one.predict(image, boxes=boxes)
+    assert widths and max(widths) <= 2
+    np.testing.assert_array_equal(got.scores, want.scores)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_array_equal(got.masks, want.masks)

@@ -231,3 +231,19 @@ def test_tasks_hold_the_servers_memory_budget(segmenter):  # noqa: F811
     assert "more than this server's whole memory budget of 16 MB" in results[0]["error"]
     assert len(results[1]["result"]) == 1 and "error" not in results[1]
     assert stats["memory_in_use_bytes"] == 0 and stats["memory_peak_bytes"] > 0
+
+
+def test_task_boxes_go_through_the_segmenters_prompt_check(segmenter):  # noqa: F811
+    """A task's rectangles are checked by ``Segmenter.check_prompt`` with the server's limits:
+    over ``--max-boxes`` and over ``--max-mask-pixels`` are error results naming the flag;
+    a label the model lacks lets the model predict the class."""
+    image = _data_uri(scene(2))
+    small = [_rect(5, 5, 10, 10, rid=f"r{i}", label="zebra") for i in range(2)]  # 16x12 px
+    with backend(segmenter, LabelStudioSettings(), max_boxes=2, max_mask_pixels=500) as client:
+        results = client.post("/labelstudio/predict", json={"tasks": [
+            _task(1, image, [*small, _rect(50, 50, 10, 10, rid="r3")]),
+            _task(2, image, [_rect(10, 10, 30, 30)]), _task(3, image, small)]}).json()["results"]
+    assert "3 given, the limit is 2 per request" in results[0]["error"]
+    assert "the 1 boxes cover" in results[1]["error"]
+    assert "limit of 500 pixels per request (--max-mask-pixels)" in results[1]["error"]
+    assert "error" not in results[2] and len(results[2]["result"]) == 2

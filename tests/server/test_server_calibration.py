@@ -3,6 +3,7 @@ gives none, and ``--image-size`` reaching the network."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 
 import numpy as np
@@ -30,6 +31,12 @@ def test_no_threshold_means_the_calibrated_one(tiny_checkpoint, tmp_path) -> Non
         everything = client.post("/v1/segment", files={"image": ("a.png", encode(image))},
                                  data={"score_threshold": "0"}).json()
         assert len(everything["instances"]) == len(raw)
+        for word, count in (("all", len(raw)), ("calibrated", len(body["instances"]))):
+            form = client.post("/v1/segment", files={"image": ("a.png", encode(image))},
+                               data={"score_threshold": word}).json()
+            data = base64.b64encode(encode(image)).decode()
+            sent = client.post("/v1/segment", json={"image": data, "score_threshold": word})
+            assert len(form["instances"]) == len(sent.json()["instances"]) == count, word
 
 
 def test_image_size_reaches_the_network(tiny_checkpoint) -> None:

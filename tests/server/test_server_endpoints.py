@@ -185,10 +185,14 @@ def test_labels_without_boxes_are_422(client, image) -> None:
     error_of(post_form(client, encode(image), labels='["disc"]'), 422, "invalid_labels", "labels")
 
 
-@pytest.mark.parametrize("value", ["1.5", "-0.1", "abc", "nan"])
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "abc", "nan", "Calibrated"])
 def test_bad_score_threshold(client, image, value) -> None:
-    error_of(post_form(client, encode(image), score_threshold=value), 422, "invalid_field",
-             "score_threshold")
+    msg = error_of(post_form(client, encode(image), score_threshold=value), 422,
+                   "invalid_field", "score_threshold")
+    assert "'calibrated' or 'all'" in msg
+    error_of(client.post("/v1/segment", json={"image": b64(encode(image)),
+                                              "score_threshold": "best"}),
+             422, "invalid_field", "score_threshold")
 
 
 # --------------------------------------------------------------------------- bad images / bodies

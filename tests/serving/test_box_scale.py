@@ -49,7 +49,7 @@ class BoxBackend:
 
 
 class Cfg:
-    min_size, max_size, mask_threshold, clip_to_box = 128, 512, 0.5, True
+    min_size, max_size, mask_threshold, clip_to_box, max_prompt_boxes = 128, 512, 0.5, True, 256
 
 
 def test_box_scales_put_a_tiny_and_a_huge_box_at_the_trained_sizes():

@@ -110,8 +110,8 @@ def test_empty_box_list_returns_empty_prediction(seg, sample_image):
 def test_segmenter_rejects_bad_boxes(seg, sample_image):
     with pytest.raises(BoxError, match="box 1"):
         seg.predict(sample_image, boxes=[[10, 10, 50, 50], [60, 60, 40, 80]])
-    with pytest.raises(BoxError, match="the limit is 256"):
-        seg.predict(sample_image, boxes=[[10, 10, 50, 50]] * 257)
+    with pytest.raises(BoxError, match="257 given, the limit is 256 per request"):
+        seg.check_prompt([[10, 10, 50, 50]] * 257, None, (120, 160), max_boxes=256)
     with pytest.raises(BoxError, match="expected shape"):
         seg.predict(sample_image, boxes=[[10, 10, 50]])
 

@@ -2,9 +2,10 @@
 
 :class:`JobRunner` owns the progress logs and the progress bar of a ``predict`` / ``label``
 run: it works out what is left to do from every process's log, hands this process its share
-(:func:`serving.cli.shards.take_share`), appends a record per finished image, and on process 0
-waits for every process's end mark while showing one bar for the whole job. The commands
-merge the records into their outputs.
+(:func:`serving.sharding.shards.take_share`), appends a record per finished image, and on
+process 0 waits for every process's end mark while showing one bar for the whole job. The
+commands merge the records into their outputs. A job is anything with a ``key`` and a
+``fingerprint`` (:class:`WorkItem`; the commands' is :class:`serving.cli.jobs.Job`).
 """
 
 from __future__ import annotations
@@ -14,18 +15,31 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
-from .jobs import Job
 from .progress import LogTail, ProgressLog, WorkRecords
 from .shards import Shard, barrier, take_share
+
+
+class WorkItem(Protocol):
+    """What the runner needs of a job: a ``key`` unique in the run, and a ``fingerprint`` of
+    what its result depends on (:mod:`.progress`)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+
+Job = TypeVar("Job", bound=WorkItem)
 
 #: Seconds between process 0's looks at the other processes' logs while it waits for them.
 POLL_S = 0.5
 
 
 @dataclass
-class RunPlan:
+class RunPlan(Generic[Job]):
     """What a command asks the runner to do.
 
     ``jobs``: every image of the input, in output order. ``is_done(job, record)``: whether a
@@ -39,11 +53,11 @@ class RunPlan:
     is_done: Callable[[Job, dict[str, Any]], bool] = lambda job, record: True
 
 
-class JobRunner:
+class JobRunner(Generic[Job]):
     """See the module docstring. Use :meth:`start`, then :meth:`record` per outcome, then
     :meth:`finish` (or :meth:`close` after an interruption)."""
 
-    def __init__(self, plan: RunPlan, shard: Shard, progress: bool = True,
+    def __init__(self, plan: RunPlan[Job], shard: Shard, progress: bool = True,
                  desc: str = "images") -> None:
         self.plan = plan
         self.shard = shard

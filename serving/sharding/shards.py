@@ -284,7 +284,7 @@ def check_processes(processes: int) -> None:
 
 
 def _lock(command: str, args: Any) -> Any:
-    """The output's :class:`~serving.cli.lock.OutputLock`, taken here unless a parent that
+    """The output's :class:`~serving.sharding.lock.OutputLock`, taken here unless a parent that
     launched this process holds it (or this is not process 0 of a launched job)."""
     from contextlib import nullcontext
 
