@@ -32,8 +32,6 @@ operation order is not reproduced, and for maps small enough that PyTorch switch
 from __future__ import annotations
 
 import functools
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -56,13 +54,6 @@ DENSE_VIEW_BYTES = 16 << 20
 DENSE_VIEW_RATIO = 2
 #: Pixels of edge groups interpolated per chunk (a few float32 / int64 copies of this).
 EDGE_PIXELS = 1 << 18
-#: Masks per thread at least, when the masks of an image are split over the process's torch
-#: threads (numpy releases the GIL in the large array operations; each part is exact alone).
-PARALLEL_MASKS = 16
-#: Threads of the pool that splits masks (created on first use, at most this many).
-MAX_PASTE_THREADS = 4
-_POOL: list[ThreadPoolExecutor] = []
-_POOL_LOCK = threading.Lock()
 #: Sources beyond ``threshold +- MARGIN * max(1, |threshold|, |probs|)`` decide a pixel
 #: without interpolating; interpolation rounding moves values by < 1e-6 of that scale.
 MARGIN = 2.0 ** -16
@@ -512,25 +503,8 @@ def mask_crops(mask_probs: Tensor, resized_size: tuple[int, int], orig_size: tup
     if fused is not None and 4 * (h4 + w4) + 2 > SMALL_OUTPUT and (
             same or sum(orig) > SMALL_OUTPUT):
         probs = mask_probs.detach().float().numpy()
-        return _crops_parallel(probs, resized, orig, float(threshold), boxes, fused)
+        return _crops_exact(probs, resized, orig, float(threshold), boxes, fused)
     return _crops_dense(mask_probs, resized, orig, float(threshold), boxes)
-
-
-def _crops_parallel(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int],
-                    threshold: float, boxes: np.ndarray | None, fused: bool) -> InstanceMasks:
-    """:func:`_crops_exact` with the masks split over up to ``torch.get_num_threads()``
-    threads (at least ``PARALLEL_MASKS`` masks each); the same masks, in order."""
-    workers = min(torch.get_num_threads(), MAX_PASTE_THREADS, len(probs) // PARALLEL_MASKS)
-    if workers < 2:
-        return _crops_exact(probs, resized, orig, threshold, boxes, fused)
-    with _POOL_LOCK:
-        if not _POOL:
-            _POOL.append(ThreadPoolExecutor(MAX_PASTE_THREADS, thread_name_prefix="paste"))
-    parts = np.array_split(np.arange(len(probs)), workers)
-    futures = [_POOL[0].submit(_crops_exact, probs[part[0]:part[-1] + 1], resized, orig,
-                               threshold, None if boxes is None else boxes[part[0]:part[-1] + 1],
-                               fused) for part in parts]
-    return InstanceMasks.concatenate([f.result() for f in futures])
 
 
 def _tighten(crops: list[np.ndarray], regions: list[tuple[int, int, int, int] | None],
