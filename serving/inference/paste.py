@@ -31,7 +31,6 @@ operation order is not reproduced, and for maps small enough that PyTorch switch
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -41,7 +40,8 @@ from torch import Tensor
 
 from ..masks import InstanceMasks
 from ..model.ops import aligned_bilinear
-from .bilinear import SMALL_OUTPUT, Axis, aligned_axis, combine, cpu_fused, resize_axis, sample
+from .bilinear import SMALL_OUTPUT, combine, cpu_fused, sample
+from .paste_groups import AxisGroups, axis_groups, group_maps, spread
 
 #: Float intermediates of the whole-image fallback are kept below this many bytes per chunk
 #: on the CPU (fresh allocations of tens of MB cost more in page faults than the arithmetic).
@@ -59,148 +59,8 @@ EDGE_PIXELS = 1 << 18
 MARGIN = 2.0 ** -16
 
 
-#: Runs (first pixel, end pixel, first slot): see ``_Groups.runs``.
-Runs = tuple[tuple[int, int, int], ...]
-
-
-class _Groups(NamedTuple):
-    """One axis of the original image: its pixels in runs ("groups") that read the same
-    cells, and per group the tables that interpolate its pixels as one block.
-
-    Attributes:
-        starts: (G + 1,) int64 first pixel of each group, then the axis length.
-        ca, cb: (G,) int64 first and last cell that the group's pixels read (``cb - ca <= 1``;
-            the groups are runs of one ``ca``, cut to at most 4 pixels or the usual run).
-        of: (n,) int64 group of each pixel.
-        stage1: aligned x4 sampling of the resized axis (into the stride-4 map).
-        stage2: resize sampling of the original axis (into the resized one), ``None`` when
-            the image was not resized.
-        pix, valid: (G, L) int64 pixels of each group (L = the longest group) and which
-            slots are real.
-        patch: (G, 3) int64 stride-4 indices ca, ca + 1, ca + 2 (clamped): every source.
-        weights: (G, L, 3) float32: pixel ``pix[g, l]`` is ``weights[g, l] @ patch[g]`` (both
-            stages composed in float64, rounded once; within ~1e-7 of the kernel's value).
-        runs: how :func:`_spread` writes the axis (groups of at most 4 pixels, as at the
-            network's input size): runs (first pixel, end pixel, first slot) of pixels that
-            are consecutive slots when every group is written 4 times; ``None`` for longer
-            groups or more than 8 runs.
-    """
-
-    starts: np.ndarray
-    ca: np.ndarray
-    cb: np.ndarray
-    of: np.ndarray
-    stage1: Axis
-    stage2: Axis | None
-    pix: np.ndarray
-    valid: np.ndarray
-    patch: np.ndarray
-    weights: np.ndarray
-    runs: Runs | None
-
-
-def _split(starts: np.ndarray) -> np.ndarray:
-    """Group starts with runs longer than the most common length (at least 4) cut into
-    pieces of it (same-size masks: 4x4 pixel blocks)."""
-    lengths = np.diff(starts)
-    cap = max(4, int(np.bincount(lengths).argmax()))
-    pieces = -(-lengths // cap)
-    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
-    cut = np.repeat(starts[:-1], pieces) + cap * (np.arange(int(pieces.sum())) - first)
-    return np.concatenate((cut, starts[-1:]))
-
-
-@functools.lru_cache(maxsize=16)
-def _groups(n4: int, resized: int, size: int | None, fused: bool) -> _Groups:
-    """The groups of an axis of ``size`` original pixels (``None``: the image was not
-    resized), ``resized`` in the network input and ``n4`` at stride 4; ``fused``: the CPU
-    kernel's variant. Cached (the arrays are made read-only)."""
-    stage1 = aligned_axis(n4, resized)
-    stage2 = None if size is None else resize_axis(resized, size, fused)
-    size = resized if size is None else size
-    u0, u1 = (stage2.i0, stage2.i1) if stage2 is not None else (np.arange(size),) * 2
-    ca, cb = stage1.i0[u0], stage1.i0[u1]  # both non-decreasing
-    change = np.flatnonzero(ca[1:] != ca[:-1]) + 1
-    starts = _split(np.concatenate(([0], change, [size])).astype(np.int64))
-    lengths = np.diff(starts)
-    of = np.repeat(np.arange(len(lengths)), lengths)
-    first = starts[:-1]
-    pix = first[:, None] + np.arange(int(lengths.max()))
-    valid = pix < starts[1:, None]
-    pix = np.minimum(pix, size - 1)
-    ca, cb = ca[first], cb[starts[1:] - 1]
-    patch = np.minimum(ca[:, None] + np.arange(3), n4 - 1)
-    weights = _weights(stage1, ca, first, pix, resized, stage2)
-    out = _Groups(starts, ca, cb, of, stage1, stage2, pix, valid, patch, weights,
-                  _runs(starts, of))
-    for field in out:
-        for array in (field if isinstance(field, Axis) else [field]):
-            if isinstance(array, np.ndarray):
-                array.setflags(write=False)
-    return out
-
-
-def _weights(stage1: Axis, ca: np.ndarray, first: np.ndarray, pix: np.ndarray, resized: int,
-             stage2: Axis | None) -> np.ndarray:
-    """(G, L, 3) float32 weights of each group's pixels ``pix`` (G, L) on its three stride-4
-    cells ``ca .. ca + 2``: the stage-1 sampling of the resized positions, composed (float64)
-    with the stage-2 sampling of the original pixels when the image was resized."""
-    def scatter(ax: Axis, base: np.ndarray, width: int) -> np.ndarray:
-        out = np.zeros((*ax.i0.shape, width))
-        at = np.indices(ax.i0.shape)
-        for index, weight in ((ax.i0, ax.w0), (ax.i1, ax.w1)):
-            np.add.at(out, (*at, np.clip(index - base[:, None], 0, width - 1)), weight)
-        return out
-
-    if stage2 is None:
-        return scatter(stage1.take(pix), ca, 3).astype(np.float32)
-    ua = stage2.i0[first]
-    span = int((stage2.i1[pix] - ua[:, None]).max()) + 1
-    upos = np.minimum(ua[:, None] + np.arange(span), resized - 1)
-    return (scatter(stage2.take(pix), ua, span) @ scatter(stage1.take(upos), ca, 3)
-            ).astype(np.float32)
-
-
-def _runs(starts: np.ndarray, of: np.ndarray) -> Runs | None:
-    """See ``_Groups.runs``."""
-    if int(np.diff(starts).max()) > 4:
-        return None
-    slot = 4 * of + (np.arange(len(of)) - starts[of])
-    cuts = np.concatenate(([0], np.flatnonzero(np.diff(slot) != 1) + 1, [len(of)]))
-    if len(cuts) > 9:
-        return None
-    return tuple((int(a), int(b), int(slot[a])) for a, b in zip(cuts[:-1], cuts[1:]))
-
-
-def _spread(groups: np.ndarray, axis: _Groups) -> np.ndarray:
-    """(K, R, n) bool: (K, R, G) bool ``groups`` with each group repeated to its pixels along
-    the last axis, ``np.take(groups, axis.of, axis=2)`` (a byte gather); through ``runs``,
-    a multiplication that writes every group 4 times and a few slice copies (3x faster)."""
-    if axis.runs is None:
-        return np.take(groups, axis.of, axis=2)
-    wide = (groups.view(np.uint8).astype(np.uint32) * np.uint32(0x01010101)).view(np.uint8)
-    out = np.empty((*groups.shape[:2], len(axis.of)), bool)
-    for first, end, slot in axis.runs:
-        out[:, :, first:end] = wide[:, :, slot:slot + end - first]
-    return out
-
-
-def _group_maps(above: np.ndarray, rows: _Groups, cols: _Groups) -> np.ndarray:
-    """(K, Gr, Gc): the bits that every source of the group has in ``above`` ((K, h4, w4)
-    bool, or uint8 for several maps at once, one per bit)."""
-    cells = above.copy()  # cell c: rows c and c + 1 (the last row replicated)
-    cells[:, :-1] &= above[:, 1:]
-    cells[:, :, :-1] &= cells[:, :, 1:]  # (overlapping in-place operands are buffered)
-    out = np.take(cells, rows.ca, axis=1)  # (np.take is much faster than fancy indexing)
-    if not np.array_equal(rows.ca, rows.cb):
-        out &= np.take(cells, rows.cb, axis=1)
-    if np.array_equal(cols.ca, cols.cb):
-        return np.take(out, cols.ca, axis=2)
-    return np.take(out, cols.ca, axis=2) & np.take(out, cols.cb, axis=2)
-
-
-def _values(probs: np.ndarray, k: np.ndarray, y: np.ndarray, x: np.ndarray, rows: _Groups,
-            cols: _Groups, fused: bool) -> np.ndarray:
+def _values(probs: np.ndarray, k: np.ndarray, y: np.ndarray, x: np.ndarray, rows: AxisGroups,
+            cols: AxisGroups, fused: bool) -> np.ndarray:
     """float32 values of the whole-image pipeline at pixels (y, x) of masks k (parallel 1-D
     int64 arrays) of ``probs`` (K, h4, w4) float32."""
     if rows.stage2 is None or cols.stage2 is None:
@@ -220,8 +80,8 @@ class _Plan(NamedTuple):
     and ``low`` (certainly False) groups, the (K,) clip ranges [y0, y1) x [x0, x1) and the
     threshold margin."""
 
-    rows: _Groups
-    cols: _Groups
+    rows: AxisGroups
+    cols: AxisGroups
     high: np.ndarray
     low: np.ndarray
     clip: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -236,8 +96,8 @@ def _plan(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int], th
     (h4, w4), (rh, rw), (h0, w0) = probs.shape[1:], resized, orig
     same = (rh, rw) == (h0, w0)
     # not resized at all, or resized (both axes: an axis of equal size resizes exactly)
-    rows = _groups(h4, rh, None if same else h0, fused)
-    cols = _groups(w4, rw, None if same else w0, fused)
+    rows = axis_groups(h4, rh, None if same else h0, fused)
+    cols = axis_groups(w4, rw, None if same else w0, fused)
     scale = max(1.0, abs(threshold), float(probs.max(initial=0.0)),
                 -float(probs.min(initial=0.0)))
     margin = MARGIN * scale
@@ -252,7 +112,7 @@ def _plan(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int], th
             below[tuple(lag)] &= src[tuple(lead)]
     # both maps in one pass: bit 0 "above", bit 1 "below"
     state = above.view(np.uint8) | (below.view(np.uint8) << 1)
-    groups = _group_maps(state, rows, cols)
+    groups = group_maps(state, rows, cols)
     high, low = (groups & 1).view(bool), (groups >> 1).view(bool)
     k = len(probs)
     if boxes is None:
@@ -299,7 +159,7 @@ def _bounds(plan: _Plan, groups: np.ndarray) -> np.ndarray:
 
 
 def _block_values(probs: np.ndarray, kk: np.ndarray, gr: np.ndarray, gc: np.ndarray,
-                  rows: _Groups, cols: _Groups) -> np.ndarray:
+                  rows: AxisGroups, cols: AxisGroups) -> np.ndarray:
     """(M, Lr, Lc) float32 values of groups (gr, gc) of masks kk, every pixel of a group
     from its 3x3 stride-4 patch by the groups' weights (two small matrix products per group:
     within ~1e-7 of the kernel's value, not bit for bit; :func:`_edge_chunk` recomputes the
@@ -378,7 +238,7 @@ class _Edges(NamedTuple):
         return self.kk[m], plan.rows.pix[self.gr[m], ly], plan.cols.pix[self.gc[m], lx]
 
 
-def _expand(high: np.ndarray, rows: _Groups, cols: _Groups, box: tuple[int, int, int, int],
+def _expand(high: np.ndarray, rows: AxisGroups, cols: AxisGroups, box: tuple[int, int, int, int],
             out: np.ndarray) -> None:
     """Step 3: write the crop ``box`` (y0, y1, x0, x1) of one mask's ``high`` groups (Gr, Gc)
     into ``out`` ((y1 - y0, x1 - x0) bool): columns on the group rows, then whole rows."""
@@ -404,7 +264,7 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
     if small or len(probs) * orig[0] * orig[1] <= DENSE_VIEW_RATIO * total:
         # Small images, or masks that fill them: all masks expanded by two batched gathers
         # (the edge pixels set by scatters), each crop a view of its mask.
-        dense = np.take(_spread(plan.high, plan.cols), plan.rows.of, axis=1)
+        dense = np.take(spread(plan.high, plan.cols), plan.rows.of, axis=1)
         for pixels in kept or (chunk.pixels(plan) for chunk in edges):
             dense[pixels] = True
         crops = [dense[k, y0:y1, x0:x1] if sizes[k] else np.zeros((0, 0), bool)

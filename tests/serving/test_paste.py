@@ -11,6 +11,7 @@ from sim_testing import assert_same_predictions, reference_postprocess_masks, us
 
 import serving.inference.bilinear as bilinear
 import serving.inference.paste as paste
+import serving.inference.paste_groups as paste_groups
 from serving import Segmenter
 from serving.inference.bilinear import aligned_axis, cpu_fused, fma32, grid, resize_axis, sample
 from serving.inference.paste import mask_crops
@@ -209,13 +210,13 @@ def test_edges_in_small_chunks_give_the_same_masks(monkeypatch, expansion) -> No
 def test_spreading_groups_to_pixels_equals_the_gather(n4, resized, size) -> None:
     """``_spread`` (a word multiply and slice copies where the layout allows) writes the
     same pixels as the byte gather ``np.take(groups, of, axis=2)``."""
-    axis = paste._groups(n4, resized, size, True)
+    axis = paste_groups.axis_groups(n4, resized, size, True)
     groups = np.random.default_rng(n4).random((3, 5, len(axis.starts) - 1)) < 0.5
-    assert np.array_equal(paste._spread(groups, axis), np.take(groups, axis.of, axis=2))
+    assert np.array_equal(paste_groups.spread(groups, axis), np.take(groups, axis.of, axis=2))
 
 
 def test_spread_layouts_cover_the_fast_path_and_the_fallback() -> None:
     """The cases above reach both branches of ``_spread``."""
-    assert paste._groups(64, 256, None, True).runs is not None
-    assert paste._groups(8, 30, 31, True).runs is not None
-    assert paste._groups(25, 100, 600, True).runs is None
+    assert paste_groups.axis_groups(64, 256, None, True).runs is not None
+    assert paste_groups.axis_groups(8, 30, 31, True).runs is not None
+    assert paste_groups.axis_groups(25, 100, 600, True).runs is None

@@ -1,0 +1,151 @@
+"""The groups of :mod:`serving.inference.paste`: along one axis of the original image, runs of
+pixels that read the same stride-4 cells, with the tables that interpolate them and spread
+per-group values to pixels (see that module's docstring, step 1)."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+
+from .bilinear import Axis, aligned_axis, resize_axis
+
+#: Runs (first pixel, end pixel, first slot): see ``AxisGroups.runs``.
+Runs = tuple[tuple[int, int, int], ...]
+
+
+class AxisGroups(NamedTuple):
+    """One axis of the original image: its pixels in runs ("groups") that read the same
+    cells, and per group the tables that interpolate its pixels as one block.
+
+    Attributes:
+        starts: (G + 1,) int64 first pixel of each group, then the axis length.
+        ca, cb: (G,) int64 first and last cell that the group's pixels read (``cb - ca <= 1``;
+            the groups are runs of one ``ca``, cut to at most 4 pixels or the usual run).
+        of: (n,) int64 group of each pixel.
+        stage1: aligned x4 sampling of the resized axis (into the stride-4 map).
+        stage2: resize sampling of the original axis (into the resized one), ``None`` when
+            the image was not resized.
+        pix, valid: (G, L) int64 pixels of each group (L = the longest group) and which
+            slots are real.
+        patch: (G, 3) int64 stride-4 indices ca, ca + 1, ca + 2 (clamped): every source.
+        weights: (G, L, 3) float32: pixel ``pix[g, l]`` is ``weights[g, l] @ patch[g]`` (both
+            stages composed in float64, rounded once; within ~1e-7 of the kernel's value).
+        runs: how :func:`spread` writes the axis (groups of at most 4 pixels, as at the
+            network's input size): runs (first pixel, end pixel, first slot) of pixels that
+            are consecutive slots when every group is written 4 times; ``None`` for longer
+            groups or more than 8 runs.
+    """
+
+    starts: np.ndarray
+    ca: np.ndarray
+    cb: np.ndarray
+    of: np.ndarray
+    stage1: Axis
+    stage2: Axis | None
+    pix: np.ndarray
+    valid: np.ndarray
+    patch: np.ndarray
+    weights: np.ndarray
+    runs: Runs | None
+
+
+def _split(starts: np.ndarray) -> np.ndarray:
+    """Group starts with runs longer than the most common length (at least 4) cut into
+    pieces of it (same-size masks: 4x4 pixel blocks)."""
+    lengths = np.diff(starts)
+    cap = max(4, int(np.bincount(lengths).argmax()))
+    pieces = -(-lengths // cap)
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    cut = np.repeat(starts[:-1], pieces) + cap * (np.arange(int(pieces.sum())) - first)
+    return np.concatenate((cut, starts[-1:]))
+
+
+@functools.lru_cache(maxsize=16)
+def axis_groups(n4: int, resized: int, size: int | None, fused: bool) -> AxisGroups:
+    """The groups of an axis of ``size`` original pixels (``None``: the image was not
+    resized), ``resized`` in the network input and ``n4`` at stride 4; ``fused``: the CPU
+    kernel's variant. Cached (the arrays are made read-only)."""
+    stage1 = aligned_axis(n4, resized)
+    stage2 = None if size is None else resize_axis(resized, size, fused)
+    size = resized if size is None else size
+    u0, u1 = (stage2.i0, stage2.i1) if stage2 is not None else (np.arange(size),) * 2
+    ca, cb = stage1.i0[u0], stage1.i0[u1]  # both non-decreasing
+    change = np.flatnonzero(ca[1:] != ca[:-1]) + 1
+    starts = _split(np.concatenate(([0], change, [size])).astype(np.int64))
+    lengths = np.diff(starts)
+    of = np.repeat(np.arange(len(lengths)), lengths)
+    first = starts[:-1]
+    pix = first[:, None] + np.arange(int(lengths.max()))
+    valid = pix < starts[1:, None]
+    pix = np.minimum(pix, size - 1)
+    ca, cb = ca[first], cb[starts[1:] - 1]
+    patch = np.minimum(ca[:, None] + np.arange(3), n4 - 1)
+    weights = _weights(stage1, ca, first, pix, resized, stage2)
+    out = AxisGroups(starts, ca, cb, of, stage1, stage2, pix, valid, patch, weights,
+                  _runs(starts, of))
+    for field in out:
+        for array in (field if isinstance(field, Axis) else [field]):
+            if isinstance(array, np.ndarray):
+                array.setflags(write=False)
+    return out
+
+
+def _weights(stage1: Axis, ca: np.ndarray, first: np.ndarray, pix: np.ndarray, resized: int,
+             stage2: Axis | None) -> np.ndarray:
+    """(G, L, 3) float32 weights of each group's pixels ``pix`` (G, L) on its three stride-4
+    cells ``ca .. ca + 2``: the stage-1 sampling of the resized positions, composed (float64)
+    with the stage-2 sampling of the original pixels when the image was resized."""
+    def scatter(ax: Axis, base: np.ndarray, width: int) -> np.ndarray:
+        out = np.zeros((*ax.i0.shape, width))
+        at = np.indices(ax.i0.shape)
+        for index, weight in ((ax.i0, ax.w0), (ax.i1, ax.w1)):
+            np.add.at(out, (*at, np.clip(index - base[:, None], 0, width - 1)), weight)
+        return out
+
+    if stage2 is None:
+        return scatter(stage1.take(pix), ca, 3).astype(np.float32)
+    ua = stage2.i0[first]
+    span = int((stage2.i1[pix] - ua[:, None]).max()) + 1
+    upos = np.minimum(ua[:, None] + np.arange(span), resized - 1)
+    return (scatter(stage2.take(pix), ua, span) @ scatter(stage1.take(upos), ca, 3)
+            ).astype(np.float32)
+
+
+def _runs(starts: np.ndarray, of: np.ndarray) -> Runs | None:
+    """See ``AxisGroups.runs``."""
+    if int(np.diff(starts).max()) > 4:
+        return None
+    slot = 4 * of + (np.arange(len(of)) - starts[of])
+    cuts = np.concatenate(([0], np.flatnonzero(np.diff(slot) != 1) + 1, [len(of)]))
+    if len(cuts) > 9:
+        return None
+    return tuple((int(a), int(b), int(slot[a])) for a, b in zip(cuts[:-1], cuts[1:]))
+
+
+def spread(groups: np.ndarray, axis: AxisGroups) -> np.ndarray:
+    """(K, R, n) bool: (K, R, G) bool ``groups`` with each group repeated to its pixels along
+    the last axis, ``np.take(groups, axis.of, axis=2)`` (a byte gather); through ``runs``,
+    a multiplication that writes every group 4 times and a few slice copies (3x faster)."""
+    if axis.runs is None:
+        return np.take(groups, axis.of, axis=2)
+    wide = (groups.view(np.uint8).astype(np.uint32) * np.uint32(0x01010101)).view(np.uint8)
+    out = np.empty((*groups.shape[:2], len(axis.of)), bool)
+    for first, end, slot in axis.runs:
+        out[:, :, first:end] = wide[:, :, slot:slot + end - first]
+    return out
+
+
+def group_maps(above: np.ndarray, rows: AxisGroups, cols: AxisGroups) -> np.ndarray:
+    """(K, Gr, Gc): the bits that every source of the group has in ``above`` ((K, h4, w4)
+    bool, or uint8 for several maps at once, one per bit)."""
+    cells = above.copy()  # cell c: rows c and c + 1 (the last row replicated)
+    cells[:, :-1] &= above[:, 1:]
+    cells[:, :, :-1] &= cells[:, :, 1:]  # (overlapping in-place operands are buffered)
+    out = np.take(cells, rows.ca, axis=1)  # (np.take is much faster than fancy indexing)
+    if not np.array_equal(rows.ca, rows.cb):
+        out &= np.take(cells, rows.cb, axis=1)
+    if np.array_equal(cols.ca, cols.cb):
+        return np.take(out, cols.ca, axis=2)
+    return np.take(out, cols.ca, axis=2) & np.take(out, cols.cb, axis=2)
