@@ -86,12 +86,21 @@ def colour_separation(pixels: Tensor, mask: np.ndarray) -> float:
     Args:
         pixels: (h, w, 3) RGB 0..255 of a region (any real dtype); mask: (h, w) bool.
     """
-    values = np.asarray(pixels, dtype=np.float64)
-    inside, outside = values[mask], values[~mask]
-    if len(inside) < 2 or len(outside) < 2:
+    values = np.asarray(pixels, dtype=np.float64).reshape(-1, 3)
+    weights = np.asarray(mask, dtype=np.float64).reshape(-1)
+    n_in = float(weights.sum())
+    n_out = len(weights) - n_in
+    if n_in < 2 or n_out < 2:
         return 0.0
-    gap = float(((inside.mean(0) - outside.mean(0)) ** 2).sum())
-    return gap / (float(inside.var(0, ddof=1).sum() + outside.var(0, ddof=1).sum()) + 1.0)
+    # per side: the sums of the values and of their squares (matrix-vector products, no copies)
+    sums, squares = values.sum(0), np.einsum("ij,ij->j", values, values)
+    in_sum, in_sq = weights @ values, weights @ (values * values)
+    out_sum, out_sq = sums - in_sum, squares - in_sq
+    mean_in, mean_out = in_sum / n_in, out_sum / n_out
+    var_in = (in_sq - n_in * mean_in ** 2) / (n_in - 1)
+    var_out = (out_sq - n_out * mean_out ** 2) / (n_out - 1)
+    gap = float(((mean_in - mean_out) ** 2).sum())
+    return gap / (float(var_in.sum() + var_out.sum()) + 1.0)
 
 
 def quality_score(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,
