@@ -49,9 +49,6 @@ MIN_SIDE = 24.0
 REFINE_PIXELS = 512 * 512
 #: A larger region is only scored, on a grid of about this many pixels.
 SCORE_PIXELS = 128 * 128
-#: Windows of a larger radius are fitted on maps area-averaged to about this radius (the
-#: fast guided filter; see :func:`guided_filter`).
-SUBSAMPLE_RADIUS = 4
 
 
 class Source(NamedTuple):
@@ -150,28 +147,8 @@ def guided_filter(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -
 
     Returns:
         (h, w) float32: ``mean_a(x) . I(x) + mean_b(x)``, with ``(a, b)`` the ridge
-        regression ``p ~ a . I + b`` of each window (He et al., eq. 5-8, colour case). For a
-        radius of ``2 * SUBSAMPLE_RADIUS`` or more, ``(a, b)`` and their means come from the
-        maps area-averaged by ``radius // SUBSAMPLE_RADIUS`` and are upsampled bilinearly
-        (the fast guided filter, He and Sun 2015): the windows still span ``radius``, the
-        cost falls with the square of that factor.
+        regression ``p ~ a . I + b`` of each window (He et al., eq. 5-8, colour case).
     """
-    factor = max(1, radius // SUBSAMPLE_RADIUS)
-    if factor == 1:
-        coeffs = _coefficients(guide, probs, radius, eps)
-    else:
-        h, w = probs.shape
-        small = (max(1, round(h / factor)), max(1, round(w / factor)))
-        maps = F.interpolate(torch.cat([guide, probs[None]])[None], size=small, mode="area")[0]
-        coeffs = _coefficients(maps[:3], maps[3], max(1, round(radius / factor)), eps)
-        coeffs = F.interpolate(coeffs[None], size=(h, w), mode="bilinear",
-                               align_corners=False)[0]
-    return (coeffs[:3] * guide).sum(0) + coeffs[3]
-
-
-def _coefficients(guide: Tensor, probs: Tensor, radius: int, eps: float) -> Tensor:
-    """(4, h, w): the window means of the fit's ``a`` (3 channels) and ``b`` (see
-    :func:`guided_filter`)."""
     pairs = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
     products = torch.stack([guide[i] * guide[j] for i, j in pairs])
     means = _box_mean(torch.cat([guide, probs[None], guide * probs, products])[None],
@@ -181,7 +158,8 @@ def _coefficients(guide: Tensor, probs: Tensor, radius: int, eps: float) -> Tens
     cov[[0, 3, 5]] += eps
     a = _solve3(cov, mean_ip - mean_i * mean_p)
     b = mean_p - (a * mean_i).sum(0)
-    return _box_mean(torch.cat([a, b[None]])[None], radius)[0]
+    coeffs = _box_mean(torch.cat([a, b[None]])[None], radius)[0]
+    return (coeffs[:3] * guide).sum(0) + coeffs[3]
 
 
 class BoxView(NamedTuple):
