@@ -31,6 +31,7 @@ operation order is not reproduced, and for maps small enough that PyTorch switch
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
@@ -255,9 +256,14 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
     edges = _edges(plan, probs, threshold, fused)
     bounds = _bounds(plan, _inside(plan, plan.high))
     small = len(probs) * orig[0] * orig[1] <= DENSE_VIEW_BYTES
-    # the True edge pixels as (k, y, x) lists: 24 bytes each, kept only for small images
-    kept = [chunk.pixels(plan) for chunk in edges] if small else []
-    for pixels in kept or (chunk.pixels(plan) for chunk in edges):
+    # The True edge pixels as (k, y, x) lists (24 bytes each): kept for small images, listed
+    # again from each chunk's booleans (1 byte per pixel) for large ones, to bound memory.
+    kept = [chunk.pixels(plan) for chunk in edges] if small else None
+
+    def edge_pixels() -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return kept if kept is not None else (chunk.pixels(plan) for chunk in edges)
+
+    for pixels in edge_pixels():
         _widen(bounds, pixels)
     sizes = np.maximum(bounds[:, 1] - bounds[:, 0], 0) * np.maximum(bounds[:, 3] - bounds[:, 2], 0)
     total = int(sizes.sum())
@@ -265,7 +271,7 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
         # Small images, or masks that fill them: all masks expanded by two batched gathers
         # (the edge pixels set by scatters), each crop a view of its mask.
         dense = np.take(spread(plan.high, plan.cols), plan.rows.of, axis=1)
-        for pixels in kept or (chunk.pixels(plan) for chunk in edges):
+        for pixels in edge_pixels():
             dense[pixels] = True
         crops = [dense[k, y0:y1, x0:x1] if sizes[k] else np.zeros((0, 0), bool)
                  for k, (y0, y1, x0, x1) in enumerate(bounds.tolist())]
@@ -281,8 +287,7 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
             crops[k] = buffer[ends[k] - int(sizes[k]):ends[k]].reshape(box[1] - box[0],
                                                                       box[3] - box[2])
             _expand(plan.high[k], plan.rows, plan.cols, box, crops[k])
-    for chunk in edges:
-        ek, ey, ex = chunk.pixels(plan)
+    for ek, ey, ex in edge_pixels():
         masks, at = _segments(ek)
         for k, s, e in zip(masks.tolist(), at.tolist(), [*at[1:].tolist(), len(ek)]):
             crops[k][ey[s:e] - bounds[k, 0], ex[s:e] - bounds[k, 2]] = True
