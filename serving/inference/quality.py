@@ -93,8 +93,9 @@ def colour_separation(pixels: Tensor, mask: np.ndarray) -> float:
     if n_in < 2 or n_out < 2:
         return 0.0
     # per side: the sums of the values and of their squares (matrix-vector products, no copies)
-    sums, squares = values.sum(0), np.einsum("ij,ij->j", values, values)
-    in_sum, in_sq = weights @ values, weights @ (values * values)
+    squared = values * values
+    sums, squares = values.sum(0), squared.sum(0)
+    in_sum, in_sq = weights @ values, weights @ squared
     out_sum, out_sq = sums - in_sum, squares - in_sq
     mean_in, mean_out = in_sum / n_in, out_sum / n_out
     var_in = (in_sq - n_in * mean_in ** 2) / (n_in - 1)

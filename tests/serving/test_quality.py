@@ -23,6 +23,23 @@ def test_colour_separation_hand_computed():
     assert quality.colour_separation(pixels, np.zeros((2, 3), bool)) == 0.0
 
 
+def test_colour_separation_equals_the_per_side_statistics_on_random_regions():
+    """The sums form gives the Fisher ratio computed from each side's own pixels."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        h, w = rng.integers(2, 40, 2)
+        pixels = rng.integers(0, 256, (h, w, 3)).astype(np.float32)
+        mask = rng.random((h, w)) < rng.random()
+        inside, outside = pixels[mask].astype(np.float64), pixels[~mask].astype(np.float64)
+        if len(inside) < 2 or len(outside) < 2:
+            assert quality.colour_separation(pixels, mask) == 0.0
+            continue
+        gap = ((inside.mean(0) - outside.mean(0)) ** 2).sum()
+        spread = inside.var(0, ddof=1).sum() + outside.var(0, ddof=1).sum()
+        assert quality.colour_separation(pixels, mask) == pytest.approx(gap / (spread + 1),
+                                                                        rel=1e-9)
+
+
 def test_projection_coverage_hand_computed():
     probs = torch.tensor([[0.9, 0.2, 0.0], [0.1, 0.4, 0.0]])
     inside = np.array([[True, True, False], [True, True, False]])
