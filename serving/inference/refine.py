@@ -113,16 +113,20 @@ def box_probs(source: Source, region: tuple[int, int, int, int], image_width: in
 
 
 def _box_mean(x: Tensor, radius: int) -> Tensor:
-    """(N, C, h, w) -> the mean over each (2r+1)^2 window (edges replicated), as two 1-D
-    running sums (cost independent of the radius)."""
+    """(C, h, w) float32 -> the mean over each (2r+1)^2 window, edges replicated: the input
+    padded once, then a running sum along each axis (cost independent of the radius).
+
+    Float32 sums suffice for the centred maps of :func:`guided_filter` (their running sums
+    stay small); the result differs from a float64 one by about 1e-7.
+    """
     k = 2 * radius + 1
+    x = F.pad(x[None], (radius, radius, radius, radius), mode="replicate")[0]
     for dim in (-1, -2):
-        pad = (radius, radius, 0, 0) if dim == -1 else (0, 0, radius, radius)
-        sums = F.pad(F.pad(x, pad, mode="replicate"), (1, 0, 0, 0) if dim == -1
-                     else (0, 0, 1, 0)).cumsum(dim, dtype=torch.float64)
+        sums = x.cumsum(dim)
         n = sums.shape[dim]
-        x = ((sums.narrow(dim, k, n - k) - sums.narrow(dim, 0, n - k)) / k).float()
-    return x
+        x = sums.narrow(dim, k - 1, n - k + 1).clone()  # window j: sums[j + k - 1] ...
+        x.narrow(dim, 1, n - k).sub_(sums.narrow(dim, 0, n - k))  # ... - sums[j - 1]
+    return x.div_(k * k)
 
 
 def _solve3(cov: Tensor, rhs: Tensor) -> Tensor:
@@ -137,6 +141,10 @@ def _solve3(cov: Tensor, rhs: Tensor) -> Tensor:
                         i02 * x + i12 * y + i22 * z)) / det
 
 
+#: The six distinct products of the three colour channels (the covariance's entries).
+_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+
+
 def guided_filter(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -> Tensor:
     """The colour guided filter of ``probs`` with ``guide``.
 
@@ -149,17 +157,23 @@ def guided_filter(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -
         (h, w) float32: ``mean_a(x) . I(x) + mean_b(x)``, with ``(a, b)`` the ridge
         regression ``p ~ a . I + b`` of each window (He et al., eq. 5-8, colour case).
     """
-    pairs = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
-    products = torch.stack([guide[i] * guide[j] for i, j in pairs])
-    means = _box_mean(torch.cat([guide, probs[None], guide * probs, products])[None],
-                      radius)[0]
+    # centred maps (the fit is unchanged by shifting I and p): small running sums in float32
+    guide = guide - guide.mean((1, 2), keepdim=True)
+    mean_of_probs = probs.mean()
+    stack = torch.empty((13, *probs.shape))
+    stack[:3] = guide
+    torch.sub(probs, mean_of_probs, out=stack[3])
+    torch.mul(guide, stack[3], out=stack[4:7])
+    for k, (i, j) in enumerate(_PAIRS):
+        torch.mul(guide[i], guide[j], out=stack[7 + k])
+    means = _box_mean(stack, radius)
     mean_i, mean_p, mean_ip, mean_ii = means[:3], means[3], means[4:7], means[7:]
-    cov = torch.stack([mean_ii[k] - mean_i[i] * mean_i[j] for k, (i, j) in enumerate(pairs)])
+    cov = torch.stack([mean_ii[k] - mean_i[i] * mean_i[j] for k, (i, j) in enumerate(_PAIRS)])
     cov[[0, 3, 5]] += eps
     a = _solve3(cov, mean_ip - mean_i * mean_p)
     b = mean_p - (a * mean_i).sum(0)
-    coeffs = _box_mean(torch.cat([a, b[None]])[None], radius)[0]
-    return (coeffs[:3] * guide).sum(0) + coeffs[3]
+    coeffs = _box_mean(torch.cat([a, b[None]]), radius)
+    return (coeffs[:3] * guide).sum(0) + coeffs[3] + mean_of_probs
 
 
 class BoxView(NamedTuple):

@@ -47,6 +47,47 @@ def test_guided_filter_follows_a_colour_edge():
     assert int(torch.nonzero(out > 0.5)[0]) < 24  # and the outline moved towards it
 
 
+def _reference_guided_filter(guide: np.ndarray, probs: np.ndarray, r: int,
+                             eps: float) -> np.ndarray:
+    """He et al.'s colour guided filter written out per window in float64, edges replicated
+    (a window's rows and columns clipped to the image, repeats kept): each window's ridge
+    fit ``p ~ a . I + b`` by a 3x3 solve, then the mean of the fits over each window."""
+    h, w = probs.shape
+    colours_of = guide.astype(np.float64).transpose(1, 2, 0)
+    values_of = probs.astype(np.float64)
+
+    def window(y: int, x: int) -> tuple[np.ndarray, np.ndarray]:
+        return (np.clip(np.arange(y - r, y + r + 1), 0, h - 1),
+                np.clip(np.arange(x - r, x + r + 1), 0, w - 1))
+
+    coeffs = np.zeros((h, w, 4))
+    for y in range(h):
+        for x in range(w):
+            ys, xs = window(y, x)
+            colours = colours_of[np.ix_(ys, xs)].reshape(-1, 3)
+            values = values_of[np.ix_(ys, xs)].reshape(-1)
+            cov = np.cov(colours.T, bias=True) + eps * np.eye(3)
+            gap = ((colours - colours.mean(0)) * (values - values.mean())[:, None]).mean(0)
+            a = np.linalg.solve(cov, gap)
+            coeffs[y, x] = (*a, values.mean() - a @ colours.mean(0))
+    out = np.zeros((h, w))
+    for y in range(h):
+        for x in range(w):
+            mean = coeffs[np.ix_(*window(y, x))].reshape(-1, 4).mean(0)
+            out[y, x] = mean[:3] @ colours_of[y, x] + mean[3]
+    return out
+
+
+def test_guided_filter_matches_a_per_window_float64_reference():
+    rng = np.random.default_rng(0)
+    guide = rng.random((3, 14, 17)).astype(np.float32)
+    guide[:, :, 9:] += 0.5  # a colour edge, and colours away from zero
+    probs = rng.random((14, 17)).astype(np.float32)
+    got = refine.guided_filter(torch.from_numpy(guide), torch.from_numpy(probs), 3, eps=0.01)
+    want = _reference_guided_filter(guide, probs, 3, 0.01)
+    np.testing.assert_allclose(got.numpy(), want, atol=2e-6, rtol=0)
+
+
 def test_full_resolution_probabilities_match_the_paste_pipeline():
     rng = np.random.default_rng(1)
     probs = torch.from_numpy(rng.random((1, 1, 12, 16), np.float32))
