@@ -49,6 +49,8 @@ MIN_SIDE = 24.0
 REFINE_PIXELS = 512 * 512
 #: A larger region is only scored, on a grid of about this many pixels.
 SCORE_PIXELS = 128 * 128
+#: Windows of a larger radius are fitted on maps area-averaged to about this radius.
+SUBSAMPLE_RADIUS = 4
 
 
 class Source(NamedTuple):
@@ -116,7 +118,7 @@ def _box_mean(x: Tensor, radius: int) -> Tensor:
     """(C, h, w) float32 -> the mean over each (2r+1)^2 window, edges replicated: the input
     padded once, then a running sum along each axis (cost independent of the radius).
 
-    Float32 sums suffice for the centred maps of :func:`guided_filter` (their running sums
+    Float32 sums suffice for the centred maps of :func:`_coefficients` (their running sums
     stay small); the result differs from a float64 one by about 1e-7.
     """
     k = 2 * radius + 1
@@ -155,10 +157,32 @@ def guided_filter(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -
 
     Returns:
         (h, w) float32: ``mean_a(x) . I(x) + mean_b(x)``, with ``(a, b)`` the ridge
-        regression ``p ~ a . I + b`` of each window (He et al., eq. 5-8, colour case).
+        regression ``p ~ a . I + b`` of each window (He et al., eq. 5-8, colour case). For a
+        radius of ``2 * SUBSAMPLE_RADIUS`` or more, ``(a, b)`` and their means come from the
+        maps area-averaged by ``radius // SUBSAMPLE_RADIUS`` and are upsampled bilinearly
+        (the fast guided filter, He and Sun 2015): the windows still span ``radius`` and
+        the output keeps the guide's full-resolution edges; the cost falls with the square
+        of that factor.
     """
-    # centred maps (the fit is unchanged by shifting I and p): small running sums in float32
-    guide = guide - guide.mean((1, 2), keepdim=True)
+    factor = max(1, radius // SUBSAMPLE_RADIUS)
+    if factor == 1:
+        coeffs = _coefficients(guide, probs, radius, eps)
+    else:
+        h, w = probs.shape
+        small = (max(1, round(h / factor)), max(1, round(w / factor)))
+        maps = F.interpolate(torch.cat([guide, probs[None]])[None], size=small, mode="area")[0]
+        coeffs = _coefficients(maps[:3], maps[3], max(1, round(radius / factor)), eps)
+        coeffs = F.interpolate(coeffs[None], size=(h, w), mode="bilinear",
+                               align_corners=False)[0]
+    return (coeffs[:3] * guide).sum(0) + coeffs[3]
+
+
+def _coefficients(guide: Tensor, probs: Tensor, radius: int, eps: float) -> Tensor:
+    """(4, h, w) float32: the window means of the fit's ``a`` (3 channels) and ``b`` of
+    :func:`guided_filter` (for the guide as given). The maps are centred first (the fit is
+    unchanged by shifting I and p), so float32 running sums stay small."""
+    centre = guide.mean((1, 2), keepdim=True)
+    guide = guide - centre
     mean_of_probs = probs.mean()
     stack = torch.empty((13, *probs.shape))
     stack[:3] = guide
@@ -173,7 +197,8 @@ def guided_filter(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -
     a = _solve3(cov, mean_ip - mean_i * mean_p)
     b = mean_p - (a * mean_i).sum(0)
     coeffs = _box_mean(torch.cat([a, b[None]]), radius)
-    return (coeffs[:3] * guide).sum(0) + coeffs[3] + mean_of_probs
+    coeffs[3] += mean_of_probs - (coeffs[:3] * centre).sum(0)
+    return coeffs
 
 
 class BoxView(NamedTuple):

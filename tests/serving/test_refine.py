@@ -88,6 +88,23 @@ def test_guided_filter_matches_a_per_window_float64_reference():
     np.testing.assert_allclose(got.numpy(), want, atol=2e-6, rtol=0)
 
 
+def test_a_large_radius_is_fitted_on_area_averaged_maps_and_still_follows_the_edge():
+    """Radius 16 (the fast guided filter, fitted at a quarter of the size): the output stays
+    close to the filter at full resolution and its sharpest step is still on the colour
+    edge (at the guide's full resolution, not the coarse grid's)."""
+    guide = torch.zeros((3, 64, 160))
+    guide[1, :, 81:] = 1.0  # green from column 81 on (not on the 4 px grid)
+    probs = torch.zeros((64, 160))
+    probs[:, 90:] = 1.0
+    fast = refine.guided_filter(guide, probs, 16, eps=1e-4)
+    exact = refine._coefficients(guide, probs, 16, 1e-4)
+    exact = (exact[:3] * guide).sum(0) + exact[3]
+    assert refine.SUBSAMPLE_RADIUS * 2 <= 16  # this radius takes the subsampled path
+    assert (fast - exact).abs().mean() < 0.02
+    row = fast[32]
+    assert int((row[1:] - row[:-1]).argmax()) == 80  # the step between columns 80 and 81
+
+
 def test_full_resolution_probabilities_match_the_paste_pipeline():
     rng = np.random.default_rng(1)
     probs = torch.from_numpy(rng.random((1, 1, 12, 16), np.float32))
