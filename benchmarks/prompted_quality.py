@@ -50,7 +50,7 @@ ABLATIONS: dict[str, BoxScaleOptions] = {
     "crops only (no whole-image group)": BoxScaleOptions(group=False),
     "aim at the trained median": BoxScaleOptions(fit="median"),
     "aim at 0.8x the trained median": BoxScaleOptions(fit="median", target=0.8),
-    "upsample at most 1.5x": BoxScaleOptions(max_upsample=1.5),
+    "upsample at most 2x": BoxScaleOptions(max_upsample=2.0),
     "no fallback": BoxScaleOptions(fallback=False),
     "no refinement": BoxScaleOptions(refine=False),
     "+ test-time flip": BoxScaleOptions(flip=True),

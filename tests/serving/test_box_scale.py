@@ -59,10 +59,10 @@ def test_box_scales_put_a_tiny_and_a_huge_box_at_the_trained_sizes():
     tiny, huge, minute, fine = bs.box_scales(boxes, model_scale, SIZES)
     assert tiny * 20 == pytest.approx(16)  # 20 px (0.64 px at the model scale) -> p10
     assert huge * 3000 == pytest.approx(48)  # 3000 px (96 px at the model scale) -> p90
-    assert minute == 2.0  # a 4 px box is blown up at most 2x
+    assert minute == bs.BoxScaleOptions().max_upsample == 1.5  # a 4 px box: at most 1.5x
     assert fine == pytest.approx(model_scale)  # already among the training sizes: unchanged
     median = bs.box_scales(boxes, model_scale, SIZES, bs.BoxScaleOptions(fit="median"))
-    np.testing.assert_allclose(median * [20, 3000, 4, 1000], [32, 32, 8, 32])
+    np.testing.assert_allclose(median * [20, 3000, 4, 1000], [30, 32, 6, 32])  # capped at 1.5x
     # without calibration: today's whole-image scale for every box
     np.testing.assert_array_equal(bs.box_scales(boxes, 0.032, None), [0.032] * 4)
 
