@@ -247,7 +247,8 @@ class Handlers:
             best = [float(pred.scores.max()) if len(pred) else 0.0]
             advice = score_advice(calib, best, "auto", min_count=1)
         else:
-            advice = score_advice(calib, pred.scores, "prompt", min_count=1)
+            advice = score_advice(calib, pred.scores, "prompt", min_count=1,
+                                  version=self.segmenter.prompt_score)
         return f" Warning: {advice}" if advice else ""
 
     def model_markdown(self) -> str:

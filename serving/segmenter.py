@@ -23,6 +23,7 @@ from .inference.boxes import MAX_MASK_PIXELS, BoxesLike
 from .inference.domain import calibration_of
 from .inference.images import ImageLike, describe_image, load_image
 from .inference.paste import mask_crops
+from .inference.quality import SCORE_VERSION
 from .inference.transforms import canvas_size, preprocess, resized_shape, scale_boxes
 from .masks import InstanceMasks
 from .model.card import ModelCard
@@ -181,6 +182,14 @@ class Segmenter:
         on validation), ``prompt_scores`` / ``auto_scores`` and ``object_sizes`` quantiles
         (the typed one: ``self.card.calibration``; see :mod:`serving.inference.domain`)."""
         return calibration_of(self).to_dict()
+
+    @property
+    def prompt_score(self) -> str | None:
+        """Which definition the box-prompted ``score`` follows: the mask-quality estimate
+        :data:`serving.inference.quality.SCORE_VERSION` with the per-box scale, ``None`` (the
+        model's own box score) on the whole-image path (``box_scale`` off, or an
+        ``image_size`` override)."""
+        return SCORE_VERSION if self.box_scale else None
 
     @property
     def display_threshold(self) -> float:

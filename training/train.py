@@ -44,7 +44,7 @@ from .evaluate import evaluate_model
 from .optim import build_optimizer, build_scheduler
 from .run_checkpoints import ResumePoint, restore, save_checkpoint_folder, select_resume_point
 from .run_state import RunState
-from .score_calibration import calibration
+from .score_calibration import calibration, object_sizes
 from .sim.iteration import SIMState
 from .train_config import PRESET_HELP, TrainConfig, load_config, save_config
 
@@ -271,8 +271,13 @@ def _calibrate(run: TrainingRun) -> Calibration | None:
         return None
     run.student.eval()
     device = next(run.student.parameters()).device
+    # the training objects' sizes in the card, so box prompts run at the per-box scale a
+    # loaded model uses and the prompted scores are those `sim label` will give
+    sizes = Calibration(object_sizes=object_sizes(cfg.data.train_json, cfg.data.min_sizes,
+                                                  cfg.data.max_size))
+    card = new_card(cfg.model, run.dataset.class_names, cfg.inference, calibration=sizes)
     segmenter = Segmenter(TorchBackend(run.student, cfg.inference, device=device),
-                          run.dataset.class_names, cfg.inference)
+                          run.dataset.class_names, cfg.inference, card=card)
     return calibration(segmenter, run.metrics, cfg.data)
 
 

@@ -360,7 +360,8 @@ def _write_output(seg: Segmenter, summary: LabelSummary, boxes: BoxSet, image_di
         summary.rle_fallback = 0  # the writer's own note counts the masks it left out
     assert summary.report is not None
     summary.report.write(report_path(summary.output))
-    advice = score_advice(calibration_of(seg), summary.report.scores)
+    advice = score_advice(calibration_of(seg), summary.report.scores,
+                          version=seg.prompt_score)
     if advice:
         summary.advice.append(advice)
     if gt is not None:

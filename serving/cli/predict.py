@@ -353,7 +353,8 @@ def _score_check(seg: Segmenter, records: WorkRecords, prompted: bool) -> list[s
         scores = [res["score"] for rs in results for res in rs]
     else:
         scores = [max((res["score"] for res in rs), default=0.0) for rs in results]
-    advice = score_advice(calibration_of(seg), scores, "prompt" if prompted else "auto")
+    advice = score_advice(calibration_of(seg), scores, "prompt" if prompted else "auto",
+                          version=seg.prompt_score)
     return [advice] if advice else []
 
 

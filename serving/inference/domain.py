@@ -105,17 +105,20 @@ def size_advice(calibration: Calibration, sizes: np.ndarray, min_size: int,
 
 
 def score_advice(calibration: Calibration, scores: Iterable[float], mode: str = "prompt",
-                 min_count: int = MIN_PROMPTS) -> str | None:
+                 min_count: int = MIN_PROMPTS, version: str | None = SCORE_VERSION,
+                 ) -> str | None:
     """One line when the run's median score sits far below the validation median (the model
     has probably never seen images like these); else None.
 
-    ``mode``: ``"prompt"`` (``scores`` are box-prompted scores; judged only against a
-    calibration whose ``prompt_score`` is today's :data:`.quality.SCORE_VERSION`) or
-    ``"auto"`` (each image's best automatic-mode score). ``min_count``: fewest scores worth judging.
+    ``mode``: ``"prompt"`` (``scores`` are box-prompted scores of definition ``version``:
+    :data:`.quality.SCORE_VERSION` with the per-box scale, ``None`` for the model's box score
+    of the whole-image path, ``Segmenter.prompt_score``; judged only against a calibration
+    whose ``prompt_score`` is the same) or ``"auto"`` (each image's best automatic-mode
+    score). ``min_count``: fewest scores worth judging.
     """
     table = calibration.prompt_scores if mode == "prompt" else calibration.auto_scores
     reference = table.get("p50")
-    if mode == "prompt" and calibration.prompt_score != SCORE_VERSION:
+    if mode == "prompt" and calibration.prompt_score != version:
         return None  # measured with another definition of the score: not comparable
     values = np.asarray(list(scores), dtype=np.float64)
     if not reference or values.size < min_count:

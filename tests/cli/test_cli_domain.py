@@ -77,6 +77,10 @@ def test_score_advice_says_out_of_domain_with_the_numbers():
     # a reference measured with an earlier definition of the score is not compared
     assert score_advice(Calibration(prompt_scores={"p50": 0.5}), [0.1] * 20) is None
     assert score_advice(dataclasses.replace(calib, prompt_score="box"), [0.1] * 20) is None
+    # the whole-image path's box scores (version None) only against a box-score reference
+    assert score_advice(calib, [0.1] * 20, version=None) is None
+    old = Calibration(prompt_scores={"p50": 0.5})
+    assert score_advice(old, [0.1] * 20, version=None).startswith("out of domain")
 
 
 def test_label_warns_when_scores_sit_far_below_the_validation_reference(tmp_path, capsys):
@@ -101,6 +105,9 @@ def test_label_warns_when_scores_sit_far_below_the_validation_reference(tmp_path
     err = capsys.readouterr().err
     assert f"warning: out of domain: the median box score is {own:.2f} on these images " \
            "against 0.90 on the model's validation images" in err
+    # the whole-image path gives the model's box scores: not compared with this reference
+    assert main([*args, "--box-scale", "off", "--output", str(tmp_path / "d.json")]) == 0
+    assert "out of domain" not in capsys.readouterr().err
     from serving import Segmenter
 
     assert calibration_of(Segmenter.load(model, device="cpu")) == Calibration(

@@ -139,6 +139,9 @@ def test_segmenter_default_uses_per_box_scale_and_can_turn_it_off(tiny_checkpoin
     seg = Segmenter.load(tiny_checkpoint, device="cpu")
     assert seg.box_scale and not seg.with_box_scale(False).box_scale
     assert not seg.with_image_size(160).box_scale  # an explicit size is an override
+    # the score's definition follows the path: the quality estimate, or the box score
+    assert seg.prompt_score == quality.SCORE_VERSION
+    assert seg.with_image_size(160).prompt_score is None
     assert not Segmenter.load(tiny_checkpoint, device="cpu", box_scale=False).box_scale
     with pytest.raises(InputError, match="box_scale"):
         Segmenter.load(tiny_checkpoint, device="cpu", box_scale="off")

@@ -61,6 +61,9 @@ def test_eval_calibrate_updates_the_checkpoint_and_keeps_its_sizes(tiny_run, tin
                  str(tiny_data.images), "--device", "cpu", "--calibrate"]) == 0
     after = read_checkpoint_card(model).calibration.to_dict()
     assert after["object_sizes"] == before["object_sizes"]
+    # training measured its prompted scores at the per-box scale of the saved model, as
+    # `sim label` and `sim eval --calibrate` run it: the same reference
+    assert after["prompt_scores"] == pytest.approx(before["prompt_scores"], abs=1e-4)
     assert after["score_threshold"] == pytest.approx(before["score_threshold"], abs=1e-4)
     assert after["validation"] == str(tiny_data.val_json)
     history = read_checkpoint_card(model).history
