@@ -45,11 +45,12 @@ def _box_only(path: Path) -> Path:
     return out
 
 
-def _forty_images(root: Path) -> Path:
-    """A box-only COCO file of 40 images (the 8 shapes images, each copied 5 times)."""
+def _copied_images(root: Path) -> Path:
+    """A box-only COCO file of 24 images (the 8 shapes images, each copied 3 times), 72 boxes
+    and a reversed one."""
     data = json.loads(_box_only(shapes_dataset(root, num_images=8)).read_text())
     images, anns = [], []
-    for copy in range(5):
+    for copy in range(3):
         for img in data["images"]:
             name = f"c{copy}_{img['file_name']}"
             (root / "images" / name).write_bytes((root / "images" / img["file_name"]).read_bytes())
@@ -59,7 +60,7 @@ def _forty_images(root: Path) -> Path:
                      for a in data["annotations"] if a["image_id"] == img["id"]]
     anns.append({"id": 99999, "image_id": images[7]["id"], "category_id": 1,
                  "bbox": [30, 30, -5, 5], "iscrowd": 0})  # reversed: rejected (exit code 3)
-    out = root / "forty.json"
+    out = root / "copied.json"
     out.write_text(json.dumps({**data, "images": images, "annotations": anns}))
     return out
 
@@ -185,7 +186,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
 def test_two_processes_killed_halfway_then_rerun_equal_one_process(tmp_path, tiny_checkpoint):
     """Kill one of 2 processes halfway, rerun: the same JSON as one uninterrupted process
     writes (batch size 1: byte for byte), and the job's exit code (3: a box was rejected)."""
-    boxes = _forty_images(tmp_path / "data")
+    boxes = _copied_images(tmp_path / "data")
     images = str(tmp_path / "data" / "images")
     args = ["label", "--model", str(tiny_checkpoint), "--annotations", str(boxes), "--images",
             images, "--batch-size", "1", "--device", "cpu", "--workers", "0", "--no-progress"]
@@ -207,11 +208,11 @@ def test_two_processes_killed_halfway_then_rerun_equal_one_process(tmp_path, tin
     assert launcher.returncode != 0 and not out.exists(), output
     done_before = sum('"anns"' in x for p in tmp_path.glob(".two.json.progress*")
                       for x in p.read_text().splitlines())
-    assert 0 < done_before < 40
+    assert 0 < done_before < 24
     rerun = _launch([*args, "--output", str(out)], env)
     output, _ = rerun.communicate(timeout=240)
     assert rerun.returncode == 3, output
-    assert "label: 120 annotations labelled, 1 rejected, 0 images failed" in output
+    assert "label: 72 annotations labelled, 1 rejected, 0 images failed" in output
     assert out.read_bytes() == (tmp_path / "one.json").read_bytes()
 
 
@@ -233,7 +234,7 @@ def test_a_signal_to_the_parent_stops_every_process_and_the_rerun_resumes(tmp_pa
     is refused by the lock, and the rerun resumes from the kept progress."""
     import psutil
 
-    boxes = _forty_images(tmp_path / "data")
+    boxes = _copied_images(tmp_path / "data")
     out = tmp_path / "two.json"
     args = ["label", "--model", str(tiny_checkpoint), "--annotations", str(boxes), "--images",
             str(tmp_path / "data" / "images"), "--batch-size", "1", "--device", "cpu",
@@ -253,7 +254,7 @@ def test_a_signal_to_the_parent_stops_every_process_and_the_rerun_resumes(tmp_pa
     rerun = _launch(args, env)
     output, _ = rerun.communicate(timeout=240)
     assert rerun.returncode == 3, output  # one box of the data set is rejected
-    assert "label: 120 annotations labelled, 1 rejected, 0 images failed" in output
+    assert "label: 72 annotations labelled, 1 rejected, 0 images failed" in output
     assert not (tmp_path / "two.json.lock").exists()
 
 
