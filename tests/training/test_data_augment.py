@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -156,7 +160,7 @@ class SimpleState:
         self.epoch, self.batches_in_epoch = epoch, batches_in_epoch
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("workers", [0])
 def test_loader_is_deterministic_per_seed_and_epoch(workers: int) -> None:
     def make(seed: int) -> TrainLoader:
         return TrainLoader(_RandomSizes(), _cfg(seed, workers), rank=0, world=1)
@@ -176,3 +180,17 @@ def test_loader_is_deterministic_per_seed_and_epoch(workers: int) -> None:
     ids = [[i for ids_, _ in _run(r, 0) for i in ids_] for r in ranks]
     assert not set(ids[0]) & set(ids[1]) and len(ids[0]) == len(ids[1]) == 4
     assert derive_seed(5, 0, 0) != derive_seed(5, 1, 0) != derive_seed(5, 0, 1)
+
+
+@pytest.mark.slow
+def test_loader_with_worker_processes_is_deterministic_in_a_fresh_interpreter() -> None:
+    """The same check with 2 DataLoader worker processes, run in a fresh interpreter: the
+    workers are forked, and a fork copies any lock another thread of this test process
+    (a server's event loop, a writer thread) happens to hold, which can hang the child."""
+    here = Path(__file__).resolve()
+    code = (f"import sys; sys.path[:0] = [{str(here.parent)!r}, {str(here.parents[2])!r}]; "
+            "import test_data_augment as t; t.test_loader_is_deterministic_per_seed_and_epoch(2)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
