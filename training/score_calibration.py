@@ -90,11 +90,11 @@ def validation_calibration(segmenter: Segmenter, metrics: dict[str, float],
 
 
 def calibration(segmenter: Segmenter, metrics: dict[str, float], data: DataConfig,
-                ) -> Calibration:
+                sizes: dict[str, float]) -> Calibration:
     """The calibration (see the module docstring) of a model trained on ``data`` and
-    validated with ``metrics``. ``segmenter``'s card should hold the training objects' sizes
-    (:func:`object_sizes`, as training gives it), so that its box prompts run at the per-box
-    scale of the saved model and the prompted scores are the ones ``sim label`` will give."""
+    validated with ``metrics``; ``sizes``: its :func:`object_sizes`. ``segmenter``'s card
+    should hold the same sizes (as training gives it), so that its box prompts run at the
+    per-box scale of the saved model and the prompted scores are the ones ``sim label``
+    will give."""
     found = validation_calibration(segmenter, metrics, data.val_json, data.val_images)
-    sizes = object_sizes(data.train_json, data.min_sizes, data.max_size)
     return found.merged(Calibration(object_sizes=sizes))

@@ -273,12 +273,12 @@ def _calibrate(run: TrainingRun) -> Calibration | None:
     device = next(run.student.parameters()).device
     # the training objects' sizes in the card, so box prompts run at the per-box scale a
     # loaded model uses and the prompted scores are those `sim label` will give
-    sizes = Calibration(object_sizes=object_sizes(cfg.data.train_json, cfg.data.min_sizes,
-                                                  cfg.data.max_size))
-    card = new_card(cfg.model, run.dataset.class_names, cfg.inference, calibration=sizes)
+    sizes = object_sizes(cfg.data.train_json, cfg.data.min_sizes, cfg.data.max_size)
+    card = new_card(cfg.model, run.dataset.class_names, cfg.inference,
+                    calibration=Calibration(object_sizes=sizes))
     segmenter = Segmenter(TorchBackend(run.student, cfg.inference, device=device),
                           run.dataset.class_names, cfg.inference, card=card)
-    return calibration(segmenter, run.metrics, cfg.data)
+    return calibration(segmenter, run.metrics, cfg.data, sizes)
 
 
 def _evaluate(run: TrainingRun) -> None:
