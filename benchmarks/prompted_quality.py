@@ -132,6 +132,20 @@ def largest_component(row: Row) -> Row:
     return run
 
 
+def without_colour_model(row: Row) -> Row:
+    """``row`` with the refinement's colour model off (``refine.COLOUR_WEIGHT`` 0 during the
+    call: a benchmark switch, not a product option; the guided filter still runs)."""
+    from serving.inference import refine
+
+    def run(array: np.ndarray, item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        weight, refine.COLOUR_WEIGHT = refine.COLOUR_WEIGHT, 0.0
+        try:
+            return row(array, item)
+        finally:
+            refine.COLOUR_WEIGHT = weight
+    return run
+
+
 def measure(rows: dict[str, Row], split: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Run every row on every image (rows side by side per image); per row the per-box IoUs,
     scores, emptiness and COCO results, and its total seconds."""
@@ -196,6 +210,7 @@ def build_rows(model: str, sizes: list[int], ablations: list[str]) -> dict[str, 
     rows["default"] = segmenter_row(base)
     for name in ablations:
         rows[name] = options_row(base, ABLATIONS[name])
+    rows["no colour model"] = without_colour_model(rows["default"])
     rows["+ largest component"] = largest_component(rows["default"])
     return rows
 

@@ -3,23 +3,28 @@
 Users sort labels by ``score`` to review the worst first, so it should rank masks by their
 IoU with the true object. The model's box score alone ranks them poorly (Spearman 0.4-0.5 on
 the nuclei and synthetic validation boxes, ``benchmarks/prompted_quality.py``). Here
-:func:`quality_score` multiplies four signs of a good mask, each in [0, 1]:
+:func:`quality_score` multiplies six signs of a good mask, each in [0, 1]:
 
 - ``sqrt`` of the model's box score (how sure it is that an object of the class is there);
-- :func:`mask_confidence`: the mean ``|2p - 1|`` of the stride-4 probabilities in the box
-  (an undecided mask is a poor one);
-- :func:`projection_coverage`: the mean, over the box's rows and columns, of the highest
-  probability along each, the soft form of the training's projection term (a box-supervised
-  mask should reach every row and column of its box);
-- :func:`colour_separation` ``/ (colour_separation + SEPARATION_HALF)``: how well the mask's
-  colours differ from the rest of the box and its margin (a mask that follows an object
-  separates them; one that fills the box or spills over does not).
+- :func:`projection_coverage` of the network's own probabilities: the mean, over the box's
+  rows and columns, of the highest probability along each, the soft form of the training's
+  projection term (a box-supervised mask should reach every row and column of its box);
+- the same of the final (refined) probabilities, squared;
+- :func:`mask_confidence` of the final probabilities, squared: the mean ``|2p - 1|`` over
+  the box (an undecided mask is a poor one);
+- :func:`colour_separation` ``/ (colour_separation + SEPARATION_HALF)``: how far apart the
+  mean colours of the mask and of the rest of the box and its margin lie;
+- ``sqrt`` of :func:`colour_distance`: how different the two sides' colour histograms are
+  (a textured object, e.g. striped, differs from its surroundings in which colours it
+  holds rather than in their mean).
 
-The form (a product) and its two constants were chosen on the nuclei and synthetic training
+The form (a product) and its constants were chosen on the nuclei and synthetic training
 splits (the best smallest Spearman over both among products of powers 0, 1/2, 1, 2 of these
-terms; the validation splits are reported, never fitted). A mask that fell back (the model's
-own mask was empty) scores exactly 0 (:mod:`serving.inference.box_scale`), every other at
-least ``MIN_SCORE`` (a box of one flat colour has no colour separation).
+terms, of the network's own confidence and colour distance, and of the agreement of the
+network's and the refined masks; the validation splits are reported, never fitted). A mask
+that fell back (the model's own mask was empty) scores exactly 0
+(:mod:`serving.inference.box_scale`), every other at least ``MIN_SCORE`` (a box of one flat
+colour has no colour separation).
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from . import refine
 
 #: Names this definition of the prompted score; a calibration's ``prompt_scores`` are
 #: comparable with it only when its ``prompt_score`` says the same (older models: no name).
-SCORE_VERSION = "quality-1"
+SCORE_VERSION = "quality-2"
 #: The colour separation at which its factor in the score is 1/2.
 SEPARATION_HALF = 0.25
 #: The lowest score of a mask that did not fall back (0 is kept for those that did).
@@ -56,11 +62,16 @@ def box_cells(probs: Tensor, input_box: np.ndarray) -> Tensor:
     return probs[r0:r1, c0:c1].flatten()
 
 
-def mask_confidence(probs: Tensor, input_box: np.ndarray) -> float:
+def mask_confidence(probs: Tensor, inside: np.ndarray) -> float:
     """How decided the mask is inside its box, in [0, 1]: the mean of ``|2p - 1|`` over the
-    box's stride-4 cells (1: every cell certainly in or out; 0: every cell at 0.5)."""
-    cells = box_cells(probs, input_box).float()
-    return float((2 * cells - 1).abs().mean())
+    box's pixels (1: every pixel certainly in or out; 0: every pixel at 0.5; 0 for no pixel).
+
+    Args:
+        probs: (h, w) float32 probabilities over a region (clamped to [0, 1]).
+        inside: (h, w) bool, the region's pixels inside the box.
+    """
+    cells = probs.clamp(0, 1)[torch.from_numpy(np.ascontiguousarray(inside))]
+    return float((2 * cells - 1).abs().mean()) if cells.numel() else 0.0
 
 
 def projection_coverage(probs: Tensor, inside: np.ndarray) -> float:
@@ -68,10 +79,10 @@ def projection_coverage(probs: Tensor, inside: np.ndarray) -> float:
     [0, 1] (1: the mask reaches every row and column of its box).
 
     Args:
-        probs: (h, w) float32 probabilities over a region.
+        probs: (h, w) float32 probabilities over a region (clamped to [0, 1]).
         inside: (h, w) bool, the region's pixels inside the box.
     """
-    values = np.where(inside, probs.numpy(), 0.0)
+    values = np.where(inside, probs.clamp(0, 1).numpy(), 0.0)
     rows, cols = inside.any(1), inside.any(0)
     if not rows.any():
         return 0.0
@@ -104,21 +115,41 @@ def colour_separation(pixels: Tensor, mask: np.ndarray) -> float:
     return gap / (float(var_in.sum() + var_out.sum()) + 1.0)
 
 
+def colour_distance(codes: Tensor, mask: np.ndarray) -> float:
+    """The total variation distance between the colour histograms of ``mask`` and of the
+    rest, in [0, 1] (0: the same colours in the same shares; 1: no colour in common; 0 when
+    either side is empty).
+
+    Args:
+        codes: (h, w) int64 colour bins of a region (:func:`serving.inference.refine.colour_codes`).
+        mask: (h, w) bool.
+    """
+    bins = refine.COLOUR_LEVELS ** 3
+    flat, inside = codes.reshape(-1), torch.from_numpy(np.ascontiguousarray(mask)).reshape(-1)
+    fore = torch.bincount(flat[inside], minlength=bins).double()
+    back = torch.bincount(flat[~inside], minlength=bins).double()
+    if not fore.sum() or not back.sum():
+        return 0.0
+    return float((fore / fore.sum() - back / back.sum()).abs().sum() / 2)
+
+
 def quality_score(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,
                   threshold: float) -> float:
     """The score of one box's mask, in [0, 1] (the module docstring).
 
     Args:
         pairs: the box's candidates, ``(Crop, CropResult)`` of
-            :mod:`serving.inference.box_scale` (box scores and confidences are averaged).
-        view: the box's final probabilities and pixels over its region
+            :mod:`serving.inference.box_scale` (their box scores are averaged).
+        view: the box's network and final probabilities and pixels over its region
             (:func:`serving.inference.refine.box_view`).
         threshold: the mask threshold.
     """
     score = float(np.mean([float(r.score) for _, r in pairs]))
-    confidence = float(np.mean([mask_confidence(r.probs, c.input_box) for c, r in pairs]))
-    separation = colour_separation(view.pixels, (view.probs.numpy() > threshold) & view.inside)
-    value = (math.sqrt(max(score, 0.0)) * confidence * projection_coverage(view.probs,
-                                                                            view.inside)
-             * separation / (separation + SEPARATION_HALF))
+    mask = (view.probs.numpy() > threshold) & view.inside
+    separation = colour_separation(view.pixels, mask)
+    value = (math.sqrt(max(score, 0.0) * colour_distance(refine.colour_codes(view.pixels), mask))
+             * separation / (separation + SEPARATION_HALF)
+             * projection_coverage(view.network, view.inside)
+             * projection_coverage(view.probs, view.inside) ** 2
+             * mask_confidence(view.probs, view.inside) ** 2)
     return max(value, MIN_SCORE)

@@ -2,9 +2,11 @@
 
 The network's mask probabilities come at a quarter of its input resolution
 (:mod:`serving.inference.paste`); upsampled bilinearly, their outline is smooth where the
-object's is not. Here one box's probabilities are sampled at full resolution over the box
-and a margin (:func:`box_probs`, the same bilinear mapping as the paste pipeline) and
-filtered by a colour guided filter with the image as the guide (:func:`guided_filter`; He,
+object's is not, and a shape with a hole or gaps comes out filled. Here one box's
+probabilities are sampled at full resolution over the box and a margin (:func:`box_probs`,
+the same bilinear mapping as the paste pipeline), combined with a colour model of the
+region learnt from the network's own mask (:func:`colour_model`) and filtered by a colour
+guided filter with the image as the guide (:func:`guided_filter`; He,
 Sun and Tang, "Guided Image Filtering", TPAMI 2013): in every window the output is the
 affine function of the pixels' colours that best fits the probabilities, so an outline the
 network drew between two colours moves onto the colour edge, while a region of one colour
@@ -51,6 +53,13 @@ REFINE_PIXELS = 512 * 512
 SCORE_PIXELS = 128 * 128
 #: Windows of a larger radius are fitted on maps area-averaged to about this radius.
 SUBSAMPLE_RADIUS = 4
+#: Levels per colour channel of the colour model's histograms (8: 512 colours).
+COLOUR_LEVELS = 8
+#: Weight of the colour model's log-likelihood ratio added to the network's logit (scaled
+#: by how well the colours separate: :func:`colour_model`).
+COLOUR_WEIGHT = 2.5
+#: Probabilities are clamped to [PROB_EPS, 1 - PROB_EPS] before their logit is taken.
+PROB_EPS = 1e-4
 
 
 class Source(NamedTuple):
@@ -201,13 +210,62 @@ def _coefficients(guide: Tensor, probs: Tensor, radius: int, eps: float) -> Tens
     return coeffs
 
 
+def colour_codes(pixels: Tensor, levels: int = COLOUR_LEVELS) -> Tensor:
+    """(h, w, 3) RGB 0..255 (any real dtype) -> (h, w) int64 colour bins in
+    ``[0, levels ** 3)``: each channel quantised to ``levels`` equal steps."""
+    q = (pixels.float().clamp(0, 255) * (levels / 256)).long().clamp_(max=levels - 1)
+    return (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
+
+
+def colour_model(probs: Tensor, codes: Tensor, inside: np.ndarray,
+                 weight: float | None = None) -> Tensor:
+    """The network's probabilities combined with a colour model of its own mask.
+
+    Two colour histograms are counted over the region: the object's, each pixel in the box
+    weighted by its probability ``p``; the background's, weighted by ``1 - p`` in the box
+    and by 1 in the margin (a box prompt is tight: what lies outside it is background).
+    Each pixel's logit then gains ``weight * d`` times the log-ratio of its colour's two
+    frequencies (one pseudo-count per colour; naive Bayes with the network as the prior),
+    with ``d`` in [0, 1] the total variation distance of the two histograms: colours that
+    tell object from background (``d`` near 1) move the mask; a dim object in noise, whose
+    colours the background shares, keeps the network's mask. A ring's hole or a gap
+    between an object's parts, drawn in the background's colours, is cut out of a mask
+    the network filled, and an object's colour the network missed is added. On the nuclei
+    and synthetic training splits' boxes this raised the mean IoU
+    (``benchmarks/prompted_quality.py``).
+
+    Args:
+        probs: (h, w) float32 probabilities over a region.
+        codes: (h, w) int64 :func:`colour_codes` of the region's pixels.
+        inside: (h, w) bool, the region's pixels inside the box.
+        weight: the log-ratio's weight at ``d = 1`` (default ``COLOUR_WEIGHT``).
+
+    Returns:
+        (h, w) float32 probabilities.
+    """
+    weight = COLOUR_WEIGHT if weight is None else weight
+    bins = COLOUR_LEVELS ** 3
+    p = probs.clamp(PROB_EPS, 1 - PROB_EPS)
+    box = torch.from_numpy(inside)
+    flat = codes.reshape(-1)
+    fore = torch.bincount(flat, torch.where(box, p, 0.0).reshape(-1), bins).double()
+    back = torch.bincount(flat, torch.where(box, 1 - p, 1.0).reshape(-1), bins).double()
+    shares = fore / fore.sum().clamp(min=1e-12) - back / back.sum().clamp(min=1e-12)
+    weight = weight * float(shares.abs().sum()) / 2
+    ratio = ((fore + 1) / (fore.sum() + bins)).log() - ((back + 1) / (back.sum() + bins)).log()
+    ratio = ratio.float()
+    return torch.sigmoid(torch.logit(p) + weight * ratio[codes])
+
+
 class BoxView(NamedTuple):
     """One box's probabilities over :func:`box_region`, at its full size when that has at
     most ``REFINE_PIXELS`` pixels (``full``), else on a grid of about ``SCORE_PIXELS``.
 
     Attributes:
         region: (y0, x0, y1, x1) original pixels.
-        probs: (h, w) float32 probabilities on the grid.
+        probs: (h, w) float32 probabilities on the grid (refined, when they were).
+        network: (h, w) float32 the network's own probabilities on the grid (the sources'
+            mean, before any refinement).
         pixels: (h, w, 3) float32 RGB 0..255 on the grid (area-averaged when smaller).
         inside: (h, w) bool, the grid cells whose centre lies inside the box.
         full: whether the grid is the region's own pixels.
@@ -215,6 +273,7 @@ class BoxView(NamedTuple):
 
     region: tuple[int, int, int, int]
     probs: Tensor
+    network: Tensor
     pixels: Tensor
     inside: np.ndarray
     full: bool
@@ -233,8 +292,9 @@ def grid_inside(region: tuple[int, int, int, int], size: tuple[int, int],
 def box_view(array: np.ndarray, sources: Sequence[Source], box: np.ndarray,
              refine: bool = True) -> BoxView:
     """One box's :class:`BoxView`: the mean of ``sources`` (a box seen more than once, e.g.
-    mirrored), guided-filtered when ``refine``, the box is at least ``MIN_SIDE`` px and the
-    view is ``full``.
+    mirrored); when ``refine`` and the view is ``full``, combined with the region's colour
+    model (:func:`colour_model`), then guided-filtered where the box is at least
+    ``MIN_SIDE`` px.
 
     Args:
         array: (H, W, 3) uint8 RGB image.
@@ -249,15 +309,19 @@ def box_view(array: np.ndarray, sources: Sequence[Source], box: np.ndarray,
     factor = 1.0 if full[0] * full[1] <= REFINE_PIXELS else math.sqrt(
         SCORE_PIXELS / (full[0] * full[1]))
     size = (max(1, round(full[0] * factor)), max(1, round(full[1] * factor)))
-    probs = sum(box_probs(s, region, width, size) for s in sources) / len(sources)
+    network = sum(box_probs(s, region, width, size) for s in sources) / len(sources)
+    probs = network
     pixels = torch.from_numpy(np.ascontiguousarray(array[y0:y1, x0:x1])).permute(2, 0, 1)
     pixels = pixels[None].float()
     if size != full:
         pixels = F.interpolate(pixels, size=size, mode="area")
-    if refine and side >= MIN_SIDE and size == full:
-        probs = guided_filter(pixels[0] / 255, probs, max(1, round(RADIUS_FRACTION * side)))
-    return BoxView(region, probs, pixels[0].permute(1, 2, 0), grid_inside(region, size, box),
-                   size == full)
+    inside = grid_inside(region, size, box)
+    colours = pixels[0].permute(1, 2, 0)
+    if refine and size == full:
+        probs = colour_model(probs, colour_codes(colours), inside)
+        if side >= MIN_SIDE:
+            probs = guided_filter(pixels[0] / 255, probs, max(1, round(RADIUS_FRACTION * side)))
+    return BoxView(region, probs, network, colours, inside, size == full)
 
 
 def region_mask(view: BoxView, image_size: tuple[int, int], threshold: float) -> InstanceMasks:

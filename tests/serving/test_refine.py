@@ -105,6 +105,59 @@ def test_a_large_radius_is_fitted_on_area_averaged_maps_and_still_follows_the_ed
     assert int((row[1:] - row[:-1]).argmax()) == 80  # the step between columns 80 and 81
 
 
+def test_colour_codes_quantise_each_channel():
+    pixels = torch.tensor([[[0, 0, 0], [255, 255, 255], [31, 32, 224]]], dtype=torch.float32)
+    assert refine.colour_codes(pixels).tolist() == [[0, 511, (0 * 8 + 1) * 8 + 7]]
+
+
+def test_colour_model_against_a_per_pixel_reference():
+    """Two histograms weighted by p (box) and 1 - p (box) or 1 (margin), one pseudo-count
+    per colour, the log-ratio weighted by the histograms' total variation distance."""
+    rng = np.random.default_rng(3)
+    codes = torch.from_numpy(rng.integers(0, 4, (9, 11)))  # 4 of the 512 colours used
+    probs = torch.from_numpy(rng.random((9, 11)).astype(np.float32))
+    inside = np.zeros((9, 11), bool)
+    inside[2:7, 3:9] = True
+    p = probs.numpy().astype(np.float64).clip(refine.PROB_EPS, 1 - refine.PROB_EPS)
+    bins = refine.COLOUR_LEVELS ** 3
+    fore, back = np.zeros(bins), np.zeros(bins)
+    for (y, x), c in np.ndenumerate(codes.numpy()):
+        fore[c] += p[y, x] if inside[y, x] else 0.0
+        back[c] += 1 - p[y, x] if inside[y, x] else 1.0
+    d = np.abs(fore / fore.sum() - back / back.sum()).sum() / 2
+    ratio = np.log((fore + 1) / (fore.sum() + bins)) - np.log((back + 1) / (back.sum() + bins))
+    logit = np.log(p / (1 - p)) + 2.0 * d * ratio[codes.numpy()]
+    got = refine.colour_model(probs, codes, inside, weight=2.0)
+    assert np.allclose(got.numpy(), 1 / (1 + np.exp(-logit)), atol=1e-5)
+    assert 0 < d < 1
+
+
+def test_colour_model_keeps_the_mask_where_colours_do_not_separate():
+    codes = torch.zeros((10, 10), dtype=torch.int64)  # one flat colour: distance 0
+    probs = torch.linspace(0.01, 0.99, 100).reshape(10, 10)
+    inside = np.ones((10, 10), bool)
+    inside[0] = False
+    assert torch.allclose(refine.colour_model(probs, codes, inside), probs, atol=1e-6)
+
+
+def test_a_filled_ring_loses_its_hole_of_background_colour():
+    """The network fills a ring (its hole is the background's colour, as around it): the
+    colour model takes the hole out, the ring stays."""
+    size = 96
+    ring = _disc(size, (48, 48), 28) & ~_disc(size, (48, 48), 12)
+    image = np.where(ring[..., None], [230, 200, 40], [60, 40, 160]).astype(np.uint8)
+    filled = torch.from_numpy(np.where(_disc(size // 4, (12, 12), 7), 0.8, 0.05)
+                              .astype(np.float32))
+    source = refine.Source(filled, (0, 0, size, size), (size, size))
+    box = np.array([20, 20, 76, 76], np.float32)
+    raw = refine.region_mask(refine.box_view(image, [source], box, refine=False),
+                             (size, size), 0.5).dense()[0]
+    got = refine.region_mask(refine.box_view(image, [source], box), (size, size), 0.5).dense()[0]
+    hole = _disc(size, (48, 48), 10)
+    assert raw[hole].all() and not got[hole].any()
+    assert got[ring & _disc(size, (48, 48), 26) & ~_disc(size, (48, 48), 14)].mean() > 0.95
+
+
 def test_full_resolution_probabilities_match_the_paste_pipeline():
     rng = np.random.default_rng(1)
     probs = torch.from_numpy(rng.random((1, 1, 12, 16), np.float32))
