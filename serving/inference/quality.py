@@ -97,8 +97,8 @@ def colour_separation(pixels: Tensor, mask: np.ndarray) -> float:
     Args:
         pixels: (h, w, 3) RGB 0..255 of a region (any real dtype); mask: (h, w) bool.
     """
-    values = np.asarray(pixels, dtype=np.float64).reshape(-1, 3)
-    weights = np.asarray(mask, dtype=np.float64).reshape(-1)
+    values = torch.as_tensor(np.asarray(pixels)).reshape(-1, 3).double()
+    weights = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float64).reshape(-1))
     n_in = float(weights.sum())
     n_out = len(weights) - n_in
     if n_in < 2 or n_out < 2:
@@ -147,7 +147,7 @@ def quality_score(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,
     score = float(np.mean([float(r.score) for _, r in pairs]))
     mask = (view.probs.numpy() > threshold) & view.inside
     separation = colour_separation(view.pixels, mask)
-    value = (math.sqrt(max(score, 0.0) * colour_distance(refine.colour_codes(view.pixels), mask))
+    value = (math.sqrt(max(score, 0.0) * colour_distance(view.codes, mask))
              * separation / (separation + SEPARATION_HALF)
              * projection_coverage(view.network, view.inside)
              * projection_coverage(view.probs, view.inside) ** 2

@@ -267,6 +267,7 @@ class BoxView(NamedTuple):
         network: (h, w) float32 the network's own probabilities on the grid (the sources'
             mean, before any refinement).
         pixels: (h, w, 3) float32 RGB 0..255 on the grid (area-averaged when smaller).
+        codes: (h, w) int64 :func:`colour_codes` of ``pixels``.
         inside: (h, w) bool, the grid cells whose centre lies inside the box.
         full: whether the grid is the region's own pixels.
     """
@@ -275,6 +276,7 @@ class BoxView(NamedTuple):
     probs: Tensor
     network: Tensor
     pixels: Tensor
+    codes: Tensor
     inside: np.ndarray
     full: bool
 
@@ -317,11 +319,12 @@ def box_view(array: np.ndarray, sources: Sequence[Source], box: np.ndarray,
         pixels = F.interpolate(pixels, size=size, mode="area")
     inside = grid_inside(region, size, box)
     colours = pixels[0].permute(1, 2, 0)
+    codes = colour_codes(colours)
     if refine and size == full:
-        probs = colour_model(probs, colour_codes(colours), inside)
+        probs = colour_model(probs, codes, inside)
         if side >= MIN_SIDE:
             probs = guided_filter(pixels[0] / 255, probs, max(1, round(RADIUS_FRACTION * side)))
-    return BoxView(region, probs, network, colours, inside, size == full)
+    return BoxView(region, probs, network, colours, codes, inside, size == full)
 
 
 def region_mask(view: BoxView, image_size: tuple[int, int], threshold: float) -> InstanceMasks:
