@@ -293,7 +293,8 @@ def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array:
     threshold = min(cfg.mask_threshold, FALLBACK_RATIO * peak)
     sources = [refine.Source(r.probs, c.window, c.resized, k > 0)
                for k, (c, r) in enumerate(pairs)]
-    view = refine.box_view(array, sources, box, options.refine)
+    # refined only where its mask is the one returned (the score reads the view)
+    view = refine.box_view(array, sources, box, options.refine and cfg.clip_to_box)
     if cfg.clip_to_box and (options.refine or options.flip) and view.full:
         mask = refine.region_mask(view, image_size, cfg.mask_threshold)
         if not (options.fallback and is_empty(int(mask.areas()[0]), box)):

@@ -228,7 +228,9 @@ def colour_model(probs: Tensor, codes: Tensor, inside: np.ndarray,
     frequencies (one pseudo-count per colour; naive Bayes with the network as the prior),
     with ``d`` in [0, 1] the total variation distance of the two histograms: colours that
     tell object from background (``d`` near 1) move the mask; a dim object in noise, whose
-    colours the background shares, keeps the network's mask. A ring's hole or a gap
+    colours the background shares, keeps the network's mask (on a small region, a few
+    hundred pixels over 512 colours, ``d`` of pure noise is still 0.3-0.7, which the
+    pseudo-counts keep to small shifts). A ring's hole or a gap
     between an object's parts, drawn in the background's colours, is cut out of a mask
     the network filled, and an object's colour the network missed is added. On the nuclei
     and synthetic training splits' boxes this raised the mean IoU
@@ -241,12 +243,15 @@ def colour_model(probs: Tensor, codes: Tensor, inside: np.ndarray,
         weight: the log-ratio's weight at ``d = 1`` (default ``COLOUR_WEIGHT``).
 
     Returns:
-        (h, w) float32 probabilities.
+        (h, w) float32 probabilities (``probs`` itself when ``weight`` is 0 or no pixel is
+        inside the box).
     """
     weight = COLOUR_WEIGHT if weight is None else weight
+    if not weight or not inside.any():  # no colour model, or no object side to learn
+        return probs
     bins = COLOUR_LEVELS ** 3
-    p = probs.clamp(PROB_EPS, 1 - PROB_EPS)
-    box = torch.from_numpy(inside)
+    p = probs.float().clamp(PROB_EPS, 1 - PROB_EPS)
+    box = torch.from_numpy(np.ascontiguousarray(inside, dtype=bool))
     flat = codes.reshape(-1)
     fore = torch.bincount(flat, torch.where(box, p, 0.0).reshape(-1), bins).double()
     back = torch.bincount(flat, torch.where(box, 1 - p, 1.0).reshape(-1), bins).double()

@@ -126,6 +126,25 @@ def test_a_collapsed_mask_falls_back_and_scores_zero():
     assert off.masks.areas()[0] == 0 and off.scores[0] > 0
 
 
+def test_unclipped_masks_are_scored_on_the_network_probabilities_they_come_from(monkeypatch):
+    """Without ``clip_to_box`` the mask is the network's own (pasted), so the score must read
+    the unrefined probabilities: no colour model, no guided filter."""
+    from serving.inference import refine
+
+    class Unclipped(Cfg):
+        clip_to_box = False
+
+    image = np.zeros((256, 256, 3), np.uint8)
+    image[60:140, 60:140] = 200
+    boxes = np.array([[60, 60, 140, 140]], np.float32)
+    clipped = bs.segment_per_box(BoxBackend(), image, boxes, np.array([0]), Cfg(), SIZES)
+    monkeypatch.setattr(refine, "colour_model", lambda *a, **k: pytest.fail("colour model"))
+    monkeypatch.setattr(refine, "guided_filter", lambda *a, **k: pytest.fail("filtered"))
+    out = bs.segment_per_box(BoxBackend(), image, boxes, np.array([0]), Unclipped(), SIZES)
+    assert out.masks.areas()[0] > 0.9 * 80 * 80 and 0 < out.scores[0] <= 1
+    assert clipped.scores[0] > 0  # the clipped path refines (the patches were not yet set)
+
+
 def test_mask_confidence_hand_computed():
     probs = torch.tensor([[0.9, 0.6, 1.2], [0.1, 0.3, 0.5]])
     inside = np.array([[True, True, False], [True, True, False]])

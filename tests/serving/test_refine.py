@@ -140,6 +140,16 @@ def test_colour_model_keeps_the_mask_where_colours_do_not_separate():
     assert torch.allclose(refine.colour_model(probs, codes, inside), probs, atol=1e-6)
 
 
+def test_colour_model_is_skipped_without_weight_or_object_side():
+    probs = torch.rand(5, 6)
+    codes = torch.arange(30).reshape(5, 6)
+    inside = np.zeros((5, 6), bool)
+    assert refine.colour_model(probs, codes, inside) is probs  # no pixel inside the box
+    inside[1:4, 1:5] = True
+    assert refine.colour_model(probs, codes, inside, weight=0.0) is probs
+    assert not torch.equal(refine.colour_model(probs, codes, inside), probs)
+
+
 def test_a_filled_ring_loses_its_hole_of_background_colour():
     """The network fills a ring (its hole is the background's colour, as around it): the
     colour model takes the hole out, the ring stays."""
@@ -150,9 +160,13 @@ def test_a_filled_ring_loses_its_hole_of_background_colour():
                               .astype(np.float32))
     source = refine.Source(filled, (0, 0, size, size), (size, size))
     box = np.array([20, 20, 76, 76], np.float32)
-    raw = refine.region_mask(refine.box_view(image, [source], box, refine=False),
-                             (size, size), 0.5).dense()[0]
-    got = refine.region_mask(refine.box_view(image, [source], box), (size, size), 0.5).dense()[0]
+    raw_view, view = refine.box_view(image, [source], box, refine=False), refine.box_view(
+        image, [source], box)
+    # the view keeps the network's own probabilities and the colour codes beside the refined
+    assert torch.equal(view.network, raw_view.probs) and raw_view.network is raw_view.probs
+    assert torch.equal(view.codes, refine.colour_codes(view.pixels))
+    raw = refine.region_mask(raw_view, (size, size), 0.5).dense()[0]
+    got = refine.region_mask(view, (size, size), 0.5).dense()[0]
     hole = _disc(size, (48, 48), 10)
     assert raw[hole].all() and not got[hole].any()
     assert got[ring & _disc(size, (48, 48), 26) & ~_disc(size, (48, 48), 14)].mean() > 0.95
@@ -196,6 +210,7 @@ def test_a_mask_smaller_than_a_clear_object_grows_to_it_and_stays_in_the_box():
 
 def test_a_huge_box_is_only_scored_on_a_small_grid_and_keeps_the_network_mask(monkeypatch):
     monkeypatch.setattr(refine, "guided_filter", lambda *a, **k: pytest.fail("filtered"))
+    monkeypatch.setattr(refine, "colour_model", lambda *a, **k: pytest.fail("colour model"))
     image = np.zeros((3000, 2000, 3), np.uint8)
     source = refine.Source(torch.full((75, 50), 0.9), (0, 0, 2000, 3000), (300, 200))
     view = refine.box_view(image, [source], np.array([10, 10, 1990, 2990]))
