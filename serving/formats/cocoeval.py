@@ -104,8 +104,11 @@ def best_f1(evaluator: Any) -> tuple[float, float]:
         if entry is None or entry["aRng"] != area_all or entry["maxDet"] != max_det:
             continue
         total_gt += int((np.asarray(entry["gtIgnore"]) == 0).sum())
-        keep = ~np.asarray(entry["dtIgnore"], dtype=bool).reshape(-1, len(entry["dtIds"]))[0]
-        matched = np.asarray(entry["dtMatches"]).reshape(-1, len(entry["dtIds"]))[0] > 0
+        count = len(entry["dtIds"])
+        if not count:  # objects of this class and image, none detected: missed
+            continue
+        keep = ~np.asarray(entry["dtIgnore"], dtype=bool).reshape(-1, count)[0]
+        matched = np.asarray(entry["dtMatches"]).reshape(-1, count)[0] > 0
         scores += list(np.asarray(entry["dtScores"], dtype=float)[keep])
         hits += list(matched[keep])
     if not scores or total_gt == 0:

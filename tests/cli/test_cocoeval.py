@@ -139,3 +139,10 @@ def test_f1_threshold_is_the_best_cut_of_a_hand_counted_case():
     assert metrics["segm/F1_threshold"] == pytest.approx(0.6)
     assert metrics["segm/F1"] == pytest.approx(2 / 3)
     assert evaluate_coco(data, [], iou_types=("segm",), f1=True)["segm/F1_threshold"] == 1.0
+    # an image with an object and no detection (a weak model) counts its object, missed:
+    # 5 ground truths, F1 at ">= 0.6" 2*3 / (5 + 5) = 0.6, at ">= 0.7" 2*2 / (3 + 5) = 0.5
+    data["images"].append({"id": 2, "file_name": "b.png", "height": 64, "width": 64})
+    data["annotations"].append({**anns[0], "id": 9, "image_id": 2})
+    metrics = evaluate_coco(data, results, iou_types=("segm",), f1=True)
+    assert metrics["segm/F1_threshold"] == pytest.approx(0.6)
+    assert metrics["segm/F1"] == pytest.approx(0.6)
