@@ -126,11 +126,8 @@ def colour_distance(codes: Tensor, mask: np.ndarray) -> float:
     """
     bins = refine.COLOUR_LEVELS ** 3
     flat, inside = codes.reshape(-1), torch.from_numpy(np.ascontiguousarray(mask)).reshape(-1)
-    fore = torch.bincount(flat[inside], minlength=bins).double()
-    back = torch.bincount(flat[~inside], minlength=bins).double()
-    if not fore.sum() or not back.sum():
-        return 0.0
-    return float((fore / fore.sum() - back / back.sum()).abs().sum() / 2)
+    return refine.histogram_distance(torch.bincount(flat[inside], minlength=bins),
+                                     torch.bincount(flat[~inside], minlength=bins))
 
 
 def quality_score(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,

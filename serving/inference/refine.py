@@ -217,6 +217,15 @@ def colour_codes(pixels: Tensor, levels: int = COLOUR_LEVELS) -> Tensor:
     return (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
 
 
+def histogram_distance(first: Tensor, second: Tensor) -> float:
+    """The total variation distance of two (bins,) non-negative histograms, each normalised
+    to sum 1, in [0, 1] (0 when either is empty)."""
+    first, second = first.double(), second.double()
+    if not first.sum() or not second.sum():
+        return 0.0
+    return float((first / first.sum() - second / second.sum()).abs().sum() / 2)
+
+
 def colour_model(probs: Tensor, codes: Tensor, inside: np.ndarray,
                  weight: float | None = None) -> Tensor:
     """The network's probabilities combined with a colour model of its own mask.
@@ -255,8 +264,7 @@ def colour_model(probs: Tensor, codes: Tensor, inside: np.ndarray,
     flat = codes.reshape(-1)
     fore = torch.bincount(flat, torch.where(box, p, 0.0).reshape(-1), bins).double()
     back = torch.bincount(flat, torch.where(box, 1 - p, 1.0).reshape(-1), bins).double()
-    shares = fore / fore.sum().clamp(min=1e-12) - back / back.sum().clamp(min=1e-12)
-    weight = weight * float(shares.abs().sum()) / 2
+    weight = weight * histogram_distance(fore, back)
     ratio = ((fore + 1) / (fore.sum() + bins)).log() - ((back + 1) / (back.sum() + bins)).log()
     ratio = ratio.float()
     return torch.sigmoid(torch.logit(p) + weight * ratio[codes])
