@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from . import refine
@@ -70,8 +69,8 @@ def mask_confidence(probs: Tensor, inside: np.ndarray) -> float:
         probs: (h, w) float32 probabilities over a region (clamped to [0, 1]).
         inside: (h, w) bool, the region's pixels inside the box.
     """
-    cells = probs.clamp(0, 1)[torch.from_numpy(np.ascontiguousarray(inside))]
-    return float((2 * cells - 1).abs().mean()) if cells.numel() else 0.0
+    cells = np.clip(probs.numpy()[inside], 0, 1)
+    return float(np.abs(2 * cells - 1).mean()) if cells.size else 0.0
 
 
 def projection_coverage(probs: Tensor, inside: np.ndarray) -> float:
@@ -80,13 +79,14 @@ def projection_coverage(probs: Tensor, inside: np.ndarray) -> float:
 
     Args:
         probs: (h, w) float32 probabilities over a region (clamped to [0, 1]).
-        inside: (h, w) bool, the region's pixels inside the box.
+        inside: (h, w) bool, the region's pixels inside the box (a rectangle, as
+            :func:`serving.inference.refine.grid_inside` gives).
     """
-    values = np.where(inside, probs.clamp(0, 1).numpy(), 0.0)
     rows, cols = inside.any(1), inside.any(0)
     if not rows.any():
         return 0.0
-    return float((values.max(1)[rows].mean() + values.max(0)[cols].mean()) / 2)
+    values = np.clip(probs.numpy()[rows][:, cols], 0, 1)
+    return float((values.max(1).mean() + values.max(0).mean()) / 2)
 
 
 def colour_separation(pixels: Tensor, mask: np.ndarray) -> float:
@@ -97,16 +97,17 @@ def colour_separation(pixels: Tensor, mask: np.ndarray) -> float:
     Args:
         pixels: (h, w, 3) RGB 0..255 of a region (any real dtype); mask: (h, w) bool.
     """
-    values = torch.as_tensor(np.asarray(pixels)).reshape(-1, 3).double()
-    weights = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float64).reshape(-1))
+    weights = mask.reshape(-1).astype(np.float64)
     n_in = float(weights.sum())
     n_out = len(weights) - n_in
     if n_in < 2 or n_out < 2:
         return 0.0
-    # per side: the sums of the values and of their squares (matrix-vector products, no copies)
+    # per side and channel: the sums of the values and of their squares, from (3, N) float64
+    # rows (matrix-vector products; numpy is faster than torch on these small arrays)
+    values = np.asarray(pixels, np.float64).reshape(-1, 3).T.copy()
     squared = values * values
-    sums, squares = values.sum(0), squared.sum(0)
-    in_sum, in_sq = weights @ values, weights @ squared
+    sums, squares = values.sum(1), squared.sum(1)
+    in_sum, in_sq = values @ weights, squared @ weights
     out_sum, out_sq = sums - in_sum, squares - in_sq
     mean_in, mean_out = in_sum / n_in, out_sum / n_out
     var_in = (in_sq - n_in * mean_in ** 2) / (n_in - 1)
@@ -125,9 +126,10 @@ def colour_distance(codes: Tensor, mask: np.ndarray) -> float:
         mask: (h, w) bool.
     """
     bins = refine.COLOUR_LEVELS ** 3
-    flat, inside = codes.reshape(-1), torch.from_numpy(np.ascontiguousarray(mask)).reshape(-1)
-    return refine.histogram_distance(torch.bincount(flat[inside], minlength=bins),
-                                     torch.bincount(flat[~inside], minlength=bins))
+    # one count of (side, colour) pairs: the rest's histogram, then the mask's
+    counts = np.bincount(np.asarray(codes).reshape(-1) + bins * mask.reshape(-1),
+                         minlength=2 * bins)
+    return refine.histogram_distance(counts[bins:], counts[:bins])
 
 
 def quality_score(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,

@@ -143,17 +143,22 @@ def _box_mean(x: Tensor, radius: int) -> Tensor:
 def _solve3(cov: Tensor, rhs: Tensor) -> Tensor:
     """Per pixel, ``inv(cov) @ rhs`` for symmetric (6, h, w) ``cov`` (xx, xy, xz, yy, yz,
     zz) and (3, h, w) ``rhs``, by the adjugate (elementwise: no batched LAPACK call)."""
-    a, b, c, d, e, f = cov
-    i00, i01, i02 = d * f - e * e, c * e - b * f, b * e - c * d
-    i11, i12, i22 = a * f - c * c, b * c - a * e, a * d - b * b
-    det = a * i00 + b * i01 + c * i02
-    x, y, z = rhs
-    return torch.stack((i00 * x + i01 * y + i02 * z, i01 * x + i11 * y + i12 * z,
-                        i02 * x + i12 * y + i22 * z)) / det
+    pick = cov.index_select
+    adjugate = pick(0, _ADJ_A) * pick(0, _ADJ_B) - pick(0, _ADJ_C) * pick(0, _ADJ_D)  # symmetric
+    det = (cov[:3] * adjugate[:3]).sum(0)
+    full = adjugate.index_select(0, _SYMMETRIC).unflatten(0, (3, 3))
+    return (full * rhs[None]).sum(1) / det
 
 
 #: The six distinct products of the three colour channels (the covariance's entries).
 _PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+_FIRST, _SECOND = (torch.tensor(index) for index in zip(*_PAIRS))
+#: The adjugate of a symmetric 3x3 (rows a b c / b d e / c e f, entries as in ``_PAIRS``):
+#: entry k is ``cov[A[k]] * cov[B[k]] - cov[C[k]] * cov[D[k]]`` (d f - e e, c e - b f, ...).
+_ADJ_A, _ADJ_B, _ADJ_C, _ADJ_D = (torch.tensor(index) for index in (
+    (3, 2, 1, 0, 1, 0), (5, 4, 4, 5, 2, 3), (4, 1, 2, 2, 0, 1), (4, 5, 3, 2, 4, 1)))
+#: The 3x3 matrix's nine entries, row by row, from the six of a symmetric one.
+_SYMMETRIC = torch.tensor((0, 1, 2, 1, 3, 4, 2, 4, 5))
 
 
 def guided_filter(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -> Tensor:
@@ -183,7 +188,8 @@ def guided_filter(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -
         coeffs = _coefficients(maps[:3], maps[3], max(1, round(radius / factor)), eps)
         coeffs = F.interpolate(coeffs[None], size=(h, w), mode="bilinear",
                                align_corners=False)[0]
-    return (coeffs[:3] * guide).sum(0) + coeffs[3]
+    out = torch.addcmul(coeffs[3], coeffs[0], guide[0])
+    return out.addcmul_(coeffs[1], guide[1]).addcmul_(coeffs[2], guide[2])
 
 
 def _coefficients(guide: Tensor, probs: Tensor, radius: int, eps: float) -> Tensor:
@@ -193,15 +199,12 @@ def _coefficients(guide: Tensor, probs: Tensor, radius: int, eps: float) -> Tens
     centre = guide.mean((1, 2), keepdim=True)
     guide = guide - centre
     mean_of_probs = probs.mean()
-    stack = torch.empty((13, *probs.shape))
-    stack[:3] = guide
-    torch.sub(probs, mean_of_probs, out=stack[3])
-    torch.mul(guide, stack[3], out=stack[4:7])
-    for k, (i, j) in enumerate(_PAIRS):
-        torch.mul(guide[i], guide[j], out=stack[7 + k])
+    probs = probs - mean_of_probs
+    stack = torch.cat((guide, probs[None], guide * probs,
+                       guide.index_select(0, _FIRST) * guide.index_select(0, _SECOND)))
     means = _box_mean(stack, radius)
     mean_i, mean_p, mean_ip, mean_ii = means[:3], means[3], means[4:7], means[7:]
-    cov = torch.stack([mean_ii[k] - mean_i[i] * mean_i[j] for k, (i, j) in enumerate(_PAIRS)])
+    cov = mean_ii - mean_i.index_select(0, _FIRST) * mean_i.index_select(0, _SECOND)
     cov[[0, 3, 5]] += eps
     a = _solve3(cov, mean_ip - mean_i * mean_p)
     b = mean_p - (a * mean_i).sum(0)
@@ -210,20 +213,25 @@ def _coefficients(guide: Tensor, probs: Tensor, radius: int, eps: float) -> Tens
     return coeffs
 
 
-def colour_codes(pixels: Tensor, levels: int = COLOUR_LEVELS) -> Tensor:
-    """(h, w, 3) RGB 0..255 (any real dtype) -> (h, w) int64 colour bins in
-    ``[0, levels ** 3)``: each channel quantised to ``levels`` equal steps."""
+def colour_codes(pixels: Tensor | np.ndarray, levels: int = COLOUR_LEVELS) -> Tensor:
+    """(h, w, 3) RGB 0..255 (uint8, or any real dtype) -> (h, w) int64 colour bins in
+    ``[0, levels ** 3)``: each channel quantised to ``levels`` equal steps (for uint8, in
+    integers: ``v * levels // 256``, the same bins)."""
+    if pixels.dtype in (np.uint8, torch.uint8):
+        q = (np.asarray(pixels, np.int64) * levels) >> 8  # numpy: cheaper on small arrays
+        return torch.from_numpy((q[..., 0] * levels + q[..., 1]) * levels + q[..., 2])
     q = (pixels.float().clamp(0, 255) * (levels / 256)).long().clamp_(max=levels - 1)
     return (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
 
 
-def histogram_distance(first: Tensor, second: Tensor) -> float:
+def histogram_distance(first: Tensor | np.ndarray, second: Tensor | np.ndarray) -> float:
     """The total variation distance of two (bins,) non-negative histograms, each normalised
     to sum 1, in [0, 1] (0 when either is empty)."""
-    first, second = first.double(), second.double()
-    if not first.sum() or not second.sum():
+    first, second = np.asarray(first, np.float64), np.asarray(second, np.float64)
+    total_first, total_second = first.sum(), second.sum()
+    if not total_first or not total_second:
         return 0.0
-    return float((first / first.sum() - second / second.sum()).abs().sum() / 2)
+    return float(np.abs(first / total_first - second / total_second).sum() / 2)
 
 
 def colour_model(probs: Tensor, codes: Tensor, inside: np.ndarray,
@@ -260,14 +268,13 @@ def colour_model(probs: Tensor, codes: Tensor, inside: np.ndarray,
         return probs
     bins = COLOUR_LEVELS ** 3
     p = probs.float().clamp(PROB_EPS, 1 - PROB_EPS)
-    box = torch.from_numpy(np.ascontiguousarray(inside, dtype=bool))
-    flat = codes.reshape(-1)
-    fore = torch.bincount(flat, torch.where(box, p, 0.0).reshape(-1), bins).double()
-    back = torch.bincount(flat, torch.where(box, 1 - p, 1.0).reshape(-1), bins).double()
+    values, flat = p.numpy(), codes.numpy().reshape(-1)  # numpy: faster on small arrays
+    fore = np.bincount(flat, np.where(inside, values, 0.0).reshape(-1), bins)
+    back = np.bincount(flat, np.where(inside, 1 - values, 1.0).reshape(-1), bins)
     weight = weight * histogram_distance(fore, back)
-    ratio = ((fore + 1) / (fore.sum() + bins)).log() - ((back + 1) / (back.sum() + bins)).log()
-    ratio = ratio.float()
-    return torch.sigmoid(torch.logit(p) + weight * ratio[codes])
+    ratio = np.log((fore + 1) / (fore.sum() + bins)) - np.log((back + 1) / (back.sum() + bins))
+    shift = torch.from_numpy(ratio.astype(np.float32))[codes]
+    return torch.sigmoid(torch.logit(p) + weight * shift)
 
 
 class BoxView(NamedTuple):
@@ -332,7 +339,7 @@ def box_view(array: np.ndarray, sources: Sequence[Source], box: np.ndarray,
         pixels = F.interpolate(pixels, size=size, mode="area")
     inside = grid_inside(region, size, box)
     colours = pixels[0].permute(1, 2, 0)
-    codes = colour_codes(colours)
+    codes = colour_codes(array[y0:y1, x0:x1] if size == full else colours)
     if refine and size == full:
         probs = colour_model(probs, codes, inside)
         if side >= MIN_SIDE:

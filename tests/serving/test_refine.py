@@ -108,6 +108,12 @@ def test_a_large_radius_is_fitted_on_area_averaged_maps_and_still_follows_the_ed
 def test_colour_codes_quantise_each_channel():
     pixels = torch.tensor([[[0, 0, 0], [255, 255, 255], [31, 32, 224]]], dtype=torch.float32)
     assert refine.colour_codes(pixels).tolist() == [[0, 511, (0 * 8 + 1) * 8 + 7]]
+    # uint8 (integer arithmetic, numpy) and float pixels fall in the same bins, every value
+    values = np.arange(256, dtype=np.uint8)
+    every = np.stack([values, values[::-1], np.roll(values, 77)], -1)[None]  # (1, 256, 3)
+    as_float = refine.colour_codes(torch.from_numpy(every).float())
+    assert torch.equal(refine.colour_codes(every), as_float)
+    assert torch.equal(refine.colour_codes(torch.from_numpy(every)), refine.colour_codes(every))
 
 
 def test_colour_model_against_a_per_pixel_reference():
