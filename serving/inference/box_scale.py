@@ -294,13 +294,14 @@ def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array:
     sources = [refine.Source(r.probs, c.window, c.resized, k > 0)
                for k, (c, r) in enumerate(pairs)]
     # refined only where its mask is the one returned (the score reads the view)
-    view = refine.box_view(array, sources, box, options.refine and cfg.clip_to_box)
-    if cfg.clip_to_box and (options.refine or options.flip) and view.full:
-        mask = refine.region_mask(view, image_size, cfg.mask_threshold)
+    cut = cfg.clip_to_box and (options.refine or options.flip)
+    view = refine.box_view(array, sources, box, options.refine and cfg.clip_to_box, mask=cut)
+    if cut and view.mask_probs is not None:
+        mask = refine.region_mask(view, box, image_size, cfg.mask_threshold)
         if not (options.fallback and is_empty(int(mask.areas()[0]), box)):
             return FinalMask(mask, False, view)
         raw = refine.box_view(array, sources, box, False) if options.refine else view
-        return FinalMask(refine.region_mask(raw, image_size, threshold), True, view)
+        return FinalMask(refine.region_mask(raw, box, image_size, threshold), True, view)
     clip = box if cfg.clip_to_box else None
     mask = paste_crop(result, crop, clip, image_size, cfg.mask_threshold)
     if not (options.fallback and is_empty(int(mask.areas()[0]), box)):

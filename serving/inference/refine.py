@@ -14,11 +14,13 @@ keeps its mean probability. The window's radius is ``RADIUS_FRACTION`` of the bo
 the regulariser ``EPS`` (colours in 0..1): chosen on the training splits of the nuclei and
 synthetic data (``benchmarks/prompted_quality.py`` reports it on the validation splits).
 
-Memory and time are bounded by the box, not the image: a region (the box and its margin) of
-at most ``REFINE_PIXELS`` pixels is filtered at full resolution; a larger one keeps the
-network's own mask (:mod:`serving.inference.paste`, which never holds the region's floats)
-and is only seen on a grid of about ``SCORE_PIXELS`` pixels, for the score
-(:mod:`serving.inference.quality`).
+Memory and time are bounded by the box, not the image. The colour model, the filter's fit
+and the score see a region of more than ``FULL_PIXELS`` pixels on a grid of about
+``GRID_PIXELS`` cells (area-averaged); the filter is then applied with the region's
+full-resolution colours, so a large box's mask still follows the image's own edges. A
+region of at most ``REFINE_PIXELS`` pixels is refined so; a larger one keeps the network's
+own mask (:mod:`serving.inference.paste`, which never holds the region's floats) and is only
+scored on the grid (:mod:`serving.inference.quality`).
 
 Geometry: original-image pixels (XYXY boxes, ``(y0, x0, y1, x1)`` regions); a
 :class:`Source` is one network output, in its own crop's input frame.
@@ -47,10 +49,15 @@ MARGIN_FRACTION = 0.15
 #: hold too few pixels to fit colours (on the nuclei training split's boxes it lost IoU under
 #: 16 px, changed nothing at 16-24 px and gained from 24 px on).
 MIN_SIDE = 24.0
-#: A region (box and margin) of at most this many pixels is refined at full resolution.
-REFINE_PIXELS = 512 * 512
-#: A larger region is only scored, on a grid of about this many pixels.
-SCORE_PIXELS = 128 * 128
+#: A region (box and margin) of at most this many pixels is refined, its mask cut at full
+#: resolution; a larger one keeps the network's own mask.
+REFINE_PIXELS = 1024 * 1024
+#: The colour model, the guided filter's fit and the score see a region of at most this
+#: many pixels at its own pixels ...
+FULL_PIXELS = 256 * 256
+#: ... and a larger one on a grid of about this many cells (area-averaged): its cost no
+#: longer grows with the region's size, except for the filter's output at full resolution.
+GRID_PIXELS = 128 * 128
 #: Windows of a larger radius are fitted on maps area-averaged to about this radius.
 SUBSAMPLE_RADIUS = 4
 #: Levels per colour channel of the colour model's histograms (8: 512 colours).
@@ -162,7 +169,8 @@ _SYMMETRIC = torch.tensor((0, 1, 2, 1, 3, 4, 2, 4, 5))
 
 
 def guided_filter(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -> Tensor:
-    """The colour guided filter of ``probs`` with ``guide``.
+    """The colour guided filter of ``probs`` with ``guide``: :func:`apply_guided` of
+    :func:`guided_coefficients`.
 
     Args:
         guide: (3, h, w) float32 colours in 0..1.
@@ -171,23 +179,40 @@ def guided_filter(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -
 
     Returns:
         (h, w) float32: ``mean_a(x) . I(x) + mean_b(x)``, with ``(a, b)`` the ridge
-        regression ``p ~ a . I + b`` of each window (He et al., eq. 5-8, colour case). For a
-        radius of ``2 * SUBSAMPLE_RADIUS`` or more, ``(a, b)`` and their means come from the
-        maps area-averaged by ``radius // SUBSAMPLE_RADIUS`` and are upsampled bilinearly
-        (the fast guided filter, He and Sun 2015): the windows still span ``radius`` and
-        the output keeps the guide's full-resolution edges; the cost falls with the square
-        of that factor.
+        regression ``p ~ a . I + b`` of each window (He et al., eq. 5-8, colour case).
+    """
+    return apply_guided(guided_coefficients(guide, probs, radius, eps), guide)
+
+
+def guided_coefficients(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -> Tensor:
+    """The guided filter's window means of ``a`` (3 channels) and ``b``, (4, h', w') float32.
+
+    For a radius under ``2 * SUBSAMPLE_RADIUS`` they are fitted at the maps' own (h, w);
+    for a larger one on the maps area-averaged by ``radius // SUBSAMPLE_RADIUS`` (the fast
+    guided filter, He and Sun 2015: the windows still span ``radius`` and the cost falls
+    with the square of that factor, while :func:`apply_guided` keeps the edges of the
+    guide it is given, at any resolution).
+
+    Args:
+        guide: (3, h, w) float32 colours in 0..1; probs: (h, w) float32.
+        radius: window radius in pixels; eps: the fit's regulariser.
     """
     factor = max(1, radius // SUBSAMPLE_RADIUS)
     if factor == 1:
-        coeffs = _coefficients(guide, probs, radius, eps)
-    else:
-        h, w = probs.shape
-        small = (max(1, round(h / factor)), max(1, round(w / factor)))
-        maps = F.interpolate(torch.cat([guide, probs[None]])[None], size=small, mode="area")[0]
-        coeffs = _coefficients(maps[:3], maps[3], max(1, round(radius / factor)), eps)
-        coeffs = F.interpolate(coeffs[None], size=(h, w), mode="bilinear",
-                               align_corners=False)[0]
+        return _coefficients(guide, probs, radius, eps)
+    h, w = probs.shape
+    small = (max(1, round(h / factor)), max(1, round(w / factor)))
+    maps = F.interpolate(torch.cat([guide, probs[None]])[None], size=small, mode="area")[0]
+    return _coefficients(maps[:3], maps[3], max(1, round(radius / factor)), eps)
+
+
+def apply_guided(coeffs: Tensor, guide: Tensor) -> Tensor:
+    """(h, w) float32 ``a . I + b`` for a (3, h, w) ``guide`` ``I`` (colours in 0..1) of
+    the region the (4, h', w') :func:`guided_coefficients` were fitted on, upsampled
+    bilinearly to (h, w) where smaller (both grids span the region)."""
+    size = tuple(guide.shape[-2:])
+    if tuple(coeffs.shape[-2:]) != size:
+        coeffs = F.interpolate(coeffs[None], size=size, mode="bilinear", align_corners=False)[0]
     out = torch.addcmul(coeffs[3], coeffs[0], guide[0])
     return out.addcmul_(coeffs[1], guide[1]).addcmul_(coeffs[2], guide[2])
 
@@ -278,8 +303,9 @@ def colour_model(probs: Tensor, codes: Tensor, inside: np.ndarray,
 
 
 class BoxView(NamedTuple):
-    """One box's probabilities over :func:`box_region`, at its full size when that has at
-    most ``REFINE_PIXELS`` pixels (``full``), else on a grid of about ``SCORE_PIXELS``.
+    """One box's region at its own pixels, or on a grid of about ``GRID_PIXELS`` cells when
+    it has more than ``FULL_PIXELS``: what the score reads; and the region's probabilities
+    at full resolution, what the mask is cut from, where it has at most ``REFINE_PIXELS``.
 
     Attributes:
         region: (y0, x0, y1, x1) original pixels.
@@ -289,7 +315,8 @@ class BoxView(NamedTuple):
         pixels: (h, w, 3) float32 RGB 0..255 on the grid (area-averaged when smaller).
         codes: (h, w) int64 :func:`colour_codes` of ``pixels``.
         inside: (h, w) bool, the grid cells whose centre lies inside the box.
-        full: whether the grid is the region's own pixels.
+        mask_probs: (y1 - y0, x1 - x0) float32 probabilities at full resolution (refined,
+            when they were), or ``None``: a larger region, or not asked for.
     """
 
     region: tuple[int, int, int, int]
@@ -298,7 +325,7 @@ class BoxView(NamedTuple):
     pixels: Tensor
     codes: Tensor
     inside: np.ndarray
-    full: bool
+    mask_probs: Tensor | None
 
 
 def grid_inside(region: tuple[int, int, int, int], size: tuple[int, int],
@@ -312,46 +339,68 @@ def grid_inside(region: tuple[int, int, int, int], size: tuple[int, int],
 
 
 def box_view(array: np.ndarray, sources: Sequence[Source], box: np.ndarray,
-             refine: bool = True) -> BoxView:
+             refine: bool = True, mask: bool = True) -> BoxView:
     """One box's :class:`BoxView`: the mean of ``sources`` (a box seen more than once, e.g.
-    mirrored); when ``refine`` and the view is ``full``, combined with the region's colour
-    model (:func:`colour_model`), then guided-filtered where the box is at least
-    ``MIN_SIDE`` px.
+    mirrored); when ``refine`` and the region has at most ``REFINE_PIXELS`` pixels, combined
+    with the region's colour model (:func:`colour_model`) on the grid, then guided-filtered
+    where the box is at least ``MIN_SIDE`` px: the filter fitted on the grid (or coarser)
+    and applied with the grid's colours (``probs``) and with the full-resolution ones
+    (``mask_probs``), so the mask follows the image's own edges.
 
     Args:
         array: (H, W, 3) uint8 RGB image.
         sources: one or more :class:`Source` of the box.
         box: (4,) XYXY original pixels.
+        refine: refine the probabilities; mask: compute ``mask_probs`` (where the region
+            has at most ``REFINE_PIXELS`` pixels).
     """
     height, width = array.shape[:2]
     side = math.sqrt(max(float(box[2] - box[0]), 0.0) * max(float(box[3] - box[1]), 0.0))
     region = box_region(box, (height, width))
     y0, x0, y1, x1 = region
     full = (y1 - y0, x1 - x0)
-    factor = 1.0 if full[0] * full[1] <= REFINE_PIXELS else math.sqrt(
-        SCORE_PIXELS / (full[0] * full[1]))
+    fits = full[0] * full[1] <= REFINE_PIXELS
+    factor = 1.0 if full[0] * full[1] <= FULL_PIXELS else math.sqrt(
+        GRID_PIXELS / (full[0] * full[1]))
     size = (max(1, round(full[0] * factor)), max(1, round(full[1] * factor)))
-    network = sum(box_probs(s, region, width, size) for s in sources) / len(sources)
-    probs = network
-    pixels = torch.from_numpy(np.ascontiguousarray(array[y0:y1, x0:x1])).permute(2, 0, 1)
-    pixels = pixels[None].float()
-    if size != full:
-        pixels = F.interpolate(pixels, size=size, mode="area")
+    network = _mean_probs(sources, region, width, size)
+    crop = array[y0:y1, x0:x1]
+    pixels = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float()
+    grid = pixels if size == full else F.interpolate(pixels[None], size=size, mode="area")[0]
     inside = grid_inside(region, size, box)
-    colours = pixels[0].permute(1, 2, 0)
-    codes = colour_codes(array[y0:y1, x0:x1] if size == full else colours)
-    if refine and size == full:
-        probs = colour_model(probs, codes, inside)
+    codes = colour_codes(crop if size == full else grid.permute(1, 2, 0))
+    probs, mask_probs = network, None
+    if refine and fits:
+        probs = colour_model(network, codes, inside)
         if side >= MIN_SIDE:
-            probs = guided_filter(pixels[0] / 255, probs, max(1, round(RADIUS_FRACTION * side)))
-    return BoxView(region, probs, network, colours, codes, inside, size == full)
+            radius = max(1, round(RADIUS_FRACTION * side * size[0] / full[0]))
+            colours = grid / 255
+            coeffs = guided_coefficients(colours, probs, radius)
+            probs = apply_guided(coeffs, colours)
+            if mask:
+                mask_probs = probs if size == full else apply_guided(coeffs, pixels / 255)
+        elif mask:
+            mask_probs = probs if size == full else F.interpolate(
+                probs[None, None], size=full, mode="bilinear", align_corners=False)[0, 0]
+    elif mask and fits:
+        mask_probs = network if size == full else _mean_probs(sources, region, width, full)
+    return BoxView(region, probs, network, grid.permute(1, 2, 0), codes, inside, mask_probs)
 
 
-def region_mask(view: BoxView, image_size: tuple[int, int], threshold: float) -> InstanceMasks:
-    """One mask of the (H, W) image from a ``full`` view: its probabilities above
-    ``threshold`` inside the box, cut to its True pixels."""
-    if not view.full:
-        raise ValueError("region_mask needs a view at the region's full size")
-    part = InstanceMasks.from_dense(((view.probs > threshold).numpy() & view.inside)[None])
+def _mean_probs(sources: Sequence[Source], region: tuple[int, int, int, int], width: int,
+                size: tuple[int, int]) -> Tensor:
+    """(h, w) float32 mean of the sources' :func:`box_probs` on a ``size`` grid."""
+    return sum(box_probs(s, region, width, size) for s in sources) / len(sources)
+
+
+def region_mask(view: BoxView, box: np.ndarray, image_size: tuple[int, int],
+                threshold: float) -> InstanceMasks:
+    """One mask of the (H, W) image from a view's ``mask_probs``: those above ``threshold``
+    inside the XYXY ``box``, cut to its True pixels."""
+    if view.mask_probs is None:
+        raise ValueError("region_mask needs a view with full-resolution probabilities")
+    size = tuple(view.mask_probs.shape)
+    inside = view.inside if view.inside.shape == size else grid_inside(view.region, size, box)
+    part = InstanceMasks.from_dense(((view.mask_probs > threshold).numpy() & inside)[None])
     offset = np.array([view.region[:2]]) if part.crops[0].size else np.zeros((1, 2))
     return InstanceMasks(part.crops, part.offsets + offset, image_size)

@@ -32,8 +32,9 @@ def test_torch_and_onnx_agree_on_the_per_box_path(export_checkpoint, tiny_export
     boxes = np.array([[10, 20, 200, 180], [300, 50, 310, 58], [0, 0, 420, 300],
                       [150, 150, 230, 260]], np.float32)
     filtered = []  # the full-resolution refinement runs after either backend alike
-    real = refine.guided_filter
-    monkeypatch.setattr(refine, "guided_filter", lambda *a: filtered.append(1) or real(*a))
+    real = refine.guided_coefficients
+    monkeypatch.setattr(refine, "guided_coefficients",
+                        lambda *a: filtered.append(1) or real(*a))
     got, want = ort.predict(image, boxes=boxes), ref.predict(image, boxes=boxes)
     assert len(filtered) == 2 * 3  # the boxes of 24 px or more, in each backend
     np.testing.assert_array_equal(got.labels, want.labels)

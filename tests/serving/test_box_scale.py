@@ -139,7 +139,8 @@ def test_unclipped_masks_are_scored_on_the_network_probabilities_they_come_from(
     boxes = np.array([[60, 60, 140, 140]], np.float32)
     clipped = bs.segment_per_box(BoxBackend(), image, boxes, np.array([0]), Cfg(), SIZES)
     monkeypatch.setattr(refine, "colour_model", lambda *a, **k: pytest.fail("colour model"))
-    monkeypatch.setattr(refine, "guided_filter", lambda *a, **k: pytest.fail("filtered"))
+    monkeypatch.setattr(refine, "guided_coefficients",
+                        lambda *a, **k: pytest.fail("filtered"))
     out = bs.segment_per_box(BoxBackend(), image, boxes, np.array([0]), Unclipped(), SIZES)
     assert out.masks.areas()[0] > 0.9 * 80 * 80 and 0 < out.scores[0] <= 1
     assert clipped.scores[0] > 0  # the clipped path refines (the patches were not yet set)

@@ -171,8 +171,8 @@ def test_a_filled_ring_loses_its_hole_of_background_colour():
     # the view keeps the network's own probabilities and the colour codes beside the refined
     assert torch.equal(view.network, raw_view.probs) and raw_view.network is raw_view.probs
     assert torch.equal(view.codes, refine.colour_codes(view.pixels))
-    raw = refine.region_mask(raw_view, (size, size), 0.5).dense()[0]
-    got = refine.region_mask(view, (size, size), 0.5).dense()[0]
+    raw = refine.region_mask(raw_view, box, (size, size), 0.5).dense()[0]
+    got = refine.region_mask(view, box, (size, size), 0.5).dense()[0]
     hole = _disc(size, (48, 48), 10)
     assert raw[hole].all() and not got[hole].any()
     assert got[ring & _disc(size, (48, 48), 26) & ~_disc(size, (48, 48), 14)].mean() > 0.95
@@ -200,9 +200,10 @@ def test_a_mask_smaller_than_a_clear_object_grows_to_it_and_stays_in_the_box():
     box = np.array([26, 26, 70, 70], np.float32)  # a box cutting the object's rim
     raw = refine.box_view(image, [source], box, refine=False)
     refined = refine.box_view(image, [source], box)
-    assert raw.full and refined.full and raw.region == (19, 19, 77, 77)  # 0.15 x 44 px margin
-    before = refine.region_mask(raw, (size, size), 0.5).dense()[0]
-    after = refine.region_mask(refined, (size, size), 0.5).dense()[0]
+    assert raw.mask_probs is not None and refined.mask_probs is not None
+    assert raw.region == (19, 19, 77, 77)  # 0.15 x 44 px margin
+    before = refine.region_mask(raw, box, (size, size), 0.5).dense()[0]
+    after = refine.region_mask(refined, box, (size, size), 0.5).dense()[0]
     in_box = refine.grid_inside((0, 0, size, size), (size, size), box)
     inside = obj & in_box
 
@@ -214,22 +215,59 @@ def test_a_mask_smaller_than_a_clear_object_grows_to_it_and_stays_in_the_box():
     assert not after[~in_box].any()
 
 
+def test_a_large_box_is_fitted_on_the_grid_and_cut_at_full_resolution():
+    """A 300 px object seen by the network at 16 px per cell (a blocky, blurred outline):
+    the colour model and the filter's fit run on a grid of about ``GRID_PIXELS`` cells,
+    the mask is cut from the full-resolution output and follows the object's own edge."""
+    size = 400
+    obj = _disc(size, (200, 200), 150)
+    image = np.where(obj[..., None], [200, 60, 50], [40, 90, 170]).astype(np.uint8)
+    coarse = torch.from_numpy(_disc(25, (12.5, 12.5), 150 / 16).astype(np.float32))
+    probs = F.avg_pool2d(coarse[None, None], 3, stride=1, padding=1,
+                         count_include_pad=False)[0, 0]
+    source = refine.Source(probs, (0, 0, size, size), (100, 100))  # 4 input px a cell
+    box = np.array([50, 50, 350, 350], np.float32)
+    raw = refine.box_view(image, [source], box, refine=False)
+    view = refine.box_view(image, [source], box)
+    y0, x0, y1, x1 = view.region
+    assert (y1 - y0) * (x1 - x0) > refine.FULL_PIXELS  # seen on the grid
+    assert view.probs.shape == view.inside.shape and view.probs.numel() <= refine.GRID_PIXELS
+    assert tuple(view.mask_probs.shape) == (y1 - y0, x1 - x0)
+    before = refine.region_mask(raw, box, (size, size), 0.5).dense()[0]
+    after = refine.region_mask(view, box, (size, size), 0.5).dense()[0]
+    wrong_before, wrong_after = (before != obj).sum(), (after != obj).sum()
+    assert wrong_after < 0.3 * wrong_before and wrong_after < 0.002 * obj.sum()
+
+
+def test_a_region_within_the_grid_is_refined_at_its_own_pixels():
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    source = refine.Source(torch.rand((16, 16), generator=torch.Generator().manual_seed(0)),
+                           (0, 0, 64, 64), (64, 64))
+    view = refine.box_view(image, [source], np.array([10, 10, 50, 54], np.float32))
+    assert view.mask_probs is view.probs and view.probs.shape == view.inside.shape
+    assert tuple(view.probs.shape) == (view.region[2] - view.region[0],
+                                       view.region[3] - view.region[1])
+
+
 def test_a_huge_box_is_only_scored_on_a_small_grid_and_keeps_the_network_mask(monkeypatch):
-    monkeypatch.setattr(refine, "guided_filter", lambda *a, **k: pytest.fail("filtered"))
+    monkeypatch.setattr(refine, "guided_coefficients",
+                        lambda *a, **k: pytest.fail("filtered"))
     monkeypatch.setattr(refine, "colour_model", lambda *a, **k: pytest.fail("colour model"))
     image = np.zeros((3000, 2000, 3), np.uint8)
     source = refine.Source(torch.full((75, 50), 0.9), (0, 0, 2000, 3000), (300, 200))
-    view = refine.box_view(image, [source], np.array([10, 10, 1990, 2990]))
+    box = np.array([10, 10, 1990, 2990])
+    view = refine.box_view(image, [source], box)
     assert view.probs.shape == view.pixels.shape[:2] == view.inside.shape
-    assert view.probs.numel() <= 1.01 * refine.SCORE_PIXELS and (view.probs > 0.5).all()
-    assert not view.full and view.region == (0, 0, 3000, 2000)
-    with pytest.raises(ValueError, match="full size"):
-        refine.region_mask(view, (3000, 2000), 0.5)
+    assert view.probs.numel() <= 1.01 * refine.GRID_PIXELS and (view.probs > 0.5).all()
+    assert view.mask_probs is None and view.region == (0, 0, 3000, 2000)
+    with pytest.raises(ValueError, match="full-resolution"):
+        refine.region_mask(view, box, (3000, 2000), 0.5)
 
 
 @pytest.mark.parametrize("side", [10, 23])
 def test_small_boxes_are_not_filtered(monkeypatch, side):
-    monkeypatch.setattr(refine, "guided_filter", lambda *a, **k: pytest.fail("filtered"))
+    monkeypatch.setattr(refine, "guided_coefficients",
+                        lambda *a, **k: pytest.fail("filtered"))
     image = np.zeros((64, 64, 3), np.uint8)
     source = refine.Source(torch.full((16, 16), 0.9), (0, 0, 64, 64), (64, 64))
     refine.box_view(image, [source], np.array([5, 5, 5 + side, 5 + side], np.float32))
@@ -240,8 +278,8 @@ def test_segmenter_refines_by_default_and_can_turn_it_off(tiny_checkpoint, sampl
     from serving import Segmenter
 
     calls = []
-    real = refine.guided_filter
-    monkeypatch.setattr(refine, "guided_filter", lambda *a: calls.append(1) or real(*a))
+    real = refine.guided_coefficients
+    monkeypatch.setattr(refine, "guided_coefficients", lambda *a: calls.append(1) or real(*a))
     seg = Segmenter.load(tiny_checkpoint, device="cpu")
     raw = seg.with_box_scale(True, refine=False)
     assert seg.refine and not raw.refine and raw.box_scale
