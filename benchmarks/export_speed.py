@@ -15,7 +15,8 @@ the calibration data only has to exist). Then, side by side in one process
 at the same thread count, plus each backend alone in both modes (``detect`` /
 ``segment_boxes``: the network and its in-graph post-processing, without the ``Segmenter``'s
 preprocessing and mask pasting at the original size, which are the same for every backend);
-end to end / backend alone is what the work outside the network adds. Reported: median ms
+end to end / backend alone is what the work outside the network adds (also per call: each
+end-to-end call over the time its backend spent inside it). Reported: median ms
 per image, the speed-ups (INT8 / fp32 ORT, bf16 / fp32 torch), the conv GFLOP/s each
 reaches (the model's convolution FLOPs divided by the **end-to-end** time: a lower bound of
 what its convolution kernels run at), the load average during the run, and INT8's
@@ -33,7 +34,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -168,6 +171,36 @@ def build_variants(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
     return segs, facts
 
 
+class BackendClock:
+    """Seconds a Segmenter's backend spends in ``detect`` / ``segment_boxes`` during each
+    call of :meth:`timed` (the methods are wrapped on the backend instance): end to end over
+    this, per call, is what the work outside the network adds, with the network's own
+    call-to-call variation divided out."""
+
+    def __init__(self, backend: object) -> None:
+        self.inside = 0.0
+        for method in ("detect", "segment_boxes"):
+            setattr(backend, method, self._wrap(getattr(backend, method)))
+
+    def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.inside += time.perf_counter() - start
+        return timed
+
+    def timed(self, fn: Callable[[], Any], ratios: list[float]) -> Callable[[], Any]:
+        """``fn`` wrapped to append its wall time over its backend's time to ``ratios``."""
+        def run() -> Any:
+            self.inside, start = 0.0, time.perf_counter()
+            result = fn()
+            ratios.append((time.perf_counter() - start) / self.inside)
+            return result
+        return run
+
+
 def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) -> dict:
     _, (h, w) = CASES[name]
     segs, facts = build_variants(name, args, workdir)
@@ -177,10 +210,13 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
     batch, _, sizes = segs["onnxruntime fp32"]._preprocess([image])
     scaled = torch.from_numpy(scale_boxes(boxes, (h, w), sizes[0]))[None]
     no_labels = torch.full((1, len(boxes)), -1, dtype=torch.int64)
-    variants = {}
+    variants, paired = {}, {}
     for label, seg in segs.items():
-        variants[f"{label} | automatic"] = lambda s=seg: s.predict(image)
-        variants[f"{label} | prompt(10)"] = lambda s=seg: s.predict(image, boxes=boxes)
+        clock = BackendClock(seg.backend)
+        for mode, call in (("automatic", lambda s=seg: s.predict(image)),
+                           ("prompt(10)", lambda s=seg: s.predict(image, boxes=boxes))):
+            paired[f"{label} {mode}"] = []
+            variants[f"{label} | {mode}"] = clock.timed(call, paired[f"{label} {mode}"])
         # The backend alone (network + in-graph post-processing, no mask pasting): the part
         # that precision changes.
         variants[f"{label} | automatic, backend only"] = lambda s=seg: s.backend.detect(batch,
@@ -209,11 +245,14 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
     overhead = {f"{label} {mode}": stats[f"{label} | {mode}"]["median_ms"]
                 / stats[f"{label} | {alone}"]["median_ms"]
                 for label in segs for mode, alone in NETWORK_OF.items()}
+    # the same per call (the warm-up round dropped): network noise divided out
+    paired_median = {k: float(np.median(v[1:])) for k, v in paired.items()}
     print(f"{name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()), flush=True)
     print(f"{name}: end to end / backend alone: "
           + ", ".join(f"{k} {v:.2f}x" for k, v in overhead.items()), flush=True)
     return {"case": name, "image_size": [h, w], "rounds": rounds, **facts, "stats": stats,
-            "speedup": speedup, "end_to_end_over_backend": overhead, "int8_agreement": checks,
+            "speedup": speedup, "end_to_end_over_backend": overhead,
+            "end_to_end_over_backend_paired": paired_median, "int8_agreement": checks,
             "load_average_1m": loads,
             "ort_providers": segs["onnxruntime fp32"].info.get("providers")}
 
@@ -256,6 +295,14 @@ def markdown(payload: dict) -> str:
             [r["case"], label, *[f"{r['end_to_end_over_backend'][f'{label} {m}']:.2f}x"
                                  for m in NETWORK_OF]]
             for r in payload["results"] if "end_to_end_over_backend" in r
+            for label in dict.fromkeys(k.split(" | ")[0] for k in r["stats"])]),
+        "The same per call: each end-to-end call's time over the time its backend spent "
+        "inside that call, median over the rounds (the network's call-to-call variation "
+        "divided out):",
+        markdown_table(["model @ input", "backend", *NETWORK_OF], [
+            [r["case"], label, *[f"{r['end_to_end_over_backend_paired'][f'{label} {m}']:.2f}x"
+                                 for m in NETWORK_OF]]
+            for r in payload["results"] if "end_to_end_over_backend_paired" in r
             for label in dict.fromkeys(k.split(" | ")[0] for k in r["stats"])]),
         markdown_table(["model @ input", "mode", "backend", "median ms", "min ms", "max ms",
                         "vs fp32", "conv GFLOP/s"], rows),

@@ -11,6 +11,8 @@ run side by side per image, so load hits every row alike). The filled box is the
 Rows: ``today`` (the whole image at the model's size, ``box_scale`` off), ``today @ N`` (the
 same at ``--image-size N`` for each of ``--sizes``, the best of them is the hand-picked size),
 ``default`` (the product's per-box scale) and ablations of its parts (``--rows``).
+``--upscale F`` runs every image, box and true mask F times larger (the image resized
+bilinearly, the masks' pixels repeated): large images with large boxes.
 
     python benchmarks/prompted_quality.py --data nuclei \
         --model runs/quickstart_nuclei/model_final.safetensors
@@ -77,6 +79,31 @@ def load_split(annotations: Path, images: Path, limit: int | None) -> list[dict[
                     "ann_ids": [a["id"] for a in anns],
                     "masks": np.stack([coco.annToMask(a).astype(bool) for a in anns])})
     return out
+
+
+def upscale_split(split: list[dict[str, Any]], gt: dict[str, Any], factor: int,
+                  ) -> dict[str, Any]:
+    """The split as if photographed ``factor`` times larger (large images, large boxes): each
+    item's boxes times ``factor``, its true masks' pixels repeated ``factor`` x ``factor``
+    (in place), ``item["upscale"]`` for :func:`measure` (which resizes the image bilinearly);
+    returns ``gt`` with the same masks (RLE), boxes, areas and image sizes."""
+    from pycocotools import mask as mask_util
+
+    anns = {}
+    for item in split:
+        item["boxes"] = item["boxes"] * factor
+        item["masks"] = item["masks"].repeat(factor, 1).repeat(factor, 2)
+        item["upscale"] = factor
+        for ann_id, mask, box in zip(item["ann_ids"], item["masks"], item["boxes"]):
+            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            anns[ann_id] = {"segmentation": rle, "area": int(mask.sum()),
+                            "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
+                                     float(box[3] - box[1])]}
+    images = [{**i, "width": i["width"] * factor, "height": i["height"] * factor}
+              for i in gt["images"]]
+    return {**gt, "images": images,
+            "annotations": [{**a, **anns[a["id"]]} for a in gt["annotations"]]}
 
 
 def filled_boxes(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -157,6 +184,12 @@ def measure(rows: dict[str, Row], split: list[dict[str, Any]]) -> dict[str, dict
            for name in rows}
     for item in split:
         array = load_image(item["path"])
+        if item.get("upscale", 1) > 1:
+            from PIL import Image
+
+            h, w = array.shape[:2]
+            size = (w * item["upscale"], h * item["upscale"])
+            array = np.asarray(Image.fromarray(array).resize(size, Image.BILINEAR))
         for name, run in rows.items():
             start = time.perf_counter()
             masks, scores = run(array, item)
@@ -223,17 +256,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     keep = {item["id"] for item in split}
     gt = {**gt, "images": [i for i in gt["images"] if i["id"] in keep],
           "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
+    if args.upscale > 1:
+        gt = upscale_split(split, gt, args.upscale)
     category_of = {a["id"]: a["category_id"] for a in gt["annotations"]}
     rows = build_rows(args.model, args.sizes, args.rows)
     recs = measure(rows, split)
-    boxes = np.concatenate([item["boxes"] for item in split])
-    sides = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    boxes = np.concatenate([item["boxes"] for item in split]) / args.upscale
+    sides = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))  # size bins
     table = {name: summarize(rec, sides, gt, category_of, recs["today"]["seconds"])
              for name, rec in recs.items()}
     table["filled box"]["spearman"] = None
     table["filled box"]["time_vs_today"] = None
     return {"data": args.data, "split": args.split, "model": args.model, "images": len(split),
-            "boxes": int(len(sides)), "rows": table}
+            "boxes": int(len(sides)), "upscale": args.upscale, "rows": table}
 
 
 def write(results: dict[str, Any], name: str, command: str) -> None:
@@ -247,7 +282,11 @@ def write(results: dict[str, Any], name: str, command: str) -> None:
     split = "training" if results.get("split") == "train" else "validation"
     text = (f"# Box-prompted masks: {results['data']} {split} boxes\n\n`{command}`\n\n"
             f"{machine_markdown(results['machine'])}\n\nModel `{results['model']}`, "
-            f"{results['images']} images, {results['boxes']} boxes.\n\n"
+            f"{results['images']} images, {results['boxes']} boxes"
+            + (f", every image, box and true mask {results['upscale']}x larger (the image "
+               "resized bilinearly, the masks' pixels repeated; the size columns bin the boxes "
+               "by their size before)" if results.get("upscale", 1) > 1
+               else "") + ".\n\n"
             f"{markdown_table(header, rows)}\n")
     write_results(ROOT / "benchmarks" / "results", name, results, text.rstrip("\n"))
 
@@ -265,6 +304,9 @@ def main() -> int:
                         help="the split whose boxes prompt (train: where the score's form was "
                              "chosen)")
     parser.add_argument("--quick", action="store_true", help="5 images, to try it out")
+    parser.add_argument("--upscale", type=int, default=1,
+                        help="every image resized this many times larger (bilinear), its boxes "
+                             "and true masks with it: large images and boxes")
     parser.add_argument("--tag", default="", help="suffix of the results' name")
     args = parser.parse_args()
     results = {**run(args), "machine": machine_info()}
