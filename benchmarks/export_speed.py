@@ -257,6 +257,15 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
             "ort_providers": segs["onnxruntime fp32"].info.get("providers")}
 
 
+def overhead_table(payload: dict, key: str) -> str:
+    """End to end over the backend (``key`` of each result: medians, or paired per call), a
+    row per case and backend, a column per mode."""
+    return markdown_table(["model @ input", "backend", *NETWORK_OF], [
+        [r["case"], label, *[f"{r[key][f'{label} {m}']:.2f}x" for m in NETWORK_OF]]
+        for r in payload["results"] if key in r
+        for label in dict.fromkeys(k.split(" | ")[0] for k in r["stats"])])
+
+
 def markdown(payload: dict) -> str:
     rows = []
     for r in payload["results"]:
@@ -291,19 +300,11 @@ def markdown(payload: dict) -> str:
         "End to end / the backend alone (the network and its in-graph post-processing), from "
         "the medians: what preprocessing, mask pasting at the original size and the rest of "
         "`Segmenter.predict` add:",
-        markdown_table(["model @ input", "backend", *NETWORK_OF], [
-            [r["case"], label, *[f"{r['end_to_end_over_backend'][f'{label} {m}']:.2f}x"
-                                 for m in NETWORK_OF]]
-            for r in payload["results"] if "end_to_end_over_backend" in r
-            for label in dict.fromkeys(k.split(" | ")[0] for k in r["stats"])]),
+        overhead_table(payload, "end_to_end_over_backend"),
         "The same per call: each end-to-end call's time over the time its backend spent "
         "inside that call, median over the rounds (the network's call-to-call variation "
         "divided out):",
-        markdown_table(["model @ input", "backend", *NETWORK_OF], [
-            [r["case"], label, *[f"{r['end_to_end_over_backend_paired'][f'{label} {m}']:.2f}x"
-                                 for m in NETWORK_OF]]
-            for r in payload["results"] if "end_to_end_over_backend_paired" in r
-            for label in dict.fromkeys(k.split(" | ")[0] for k in r["stats"])]),
+        overhead_table(payload, "end_to_end_over_backend_paired"),
         markdown_table(["model @ input", "mode", "backend", "median ms", "min ms", "max ms",
                         "vs fp32", "conv GFLOP/s"], rows),
     ])
