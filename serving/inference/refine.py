@@ -56,8 +56,12 @@ REFINE_PIXELS = 1024 * 1024
 #: many pixels at its own pixels ...
 FULL_PIXELS = 256 * 256
 #: ... and a larger one on a grid of about this many cells (area-averaged): its cost no
-#: longer grows with the region's size, except for the filter's output at full resolution.
+#: longer grows with the region's size, except for reading its pixels and the filter's
+#: output at full resolution.
 GRID_PIXELS = 128 * 128
+#: ... with at least this many cells across the box on each axis (more cells along a thin
+#: box's short axis).
+MIN_BOX_CELLS = 8
 #: Windows of a larger radius are fitted on maps area-averaged to about this radius.
 SUBSAMPLE_RADIUS = 4
 #: Levels per colour channel of the colour model's histograms (8: 512 colours).
@@ -245,6 +249,7 @@ def colour_codes(pixels: Tensor | np.ndarray, levels: int = COLOUR_LEVELS) -> Te
     if pixels.dtype in (np.uint8, torch.uint8):
         q = (np.asarray(pixels, np.int64) * levels) >> 8  # numpy: cheaper on small arrays
         return torch.from_numpy((q[..., 0] * levels + q[..., 1]) * levels + q[..., 2])
+    pixels = torch.as_tensor(pixels)
     q = (pixels.float().clamp(0, 255) * (levels / 256)).long().clamp_(max=levels - 1)
     return (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
 
@@ -360,9 +365,7 @@ def box_view(array: np.ndarray, sources: Sequence[Source], box: np.ndarray,
     y0, x0, y1, x1 = region
     full = (y1 - y0, x1 - x0)
     fits = full[0] * full[1] <= REFINE_PIXELS
-    factor = 1.0 if full[0] * full[1] <= FULL_PIXELS else math.sqrt(
-        GRID_PIXELS / (full[0] * full[1]))
-    size = (max(1, round(full[0] * factor)), max(1, round(full[1] * factor)))
+    size = grid_size(full, box)
     network = _mean_probs(sources, region, width, size)
     crop = array[y0:y1, x0:x1]
     pixels = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float()
@@ -373,7 +376,8 @@ def box_view(array: np.ndarray, sources: Sequence[Source], box: np.ndarray,
     if refine and fits:
         probs = colour_model(network, codes, inside)
         if side >= MIN_SIDE:
-            radius = max(1, round(RADIUS_FRACTION * side * size[0] / full[0]))
+            scale = math.sqrt(size[0] * size[1] / (full[0] * full[1]))  # cells per pixel
+            radius = max(1, round(RADIUS_FRACTION * side * scale))
             colours = grid / 255
             coeffs = guided_coefficients(colours, probs, radius)
             probs = apply_guided(coeffs, colours)
@@ -385,6 +389,19 @@ def box_view(array: np.ndarray, sources: Sequence[Source], box: np.ndarray,
     elif mask and fits:
         mask_probs = network if size == full else _mean_probs(sources, region, width, full)
     return BoxView(region, probs, network, grid.permute(1, 2, 0), codes, inside, mask_probs)
+
+
+def grid_size(full: tuple[int, int], box: np.ndarray) -> tuple[int, int]:
+    """(h, w) of the grid a region of ``full`` (h, w) pixels is seen on: ``full`` itself up
+    to ``FULL_PIXELS`` pixels, else about ``GRID_PIXELS`` cells, the same scale on both
+    axes, except that an axis keeps at least ``MIN_BOX_CELLS`` cells across the XYXY ``box``
+    (at most its pixels: a very thin box is not lost between cell centres)."""
+    if full[0] * full[1] <= FULL_PIXELS:
+        return full
+    factor = math.sqrt(GRID_PIXELS / (full[0] * full[1]))
+    extents = (float(box[3] - box[1]), float(box[2] - box[0]))
+    return tuple(min(n, max(1, round(n * factor), math.ceil(n * MIN_BOX_CELLS / max(e, 1e-6))))
+                 for n, e in zip(full, extents))  # type: ignore[return-value]
 
 
 def _mean_probs(sources: Sequence[Source], region: tuple[int, int, int, int], width: int,

@@ -113,6 +113,7 @@ def test_colour_codes_quantise_each_channel():
     every = np.stack([values, values[::-1], np.roll(values, 77)], -1)[None]  # (1, 256, 3)
     as_float = refine.colour_codes(torch.from_numpy(every).float())
     assert torch.equal(refine.colour_codes(every), as_float)
+    assert torch.equal(refine.colour_codes(every.astype(np.float32)), as_float)  # numpy float
     assert torch.equal(refine.colour_codes(torch.from_numpy(every)), refine.colour_codes(every))
 
 
@@ -237,6 +238,29 @@ def test_a_large_box_is_fitted_on_the_grid_and_cut_at_full_resolution():
     after = refine.region_mask(view, box, (size, size), 0.5).dense()[0]
     wrong_before, wrong_after = (before != obj).sum(), (after != obj).sum()
     assert wrong_after < 0.3 * wrong_before and wrong_after < 0.002 * obj.sum()
+
+
+def test_a_thin_box_keeps_cells_across_it_on_the_grid():
+    """A 3 px wide, 3000 px long bar: the grid keeps at least ``MIN_BOX_CELLS`` cells across
+    the box (here every pixel), so the colour model and the score see the bar."""
+    from serving.inference import quality
+
+    image = np.empty((3600, 100, 3), np.uint8)
+    image[:] = (40, 90, 170)
+    image[300:3300, 50:53] = (200, 60, 50)
+    probs = torch.zeros((900, 25))
+    probs[75:825, 12:14] = 0.9  # the network's bar, at stride 4
+    source = refine.Source(probs, (0, 0, 100, 3600), (3600, 100))
+    box = np.array([50, 300, 53, 3300], np.float32)
+    view = refine.box_view(image, [source], box)
+    y0, x0, y1, x1 = view.region
+    assert (y1 - y0) * (x1 - x0) > refine.FULL_PIXELS
+    assert view.probs.shape[1] == x1 - x0 and view.probs.shape[0] < y1 - y0
+    assert view.inside.any(1).sum() > 0 and view.inside.any(0).sum() == 3
+    mask = refine.region_mask(view, box, (3600, 100), 0.5).dense()[0]
+    assert mask[300:3300, 50:53].mean() > 0.99 and not mask[:, :50].any()
+    result = type("Result", (), {"score": 0.9})()
+    assert quality.quality_score([(None, result)], view, 0.5) > 0.05
 
 
 def test_a_region_within_the_grid_is_refined_at_its_own_pixels():
