@@ -133,6 +133,15 @@ def machine_markdown(info: dict[str, Any]) -> str:
     return "\n".join(f"- {p}" for p in parts)
 
 
+def coco_rle(mask: Any) -> dict[str, Any]:
+    """(H, W) bool numpy mask -> COCO compressed RLE with a str ``counts`` (JSON-ready)."""
+    import numpy as np
+    from pycocotools import mask as mask_util
+
+    enc = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(enc["size"]), "counts": enc["counts"].decode("ascii")}
+
+
 def write_results(out: Path, name: str, payload: dict[str, Any], text: str) -> None:
     """Write ``<out>/<name>.json`` (the payload) and ``<out>/<name>.md`` (``text``), and print
     the markdown."""

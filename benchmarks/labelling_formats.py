@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    coco_rle,
     machine_info,
     machine_markdown,
     markdown_table,
@@ -58,11 +59,6 @@ def _mask(segm: Any, h: int, w: int) -> np.ndarray:
     elif isinstance(segm.get("counts"), str):
         segm = dict(segm, counts=segm["counts"].encode("ascii"))
     return mask_util.decode(segm).astype(bool)
-
-
-def _rle(mask: np.ndarray) -> dict[str, Any]:
-    enc = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": list(enc["size"]), "counts": enc["counts"].decode("ascii")}
 
 
 def write_sources(gt: dict[str, Any], work: Path) -> dict[str, Path]:
@@ -146,7 +142,7 @@ def read_paths(gt: dict[str, Any], work: Path, backend: list) -> dict[str, list[
     for a in paths["coco polygon"]:  # a mask without a polygon has no YOLO line
         h, w = sizes[a["image_id"]]
         if not isinstance(a["segmentation"], list):
-            yolo.append(_rle(np.zeros((h, w), bool)))
+            yolo.append(coco_rle(np.zeros((h, w), bool)))
             continue
         coords = [float(v) for v in next(lines[a["image_id"]]).split()[1:]]
         yolo.append([[c * (w if k % 2 == 0 else h) for k, c in enumerate(coords)]])
@@ -155,10 +151,10 @@ def read_paths(gt: dict[str, Any], work: Path, backend: list) -> dict[str, list[
     ref = paths["coco rle"]
     paths["yolo"] = [dict(r, segmentation=p) for r, p in zip(ref, yolo, strict=True)]
     paths["labelstudio file"] = [
-        dict(r, segmentation=_rle(ls_rle_to_mask(x["value"]["rle"], *sizes[r["image_id"]])))
+        dict(r, segmentation=coco_rle(ls_rle_to_mask(x["value"]["rle"], *sizes[r["image_id"]])))
         for r, x in zip(ref, ls, strict=True)]
     flat = [m for task in backend for m in task]
-    paths["labelstudio backend"] = [dict(r, segmentation=_rle(m), score=s)
+    paths["labelstudio backend"] = [dict(r, segmentation=coco_rle(m), score=s)
                                     for r, (m, s) in zip(ref, flat, strict=True)]
     assert len(ref) == len(anns)
     return paths
@@ -177,7 +173,7 @@ def agreement(gt: dict[str, Any], paths: dict[str, list[dict]]) -> dict[str, dic
             h, w = sizes[a["image_id"]]
             ref = b["segmentation"]
             if name == "yolo" and not isinstance(ref, list):  # no polygon: no YOLO line
-                ref = _rle(np.zeros((h, w), bool))
+                ref = coco_rle(np.zeros((h, w), bool))
             ref_mask = _mask([largest_polygon(ref)] if isinstance(ref, list) else ref, h, w)
             got = _mask(a["segmentation"], h, w)
             union = (got | ref_mask).sum()

@@ -37,7 +37,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info, machine_markdown, markdown_table, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    coco_rle,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    write_results,
+)
 from serving import Segmenter  # noqa: E402
 from serving.cli.label_report import is_empty  # noqa: E402
 from serving.formats.cocoeval import evaluate_coco  # noqa: E402
@@ -87,17 +93,13 @@ def upscale_split(split: list[dict[str, Any]], gt: dict[str, Any], factor: int,
     item's boxes times ``factor``, its true masks' pixels repeated ``factor`` x ``factor``
     (in place), ``item["upscale"]`` for :func:`measure` (which resizes the image bilinearly);
     returns ``gt`` with the same masks (RLE), boxes, areas and image sizes."""
-    from pycocotools import mask as mask_util
-
     anns = {}
     for item in split:
         item["boxes"] = item["boxes"] * factor
         item["masks"] = item["masks"].repeat(factor, 1).repeat(factor, 2)
         item["upscale"] = factor
         for ann_id, mask, box in zip(item["ann_ids"], item["masks"], item["boxes"]):
-            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-            rle["counts"] = rle["counts"].decode("ascii")
-            anns[ann_id] = {"segmentation": rle, "area": int(mask.sum()),
+            anns[ann_id] = {"segmentation": coco_rle(mask), "area": int(mask.sum()),
                             "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
                                      float(box[3] - box[1])]}
     images = [{**i, "width": i["width"] * factor, "height": i["height"] * factor}
@@ -176,8 +178,6 @@ def without_colour_model(row: Row) -> Row:
 def measure(rows: dict[str, Row], split: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Run every row on every image (rows side by side per image); per row the per-box IoUs,
     scores, emptiness and COCO results, and its total seconds."""
-    from pycocotools import mask as mask_util
-
     from serving.inference.images import load_image
 
     out = {name: {"iou": [], "score": [], "empty": [], "results": [], "seconds": 0.0}
@@ -199,10 +199,8 @@ def measure(rows: dict[str, Row], split: list[dict[str, Any]]) -> dict[str, dict
             rec["score"] += [float(s) for s in scores]
             rec["empty"] += [is_empty(int(m.sum()), b) for m, b in zip(masks, item["boxes"])]
             for m, s, ann_id in zip(masks, scores, item["ann_ids"]):
-                rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-                rle["counts"] = rle["counts"].decode("ascii")
                 rec["results"].append({"image_id": item["id"], "ann_id": ann_id,
-                                       "segmentation": rle, "score": float(s)})
+                                       "segmentation": coco_rle(m), "score": float(s)})
     return out
 
 
