@@ -103,16 +103,17 @@ def box_region(box: np.ndarray, image_size: tuple[int, int]) -> tuple[int, int, 
 
 
 def _cells(start: int, end: int, count: int, window: tuple[int, int], resized: int,
-           cells: int) -> Tensor:
+           cells: int) -> np.ndarray:
     """(count,) float32 stride-4 cell coordinates of ``count`` evenly spaced sample
     centres over original pixels ``start..end``: original -> network input
     (``align_corners=False`` resize of the window) -> cell (CondInst's aligned x4
-    upsampling: input pixel ``i`` is cell ``(i - 2) / 4``), clamped like the pipeline."""
+    upsampling: input pixel ``i`` is cell ``(i - 2) / 4``), clamped like the pipeline.
+    (numpy float64: cheaper than torch on these short arrays.)"""
     step = (end - start) / count
-    coords = start + (torch.arange(count, dtype=torch.float64) + 0.5) * step - 0.5
+    coords = start + (np.arange(count, dtype=np.float64) + 0.5) * step - 0.5
     scale = resized / (window[1] - window[0])
-    inputs = ((coords - window[0] + 0.5) * scale - 0.5).clamp(0, resized - 1)
-    return ((inputs - 2).clamp(min=0) / 4).clamp(max=cells - 1).float()
+    inputs = np.clip((coords - window[0] + 0.5) * scale - 0.5, 0, resized - 1)
+    return np.minimum(np.maximum(inputs - 2, 0) / 4, cells - 1).astype(np.float32)
 
 
 def box_probs(source: Source, region: tuple[int, int, int, int], image_width: int,
@@ -127,10 +128,11 @@ def box_probs(source: Source, region: tuple[int, int, int, int], image_width: in
     h4, w4 = source.probs.shape[-2:]
     gy = _cells(y0, y1, size[0], (wy0, wy1), source.resized[0], h4)
     gx = _cells(x0, x1, size[1], (wx0, wx1), source.resized[1], w4)
-    grid = torch.stack(torch.meshgrid(gy / max(h4 - 1, 1) * 2 - 1,
-                                      gx / max(w4 - 1, 1) * 2 - 1, indexing="ij")[::-1], -1)
-    out = F.grid_sample(source.probs[None, None].float(), grid[None], mode="bilinear",
-                        align_corners=True)[0, 0]
+    grid = np.empty((*size, 2), np.float32)  # (x, y) of every sample, in [-1, 1]
+    grid[..., 0] = gx / np.float32(max(w4 - 1, 1)) * 2 - 1
+    grid[..., 1] = (gy / np.float32(max(h4 - 1, 1)) * 2 - 1)[:, None]
+    out = F.grid_sample(source.probs[None, None].float(), torch.from_numpy(grid)[None],
+                        mode="bilinear", align_corners=True)[0, 0]
     return out.flip(-1) if source.mirrored else out
 
 
@@ -246,8 +248,13 @@ def colour_codes(pixels: Tensor | np.ndarray, levels: int = COLOUR_LEVELS) -> Te
     """(h, w, 3) RGB 0..255 (uint8, or any real dtype) -> (h, w) int64 colour bins in
     ``[0, levels ** 3)``: each channel quantised to ``levels`` equal steps (for uint8, in
     integers: ``v * levels // 256``, the same bins)."""
-    if pixels.dtype in (np.uint8, torch.uint8):
-        q = (np.asarray(pixels, np.int64) * levels) >> 8  # numpy: cheaper on small arrays
+    if pixels.dtype in (np.uint8, torch.uint8):  # numpy: cheaper on small arrays
+        bits = levels.bit_length() - 1
+        if levels == 1 << bits and bits <= 5:  # v * levels // 256 is a shift; 16-bit codes
+            q = (np.asarray(pixels) >> (8 - bits)).astype(np.uint16)
+            codes = (q[..., 0] << 2 * bits) | (q[..., 1] << bits) | q[..., 2]
+            return torch.from_numpy(codes.astype(np.int64))
+        q = (np.asarray(pixels, np.int64) * levels) >> 8
         return torch.from_numpy((q[..., 0] * levels + q[..., 1]) * levels + q[..., 2])
     pixels = torch.as_tensor(pixels)
     q = (pixels.float().clamp(0, 255) * (levels / 256)).long().clamp_(max=levels - 1)
@@ -298,12 +305,13 @@ def colour_model(probs: Tensor, codes: Tensor, inside: np.ndarray,
         return probs
     bins = COLOUR_LEVELS ** 3
     p = probs.float().clamp(PROB_EPS, 1 - PROB_EPS)
-    values, flat = p.numpy(), codes.numpy().reshape(-1)  # numpy: faster on small arrays
-    fore = np.bincount(flat, np.where(inside, values, 0.0).reshape(-1), bins)
-    back = np.bincount(flat, np.where(inside, 1 - values, 1.0).reshape(-1), bins)
+    flat = codes.numpy().reshape(-1)  # numpy: faster on small arrays
+    object_weights = np.where(inside, p.numpy(), np.float32(0)).reshape(-1)
+    fore = np.bincount(flat, object_weights, bins)
+    back = np.bincount(flat, 1 - object_weights, bins)  # 1 - p in the box, 1 outside
     weight = weight * histogram_distance(fore, back)
     ratio = np.log((fore + 1) / (fore.sum() + bins)) - np.log((back + 1) / (back.sum() + bins))
-    shift = torch.from_numpy(ratio.astype(np.float32))[codes]
+    shift = torch.from_numpy(ratio.astype(np.float32).take(codes.numpy()))
     return torch.sigmoid(torch.logit(p) + weight * shift)
 
 
