@@ -44,13 +44,14 @@ def variants(code: Path, sides: tuple[int, ...] = SIDES,
     probs = F.avg_pool2d(noise, 5, stride=1, padding=2)[0, 0]  # stride 4 of a 1/2 crop
     source = refine.Source(probs, (0, 0, SIZE, SIZE), (SIZE // 2, SIZE // 2))
     result = type("Result", (), {"score": 0.5})()
+    crop = type("Crop", (), {"window": source.window, "resized": source.resized})()
     calls, how = {}, {}
     for side in sides:
         box = np.array([100, 100, 100 + side, 100 + side], np.float32)
 
         def run(box: np.ndarray = box) -> Any:
             view = refine.box_view(image, [source], box)
-            return quality.quality_score([(None, result)], view, 0.5), view
+            return quality.quality_score([(crop, result)], view, 0.5), view
 
         view = run()[1]
         region = (view.region[2] - view.region[0]) * (view.region[3] - view.region[1])

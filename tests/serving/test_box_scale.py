@@ -89,9 +89,11 @@ def test_tiny_and_huge_box_are_segmented_at_the_trained_size_and_pasted_back_exa
     sides = [math.sqrt((x2 - x1) * (y2 - y1)) for x1, y1, x2, y2 in backend.seen]
     assert sides == [pytest.approx(16, rel=0.05), pytest.approx(48, rel=0.05)]  # p10, p90
     # sqrt(box score) x confidence^2 x projections^3 (the rim's interpolated rows of the
-    # stride-4 mask reach less) x colour separation and distance (~1: flat colours)
+    # stride-4 mask reach less) x colour separation and distance (~1: flat colours) x
+    # boundary sharpness^2: ~1 for the small box (refined onto its colour edge), ~0.5^2 for
+    # the huge one (its region too large to refine: the stride-4 rim ramps over ~4 input px)
     assert 0.7 * 0.5 ** 0.5 < out.scores[0] < 0.5 ** 0.5
-    assert 0.7 * 0.67 ** 0.5 < out.scores[1] < 0.67 ** 0.5
+    assert 0.15 * 0.67 ** 0.5 < out.scores[1] < 0.3 * 0.67 ** 0.5
     for i, (x1, y1, x2, y2) in enumerate(boxes):  # each mask lands on its box, filled
         y0, x0, ye, xe = out.masks.box(i)  # within 1.5 stride-4 cells of the crop's input
         atol = 6 * (x2 - x1) / sides[i]

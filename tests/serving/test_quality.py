@@ -59,6 +59,37 @@ def test_colour_distance_hand_computed():
     assert quality.colour_distance(torch.zeros((2, 4), dtype=torch.int64), mask) == 0.0
 
 
+def test_boundary_sharpness_hand_computed():
+    ramp = torch.tensor([[0.0, 0.25, 0.5, 0.75, 1.0]] * 3)
+    mask = ramp.numpy() > 0.5  # the last two columns, all of them boundary cells
+    assert quality.boundary_sharpness(ramp, mask) == pytest.approx(2 * 0.25)
+    # cells half an input pixel wide: twice the gradient per input pixel
+    assert quality.boundary_sharpness(ramp, mask, (1.0, 0.5)) == pytest.approx(1.0)
+    square = torch.zeros((5, 5))
+    square[1:4, 1:4] = 1.0  # a step: its 8 rim cells change by 1/2 per cell along each axis
+    assert quality.boundary_sharpness(square, square.numpy() > 0.5) == 1.0  # clipped
+    assert quality.boundary_sharpness(square, np.zeros((5, 5), bool)) == 0.0
+
+
+def _disc(cells: int, pixels_per_cell: float) -> torch.Tensor:
+    """A disc of radius 20 original px whose probability ramps from 1 to 0 over 8 px,
+    sampled on a ``cells`` x ``cells`` grid of ``pixels_per_cell`` px cells over a 64 px
+    square."""
+    centres = (np.arange(cells) + 0.5) * pixels_per_cell
+    r = np.hypot(*np.meshgrid(centres - 32, centres - 32, indexing="ij"))
+    return torch.from_numpy(np.clip((20 - r) / 8 + 0.5, 0, 1).astype(np.float32))
+
+
+def test_boundary_sharpness_reads_the_same_on_an_upscaled_region():
+    """Per input pixel: the same object seen at the same input size, its probabilities at
+    each original pixel (input scale 1/2: half an input pixel per cell) or on a grid of two
+    pixels per cell (one input pixel per cell), is as sharp: a ramp over 8 px, 4 input px."""
+    fine, coarse = _disc(64, 1.0), _disc(32, 2.0)
+    at_fine = quality.boundary_sharpness(fine, fine.numpy() > 0.5, (0.5, 0.5))
+    at_coarse = quality.boundary_sharpness(coarse, coarse.numpy() > 0.5, (1.0, 1.0))
+    assert at_fine == pytest.approx(0.5, rel=0.1) and at_coarse == pytest.approx(0.5, rel=0.1)
+
+
 def _score(image: np.ndarray, probs: torch.Tensor, box: np.ndarray) -> float:
     """The quality score of one whole-image candidate with box score 0.8."""
     h, w = image.shape[:2]
@@ -83,6 +114,7 @@ def test_a_clean_mask_outranks_a_noisy_one():
     ring = torch.from_numpy(np.where(cells > 0, 0.05, 0.95).astype(np.float32))
     ring[:4], ring[12:], ring[:, :4], ring[:, 12:] = 0.05, 0.05, 0.05, 0.05  # the box minus
     scores = [_score(image, p, box) for p in (clean, noisy, ring)]  # the object: background
-    # the clean mask's soft rim (stride-4 cells upsampled) lowers its confidence and coverage
-    assert scores[0] > 0.25 and scores[0] > 1.2 * scores[1] and scores[0] > 2 * scores[2]
+    # the clean mask's soft rim (stride-4 cells upsampled, unrefined) lowers its confidence,
+    # coverage and boundary sharpness (a ramp over ~4 input px: ~0.5, squared)
+    assert scores[0] > 0.04 and scores[0] > 1.2 * scores[1] and scores[0] > 2 * scores[2]
     assert all(0 < s <= 1 for s in scores)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from serving.inference import refine
+from serving.inference.box_scale import Crop
 from serving.inference.paste import mask_crops
 
 
@@ -264,7 +265,8 @@ def test_a_thin_box_keeps_cells_across_it_on_the_grid():
     mask = refine.region_mask(view, box, (3600, 100), 0.5).dense()[0]
     assert mask[300:3300, 50:53].mean() > 0.99 and not mask[:, :50].any()
     result = type("Result", (), {"score": 0.9})()
-    assert quality.quality_score([(None, result)], view, 0.5) > 0.05
+    crop = Crop(0, 1.0, source.window, source.resized, box)
+    assert quality.quality_score([(crop, result)], view, 0.5) > 0.05
 
 
 def test_a_region_within_the_grid_is_refined_at_its_own_pixels():
