@@ -127,9 +127,15 @@ def score_advice(calibration: Calibration, scores: Iterable[float], mode: str = 
     if median >= SCORE_FACTOR * reference:
         return None
     what = "box score" if mode == "prompt" else "best score per image"
-    return (f"out of domain: the median {what} is {median:.2f} on these images against "
-            f"{reference:.2f} on the model's validation images; the model has probably not "
-            "seen images like these: train on your own images (docs/your_data.md)")
+    return (f"out of domain: the median {what} is {_digits(median)} on these images against "
+            f"{_digits(reference)} on the model's validation images; the model has probably "
+            "not seen images like these: train on your own images (docs/your_data.md)")
+
+
+def _digits(value: float) -> str:
+    """A score for a message: two decimals, or two significant digits under 0.1 (the
+    box-prompted score of a good mask can be a few hundredths)."""
+    return f"{value:.2f}" if value == 0 or abs(value) >= 0.1 else f"{value:.2g}"
 
 
 def calibration_of(segmenter: Any) -> Calibration:

@@ -11,6 +11,7 @@ from cli_data import one_torch_thread, shapes_dataset
 from sim_testing import make_tiny_checkpoint
 
 from serving.cli.label import main
+from serving.inference import domain
 from serving.inference.domain import (
     box_sizes,
     calibration_of,
@@ -74,6 +75,9 @@ def test_score_advice_says_out_of_domain_with_the_numbers():
     assert line.startswith("out of domain: the median box score is 0.10 on these images "
                            "against 0.50 on the model's validation images")
     assert score_advice(calib, [0.1] * 5) is None  # too few boxes to judge
+    small = dataclasses.replace(calib, prompt_scores={"p50": 0.027})  # small scores keep digits
+    assert "is 0.0073 on these images against 0.027 on" in score_advice(small, [0.0073] * 20)
+    assert "is 0.00 on these images" in score_advice(small, [0.0] * 20)
     # a reference measured with an earlier definition of the score is not compared
     assert score_advice(Calibration(prompt_scores={"p50": 0.5}), [0.1] * 20) is None
     assert score_advice(dataclasses.replace(calib, prompt_score="box"), [0.1] * 20) is None
@@ -103,8 +107,8 @@ def test_label_warns_when_scores_sit_far_below_the_validation_reference(tmp_path
                                               prompt_score=SCORE_VERSION))
     assert main([*args, "--output", str(tmp_path / "c.json")]) == 0
     err = capsys.readouterr().err
-    assert f"warning: out of domain: the median box score is {own:.2f} on these images " \
-           "against 0.90 on the model's validation images" in err
+    assert f"warning: out of domain: the median box score is {domain._digits(own)} on these " \
+           "images against 0.90 on the model's validation images" in err
     # the whole-image path gives the model's box scores: not compared with this reference
     assert main([*args, "--box-scale", "off", "--output", str(tmp_path / "d.json")]) == 0
     assert "out of domain" not in capsys.readouterr().err
