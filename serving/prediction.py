@@ -11,6 +11,12 @@ import numpy as np
 from .masks import InstanceMasks
 
 
+def format_score(value: float) -> str:
+    """A score for people to read: two decimals, or two significant digits under 0.1 (the
+    box-prompted score of a good mask can be a few hundredths)."""
+    return f"{value:.2f}" if value == 0 or abs(value) >= 0.1 else f"{value:.2g}"
+
+
 @dataclass(frozen=True, eq=False, init=False)
 class Prediction:
     """Instances found in one image (or one per prompt box, in prompt order).

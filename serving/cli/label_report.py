@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..masks import EMPTY_FRACTION, is_empty
+from ..prediction import format_score
 
 __all__ = ["EMPTY_FRACTION", "LabelReport", "Tally", "is_empty"]
 
@@ -73,7 +74,7 @@ class LabelReport:
         worst = self.worst_images()
         if worst:
             out.append("lowest mean score (inspect these labels first): " + ", ".join(
-                f"{name} ({t.score / t.boxes:.2f})" for name, t in worst))
+                f"{name} ({format_score(t.score / t.boxes)})" for name, t in worst))
         return out
 
     def write(self, path: Path) -> None:

@@ -7,7 +7,7 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..prediction import Prediction
+from ..prediction import Prediction, format_score
 
 
 def palette(n: int) -> np.ndarray:
@@ -67,7 +67,7 @@ def draw_predictions(image: np.ndarray, pred: Prediction, alpha: float = 0.5,
         if show_boxes:
             draw.rectangle([x1, y1, x2, y2], outline=color, width=line)
         if show_labels:
-            text = f"{names[i]} {pred.scores[i]:.2f}"
+            text = f"{names[i]} {format_score(float(pred.scores[i]))}"
             left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
             ty = y1 - (bottom - top) - 2 if y1 >= (bottom - top) + 2 else y2 + 2
             tx = min(max(x1, 0), max(w - (right - left), 0))

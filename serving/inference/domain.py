@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import ImageError
 from ..model.card import Calibration
+from ..prediction import format_score
 from .quality import SCORE_VERSION
 from .transforms import resized_shape
 
@@ -127,15 +128,9 @@ def score_advice(calibration: Calibration, scores: Iterable[float], mode: str = 
     if median >= SCORE_FACTOR * reference:
         return None
     what = "box score" if mode == "prompt" else "best score per image"
-    return (f"out of domain: the median {what} is {_digits(median)} on these images against "
-            f"{_digits(reference)} on the model's validation images; the model has probably "
-            "not seen images like these: train on your own images (docs/your_data.md)")
-
-
-def _digits(value: float) -> str:
-    """A score for a message: two decimals, or two significant digits under 0.1 (the
-    box-prompted score of a good mask can be a few hundredths)."""
-    return f"{value:.2f}" if value == 0 or abs(value) >= 0.1 else f"{value:.2g}"
+    return (f"out of domain: the median {what} is {format_score(median)} on these images "
+            f"against {format_score(reference)} on the model's validation images; the model has "
+            "probably not seen images like these: train on your own images (docs/your_data.md)")
 
 
 def calibration_of(segmenter: Any) -> Calibration:

@@ -11,7 +11,6 @@ from cli_data import one_torch_thread, shapes_dataset
 from sim_testing import make_tiny_checkpoint
 
 from serving.cli.label import main
-from serving.inference import domain
 from serving.inference.domain import (
     box_sizes,
     calibration_of,
@@ -23,6 +22,7 @@ from serving.inference.domain import (
 from serving.inference.quality import SCORE_VERSION
 from serving.model.card import Calibration
 from serving.model.model_file import recalibrate_checkpoint
+from serving.prediction import format_score
 
 
 @pytest.fixture(autouse=True)
@@ -107,7 +107,7 @@ def test_label_warns_when_scores_sit_far_below_the_validation_reference(tmp_path
                                               prompt_score=SCORE_VERSION))
     assert main([*args, "--output", str(tmp_path / "c.json")]) == 0
     err = capsys.readouterr().err
-    assert f"warning: out of domain: the median box score is {domain._digits(own)} on these " \
+    assert f"warning: out of domain: the median box score is {format_score(own)} on these " \
            "images against 0.90 on the model's validation images" in err
     # the whole-image path gives the model's box scores: not compared with this reference
     assert main([*args, "--box-scale", "off", "--output", str(tmp_path / "d.json")]) == 0
