@@ -31,7 +31,9 @@ operation order is not reproduced, and for maps small enough that PyTorch switch
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -55,6 +57,12 @@ DENSE_VIEW_BYTES = 16 << 20
 DENSE_VIEW_RATIO = 2
 #: Pixels of edge groups interpolated per chunk (a few float32 / int64 copies of this).
 EDGE_PIXELS = 1 << 18
+#: Masks x pixels of an image from which its masks are cut in chunks side by side, on up to
+#: ``torch.get_num_threads()`` (at most MAX_THREADS) threads: numpy releases the interpreter
+#: lock in its array loops, and each mask is cut as it would be alone. (100 masks of 512 x
+#: 512 px: 20 % less time on 2 threads; 100 of 256 x 256 px: 15 % more, the lock's share.)
+PARALLEL_PIXELS = 1 << 24
+MAX_THREADS = 4
 #: Sources beyond ``threshold +- MARGIN * max(1, |threshold|, |probs|)`` decide a pixel
 #: without interpolating; interpolation rounding moves values by < 1e-6 of that scale.
 MARGIN = 2.0 ** -16
@@ -295,6 +303,29 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
     return InstanceMasks(crops, offsets, orig)
 
 
+@functools.lru_cache(maxsize=4)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads for :func:`_crops_parallel`."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="paste")
+
+
+def _crops_parallel(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int],
+                    threshold: float, boxes: np.ndarray | None, fused: bool) -> InstanceMasks:
+    """:func:`_crops_exact`, for many masks of a large image in chunks of masks on a few
+    threads (``PARALLEL_PIXELS``): the same masks, in order."""
+    workers = min(torch.get_num_threads(), MAX_THREADS, len(probs))
+    if workers < 2 or len(probs) * orig[0] * orig[1] < PARALLEL_PIXELS:
+        return _crops_exact(probs, resized, orig, threshold, boxes, fused)
+    cuts = np.linspace(0, len(probs), workers + 1).round().astype(int).tolist()
+
+    def part(index: int) -> InstanceMasks:
+        a, b = cuts[index], cuts[index + 1]
+        return _crops_exact(probs[a:b], resized, orig, threshold,
+                            None if boxes is None else boxes[a:b], fused)
+
+    return InstanceMasks.concatenate(list(_pool(workers).map(part, range(workers))))
+
+
 def _dense_chunk(probs: Tensor, resized: tuple[int, int], orig: tuple[int, int],
                  threshold: float) -> Tensor:
     """(n, h0, w0) bool full-size masks of (n, h4, w4) ``probs`` on their device: the
@@ -368,7 +399,7 @@ def mask_crops(mask_probs: Tensor, resized_size: tuple[int, int], orig_size: tup
     if fused is not None and 4 * (h4 + w4) + 2 > SMALL_OUTPUT and (
             same or sum(orig) > SMALL_OUTPUT):
         probs = mask_probs.detach().float().numpy()
-        return _crops_exact(probs, resized, orig, float(threshold), boxes, fused)
+        return _crops_parallel(probs, resized, orig, float(threshold), boxes, fused)
     return _crops_dense(mask_probs, resized, orig, float(threshold), boxes)
 
 

@@ -205,6 +205,26 @@ def test_edges_in_small_chunks_give_the_same_masks(monkeypatch, expansion) -> No
     assert_equal_to_reference(probs, (100, 133), (600, 800), None)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_masks_cut_in_parallel_chunks_are_the_same_masks_in_order(monkeypatch, threads,
+                                                                  expansion) -> None:
+    """Many masks of a large image are cut in chunks on several threads: each chunk's masks
+    (and clip boxes) stay with their index, and every mask equals the reference."""
+    monkeypatch.setattr(paste, "PARALLEL_PIXELS", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    calls = []
+    exact = paste._crops_exact
+    monkeypatch.setattr(paste, "_crops_exact", lambda probs, *a: calls.append(len(probs))
+                        or exact(probs, *a))
+    probs = blob_probs(7, (40, 52), 4)
+    boxes = random_boxes(7, (157, 205), 4)
+    boxes[3] = torch.tensor([0.0, 0.0, 3.0, 3.0])  # one mask clipped to almost nothing
+    for clip in (None, boxes):
+        calls.clear()
+        assert_equal_to_reference(probs, (157, 205), (157, 205), clip)
+        assert sorted(calls) == sorted([2, 3, 2] if threads == 3 else [4, 3])
+
+
 @pytest.mark.parametrize("n4, resized, size", [(64, 256, None), (25, 100, 600), (40, 157, 205),
                                                 (16, 64, 96), (32, 128, 101), (8, 30, 31)])
 def test_spreading_groups_to_pixels_equals_the_gather(n4, resized, size) -> None:
