@@ -12,9 +12,14 @@ from .masks import InstanceMasks
 
 
 def format_score(value: float) -> str:
-    """A score for people to read: two decimals, or two significant digits under 0.1 (the
-    box-prompted score of a good mask can be a few hundredths)."""
-    return f"{value:.2f}" if value == 0 or abs(value) >= 0.1 else f"{value:.2g}"
+    """A score for people to read: two decimals from 0.095 on (and 0), two significant
+    digits below (the box-prompted score of a good mask can be a few hundredths), and
+    ``<0.001`` under that."""
+    if value == 0 or not abs(value) < 0.095:  # (NaN and inf print as such)
+        return f"{value:.2f}"
+    if abs(value) < 0.001:
+        return "<0.001" if value > 0 else ">-0.001"
+    return f"{value:#.2g}"
 
 
 @dataclass(frozen=True, eq=False, init=False)

@@ -31,7 +31,8 @@ operation order is not reproduced, and for maps small enough that PyTorch switch
 
 from __future__ import annotations
 
-import functools
+import os
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -258,12 +259,14 @@ def _expand(high: np.ndarray, rows: AxisGroups, cols: AxisGroups, box: tuple[int
 
 
 def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int],
-                 threshold: float, boxes: np.ndarray | None, fused: bool) -> InstanceMasks:
-    """Steps 1-3 (see the module docstring) for (K, h4, w4) float32 ``probs``."""
+                 threshold: float, boxes: np.ndarray | None, fused: bool,
+                 image_masks: int | None = None) -> InstanceMasks:
+    """Steps 1-3 (see the module docstring) for (K, h4, w4) float32 ``probs``; a chunk of an
+    image's ``image_masks`` masks (default K) is written as the whole image would be."""
     plan = _plan(probs, resized, orig, threshold, boxes, fused)
     edges = _edges(plan, probs, threshold, fused)
     bounds = _bounds(plan, _inside(plan, plan.high))
-    small = len(probs) * orig[0] * orig[1] <= DENSE_VIEW_BYTES
+    small = (image_masks or len(probs)) * orig[0] * orig[1] <= DENSE_VIEW_BYTES
     # The True edge pixels as (k, y, x) lists (24 bytes each): kept for small images, listed
     # again from each chunk's booleans (1 byte per pixel) for large ones, to bound memory.
     kept = [chunk.pixels(plan) for chunk in edges] if small else None
@@ -303,25 +306,36 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
     return InstanceMasks(crops, offsets, orig)
 
 
-@functools.lru_cache(maxsize=4)
+_THREAD_PREFIX = "sim-paste"
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the threads
+
+
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``workers`` threads for :func:`_crops_parallel`."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="paste")
+    """The process-wide pool of ``workers`` threads of :func:`_crops_parallel`."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(max_workers=workers,
+                                                 thread_name_prefix=_THREAD_PREFIX)
+        return _POOLS[workers]
 
 
 def _crops_parallel(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int],
                     threshold: float, boxes: np.ndarray | None, fused: bool) -> InstanceMasks:
     """:func:`_crops_exact`, for many masks of a large image in chunks of masks on a few
-    threads (``PARALLEL_PIXELS``): the same masks, in order."""
+    threads (``PARALLEL_PIXELS``): the same masks, in order, written as one chunk would
+    write them (one call from inside the pool runs on its own thread: no deadlock)."""
     workers = min(torch.get_num_threads(), MAX_THREADS, len(probs))
-    if workers < 2 or len(probs) * orig[0] * orig[1] < PARALLEL_PIXELS:
+    if (workers < 2 or len(probs) * orig[0] * orig[1] < PARALLEL_PIXELS
+            or threading.current_thread().name.startswith(_THREAD_PREFIX)):
         return _crops_exact(probs, resized, orig, threshold, boxes, fused)
     cuts = np.linspace(0, len(probs), workers + 1).round().astype(int).tolist()
 
     def part(index: int) -> InstanceMasks:
         a, b = cuts[index], cuts[index + 1]
         return _crops_exact(probs[a:b], resized, orig, threshold,
-                            None if boxes is None else boxes[a:b], fused)
+                            None if boxes is None else boxes[a:b], fused, len(probs))
 
     return InstanceMasks.concatenate(list(_pool(workers).map(part, range(workers))))
 
@@ -391,6 +405,9 @@ def mask_crops(mask_probs: Tensor, resized_size: tuple[int, int], orig_size: tup
     boxes = None
     if clip_boxes is not None:
         boxes = torch.as_tensor(clip_boxes).float().cpu().numpy().reshape(-1, 4)
+        if len(boxes) != len(mask_probs):
+            raise ValueError(f"clip_boxes: {len(boxes)} boxes for {len(mask_probs)} masks; "
+                             "give one box per mask")
     if not len(mask_probs):
         return InstanceMasks([], np.zeros((0, 2), np.int64), orig)
     h4, w4 = (int(v) for v in mask_probs.shape[-2:])

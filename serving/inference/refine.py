@@ -248,9 +248,10 @@ def colour_codes(pixels: Tensor | np.ndarray, levels: int = COLOUR_LEVELS) -> Te
     """(h, w, 3) RGB 0..255 (uint8, or any real dtype) -> (h, w) int64 colour bins in
     ``[0, levels ** 3)``: each channel quantised to ``levels`` equal steps (for uint8, in
     integers: ``v * levels // 256``, the same bins)."""
+    levels = int(levels)
     if pixels.dtype in (np.uint8, torch.uint8):  # numpy: cheaper on small arrays
         bits = levels.bit_length() - 1
-        if levels == 1 << bits and bits <= 5:  # v * levels // 256 is a shift; 16-bit codes
+        if levels >= 1 and levels == 1 << bits and bits <= 5:  # a shift; 16-bit codes
             q = (np.asarray(pixels) >> (8 - bits)).astype(np.uint16)
             codes = (q[..., 0] << 2 * bits) | (q[..., 1] << bits) | q[..., 2]
             return torch.from_numpy(codes.astype(np.int64))

@@ -225,6 +225,30 @@ def test_masks_cut_in_parallel_chunks_are_the_same_masks_in_order(monkeypatch, t
         assert sorted(calls) == sorted([2, 3, 2] if threads == 3 else [4, 3])
 
 
+def test_a_chunk_is_written_as_its_whole_image_would_be(monkeypatch) -> None:
+    """Small masks of an image too large for the all-at-once expansion: each chunk also
+    writes its crops into one buffer of the crops' size (not a view of a (k, H, W) array
+    that a chunk alone would be small enough for), and a call from inside the pool (nested)
+    runs on its own thread."""
+    monkeypatch.setattr(paste, "PARALLEL_PIXELS", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(paste, "DENSE_VIEW_BYTES", 4 * 120 * 160 - 1)  # 2 masks alone: fit
+    probs = torch.full((4, 30, 40), 0.05)
+    for k in range(4):
+        probs[k, 5 + 3 * k:9 + 3 * k, 6:10] = 0.95  # a small square each
+    got = mask_crops(probs, (120, 160), (120, 160), 0.5)
+    held = sum(c.nbytes for c in got.crops)
+    assert all(c.base is None or c.base.nbytes <= held for c in got.crops)
+    assert_equal_to_reference(probs, (120, 160), (120, 160), None)
+    nested = paste._pool(2).submit(mask_crops, probs, (120, 160), (120, 160), 0.5)
+    assert np.array_equal(nested.result(timeout=60).dense(), got.dense())
+
+
+def test_clip_boxes_must_match_the_masks() -> None:
+    with pytest.raises(ValueError, match="clip_boxes: 3 boxes for 4 masks"):
+        mask_crops(torch.rand(4, 8, 8), (30, 31), (30, 31), 0.5, torch.zeros(3, 4))
+
+
 @pytest.mark.parametrize("n4, resized, size", [(64, 256, None), (25, 100, 600), (40, 157, 205),
                                                 (16, 64, 96), (32, 128, 101), (8, 30, 31)])
 def test_spreading_groups_to_pixels_equals_the_gather(n4, resized, size) -> None:

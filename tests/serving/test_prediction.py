@@ -11,6 +11,7 @@ from pycocotools.coco import COCO
 
 from serving import Prediction
 from serving.masks import InstanceMasks
+from serving.prediction import format_score
 
 
 @pytest.fixture()
@@ -192,3 +193,10 @@ def test_edits_to_the_built_masks_are_the_predictions_masks() -> None:
     assert [r["segmentation"]["counts"] for r in pred.to_coco(1)] == [
         r["counts"].decode("ascii") for r in rles]
     assert np.array_equal(pred.select([3]).masks, expected[[3]])
+
+
+@pytest.mark.parametrize("value, text", [
+    (0.0, "0.00"), (0.5, "0.50"), (0.0999, "0.10"), (0.0949, "0.095"), (0.027, "0.027"),
+    (0.00999, "0.010"), (0.0009, "<0.001"), (1e-6, "<0.001"), (float("nan"), "nan")])
+def test_format_score_keeps_two_significant_digits_of_small_scores(value, text):
+    assert format_score(value) == text

@@ -71,6 +71,23 @@ def test_boundary_sharpness_hand_computed():
     assert quality.boundary_sharpness(square, np.zeros((5, 5), bool)) == 0.0
 
 
+def test_boundary_sharpness_is_the_mean_gradient_over_the_boundary():
+    """Against numpy's gradient of the whole map (central differences, one-sided at the
+    region's border), on random maps, masks and spacings, 1-pixel-wide ones included."""
+    rng = np.random.default_rng(0)
+    for h, w in [(1, 9), (9, 1), (2, 2), (17, 23)]:
+        probs = rng.random((h, w)).astype(np.float32)
+        mask = probs > 0.4
+        spacing = (0.5 + rng.random(), 0.5 + rng.random())
+        squared = sum(np.gradient(probs.astype(np.float64), spacing[a], axis=a) ** 2
+                      for a in (0, 1) if probs.shape[a] > 1)
+        padded = np.pad(mask, 1)
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        expected = min(1.0, 2 * np.sqrt(squared[mask & ~inner]).mean())
+        got = quality.boundary_sharpness(torch.from_numpy(probs), mask, spacing)
+        assert got == pytest.approx(expected, rel=1e-12)
+
+
 def _disc(cells: int, pixels_per_cell: float) -> torch.Tensor:
     """A disc of radius 20 original px whose probability ramps from 1 to 0 over 8 px,
     sampled on a ``cells`` x ``cells`` grid of ``pixels_per_cell`` px cells over a 64 px
