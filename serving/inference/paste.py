@@ -24,6 +24,7 @@ where they can matter:
    writing the crop once) with the edge pixels set. Small images (or masks that fill them)
    are expanded for all masks at once and the crops are views.
 
+Many masks of a large image are cut in chunks of masks on a few threads (``PARALLEL_PIXELS``).
 The result is bit-identical to the whole-image computation (kept as the fallback, computed a
 few masks at a time and cut to the mask's region): on other devices, when the CPU kernel's
 operation order is not reproduced, and for maps small enough that PyTorch switches kernel.
@@ -31,10 +32,7 @@ operation order is not reproduced, and for maps small enough that PyTorch switch
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -46,6 +44,8 @@ from ..masks import InstanceMasks
 from ..model.ops import aligned_bilinear
 from .bilinear import SMALL_OUTPUT, combine, cpu_fused, sample
 from .paste_groups import AxisGroups, axis_groups, group_maps, spread
+from .workers import budget as workers_budget
+from .workers import pool as worker_pool
 
 #: Float intermediates of the whole-image fallback are kept below this many bytes per chunk
 #: on the CPU (fresh allocations of tens of MB cost more in page faults than the arithmetic).
@@ -58,12 +58,10 @@ DENSE_VIEW_BYTES = 16 << 20
 DENSE_VIEW_RATIO = 2
 #: Pixels of edge groups interpolated per chunk (a few float32 / int64 copies of this).
 EDGE_PIXELS = 1 << 18
-#: Masks x pixels of an image from which its masks are cut in chunks side by side, on up to
-#: ``torch.get_num_threads()`` (at most MAX_THREADS) threads: numpy releases the interpreter
-#: lock in its array loops, and each mask is cut as it would be alone. (100 masks of 512 x
-#: 512 px: 20 % less time on 2 threads; 100 of 256 x 256 px: 15 % more, the lock's share.)
+#: Masks x pixels of an image from which its masks are cut in chunks side by side
+#: (:mod:`.workers`; each mask is cut as it would be alone). 100 masks of 512 x 512 px: 20 %
+#: less time on 2 threads; 100 of 256 x 256 px: 15 % more, the interpreter lock's share.
 PARALLEL_PIXELS = 1 << 24
-MAX_THREADS = 4
 #: Sources beyond ``threshold +- MARGIN * max(1, |threshold|, |probs|)`` decide a pixel
 #: without interpolating; interpolation rounding moves values by < 1e-6 of that scale.
 MARGIN = 2.0 ** -16
@@ -306,29 +304,13 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
     return InstanceMasks(crops, offsets, orig)
 
 
-_THREAD_PREFIX = "sim-paste"
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the threads
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """The process-wide pool of ``workers`` threads of :func:`_crops_parallel`."""
-    with _POOLS_LOCK:
-        if workers not in _POOLS:
-            _POOLS[workers] = ThreadPoolExecutor(max_workers=workers,
-                                                 thread_name_prefix=_THREAD_PREFIX)
-        return _POOLS[workers]
-
-
 def _crops_parallel(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int],
                     threshold: float, boxes: np.ndarray | None, fused: bool) -> InstanceMasks:
     """:func:`_crops_exact`, for many masks of a large image in chunks of masks on a few
-    threads (``PARALLEL_PIXELS``): the same masks, in order, written as one chunk would
-    write them (one call from inside the pool runs on its own thread: no deadlock)."""
-    workers = min(torch.get_num_threads(), MAX_THREADS, len(probs))
-    if (workers < 2 or len(probs) * orig[0] * orig[1] < PARALLEL_PIXELS
-            or threading.current_thread().name.startswith(_THREAD_PREFIX)):
+    threads (``PARALLEL_PIXELS``, :mod:`.workers`): the same masks, in order, written as one
+    chunk would write them."""
+    workers = min(workers_budget(), len(probs))
+    if workers < 2 or len(probs) * orig[0] * orig[1] < PARALLEL_PIXELS:
         return _crops_exact(probs, resized, orig, threshold, boxes, fused)
     cuts = np.linspace(0, len(probs), workers + 1).round().astype(int).tolist()
 
@@ -337,7 +319,7 @@ def _crops_parallel(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int
         return _crops_exact(probs[a:b], resized, orig, threshold,
                             None if boxes is None else boxes[a:b], fused, len(probs))
 
-    return InstanceMasks.concatenate(list(_pool(workers).map(part, range(workers))))
+    return InstanceMasks.concatenate(list(worker_pool(workers).map(part, range(workers))))
 
 
 def _dense_chunk(probs: Tensor, resized: tuple[int, int], orig: tuple[int, int],

@@ -12,6 +12,7 @@ from sim_testing import assert_same_predictions, reference_postprocess_masks, us
 import serving.inference.bilinear as bilinear
 import serving.inference.paste as paste
 import serving.inference.paste_groups as paste_groups
+import serving.inference.workers as workers
 from serving import Segmenter
 from serving.inference.bilinear import aligned_axis, cpu_fused, fma32, grid, resize_axis, sample
 from serving.inference.paste import mask_crops
@@ -240,7 +241,7 @@ def test_a_chunk_is_written_as_its_whole_image_would_be(monkeypatch) -> None:
     held = sum(c.nbytes for c in got.crops)
     assert all(c.base is None or c.base.nbytes <= held for c in got.crops)
     assert_equal_to_reference(probs, (120, 160), (120, 160), None)
-    nested = paste._pool(2).submit(mask_crops, probs, (120, 160), (120, 160), 0.5)
+    nested = workers.pool(2).submit(mask_crops, probs, (120, 160), (120, 160), 0.5)
     assert np.array_equal(nested.result(timeout=60).dense(), got.dense())
 
 
