@@ -246,17 +246,16 @@ def _coefficients(guide: Tensor, probs: Tensor, radius: int, eps: float) -> Tens
 
 def colour_codes(pixels: Tensor | np.ndarray, levels: int = COLOUR_LEVELS) -> Tensor:
     """(h, w, 3) RGB 0..255 (uint8, or any real dtype) -> (h, w) int64 colour bins in
-    ``[0, levels ** 3)``: each channel quantised to ``levels`` equal steps (for uint8, in
-    integers: ``v * levels // 256``, the same bins)."""
+    ``[0, levels ** 3)``: each channel quantised to ``levels`` equal steps (for uint8 and
+    ``levels`` a power of two up to 32, by shifts in numpy: ``v * levels // 256``, the same
+    bins, cheaper on a box's small arrays)."""
     levels = int(levels)
-    if pixels.dtype in (np.uint8, torch.uint8):  # numpy: cheaper on small arrays
-        bits = levels.bit_length() - 1
-        if levels >= 1 and levels == 1 << bits and bits <= 5:  # a shift; 16-bit codes
-            q = (np.asarray(pixels) >> (8 - bits)).astype(np.uint16)
-            codes = (q[..., 0] << 2 * bits) | (q[..., 1] << bits) | q[..., 2]
-            return torch.from_numpy(codes.astype(np.int64))
-        q = (np.asarray(pixels, np.int64) * levels) >> 8
-        return torch.from_numpy((q[..., 0] * levels + q[..., 1]) * levels + q[..., 2])
+    bits = levels.bit_length() - 1
+    uint8 = pixels.dtype in (np.uint8, torch.uint8)
+    if uint8 and levels >= 1 and levels == 1 << bits and bits <= 5:
+        q = (np.asarray(pixels) >> (8 - bits)).astype(np.uint16)  # 16-bit codes
+        codes = (q[..., 0] << 2 * bits) | (q[..., 1] << bits) | q[..., 2]
+        return torch.from_numpy(codes.astype(np.int64))
     pixels = torch.as_tensor(pixels)
     q = (pixels.float().clamp(0, 255) * (levels / 256)).long().clamp_(max=levels - 1)
     return (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]

@@ -116,7 +116,7 @@ def test_colour_codes_quantise_each_channel():
     assert torch.equal(refine.colour_codes(every), as_float)
     assert torch.equal(refine.colour_codes(every.astype(np.float32)), as_float)  # numpy float
     assert torch.equal(refine.colour_codes(torch.from_numpy(every)), refine.colour_codes(every))
-    for levels in (2, 5, 16, 32, 64, np.int64(8)):  # shifts (powers of two to 32), products
+    for levels in (2, 5, 16, 32, 64, np.int64(8)):  # shifts (powers of 2 to 32), or floats
         expected = refine.colour_codes(torch.from_numpy(every).float(), levels)
         assert torch.equal(refine.colour_codes(every, levels), expected)
         assert int(expected.max()) < levels ** 3
