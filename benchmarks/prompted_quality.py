@@ -5,8 +5,10 @@ true mask. Per row (a way of prompting): mean and median IoU, the share of boxes
 IoU, mean IoU by box size (``sqrt(w * h)`` under 16, 16-32, 32-64, 64+ px), empty masks on
 boxes of 8 px or more (``serving.cli.label_report.is_empty``: what ``sim label`` flags
 ``sim_empty``), COCO mask AP and AP75 of the labels (each box's mask with its score), Spearman's
-rank correlation of the score with the IoU, and the time per box against today's path (rows
-run side by side per image, so load hits every row alike). The filled box is the floor.
+rank correlation of the score with the IoU with its 95 % bootstrap interval (the boxes
+resampled: how far the figure could move on another sample of boxes like these), and the time
+per box against today's path (rows run side by side per image, so load hits every row alike).
+The filled box is the floor.
 
 Rows: ``today`` (the whole image at the model's size, ``box_scale`` off), ``today @ N`` (the
 same at ``--image-size N`` for each of ``--sizes``, the best of them is the hand-picked size),
@@ -53,6 +55,8 @@ from serving.inference.domain import calibration_of  # noqa: E402
 DATA = {"nuclei": ("data/nuclei/val.json", "data/nuclei/images"),
         "synthetic": ("data/synthetic/val.json", "data/synthetic/images")}
 SIZE_BINS = ((0, 16), (16, 32), (32, 64), (64, float("inf")))
+#: Resamples of the boxes for Spearman's bootstrap interval.
+RESAMPLES = 1000
 #: Ablation rows: name -> BoxScaleOptions (the product's default is ``BoxScaleOptions()``).
 ABLATIONS: dict[str, BoxScaleOptions] = {
     "crops only (no whole-image group)": BoxScaleOptions(group=False),
@@ -204,6 +208,28 @@ def measure(rows: dict[str, Row], split: list[dict[str, Any]]) -> dict[str, dict
     return out
 
 
+def spearman_interval(score: np.ndarray, iou: np.ndarray, level: float = 0.95,
+                      resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float] | None:
+    """The percentile bootstrap interval of Spearman's rho of (N,) ``score`` and ``iou``,
+    the boxes resampled with replacement (pairs kept together); ``None`` when the scores
+    or the IoUs are all equal. Resamples whose scores or IoUs happen to be all equal are
+    left out."""
+    from scipy.stats import bootstrap, spearmanr
+
+    score, iou = np.asarray(score, np.float64), np.asarray(iou, np.float64)
+    if np.ptp(score) == 0 or np.ptp(iou) == 0:
+        return None
+
+    def rho(s: np.ndarray, i: np.ndarray) -> float:
+        return float(spearmanr(s, i).statistic) if np.ptp(s) and np.ptp(i) else np.nan
+
+    found = bootstrap((score, iou), rho, paired=True, vectorized=False,
+                      n_resamples=resamples, confidence_level=level, method="percentile",
+                      rng=np.random.default_rng(seed))
+    low, high = found.confidence_interval
+    return round(float(low), 3), round(float(high), 3)
+
+
 def summarize(rec: dict[str, Any], sides: np.ndarray, gt: dict[str, Any],
               category_of: dict[int, int], baseline_seconds: float) -> dict[str, Any]:
     """The table's columns for one row."""
@@ -224,6 +250,7 @@ def summarize(rec: dict[str, Any], sides: np.ndarray, gt: dict[str, Any],
             "empty_8px": empty8, "mask_ap": round(100 * metrics["segm/AP"], 1),
             "ap75": round(100 * metrics["segm/AP75"], 1),
             "spearman": None if rho is None else round(float(rho), 3),
+            "spearman_95": None if rho is None else spearman_interval(score, iou),
             "seconds_per_box": rec["seconds"] / len(iou),
             "time_vs_today": round(rec["seconds"] / baseline_seconds, 2)
             if baseline_seconds else None}
@@ -263,7 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sides = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))  # size bins
     table = {name: summarize(rec, sides, gt, category_of, recs["today"]["seconds"])
              for name, rec in recs.items()}
-    table["filled box"]["spearman"] = None
+    table["filled box"]["spearman"] = table["filled box"]["spearman_95"] = None
     table["filled box"]["time_vs_today"] = None
     return {"data": args.data, "split": args.split, "model": args.model, "images": len(split),
             "boxes": int(len(sides)), "upscale": args.upscale, "rows": table}
@@ -273,10 +300,11 @@ def write(results: dict[str, Any], name: str, command: str) -> None:
     bins = [f"{lo}-{hi}" for lo, hi in SIZE_BINS]
     rows = [[row, r["mean_iou"], r["median_iou"], f"{100 * r['under_0.5']:.1f} %",
              *(r["by_size"][b] for b in bins), r["empty_8px"], r["mask_ap"], r["ap75"],
-             r["spearman"], r["time_vs_today"]] for row, r in results["rows"].items()]
+             r["spearman"], _interval(r.get("spearman_95")), r["time_vs_today"]]
+            for row, r in results["rows"].items()]
     header = ["row", "mean IoU", "median IoU", "under 0.5", "IoU <16 px", "16-32", "32-64",
               "64+", "empty (>= 8 px)", "mask AP", "AP75", "Spearman(score, IoU)",
-              "time / today"]
+              "95 % interval", "time / today"]
     split = "training" if results.get("split") == "train" else "validation"
     text = (f"# Box-prompted masks: {results['data']} {split} boxes\n\n`{command}`\n\n"
             f"{machine_markdown(results['machine'])}\n\nModel `{results['model']}`, "
@@ -287,6 +315,10 @@ def write(results: dict[str, Any], name: str, command: str) -> None:
                else "") + ".\n\n"
             f"{markdown_table(header, rows)}\n")
     write_results(ROOT / "benchmarks" / "results", name, results, text.rstrip("\n"))
+
+
+def _interval(pair: list[float] | None) -> str | None:
+    return None if pair is None else f"{pair[0]:.2f}-{pair[1]:.2f}"
 
 
 def main() -> int:
