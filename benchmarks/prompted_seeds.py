@@ -57,8 +57,8 @@ def seed_row(results: dict[str, Any], path: Path) -> dict[str, Any]:
         raise SeedsError(f"{path}: no 'default' row; is it a prompted_quality.py result?")
     best, best_ap = _hand_picked(rows, path)
     row = rows["default"]
-    return {"file": path.with_suffix(".md").name, "model": results["model"], "mean_iou": row["mean_iou"],
-            "under_0.5": row["under_0.5"], "mask_ap": row["mask_ap"],
+    return {"file": path.with_suffix(".md").name, "model": results["model"],
+            "mean_iou": row["mean_iou"], "under_0.5": row["under_0.5"], "mask_ap": row["mask_ap"],
             "hand_picked": best, "hand_picked_ap": best_ap,
             "ap_over_hand_picked": round(float(row["mask_ap"]) - best_ap, 1),
             "spearman": row["spearman"], "spearman_95": row.get("spearman_95")}
