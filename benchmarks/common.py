@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -104,6 +105,23 @@ def summarize(seconds: Sequence[float]) -> dict[str, float]:
             "rounds": len(ms)}
 
 
+def bootstrap_interval(samples: Sequence[Sequence[float]], statistic: Callable[..., float],
+                       level: float = 0.95, resamples: int = 1000,
+                       seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of ``statistic(*samples)``: the samples (equal
+    lengths, the i-th values of all of them kept together) resampled with replacement
+    ``resamples`` times with a fixed seed (``scipy.stats.bootstrap``; scipy comes with the dev
+    install). How far the figure could move on another sample like this one."""
+    from scipy.stats import bootstrap
+
+    found = bootstrap(tuple(np.asarray(x, np.float64) for x in samples), statistic,
+                      paired=True, vectorized=False, n_resamples=resamples,
+                      confidence_level=level, method="percentile",
+                      rng=np.random.default_rng(seed))
+    low, high = found.confidence_interval
+    return float(low), float(high)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub Markdown table; floats get 3 significant digits, ``None`` becomes a dash."""
     def cell(v: Any) -> str:
@@ -135,7 +153,6 @@ def machine_markdown(info: dict[str, Any]) -> str:
 
 def coco_rle(mask: Any) -> dict[str, Any]:
     """(H, W) bool numpy mask -> COCO compressed RLE with a str ``counts`` (JSON-ready)."""
-    import numpy as np
     from pycocotools import mask as mask_util
 
     enc = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))

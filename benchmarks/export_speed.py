@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    bootstrap_interval,
     interleaved_times,
     machine_info,
     machine_markdown,
@@ -247,21 +248,33 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
                 for label in segs for mode, alone in NETWORK_OF.items()}
     # the same per call (the warm-up round dropped): network noise divided out
     paired_median = {k: float(np.median(v[1:])) for k, v in paired.items()}
+    paired_interval = {k: bootstrap_interval((v[1:],), _median) for k, v in paired.items()}
     print(f"{name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()), flush=True)
     print(f"{name}: end to end / backend alone: "
           + ", ".join(f"{k} {v:.2f}x" for k, v in overhead.items()), flush=True)
     return {"case": name, "image_size": [h, w], "rounds": rounds, **facts, "stats": stats,
             "speedup": speedup, "end_to_end_over_backend": overhead,
-            "end_to_end_over_backend_paired": paired_median, "int8_agreement": checks,
+            "end_to_end_over_backend_paired": paired_median,
+            "end_to_end_over_backend_paired_95": paired_interval, "int8_agreement": checks,
             "load_average_1m": loads,
             "ort_providers": segs["onnxruntime fp32"].info.get("providers")}
 
 
+def _median(x: np.ndarray) -> float:
+    return float(np.median(x))
+
+
 def overhead_table(payload: dict, key: str) -> str:
-    """End to end over the backend (``key`` of each result: medians, or paired per call), a
-    row per case and backend, a column per mode."""
+    """End to end over the backend (``key`` of each result: medians, or paired per call, with
+    the 95 % bootstrap interval over the rounds where ``key``_95 holds it), a row per case and
+    backend, a column per mode."""
+    def cell(r: dict, name: str) -> str:
+        interval = r.get(f"{key}_95", {}).get(name)
+        return f"{r[key][name]:.2f}x" + (f" ({interval[0]:.2f}-{interval[1]:.2f})"
+                                         if interval else "")
+
     return markdown_table(["model @ input", "backend", *NETWORK_OF], [
-        [r["case"], label, *[f"{r[key][f'{label} {m}']:.2f}x" for m in NETWORK_OF]]
+        [r["case"], label, *[cell(r, f"{label} {m}") for m in NETWORK_OF]]
         for r in payload["results"] if key in r
         for label in dict.fromkeys(k.split(" | ")[0] for k in r["stats"])])
 
@@ -303,7 +316,7 @@ def markdown(payload: dict) -> str:
         overhead_table(payload, "end_to_end_over_backend"),
         "The same per call: each end-to-end call's time over the time its backend spent "
         "inside that call, median over the rounds (the network's call-to-call variation "
-        "divided out):",
+        "divided out), and in brackets its 95 % bootstrap interval over the rounds:",
         overhead_table(payload, "end_to_end_over_backend_paired"),
         markdown_table(["model @ input", "mode", "backend", "median ms", "min ms", "max ms",
                         "vs fp32", "conv GFLOP/s"], rows),

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    bootstrap_interval,
     coco_rle,
     machine_info,
     machine_markdown,
@@ -208,13 +209,12 @@ def measure(rows: dict[str, Row], split: list[dict[str, Any]]) -> dict[str, dict
     return out
 
 
-def spearman_interval(score: np.ndarray, iou: np.ndarray, level: float = 0.95,
-                      resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float] | None:
-    """The percentile bootstrap interval of Spearman's rho of (N,) ``score`` and ``iou``,
-    the boxes resampled with replacement (pairs kept together); ``None`` when the scores
-    or the IoUs are all equal. Resamples whose scores or IoUs happen to be all equal are
-    left out."""
-    from scipy.stats import bootstrap, spearmanr
+def spearman_interval(score: np.ndarray, iou: np.ndarray,
+                      resamples: int = RESAMPLES) -> tuple[float, float] | None:
+    """The 95 % :func:`benchmarks.common.bootstrap_interval` of Spearman's rho of (N,)
+    ``score`` and ``iou`` over the boxes, rounded to 3 decimals; ``None`` when the scores or
+    the IoUs are all equal."""
+    from scipy.stats import spearmanr
 
     score, iou = np.asarray(score, np.float64), np.asarray(iou, np.float64)
     if np.ptp(score) == 0 or np.ptp(iou) == 0:
@@ -223,11 +223,8 @@ def spearman_interval(score: np.ndarray, iou: np.ndarray, level: float = 0.95,
     def rho(s: np.ndarray, i: np.ndarray) -> float:
         return float(spearmanr(s, i).statistic) if np.ptp(s) and np.ptp(i) else np.nan
 
-    found = bootstrap((score, iou), rho, paired=True, vectorized=False,
-                      n_resamples=resamples, confidence_level=level, method="percentile",
-                      rng=np.random.default_rng(seed))
-    low, high = found.confidence_interval
-    return round(float(low), 3), round(float(high), 3)
+    low, high = bootstrap_interval((score, iou), rho, resamples=resamples)
+    return round(low, 3), round(high, 3)
 
 
 def summarize(rec: dict[str, Any], sides: np.ndarray, gt: dict[str, Any],
