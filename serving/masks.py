@@ -27,6 +27,14 @@ def is_empty(area: int, box: Iterable[float]) -> bool:
     return area < max(1.0, EMPTY_FRACTION * max(x2 - x1, 0.0) * max(y2 - y1, 0.0))
 
 
+def outline(mask: np.ndarray) -> np.ndarray:
+    """(h, w) bool: the pixels of a 2-D bool ``mask`` with a 4-neighbour outside it (outside
+    the array counts as outside the mask): the mask's own border."""
+    padded = np.pad(mask, 1)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
 def _tight(mask: np.ndarray) -> tuple[int, int, np.ndarray]:
     """(y0, x0, crop) of a 2-D bool array cut to the bounding box of its True pixels
     ((0, 0) crop at (0, 0) when it has none)."""

@@ -7,6 +7,7 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..masks import outline
 from ..prediction import Prediction, format_score
 
 
@@ -15,13 +16,6 @@ def palette(n: int) -> np.ndarray:
     hues = (np.arange(n) * 0.618033988749895) % 1.0
     return np.array([[int(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, 1.0)] for h in hues],
                     dtype=np.uint8).reshape(n, 3)
-
-
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """Pixels of a bool mask with a 4-neighbour outside it (the mask's own border)."""
-    padded = np.pad(mask, 1)
-    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~inner
 
 
 def text_size(height: int, width: int) -> int:
@@ -53,7 +47,7 @@ def draw_predictions(image: np.ndarray, pred: Prediction, alpha: float = 0.5,
         y0, x0, y1, x1 = masks.box(i)
         region, m = out[y0:y1, x0:x1], masks.crops[i]
         region[m] = region[m] * (1 - alpha) + colors[i].astype(np.float32) * alpha
-        region[_outline(m)] = colors[i]
+        region[outline(m)] = colors[i]
     canvas = Image.fromarray(np.rint(out).clip(0, 255).astype(np.uint8))  # round, not floor
     draw = ImageDraw.Draw(canvas)
     h, w = image.shape[:2]

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from ..masks import outline
 from . import refine
 
 #: Names this definition of the prompted score; a calibration's ``prompt_scores`` are
@@ -120,9 +121,7 @@ def boundary_sharpness(probs: Tensor, mask: np.ndarray,
         spacing: network-input pixels per cell of ``probs`` along each axis
             (:func:`input_spacing`).
     """
-    interior = np.zeros_like(mask)  # all four neighbours in the mask (none outside the region)
-    interior[1:-1, 1:-1] = mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
-    boundary = mask & ~interior
+    boundary = outline(mask)
     if not boundary.any():
         return 0.0
     # np.gradient (central differences, one-sided at the region's border) at the boundary
