@@ -64,6 +64,11 @@ def seed_row(results: dict[str, Any], path: Path) -> dict[str, Any]:
             "spearman": row["spearman"], "spearman_95": row.get("spearman_95")}
 
 
+def _field(results: dict[str, Any], key: str) -> Any:
+    """One of ``SAME`` in a result (``upscale`` is 1 in results from before that option)."""
+    return results.get(key, 1 if key == "upscale" else None)
+
+
 def merge(paths: list[Path]) -> dict[str, Any]:
     """The seed rows of ``paths`` and their mean and standard deviation per column."""
     if len(paths) < 2:
@@ -72,8 +77,7 @@ def merge(paths: list[Path]) -> dict[str, Any]:
     first_path, first = loaded[0]
     for path, results in loaded[1:]:
         for key in SAME:
-            if results.get(key, 1 if key == "upscale" else None) != first.get(
-                    key, 1 if key == "upscale" else None):
+            if _field(results, key) != _field(first, key):
                 raise SeedsError(f"{path}: {key} {results.get(key)!r} differs from "
                                  f"{first.get(key)!r} in {first_path}; merge results of the "
                                  "same boxes only")
