@@ -22,7 +22,8 @@ where they can matter:
 3. *Crops.* Each mask's bounding box follows from its True groups and edge pixels (and its
    clip box); the crop is its True groups repeated to pixels (two ``np.take``, the cost of
    writing the crop once) with the edge pixels set. Small images (or masks that fill them)
-   are expanded for all masks at once and the crops are views.
+   are expanded for all masks at once and the crops are views (at the network's input size,
+   every group written as one 4-byte word: ``paste_groups.expand``).
 
 Many masks of a large image are cut in chunks of masks on a few threads (``PARALLEL_PIXELS``).
 The result is bit-identical to the whole-image computation (kept as the fallback, computed a
@@ -43,7 +44,7 @@ from torch import Tensor
 from ..masks import InstanceMasks
 from ..model.ops import aligned_bilinear
 from .bilinear import SMALL_OUTPUT, combine, cpu_fused, sample
-from .paste_groups import AxisGroups, axis_groups, group_maps, spread
+from .paste_groups import AxisGroups, axis_groups, expand, group_maps
 from .workers import budget as workers_budget
 from .workers import pool as worker_pool
 
@@ -279,7 +280,7 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
     if small or len(probs) * orig[0] * orig[1] <= DENSE_VIEW_RATIO * total:
         # Small images, or masks that fill them: all masks expanded by two batched gathers
         # (the edge pixels set by scatters), each crop a view of its mask.
-        dense = np.take(spread(plan.high, plan.cols), plan.rows.of, axis=1)
+        dense = expand(plan.high, plan.rows, plan.cols)
         for pixels in edge_pixels():
             dense[pixels] = True
         crops = [dense[k, y0:y1, x0:x1] if sizes[k] else np.zeros((0, 0), bool)

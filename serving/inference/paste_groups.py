@@ -36,6 +36,10 @@ class AxisGroups(NamedTuple):
             network's input size): runs (first pixel, end pixel, first slot) of pixels that
             are consecutive slots when every group is written 4 times; ``None`` for longer
             groups or more than 8 runs.
+        shift: when every pixel ``i`` reads the same cells as group ``(i + shift) // 4``
+            (4-pixel groups, as at the network's input size), so that repeating every group
+            4 times and skipping ``shift`` pixels gives the axis (:func:`expand`); else
+            ``None``.
     """
 
     starts: np.ndarray
@@ -49,6 +53,7 @@ class AxisGroups(NamedTuple):
     patch: np.ndarray
     weights: np.ndarray
     runs: Runs | None
+    shift: int | None
 
 
 def _split(starts: np.ndarray) -> np.ndarray:
@@ -84,7 +89,7 @@ def axis_groups(n4: int, resized: int, size: int | None, fused: bool) -> AxisGro
     patch = np.minimum(ca[:, None] + np.arange(3), n4 - 1)
     weights = _weights(stage1, ca, first, pix, resized, stage2)
     out = AxisGroups(starts, ca, cb, of, stage1, stage2, pix, valid, patch, weights,
-                  _runs(starts, of))
+                     _runs(starts, of), _shift(ca, cb, of))
     for field in out:
         for array in (field if isinstance(field, Axis) else [field]):
             if isinstance(array, np.ndarray):
@@ -122,6 +127,32 @@ def _runs(starts: np.ndarray, of: np.ndarray) -> Runs | None:
     if len(cuts) > 9:
         return None
     return tuple((int(a), int(b), int(slot[a])) for a, b in zip(cuts[:-1], cuts[1:]))
+
+
+def _shift(ca: np.ndarray, cb: np.ndarray, of: np.ndarray) -> int | None:
+    """See ``AxisGroups.shift``."""
+    for shift in range(4):
+        same = (np.arange(len(of)) + shift) // 4
+        if same[-1] < len(ca) and np.array_equal(ca[same], ca[of]) and np.array_equal(
+                cb[same], cb[of]):
+            return shift
+    return None
+
+
+def expand(groups: np.ndarray, rows: AxisGroups, cols: AxisGroups) -> np.ndarray:
+    """(K, n_rows, n_cols) bool: (K, Gr, Gc) bool ``groups`` repeated to their pixels on both
+    axes, ``np.take(np.take(groups, cols.of, axis=2), rows.of, axis=1)``. Where both axes
+    have a ``shift`` (4-pixel groups), each group is one 4-byte word (a multiply by
+    0x01010101) copied to its 4 rows by one broadcast copy, and the result is a view that
+    skips the shifts (its array holds up to 3 more rows and columns than it shows): 15-25 %
+    less time than the two gathers in place (the light heads at 256 px, 100 masks)."""
+    if rows.shift is None or cols.shift is None:
+        return np.take(spread(groups, cols), rows.of, axis=1)
+    k, gr, gc = groups.shape
+    words = np.empty((k, gr, 4, gc), np.uint32)
+    words[...] = (groups.view(np.uint8).astype(np.uint32) * np.uint32(0x01010101))[:, :, None]
+    full = words.view(bool).reshape(k, 4 * gr, 4 * gc)
+    return full[:, rows.shift:rows.shift + len(rows.of), cols.shift:cols.shift + len(cols.of)]
 
 
 def spread(groups: np.ndarray, axis: AxisGroups) -> np.ndarray:

@@ -265,3 +265,34 @@ def test_spread_layouts_cover_the_fast_path_and_the_fallback() -> None:
     assert paste_groups.axis_groups(64, 256, None, True).runs is not None
     assert paste_groups.axis_groups(8, 30, 31, True).runs is not None
     assert paste_groups.axis_groups(25, 100, 600, True).runs is None
+
+
+@pytest.mark.parametrize("rows, cols", [((64, 256, None), (64, 256, None)),
+                                        ((16, 61, None), (50, 200, None)),
+                                        ((64, 256, None), (25, 100, 600)),
+                                        ((40, 157, 205), (8, 30, 31))])
+def test_expanding_groups_to_pixels_equals_the_two_gathers(rows, cols) -> None:
+    """``expand`` (4-byte words and a view past the shifts where both axes allow, else the
+    gathers) writes the pixels of ``np.take`` along both axes, for groups as the plan makes
+    them (one value per pair of source cells)."""
+    row_axis = paste_groups.axis_groups(*rows, True)
+    col_axis = paste_groups.axis_groups(*cols, True)
+    cells = np.random.default_rng(len(row_axis.of)).random((3, rows[0] + 1, cols[0] + 1)) < 0.5
+    groups = (np.take(cells, row_axis.ca, axis=1) & np.take(cells, row_axis.cb + 1, axis=1))
+    groups = np.take(groups, col_axis.ca, axis=2) & np.take(groups, col_axis.cb + 1, axis=2)
+    want = np.take(np.take(groups, col_axis.of, axis=2), row_axis.of, axis=1)
+    got = paste_groups.expand(np.ascontiguousarray(groups), row_axis, col_axis)
+    assert got.shape == want.shape == (3, len(row_axis.of), len(col_axis.of))
+    assert np.array_equal(got, want)
+
+
+def test_groups_at_the_input_size_have_a_shift_and_resized_ones_none() -> None:
+    """At the network's input size every axis is 4-pixel groups read from 2 pixels on (the
+    aligned upsampling's 2-pixel offset; the first two groups read the same cells); a resized
+    axis has groups of other lengths."""
+    for n4, size in ((64, 256), (16, 61), (334, 1333)):
+        axis = paste_groups.axis_groups(n4, size, None, True)
+        assert axis.shift == 2
+        assert np.array_equal(axis.ca[(np.arange(size) + 2) // 4], axis.ca[axis.of])
+    for resized in ((25, 100, 600), (128, 512, 1024), (64, 256, 128), (40, 157, 205)):
+        assert paste_groups.axis_groups(*resized, True).shift is None
