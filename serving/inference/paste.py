@@ -120,7 +120,8 @@ def _plan(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int], th
             below[tuple(lead)] &= src[tuple(lag)]
             below[tuple(lag)] &= src[tuple(lead)]
     # both maps in one pass: bit 0 "above", bit 1 "below"
-    state = above.view(np.uint8) | (below.view(np.uint8) << 1)
+    state = below.view(np.uint8) << 1
+    state |= above.view(np.uint8)
     groups = group_maps(state, rows, cols)
     high, low = (groups & 1).view(bool), (groups >> 1).view(bool)
     k = len(probs)
@@ -169,12 +170,34 @@ def _bounds(plan: _Plan, groups: np.ndarray) -> np.ndarray:
 
 def _block_values(probs: np.ndarray, kk: np.ndarray, gr: np.ndarray, gc: np.ndarray,
                   rows: AxisGroups, cols: AxisGroups) -> np.ndarray:
-    """(M, Lr, Lc) float32 values of groups (gr, gc) of masks kk, every pixel of a group
-    from its 3x3 stride-4 patch by the groups' weights (two small matrix products per group:
-    within ~1e-7 of the kernel's value, not bit for bit; :func:`_edge_chunk` recomputes the
-    values that close to the threshold exactly)."""
-    patch = probs[kk[:, None, None], rows.patch[gr][:, :, None], cols.patch[gc][:, None, :]]
-    return np.matmul(np.matmul(rows.weights[gr], patch), cols.weights[gc].transpose(0, 2, 1))
+    """(M, Lr, Lc) float32 values of groups (gr, gc) of masks kk of C-contiguous ``probs``,
+    every pixel of a group from its 3x3 stride-4 patch by the groups' weights (within ~1e-7
+    of the kernel's value, not bit for bit; :func:`_edge_chunk` recomputes the values that
+    close to the threshold exactly). Blocks of two typical groups share their weights: two
+    matrix products for all of them; the others take two small ones each."""
+    h4, w4 = probs.shape[1:]
+    flat = (kk[:, None] * h4 + rows.patch[gr])[:, :, None] * w4 + cols.patch[gc][:, None, :]
+    patch = np.take(probs.reshape(-1), flat)  # (M, 3, 3)
+    out = np.empty((len(kk), rows.pix.shape[1], cols.pix.shape[1]), np.float32)
+    shared = rows.typical[gr] & cols.typical[gc]
+    if shared.any():
+        out[shared] = _shared_products(patch[shared], rows.weights[rows.typical][0],
+                                       cols.weights[cols.typical][0])
+    rest = np.flatnonzero(~shared)
+    if len(rest):
+        out[rest] = np.matmul(np.matmul(rows.weights[gr[rest]], patch[rest]),
+                              cols.weights[gc[rest]].transpose(0, 2, 1))
+    return out
+
+
+def _shared_products(patch: np.ndarray, row_weights: np.ndarray, col_weights: np.ndarray,
+                     ) -> np.ndarray:
+    """``row_weights @ patch[m] @ col_weights.T`` for every m of (M, 3, 3) ``patch``, by two
+    matrix products over all blocks at once ((Lr, 3) and (Lc, 3) weights)."""
+    m, lr, lc = len(patch), len(row_weights), len(col_weights)
+    right = (patch.reshape(3 * m, 3) @ col_weights.T).reshape(m, 3, lc)
+    left = row_weights @ right.transpose(1, 0, 2).reshape(3, m * lc)
+    return left.reshape(lr, m, lc).transpose(1, 0, 2)
 
 
 def _nonzero3(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -398,7 +421,7 @@ def mask_crops(mask_probs: Tensor, resized_size: tuple[int, int], orig_size: tup
     fused = cpu_fused() if mask_probs.device.type == "cpu" else None
     if fused is not None and 4 * (h4 + w4) + 2 > SMALL_OUTPUT and (
             same or sum(orig) > SMALL_OUTPUT):
-        probs = mask_probs.detach().float().numpy()
+        probs = np.ascontiguousarray(mask_probs.detach().float().numpy())
         return _crops_parallel(probs, resized, orig, float(threshold), boxes, fused)
     return _crops_dense(mask_probs, resized, orig, float(threshold), boxes)
 

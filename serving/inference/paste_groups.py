@@ -36,6 +36,9 @@ class AxisGroups(NamedTuple):
             network's input size): runs (first pixel, end pixel, first slot) of pixels that
             are consecutive slots when every group is written 4 times; ``None`` for longer
             groups or more than 8 runs.
+        typical: (G,) bool: the groups whose ``weights`` are the axis's most common table
+            (``weights[typical]`` all equal; at the input size all groups but a few at the
+            ends), interpolated together by plain matrix products (:func:`block_values`).
         shift: when every pixel ``i`` reads the same cells as group ``(i + shift) // 4``
             (4-pixel groups, as at the network's input size), so that repeating every group
             4 times and skipping ``shift`` pixels gives the axis (:func:`expand`); else
@@ -53,6 +56,7 @@ class AxisGroups(NamedTuple):
     patch: np.ndarray
     weights: np.ndarray
     runs: Runs | None
+    typical: np.ndarray
     shift: int | None
 
 
@@ -89,7 +93,7 @@ def axis_groups(n4: int, resized: int, size: int | None, fused: bool) -> AxisGro
     patch = np.minimum(ca[:, None] + np.arange(3), n4 - 1)
     weights = _weights(stage1, ca, first, pix, resized, stage2)
     out = AxisGroups(starts, ca, cb, of, stage1, stage2, pix, valid, patch, weights,
-                     _runs(starts, of), _shift(ca, cb, of))
+                     _runs(starts, of), _typical(weights), _shift(ca, cb, of))
     for field in out:
         for array in (field if isinstance(field, Axis) else [field]):
             if isinstance(array, np.ndarray):
@@ -127,6 +131,12 @@ def _runs(starts: np.ndarray, of: np.ndarray) -> Runs | None:
     if len(cuts) > 9:
         return None
     return tuple((int(a), int(b), int(slot[a])) for a, b in zip(cuts[:-1], cuts[1:]))
+
+
+def _typical(weights: np.ndarray) -> np.ndarray:
+    """See ``AxisGroups.typical``."""
+    tables, which = np.unique(weights.reshape(len(weights), -1), axis=0, return_inverse=True)
+    return which.ravel() == np.bincount(which.ravel(), minlength=len(tables)).argmax()
 
 
 def _shift(ca: np.ndarray, cb: np.ndarray, of: np.ndarray) -> int | None:
@@ -171,12 +181,29 @@ def spread(groups: np.ndarray, axis: AxisGroups) -> np.ndarray:
 def group_maps(above: np.ndarray, rows: AxisGroups, cols: AxisGroups) -> np.ndarray:
     """(K, Gr, Gc): the bits that every source of the group has in ``above`` ((K, h4, w4)
     bool, or uint8 for several maps at once, one per bit)."""
-    cells = above.copy()  # cell c: rows c and c + 1 (the last row replicated)
-    cells[:, :-1] &= above[:, 1:]
-    cells[:, :, :-1] &= cells[:, :, 1:]  # (overlapping in-place operands are buffered)
-    out = np.take(cells, rows.ca, axis=1)  # (np.take is much faster than fancy indexing)
+    pairs = above.copy()  # rows c and c + 1 (the last row replicated)
+    pairs[:, :-1] &= above[:, 1:]
+    cells = np.empty_like(pairs)  # cell c: rows and columns c and c + 1, by one flat AND
+    np.bitwise_and(pairs.reshape(-1)[:-1], pairs.reshape(-1)[1:], out=cells.reshape(-1)[:-1])
+    cells[:, :, -1] = pairs[:, :, -1]  # (each row's last column: itself, replicated)
+    out = _take(cells, rows.ca, axis=1)
     if not np.array_equal(rows.ca, rows.cb):
-        out &= np.take(cells, rows.cb, axis=1)
+        out &= _take(cells, rows.cb, axis=1)
     if np.array_equal(cols.ca, cols.cb):
-        return np.take(out, cols.ca, axis=2)
-    return np.take(out, cols.ca, axis=2) & np.take(out, cols.cb, axis=2)
+        return _take(out, cols.ca, axis=2)
+    return _take(out, cols.ca, axis=2) & _take(out, cols.cb, axis=2)
+
+
+def _take(a: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+    """``np.take(a, index, axis)`` for 3-D ``a``: by a few slice copies where ``index`` is at
+    most 3 runs of consecutive values (the groups at the input size: the first cell twice,
+    then every cell), else by ``np.take`` (much faster than fancy indexing)."""
+    cuts = (np.flatnonzero(np.diff(index) != 1) + 1).tolist()
+    if len(cuts) > 2:
+        return np.take(a, index, axis=axis)
+    out = np.empty((*a.shape[:axis], len(index), *a.shape[axis + 1:]), a.dtype)
+    lead = (slice(None),) * axis
+    for start, end in zip([0, *cuts], [*cuts, len(index)]):
+        first = int(index[start])
+        out[(*lead, slice(start, end))] = a[(*lead, slice(first, first + end - start))]
+    return out

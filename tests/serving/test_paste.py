@@ -296,3 +296,14 @@ def test_groups_at_the_input_size_have_a_shift_and_resized_ones_none() -> None:
         assert np.array_equal(axis.ca[(np.arange(size) + 2) // 4], axis.ca[axis.of])
     for resized in ((25, 100, 600), (128, 512, 1024), (64, 256, 128), (40, 157, 205)):
         assert paste_groups.axis_groups(*resized, True).shift is None
+
+
+@pytest.mark.parametrize("index", [[0, 0, 1, 2, 3, 4], [0, 1, 2, 3], [2, 3, 3, 4, 5], [0, 0, 1, 1],
+                                   [0, 2, 3, 5, 6], [4, 4, 4], [0, 0, 1, 2, 3, 4, 4]])
+@pytest.mark.parametrize("axis", [1, 2])
+def test_group_takes_by_slices_equal_np_take(index, axis) -> None:
+    """``_take`` (slice copies for at most 3 runs of consecutive indices, else ``np.take``)
+    gives ``np.take``'s array, on bits packed in bytes as the plan's maps are."""
+    a = np.random.default_rng(axis).integers(0, 4, (3, 7, 7), dtype=np.uint8)
+    assert np.array_equal(paste_groups._take(a, np.array(index), axis),
+                          np.take(a, index, axis=axis))
