@@ -174,16 +174,13 @@ def _block_values(probs: np.ndarray, kk: np.ndarray, gr: np.ndarray, gc: np.ndar
     every pixel of a group from its 3x3 stride-4 patch by the groups' weights (within ~1e-7
     of the kernel's value, not bit for bit; :func:`_edge_chunk` recomputes the values that
     close to the threshold exactly). Blocks of two typical groups share their weights: two
-    matrix products for all of them; the others take two small ones each."""
+    matrix products for all blocks, then two small ones for each other block."""
     h4, w4 = probs.shape[1:]
-    flat = (kk[:, None] * h4 + rows.patch[gr])[:, :, None] * w4 + cols.patch[gc][:, None, :]
-    patch = np.take(probs.reshape(-1), flat)  # (M, 3, 3)
-    out = np.empty((len(kk), rows.pix.shape[1], cols.pix.shape[1]), np.float32)
-    shared = rows.typical[gr] & cols.typical[gc]
-    if shared.any():
-        out[shared] = _shared_products(patch[shared], rows.weights[rows.typical][0],
-                                       cols.weights[cols.typical][0])
-    rest = np.flatnonzero(~shared)
+    starts = (kk * (h4 * w4))[:, None] + rows.patch[gr] * w4  # (M, 3) flat row starts
+    patch = np.take(probs.reshape(-1), starts[:, :, None] + cols.patch[gc][:, None, :])
+    # every block by the typical weights, then the others (few) by their own
+    out = _shared_products(patch, rows.weights[rows.typical][0], cols.weights[cols.typical][0])
+    rest = np.flatnonzero(~(rows.typical[gr] & cols.typical[gc]))
     if len(rest):
         out[rest] = np.matmul(np.matmul(rows.weights[gr[rest]], patch[rest]),
                               cols.weights[gc[rest]].transpose(0, 2, 1))
