@@ -20,11 +20,16 @@ end-to-end call over the time its backend spent inside it). Reported: median ms
 per image, the speed-ups (INT8 / fp32 ORT, bf16 / fp32 torch), the conv GFLOP/s each
 reaches (the model's convolution FLOPs divided by the **end-to-end** time: a lower bound of
 what its convolution kernels run at), the load average during the run, and INT8's
-agreement with fp32 on the benchmark image. Writes
+agreement with fp32 on the benchmark image. ``--ref REV`` adds the ONNX Runtime INT8
+variant of the ``serving`` package of git revision REV (``ab_speed.import_ref``) on the same
+graphs, interleaved with the others: its per-call end to end / backend beside today's, from
+the same rounds (the results checked equal). Writes
 ``benchmarks/results/export_speed.{json,md}``; on a shared machine rerun it when quiet:
 
     python benchmarks/export_speed.py                  # ~15 minutes on 2 busy cores
     python benchmarks/export_speed.py --rounds 10 --rounds-r50 3 --threads 2
+    python benchmarks/export_speed.py --threads 2 --cases quickstart_light@256x256 \
+        --backends onnxruntime --ref 9feb464
 """
 
 from __future__ import annotations
@@ -166,10 +171,24 @@ def build_variants(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
                                                    threads=args.threads)
     segs["onnxruntime int8"] = Segmenter.from_onnx(quantized.sidecar, device="cpu",
                                                    threads=args.threads)
+    if args.ref_module is not None:
+        segs[ref_label(args)] = args.ref_module.Segmenter.from_onnx(
+            quantized.sidecar, device="cpu", threads=args.threads)
     facts = {"export_seconds": round(export_s, 1), "quantize_seconds": round(quantize_s, 1),
              "conv_gflop": round(conv_gflop(Segmenter.from_checkpoint(ckpt, device="cpu"), h, w),
                                  2)}
     return segs, facts
+
+
+def ref_label(args: argparse.Namespace) -> str:
+    return f"onnxruntime int8, {args.ref}"
+
+
+def same_results(a: Any, b: Any) -> bool:
+    """Whether two ``Prediction``s hold the same boxes, scores, labels and masks."""
+    return (len(a) == len(b) and np.array_equal(a.boxes, b.boxes)
+            and np.array_equal(a.scores, b.scores) and np.array_equal(a.labels, b.labels)
+            and np.array_equal(a.masks, b.masks))
 
 
 class BackendClock:
@@ -211,13 +230,21 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
     batch, _, sizes = segs["onnxruntime fp32"]._preprocess([image])
     scaled = torch.from_numpy(scale_boxes(boxes, (h, w), sizes[0]))[None]
     no_labels = torch.full((1, len(boxes)), -1, dtype=torch.int64)
+    ref = segs.pop(ref_label(args), None)
+    if ref is not None:  # the ref's results must be today's
+        now = segs["onnxruntime int8"]
+        facts["ref_same_results"] = all(
+            same_results(ref.predict(image, boxes=b), now.predict(image, boxes=b))
+            for b in (None, boxes))
     variants, paired = {}, {}
-    for label, seg in segs.items():
+    for label, seg in [*segs.items(), *([(ref_label(args), ref)] if ref is not None else [])]:
         clock = BackendClock(seg.backend)
         for mode, call in (("automatic", lambda s=seg: s.predict(image)),
                            ("prompt(10)", lambda s=seg: s.predict(image, boxes=boxes))):
             paired[f"{label} {mode}"] = []
             variants[f"{label} | {mode}"] = clock.timed(call, paired[f"{label} {mode}"])
+        if seg is ref:
+            continue
         # The backend alone (network + in-graph post-processing, no mask pasting): the part
         # that precision changes.
         variants[f"{label} | automatic, backend only"] = lambda s=seg: s.backend.detect(batch,
@@ -246,6 +273,19 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
     overhead = {f"{label} {mode}": stats[f"{label} | {mode}"]["median_ms"]
                 / stats[f"{label} | {alone}"]["median_ms"]
                 for label in segs for mode, alone in NETWORK_OF.items()}
+    if ref is not None:  # today against the ref, per round (paired)
+        for mode in NETWORK_OF:
+            labels = ("onnxruntime int8", ref_label(args))
+            now_t, ref_t = (np.array(times[f"{label} | {mode}"]) for label in labels)
+            # the time outside the backend in each call: end to end x (1 - backend share)
+            now_out, ref_out = (1000 * t * (1 - 1 / np.array(paired[f"{label} {mode}"][1:]))
+                                for t, label in zip((now_t, ref_t), labels))
+            facts[f"now_over_ref {mode}"] = _median(now_t / ref_t)
+            facts[f"now_over_ref {mode} 95"] = bootstrap_interval((now_t / ref_t,), _median)
+            facts[f"outside_ms {mode}"] = [_median(now_out), _median(ref_out)]
+            facts[f"outside_ms_now_minus_ref {mode} 95"] = bootstrap_interval(
+                (now_out - ref_out,), _median)
+            facts[f"outside_ms_now_minus_ref {mode}"] = _median(now_out - ref_out)
     # the same per call (the warm-up round dropped): network noise divided out
     paired_median = {k: float(np.median(v[1:])) for k, v in paired.items()}
     paired_interval = {k: bootstrap_interval((v[1:],), _median) for k, v in paired.items()}
@@ -270,6 +310,8 @@ def overhead_table(payload: dict, key: str) -> str:
     backend, a column per mode."""
     def cell(r: dict, name: str) -> str:
         interval = r.get(f"{key}_95", {}).get(name)
+        if name not in r[key]:
+            return ""
         return f"{r[key][name]:.2f}x" + (f" ({interval[0]:.2f}-{interval[1]:.2f})"
                                          if interval else "")
 
@@ -318,9 +360,33 @@ def markdown(payload: dict) -> str:
         "inside that call, median over the rounds (the network's call-to-call variation "
         "divided out), and in brackets its 95 % bootstrap interval over the rounds:",
         overhead_table(payload, "end_to_end_over_backend_paired"),
+        *ref_lines(payload),
         markdown_table(["model @ input", "mode", "backend", "median ms", "min ms", "max ms",
                         "vs fp32", "conv GFLOP/s"], rows),
     ])
+
+
+def ref_lines(payload: dict) -> list[str]:
+    """With ``--ref``: today's ONNX Runtime INT8 end to end over the ref's, per round."""
+    ref = payload.get("ref")
+    if ref is None:
+        return []
+    def interval(r: dict, key: str, digits: int) -> str:
+        low, high = r[f"{key} 95"]
+        return f"{r[key]:.{digits}f} ({low:.{digits}f} to {high:.{digits}f})"
+
+    cells = [[r["case"], *[interval(r, f"now_over_ref {m}", 3) for m in NETWORK_OF],
+              *[f"{r[f'outside_ms {m}'][1]:.1f} -> {r[f'outside_ms {m}'][0]:.1f}: "
+                + interval(r, f"outside_ms_now_minus_ref {m}", 2) for m in NETWORK_OF],
+              "yes" if r["ref_same_results"] else "**no**"] for r in payload["results"]]
+    return [f"ONNX Runtime INT8, today's code against the `serving` package of {ref} "
+            f"({payload['ref_commit'][:10]}) on the same graphs, in the same rounds: end to end "
+            "today / ref, median of the per-round ratios (below 1: faster today); the ms per "
+            "call outside the backend, ref -> today (medians): median of the per-round "
+            "differences; 95 % bootstrap intervals in brackets; results equal (boxes, scores, "
+            "labels, masks; both modes):",
+            markdown_table(["model @ input", *[f"end to end, {m}" for m in NETWORK_OF],
+                            *[f"ms outside, {m}" for m in NETWORK_OF], "same results"], cells)]
 
 
 def main() -> int:
@@ -336,6 +402,8 @@ def main() -> int:
     parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
                         choices=["torch", "onnxruntime"],
                         help="runtimes to time (ONNX Runtime fp32 and INT8 always)")
+    parser.add_argument("--ref", default=None,
+                        help="git revision whose serving package runs beside (INT8 ORT)")
     parser.add_argument("--name", default="export_speed")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -345,6 +413,11 @@ def main() -> int:
                "bf16_support": cpu_bf16_support(),
                "weights": "random (class bias raised: 100 detections per image)", "results": []}
     with tempfile.TemporaryDirectory() as tmp:
+        args.ref_module = None
+        if args.ref is not None:
+            from ab_speed import commit_of, import_ref
+            args.ref_module = import_ref(args.ref, Path(tmp) / "ref")
+            payload.update(ref=args.ref, ref_commit=commit_of(args.ref))
         for name in args.cases:
             rounds = args.rounds_r50 if CASES[name][0] == "resnet50" else args.rounds
             payload["results"].append(run_case(name, rounds, args, Path(tmp) / name))

@@ -298,8 +298,8 @@ def _crops_exact(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, i
     sizes = np.maximum(bounds[:, 1] - bounds[:, 0], 0) * np.maximum(bounds[:, 3] - bounds[:, 2], 0)
     total = int(sizes.sum())
     if small or len(probs) * orig[0] * orig[1] <= DENSE_VIEW_RATIO * total:
-        # Small images, or masks that fill them: all masks expanded by two batched gathers
-        # (the edge pixels set by scatters), each crop a view of its mask.
+        # Small images, or masks that fill them: all masks expanded at once (``expand``; the
+        # edge pixels set by scatters), each crop a view of its mask.
         dense = expand(plan.high, plan.rows, plan.cols)
         for pixels in edge_pixels():
             dense[pixels] = True

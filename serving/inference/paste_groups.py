@@ -38,7 +38,7 @@ class AxisGroups(NamedTuple):
             groups or more than 8 runs.
         typical: (G,) bool: the groups whose ``weights`` are the axis's most common table
             (``weights[typical]`` all equal; at the input size all groups but a few at the
-            ends), interpolated together by plain matrix products (:func:`block_values`).
+            ends), interpolated together by two plain matrix products (``paste._block_values``).
         shift: when every pixel ``i`` reads the same cells as group ``(i + shift) // 4``
             (4-pixel groups, as at the network's input size), so that repeating every group
             4 times and skipping ``shift`` pixels gives the axis (:func:`expand`); else
