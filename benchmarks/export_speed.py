@@ -273,19 +273,8 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
     overhead = {f"{label} {mode}": stats[f"{label} | {mode}"]["median_ms"]
                 / stats[f"{label} | {alone}"]["median_ms"]
                 for label in segs for mode, alone in NETWORK_OF.items()}
-    if ref is not None:  # today against the ref, per round (paired)
-        for mode in NETWORK_OF:
-            labels = ("onnxruntime int8", ref_label(args))
-            now_t, ref_t = (np.array(times[f"{label} | {mode}"]) for label in labels)
-            # the time outside the backend in each call: end to end x (1 - backend share)
-            now_out, ref_out = (1000 * t * (1 - 1 / np.array(paired[f"{label} {mode}"][1:]))
-                                for t, label in zip((now_t, ref_t), labels))
-            facts[f"now_over_ref {mode}"] = _median(now_t / ref_t)
-            facts[f"now_over_ref {mode} 95"] = bootstrap_interval((now_t / ref_t,), _median)
-            facts[f"outside_ms {mode}"] = [_median(now_out), _median(ref_out)]
-            facts[f"outside_ms_now_minus_ref {mode} 95"] = bootstrap_interval(
-                (now_out - ref_out,), _median)
-            facts[f"outside_ms_now_minus_ref {mode}"] = _median(now_out - ref_out)
+    if ref is not None:
+        facts.update(ref_comparison(times, paired, ref_label(args)))
     # the same per call (the warm-up round dropped): network noise divided out
     paired_median = {k: float(np.median(v[1:])) for k, v in paired.items()}
     paired_interval = {k: bootstrap_interval((v[1:],), _median) for k, v in paired.items()}
@@ -302,6 +291,26 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
 
 def _median(x: np.ndarray) -> float:
     return float(np.median(x))
+
+
+def ref_comparison(times: dict[str, list[float]], paired: dict[str, list[float]],
+                   ref: str) -> dict[str, Any]:
+    """Today's ONNX Runtime INT8 against the ``ref`` variant, per round (paired): end to end
+    today / ref, and the ms outside the backend (end to end x (1 - backend share)) of each,
+    medians with 95 % bootstrap intervals. ``paired`` holds the warm-up call first."""
+    out: dict[str, Any] = {}
+    for mode in NETWORK_OF:
+        labels = ("onnxruntime int8", ref)
+        now_t, ref_t = (np.array(times[f"{label} | {mode}"]) for label in labels)
+        now_out, ref_out = (1000 * t * (1 - 1 / np.array(paired[f"{label} {mode}"][1:]))
+                            for t, label in zip((now_t, ref_t), labels))
+        out[f"now_over_ref {mode}"] = _median(now_t / ref_t)
+        out[f"now_over_ref {mode} 95"] = bootstrap_interval((now_t / ref_t,), _median)
+        out[f"outside_ms {mode}"] = [_median(now_out), _median(ref_out)]
+        out[f"outside_ms_now_minus_ref {mode}"] = _median(now_out - ref_out)
+        out[f"outside_ms_now_minus_ref {mode} 95"] = bootstrap_interval((now_out - ref_out,),
+                                                                         _median)
+    return out
 
 
 def overhead_table(payload: dict, key: str) -> str:

@@ -1,10 +1,12 @@
-"""``export_speed.py --ref``: the equality check of two versions' results and its table."""
+"""``export_speed.py --ref``: the equality check of two versions' results, their per-round
+comparison and its table."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from benchmarks.export_speed import ref_lines, same_results
+from benchmarks.export_speed import ref_comparison, ref_lines, same_results
 from serving.prediction import Prediction
 
 
@@ -45,3 +47,20 @@ def test_ref_table_gives_ratios_and_outside_times_with_intervals() -> None:
     result["ref_same_results"] = False
     assert "| **no** |" in "\n".join(ref_lines(payload))
     assert ref_lines({"results": []}) == []
+
+
+def test_ref_comparison_pairs_rounds_and_skips_the_warm_up_call() -> None:
+    """Per round: end to end today / ref, and the time outside the backend (end to end x
+    (1 - 1 / (end to end / backend))); hand values over two rounds."""
+    times, paired = {}, {}
+    for label, t, ratios in (("onnxruntime int8", [1.0, 2.0], [9.0, 2.0, 4.0]),
+                             ("ref", [2.0, 2.0], [9.0, 1.25, 1.25])):
+        for mode in ("automatic", "prompt(10)"):
+            times[f"{label} | {mode}"] = t
+            paired[f"{label} {mode}"] = ratios  # the first: the warm-up call, not used
+    out = ref_comparison(times, paired, "ref")
+    assert out["now_over_ref automatic"] == pytest.approx(0.75)  # median of 0.5 and 1.0
+    assert out["outside_ms automatic"] == pytest.approx([1000.0, 400.0])  # (500, 1500), 400
+    assert out["outside_ms_now_minus_ref prompt(10)"] == pytest.approx(600.0)  # 100 and 1100
+    low, high = out["outside_ms_now_minus_ref automatic 95"]
+    assert 100 - 1e-6 <= low <= high <= 1100 + 1e-6
