@@ -122,6 +122,12 @@ def bootstrap_interval(samples: Sequence[Sequence[float]], statistic: Callable[.
     return float(low), float(high)
 
 
+def interval_text(pair: Sequence[float] | None) -> str | None:
+    """A :func:`bootstrap_interval` for a table, ``"low-high"`` with 2 decimals (``None``
+    stays ``None``: a dash in :func:`markdown_table`)."""
+    return None if pair is None else f"{pair[0]:.2f}-{pair[1]:.2f}"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub Markdown table; floats get 3 significant digits, ``None`` becomes a dash."""
     def cell(v: Any) -> str:

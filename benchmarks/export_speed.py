@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     bootstrap_interval,
     interleaved_times,
+    interval_text,
     machine_info,
     machine_markdown,
     markdown_table,
@@ -321,8 +322,7 @@ def overhead_table(payload: dict, key: str) -> str:
         interval = r.get(f"{key}_95", {}).get(name)
         if name not in r[key]:
             return ""
-        return f"{r[key][name]:.2f}x" + (f" ({interval[0]:.2f}-{interval[1]:.2f})"
-                                         if interval else "")
+        return f"{r[key][name]:.2f}x" + (f" ({interval_text(interval)})" if interval else "")
 
     return markdown_table(["model @ input", "backend", *NETWORK_OF], [
         [r["case"], label, *[cell(r, f"{label} {m}") for m in NETWORK_OF]]

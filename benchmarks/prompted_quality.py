@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
     bootstrap_interval,
     coco_rle,
+    interval_text,
     machine_info,
     machine_markdown,
     markdown_table,
@@ -297,7 +298,7 @@ def write(results: dict[str, Any], name: str, command: str) -> None:
     bins = [f"{lo}-{hi}" for lo, hi in SIZE_BINS]
     rows = [[row, r["mean_iou"], r["median_iou"], f"{100 * r['under_0.5']:.1f} %",
              *(r["by_size"][b] for b in bins), r["empty_8px"], r["mask_ap"], r["ap75"],
-             r["spearman"], _interval(r.get("spearman_95")), r["time_vs_today"]]
+             r["spearman"], interval_text(r.get("spearman_95")), r["time_vs_today"]]
             for row, r in results["rows"].items()]
     header = ["row", "mean IoU", "median IoU", "under 0.5", "IoU <16 px", "16-32", "32-64",
               "64+", "empty (>= 8 px)", "mask AP", "AP75", "Spearman(score, IoU)",
@@ -312,10 +313,6 @@ def write(results: dict[str, Any], name: str, command: str) -> None:
                else "") + ".\n\n"
             f"{markdown_table(header, rows)}\n")
     write_results(ROOT / "benchmarks" / "results", name, results, text.rstrip("\n"))
-
-
-def _interval(pair: list[float] | None) -> str | None:
-    return None if pair is None else f"{pair[0]:.2f}-{pair[1]:.2f}"
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import markdown_table, write_results  # noqa: E402
+from benchmarks.common import interval_text, markdown_table, write_results  # noqa: E402
 
 #: What every merged file must share: the boxes the masks were measured on.
 SAME = ("data", "split", "images", "boxes", "upscale")
@@ -97,8 +97,7 @@ def markdown(merged: dict[str, Any], command: str) -> str:
               "AP over it", "Spearman(score, IoU)", "95 % interval", "result file"]
     lines = [[r["model"], r["mean_iou"], f"{100 * r['under_0.5']:.1f} %", r["mask_ap"],
               f"{r['hand_picked']} ({r['hand_picked_ap']})", r["ap_over_hand_picked"],
-              r["spearman"], None if not r["spearman_95"] else
-              f"{r['spearman_95'][0]:.2f}-{r['spearman_95'][1]:.2f}", f"`{r['file']}`"]
+              r["spearman"], interval_text(r["spearman_95"]), f"`{r['file']}`"]
              for r in merged["rows"]]
     s = merged["summary"]
 
