@@ -30,8 +30,8 @@ def is_empty(area: int, box: Iterable[float]) -> bool:
 def outline(mask: np.ndarray) -> np.ndarray:
     """(h, w) bool: the pixels of a 2-D bool ``mask`` with a 4-neighbour outside it (outside
     the array counts as outside the mask): the mask's own border."""
-    padded = np.pad(mask, 1)
-    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    inner = np.zeros_like(mask, dtype=bool)  # a pixel on the array's edge is never inner
+    inner[1:-1, 1:-1] = mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
     return mask & ~inner
 
 
@@ -76,13 +76,21 @@ class InstanceMasks:
                              f"fit in a {h}x{w} image")
 
     @classmethod
-    def from_dense(cls, masks: np.ndarray) -> InstanceMasks:
-        """From (N, H, W) bool masks (each cut to the bounding box of its True pixels)."""
+    def from_dense(cls, masks: np.ndarray, origin: tuple[int, int] | None = None,
+                   image_size: tuple[int, int] | None = None) -> InstanceMasks:
+        """From (N, h, w) bool masks, each cut to the bounding box of its True pixels.
+
+        By default the masks are the whole image; given ``origin`` (y0, x0) and
+        ``image_size`` (H, W), they cover the window of an (H, W) image whose top-left
+        pixel is ``origin`` (a mask with no True pixel is kept as a (0, 0) crop at (0, 0)).
+        """
         masks = np.asarray(masks)
         if masks.ndim != 3:
             raise ValueError(f"masks: expected (N, H, W), got shape {masks.shape}")
         parts = [_tight(m.astype(bool, copy=False)) for m in masks]
-        return cls([p[2] for p in parts], [(p[0], p[1]) for p in parts], masks.shape[1:])
+        y, x = origin or (0, 0)
+        offsets = [(p[0] + y, p[1] + x) if p[2].size else (0, 0) for p in parts]
+        return cls([p[2] for p in parts], offsets, image_size or masks.shape[1:])
 
     @classmethod
     def concatenate(cls, parts: Sequence[InstanceMasks]) -> InstanceMasks:

@@ -94,11 +94,13 @@ def projection_coverage(probs: Tensor, inside: np.ndarray) -> float:
         inside: (h, w) bool, the region's pixels inside the box (a rectangle, as
             :func:`serving.inference.refine.grid_inside` gives).
     """
-    rows, cols = inside.any(1), inside.any(0)
-    if not rows.any():
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    if not rows.size:
         return 0.0
-    values = np.clip(probs.numpy()[rows][:, cols], 0, 1)
-    return float((values.max(1).mean() + values.max(0).mean()) / 2)
+    values = probs.numpy()[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # the rectangle
+    # (the clip commutes with the maxima: applied after them, to a row and a column of values)
+    row_max, col_max = np.clip(values.max(1), 0, 1), np.clip(values.max(0), 0, 1)
+    return float((row_max.mean() + col_max.mean()) / 2)
 
 
 def boundary_sharpness(probs: Tensor, mask: np.ndarray,
@@ -147,9 +149,14 @@ def input_spacing(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,
     cell (1 for a region seen at its own pixels)."""
     y0, x0, y1, x1 = view.region
     h, w = view.probs.shape[-2:]
-    sy = np.mean([c.resized[0] / max(c.window[3] - c.window[1], 1) for c, _ in pairs])
-    sx = np.mean([c.resized[1] / max(c.window[2] - c.window[0], 1) for c, _ in pairs])
-    return float(sy) * (y1 - y0) / max(h, 1), float(sx) * (x1 - x0) / max(w, 1)
+    sy = _mean([c.resized[0] / max(c.window[3] - c.window[1], 1) for c, _ in pairs])
+    sx = _mean([c.resized[1] / max(c.window[2] - c.window[0], 1) for c, _ in pairs])
+    return sy * (y1 - y0) / max(h, 1), sx * (x1 - x0) / max(w, 1)
+
+
+def _mean(values: Sequence[float]) -> float:
+    """The mean of a few floats, summed in order (``np.mean``'s value for fewer than 8)."""
+    return sum(values) / len(values)
 
 
 def colour_separation(pixels: Tensor, mask: np.ndarray) -> float:
@@ -167,7 +174,7 @@ def colour_separation(pixels: Tensor, mask: np.ndarray) -> float:
         return 0.0
     # per side and channel: the sums of the values and of their squares, from (3, N) float64
     # rows (matrix-vector products; numpy is faster than torch on these small arrays)
-    values = np.asarray(pixels, np.float64).reshape(-1, 3).T.copy()
+    values = np.moveaxis(np.asarray(pixels), -1, 0).reshape(3, -1).astype(np.float64, order="C")
     squared = values * values
     sums, squares = values.sum(1), squared.sum(1)
     in_sum, in_sq = values @ weights, squared @ weights
@@ -206,7 +213,7 @@ def quality_score(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,
             (:func:`serving.inference.refine.box_view`).
         threshold: the mask threshold.
     """
-    score = float(np.mean([float(r.score) for _, r in pairs]))
+    score = _mean([float(r.score) for _, r in pairs])
     mask = (view.probs.numpy() > threshold) & view.inside
     separation = colour_separation(view.pixels, mask)
     value = (math.sqrt(max(score, 0.0) * colour_distance(view.codes, mask))

@@ -415,7 +415,10 @@ def grid_size(full: tuple[int, int], box: np.ndarray) -> tuple[int, int]:
 
 def _mean_probs(sources: Sequence[Source], region: tuple[int, int, int, int], width: int,
                 size: tuple[int, int]) -> Tensor:
-    """(h, w) float32 mean of the sources' :func:`box_probs` on a ``size`` grid."""
+    """(h, w) float32 mean of the sources' :func:`box_probs` on a ``size`` grid (one
+    source's own, without the no-op sum and division)."""
+    if len(sources) == 1:
+        return box_probs(sources[0], region, width, size)
     return sum(box_probs(s, region, width, size) for s in sources) / len(sources)
 
 
@@ -427,6 +430,5 @@ def region_mask(view: BoxView, box: np.ndarray, image_size: tuple[int, int],
         raise ValueError("region_mask needs a view with full-resolution probabilities")
     size = tuple(view.mask_probs.shape)
     inside = view.inside if view.inside.shape == size else grid_inside(view.region, size, box)
-    part = InstanceMasks.from_dense(((view.mask_probs > threshold).numpy() & inside)[None])
-    offset = np.array([view.region[:2]]) if part.crops[0].size else np.zeros((1, 2))
-    return InstanceMasks(part.crops, part.offsets + offset, image_size)
+    return InstanceMasks.from_dense(((view.mask_probs > threshold).numpy() & inside)[None],
+                                    view.region[:2], image_size)
