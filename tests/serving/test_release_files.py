@@ -16,6 +16,7 @@ from sim_testing import release_files
 
 from serving import Segmenter
 from serving.backends.exported import read_sidecar
+from serving.backends.torch_backend import _cpu_flags
 from serving.model.card import Calibration
 from serving.model.model_file import read_checkpoint_card
 
@@ -24,6 +25,21 @@ CALIBRATION = Calibration(score_threshold=0.3125, f1=41.5, validation="val.json"
                           prompt_scores={"p10": 0.2, "p50": 0.45, "p90": 0.7},
                           auto_scores={"p10": 0.3, "p50": 0.55, "p90": 0.8},
                           object_sizes={"p10": 24.0, "p50": 40.0, "p90": 72.0})
+#: The release's INT8 predictions were made on a CPU with VNNI instructions. ONNX Runtime's
+#: INT8 kernels without them (AVX2: the u8 x s8 pair products saturate at int16) give other
+#: scores, so other detections; on such a CPU the INT8 files are loaded and run, not compared.
+SAME_INT8_KERNELS = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & _cpu_flags())
+
+
+def skip_unless_same_kernels(name: str, seg: Segmenter, image: Path) -> None:
+    """On a CPU without VNNI, an INT8 file's predictions are checked for form only, then the
+    test is skipped with the reason."""
+    if "int8" not in name or SAME_INT8_KERNELS:
+        return
+    pred = seg.predict(image)
+    assert pred.boxes.shape == (len(pred), 4) and pred.masks.shape[0] == len(pred)
+    pytest.skip("INT8 predictions depend on the CPU's INT8 instructions: the release's were "
+                "made with VNNI, this CPU has none")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +94,7 @@ def test_release_files_predict_as_the_release_did(release, name) -> None:
     seg = Segmenter.load(release / name, device="cpu")
     assert seg.card.calibration == CALIBRATION
     assert seg.calibration == want["calibration"] and seg.model_info == want["model_info"]
+    skip_unless_same_kernels(name, seg, release / "image.png")
     same(summary(seg.predict(release / "image.png")), want["automatic"])
     # Box prompts: the release's masks without today's refinement; the score is now a
     # quality estimate (serving.inference.quality), another definition than the release's.
@@ -97,4 +114,5 @@ def test_every_export_file_and_the_folder_load(release, given, loads) -> None:
     want = json.loads((release / "expected.json").read_text())[loads]
     seg = Segmenter.load(release / given, device="cpu")
     assert seg.card.precision == ("int8" if "int8" in loads else "fp32")
+    skip_unless_same_kernels(loads, seg, release / "image.png")
     same(summary(seg.predict(release / "image.png")), want["automatic"])
