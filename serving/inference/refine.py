@@ -144,12 +144,13 @@ def _box_mean(x: Tensor, radius: int) -> Tensor:
     stay small); the result differs from a float64 one by about 1e-7.
     """
     k = 2 * radius + 1
-    x = F.pad(x[None], (radius, radius, radius, radius), mode="replicate")[0]
+    x = F.pad(x[None], (radius + 1, radius, radius + 1, radius), mode="replicate")[0]
+    x[..., 0, :] = 0  # a zero before each row and column: the running sums then start at 0
+    x[..., :, 0] = 0
     for dim in (-1, -2):
         sums = x.cumsum(dim)
-        n = sums.shape[dim]
-        x = sums.narrow(dim, k - 1, n - k + 1).clone()  # window j: sums[j + k - 1] ...
-        x.narrow(dim, 1, n - k).sub_(sums.narrow(dim, 0, n - k))  # ... - sums[j - 1]
+        n = sums.shape[dim] - k
+        x = sums.narrow(dim, k, n) - sums.narrow(dim, 0, n)  # window j: sums[j + k] - sums[j]
     return x.div_(k * k)
 
 
