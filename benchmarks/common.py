@@ -34,10 +34,14 @@ def cpu_model() -> str:
 
 
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:
-    """CPU model, cores, threads in use, load, Python/torch versions and the GPU (if any)."""
+    """CPU model, cores, its int8 instructions, threads in use, load, Python/torch versions and
+    the GPU (if any)."""
+    from serving.backends.torch_backend import cpu_int8_vnni
+
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
+        "cpu_int8": "VNNI" if cpu_int8_vnni() else "no VNNI",
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -148,6 +152,8 @@ def machine_markdown(info: dict[str, Any]) -> str:
              f"{info['torch_threads']} torch threads"]
     if "load_average_1m" in info:
         parts[0] += f", load average {info['load_average_1m']} at start"
+    if "cpu_int8" in info:
+        parts[0] += f", int8 instructions: {info['cpu_int8']}"
     parts[0] += ")"
     parts.append(f"GPU: {info['gpu']} ({info['gpu_memory_gib']} GiB, CUDA {info['cuda']})"
                  if info.get("gpu") else "GPU: none")

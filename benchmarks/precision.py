@@ -9,7 +9,8 @@ validation split (every image), COCO mask and box AP of:
   default setting and the variants the INT8 design was decided with: prediction convolutions
   also in int8 (``+pred-convs``), the dynamic mask head's MatMuls also in int8
   (``+mask-head``), depthwise convolutions also in int8 (``+depthwise``, the default before
-  it was measured slower), percentile calibration (``percentile``);
+  it was measured slower), percentile calibration (``percentile``), full-range weights
+  (``8-bit weights``, the default before CPUs without VNNI were measured);
 - plus the INT8 verification figures (:mod:`export.verify_int8`) of each INT8 variant on the
   first ``--verify-images`` validation images.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -47,6 +49,7 @@ from export.int8_calibration import load_calibration_set  # noqa: E402
 from export.quantize import QuantizeOptions, quantize_export  # noqa: E402
 from export.verify_int8 import verify_int8  # noqa: E402
 from serving import Segmenter  # noqa: E402
+from serving.backends.torch_backend import cpu_bf16_support  # noqa: E402
 from serving.formats.cocoeval import evaluate_coco  # noqa: E402
 from training.evaluate import predict_dataset  # noqa: E402
 from training.train_config import load_config  # noqa: E402
@@ -61,6 +64,7 @@ VARIANTS = {
     "+mask-head": QuantizeOptions(quantize_mask_head=True),
     "+depthwise": QuantizeOptions(quantize_depthwise=True),
     "percentile": QuantizeOptions(method="percentile"),
+    "8-bit weights": QuantizeOptions(reduce_range=False),
 }
 
 
@@ -94,7 +98,8 @@ def run_dataset(name: str, checkpoint: str, args: argparse.Namespace, work: Path
         print(f"{name} {label}: mask AP {m['segm/AP']:.2f}, box AP {m['bbox/AP']:.2f}", flush=True)
 
     score("torch fp32", Segmenter.load(checkpoint, device="cpu"))
-    score("torch bf16", Segmenter.load(checkpoint, device="cpu", dtype="bf16"))
+    if cpu_bf16_support() is not None:  # (refused on a CPU without native bf16)
+        score("torch bf16", Segmenter.load(checkpoint, device="cpu", dtype="bf16"))
     score("onnxruntime fp32", Segmenter.from_onnx(export.sidecar, device="cpu", threads=1))
     for variant in args.variants:
         start = time.perf_counter()
@@ -162,7 +167,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     checkpoints = args.checkpoints or [DATASETS[d][1] for d in args.datasets]
     payload: dict[str, Any] = {"machine": machine_info(),
-                               "command": "python " + " ".join(sys.argv), "results": []}
+                               "command": "python " + shlex.join(sys.argv), "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         for dataset, checkpoint in zip(args.datasets, checkpoints, strict=True):
             payload["results"].append(run_dataset(dataset, checkpoint, args, Path(tmp)))

@@ -7,7 +7,10 @@
 Works on the ONNX files ``python -m export`` wrote, whichever exporter made them. Each graph
 is calibrated on the user's images (:mod:`export.int8_calibration`, the serving preprocessing) and
 quantised with ``onnxruntime.quantization.quantize_static``: QDQ format, uint8 activations
-(asymmetric, the fast choice for x86 VNNI kernels) and int8 per-channel weights.
+(asymmetric, the fast choice for x86 kernels) and int8 per-channel weights on 7 bits
+(``reduce_range``): ONNX Runtime's int8 kernels on x86 CPUs without VNNI (AVX2 only) add
+pairs of 8-bit products into int16, which full-range weights can saturate; 7-bit weights
+cannot, so one file gives the same results on every x86 CPU.
 
 What is quantised is chosen on the graph's structure, not on node names: the **network** is
 every node a convolution depends on, plus the convolutions. Inside it, convolutions, their
@@ -65,7 +68,11 @@ class QuantizeOptions:
     convolutions in int8 (off: ONNX Runtime's int8 depthwise kernel is slower than its fp32
     one on x86, measured in docs/export.md); ``quantize_mask_head``: also run the dynamic mask
     head's MatMuls in int8; ``symmetric``: int8 activations with zero point 0 (what TensorRT's
-    explicit quantisation needs) instead of uint8 asymmetric (faster on x86 CPUs).
+    explicit quantisation needs) instead of uint8 asymmetric (faster on x86 CPUs);
+    ``reduce_range``: weights on 7 bits (-64..64), so that x86 CPUs without VNNI, whose ONNX
+    Runtime kernels add pairs of uint8 x int8 products into int16, cannot saturate (at most
+    2 * 255 * 64 = 32640) and give the results of those with VNNI (on an AVX2 CPU, 8-bit
+    weights failed the INT8 export check with either activation form, docs/export.md).
     """
 
     method: str = "minmax"
@@ -74,6 +81,7 @@ class QuantizeOptions:
     quantize_mask_head: bool = False
     symmetric: bool = False
     per_channel: bool = True
+    reduce_range: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -182,7 +190,8 @@ def _quantize_static(model: Any, feeds: Iterator[dict[str, Any]], plan: GraphPla
             quantize_static(
                 model, out, reader, quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=plan.op_types, nodes_to_quantize=plan.quantize,
-                per_channel=options.per_channel, reduce_range=False,
+                per_channel=options.per_channel,
+                reduce_range=options.reduce_range,
                 activation_type=QuantType.QInt8 if options.symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8, calibrate_method=method,
                 extra_options={"ActivationSymmetric": options.symmetric,
@@ -286,7 +295,8 @@ def quantize_export(export: str | os.PathLike, calibration: CalibrationSet | str
               "onnxruntime_version": onnxruntime.__version__, "format": "QDQ",
               "activations": "int8 symmetric" if options.symmetric else "uint8 asymmetric",
               "weights": "int8 symmetric " + ("per-channel" if options.per_channel
-                                              else "per-tensor"),
+                                              else "per-tensor")
+              + (", 7-bit range (-64..64)" if options.reduce_range else ""),
               "options": options.to_dict(), "calibration": cal.to_dict(), "graphs": kept,
               "source": {"sidecar": sidecar.path.name, "export_id": sidecar.export_id}}
     _write_int8_sidecar(result.sidecar, sidecar, export_id, result.graphs, record)

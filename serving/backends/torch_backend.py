@@ -48,7 +48,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``'s ``flags``, or ``Features`` on Arm;
+    empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -57,6 +59,13 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def cpu_int8_vnni() -> bool:
+    """Whether this x86 CPU has VNNI instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), with
+    which ONNX Runtime's int8 kernels sum the products in int32; without them (AVX2) they add
+    pairs of products into int16 first (``export.quantize`` keeps weights to 7 bits for it)."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
 @lru_cache(maxsize=1)
@@ -70,7 +79,7 @@ def cpu_bf16_support() -> str | None:
                 return name
         except (AttributeError, RuntimeError):
             continue
-    flags = _cpu_flags()
+    flags = cpu_flags()
     for name, flag in (("AMX_BF16", "amx_bf16"), ("AVX512_BF16", "avx512_bf16")):
         if flag in flags:
             return name

@@ -69,6 +69,24 @@ def test_files_and_sidecar(int8_model):
     assert record["graphs"]["automatic"]["quantized_nodes"] > 0
 
 
+def test_weights_use_seven_bits(int8_model):
+    """Every int8 weight lies in -64..64 (``reduce_range``: a pair of products with uint8
+    activations sums to at most 2 * 255 * 64 = 32640, so the int16 sums of ONNX Runtime's
+    kernels on CPUs without VNNI cannot saturate), and the record says so."""
+    import onnx
+    from onnx import numpy_helper
+
+    _, _, int8, _, _ = int8_model
+    assert read_sidecar(int8.sidecar).quantization["weights"] == (
+        "int8 symmetric per-channel, 7-bit range (-64..64)")
+    model = onnx.load(str(int8.graphs["automatic"]))
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer
+               if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert len(weights) > 5
+    assert all(w.min() >= -64 and w.max() <= 64 for w in weights)
+    assert max(int(np.abs(w).max()) for w in weights) == 64  # the range is used, not less
+
+
 def test_network_in_int8_and_post_processing_in_fp32(int8_model):
     _, fp32, int8, _, _ = int8_model
     ops, base = _ops(int8.graphs["automatic"]), _ops(fp32.graphs["automatic"])

@@ -16,7 +16,7 @@ from sim_testing import release_files
 
 from serving import Segmenter
 from serving.backends.exported import read_sidecar
-from serving.backends.torch_backend import _cpu_flags
+from serving.backends.torch_backend import cpu_int8_vnni
 from serving.model.card import Calibration
 from serving.model.model_file import read_checkpoint_card
 
@@ -28,7 +28,7 @@ CALIBRATION = Calibration(score_threshold=0.3125, f1=41.5, validation="val.json"
 #: The release's INT8 predictions were made on a CPU with VNNI instructions. ONNX Runtime's
 #: INT8 kernels without them (AVX2: the u8 x s8 pair products saturate at int16) give other
 #: scores, so other detections; on such a CPU the INT8 files are loaded and run, not compared.
-SAME_INT8_KERNELS = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & _cpu_flags())
+SAME_INT8_KERNELS = cpu_int8_vnni()
 
 
 def skip_unless_same_kernels(name: str, seg: Segmenter, image: Path) -> None:
