@@ -79,6 +79,18 @@ def _reference_guided_filter(guide: np.ndarray, probs: np.ndarray, r: int,
     return out
 
 
+@pytest.mark.parametrize("shape, radius", [((1, 1), 1), ((3, 80), 5), ((7, 5), 9),
+                                           ((40, 33), 4)])
+def test_box_mean_matches_a_float64_window_mean(shape, radius):
+    """Each pixel's mean over its (2r+1)^2 window, the image's edge pixels repeated beyond it
+    (also for windows larger than the map)."""
+    x = torch.from_numpy(np.random.default_rng(radius).normal(size=(2, *shape)).astype(np.float32))
+    padded = np.pad(x.double().numpy(), ((0, 0), (radius, radius), (radius, radius)), "edge")
+    k = 2 * radius + 1
+    want = np.lib.stride_tricks.sliding_window_view(padded, (k, k), axis=(1, 2)).mean((-2, -1))
+    np.testing.assert_allclose(refine._box_mean(x, radius).numpy(), want, atol=1e-6)
+
+
 def test_guided_filter_matches_a_per_window_float64_reference():
     rng = np.random.default_rng(0)
     guide = rng.random((3, 14, 17)).astype(np.float32)
