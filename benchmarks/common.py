@@ -134,6 +134,13 @@ def interval_text(pair: Sequence[float] | None) -> str | None:
     return None if pair is None else f"{pair[0]:.2f}-{pair[1]:.2f}"
 
 
+def identical_predictions(a: Any, b: Any) -> bool:
+    """Whether two ``Prediction``s hold the same boxes, scores, labels and masks, bit for bit
+    (a different number of instances differs)."""
+    return (np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
+            and np.array_equal(a.labels, b.labels) and np.array_equal(a.masks, b.masks))
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub Markdown table; floats get 3 significant digits, ``None`` becomes a dash."""
     def cell(v: Any) -> str:

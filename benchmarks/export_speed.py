@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     bootstrap_interval,
+    identical_predictions,
     interleaved_times,
     interval_text,
     machine_info,
@@ -185,13 +186,6 @@ def ref_label(args: argparse.Namespace) -> str:
     return f"onnxruntime int8, {args.ref}"
 
 
-def same_results(a: Any, b: Any) -> bool:
-    """Whether two ``Prediction``s hold the same boxes, scores, labels and masks."""
-    return (len(a) == len(b) and np.array_equal(a.boxes, b.boxes)
-            and np.array_equal(a.scores, b.scores) and np.array_equal(a.labels, b.labels)
-            and np.array_equal(a.masks, b.masks))
-
-
 class BackendClock:
     """Seconds a Segmenter's backend spends in ``detect`` / ``segment_boxes`` during each
     call of :meth:`timed` (the methods are wrapped on the backend instance): end to end over
@@ -235,7 +229,7 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
     if ref is not None:  # the ref's results must be today's
         now = segs["onnxruntime int8"]
         facts["ref_same_results"] = all(
-            same_results(ref.predict(image, boxes=b), now.predict(image, boxes=b))
+            identical_predictions(ref.predict(image, boxes=b), now.predict(image, boxes=b))
             for b in (None, boxes))
     variants, paired = {}, {}
     for label, seg in [*segs.items(), *([(ref_label(args), ref)] if ref is not None else [])]:

@@ -22,10 +22,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    identical_predictions,
     interleaved_times,
     machine_info,
     machine_markdown,
@@ -37,12 +37,6 @@ from benchmarks.speed import MODELS, bench_image, build_checkpoint, prompt_boxes
 from serving import Prediction, Segmenter  # noqa: E402
 
 MODEL = "mobilenet_v2_fpn"
-
-
-def identical(a: Prediction, b: Prediction) -> bool:
-    """Boxes, scores, labels and masks equal bit for bit."""
-    return (np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
-            and np.array_equal(a.labels, b.labels) and np.array_equal(a.masks, b.masks))
 
 
 def bench_mode(checkpoint: Path, box_scale: bool, count: int, per_pass: list[int],
@@ -60,7 +54,7 @@ def bench_mode(checkpoint: Path, box_scale: bool, count: int, per_pass: list[int
     return [{"box_scale": box_scale, "boxes": count, "max_prompt_boxes": n,
              "passes": -(-count // n), "median_ms": summarize(times[n])["median_ms"],
              "ratio": summarize(times[n])["median_ms"] / base,
-             "identical": identical(results[n], results[count])} for n in segs]
+             "identical": identical_predictions(results[n], results[count])} for n in segs]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.export_speed import ref_comparison, ref_lines, same_results
+from benchmarks.common import identical_predictions
+from benchmarks.export_speed import ref_comparison, ref_lines
 from serving.prediction import Prediction
 
 
@@ -21,12 +22,12 @@ def test_same_results_needs_equal_boxes_scores_labels_and_every_mask_pixel() -> 
     masks = np.zeros((2, 4, 5), bool)
     masks[0, 1:3, 1:4] = True
     first = _prediction(masks, [0.9, 0.5])
-    assert same_results(first, _prediction(masks.copy(), [0.9, 0.5]))
+    assert identical_predictions(first, _prediction(masks.copy(), [0.9, 0.5]))
     other = masks.copy()
     other[1, 3, 4] = True
-    assert not same_results(first, _prediction(other, [0.9, 0.5]))
-    assert not same_results(first, _prediction(masks, [0.9, 0.25]))
-    assert not same_results(first, _prediction(masks[:1], [0.9]))
+    assert not identical_predictions(first, _prediction(other, [0.9, 0.5]))
+    assert not identical_predictions(first, _prediction(masks, [0.9, 0.25]))
+    assert not identical_predictions(first, _prediction(masks[:1], [0.9]))
 
 
 def test_ref_table_gives_ratios_and_outside_times_with_intervals() -> None:
