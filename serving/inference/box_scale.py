@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from statistics import fmean
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -288,8 +289,7 @@ def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array:
     mean)."""
     image_size = array.shape[:2]
     crop, result = pairs[0]
-    peak = float(np.mean([float(quality.box_cells(r.probs, c.input_box).max())
-                          for c, r in pairs]))
+    peak = fmean(float(quality.box_cells(r.probs, c.input_box).max()) for c, r in pairs)
     threshold = min(cfg.mask_threshold, FALLBACK_RATIO * peak)
     sources = [refine.Source(r.probs, c.window, c.resized, k > 0)
                for k, (c, r) in enumerate(pairs)]

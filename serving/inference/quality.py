@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import fmean
 from typing import Any
 
 import numpy as np
@@ -149,14 +150,10 @@ def input_spacing(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,
     cell (1 for a region seen at its own pixels)."""
     y0, x0, y1, x1 = view.region
     h, w = view.probs.shape[-2:]
-    sy = _mean([c.resized[0] / max(c.window[3] - c.window[1], 1) for c, _ in pairs])
-    sx = _mean([c.resized[1] / max(c.window[2] - c.window[0], 1) for c, _ in pairs])
+    sy = fmean([c.resized[0] / max(c.window[3] - c.window[1], 1) for c, _ in pairs])
+    sx = fmean([c.resized[1] / max(c.window[2] - c.window[0], 1) for c, _ in pairs])
     return sy * (y1 - y0) / max(h, 1), sx * (x1 - x0) / max(w, 1)
 
-
-def _mean(values: Sequence[float]) -> float:
-    """The mean of a few floats, summed in order (``np.mean``'s value for fewer than 8)."""
-    return sum(values) / len(values)
 
 
 def colour_separation(pixels: Tensor, mask: np.ndarray) -> float:
@@ -213,7 +210,7 @@ def quality_score(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,
             (:func:`serving.inference.refine.box_view`).
         threshold: the mask threshold.
     """
-    score = _mean([float(r.score) for _, r in pairs])
+    score = fmean(float(r.score) for _, r in pairs)
     mask = (view.probs.numpy() > threshold) & view.inside
     separation = colour_separation(view.pixels, mask)
     value = (math.sqrt(max(score, 0.0) * colour_distance(view.codes, mask))
