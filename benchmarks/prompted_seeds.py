@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,18 +51,22 @@ def _hand_picked(rows: dict[str, Any], path: Path) -> tuple[str, float]:
     return name, float(sized[name])
 
 
-def seed_row(results: dict[str, Any], path: Path) -> dict[str, Any]:
-    """One file's ``default`` row, its best hand-picked size and the AP gain over it."""
+def seed_row(results: dict[str, Any], path: Path, compare: str | None = None) -> dict[str, Any]:
+    """One file's ``default`` row, its best hand-picked size and the AP gain over it, and
+    the Spearman of its ``compare`` row (e.g. the same masks under another score)."""
     rows = results["rows"]
-    if "default" not in rows:
-        raise SeedsError(f"{path}: no 'default' row; is it a prompted_quality.py result?")
+    for name in ("default", compare):
+        if name is not None and name not in rows:
+            raise SeedsError(f"{path}: no {name!r} row; give prompted_quality.py results "
+                             "that have it")
     best, best_ap = _hand_picked(rows, path)
     row = rows["default"]
     return {"file": path.with_suffix(".md").name, "model": results["model"],
             "mean_iou": row["mean_iou"], "under_0.5": row["under_0.5"], "mask_ap": row["mask_ap"],
             "hand_picked": best, "hand_picked_ap": best_ap,
             "ap_over_hand_picked": round(float(row["mask_ap"]) - best_ap, 1),
-            "spearman": row["spearman"], "spearman_95": row.get("spearman_95")}
+            "spearman": row["spearman"], "spearman_95": row.get("spearman_95"),
+            "compare_spearman": rows[compare]["spearman"] if compare else None}
 
 
 def _field(results: dict[str, Any], key: str) -> Any:
@@ -69,8 +74,9 @@ def _field(results: dict[str, Any], key: str) -> Any:
     return results.get(key, 1 if key == "upscale" else None)
 
 
-def merge(paths: list[Path]) -> dict[str, Any]:
-    """The seed rows of ``paths`` and their mean and standard deviation per column."""
+def merge(paths: list[Path], compare: str | None = None) -> dict[str, Any]:
+    """The seed rows of ``paths`` and their mean and standard deviation per column (with
+    ``compare``, also that row's Spearman)."""
     if len(paths) < 2:
         raise SeedsError("give two or more prompted_quality.py results (one per seed)")
     loaded = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in paths]
@@ -81,14 +87,15 @@ def merge(paths: list[Path]) -> dict[str, Any]:
                 raise SeedsError(f"{path}: {key} {results.get(key)!r} differs from "
                                  f"{first.get(key)!r} in {first_path}; merge results of the "
                                  "same boxes only")
-    rows = [seed_row(results, path) for path, results in loaded]
+    rows = [seed_row(results, path, compare) for path, results in loaded]
     summary = {}
-    for column in COLUMNS:
+    for column in COLUMNS + (("compare_spearman",) if compare else ()):
         values = np.array([r[column] for r in rows if r[column] is not None], np.float64)
         summary[column] = {"mean": round(float(values.mean()), 3),
                            "std": round(float(values.std(ddof=1)), 3) if len(values) > 1
                            else None}
-    return {**{key: first.get(key) for key in SAME}, "rows": rows, "summary": summary}
+    return {**{key: first.get(key) for key in SAME}, "rows": rows, "summary": summary,
+            "compare": compare}
 
 
 def markdown(merged: dict[str, Any], command: str) -> str:
@@ -108,6 +115,12 @@ def markdown(merged: dict[str, Any], command: str) -> str:
     lines.append(["mean ± sd", both("mean_iou"), both("under_0.5", 100, " %"),
                   both("mask_ap"), None, both("ap_over_hand_picked"), both("spearman"),
                   None, None])
+    compare = merged.get("compare")
+    if compare:  # the compared row's Spearman, before the result file
+        header.insert(-1, f"Spearman, {compare}")
+        for line, r in zip(lines, merged["rows"]):
+            line.insert(-1, r["compare_spearman"])
+        lines[-1].insert(-1, both("compare_spearman"))
     split = "training" if merged.get("split") == "train" else "validation"
     return (f"# Box-prompted masks across training seeds: {merged['data']} {split} boxes\n\n"
             f"`{command}`\n\n{merged['images']} images, {merged['boxes']} boxes; the "
@@ -122,14 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", type=Path,
                         help="prompted_quality.py result files (.json), one per seed")
     parser.add_argument("--name", required=True, help="name of the merged results")
+    parser.add_argument("--compare", default=None,
+                        help="another row whose Spearman to set beside the default's "
+                             "(e.g. 'score without crowding')")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     try:
-        merged = merge(args.results)
+        merged = merge(args.results, args.compare)
     except (SeedsError, OSError, json.JSONDecodeError) as exc:
         print(f"prompted_seeds: {exc}", file=sys.stderr)
         return 2
-    command = "python benchmarks/prompted_seeds.py " + " ".join(
+    command = "python benchmarks/prompted_seeds.py " + shlex.join(
         str(p) for p in (argv if argv is not None else sys.argv[1:]))
     write_results(args.out, args.name, merged, markdown(merged, command))
     return 0

@@ -94,3 +94,25 @@ def test_a_result_without_a_hand_picked_size_names_the_flag(tmp_path: Path, caps
     assert "--sizes N" in capsys.readouterr().err
     assert main([str(a), "--name", "x", "--out", str(tmp_path)]) == 2
     assert "two or more" in capsys.readouterr().err
+
+
+def test_compare_sets_another_rows_spearman_beside_the_default(tmp_path: Path,
+                                                               capsys) -> None:
+    paths = []
+    for name, rho, other in (("s0", 0.70, 0.60), ("s1", 0.74, 0.64)):
+        path = _result(tmp_path / f"{name}.json", name, _default(0.8, 0.04, 65.0, rho),
+                       {320: 60.0})
+        info = json.loads(path.read_text())
+        info["rows"]["old score"] = {**info["rows"]["default"], "spearman": other}
+        path.write_text(json.dumps(info))
+        paths.append(str(path))
+    merged = merge([Path(p) for p in paths], "old score")
+    assert [r["compare_spearman"] for r in merged["rows"]] == [0.60, 0.64]
+    assert merged["summary"]["compare_spearman"]["mean"] == pytest.approx(0.62)
+    assert main([*paths, "--compare", "old score", "--name", "c", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "c.md").read_text()
+    assert "| Spearman, old score | result file |" in text
+    assert "| 0.7 | 0.60-0.80 | 0.6 | `s0.md` |" in text
+    assert "| 0.72 ± 0.028 | - | 0.62 ± 0.028 | - |" in text
+    assert main([*paths, "--compare", "nope", "--name", "d", "--out", str(tmp_path)]) == 2
+    assert "no 'nope' row" in capsys.readouterr().err
