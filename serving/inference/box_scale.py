@@ -397,6 +397,7 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
     height, width = array.shape[:2]
     model_size = resized_shape(height, width, cfg.min_size, cfg.max_size)
     scales = box_scales(boxes, model_size[0] / height, sizes, options)
+    crowded = quality.crowding(boxes)
     masks: list[InstanceMasks | None] = [None] * len(boxes)
     scores, out_labels = np.zeros(len(boxes), np.float32), np.zeros(len(boxes), np.int64)
     runs: list[Iterator[list[tuple[Crop, CropResult]]]] = [
@@ -410,6 +411,6 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
             final = final_mask(pairs, boxes[k], array, cfg, options)
             masks[k] = final.mask
             scores[k] = 0.0 if final.fell_back else quality.quality_score(
-                pairs, final.view, cfg.mask_threshold)
+                pairs, final.view, cfg.mask_threshold, float(crowded[k]))
             out_labels[k] = pairs[0][1].label
     return BoxMasks(InstanceMasks.concatenate(masks), scores, out_labels)  # type: ignore[arg-type]

@@ -187,3 +187,20 @@ def test_an_8px_box_on_a_4000px_image_gets_a_non_empty_mask(varied_checkpoint):
     pred = seg.predict(image, boxes=[[2000, 1500, 2008, 1508]])
     mask = pred.masks[0]
     assert mask.any() and not mask[:1500].any() and not mask[:, 2008:].any()
+
+
+def test_a_box_overlapping_another_prompt_box_keeps_its_mask_and_scores_lower():
+    """The score's crowding term: the same mask, its score times (1 - IoU) ** power, where
+    IoU is the box's highest with another box of the same prompt; a distant box changes
+    nothing."""
+    image = np.zeros((256, 256, 3), np.uint8)
+    image[40:90, 40:90] = 180
+    box = np.array([[40, 40, 90, 90]], np.float32)
+    alone = bs.segment_per_box(BoxBackend(), image, box, np.array([0]), Cfg(), SIZES)
+    near = np.array([[40, 40, 90, 90], [65, 40, 115, 90]], np.float32)  # IoU 1/3
+    far = np.array([[40, 40, 90, 90], [180, 180, 230, 230]], np.float32)
+    for boxes, iou in ((near, 1 / 3), (far, 0.0)):
+        out = bs.segment_per_box(BoxBackend(), image, boxes, np.array([0, 0]), Cfg(), SIZES)
+        assert np.array_equal(out.masks.mask(0), alone.masks.mask(0))
+        assert out.scores[0] == pytest.approx(
+            alone.scores[0] * (1 - iou) ** quality.CROWDING_POWER, rel=1e-6)

@@ -135,3 +135,48 @@ def test_a_clean_mask_outranks_a_noisy_one():
     # coverage and boundary sharpness (a ramp over ~4 input px: ~0.5, squared)
     assert scores[0] > 0.04 and scores[0] > 1.2 * scores[1] and scores[0] > 2 * scores[2]
     assert all(0 < s <= 1 for s in scores)
+
+
+def test_crowding_hand_computed():
+    boxes = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [100, 100, 110, 110], [100, 100, 110, 110],
+                      [50, 50, 60, 60]], np.float32)
+    # the first two overlap by 5 x 10 of a 15 x 10 union; the next two are the same box
+    np.testing.assert_allclose(quality.crowding(boxes), [1 / 3, 1 / 3, 1, 1, 0])
+    assert quality.crowding(boxes[:1]).tolist() == [0.0]  # a box alone
+    assert quality.crowding(np.zeros((0, 4), np.float32)).shape == (0,)
+    # boxes of no area: no IoU (not 0 / 0)
+    assert quality.crowding(np.array([[3, 3, 3, 3], [3, 3, 3, 3]], np.float32)).tolist() == [0, 0]
+
+
+def test_crowding_in_row_chunks_equals_the_whole_matrix(monkeypatch):
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 200, (50, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 60, (50, 2))], 1)
+    ious = np.array([[_iou(a, b) if i != j else 0.0 for j, b in enumerate(boxes)]
+                     for i, a in enumerate(boxes)])
+    monkeypatch.setattr(quality, "CROWDING_ROWS", 7)  # rows in 8 chunks, the last short
+    np.testing.assert_allclose(quality.crowding(boxes), ious.max(1), rtol=1e-12)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union
+
+
+def test_a_crowded_box_scores_lower_by_the_crowding_power():
+    size = 64
+    ys, xs = np.mgrid[:size, :size] + 0.5
+    obj = (ys - 32) ** 2 + (xs - 32) ** 2 < 14 ** 2
+    image = np.where(obj[..., None], [200, 60, 60], [50, 80, 180]).astype(np.uint8)
+    box = np.array([18, 18, 46, 46], np.float32)
+    probs = torch.from_numpy(np.where(obj[2::4, 2::4], 0.95, 0.05).astype(np.float32))
+    crop = Crop(0, 1.0, (0, 0, size, size), (size, size), box)
+    pairs = [(crop, CropResult(probs, 0.8, 0))]
+    view = refine.box_view(image, [refine.Source(probs, crop.window, crop.resized)], box)
+    alone = quality.quality_score(pairs, view, 0.5)
+    assert alone > 100 * quality.MIN_SCORE
+    half = quality.quality_score(pairs, view, 0.5, crowded=0.5)
+    assert half == pytest.approx(alone * 0.5 ** quality.CROWDING_POWER, rel=1e-12)
+    assert quality.quality_score(pairs, view, 0.5, crowded=1.0) == quality.MIN_SCORE
