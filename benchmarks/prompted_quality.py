@@ -12,7 +12,9 @@ The filled box is the floor.
 
 Rows: ``today`` (the whole image at the model's size, ``box_scale`` off), ``today @ N`` (the
 same at ``--image-size N`` for each of ``--sizes``, the best of them is the hand-picked size),
-``default`` (the product's per-box scale) and ablations of its parts (``--rows``).
+``default`` (the product's per-box scale) and ablations of its parts (``--rows``; always: "no
+colour model", "+ largest component" and "score without crowding", the default's masks scored
+without :func:`serving.inference.quality.crowding`).
 ``--upscale F`` runs every image, box and true mask F times larger (the image resized
 bilinearly, the masks' pixels repeated): large images with large boxes.
 
@@ -51,12 +53,16 @@ from benchmarks.common import (  # noqa: E402
 from serving import Segmenter  # noqa: E402
 from serving.cli.label_report import is_empty  # noqa: E402
 from serving.formats.cocoeval import evaluate_coco  # noqa: E402
+from serving.inference import quality, refine  # noqa: E402
 from serving.inference.box_scale import BoxScaleOptions, segment_per_box, trained_sizes  # noqa: E402
 from serving.inference.domain import calibration_of  # noqa: E402
 
 DATA = {"nuclei": ("data/nuclei/val.json", "data/nuclei/images"),
         "synthetic": ("data/synthetic/val.json", "data/synthetic/images")}
 SIZE_BINS = ((0, 16), (16, 32), (32, 64), (64, float("inf")))
+#: Bins of a box's crowding (its highest IoU with another box of its image,
+#: ``serving.inference.quality.crowding``): none, then (lo, hi].
+CROWDING_BINS = ((0.0, 0.0), (0.0, 0.1), (0.1, 0.2), (0.2, 0.4), (0.4, 1.0))
 #: Resamples of the boxes for Spearman's bootstrap interval.
 RESAMPLES = 1000
 #: Ablation rows: name -> BoxScaleOptions (the product's default is ``BoxScaleOptions()``).
@@ -167,17 +173,18 @@ def largest_component(row: Row) -> Row:
     return run
 
 
-def without_colour_model(row: Row) -> Row:
-    """``row`` with the refinement's colour model off (``refine.COLOUR_WEIGHT`` 0 during the
-    call: a benchmark switch, not a product option; the guided filter still runs)."""
-    from serving.inference import refine
-
+def switched(row: Row, module: Any, name: str, value: float) -> Row:
+    """``row`` with ``module.name`` set to ``value`` during each call (a benchmark switch,
+    not a product option), e.g. the refinement's ``COLOUR_WEIGHT`` 0: no colour model (the
+    guided filter still runs), or the score's ``CROWDING_POWER`` 0: the score without
+    :func:`serving.inference.quality.crowding` (the same masks)."""
     def run(array: np.ndarray, item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        weight, refine.COLOUR_WEIGHT = refine.COLOUR_WEIGHT, 0.0
+        kept = getattr(module, name)
+        setattr(module, name, value)
         try:
             return row(array, item)
         finally:
-            refine.COLOUR_WEIGHT = weight
+            setattr(module, name, kept)
     return run
 
 
@@ -228,9 +235,22 @@ def spearman_interval(score: np.ndarray, iou: np.ndarray,
     return round(low, 3), round(high, 3)
 
 
+def crowding_bins(iou: np.ndarray, crowded: np.ndarray) -> dict[str, list[float] | None]:
+    """Per :data:`CROWDING_BINS` bin of the boxes' ``crowded``: [boxes, mean IoU] (3
+    decimals), ``None`` for an empty bin."""
+    out: dict[str, list[float] | None] = {}
+    for lo, hi in CROWDING_BINS:
+        inside = crowded == 0 if hi == 0 else (crowded > lo) & (crowded <= hi)
+        out["none" if hi == 0 else f"{lo}-{hi}"] = (
+            [int(inside.sum()), round(float(iou[inside].mean()), 3)] if inside.any() else None)
+    return out
+
+
 def summarize(rec: dict[str, Any], sides: np.ndarray, gt: dict[str, Any],
-              category_of: dict[int, int], baseline_seconds: float) -> dict[str, Any]:
-    """The table's columns for one row."""
+              category_of: dict[int, int], baseline_seconds: float,
+              crowded: np.ndarray) -> dict[str, Any]:
+    """The table's columns for one row (``crowded``: each box's crowding, for the mean IoU
+    by crowding)."""
     from scipy.stats import spearmanr
 
     iou, score = np.array(rec["iou"]), np.array(rec["score"])
@@ -247,6 +267,7 @@ def summarize(rec: dict[str, Any], sides: np.ndarray, gt: dict[str, Any],
             "under_0.5": round(float((iou < 0.5).mean()), 3), "by_size": by_size,
             "empty_8px": empty8, "mask_ap": round(100 * metrics["segm/AP"], 1),
             "ap75": round(100 * metrics["segm/AP75"], 1),
+            "by_crowding": crowding_bins(iou, crowded),
             "spearman": None if rho is None else round(float(rho), 3),
             "spearman_95": None if rho is None else spearman_interval(score, iou),
             "seconds_per_box": rec["seconds"] / len(iou),
@@ -266,7 +287,8 @@ def build_rows(model: str, sizes: list[int], ablations: list[str]) -> dict[str, 
     rows["default"] = segmenter_row(base)
     for name in ablations:
         rows[name] = options_row(base, ABLATIONS[name])
-    rows["no colour model"] = without_colour_model(rows["default"])
+    rows["no colour model"] = switched(rows["default"], refine, "COLOUR_WEIGHT", 0.0)
+    rows["score without crowding"] = switched(rows["default"], quality, "CROWDING_POWER", 0)
     rows["+ largest component"] = largest_component(rows["default"])
     return rows
 
@@ -286,12 +308,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     recs = measure(rows, split)
     boxes = np.concatenate([item["boxes"] for item in split]) / args.upscale
     sides = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))  # size bins
-    table = {name: summarize(rec, sides, gt, category_of, recs["today"]["seconds"])
+    crowded = np.concatenate([quality.crowding(item["boxes"]) for item in split])
+    table = {name: summarize(rec, sides, gt, category_of, recs["today"]["seconds"], crowded)
              for name, rec in recs.items()}
     table["filled box"]["spearman"] = table["filled box"]["spearman_95"] = None
     table["filled box"]["time_vs_today"] = None
     return {"data": args.data, "split": args.split, "model": args.model, "images": len(split),
             "boxes": int(len(sides)), "upscale": args.upscale, "rows": table}
+
+
+def crowding_table(rows: dict[str, Any]) -> str:
+    """Mean IoU by the boxes' crowding, one line per row (rows measured before it: none)."""
+    first = next((r["by_crowding"] for r in rows.values() if "by_crowding" in r), None)
+    if first is None:
+        return ""
+    bins = list(first)
+    counts = [f"{first[b][0] if first[b] else 0}" for b in bins]
+    lines = [["boxes", *counts]] + [[name, *((r["by_crowding"][b] or [0, None])[1] for b in bins)]
+                                    for name, r in rows.items() if "by_crowding" in r]
+    header = ["mean IoU by the box's highest IoU with another box of its image",
+              *(b if b == "none" else f"({b.replace('-', ', ')}]" for b in bins)]
+    return markdown_table(header, lines)
 
 
 def write(results: dict[str, Any], name: str, command: str) -> None:
@@ -311,7 +348,7 @@ def write(results: dict[str, Any], name: str, command: str) -> None:
                "resized bilinearly, the masks' pixels repeated; the size columns bin the boxes "
                "by their size before)" if results.get("upscale", 1) > 1
                else "") + ".\n\n"
-            f"{markdown_table(header, rows)}\n")
+            f"{markdown_table(header, rows)}\n\n{crowding_table(results['rows'])}\n")
     write_results(ROOT / "benchmarks" / "results", name, results, text.rstrip("\n"))
 
 

@@ -1,4 +1,4 @@
-"""Box-prompted quality across seeds: Spearman's bootstrap interval and the seed table, on
+"""Box-prompted quality across seeds: Spearman's bootstrap interval, the seed table and the mean IoU by crowding, on
 known values, and a one-line error for results that cannot be merged."""
 
 from __future__ import annotations
@@ -116,3 +116,16 @@ def test_compare_sets_another_rows_spearman_beside_the_default(tmp_path: Path,
     assert "| 0.72 ± 0.028 | - | 0.62 ± 0.028 | - |" in text
     assert main([*paths, "--compare", "nope", "--name", "d", "--out", str(tmp_path)]) == 2
     assert "no 'nope' row" in capsys.readouterr().err
+
+
+def test_mean_iou_by_crowding_bins_on_known_values() -> None:
+    from benchmarks.prompted_quality import crowding_bins, crowding_table
+
+    iou = np.array([0.9, 0.8, 0.6, 0.5, 0.3, 0.2])
+    crowded = np.array([0.0, 0.0, 0.1, 0.15, 0.5, 1.0])  # 0.1 falls in (0, 0.1]
+    bins = crowding_bins(iou, crowded)
+    assert bins == {"none": [2, 0.85], "0.0-0.1": [1, 0.6], "0.1-0.2": [1, 0.5],
+                    "0.2-0.4": None, "0.4-1.0": [2, 0.25]}
+    table = crowding_table({"default": {"by_crowding": bins}, "old": {}})
+    assert "| boxes | 2 | 1 | 1 | 0 | 2 |" in table
+    assert "| default | 0.85 | 0.6 | 0.5 | - | 0.25 |" in table and "old" not in table
