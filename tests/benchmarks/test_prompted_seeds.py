@@ -1,5 +1,6 @@
-"""Box-prompted quality across seeds: Spearman's bootstrap interval, the seed table and the mean IoU by crowding, on
-known values, and a one-line error for results that cannot be merged."""
+"""Box-prompted quality across seeds: Spearman's bootstrap interval, the seed table and the
+mean IoU by crowding, on known values, and a one-line error for results that cannot be
+merged."""
 
 from __future__ import annotations
 
