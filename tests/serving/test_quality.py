@@ -152,9 +152,11 @@ def test_crowding_in_row_chunks_equals_the_whole_matrix(monkeypatch):
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 200, (50, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(5, 60, (50, 2))], 1)
+    # boxes given twice (in other groups of 7 after sorting), one across the whole image
+    boxes = np.concatenate([boxes, boxes[[3, 20, 41]], [[0, 0, 300, 300]]])
     ious = np.array([[_iou(a, b) if i != j else 0.0 for j, b in enumerate(boxes)]
                      for i, a in enumerate(boxes)])
-    monkeypatch.setattr(quality, "CROWDING_ROWS", 7)  # rows in 8 chunks, the last short
+    monkeypatch.setattr(quality, "CROWDING_ROWS", 7)  # rows in 8 groups, the last short
     np.testing.assert_allclose(quality.crowding(boxes), ious.max(1), rtol=1e-12)
 
 
