@@ -25,8 +25,10 @@ the nuclei and synthetic validation boxes, ``benchmarks/prompted_quality.py``). 
   either object, and an occluded object's visible part is what its mask should hold: on
   the synthetic training boxes the masks' mean IoU falls from 0.74 for boxes that overlap
   no other to 0.48 for those overlapping another at IoU 0.4 or more, which the first seven
-  terms do not see. A box's score so depends on the other boxes prompted with it (all the
-  boxes of an image in ``sim label``); a box given twice scores ``MIN_SCORE``.
+  terms do not see (``benchmarks/results/prompted_quality_synthetic_crowding_train.md``;
+  the nuclei's boxes barely overlap and it moves their ranking little). A box's score so
+  depends on the other boxes prompted with it (all the boxes of an image in ``sim label``);
+  a box given twice scores ``MIN_SCORE``.
 
 The terms and their powers were chosen on the nuclei and synthetic training splits, never
 on the validation splits, which are reported (``benchmarks/prompted_quality.py``): the first
