@@ -318,7 +318,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def crowding_table(rows: dict[str, Any]) -> str:
-    """Mean IoU by the boxes' crowding, one line per row (rows measured before it: none)."""
+    """Mean IoU by the boxes' crowding, one line per row (empty for results written before
+    the rows had it)."""
     first = next((r["by_crowding"] for r in rows.values() if "by_crowding" in r), None)
     if first is None:
         return ""
