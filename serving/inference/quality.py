@@ -173,7 +173,6 @@ def input_spacing(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,
     return sy * (y1 - y0) / max(h, 1), sx * (x1 - x0) / max(w, 1)
 
 
-
 def colour_separation(pixels: Tensor, mask: np.ndarray) -> float:
     """How far apart the colours of ``mask`` and of the rest lie, relative to their spread:
     ``|mean_in - mean_out|^2 / (var_in + var_out + 1)`` (RGB 0..255, variances summed over
