@@ -289,8 +289,6 @@ def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array:
     mean)."""
     image_size = array.shape[:2]
     crop, result = pairs[0]
-    peak = fmean(float(quality.box_cells(r.probs, c.input_box).max()) for c, r in pairs)
-    threshold = min(cfg.mask_threshold, FALLBACK_RATIO * peak)
     sources = [refine.Source(r.probs, c.window, c.resized, k > 0)
                for k, (c, r) in enumerate(pairs)]
     # refined only where its mask is the one returned (the score reads the view)
@@ -301,12 +299,22 @@ def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array:
         if not (options.fallback and is_empty(int(mask.areas()[0]), box)):
             return FinalMask(mask, False, view)
         raw = refine.box_view(array, sources, box, False) if options.refine else view
-        return FinalMask(refine.region_mask(raw, box, image_size, threshold), True, view)
+        return FinalMask(refine.region_mask(raw, box, image_size, fallback_threshold(pairs, cfg)),
+                         True, view)
     clip = box if cfg.clip_to_box else None
     mask = paste_crop(result, crop, clip, image_size, cfg.mask_threshold)
     if not (options.fallback and is_empty(int(mask.areas()[0]), box)):
         return FinalMask(mask, False, view)
-    return FinalMask(paste_crop(result, crop, clip, image_size, threshold), True, view)
+    return FinalMask(paste_crop(result, crop, clip, image_size, fallback_threshold(pairs, cfg)),
+                     True, view)
+
+
+def fallback_threshold(pairs: Sequence[tuple[Crop, CropResult]], cfg: Any) -> float:
+    """The threshold of a collapsed mask: ``FALLBACK_RATIO`` of the candidates' mean highest
+    stride-4 probability inside the box, at most ``cfg.mask_threshold`` (read only for the
+    few masks that fall back)."""
+    peak = fmean(float(quality.box_cells(r.probs, c.input_box).max()) for c, r in pairs)
+    return min(cfg.mask_threshold, FALLBACK_RATIO * peak)
 
 
 def run_whole(backend: Any, array: np.ndarray, size: tuple[int, int], members: np.ndarray,

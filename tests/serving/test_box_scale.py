@@ -128,6 +128,27 @@ def test_a_collapsed_mask_falls_back_and_scores_zero():
     assert off.masks.areas()[0] == 0 and off.scores[0] > 0
 
 
+def test_the_fallback_threshold_is_half_the_peak_and_read_only_for_a_collapsed_mask(
+        monkeypatch):
+    image = np.zeros((256, 256, 3), np.uint8)
+    boxes = np.array([[100, 100, 140, 140]], np.float32)
+    # two candidates' peaks 0.3 and 0.5 inside the box: half their mean, 0.2
+    probs = [torch.full((64, 64), 0.01) for _ in range(2)]
+    for p, peak in zip(probs, (0.3, 0.5)):
+        p[30, 30] = peak
+    pairs = [(bs.Crop(0, 1.0, (0, 0, 256, 256), (256, 256), boxes[0]), bs.CropResult(p, 1.0, 0))
+             for p in probs]
+    assert bs.fallback_threshold(pairs, Cfg()) == pytest.approx(0.2)
+    confident = torch.full((64, 64), 0.01)
+    confident[30, 30] = 1.0  # half of it is the mask threshold: never above it
+    single = [(pairs[0][0], bs.CropResult(confident, 1.0, 0))]
+    assert bs.fallback_threshold(single, Cfg()) == Cfg.mask_threshold
+    # a good mask never reads it
+    monkeypatch.setattr(bs, "fallback_threshold", lambda *a: pytest.fail("read the peak"))
+    out = bs.segment_per_box(BoxBackend(), image, boxes, np.array([0]), Cfg(), SIZES)
+    assert out.masks.areas()[0] > 0.9 * 40 * 40 and out.scores[0] > 0
+
+
 def test_unclipped_masks_are_scored_on_the_network_probabilities_they_come_from(monkeypatch):
     """Without ``clip_to_box`` the mask is the network's own (pasted), so the score must read
     the unrefined probabilities: no colour model, no guided filter."""
