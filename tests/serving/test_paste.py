@@ -286,6 +286,27 @@ def test_expanding_groups_to_pixels_equals_the_two_gathers(rows, cols) -> None:
     assert np.array_equal(got, want)
 
 
+def test_edge_groups_filling_a_block_are_written_as_words_the_others_as_pixels(
+        monkeypatch, expansion) -> None:
+    """At the network's input size an edge group that fills its 4x4 block is written as 4
+    words; the first two groups of an axis (one cell's 6 pixels, cut 4 + 2) are not blocks
+    and are written pixel by pixel. A mask reaching the image's corner has both kinds."""
+    axis = paste_groups.axis_groups(52, 205, None, True)
+    starts = paste_groups.block_starts(axis)
+    assert not starts[0] and not starts[1] and starts[2:].all()
+    assert not paste_groups.block_starts(paste_groups.axis_groups(25, 100, 600, True)).any()
+    written = []
+    write = paste._Edges.write_blocks
+    monkeypatch.setattr(paste._Edges, "write_blocks",
+                        lambda self, *a: written.append(len(self.kk)) or write(self, *a))
+    probs = blob_probs(4, (40, 52), 1)
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(52.0), indexing="ij")
+    probs[0] = 0.95 * torch.exp(-(yy ** 2 + xx ** 2) / 18)  # a blob at the corner
+    for boxes in (None, random_boxes(4, (157, 205), 1)):
+        assert_equal_to_reference(probs, (157, 205), (157, 205), boxes)
+    assert written if expansion == "dense views" else not written
+
+
 def test_groups_at_the_input_size_have_a_shift_and_resized_ones_none() -> None:
     """At the network's input size every axis is 4-pixel groups read from 2 pixels on (the
     aligned upsampling's 2-pixel offset; the first two groups read the same cells); a resized
