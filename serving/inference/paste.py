@@ -118,6 +118,8 @@ def _plan(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int], th
     scale = max(1.0, abs(threshold), float(probs.max(initial=0.0)),
                 -float(probs.min(initial=0.0)))
     margin = MARGIN * scale
+    # Few fresh arrays: after a pause a pass that writes memory not yet in the cache costs
+    # several in-place passes, so the maps below are reused as they fall free.
     above = probs > threshold + margin
     below = probs <= threshold - margin
     if erode:
@@ -127,11 +129,13 @@ def _plan(probs: np.ndarray, resized: tuple[int, int], orig: tuple[int, int], th
             lead[axis], lag[axis] = slice(1, None), slice(None, -1)
             below[tuple(lead)] &= src[tuple(lag)]
             below[tuple(lag)] &= src[tuple(lead)]
-    # both maps in one pass: bit 0 "above", bit 1 "below"
-    state = below.view(np.uint8) << 1
+    # both maps in one byte: bit 0 "above", bit 1 "below"
+    state = below.view(np.uint8)
+    np.add(state, state, out=state)  # << 1 (numpy's byte shifts are not vectorised)
     state |= above.view(np.uint8)
-    groups = group_maps(state, rows, cols)
-    high, low = (groups & 1).view(bool), (groups >> 1).view(bool)
+    groups = group_maps(state, rows, cols, scratch=above.view(np.uint8))
+    high = (groups & 1).view(bool)
+    low = np.right_shift(groups, 1, out=groups).view(bool)
     k = len(probs)
     if boxes is None:
         clip = (np.zeros(k, np.int64), np.full(k, h0), np.zeros(k, np.int64), np.full(k, w0))
@@ -217,7 +221,8 @@ def _edges(plan: _Plan, probs: np.ndarray, threshold: float, fused: bool) -> lis
     """Step 2: the mixed groups inside the clip boxes, sorted by mask, with their pixels'
     values thresholded, in chunks of ``EDGE_PIXELS`` pixels (bounded memory: a byte per
     pixel of a mixed group is kept)."""
-    kk, gr, gc = _nonzero3(_inside(plan, ~(plan.high | plan.low)))
+    # mixed: neither certainly True nor certainly False (never both: equal means neither)
+    kk, gr, gc = _nonzero3(_inside(plan, np.equal(plan.high, plan.low)))
     step = max(1, EDGE_PIXELS // (plan.rows.pix.shape[1] * plan.cols.pix.shape[1]))
     return [_edge_chunk(plan, probs, threshold, fused, kk[a:a + step], gr[a:a + step],
                         gc[a:a + step]) for a in range(0, len(kk), step)]
@@ -246,19 +251,26 @@ def _edge_chunk(plan: _Plan, probs: np.ndarray, threshold: float, fused: bool, k
     """:func:`_edges` for the groups (gr, gc) of masks kk."""
     rows, cols = plan.rows, plan.cols
     values = _block_values(probs, kk, gr, gc, rows, cols)
-    ys, xs = rows.pix[gr], cols.pix[gc]  # (M, Lr), (M, Lc)
-    row_ok, col_ok = rows.valid[gr], cols.valid[gc]
+    row_ok, col_ok = rows.valid[gr], cols.valid[gc]  # (M, Lr), (M, Lc)
     if plan.boxed:
         y0c, y1c, x0c, x1c = plan.clip
+        ys, xs = rows.pix[gr], cols.pix[gc]
         row_ok = row_ok & (ys >= y0c[kk, None]) & (ys < y1c[kk, None])
         col_ok = col_ok & (xs >= x0c[kk, None]) & (xs < x1c[kk, None])
     ok = row_ok[:, :, None] & col_ok[:, None, :]
     t32 = np.float32(threshold)
     # The block values are within ~1e-7 * scale of the kernel's: those within the margin of
-    # the threshold are recomputed in the kernel's own operation order.
-    m, ly, lx = _nonzero3(ok & (np.abs(values - t32) <= plan.margin))
-    values[m, ly, lx] = _values(probs, kk[m], ys[m, ly], xs[m, lx], rows, cols, fused)
-    return _Edges(kk, gr, gc, ok & (values > t32))
+    # the threshold are recomputed in the kernel's own operation order. (In place where it
+    # can be: on these few values a fresh array costs more than the arithmetic.)
+    gap = np.subtract(values, t32)
+    near = np.less_equal(np.abs(gap, out=gap), plan.margin)
+    near &= ok
+    m, ly, lx = _nonzero3(near)
+    values[m, ly, lx] = _values(probs, kk[m], rows.pix[gr[m], ly], cols.pix[gc[m], lx], rows,
+                                cols, fused)
+    true = np.greater(values, t32)
+    true &= ok
+    return _Edges(kk, gr, gc, true)
 
 
 class _Edges(NamedTuple):
