@@ -2,7 +2,7 @@
 
 For the random-weight MobileNetV2-FPN of ``benchmarks/export_speed.py`` (the paper's heads,
 class bias raised so every image keeps ``max_detections`` = 100 detections), the network runs
-once per input size (512x512, 800x1333); then every step that follows it in
+once per input size (256x256, 512x512, 800x1333); then every step that follows it in
 ``Segmenter.predict`` is timed on those outputs, per call, side by side in one process
 (``common.interleaved_times``, medians):
 
@@ -18,7 +18,8 @@ once per input size (512x512, 800x1333); then every step that follows it in
 
 at batch 1 and 8 (a batch repeats the image's outputs: per-image work is independent), with
 10 and 100 instances, for images at the input size and 1.5x larger (resized), automatic and
-with 10 prompt boxes. ``--baseline REF`` also times ``mask_crops`` of git revision REF
+with 10 prompt boxes; ``--gap-ms`` pauses after each call (the caches then start cold, as
+in ``export_speed.py``). ``--baseline REF`` also times ``mask_crops`` of git revision REF
 (the implementation before this one) on the same outputs and checks both give the same masks.
 Writes ``benchmarks/results/postprocess_profile.{json,md}``.
 
@@ -60,24 +61,31 @@ from serving.inference.postprocess import Detections, PaddedDetections  # noqa: 
 from serving.inference.transforms import scale_boxes  # noqa: E402
 from serving.prediction import Prediction  # noqa: E402
 
-SIZES = {"512x512": (512, 512), "800x1333": (800, 1333)}
+SIZES = {"256x256": (256, 256), "512x512": (512, 512), "800x1333": (800, 1333)}
 STEPS = ("graph_detections", "above", "scale_boxes", "mask_crops: _plan", "mask_crops: _edges",
          "mask_crops", "Prediction", "total")
 
 
 def baseline_paste(ref: str):
-    """``serving/inference/paste.py`` of git revision ``ref`` as a module (or ``None``)."""
-    try:
-        source = subprocess.run(["git", "show", f"{ref}:serving/inference/paste.py"], cwd=REPO,
-                                check=True, capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    path = Path(tempfile.mkdtemp()) / "baseline_paste.py"
-    path.write_text(source, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("serving.inference._baseline_paste", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    """``serving/inference/paste.py`` of git revision ``ref`` as a module, with that
+    revision's ``paste_groups.py`` (or ``None``)."""
+    modules = {}
+    for name in ("paste_groups", "paste"):
+        try:
+            source = subprocess.run(["git", "show", f"{ref}:serving/inference/{name}.py"],
+                                    cwd=REPO, check=True, capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        source = source.replace("from .paste_groups import", "from ._baseline_paste_groups import")
+        path = Path(tempfile.mkdtemp()) / f"baseline_{name}.py"
+        path.write_text(source, encoding="utf-8")
+        full = f"serving.inference._baseline_{name}"
+        spec = importlib.util.spec_from_file_location(full, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        modules[name] = module
+    return modules["paste"]
 
 
 def network_outputs(seg: Segmenter, size: tuple[int, int]):
@@ -173,6 +181,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--baseline", default=None, help="git revision to compare mask_crops")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--gap-ms", type=float, default=0.0,
+                        help="untimed pause after each call (as export_speed.py's: the caches "
+                             "go cold, as for a request after an idle moment)")
+    parser.add_argument("--name", default="postprocess_profile")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,7 +201,8 @@ def main() -> int:
     for fields, variants in cases(outputs, seg.class_names, baseline):
         start = time.perf_counter()
         with torch.inference_mode():
-            times = interleaved_times(variants, rounds=args.rounds, warmup=1)
+            times = interleaved_times(variants, rounds=args.rounds, warmup=1,
+                                      on_result=lambda *_: time.sleep(args.gap_ms / 1000))
         stats = {k: summarize(v) for k, v in times.items()}
         results.append({"case": fields, "stats": stats})
         ms = {s: stats[s]["median_ms"] for s in STEPS}
@@ -205,14 +218,15 @@ def main() -> int:
         machine_markdown(payload["machine"]),
         f"Command: `{payload['command']}`. Random-weight MobileNetV2-FPN (100 detections per "
         "image, masks covering ~80 % of the image); median ms per call of "
-        f"{args.rounds} interleaved rounds; a batch of 8 repeats one image's outputs. "
+        f"{args.rounds} interleaved rounds, {args.gap_ms:g} ms untimed pause after each call; "
+        "a batch of 8 repeats one image's outputs. "
         "`mask_crops: crops` = `mask_crops` - `_plan` - `_edges` (bounds, crops, "
         f"`InstanceMasks`). `mask_crops before`: revision {args.baseline} (same masks, "
         "checked).",
         markdown_table(["input", "original", "mode", "instances", "batch", *STEPS[:5],
                         "mask_crops: crops", *STEPS[5:], "mask_crops before"], rows),
     ])
-    write_results(Path(args.output), "postprocess_profile", payload, text)
+    write_results(Path(args.output), args.name, payload, text)
     return 0
 
 
