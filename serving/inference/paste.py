@@ -364,7 +364,8 @@ def _dense(plan: _Plan, edges: list[_Edges],
     """(K, H0, W0) bool: every mask at full size, its certainly True groups expanded
     (:func:`.paste_groups.expand`) and its edge pixels set (``edge_pixels()``: the chunks'
     True pixels); where the groups are 4x4 pixel blocks, most edge groups are written as
-    whole block words instead (no scatter of pixels: 5-10 % less time for 100 masks)."""
+    whole block words instead (no scatter of their pixels: 4-7 % less time for 100 masks at
+    256-512 px)."""
     words = block_words(plan.high, plan.rows, plan.cols)
     if words is None:
         dense = expand(plan.high, plan.rows, plan.cols)

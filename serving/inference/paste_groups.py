@@ -213,8 +213,11 @@ def group_maps(above: np.ndarray, rows: AxisGroups, cols: AxisGroups,
     bool, or uint8 for several maps at once, one per bit). With ``scratch`` (an array of
     ``above``'s shape and dtype) the cell maps are computed in ``scratch`` and ``above``
     itself, which are overwritten: no fresh (K, h4, w4) array."""
-    pairs = above.copy() if scratch is None else scratch  # rows c and c + 1 (the last
-    if scratch is not None:  # row replicated)
+    # rows c and c + 1 (the last row replicated)
+    if scratch is None:
+        pairs = above.copy()
+    else:
+        pairs = scratch
         np.copyto(pairs, above)
     pairs[:, :-1] &= above[:, 1:]
     # cell c: rows and columns c and c + 1, by one flat AND
