@@ -29,7 +29,7 @@ Writes ``benchmarks/results/postprocess_profile.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import subprocess
 import sys
 import tempfile
@@ -67,25 +67,15 @@ STEPS = ("graph_detections", "above", "scale_boxes", "mask_crops: _plan", "mask_
 
 
 def baseline_paste(ref: str):
-    """``serving/inference/paste.py`` of git revision ``ref`` as a module, with that
-    revision's ``paste_groups.py`` (or ``None``)."""
-    modules = {}
-    for name in ("paste_groups", "paste"):
-        try:
-            source = subprocess.run(["git", "show", f"{ref}:serving/inference/{name}.py"],
-                                    cwd=REPO, check=True, capture_output=True, text=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return None
-        source = source.replace("from .paste_groups import", "from ._baseline_paste_groups import")
-        path = Path(tempfile.mkdtemp()) / f"baseline_{name}.py"
-        path.write_text(source, encoding="utf-8")
-        full = f"serving.inference._baseline_{name}"
-        spec = importlib.util.spec_from_file_location(full, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-        modules[name] = module
-    return modules["paste"]
+    """``serving.inference.paste`` of git revision ``ref`` (``ab_speed.import_ref``: the
+    revision's whole ``serving`` package, so its own ``paste_groups`` too), or ``None``."""
+    from ab_speed import import_ref
+
+    try:
+        package = import_ref(ref, Path(tempfile.mkdtemp()) / "ref")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return importlib.import_module(f"{package.__name__}.inference.paste")
 
 
 def network_outputs(seg: Segmenter, size: tuple[int, int]):
