@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                          lambda: preprocess([image] * 8, min_size, max_size), rounds, warmup))
     loc = torch.arange(160) * 7 % out.locations.shape[0]
     zero = torch.zeros(160, dtype=torch.long)
-    head_args = (out.mask_feats, out.controller[0, loc], out.locations[loc], out.levels[loc],
-                 zero)
+    head_args = (out.mask_feats, model.controller_params(out, zero, loc), out.locations[loc],
+                 out.levels[loc], zero)
 
     def head_before():
         with torch.inference_mode(), legacy_paths():

@@ -17,9 +17,9 @@ every node a convolution depends on, plus the convolutions. Inside it, convoluti
 Relu/Clip, max-pooling, resizing and the Adds of two activations (residuals, FPN sums) run in
 int8; GroupNorm and (by default) depthwise convolutions stay fp32. Everything after the last
 convolutions stays fp32: box decoding, scores, top-k, NMS, the IoU weighting of prompts, the
-dynamic mask head (unless ``quantize_mask_head``) and, by default, the prediction
-convolutions whose outputs feed those (``keep_prediction_convs``; box regression, class
-logits, controller weights).
+controller (a product at the kept locations only) and the dynamic mask head (unless
+``quantize_mask_head``) and, by default, the prediction convolutions whose outputs feed those
+(``keep_prediction_convs``; box regression, centerness, class logits, mask features).
 """
 
 from __future__ import annotations
@@ -63,11 +63,11 @@ class QuantizeOptions:
     """How to quantise. Defaults are what ``python -m export --int8`` uses.
 
     ``method``: calibration (minmax, percentile = 99.999th, entropy); ``keep_prediction_convs``:
-    the convolutions that produce class logits, box regression, centerness, controller
-    weights and mask features stay fp32; ``quantize_depthwise``: also run depthwise
+    the convolutions that produce class logits, box regression, centerness and mask features
+    stay fp32; ``quantize_depthwise``: also run depthwise
     convolutions in int8 (off: ONNX Runtime's int8 depthwise kernel is slower than its fp32
-    one on x86, measured in docs/export.md); ``quantize_mask_head``: also run the dynamic mask
-    head's MatMuls in int8; ``symmetric``: int8 activations with zero point 0 (what TensorRT's
+    one on x86, measured in docs/export.md); ``quantize_mask_head``: also run the MatMuls after
+    the network in int8 (the dynamic mask head's and the controller's); ``symmetric``: int8 activations with zero point 0 (what TensorRT's
     explicit quantisation needs) instead of uint8 asymmetric (faster on x86 CPUs);
     ``reduce_range``: weights on 7 bits (-64..64), so that x86 CPUs without VNNI, whose ONNX
     Runtime kernels add pairs of uint8 x int8 products into int16, cannot saturate (at most

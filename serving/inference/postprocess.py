@@ -203,15 +203,16 @@ def _detection_masks(model: CondInst, outputs: CondInstOutputs, loc: Tensor,
     (B, K); 0 in unused slots. Eagerly only the used slots run the mask head."""
     bsz, k = loc.shape
     image = torch.arange(bsz, device=loc.device)[:, None].expand_as(loc)
+    params = model.controller_params(outputs, image, loc)  # (B, K, num_params)
     if eager_no_grad():
         sel_b, sel_k = used.nonzero().unbind(1)
         sel_loc = loc[sel_b, sel_k]
-        logits = model.mask_head(outputs.mask_feats, outputs.controller[sel_b, sel_loc],
+        logits = model.mask_head(outputs.mask_feats, params[sel_b, sel_k],
                                  outputs.locations[sel_loc], outputs.levels[sel_loc], sel_b)
         masks = logits.new_zeros((bsz, k, *logits.shape[-2:]))
         masks[sel_b, sel_k] = logits[:, 0].sigmoid()
         return masks
-    logits = model.mask_head(outputs.mask_feats, take(outputs.controller, loc).flatten(0, 1),
+    logits = model.mask_head(outputs.mask_feats, params.flatten(0, 1),
                              outputs.locations[loc].flatten(0, 1),
                              outputs.levels[loc].flatten(0, 1), image.flatten())  # (B*K,1,h,w)
     masks = logits.sigmoid().reshape(bsz, k, *logits.shape[-2:])
@@ -270,12 +271,13 @@ def segment_boxes(model: CondInst, outputs: CondInstOutputs, boxes: Tensor,
         labels = torch.where(labels >= 0, labels, predicted)
     chosen = cls_prob.gather(-1, labels[:, :, None, None].expand(-1, -1, k, 1))[..., 0]
     scores = ((chosen * ctr_prob).sqrt() * weights).sum(dim=-1)  # (B, M)
+    params = model.controller_params(outputs, batch, index)  # (B, M, K, num_params)
     if eager_no_grad():
-        return PromptDetections(_prompt_maps_eager(model, outputs, index, valid, weights, batch),
-                                scores, labels)
+        return PromptDetections(_prompt_maps_eager(model, outputs, params, index, valid, weights,
+                                                   batch), scores, labels)
     logits = model.mask_head(
         outputs.mask_feats,
-        outputs.controller[batch, index].reshape(bsz * m * k, -1),
+        params.reshape(bsz * m * k, -1),
         outputs.locations[index].reshape(-1, 2),
         outputs.levels[index].reshape(-1),
         batch.reshape(-1),
@@ -288,19 +290,22 @@ def segment_boxes(model: CondInst, outputs: CondInstOutputs, boxes: Tensor,
 PROMPT_CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 512 << 20}
 
 
-def _prompt_maps_eager(model: CondInst, outputs: CondInstOutputs, index: Tensor, valid: Tensor,
-                       weights: Tensor, batch: Tensor) -> Tensor:
+def _prompt_maps_eager(model: CondInst, outputs: CondInstOutputs, params: Tensor, index: Tensor,
+                       valid: Tensor, weights: Tensor, batch: Tensor) -> Tensor:
     """M_I of every prompt box, (B, M, H/4, W/4), computing only the masks that count.
 
     A box's unused location slots (``valid`` False) have weight exactly 0, so their masks add
     exact zeros to the weighted sum: they are left at 0 instead of being computed (about
     half of the K slots for boxes of ordinary size). Boxes are processed in chunks of about
-    ``PROMPT_CHUNK_BYTES`` of probabilities. Same values as the fixed-shape path.
+    ``PROMPT_CHUNK_BYTES`` of probabilities. ``params`` (B, M, K, num_params) are the
+    controller outputs of every slot, computed once as the fixed-shape path does, so the
+    values are the same as that path's.
     """
     bsz, m, k = index.shape
     mask_feats = outputs.mask_feats
     h4, w4 = 2 * mask_feats.shape[-2], 2 * mask_feats.shape[-1]
     flat_index, flat_batch = index.reshape(-1), batch.reshape(-1)
+    flat_params = params.reshape(bsz * m * k, -1)
     flat_valid, flat_weights = valid.reshape(-1), weights.reshape(bsz * m, k)
     budget = PROMPT_CHUNK_BYTES.get(mask_feats.device.type, PROMPT_CHUNK_BYTES["cpu"])
     step = max(1, budget // (k * h4 * w4 * 4))
@@ -310,7 +315,7 @@ def _prompt_maps_eager(model: CondInst, outputs: CondInstOutputs, index: Tensor,
         rows = slice(start * k, stop * k)
         sel = torch.nonzero(flat_valid[rows])[:, 0]
         loc, img = flat_index[rows][sel], flat_batch[rows][sel]
-        logits = model.mask_head(mask_feats, outputs.controller[img, loc],
+        logits = model.mask_head(mask_feats, flat_params[rows][sel],
                                  outputs.locations[loc], outputs.levels[loc], img)
         probs = logits.new_zeros(((stop - start) * k, h4, w4))
         probs[sel] = logits[:, 0].sigmoid()

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..model_config import STRIDES
 from .backbone import BackboneFPN
 from .heads import DynamicMaskHead, FCOSHead, MaskBranch
-from .ops import compute_locations
+from .ops import compute_locations, patch_neighbours
 
 
 class CondInstOutputs(NamedTuple):
@@ -21,7 +21,10 @@ class CondInstOutputs(NamedTuple):
         cls_logits: (B, N, C) class logits.
         box_reg: (B, N, 4) (l, t, r, b) distances in units of each location's stride (>= 0).
         ctrness: (B, N) centerness logits.
-        controller: (B, N, 233) dynamic mask-head parameters.
+        box_feats: (B, C_fpn, N) box-tower features, the controller's input: the dynamic
+            mask-head parameters of any locations are ``CondInst.controller_params``.
+        neighbours: (N, 9) int64 3x3 neighbours of each location in ``box_feats``' last
+            axis, -1 outside its level's map.
         mask_feats: (B, 16, H/8, W/8) mask features (stride 8).
         locations: (N, 2) (x, y) input-pixel coordinates of each location.
         strides: (N,) float stride of each location.
@@ -31,7 +34,8 @@ class CondInstOutputs(NamedTuple):
     cls_logits: Tensor
     box_reg: Tensor
     ctrness: Tensor
-    controller: Tensor
+    box_feats: Tensor
+    neighbours: Tensor
     mask_feats: Tensor
     locations: Tensor
     strides: Tensor
@@ -87,13 +91,15 @@ class CondInst(nn.Module):
         ``cls_logits`` with zero classes, (B, N, 0); every other output is unchanged (SIM's
         teacher needs only boxes, controllers and mask features)."""
         features = self.backbone(images)
-        cls, reg, ctr, params = self.head(features, with_classes=with_classes)
+        cls, reg, ctr, box_feats = self.head(features, with_classes=with_classes)
         if not with_classes:
             cls = [f.new_zeros((f.shape[0], 0, *f.shape[-2:])) for f in features]
         mask_feats = self.mask_branch(features[:3])
-        locs, strides, levels = [], [], []
+        locs, strides, levels, neighbours, offset = [], [], [], [], 0
         for level, (feat, stride) in enumerate(zip(features, self.strides)):
             h, w = feat.shape[-2:]
+            neighbours.append(patch_neighbours(h, w, offset, feat.device))
+            offset += h * w
             # Pixel coordinates need fp32 even under bf16/fp16 autocast (bf16 spacing is 8 px
             # at 1024-2048).
             loc = compute_locations(h, w, stride, feat.device,
@@ -105,12 +111,20 @@ class CondInst(nn.Module):
             cls_logits=_flatten_levels(cls),
             box_reg=_flatten_levels(reg),
             ctrness=_flatten_levels(ctr)[..., 0],
-            controller=_flatten_levels(params),
+            box_feats=torch.cat([f.flatten(2) for f in box_feats], dim=2),
+            neighbours=torch.cat(neighbours),
             mask_feats=mask_feats,
             locations=torch.cat(locs),
             strides=torch.cat(strides),
             levels=torch.cat(levels),
         )
+
+    def controller_params(self, outputs: CondInstOutputs, image: Tensor,
+                          location: Tensor) -> Tensor:
+        """Dynamic mask-head parameters (..., num_params) of the locations ``location`` (...)
+        of images ``image`` (...), int64 index tensors of one shape; see
+        :meth:`FCOSHead.controller_at`."""
+        return self.head.controller_at(outputs.box_feats, outputs.neighbours, image, location)
 
     def mask_head(self, mask_feats: Tensor, params: Tensor, locations: Tensor, levels: Tensor,
                   image_index: Tensor) -> Tensor:

@@ -62,8 +62,8 @@ class FCOSHead(nn.Module):
     For each level ``l`` with input (B, C_fpn, h_l, w_l) it returns class logits
     (B, num_classes, h_l, w_l), box regressions (B, 4, h_l, w_l) as (l, t, r, b) distances in
     units of the level's stride (per-level ``Scale`` then ReLU), centerness logits
-    (B, 1, h_l, w_l) computed on the box tower, and controller outputs (B, num_params, h_l, w_l)
-    also on the box tower.
+    (B, 1, h_l, w_l) computed on the box tower, and the box tower's features (B, C_fpn, h_l,
+    w_l), the input of the controller, which :meth:`controller_at` evaluates only where needed.
     """
 
     def __init__(self, *, in_channels: int, num_classes: int, num_convs: int, num_params: int,
@@ -80,17 +80,44 @@ class FCOSHead(nn.Module):
 
     def forward(self, features: list[Tensor], with_classes: bool = True
                 ) -> tuple[list[Tensor], ...]:
-        """Per-level outputs; ``with_classes=False`` skips the class tower and returns ``cls``
-        as an empty list (a teacher that needs only boxes and controllers saves its cost)."""
-        cls, reg, ctr, params = [], [], [], []
+        """Per-level ``(cls, reg, ctr, box_feats)``; ``with_classes=False`` skips the class
+        tower and returns ``cls`` as an empty list (a teacher that needs only boxes and
+        controllers saves its cost)."""
+        cls, reg, ctr, box_feats = [], [], [], []
         for level, feat in enumerate(features):
             box_feat = self.bbox_tower(feat)
             if with_classes:
                 cls.append(self.cls_logits(self.cls_tower(feat)))
             reg.append(F.relu(self.scales[level](self.bbox_pred(box_feat))))
             ctr.append(self.ctrness(box_feat))
-            params.append(self.controller(box_feat))
-        return cls, reg, ctr, params
+            box_feats.append(box_feat)
+        return cls, reg, ctr, box_feats
+
+    def controller_at(self, box_feats: Tensor, neighbours: Tensor, image: Tensor,
+                      location: Tensor) -> Tensor:
+        """The controller's output at chosen locations only.
+
+        CondInst reads the controller (a 3x3 convolution on the box tower) at a few locations:
+        the kept detections, a prompt box's locations, the training positives. Convolving every
+        location costs as much as a tower convolution (a fifth of an INT8 graph at 512 px); here
+        each chosen location's 3x3 patch is gathered (zeros outside the map, the convolution's
+        padding) and multiplied with the kernel: the convolution's sums, in another order.
+
+        Args:
+            box_feats: (B, C, N) box-tower features of all locations (levels concatenated).
+            neighbours: (N, 9) int64 3x3 neighbours of each location, -1 outside its map
+                (:func:`serving.model.ops.patch_neighbours`).
+            image, location: int64 index tensors of one shape (...): which image and location.
+
+        Returns:
+            (..., num_params) controller outputs, ``box_feats``' dtype.
+        """
+        taps = neighbours[location]  # (..., 9)
+        patches = box_feats[image[..., None], :, taps.clamp(min=0)]  # (..., 9, C)
+        patches = torch.where(taps[..., None] >= 0, patches, patches.new_zeros(()))
+        kernel = self.controller.weight.permute(0, 2, 3, 1).flatten(1)  # (params, 9*C), tap-major
+        return F.linear(patches.flatten(-2), kernel.to(patches.dtype),
+                        self.controller.bias.to(patches.dtype))
 
 
 class MaskBranch(nn.Module):

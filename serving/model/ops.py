@@ -49,6 +49,22 @@ def compute_locations(height: int, width: int, stride: int, device: torch.device
     return torch.stack((xx.reshape(-1), yy.reshape(-1)), dim=1)
 
 
+def patch_neighbours(height: int, width: int, offset: int, device: torch.device) -> Tensor:
+    """Flat indices of each location's 3x3 neighbourhood in a (height, width) feature map.
+
+    Returns:
+        (height * width, 9) int64, row-major locations (as :func:`compute_locations`); column
+        ``3 * (dy + 1) + (dx + 1)`` holds ``offset + (y + dy) * width + (x + dx)``, or -1 where
+        that neighbour lies outside the map (a 3x3 convolution's zero padding).
+    """
+    taps = torch.arange(-1, 2, device=device)
+    y = torch.arange(height, device=device)[:, None, None, None] + taps[:, None]  # (h,1,3,1)
+    x = torch.arange(width, device=device)[None, :, None, None] + taps  # (1,w,1,3)
+    inside = (y >= 0) & (y < height) & (x >= 0) & (x < width)  # (h, w, 3, 3)
+    flat = torch.where(inside, y * width + x + offset, torch.full_like(y * x, -1))
+    return flat.reshape(height * width, 9)
+
+
 def decode_boxes(locations: Tensor, box_reg: Tensor, strides: Tensor) -> Tensor:
     """FCOS box decoding.
 

@@ -121,7 +121,7 @@ def test_prompted_masks_skip_unused_slots_with_the_same_result(batch, boxes_per_
     model = build_condinst(cfg).eval()
     with torch.no_grad():
         out = model(torch.randn(batch, 3, 96, 128))
-    out = out._replace(controller=out.controller * 30)  # distinct masks per location
+    out = out._replace(box_feats=out.box_feats * 30)  # distinct masks per location
     gen = torch.Generator().manual_seed(5)
     wh = torch.rand((batch, boxes_per_image, 2), generator=gen) * 60 + 2  # tiny to large
     xy = torch.rand((batch, boxes_per_image, 2), generator=gen) * (torch.tensor([128, 96]) - wh)

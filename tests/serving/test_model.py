@@ -72,7 +72,8 @@ def test_forward_shapes_locations_levels(tiny_model, size):
     assert out.cls_logits.shape == (2, n, 3)
     assert out.box_reg.shape == (2, n, 4)
     assert out.ctrness.shape == (2, n)
-    assert out.controller.shape == (2, n, 233)
+    assert out.box_feats.shape == (2, tiny_model.head.controller.in_channels, n)
+    assert out.neighbours.shape == (n, 9) and out.neighbours.dtype == torch.int64
     assert out.mask_feats.shape == (2, 16, h // 8, w // 8)
     assert out.locations.shape == (n, 2)
     assert out.strides.shape == (n,) and out.levels.shape == (n,)
@@ -140,6 +141,38 @@ def test_normalize_zeroes_padding(tiny_model):
     torch.testing.assert_close(tiny_model.normalize(images.to(torch.uint8), valid), x)
 
 
+def test_controller_params_equal_the_dense_convolution_everywhere():
+    """``controller_params`` at every location of two images, borders and every level
+    included, against the controller convolution run densely on the box tower; gradients too
+    (training reads the controller at its positives the same way)."""
+    torch.manual_seed(4)
+    model = build_condinst(tiny_model_config()).eval()
+    with torch.no_grad():
+        model.head.controller.bias.normal_()
+    x = torch.randn(2, 3, 96, 64)
+    features = model.backbone(x)
+    dense = [model.head.controller(model.head.bbox_tower(f)) for f in features]
+    dense = torch.cat([d.flatten(2) for d in dense], dim=2).transpose(1, 2)  # (2, N, P)
+    out = model(x)
+    n = out.locations.shape[0]
+    image = torch.tensor([0, 1])[:, None].expand(2, n)
+    location = torch.arange(n)[None].expand(2, n)
+    sparse = model.controller_params(out, image, location)
+    assert sparse.shape == dense.shape == (2, n, 233)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    # a level's corner sees zeros outside the map: P3's (0, 0) neighbours
+    assert out.neighbours[0].tolist() == [-1, -1, -1, -1, 0, 1, -1, 8, 9]
+    pick = (torch.tensor([1, 0, 1]), torch.tensor([0, 100, n - 1]))  # P3 corner, P4, P7
+    weights = torch.randn(3, 233)
+    params = [model.head.controller.weight, model.head.controller.bias,
+              model.head.bbox_tower[0].weight]
+    got = torch.autograd.grad((model.controller_params(out, *pick) * weights).sum(), params)
+    ref = torch.autograd.grad((dense[pick] * weights).sum(), params)
+    for g, r in zip(got, ref):
+        assert r.abs().max() > 0
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
 def test_model_mask_head_matches_grouped_conv_on_forward_outputs(tiny_model):
     """Instances from two images through ``CondInst.mask_head`` vs the grouped convolution."""
     torch.manual_seed(3)
@@ -147,7 +180,7 @@ def test_model_mask_head_matches_grouped_conv_on_forward_outputs(tiny_model):
         out = tiny_model(torch.randn(2, 3, 64, 64))
         idx = torch.tensor([0, 5, 70, 81, 84, 85])  # P3, P3, P4, P5, P6, P7 locations
         img = torch.tensor([0, 1, 1, 0, 1, 0])
-        params = out.controller[img, idx] * 20  # make the head non-trivial
+        params = tiny_model.controller_params(out, img, idx) * 20  # make the head non-trivial
         got = tiny_model.mask_head(out.mask_feats, params, out.locations[idx], out.levels[idx],
                                    img)
     assert out.levels[idx].tolist() == [0, 0, 1, 2, 3, 4]

@@ -141,7 +141,8 @@ def test_boxes_clipped_to_the_resized_image_and_masks(model, blank, path):
     # mask of a detection = sigmoid of the dynamic head at its location
     k = torch.tensor([p3(5, 5), p3(1, 1)])
     with torch.no_grad():
-        ref = model.mask_head(blank.mask_feats, blank.controller[1, k], blank.locations[k],
+        params = model.controller_params(blank, torch.ones_like(k), k)
+        ref = model.mask_head(blank.mask_feats, params, blank.locations[k],
                               blank.levels[k], torch.tensor([1, 1]))[:, 0].sigmoid()
     torch.testing.assert_close(d.mask_probs, ref)
 
@@ -226,7 +227,7 @@ def test_segment_boxes_is_the_iou_weighted_mean(model):
     torch.manual_seed(2)
     with torch.no_grad():
         out = model(torch.randn(2, 3, H, W))
-    out = out._replace(controller=out.controller * 30)  # distinct masks per location
+    out = out._replace(box_feats=out.box_feats * 30)  # distinct masks per location
     boxes = torch.tensor([[[6.0, 6.0, 40.0, 38.0], [30.0, 20.0, 60.0, 60.0]],
                           [[10.0, 4.0, 50.0, 30.0], [2.0, 2.0, 12.0, 12.0]]])
     labels = torch.tensor([[2, -1], [-1, 0]])
@@ -254,7 +255,8 @@ def test_segment_boxes_is_the_iou_weighted_mean(model):
             w = torch.exp(5.0 * box_iou_pairwise(pred, box[None]))
             w = w / w.sum()
             with torch.no_grad():
-                probs = model.mask_head(out.mask_feats, out.controller[b, ks], loc,
+                params = model.controller_params(out, torch.full_like(ks, b), ks)
+                probs = model.mask_head(out.mask_feats, params, loc,
                                         out.levels[ks], torch.full_like(ks, b))[:, 0].sigmoid()
             ref_map = (probs * w[:, None, None]).sum(0)
             torch.testing.assert_close(res.mask_probs[b, m], ref_map, rtol=0, atol=1e-5)

@@ -112,7 +112,8 @@ def fcos_assign_batch(outputs: CondInstOutputs, targets: Targets, topk: int,
 
 def run_mask_head(model: CondInst, outputs: CondInstOutputs, pos: Positives) -> Tensor:
     """Mask logits (P, 1, H/4, W/4) of the positives with the network's dynamic head."""
-    return model.mask_head(outputs.mask_feats, outputs.controller[pos.image_index, pos.location],
+    params = model.controller_params(outputs, pos.image_index, pos.location)
+    return model.mask_head(outputs.mask_feats, params,
                            outputs.locations[pos.location], outputs.levels[pos.location],
                            pos.image_index)
 

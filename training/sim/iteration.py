@@ -126,7 +126,8 @@ def group_by_gt(values: Tensor, gt: Tensor, num_gts: int) -> tuple[Tensor, Tenso
 
 def _instance_maps(teacher: CondInst, t_out: Any, pos: Positives, mu: float) -> Tensor:
     """M_I (G, h, w): IoU-weighted mean of the teacher's masks at each box's positives."""
-    logits = teacher.mask_head(t_out.mask_feats, t_out.controller[pos.image_index, pos.location],
+    params = teacher.controller_params(t_out, pos.image_index, pos.location)
+    logits = teacher.mask_head(t_out.mask_feats, params,
                                t_out.locations[pos.location], t_out.levels[pos.location],
                                pos.image_index)
     probs = logits[:, 0].float().sigmoid()  # (P, h, w)
