@@ -54,15 +54,36 @@ from benchmarks.speed import MODELS, bench_image, build_checkpoint  # noqa: E402
 REF_PACKAGE = "serving_ref"
 
 
-def import_ref(ref: str, work: Path) -> Any:
-    """``serving`` of git ``ref`` as the module ``serving_ref`` (and its commit hash)."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "serving"],
+def _extract(ref: str, paths: list[str], dest: Path) -> Path:
+    """``paths`` of git ``ref`` written under ``dest`` (``git archive``)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, *paths],
                              check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(work, filter="data")
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def import_ref(ref: str, work: Path) -> Any:
+    """``serving`` of git ``ref`` as the module ``serving_ref`` (and its commit hash)."""
+    _extract(ref, ["serving"], work)
     (work / "serving").rename(work / REF_PACKAGE)
     sys.path.insert(0, str(work))
     return importlib.import_module(REF_PACKAGE)
+
+
+def export_with(code: Path, ckpt: Path, out: Path, calibration: Path, count: int) -> Path:
+    """Export ``ckpt`` to ONNX fp32 + INT8 with the ``export`` package under ``code``; returns
+    the output folder (``<stem>.json`` and ``<stem>.int8.json`` inside)."""
+    subprocess.run([sys.executable, "-m", "export", "--model", str(ckpt.resolve()), "--output",
+                    str(out.resolve()), "--int8", "--calibration", str(calibration.resolve()),
+                    "--calibration-count", str(count)], cwd=code, check=True, capture_output=True)
+    return out
+
+
+def revision_code(ref: str, work: Path) -> Path:
+    """``serving`` and ``export`` of git ``ref`` under ``work/code``: run ``python -m export``
+    there (:func:`export_with`) for the revision's graphs."""
+    return _extract(ref, ["serving", "export"], work / "code")
 
 
 def commit_of(ref: str) -> str:

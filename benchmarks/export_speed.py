@@ -23,13 +23,17 @@ what its convolution kernels run at), the load average during the run, and INT8'
 agreement with fp32 on the benchmark image. ``--ref REV`` adds the ONNX Runtime INT8
 variant of the ``serving`` package of git revision REV (``ab_speed.import_ref``) on the same
 graphs, interleaved with the others: its per-call end to end / backend beside today's, from
-the same rounds (the results checked equal). Writes
+the same rounds (the results checked equal). ``--ref-graphs REV`` adds ONNX Runtime fp32 and
+INT8 on the graphs that REV's ``export`` package makes of the same checkpoint (same
+calibration images), run by today's ``Segmenter``: each backend alone and end to end today /
+REV's graphs, per round. Writes
 ``benchmarks/results/export_speed.{json,md}``; on a shared machine rerun it when quiet:
 
     python benchmarks/export_speed.py                  # ~15 minutes on 2 busy cores
     python benchmarks/export_speed.py --rounds 10 --rounds-r50 3 --threads 2
     python benchmarks/export_speed.py --threads 2 --cases quickstart_light@256x256 \
         --backends onnxruntime --ref 9feb464
+    python benchmarks/export_speed.py --threads 2 --backends onnxruntime --ref-graphs 66a039a
 """
 
 from __future__ import annotations
@@ -176,10 +180,29 @@ def build_variants(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
     if args.ref_module is not None:
         segs[ref_label(args)] = args.ref_module.Segmenter.from_onnx(
             quantized.sidecar, device="cpu", threads=args.threads)
+    if args.ref_graphs is not None:
+        from ab_speed import export_with
+        old = export_with(args.ref_code, ckpt, workdir / "ref_onnx", cal, args.calibration_count)
+        for precision, suffix in (("fp32", ""), ("int8", ".int8")):
+            segs[f"onnxruntime {precision}, {args.ref_graphs} graphs"] = Segmenter.from_onnx(
+                old / f"{ckpt.stem}{suffix}.json", device="cpu", threads=args.threads)
     facts = {"export_seconds": round(export_s, 1), "quantize_seconds": round(quantize_s, 1),
              "conv_gflop": round(conv_gflop(Segmenter.from_checkpoint(ckpt, device="cpu"), h, w),
                                  2)}
     return segs, facts
+
+
+def graphs_comparison(times: dict[str, list[float]], ref: str) -> dict[str, Any]:
+    """Today's graphs over ``ref``'s, ONNX Runtime fp32 and INT8, every variant: the median
+    of the per-round time ratios with its 95 % bootstrap interval (below 1: faster today)."""
+    out: dict[str, Any] = {}
+    for precision in ("fp32", "int8"):
+        for mode in MODES:
+            ratio = (np.array(times[f"onnxruntime {precision} | {mode}"])
+                     / np.array(times[f"onnxruntime {precision}, {ref} graphs | {mode}"]))
+            out[f"{precision} {mode}"] = [_median(ratio),
+                                          *bootstrap_interval((ratio,), _median)]
+    return out
 
 
 def ref_label(args: argparse.Namespace) -> str:
@@ -257,10 +280,13 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
     for value in stats.values():
         value["conv_gflops"] = facts["conv_gflop"] / value["median_ms"] * 1000
     speedup: dict[str, float] = {}
+    graphs = [""] + ([f", {args.ref_graphs} graphs"] if args.ref_graphs else [])
     for mode in MODES:
         for stat, tag in (("median_ms", ""), ("min_ms", " (min)")):
-            int8 = stats[f"onnxruntime int8 | {mode}"][stat]
-            speedup[f"int8/fp32 ort {mode}{tag}"] = stats[f"onnxruntime fp32 | {mode}"][stat] / int8
+            for g in graphs:
+                speedup[f"int8/fp32 ort{g} {mode}{tag}"] = (
+                    stats[f"onnxruntime fp32{g} | {mode}"][stat]
+                    / stats[f"onnxruntime int8{g} | {mode}"][stat])
             if f"torch bf16 | {mode}" in stats:
                 speedup[f"bf16/fp32 torch {mode}{tag}"] = (stats[f"torch fp32 | {mode}"][stat]
                                                            / stats[f"torch bf16 | {mode}"][stat])
@@ -270,6 +296,8 @@ def run_case(name: str, rounds: int, args: argparse.Namespace, workdir: Path) ->
                 for label in segs for mode, alone in NETWORK_OF.items()}
     if ref is not None:
         facts.update(ref_comparison(times, paired, ref_label(args)))
+    if args.ref_graphs is not None:
+        facts["graphs_today_over_ref"] = graphs_comparison(times, args.ref_graphs)
     # the same per call (the warm-up round dropped): network noise divided out
     paired_median = {k: float(np.median(v[1:])) for k, v in paired.items()}
     paired_interval = {k: bootstrap_interval((v[1:],), _median) for k, v in paired.items()}
@@ -330,12 +358,15 @@ def markdown(payload: dict) -> str:
         for key, s in r["stats"].items():
             label, mode = key.split(" | ")
             base = "torch fp32" if label.startswith("torch") else "onnxruntime fp32"
+            if label.endswith(" graphs"):  # a revision's graphs: against its own fp32
+                base = label.replace("int8", "fp32")
             ratio = r["stats"][f"{base} | {mode}"]["median_ms"] / s["median_ms"]
             rows.append([r["case"], mode, label, s["median_ms"], s["min_ms"], s["max_ms"],
                          f"{ratio:.2f}x", round(s["conv_gflops"])])
     loads = [f"{r['case']}: {r['load_average_1m'][0]:.1f} -> {r['load_average_1m'][1]:.1f}"
              for r in payload["results"]]
     bf16 = payload["bf16_support"] or "none (bf16 rows skipped)"
+    ref_graphs = payload.get("ref_graphs")
     return "\n\n".join([
         "# CPU latency: PyTorch fp32 / bf16 vs ONNX Runtime fp32 / INT8",
         machine_markdown(payload["machine"]), f"Command: `{payload['command']}`",
@@ -353,7 +384,8 @@ def markdown(payload: dict) -> str:
         markdown_table(["model @ input", "ratio", *MODES], [
             [r["case"], ratio, *[f"{r['speedup'][f'{ratio} {m}']:.2f}x "
                                  f"({r['speedup'][f'{ratio} {m} (min)']:.2f}x)" for m in MODES]]
-            for r in payload["results"] for ratio in ("int8/fp32 ort", "bf16/fp32 torch")
+            for r in payload["results"] for ratio in ("int8/fp32 ort", "bf16/fp32 torch",
+                                                      f"int8/fp32 ort, {ref_graphs} graphs")
             if f"{ratio} automatic" in r["speedup"]]),
         "End to end / the backend alone (the network and its in-graph post-processing), from "
         "the medians: what preprocessing, mask pasting at the original size and the rest of "
@@ -364,6 +396,7 @@ def markdown(payload: dict) -> str:
         "divided out), and in brackets its 95 % bootstrap interval over the rounds:",
         overhead_table(payload, "end_to_end_over_backend_paired"),
         *ref_lines(payload),
+        *graphs_lines(payload),
         markdown_table(["model @ input", "mode", "backend", "median ms", "min ms", "max ms",
                         "vs fp32", "conv GFLOP/s"], rows),
     ])
@@ -392,6 +425,23 @@ def ref_lines(payload: dict) -> list[str]:
                             *[f"ms outside, {m}" for m in NETWORK_OF], "same results"], cells)]
 
 
+def graphs_lines(payload: dict) -> list[str]:
+    """With ``--ref-graphs``: today's graphs over the revision's, per round."""
+    ref = payload.get("ref_graphs")
+    if ref is None:
+        return []
+    cells = [[r["case"], precision, *[
+        f"{v[0]:.3f} ({v[1]:.3f} to {v[2]:.3f})"
+        for v in (r["graphs_today_over_ref"][f"{precision} {m}"] for m in MODES)]]
+        for r in payload["results"] for precision in ("fp32", "int8")]
+    return [f"ONNX Runtime on today's graphs against those that the `export` package of {ref} "
+            f"({payload['ref_graphs_commit'][:10]}) makes of the same checkpoint (INT8 "
+            "calibrated on the same images), both run by today's `Segmenter`, in the same "
+            "rounds: time today / time on the revision's graphs, median of the per-round "
+            "ratios (below 1: faster today), 95 % bootstrap interval in brackets:",
+            markdown_table(["model @ input", "precision", *MODES], cells)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (MobileNetV2 cases)")
@@ -407,6 +457,8 @@ def main() -> int:
                         help="runtimes to time (ONNX Runtime fp32 and INT8 always)")
     parser.add_argument("--ref", default=None,
                         help="git revision whose serving package runs beside (INT8 ORT)")
+    parser.add_argument("--ref-graphs", default=None,
+                        help="git revision whose export package's graphs run beside")
     parser.add_argument("--name", default="export_speed")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -421,6 +473,11 @@ def main() -> int:
             from ab_speed import commit_of, import_ref
             args.ref_module = import_ref(args.ref, Path(tmp) / "ref")
             payload.update(ref=args.ref, ref_commit=commit_of(args.ref))
+        if args.ref_graphs is not None:
+            from ab_speed import commit_of, revision_code
+            args.ref_code = revision_code(args.ref_graphs, Path(tmp) / "ref_graphs")
+            payload.update(ref_graphs=args.ref_graphs,
+                           ref_graphs_commit=commit_of(args.ref_graphs))
         for name in args.cases:
             rounds = args.rounds_r50 if CASES[name][0] == "resnet50" else args.rounds
             payload["results"].append(run_case(name, rounds, args, Path(tmp) / name))
