@@ -99,9 +99,10 @@ class FCOSHead(nn.Module):
 
         CondInst reads the controller (a 3x3 convolution on the box tower) at a few locations:
         the kept detections, a prompt box's locations, the training positives. Convolving every
-        location costs as much as a tower convolution (a fifth of an INT8 graph at 512 px); here
-        each chosen location's 3x3 patch is gathered (zeros outside the map, the convolution's
-        padding) and multiplied with the kernel: the convolution's sums, in another order.
+        location costs nearly as much as a tower convolution, and in fp32 even in an INT8
+        graph; here each chosen location's 3x3 patch is gathered (zeros outside the map, the
+        convolution's padding) and multiplied with the kernel: the convolution's sums, in
+        another order.
 
         Args:
             box_feats: (B, C, N) box-tower features of all locations (levels concatenated).
