@@ -208,20 +208,15 @@ def spread(groups: np.ndarray, axis: AxisGroups) -> np.ndarray:
 
 
 def group_maps(above: np.ndarray, rows: AxisGroups, cols: AxisGroups,
-               scratch: np.ndarray | None = None) -> np.ndarray:
+               scratch: np.ndarray) -> np.ndarray:
     """(K, Gr, Gc): the bits that every source of the group has in ``above`` ((K, h4, w4)
-    bool, or uint8 for several maps at once, one per bit). With ``scratch`` (an array of
-    ``above``'s shape and dtype) the cell maps are computed in ``scratch`` and ``above``
-    itself, which are overwritten: no fresh (K, h4, w4) array."""
-    # rows c and c + 1 (the last row replicated)
-    if scratch is None:
-        pairs = above.copy()
-    else:
-        pairs = scratch
-        np.copyto(pairs, above)
+    bool, or uint8 for several maps at once, one per bit). The cell maps are computed in
+    ``scratch`` (an array of ``above``'s shape and dtype) and in ``above`` itself, which are
+    both overwritten: no fresh (K, h4, w4) array."""
+    pairs = scratch  # rows c and c + 1 (the last row replicated)
+    np.copyto(pairs, above)
     pairs[:, :-1] &= above[:, 1:]
-    # cell c: rows and columns c and c + 1, by one flat AND
-    cells = np.empty_like(pairs) if scratch is None else above
+    cells = above  # cell c: rows and columns c and c + 1, by one flat AND
     np.bitwise_and(pairs.reshape(-1)[:-1], pairs.reshape(-1)[1:], out=cells.reshape(-1)[:-1])
     cells[:, :, -1] = pairs[:, :, -1]  # (each row's last column: itself, replicated)
     out = _take(cells, rows.ca, axis=1)
