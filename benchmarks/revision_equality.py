@@ -55,7 +55,7 @@ def pairs(name: str, ckpt: Path, calibration: Path, args: argparse.Namespace, re
     yield "torch", today, before
     if not args.onnx:
         return
-    stem = ckpt.name.removesuffix(".safetensors")
+    stem = ckpt.stem
     new = export_with(REPO, ckpt, work / name / "today", calibration, args.calibration_count)
     old = export_with(ref_code, ckpt, work / name / "ref", calibration, args.calibration_count)
     for precision, suffix in (("fp32", ""), ("int8", ".int8")):
@@ -86,7 +86,8 @@ def main() -> int:
                                                            args.count))) for p in args.models]
         for case, ckpt, items in (benchmark_checkpoints(work) if args.benchmark_models else []):
             size = items[0][0].shape[:2]
-            runs.append((case, ckpt, calibration_images(work / f"cal_{case}", size, 8), items))
+            runs.append((case, ckpt, calibration_images(work / f"cal_{case}", size,
+                                                         args.calibration_count), items))
         for name, ckpt, calibration, items in runs:
             label = Path(name).parent.name or name
             for backend, today, before in pairs(label, ckpt, calibration, args, ref_serving,
