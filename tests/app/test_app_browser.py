@@ -43,6 +43,15 @@ def page(app_server, request):
         browser.close()
 
 
+def _overlay_size(page) -> list[int]:
+    """[width, height] of the mask overlay picture once it has loaded (visible is not enough:
+    an image that is shown but not yet decoded has a natural size of 0 x 0)."""
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#overlay img');"
+        " return i && i.complete && i.naturalWidth > 0; }", timeout=TIMEOUT_MS)
+    return page.locator("#overlay img").evaluate("i => [i.naturalWidth, i.naturalHeight]")
+
+
 def _wait_status(page, text: str) -> str:
     page.wait_for_function("t => document.querySelector('#status').innerText.includes(t)",
                            arg=text, timeout=TIMEOUT_MS)
@@ -105,9 +114,7 @@ def test_draw_a_box_see_the_mask_adjust_it_see_again(page, tmp_path):
     _drag(page, (20, 8), (160, 148), size)  # around the striped disc
     assert "1 box segmented" in _wait_status(page, "Done")
     _wait_table(page, [(None, [20, 8, 160, 148])])
-    overlay = page.locator("#overlay img")
-    overlay.wait_for(state="visible")
-    assert overlay.evaluate("i => [i.naturalWidth, i.naturalHeight]") == list(size)
+    assert _overlay_size(page) == list(size)
 
     # adjust: drag mode, pull the box's bottom-right corner out; the mask follows
     page.get_by_role("button", name="Drag boxes").click()
@@ -133,9 +140,7 @@ def test_draw_a_box_see_the_mask_adjust_it_see_again(page, tmp_path):
     assert [r[0] for r in rows] == ["1", "2"] and all(int(r[3]) > 0 for r in rows)  # areas
     assert page.locator("a[download]").count() >= 2  # COCO JSON and instance PNG downloads
     # the overlay is replaced after the table: wait until the new picture has loaded
-    page.wait_for_function(
-        "w => { const i = document.querySelector('#overlay img');"
-        " return i && i.complete && i.naturalWidth === w; }", arg=size[0], timeout=TIMEOUT_MS)
+    assert _overlay_size(page) == list(size)
 
     shot = tmp_path / "app_browser.png"
     page.screenshot(path=str(shot), full_page=True)
