@@ -197,12 +197,15 @@ def test_two_processes_killed_halfway_then_rerun_equal_one_process(tmp_path, tin
     launcher = _launch([*args, "--output", str(out)], env)
     log1 = tmp_path / ".two.json.progress.1.jsonl"
     deadline = time.monotonic() + 240
+    pid = None  # found first, so that the kill follows the sixth image at once (a shard of
+    while pid is None and time.monotonic() < deadline:  # 12 can finish in a few tenths)
+        pid = _rank_pid(launcher, 1)
+        time.sleep(0.05)
+    assert pid is not None, "process 1 not found"
     while time.monotonic() < deadline:
         if log1.exists() and len(log1.read_text().splitlines()) >= 6:
             break
-        time.sleep(0.2)
-    pid = _rank_pid(launcher, 1)
-    assert pid is not None, "process 1 not found"
+        time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
     output, _ = launcher.communicate(timeout=240)
     assert launcher.returncode != 0 and not out.exists(), output
