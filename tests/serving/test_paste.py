@@ -328,3 +328,33 @@ def test_group_takes_by_slices_equal_np_take(index, axis) -> None:
     a = np.random.default_rng(axis).integers(0, 4, (3, 7, 7), dtype=np.uint8)
     assert np.array_equal(paste_groups._take(a, np.array(index), axis),
                           np.take(a, index, axis=axis))
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 600), (2, 600, 5), (4, 65, 65)])
+@pytest.mark.parametrize("keep", [1, 2])
+def test_any_of_groups_by_byte_sums_equals_numpy_any(shape, keep) -> None:
+    """``_any_groups`` (byte sums, at most 255 at a time) is ``any`` over the other axis,
+    also where a line holds exactly 256 or 510 True groups (a sum that would wrap a byte)."""
+    groups = np.random.default_rng(sum(shape) + keep).random(shape) > 0.97
+    long_axis = 3 - keep
+    if shape[long_axis] >= 510:
+        line = [0, slice(None), slice(None)]
+        line[keep] = 1
+        full = np.zeros(shape[long_axis], bool)
+        full[:256] = True
+        groups[tuple(line)] = full
+        line[keep] = 2
+        groups[tuple(line)] = np.arange(shape[long_axis]) < 510
+    want = groups.any(axis=long_axis)
+    assert np.array_equal(paste._any_groups(groups, keep), want)
+    assert np.array_equal(paste._any_groups(np.ascontiguousarray(groups[:, ::-1, ::-1]), keep),
+                          want[:, ::-1])
+
+
+@pytest.mark.parametrize("last", [1, 2, 3, 4, 6, 8])
+def test_any_of_a_short_last_axis_equals_numpy_any(last) -> None:
+    """``_any_last`` (the axis's bytes read as one word where it is 1, 2, 4 or 8 long) is
+    ``any(-1)``, on a C-contiguous array and on one whose last axis alone is contiguous."""
+    a = np.random.default_rng(last).random((50, 3, last)) > 0.8
+    for blocks in (a, a.transpose(1, 0, 2).copy().transpose(1, 0, 2)):
+        assert np.array_equal(paste._any_last(blocks), blocks.any(-1))
