@@ -43,7 +43,7 @@ from ..masks import InstanceMasks, is_empty
 from ..model.card import Calibration
 from . import domain, quality, refine
 from .paste import mask_crops
-from .transforms import SIZE_DIVISIBILITY, canvas_size, resize_image, resized_shape
+from .transforms import SIZE_DIVISIBILITY, canvas_size, image_batch, resized_shape
 
 #: Context on each side of a box, in units of the box's size ``sqrt(w * h)``.
 CONTEXT = 1.0
@@ -203,13 +203,6 @@ def plan_crop(index: int, box: np.ndarray, scale: float, image_size: tuple[int, 
     return Crop(index, float(scale), (x0, y0, xe, ye), (rh, rw), input_box)
 
 
-def _crop_pixels(array: np.ndarray, crop: Crop) -> Tensor:
-    """(3, h, w) float32 0-255 pixels of ``crop`` from the (H, W, 3) uint8 image."""
-    x0, y0, x1, y1 = crop.window
-    tensor = torch.from_numpy(np.array(array[y0:y1, x0:x1])).permute(2, 0, 1)
-    return resize_image(tensor, crop.resized)
-
-
 def run_crops(backend: Any, array: np.ndarray, crops: Sequence[Crop],
               labels: np.ndarray) -> list[CropResult]:
     """Every crop through ``backend.segment_boxes``, crops of one canvas batched together
@@ -226,10 +219,9 @@ def run_crops(backend: Any, array: np.ndarray, crops: Sequence[Crop],
     for canvas, members in groups.items():
         for start in range(0, len(members), CROP_BATCH):
             chunk = members[start:start + CROP_BATCH]
-            batch = torch.zeros((len(chunk), 3, *canvas), dtype=torch.float32)
-            for b, i in enumerate(chunk):
-                h, w = crops[i].resized
-                batch[b, :, :h, :w] = _crop_pixels(array, crops[i])
+            windows = [crops[i].window for i in chunk]
+            batch = image_batch([array[y0:y1, x0:x1] for x0, y0, x1, y1 in windows],
+                                [crops[i].resized for i in chunk], canvas)
             boxes = torch.from_numpy(np.stack([crops[i].input_box for i in chunk]))[:, None]
             box_labels = torch.from_numpy(
                 np.array([[labels[crops[i].box]] for i in chunk], dtype=np.int64))
@@ -267,12 +259,14 @@ class BoxMasks(NamedTuple):
 
 
 class FinalMask(NamedTuple):
-    """A box's mask in the original image, whether it fell back, and the box's
-    :class:`serving.inference.refine.BoxView` (what the score reads)."""
+    """A box's mask in the original image, whether it fell back, the box's
+    :class:`serving.inference.refine.BoxView` (what the score reads) and, where it was
+    computed, its :func:`serving.inference.refine.view_mask` (h, w) bool (else ``None``)."""
 
     mask: InstanceMasks
     fell_back: bool
     view: refine.BoxView
+    grid_mask: np.ndarray | None = None
 
 
 def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array: np.ndarray,
@@ -295,12 +289,13 @@ def final_mask(pairs: Sequence[tuple[Crop, CropResult]], box: np.ndarray, array:
     cut = cfg.clip_to_box and (options.refine or options.flip)
     view = refine.box_view(array, sources, box, options.refine and cfg.clip_to_box, mask=cut)
     if cut and view.mask_probs is not None:
-        mask = refine.region_mask(view, box, image_size, cfg.mask_threshold)
+        grid_mask = refine.view_mask(view, cfg.mask_threshold)  # (the score's mask too)
+        mask = refine.region_mask(view, box, image_size, cfg.mask_threshold, grid_mask)
         if not (options.fallback and is_empty(int(mask.areas()[0]), box)):
-            return FinalMask(mask, False, view)
+            return FinalMask(mask, False, view, grid_mask)
         raw = refine.box_view(array, sources, box, False) if options.refine else view
         return FinalMask(refine.region_mask(raw, box, image_size, fallback_threshold(pairs, cfg)),
-                         True, view)
+                         True, view, grid_mask)
     clip = box if cfg.clip_to_box else None
     mask = paste_crop(result, crop, clip, image_size, cfg.mask_threshold)
     if not (options.fallback and is_empty(int(mask.areas()[0]), box)):
@@ -325,9 +320,7 @@ def run_whole(backend: Any, array: np.ndarray, size: tuple[int, int], members: n
     per box."""
     height, width = array.shape[:2]
     scale = size[0] / height
-    image = torch.from_numpy(np.require(array, requirements=["C", "W"])).permute(2, 0, 1)
-    batch = torch.zeros((1, 3, *canvas_size(*size)), dtype=torch.float32)
-    batch[0, :, :size[0], :size[1]] = resize_image(image, size)
+    batch = image_batch([array], [size])
     factors = np.array([size[1] / width, size[0] / height] * 2, np.float32)
     out = []
     for start in range(0, len(members), chunk):
@@ -419,6 +412,6 @@ def segment_per_box(backend: Any, array: np.ndarray, boxes: np.ndarray, labels: 
             final = final_mask(pairs, boxes[k], array, cfg, options)
             masks[k] = final.mask
             scores[k] = 0.0 if final.fell_back else quality.quality_score(
-                pairs, final.view, cfg.mask_threshold, float(crowded[k]))
+                pairs, final.view, cfg.mask_threshold, float(crowded[k]), final.grid_mask)
             out_labels[k] = pairs[0][1].label
     return BoxMasks(InstanceMasks.concatenate(masks), scores, out_labels)  # type: ignore[arg-type]

@@ -55,9 +55,7 @@ from statistics import fmean
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
 from ..masks import outline
 from . import refine
@@ -100,8 +98,23 @@ def mask_confidence(probs: Tensor, inside: np.ndarray) -> float:
         probs: (h, w) float32 probabilities over a region (clamped to [0, 1]).
         inside: (h, w) bool, the region's pixels inside the box.
     """
-    cells = np.clip(probs.numpy()[inside], 0, 1)
+    return _confidence(probs.numpy()[inside])
+
+
+def _confidence(values: np.ndarray) -> float:
+    """:func:`mask_confidence` of the box's float32 ``values`` (any shape; a C-contiguous
+    copy is reduced as the flat array is)."""
+    cells = np.clip(values, 0, 1)
     return float(np.abs(2 * cells - 1).mean()) if cells.size else 0.0
+
+
+def box_window(inside: np.ndarray) -> tuple[slice, slice] | None:
+    """The (rows, columns) slices of the rectangle ``inside`` (h, w) bool covers (as
+    :func:`serving.inference.refine.grid_inside` gives), ``None`` when it is empty."""
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    if not rows.size:
+        return None
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 def projection_coverage(probs: Tensor, inside: np.ndarray) -> float:
@@ -113,10 +126,12 @@ def projection_coverage(probs: Tensor, inside: np.ndarray) -> float:
         inside: (h, w) bool, the region's pixels inside the box (a rectangle, as
             :func:`serving.inference.refine.grid_inside` gives).
     """
-    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
-    if not rows.size:
-        return 0.0
-    values = probs.numpy()[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # the rectangle
+    window = box_window(inside)
+    return 0.0 if window is None else _coverage(probs.numpy()[window])
+
+
+def _coverage(values: np.ndarray) -> float:
+    """:func:`projection_coverage` of the box's (h, w) float32 ``values``."""
     # (the clip commutes with the maxima: applied after them, to a row and a column of values)
     row_max, col_max = np.clip(values.max(1), 0, 1), np.clip(values.max(0), 0, 1)
     return float((row_max.mean() + col_max.mean()) / 2)
@@ -148,7 +163,8 @@ def boundary_sharpness(probs: Tensor, mask: np.ndarray,
     # np.gradient (central differences, one-sided at the region's border) at the boundary
     # cells only
     values = np.asarray(probs)
-    at = np.nonzero(boundary)
+    # (np.nonzero of a 2-D array is several times slower than through the flat indices)
+    at = np.divmod(np.flatnonzero(boundary), boundary.shape[1])
     squared = np.zeros(len(at[0]))
     for axis in (0, 1):
         n = values.shape[axis]
@@ -181,18 +197,20 @@ def colour_separation(pixels: Tensor, mask: np.ndarray) -> float:
     Args:
         pixels: (h, w, 3) RGB 0..255 of a region (any real dtype); mask: (h, w) bool.
     """
-    weights = mask.reshape(-1).astype(np.float64)
-    n_in = float(weights.sum())
-    n_out = len(weights) - n_in
+    n_in = float(np.count_nonzero(mask))
+    n_out = mask.size - n_in
     if n_in < 2 or n_out < 2:
         return 0.0
-    # per side and channel: the sums of the values and of their squares, from (3, N) float64
-    # rows (matrix-vector products; numpy is faster than torch on these small arrays)
-    values = np.moveaxis(np.asarray(pixels), -1, 0).reshape(3, -1).astype(np.float64, order="C")
-    squared = values * values
-    sums, squares = values.sum(1), squared.sum(1)
-    in_sum, in_sq = values @ weights, squared @ weights
-    out_sum, out_sq = sums - in_sum, squares - in_sq
+    # per side and channel: the sums of the values and of their squares, from one (6, N)
+    # float64 array of the values and their squares (one matrix-vector product; numpy is
+    # faster than torch on these small arrays)
+    pixels = np.moveaxis(np.asarray(pixels), -1, 0).reshape(3, -1)
+    rows = np.empty((6, pixels.shape[1]))
+    np.copyto(rows[:3], pixels)
+    np.square(rows[:3], out=rows[3:])
+    inside = rows @ mask.reshape(-1).astype(np.float64)
+    outside = np.einsum("cn->c", rows) - inside
+    in_sum, in_sq, out_sum, out_sq = inside[:3], inside[3:], outside[:3], outside[3:]
     mean_in, mean_out = in_sum / n_in, out_sum / n_out
     var_in = (in_sq - n_in * mean_in ** 2) / (n_in - 1)
     var_out = (out_sq - n_out * mean_out ** 2) / (n_out - 1)
@@ -223,32 +241,46 @@ def crowding(boxes: np.ndarray) -> np.ndarray:
     The boxes are sorted by their left edge and taken ``CROWDING_ROWS`` at a time, each
     group against the boxes that can meet it along x only (those starting left of the
     group's right-most edge and ending right of its left-most start), so thousands of boxes
-    spread over an image cost about linear time; torchvision's ``box_iou`` on the pairs.
+    spread over an image cost about linear time; pycocotools' IoU on the pairs.
 
     Args:
         boxes: (M, 4) XYXY, any one frame (original-image pixels).
     """
-    boxes = torch.as_tensor(np.asarray(boxes, np.float64).reshape(-1, 4))
-    order = torch.argsort(boxes[:, 0], stable=True)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    # the index work in numpy (cheaper than torch on these short arrays)
+    order = np.argsort(boxes[:, 0], kind="stable")
     boxes = boxes[order]
-    lefts = boxes[:, 0].contiguous()
-    best = torch.zeros(len(boxes), dtype=torch.float64)
+    best = np.zeros(len(boxes))
     for start in range(0, len(boxes), CROWDING_ROWS):
         rows = boxes[start:start + CROWDING_ROWS]
-        end = int(torch.searchsorted(lefts, rows[:, 2].max()))  # left of the rows' right
-        cols = torch.arange(end)[boxes[:end, 2] > rows[:, 0].min()]  # right of their left
+        end = int(np.searchsorted(boxes[:, 0], rows[:, 2].max()))  # left of the rows' right
+        cols = np.flatnonzero(boxes[:end, 2] > rows[:, 0].min())  # right of their left
         if not len(cols):
             continue
-        iou = box_iou(rows, boxes[cols]).nan_to_num_(0.0)  # boxes of no area: 0, not 0 / 0
-        iou[cols[None] == torch.arange(start, start + len(rows))[:, None]] = 0  # not itself
-        best[start:start + len(rows)] = iou.max(1).values
+        iou = _box_iou(rows, boxes[cols])
+        iou[cols[None] == np.arange(start, start + len(rows))[:, None]] = 0  # not itself
+        best[start:start + len(rows)] = iou.max(1)
     out = np.zeros(len(boxes))
-    out[order.numpy()] = best.numpy()
+    out[order] = best
     return out
 
 
+def _box_iou(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """(M, N) float64 IoU of (M, 4) and (N, 4) float64 XYXY boxes, 0 where a box has no area:
+    pycocotools' (C; torchvision's ``box_iou``, tensor operations, costs 25x more on the
+    ten boxes of a prompt)."""
+    from pycocotools import mask as mask_util  # lazy: a core dependency, imported on use
+
+    def xywh(b: np.ndarray) -> np.ndarray:
+        return np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1)
+
+    return np.asarray(mask_util.iou(xywh(first), xywh(second), np.zeros(len(second), np.uint8)),
+                      np.float64).reshape(len(first), len(second))
+
+
 def quality_score(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,
-                  threshold: float, crowded: float = 0.0) -> float:
+                  threshold: float, crowded: float = 0.0, mask: np.ndarray | None = None,
+                  ) -> float:
     """The score of one box's mask, in [0, 1] (the module docstring).
 
     Args:
@@ -258,15 +290,21 @@ def quality_score(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,
             (:func:`serving.inference.refine.box_view`).
         threshold: the mask threshold.
         crowded: the box's :func:`crowding`, its highest IoU with another box of the prompt.
+        mask: :func:`serving.inference.refine.view_mask` of ``view`` at ``threshold``, where
+            the caller has it (default: computed).
     """
     score = fmean(float(r.score) for _, r in pairs)
-    mask = (view.probs.numpy() > threshold) & view.inside
+    mask = refine.view_mask(view, threshold) if mask is None else mask
+    window = box_window(view.inside)
+    if window is None:
+        return MIN_SCORE
+    probs = view.probs.numpy()[window]
     separation = colour_separation(view.pixels, mask)
     value = (math.sqrt(max(score, 0.0) * colour_distance(view.codes, mask))
              * separation / (separation + SEPARATION_HALF)
-             * projection_coverage(view.network, view.inside)
-             * projection_coverage(view.probs, view.inside) ** 2
-             * mask_confidence(view.probs, view.inside) ** 2
+             * _coverage(view.network.numpy()[window])
+             * _coverage(probs) ** 2
+             * _confidence(probs) ** 2
              * boundary_sharpness(view.probs, mask, input_spacing(pairs, view)) ** 2
              * (1.0 - crowded) ** CROWDING_POWER)
     return max(value, MIN_SCORE)

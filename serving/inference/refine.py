@@ -148,25 +148,34 @@ def _box_mean(x: Tensor, radius: int) -> Tensor:
     x[..., 0, :] = 0  # a zero before each row and column: the running sums then start at 0
     x[..., :, 0] = 0
     for dim in (-1, -2):
-        sums = x.cumsum(dim)
+        sums = x.cumsum_(dim)  # (in place: the padded copy, then each difference, is ours)
         n = sums.shape[dim] - k
         x = sums.narrow(dim, k, n) - sums.narrow(dim, 0, n)  # window j: sums[j + k] - sums[j]
     return x.div_(k * k)
 
 
-def _solve3(cov: Tensor, rhs: Tensor) -> Tensor:
+def _solve3(cov: Tensor, rhs: Tensor, out: Tensor) -> Tensor:
     """Per pixel, ``inv(cov) @ rhs`` for symmetric (6, h, w) ``cov`` (xx, xy, xz, yy, yz,
-    zz) and (3, h, w) ``rhs``, by the adjugate (elementwise: no batched LAPACK call)."""
+    zz) and (3, h, w) ``rhs``, by the adjugate (elementwise: no batched LAPACK call), into
+    (3, h, w) ``out``."""
     pick = cov.index_select
     adjugate = pick(0, _ADJ_A) * pick(0, _ADJ_B) - pick(0, _ADJ_C) * pick(0, _ADJ_D)  # symmetric
     det = (cov[:3] * adjugate[:3]).sum(0)
     full = adjugate.index_select(0, _SYMMETRIC).unflatten(0, (3, 3))
-    return (full * rhs[None]).sum(1) / det
+    return torch.div(full.mul_(rhs[None]).sum(1), det, out=out)
+
+
+def _pair_products(x: Tensor, out: Tensor) -> Tensor:
+    """The six distinct products of the three channels of (3, h, w) ``x`` (the order of
+    ``_PAIRS``) into (6, h, w) ``out``, by three broadcast multiplies."""
+    torch.mul(x[0:1], x, out=out[0:3])
+    torch.mul(x[1:2], x[1:], out=out[3:5])
+    torch.mul(x[2], x[2], out=out[5])
+    return out
 
 
 #: The six distinct products of the three colour channels (the covariance's entries).
 _PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
-_FIRST, _SECOND = (torch.tensor(index) for index in zip(*_PAIRS))
 #: The adjugate of a symmetric 3x3 (rows a b c / b d e / c e f, entries as in ``_PAIRS``):
 #: entry k is ``cov[A[k]] * cov[B[k]] - cov[C[k]] * cov[D[k]]`` (d f - e e, c e - b f, ...).
 _ADJ_A, _ADJ_B, _ADJ_C, _ADJ_D = (torch.tensor(index) for index in (
@@ -180,7 +189,8 @@ def guided_filter(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -
     :func:`guided_coefficients`.
 
     Args:
-        guide: (3, h, w) float32 colours in 0..1.
+        guide: (3, h, w) float32 colours in 0..1 (or in any units, with ``eps`` in their
+            square: ``EPS * 255 ** 2`` for 0..255 gives the same filter).
         probs: (h, w) float32 the map to filter.
         radius: window radius in pixels; eps: regulariser of the per-window fit.
 
@@ -201,7 +211,8 @@ def guided_coefficients(guide: Tensor, probs: Tensor, radius: int, eps: float = 
     guide it is given, at any resolution).
 
     Args:
-        guide: (3, h, w) float32 colours in 0..1; probs: (h, w) float32.
+        guide: (3, h, w) float32 colours in 0..1 (or any units, ``eps`` in their square);
+            probs: (h, w) float32.
         radius: window radius in pixels; eps: the fit's regulariser.
     """
     factor = max(1, radius // SUBSAMPLE_RADIUS)
@@ -209,14 +220,17 @@ def guided_coefficients(guide: Tensor, probs: Tensor, radius: int, eps: float = 
         return _coefficients(guide, probs, radius, eps)
     h, w = probs.shape
     small = (max(1, round(h / factor)), max(1, round(w / factor)))
-    maps = F.interpolate(torch.cat([guide, probs[None]])[None], size=small, mode="area")[0]
-    return _coefficients(maps[:3], maps[3], max(1, round(radius / factor)), eps)
+    # (the guide and the probabilities apart: a channel's area mean does not depend on the
+    # others, and no (4, h, w) copy is made)
+    return _coefficients(F.interpolate(guide[None], size=small, mode="area")[0],
+                         F.interpolate(probs[None, None], size=small, mode="area")[0, 0],
+                         max(1, round(radius / factor)), eps)
 
 
 def apply_guided(coeffs: Tensor, guide: Tensor) -> Tensor:
-    """(h, w) float32 ``a . I + b`` for a (3, h, w) ``guide`` ``I`` (colours in 0..1) of
-    the region the (4, h', w') :func:`guided_coefficients` were fitted on, upsampled
-    bilinearly to (h, w) where smaller (both grids span the region)."""
+    """(h, w) float32 ``a . I + b`` for a (3, h, w) ``guide`` ``I`` (colours in the fit's
+    units) of the region the (4, h', w') :func:`guided_coefficients` were fitted on,
+    upsampled bilinearly to (h, w) where smaller (both grids span the region)."""
     size = tuple(guide.shape[-2:])
     if tuple(coeffs.shape[-2:]) != size:
         coeffs = F.interpolate(coeffs[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -229,19 +243,23 @@ def _coefficients(guide: Tensor, probs: Tensor, radius: int, eps: float) -> Tens
     :func:`guided_filter` (for the guide as given). The maps are centred first (the fit is
     unchanged by shifting I and p), so float32 running sums stay small."""
     centre = guide.mean((1, 2), keepdim=True)
-    guide = guide - centre
     mean_of_probs = probs.mean()
-    probs = probs - mean_of_probs
-    stack = torch.cat((guide, probs[None], guide * probs,
-                       guide.index_select(0, _FIRST) * guide.index_select(0, _SECOND)))
+    # the maps whose window means the fit needs, written into one (13, h, w) stack: I, p,
+    # I p, and the six products of I's channels
+    stack = torch.empty((13, *probs.shape), dtype=torch.float32)
+    torch.sub(guide, centre, out=stack[:3])
+    torch.sub(probs, mean_of_probs, out=stack[3])
+    torch.mul(stack[:3], stack[3], out=stack[4:7])
+    _pair_products(stack[:3], stack[7:])
     means = _box_mean(stack, radius)
-    mean_i, mean_p, mean_ip, mean_ii = means[:3], means[3], means[4:7], means[7:]
-    cov = mean_ii - mean_i.index_select(0, _FIRST) * mean_i.index_select(0, _SECOND)
+    mean_i, mean_p, mean_ip, cov = means[:3], means[3], means[4:7], means[7:]
+    cov -= _pair_products(mean_i, stack[:6])  # (the stack is free: a scratch of 6 maps)
     for diagonal in (0, 3, 5):  # (one in-place add each: an index list costs ~10x more)
         cov[diagonal] += eps
-    a = _solve3(cov, mean_ip - mean_i * mean_p)
-    b = mean_p - (a * mean_i).sum(0)
-    coeffs = _box_mean(torch.cat([a, b[None]]), radius)
+    ab = stack[6:10]  # a (3 channels) and b
+    a = _solve3(cov, mean_ip.sub_(mean_i * mean_p), ab[:3])
+    torch.sub(mean_p, (a * mean_i).sum(0), out=ab[3])
+    coeffs = _box_mean(ab, radius)
     coeffs[3] += mean_of_probs - (coeffs[:3] * centre).sum(0)
     return coeffs
 
@@ -250,14 +268,15 @@ def colour_codes(pixels: Tensor | np.ndarray, levels: int = COLOUR_LEVELS) -> Te
     """(h, w, 3) RGB 0..255 (uint8, or any real dtype) -> (h, w) int64 colour bins in
     ``[0, levels ** 3)``: each channel quantised to ``levels`` equal steps (for uint8 and
     ``levels`` a power of two up to 32, by shifts in numpy: ``v * levels // 256``, the same
-    bins, cheaper on a box's small arrays)."""
+    bins, cheaper on a box's small arrays; the three levels are combined by one float32
+    matrix-vector product, exact on integers below 2 ** 15)."""
     levels = int(levels)
     bits = levels.bit_length() - 1
     uint8 = pixels.dtype in (np.uint8, torch.uint8)
     if uint8 and levels >= 1 and levels == 1 << bits and bits <= 5:
-        q = (np.asarray(pixels) >> (8 - bits)).astype(np.uint16)  # 16-bit codes
-        codes = (q[..., 0] << 2 * bits) | (q[..., 1] << bits) | q[..., 2]
-        return torch.from_numpy(codes.astype(np.int64))
+        q = (np.asarray(pixels) >> (8 - bits)).astype(np.float32)
+        weights = np.array([levels * levels, levels, 1], np.float32)
+        return torch.from_numpy((q @ weights).astype(np.int64))
     pixels = torch.as_tensor(pixels)
     q = (pixels.float().clamp(0, 255) * (levels / 256)).long().clamp_(max=levels - 1)
     return (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
@@ -306,15 +325,19 @@ def colour_model(probs: Tensor, codes: Tensor, inside: np.ndarray,
     if not weight or not inside.any():  # no colour model, or no object side to learn
         return probs
     bins = COLOUR_LEVELS ** 3
-    p = probs.float().clamp(PROB_EPS, 1 - PROB_EPS)
-    flat = codes.numpy().reshape(-1)  # numpy: faster on small arrays
-    object_weights = np.where(inside, p.numpy(), np.float32(0)).reshape(-1)
+    # numpy: cheaper than torch on a box's small arrays
+    p = np.clip(probs.float().numpy(), np.float32(PROB_EPS), np.float32(1 - PROB_EPS))
+    flat = codes.numpy().reshape(-1)
+    object_weights = np.where(inside, p, np.float32(0)).reshape(-1)
     fore = np.bincount(flat, object_weights, bins)
-    back = np.bincount(flat, 1 - object_weights, bins)  # 1 - p in the box, 1 outside
+    back = np.bincount(flat, minlength=bins) - fore  # 1 - p in the box, 1 outside
     weight = weight * histogram_distance(fore, back)
     ratio = np.log((fore + 1) / (fore.sum() + bins)) - np.log((back + 1) / (back.sum() + bins))
-    shift = torch.from_numpy(ratio.astype(np.float32).take(codes.numpy()))
-    return torch.sigmoid(torch.logit(p) + weight * shift)
+    # sigmoid(logit(p) + s) = p / (p + (1 - p) exp(-s)): one exp per colour, none per pixel
+    out = np.exp(-weight * ratio).astype(np.float32).take(codes.numpy())
+    out *= 1 - p
+    out += p
+    return torch.from_numpy(np.divide(p, out, out=out))
 
 
 class BoxView(NamedTuple):
@@ -388,11 +411,12 @@ def box_view(array: np.ndarray, sources: Sequence[Source], box: np.ndarray,
         if side >= MIN_SIDE:
             scale = math.sqrt(size[0] * size[1] / (full[0] * full[1]))  # cells per pixel
             radius = max(1, round(RADIUS_FRACTION * side * scale))
-            colours = grid / 255
-            coeffs = guided_coefficients(colours, probs, radius)
-            probs = apply_guided(coeffs, colours)
+            # fitted on the colours in 0..255 with the regulariser scaled to match: the fit on
+            # colours in 0..1, without their full-size copies
+            coeffs = guided_coefficients(grid, probs, radius, EPS * 255 ** 2)
+            probs = apply_guided(coeffs, grid)
             if mask:
-                mask_probs = probs if size == full else apply_guided(coeffs, pixels / 255)
+                mask_probs = probs if size == full else apply_guided(coeffs, pixels)
         elif mask:
             mask_probs = probs if size == full else F.interpolate(
                 probs[None, None], size=full, mode="bilinear", align_corners=False)[0, 0]
@@ -423,13 +447,23 @@ def _mean_probs(sources: Sequence[Source], region: tuple[int, int, int, int], wi
     return sum(box_probs(s, region, width, size) for s in sources) / len(sources)
 
 
+def view_mask(view: BoxView, threshold: float) -> np.ndarray:
+    """(h, w) bool on the view's grid: its probabilities above ``threshold`` inside the box
+    (what :mod:`serving.inference.quality` scores)."""
+    return (view.probs.numpy() > threshold) & view.inside
+
+
 def region_mask(view: BoxView, box: np.ndarray, image_size: tuple[int, int],
-                threshold: float) -> InstanceMasks:
+                threshold: float, grid_mask: np.ndarray | None = None) -> InstanceMasks:
     """One mask of the (H, W) image from a view's ``mask_probs``: those above ``threshold``
-    inside the XYXY ``box``, cut to its True pixels."""
+    inside the XYXY ``box``, cut to its True pixels (``grid_mask``: :func:`view_mask` at
+    ``threshold``, where the caller has it: the same pixels where the view's grid is the
+    region's own pixels)."""
     if view.mask_probs is None:
         raise ValueError("region_mask needs a view with full-resolution probabilities")
+    if grid_mask is not None and view.mask_probs is view.probs:
+        return InstanceMasks.from_dense(grid_mask[None], view.region[:2], image_size)
     size = tuple(view.mask_probs.shape)
     inside = view.inside if view.inside.shape == size else grid_inside(view.region, size, box)
-    return InstanceMasks.from_dense(((view.mask_probs > threshold).numpy() & inside)[None],
+    return InstanceMasks.from_dense(((view.mask_probs.numpy() > threshold) & inside)[None],
                                     view.region[:2], image_size)

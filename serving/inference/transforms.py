@@ -6,6 +6,8 @@ sees identical inputs in PyTorch, ONNX Runtime and TensorRT.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -99,18 +101,28 @@ def preprocess(images: list[np.ndarray], min_size: int, max_size: int,
                ) -> tuple[Tensor, Tensor | None, list[tuple[int, int]]]:
     """RGB uint8 (H, W, 3) arrays -> padded float batch (B, 3, H, W) in 0-255 (not normalised),
     valid mask (B, H, W) (``None`` when ``valid`` is False), and the resized (h, w) of each
-    image.
+    image (:func:`image_batch` at the sizes :func:`resized_shape` gives)."""
+    sizes = [resized_shape(img.shape[0], img.shape[1], min_size, max_size) for img in images]
+    batch = image_batch(images, sizes).to(device)
+    mask = valid_pixels(batch, torch.tensor(sizes, dtype=torch.int64)) if valid else None
+    return batch, mask, sizes
 
-    The same tensors as ``pad_batch([resize_image(image, size) ...])``, written straight into
+
+def image_batch(images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
+                canvas: tuple[int, int] | None = None) -> Tensor:
+    """RGB uint8 (H, W, 3) arrays, each resized to its (h, w) of ``sizes``, at the top left
+    of a zero-padded float32 batch (B, 3, Hc, Wc) in 0-255; ``canvas`` (Hc, Wc) defaults to
+    :func:`canvas_size` of the largest.
+
+    The same tensor as ``pad_batch([resize_image(image, size) ...])``, written straight into
     the batch: an image that needs no resize is converted uint8 -> float by numpy into its
     place (one single-threaded pass: small multi-threaded torch copies stall on a busy CPU),
     and only the padding is zeroed.
     """
-    sizes = [resized_shape(img.shape[0], img.shape[1], min_size, max_size) for img in images]
-    hp, wp = canvas_size(max(h for h, _ in sizes), max(w for _, w in sizes))
+    hp, wp = canvas or canvas_size(max(h for h, _ in sizes), max(w for _, w in sizes))
     array = np.empty((len(images), 3, hp, wp), dtype=np.float32)
     batch = torch.from_numpy(array)
-    for i, (img, (h, w)) in enumerate(zip(images, sizes)):
+    for i, (img, (h, w)) in enumerate(zip(images, sizes, strict=True)):
         array[i, :, h:] = 0
         array[i, :, :h, w:] = 0
         if tuple(img.shape[:2]) == (h, w):
@@ -118,9 +130,7 @@ def preprocess(images: list[np.ndarray], min_size: int, max_size: int,
         else:
             tensor = torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1)
             batch[i, :, :h, :w] = resize_image(tensor, (h, w))
-    batch = batch.to(device)
-    mask = valid_pixels(batch, torch.tensor(sizes, dtype=torch.int64)) if valid else None
-    return batch, mask, sizes
+    return batch
 
 
 def scale_boxes(boxes: np.ndarray, from_size: tuple[int, int],

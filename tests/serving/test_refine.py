@@ -101,6 +101,20 @@ def test_guided_filter_matches_a_per_window_float64_reference():
     np.testing.assert_allclose(got.numpy(), want, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("radius", [3, 16])
+def test_the_filter_of_colours_in_0_255_with_eps_scaled_is_the_filter_in_0_1(radius):
+    """``box_view`` fits on colours in 0..255 with ``EPS * 255 ** 2``: the same filter as on
+    colours in 0..1 with ``EPS`` (the ridge regression is invariant under scaling the guide
+    with the regulariser), at its own size and on the area-averaged path."""
+    rng = np.random.default_rng(radius)
+    colours = torch.from_numpy(rng.integers(0, 256, (3, 70, 90)).astype(np.float32))
+    colours[:, :, 40:] //= 3  # an edge
+    probs = torch.from_numpy(rng.random((70, 90)).astype(np.float32))
+    unit = refine.guided_filter(colours / 255, probs, radius)
+    raw = refine.guided_filter(colours, probs, radius, eps=refine.EPS * 255 ** 2)
+    np.testing.assert_allclose(raw.numpy(), unit.numpy(), atol=2e-5, rtol=0)
+
+
 def test_a_large_radius_is_fitted_on_area_averaged_maps_and_still_follows_the_edge():
     """Radius 16 (the fast guided filter, fitted at a quarter of the size): the output stays
     close to the filter at full resolution and its sharpest step is still on the colour
