@@ -144,33 +144,39 @@ def _box_mean(x: Tensor, radius: int) -> Tensor:
     stay small); the result differs from a float64 one by about 1e-7.
     """
     k = 2 * radius + 1
-    x = F.pad(x[None], (radius + 1, radius, radius + 1, radius), mode="replicate")[0]
-    x[..., 0, :] = 0  # a zero before each row and column: the running sums then start at 0
-    x[..., :, 0] = 0
-    for dim in (-1, -2):
-        sums = x.cumsum_(dim)  # (in place: the padded copy, then each difference, is ours)
-        n = sums.shape[dim] - k
-        x = sums.narrow(dim, k, n) - sums.narrow(dim, 0, n)  # window j: sums[j + k] - sums[j]
-    return x.div_(k * k)
+    padded = F.pad(x[None], (radius + 1, radius, radius + 1, radius), mode="replicate")[0]
+    maps = padded.numpy()  # (numpy for the cheap steps: less per call than torch)
+    maps[..., 0, :] = 0  # a zero before each row and column: the running sums then start at 0
+    maps[..., :, 0] = 0
+    for axis in (2, 1):
+        # in place (the padded copy, then each difference, is ours); torch's sum is exact in
+        # float64 before each value is rounded, numpy's would round as it goes
+        sums = torch.from_numpy(maps).cumsum_(axis - 3).numpy()
+        n = sums.shape[axis] - k
+        later, earlier = [slice(None)] * 3, [slice(None)] * 3
+        later[axis], earlier[axis] = slice(k, k + n), slice(0, n)
+        maps = sums[tuple(later)] - sums[tuple(earlier)]  # window j: sums[j + k] - sums[j]
+    maps /= k * k
+    return torch.from_numpy(maps)
 
 
-def _solve3(cov: Tensor, rhs: Tensor, out: Tensor) -> Tensor:
-    """Per pixel, ``inv(cov) @ rhs`` for symmetric (6, h, w) ``cov`` (xx, xy, xz, yy, yz,
-    zz) and (3, h, w) ``rhs``, by the adjugate (elementwise: no batched LAPACK call), into
-    (3, h, w) ``out``."""
-    pick = cov.index_select
-    adjugate = pick(0, _ADJ_A) * pick(0, _ADJ_B) - pick(0, _ADJ_C) * pick(0, _ADJ_D)  # symmetric
+def _solve3(cov: np.ndarray, rhs: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Per pixel, ``inv(cov) @ rhs`` for symmetric (6, h, w) float32 ``cov`` (xx, xy, xz,
+    yy, yz, zz) and (3, h, w) ``rhs``, by the adjugate (elementwise: no batched LAPACK
+    call), into (3, h, w) ``out``."""
+    adjugate = cov[_ADJ_A] * cov[_ADJ_B] - cov[_ADJ_C] * cov[_ADJ_D]  # symmetric
     det = (cov[:3] * adjugate[:3]).sum(0)
-    full = adjugate.index_select(0, _SYMMETRIC).unflatten(0, (3, 3))
-    return torch.div(full.mul_(rhs[None]).sum(1), det, out=out)
+    full = adjugate[_SYMMETRIC].reshape(3, 3, *det.shape)
+    full *= rhs[None]
+    return np.divide(full.sum(1), det, out=out)
 
 
-def _pair_products(x: Tensor, out: Tensor) -> Tensor:
+def _pair_products(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """The six distinct products of the three channels of (3, h, w) ``x`` (the order of
     ``_PAIRS``) into (6, h, w) ``out``, by three broadcast multiplies."""
-    torch.mul(x[0:1], x, out=out[0:3])
-    torch.mul(x[1:2], x[1:], out=out[3:5])
-    torch.mul(x[2], x[2], out=out[5])
+    np.multiply(x[0:1], x, out=out[0:3])
+    np.multiply(x[1:2], x[1:], out=out[3:5])
+    np.multiply(x[2], x[2], out=out[5])
     return out
 
 
@@ -178,10 +184,10 @@ def _pair_products(x: Tensor, out: Tensor) -> Tensor:
 _PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
 #: The adjugate of a symmetric 3x3 (rows a b c / b d e / c e f, entries as in ``_PAIRS``):
 #: entry k is ``cov[A[k]] * cov[B[k]] - cov[C[k]] * cov[D[k]]`` (d f - e e, c e - b f, ...).
-_ADJ_A, _ADJ_B, _ADJ_C, _ADJ_D = (torch.tensor(index) for index in (
+_ADJ_A, _ADJ_B, _ADJ_C, _ADJ_D = (np.array(index) for index in (
     (3, 2, 1, 0, 1, 0), (5, 4, 4, 5, 2, 3), (4, 1, 2, 2, 0, 1), (4, 5, 3, 2, 4, 1)))
 #: The 3x3 matrix's nine entries, row by row, from the six of a symmetric one.
-_SYMMETRIC = torch.tensor((0, 1, 2, 1, 3, 4, 2, 4, 5))
+_SYMMETRIC = np.array((0, 1, 2, 1, 3, 4, 2, 4, 5))
 
 
 def guided_filter(guide: Tensor, probs: Tensor, radius: int, eps: float = EPS) -> Tensor:
@@ -244,23 +250,27 @@ def _coefficients(guide: Tensor, probs: Tensor, radius: int, eps: float) -> Tens
     unchanged by shifting I and p), so float32 running sums stay small."""
     centre = guide.mean((1, 2), keepdim=True)
     mean_of_probs = probs.mean()
+    # The small maps' arithmetic in numpy (each step costs less than a torch call on these
+    # few thousand values; the same float32 operations), the running sums in torch.
+    guide_np, probs_np = guide.numpy(), probs.numpy()
     # the maps whose window means the fit needs, written into one (13, h, w) stack: I, p,
     # I p, and the six products of I's channels
-    stack = torch.empty((13, *probs.shape), dtype=torch.float32)
-    torch.sub(guide, centre, out=stack[:3])
-    torch.sub(probs, mean_of_probs, out=stack[3])
-    torch.mul(stack[:3], stack[3], out=stack[4:7])
+    stack = np.empty((13, *probs_np.shape), np.float32)
+    np.subtract(guide_np, centre.numpy(), out=stack[:3])
+    np.subtract(probs_np, mean_of_probs.numpy(), out=stack[3])
+    np.multiply(stack[:3], stack[3], out=stack[4:7])
     _pair_products(stack[:3], stack[7:])
-    means = _box_mean(stack, radius)
+    means = _box_mean(torch.from_numpy(stack), radius).numpy()
     mean_i, mean_p, mean_ip, cov = means[:3], means[3], means[4:7], means[7:]
     cov -= _pair_products(mean_i, stack[:6])  # (the stack is free: a scratch of 6 maps)
-    for diagonal in (0, 3, 5):  # (one in-place add each: an index list costs ~10x more)
-        cov[diagonal] += eps
+    for diagonal in (0, 3, 5):
+        cov[diagonal] += np.float32(eps)
     ab = stack[6:10]  # a (3 channels) and b
-    a = _solve3(cov, mean_ip.sub_(mean_i * mean_p), ab[:3])
-    torch.sub(mean_p, (a * mean_i).sum(0), out=ab[3])
-    coeffs = _box_mean(ab, radius)
-    coeffs[3] += mean_of_probs - (coeffs[:3] * centre).sum(0)
+    a = _solve3(cov, np.subtract(mean_ip, mean_i * mean_p, out=mean_ip), ab[:3])
+    np.subtract(mean_p, (a * mean_i).sum(0), out=ab[3])
+    coeffs = _box_mean(torch.from_numpy(ab), radius)
+    values = coeffs.numpy()
+    values[3] += mean_of_probs.numpy() - (values[:3] * centre.numpy()).sum(0)
     return coeffs
 
 
