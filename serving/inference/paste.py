@@ -233,18 +233,35 @@ def _widen(bounds: np.ndarray, edges: _Edges, plan: _Plan) -> None:
     groups ``edges`` (sorted by mask): per group, its first and last True row and column
     (the pixels' extremes, without listing the pixels)."""
     rows_any, cols_any = _any_last(edges.true), edges.true.any(1)  # (M, Lr), (M, Lc)
-    has = np.flatnonzero(rows_any.any(1))
+    has = np.flatnonzero(_any_last(rows_any))
     if not len(has):
         return
     masks, at = _segments(edges.kk[has])
     for j, (axis, used, index) in enumerate(((plan.rows, rows_any, edges.gr),
                                              (plan.cols, cols_any, edges.gc))):
-        used, groups = used[has], index[has]
-        first = axis.pix[groups, used.argmax(1)]
-        last = axis.pix[groups, used.shape[1] - 1 - used[:, ::-1].argmax(1)] + 1
+        groups = index[has]
+        first, last = _first_last(used[has])
+        first, last = axis.pix[groups, first], axis.pix[groups, last] + 1
         bounds[masks, 2 * j] = np.minimum(bounds[masks, 2 * j], np.minimum.reduceat(first, at))
         bounds[masks, 2 * j + 1] = np.maximum(bounds[masks, 2 * j + 1],
                                               np.maximum.reduceat(last, at))
+
+
+def _first_last(used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first and the last True index along the last axis of (n, L) bool ``used`` (every
+    row has one). Where L is 4 (4-pixel groups), a row's bytes read as one word give a
+    4-bit code (a multiply gathers the bytes' low bits) that indexes two tables: numpy's
+    argmax runs row by row on so short an axis."""
+    if used.shape[1] != 4:
+        return used.argmax(1), used.shape[1] - 1 - used[:, ::-1].argmax(1)
+    word = np.ascontiguousarray(used).view("<u4")[:, 0]
+    code = (word * np.uint32(0x08040201)) >> np.uint32(24)  # bit 3 - i: slot i
+    return _FIRST_OF_4[code], _LAST_OF_4[code]
+
+
+#: First and last set slot of the 4-bit codes of :func:`_first_last` (0 for no slot).
+_FIRST_OF_4, _LAST_OF_4 = (np.array([f([i for i in range(4) if code >> (3 - i) & 1] or [0])
+                                     for code in range(16)]) for f in (min, max))
 
 
 def _any_groups(groups: np.ndarray, keep: int) -> np.ndarray:

@@ -358,3 +358,17 @@ def test_any_of_a_short_last_axis_equals_numpy_any(last) -> None:
     a = np.random.default_rng(last).random((50, 3, last)) > 0.8
     for blocks in (a, a.transpose(1, 0, 2).copy().transpose(1, 0, 2)):
         assert np.array_equal(paste._any_last(blocks), blocks.any(-1))
+
+
+@pytest.mark.parametrize("length", [4, 3, 6])
+def test_first_and_last_true_of_short_rows_equal_argmax(length) -> None:
+    """``_first_last`` (for rows of 4, a word's bits index two tables) gives argmax's first
+    and last True index, on every non-empty row of 4 and on random rows of other lengths."""
+    if length == 4:
+        used = (np.arange(1, 16)[:, None] >> np.arange(4)) & 1 == 1  # all 15 non-empty rows
+    else:
+        used = np.random.default_rng(length).random((300, length)) > 0.7
+        used = used[used.any(1)]
+    first, last = paste._first_last(used)
+    assert np.array_equal(first, used.argmax(1))
+    assert np.array_equal(last, length - 1 - used[:, ::-1].argmax(1))
