@@ -35,15 +35,23 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+def true_window(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """The (rows, columns) slices of the bounding box of a 2-D bool array's True pixels,
+    ``None`` when it has none."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not rows.size:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
 def _tight(mask: np.ndarray) -> tuple[int, int, np.ndarray]:
     """(y0, x0, crop) of a 2-D bool array cut to the bounding box of its True pixels
     ((0, 0) crop at (0, 0) when it has none)."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if not rows.size:
+    window = true_window(mask)
+    if window is None:
         return 0, 0, np.zeros((0, 0), bool)
-    cols = np.flatnonzero(mask.any(axis=0))
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    return int(y0), int(x0), mask[y0:y1, x0:x1]
+    return window[0].start, window[1].start, mask[window]
 
 
 class InstanceMasks:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..masks import InstanceMasks
+from ..masks import InstanceMasks, true_window
 from ..model.ops import aligned_bilinear
 from .bilinear import SMALL_OUTPUT, combine, cpu_fused, sample
 from .paste_groups import (
@@ -545,14 +545,13 @@ def _tighten(crops: list[np.ndarray], regions: list[tuple[int, int, int, int] | 
     """Cut each region's crop to the bounding box of its True pixels."""
     out, offsets = [], []
     for crop, region in zip(crops, regions):
-        rows = np.flatnonzero(crop.any(axis=1)) if region is not None else np.zeros(0, int)
-        if not rows.size:
+        window = true_window(crop) if region is not None else None
+        if window is None:
             out.append(np.zeros((0, 0), bool))
             offsets.append((0, 0))
             continue
-        cols = np.flatnonzero(crop.any(axis=0))
-        out.append(crop[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].copy())
-        offsets.append((region[0] + rows[0], region[2] + cols[0]))  # type: ignore[index]
+        out.append(crop[window].copy())
+        offsets.append((region[0] + window[0].start, region[2] + window[1].start))  # type: ignore[index]
     return InstanceMasks(out, offsets, size)
 
 

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from ..masks import outline
+from ..masks import outline, true_window
 from . import refine
 
 #: Names this definition of the prompted score; a calibration's ``prompt_scores`` are
@@ -108,15 +108,6 @@ def _confidence(values: np.ndarray) -> float:
     return float(np.abs(2 * cells - 1).mean()) if cells.size else 0.0
 
 
-def box_window(inside: np.ndarray) -> tuple[slice, slice] | None:
-    """The (rows, columns) slices of the rectangle ``inside`` (h, w) bool covers (as
-    :func:`serving.inference.refine.grid_inside` gives), ``None`` when it is empty."""
-    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
-    if not rows.size:
-        return None
-    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
-
-
 def projection_coverage(probs: Tensor, inside: np.ndarray) -> float:
     """The mean over the box's rows and columns of the highest probability along each, in
     [0, 1] (1: the mask reaches every row and column of its box).
@@ -126,7 +117,7 @@ def projection_coverage(probs: Tensor, inside: np.ndarray) -> float:
         inside: (h, w) bool, the region's pixels inside the box (a rectangle, as
             :func:`serving.inference.refine.grid_inside` gives).
     """
-    window = box_window(inside)
+    window = true_window(inside)
     return 0.0 if window is None else _coverage(probs.numpy()[window])
 
 
@@ -295,7 +286,7 @@ def quality_score(pairs: Sequence[tuple[Any, Any]], view: refine.BoxView,
     """
     score = fmean(float(r.score) for _, r in pairs)
     mask = refine.view_mask(view, threshold) if mask is None else mask
-    window = box_window(view.inside)
+    window = true_window(view.inside)
     if window is None:
         return MIN_SCORE
     probs = view.probs.numpy()[window]
